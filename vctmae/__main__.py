@@ -1,0 +1,3 @@
+from vctmae.cli import main
+
+main()

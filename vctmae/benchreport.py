@@ -1,0 +1,141 @@
+"""One format for every benchmark's result (SPEC §9).
+
+Each `vctmae bench …` command measures a candidate and its baseline in the same
+run, then calls `write_report`, which records where the numbers came from
+(machine, versions, git commit), prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = Path("benchmarks/results")
+_VERSIONED = ("vctmae", "torch", "numpy", "triton", "webdataset", "zarr", "nibabel", "nvidia-dali-cuda120")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Result:
+    """One measured number, e.g. Result(name="torch_w2", value=812.0, unit="samples/s")."""
+
+    name: str
+    value: float
+    unit: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": float(self.value), "unit": self.unit}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, usable cores and the GPU (if torch sees one)."""
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": _cpu_name(), "cores": cores, "gpu": gpu, "platform": platform.platform()}
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    commit = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def write_report(
+    benchmark: str,
+    results: list[Result],
+    ratios: dict[str, float],
+    *,
+    json_path: Path | str | None = None,
+    config: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Print a table of `results` and `ratios` and write the JSON report.
+
+    `ratios` keys read "<candidate>_over_<baseline>", both measured in this run.
+    Returns the path written (default: benchmarks/results/<benchmark>.json).
+    """
+    report = {
+        "benchmark": benchmark,
+        "machine": machine_info(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "config": config or {},
+        "results": [r.as_dict() for r in results],
+        "ratios": {k: float(v) for k, v in ratios.items()},
+    }
+    path = Path(json_path) if json_path else DEFAULT_DIR / f"{benchmark}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    if not quiet:
+        _print_table(report, path)
+    return path
+
+
+def _print_table(report: dict[str, Any], path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bench {report['benchmark']} — {report['machine']['cpu']}"
+                  + (f" + {report['machine']['gpu']}" if report["machine"]["gpu"] else ""))
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    for r in report["results"]:
+        table.add_row(r["name"], f"{r['value']:,.3f}", r["unit"])
+    for name, value in report["ratios"].items():
+        table.add_row(name, f"{value:,.3f}", "×")
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {path}")

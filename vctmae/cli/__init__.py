@@ -1,0 +1,12 @@
+"""Command line: parses flags and calls one entry point of a stage, nothing else.
+
+Each stage's commands live in their own module and register on `app`;
+heavy imports happen inside the command functions so `--help` stays fast.
+"""
+
+from vctmae.cli import data, ingest, kernels, synth, train  # noqa: F401  (registers commands)
+from vctmae.cli.app import app
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Commands of this stage (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""vctmae.data (see SPEC.md)."""

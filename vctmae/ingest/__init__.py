@@ -1,0 +1,1 @@
+"""vctmae.ingest (see SPEC.md)."""

@@ -1,0 +1,1 @@
+"""vctmae.kernels (see SPEC.md)."""

@@ -1,0 +1,1 @@
+"""vctmae.model (see SPEC.md)."""

@@ -1,0 +1,1 @@
+"""vctmae.train (see SPEC.md)."""
