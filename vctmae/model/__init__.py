@@ -1,1 +1,45 @@
-"""vctmae.model (see SPEC.md)."""
+"""vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export (SPEC §5)."""
+
+from vctmae.model.config import (
+    PRESETS,
+    ModelConfig,
+    preset_config,
+    vit_base,
+    vit_large,
+    vit_small,
+    vit_tiny,
+)
+from vctmae.model.crops import frames_from_crops
+from vctmae.model.masking import Masking, random_masking, visible_count
+from vctmae.model.vit import (
+    MaskedAutoencoder,
+    VideoClassifier,
+    VideoViT,
+    build_classifier,
+    build_mae,
+    patchify,
+    target_frame_indices,
+    unpatchify,
+)
+
+__all__ = [
+    "PRESETS",
+    "Masking",
+    "MaskedAutoencoder",
+    "ModelConfig",
+    "VideoClassifier",
+    "VideoViT",
+    "build_classifier",
+    "build_mae",
+    "frames_from_crops",
+    "patchify",
+    "preset_config",
+    "random_masking",
+    "target_frame_indices",
+    "unpatchify",
+    "visible_count",
+    "vit_base",
+    "vit_large",
+    "vit_small",
+    "vit_tiny",
+]

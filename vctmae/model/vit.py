@@ -1,0 +1,475 @@
+"""mae_st-compatible video ViT: blocks, the shared encoder, the MAE decoder and the classifier.
+
+Read top to bottom: building blocks (stochastic depth, attention, MLP, transformer block, patch
+embedding), then the encoder shared by both models (`VideoViT`), the masked autoencoder
+(`MaskedAutoencoder`, Feichtenhofer et al. 2022) and the classifier (`VideoClassifier`, mae_st's
+models_vit). Parameter names follow mae_st (`patch_embed.proj`, `pos_embed_spatial`, `blocks.{i}`,
+`norm`, `decoder_*`, `head`) so checkpoints map one to one; the only internal difference is the
+fused `attn.qkv` projection, which `vctmae.model.checkpoint` builds from mae_st's `attn.q/k/v`.
+
+Shapes for the paper's geometry: clip (B, 3|1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width
+D; token index = t·36 + row·6 + col.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vctmae.model.config import ModelConfig, preset_config
+from vctmae.model.crops import (
+    frames_from_crops,
+    gather_frames,
+    resolve_backend,
+    triton_patch_tokens,
+)
+from vctmae.model.masking import draw_noise, gather_tokens, random_masking
+
+LAYER_NORM_EPS = 1e-6
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)  # (B, 1, 1)
+        return x * x.new_empty(shape).bernoulli_(keep) / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; SDPA does the attention."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # rows: [q; k; v], as mae_st's q, k, v
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(
+            batch, tokens, 3, self.num_heads, self.head_dim
+        )  # (B, N, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, d)
+        return q, k, v
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = out.shape
+        out = out.transpose(1, 2).reshape(
+            batch, tokens, self.num_heads * self.head_dim
+        )  # (B, N, D)
+        return self.proj(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self._merge(F.scaled_dot_product_attention(q, k, v))  # (B, N, D)
+
+    def forward_with_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same output through an explicit softmax, plus the probabilities (B, H, N, N).
+
+        The one place attention is computed by hand: `attention_maps` needs the probabilities.
+        """
+        q, k, v = self._heads(x)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, N, N)
+        probabilities = scores.float().softmax(dim=-1).to(q.dtype)
+        return self._merge(probabilities @ v), probabilities
+
+
+class Mlp(nn.Module):
+    """Linear → GELU → Linear (timm/mae_st names fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, *, qkv_bias: bool, drop_path: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, probabilities = self.attn.forward_with_probabilities(self.norm1(x))
+        x = x + self.drop_path(attended)
+        return x + self.drop_path(self.mlp(self.norm2(x))), probabilities
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping tubes t_patch×patch×patch → tokens, through mae_st's `Conv3d(3, D, (2, 16, 16))`.
+
+    A one-channel clip stands for its three replicated channels; rather than materialising RGB the
+    kernel is folded (summed over input channels), which gives the same tokens.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        kernel = (config.t_patch, config.patch, config.patch)
+        self.proj = nn.Conv3d(config.in_chans, config.embed_dim, kernel_size=kernel, stride=kernel)
+        self.clip_shape = (config.frames, config.img, config.img)
+
+    def folded_weight(self) -> torch.Tensor:
+        """Channel-summed weight (D, t_patch·patch·patch), index (t, h, w) row-major (kernel layout)."""
+        return self.proj.weight.sum(1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or tuple(x.shape[2:]) != self.clip_shape:
+            raise ValueError(
+                f"expected a clip (B, C, {', '.join(map(str, self.clip_shape))}), got {tuple(x.shape)}"
+            )
+        weight = self.proj.weight  # (D, C, t_patch, patch, patch)
+        if x.shape[1] == 1 and weight.shape[1] != 1:
+            weight = weight.sum(1, keepdim=True)  # (D, 1, t_patch, patch, patch)
+        elif x.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"clip has {x.shape[1]} channels; the model takes 1 or {weight.shape[1]}"
+            )
+        x = F.conv3d(x, weight, self.proj.bias, stride=self.proj.stride)  # (B, D, t, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, t*h*w, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder shared by the MAE and the classifier
+
+
+class VideoViT(nn.Module):
+    """Patch embedding, cls token, separable positional embeddings and the encoder blocks.
+
+    `norm` is the encoder's last LayerNorm; the MAE applies it to every token, the classifier (as
+    mae_st's models_vit) to the pooled feature.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Which route `forward_crops` takes: "auto" (Triton on CUDA when importable) | "torch" | "triton".
+        self.patch_embed_backend = "auto"
+        t, h, w = config.grid
+        dim = config.embed_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, dim))
+        self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, dim))
+        self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim))
+        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_ratio, qkv_bias=config.qkv_bias, drop_path=rate)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def patch_pos_embed(self) -> torch.Tensor:
+        """Positional embedding of every patch token (1, L, D): spatial[s] + temporal[t] at t·h·w + s."""
+        t = self.config.grid[0]
+        spatial = self.pos_embed_spatial.repeat(1, t, 1)  # (1, t*h*w, D)
+        temporal = self.pos_embed_temporal.repeat_interleave(self.pos_embed_spatial.shape[1], dim=1)
+        return spatial + temporal  # (1, t*h*w, D)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip (B, C, T, H, W) → patch tokens with positions (B, L, D)."""
+        return self.patch_embed(x) + self.patch_pos_embed()
+
+    def embed_crops(
+        self, crops: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """int16 crops (B, 96, 96, 96) → tokens with positions (B, L, D), or (B, K, D) for `keep`."""
+        if resolve_backend(self.patch_embed_backend, crops) == "triton":
+            return triton_patch_tokens(
+                crops,
+                offsets,
+                self.patch_embed.folded_weight(),
+                self.patch_embed.proj.bias,
+                keep=keep,
+                pos=self.patch_pos_embed()[0],
+            )
+        tokens = self.embed(frames_from_crops(crops, offsets, self.config.frames))  # (B, L, D)
+        return tokens if keep is None else gather_tokens(tokens, keep)
+
+    def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend the cls token (with its positional embedding): (B, N, D) → (B, 1+N, D)."""
+        cls = (self.cls_token + self.pos_embed_class).expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, tokens], dim=1)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def init_weights(self) -> None:
+        """mae_st's initialisation: xavier-uniform linears (q, k, v each), truncated-normal positions."""
+        for parameter in (
+            self.cls_token,
+            self.pos_embed_spatial,
+            self.pos_embed_temporal,
+            self.pos_embed_class,
+        ):
+            nn.init.trunc_normal_(parameter, std=0.02)
+        self.apply(_init_linear_and_norm)
+        conv = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    # `Module.apply` visits children first, so an Attention's slices overwrite its qkv's plain init.
+    if isinstance(module, Attention):
+        # Xavier per q, k, v slice, as if they were mae_st's three separate (D, D) layers.
+        for weight in module.qkv.weight.data.chunk(3, dim=0):
+            nn.init.xavier_uniform_(weight)
+        if module.qkv.bias is not None:
+            nn.init.zeros_(module.qkv.bias)
+        nn.init.xavier_uniform_(module.proj.weight)
+        nn.init.zeros_(module.proj.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked autoencoder
+
+
+def target_frame_indices(
+    frames: int, pred_t_dim: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Frames the decoder predicts, exactly mae_st's: linspace(0, T−1, pred_t_dim).long() → 0,2,…,12,15."""
+    return torch.linspace(0, frames - 1, pred_t_dim, device=device).long()
+
+
+def patchify(clip: torch.Tensor, *, t_patch: int, patch: int, channels: int) -> torch.Tensor:
+    """Clip (B, C, T, H, W) → per-token targets (B, L, u·p·p·channels) laid out (u, p, q, c) as mae_st.
+
+    A one-channel clip is repeated over `channels` (the replicated-grey convention).
+    """
+    batch, clip_channels, frames, height, width = clip.shape
+    t, h, w = frames // t_patch, height // patch, width // patch
+    x = clip.reshape(batch, clip_channels, t, t_patch, h, patch, w, patch)  # n c t u h p w q
+    x = torch.einsum("nctuhpwq->nthwupqc", x)  # (B, t, h, w, u, p, p, C)
+    if clip_channels == 1 and channels != 1:
+        x = x.expand(*x.shape[:-1], channels)  # (B, t, h, w, u, p, p, channels)
+    return x.reshape(batch, t * h * w, t_patch * patch * patch * channels)  # (B, L, u*p*p*c)
+
+
+def unpatchify(
+    tokens: torch.Tensor, *, grid: tuple[int, int, int], t_patch: int, patch: int
+) -> torch.Tensor:
+    """Inverse of `patchify`: (B, L, u·p·p·c) → clip (B, c, t·u, h·p, w·p)."""
+    t, h, w = grid
+    batch = tokens.shape[0]
+    x = tokens.reshape(batch, t, h, w, t_patch, patch, patch, -1)  # n t h w u p q c
+    x = torch.einsum("nthwupqc->nctuhpwq", x)  # (B, c, t, u, h, p, w, q)
+    return x.reshape(batch, x.shape[1], t * t_patch, h * patch, w * patch)
+
+
+class MaskedAutoencoder(VideoViT):
+    """Spatiotemporal MAE: encode the visible tubes, decode all, regress the masked target pixels."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        dim, decoder_dim = config.embed_dim, config.decoder_embed_dim
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        if config.decoder_cls:
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        # One full table (the Video-CT paper code's layout; mae_st's separable decoder tables and
+        # PySlowFast's table with a cls row are converted into it on import).
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, config.num_tokens + int(config.decoder_cls), decoder_dim)
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(
+                decoder_dim,
+                config.decoder_num_heads,
+                config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                drop_path=0.0,
+            )
+            for _ in range(config.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=LAYER_NORM_EPS)
+        self.decoder_pred = nn.Linear(decoder_dim, config.pred_dim)
+        self.init_weights()
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # -- encoder ---------------------------------------------------------------------------------
+
+    def encode_visible(self, visible: torch.Tensor) -> torch.Tensor:
+        """Visible tokens with positions (B, K, D) → latent (B, K, D), cls dropped (as mae_st returns)."""
+        x = self.with_cls(visible)  # (B, 1+K, D)
+        x = self.norm(self.run_blocks(x))  # (B, 1+K, D)
+        return x[:, 1:]  # (B, K, D)
+
+    def forward_encoder(
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip (B, C, T, H, W) → (latent (B, K, D), mask (B, L), ids_restore (B, L))."""
+        tokens = self.embed(x)  # (B, L, D)
+        masking = random_masking(self._noise(noise, tokens.shape[0], tokens.device), mask_ratio)
+        latent = self.encode_visible(gather_tokens(tokens, masking.ids_keep))  # (B, K, D)
+        return latent, masking.mask, masking.ids_restore
+
+    def _noise(self, noise: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        expected = (batch, self.config.num_tokens)
+        if noise is None:
+            return draw_noise(*expected, device=device)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise must be (B, L) = {expected}, got {tuple(noise.shape)}")
+        return noise.to(device)
+
+    # -- decoder ---------------------------------------------------------------------------------
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent (B, K, D) + ids_restore (B, L) → predictions (B, L, pred_dim) in token order."""
+        x = self.decoder_embed(latent)  # (B, K, Dd)
+        batch, visible, _ = x.shape
+        masked = self.mask_token.expand(batch, self.config.num_tokens - visible, -1)  # (B, L-K, Dd)
+        x = torch.cat([x, masked], dim=1)  # (B, L, Dd) in shuffled order
+        x = gather_tokens(x, ids_restore)  # (B, L, Dd) in token order
+        if self.config.decoder_cls:
+            x = torch.cat([self.decoder_cls_token.expand(batch, -1, -1), x], dim=1)  # (B, 1+L, Dd)
+        x = x + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # (B, [1+]L, pred_dim)
+        return x[:, 1:] if self.config.decoder_cls else x  # (B, L, pred_dim)
+
+    # -- loss ------------------------------------------------------------------------------------
+
+    def target(self, clip: torch.Tensor) -> torch.Tensor:
+        """Regression target (B, L, pred_dim) from the clip's frames linspace(0, T−1, pred_t_dim)."""
+        indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, clip.device)
+        return self._patchify_target(clip.index_select(2, indices))  # (B, L, pred_dim)
+
+    def _patchify_target(self, target_frames: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return patchify(
+            target_frames, t_patch=cfg.t_pred_patch, patch=cfg.patch, channels=cfg.in_chans
+        )
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Predictions or targets (B, L, pred_dim) → clip (B, in_chans, pred_t_dim, H, W)."""
+        cfg = self.config
+        return unpatchify(tokens, grid=cfg.grid, t_patch=cfg.t_pred_patch, patch=cfg.patch)
+
+    def forward_loss(
+        self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean squared error over the masked tokens only (mask (B, L), 1 = masked)."""
+        target = target.float()
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as mae_st
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_token = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
+        return (per_token * mask).sum() / mask.sum()
+
+    def forward(
+        self, x: torch.Tensor, mask_ratio: float = 0.8, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip (B, C, 16, 96, 96) → (loss, pred (B, L, pred_dim), mask (B, L))."""
+        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(self.target(x), pred, mask), pred, mask
+
+    def forward_crops(
+        self,
+        crops: torch.Tensor,
+        offsets: torch.Tensor,
+        mask_ratio: float = 0.8,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int16 crops (B, 96, 96, 96) + frame offsets (B,) → (loss, pred, mask), as `forward` on
+        the sampled clips; the Triton route embeds only the visible tubes straight from the crops."""
+        if resolve_backend(self.patch_embed_backend, crops) == "torch":
+            return self.forward(
+                frames_from_crops(crops, offsets, self.config.frames), mask_ratio, noise
+            )
+        masking = random_masking(self._noise(noise, crops.shape[0], crops.device), mask_ratio)
+        visible = self.embed_crops(crops, offsets, keep=masking.ids_keep)  # (B, K, D)
+        pred = self.forward_decoder(self.encode_visible(visible), masking.ids_restore)
+        indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, crops.device)
+        target = self._patchify_target(gather_frames(crops, offsets, indices))  # (B, L, pred_dim)
+        return self.forward_loss(target, pred, masking.mask), pred, masking.mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier
+
+
+class VideoClassifier(VideoViT):
+    """Encoder over all tokens → mean of the patch tokens (not cls) → LayerNorm → dropout → linear."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.dropout = nn.Dropout(config.head_dropout)
+        self.head = nn.Linear(config.embed_dim, config.num_classes)
+        self.init_weights()
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens with positions (B, L, D) → pooled, normalised feature (B, D)."""
+        x = self.run_blocks(self.with_cls(tokens))  # (B, 1+L, D)
+        return self.norm(x[:, 1:].mean(dim=1))  # (B, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Clip (B, C, 16, 96, 96) → logits (B, num_classes)."""
+        return self.head(self.dropout(self.features(self.embed(x))))
+
+    def forward_crops(self, crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """int16 crops (B, 96, 96, 96) + frame offsets (B,) → logits (B, num_classes)."""
+        return self.head(self.dropout(self.features(self.embed_crops(crops, offsets))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+
+
+def build_mae(preset: str | ModelConfig = "large", **overrides) -> MaskedAutoencoder:
+    """MAE from a preset name (large/base/small/tiny) with field overrides, or from a config."""
+    config = preset if isinstance(preset, ModelConfig) else preset_config(preset, **overrides)
+    return MaskedAutoencoder(config)
+
+
+def build_classifier(
+    preset: str | ModelConfig = "large", num_classes: int = 2, **overrides
+) -> VideoClassifier:
+    """Classifier from a preset name with field overrides, or from a config (num_classes replaced)."""
+    if isinstance(preset, ModelConfig):
+        return VideoClassifier(dataclasses.replace(preset, num_classes=num_classes, **overrides))
+    return VideoClassifier(preset_config(preset, num_classes=num_classes, **overrides))
