@@ -1,0 +1,21 @@
+"""The one error type ingest raises for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class IngestError(Exception):
+    """A case that cannot be ingested, naming the offending file and the problem.
+
+    `str(error)` is the one line a user sees: ``"<path>: <problem>"``.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        # Worker processes send errors back pickled; rebuild from both fields.
+        return (type(self), (str(self.path), self.problem))
