@@ -1,0 +1,269 @@
+"""Multi-view evaluation: one prediction per crop key, metrics, plots (SPEC §7).
+
+The prediction of a crop is the mean of the softmax over its views
+(`--multiview 6`: offsets 0..5, which together cover every sagittal slice once;
+`--multiview 1`: the middle offset 3). The predicted class is the argmax of that
+mean, i.e. fracture when its probability is >= 0.5.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vctmae.train import distributed
+from vctmae.train.config import EvalConfig, config_dict
+from vctmae.train.loop import autocast_context
+from vctmae.train.runlog import RunLog
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predictions:
+    """Per-crop results in key order: labels (−1 unlabelled) and fracture probabilities."""
+
+    keys: list[str]
+    labels: np.ndarray  # int64 (N,)
+    probs: np.ndarray  # float64 (N,) mean softmax probability of class 1 (fracture)
+
+
+class DuplicatePredictionError(RuntimeError):
+    """A crop key was predicted more than once (overlapping shards or ranks)."""
+
+
+@torch.no_grad()
+def predict_local(
+    model: nn.Module, loader: Any, *, views: int, device: torch.device
+) -> Predictions:
+    """This rank's predictions: mean softmax over `views` offsets per crop."""
+    from vctmae.data import multiview_offsets
+
+    was_training = model.training
+    model.eval()
+    keys: list[str] = []
+    labels, probs = [], []
+    offsets = multiview_offsets(views)
+    for batch in loader:
+        size = batch.crops.shape[0]
+        mean = torch.zeros(size, device=device)
+        for offset in offsets:
+            view = torch.full((size,), offset, dtype=torch.long, device=device)
+            with autocast_context(device):
+                logits = model.forward_crops(batch.crops, view)
+            mean += torch.softmax(logits.float(), dim=-1)[:, 1]
+        probs.append(mean / len(offsets))
+        labels.append(batch.labels)
+        keys.extend(batch.keys)
+    model.train(was_training)
+    if not keys:
+        return Predictions(keys=[], labels=np.zeros(0, np.int64), probs=np.zeros(0))
+    return Predictions(
+        keys=keys,
+        labels=torch.cat(labels).cpu().numpy().astype(np.int64),
+        probs=torch.cat(probs).double().cpu().numpy(),
+    )
+
+
+def merge_predictions(parts: list[Predictions]) -> Predictions:
+    """Concatenate per-rank predictions, sorted by key; refuse duplicated keys."""
+    keys = [k for p in parts for k in p.keys]
+    repeated = [k for k, n in Counter(keys).items() if n > 1]
+    if repeated:
+        raise DuplicatePredictionError(
+            f"{len(repeated)} crop key(s) predicted more than once, e.g. {repeated[:3]}: "
+            "are the same shards listed twice?"
+        )
+    labels = np.concatenate([p.labels for p in parts]) if keys else np.zeros(0, np.int64)
+    probs = np.concatenate([p.probs for p in parts]) if keys else np.zeros(0)
+    order = np.argsort(np.asarray(keys), kind="stable")
+    return Predictions(keys=[keys[i] for i in order], labels=labels[order], probs=probs[order])
+
+
+def predict(model: nn.Module, loader: Any, *, views: int, device: torch.device) -> Predictions:
+    """Predictions of all ranks, gathered and deduplicated (identical on every rank)."""
+    local = predict_local(model, loader, views=views, device=device)
+    return merge_predictions(distributed.gather_objects(local))
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """F1, accuracy, ROC-AUC, AP, sensitivity, specificity, confusion matrix (scikit-learn).
+
+    ROC-AUC and AP are None when the labels hold a single class.
+    """
+    from sklearn import metrics as sk
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted = (probs >= 0.5).astype(np.int64)
+    matrix = sk.confusion_matrix(labels, predicted, labels=[0, 1])
+    (tn, fp), (fn, tp) = matrix
+    both = len(np.unique(labels)) == 2
+    return {
+        "n": int(labels.size),
+        "positives": int((labels == 1).sum()),
+        "f1": float(sk.f1_score(labels, predicted, zero_division=0)),
+        "accuracy": float(sk.accuracy_score(labels, predicted)),
+        "roc_auc": float(sk.roc_auc_score(labels, probs)) if both else None,
+        "average_precision": float(sk.average_precision_score(labels, probs)) if both else None,
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        "confusion_matrix": matrix.tolist(),  # rows: true 0/1, columns: predicted 0/1
+    }
+
+
+def write_predictions(predictions: Predictions, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "label", "prob_fracture", "predicted"])
+        for key, label, prob in zip(
+            predictions.keys, predictions.labels, predictions.probs, strict=True
+        ):
+            writer.writerow([key, int(label), f"{prob:.8f}", int(prob >= 0.5)])
+    return path
+
+
+def read_predictions(path: Path) -> Predictions:
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    return Predictions(
+        keys=[r["key"] for r in rows],
+        labels=np.array([int(r["label"]) for r in rows], dtype=np.int64),
+        probs=np.array([float(r["prob_fracture"]) for r in rows]),
+    )
+
+
+def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
+    """ROC and precision–recall curves as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn import metrics as sk
+
+    paths = []
+    fpr, tpr, _ = sk.roc_curve(labels, probs)
+    precision, recall, _ = sk.precision_recall_curve(labels, probs)
+    auc = sk.roc_auc_score(labels, probs)
+    ap = sk.average_precision_score(labels, probs)
+    for name, (x, y), (xl, yl), label in (
+        (
+            "roc.png",
+            (fpr, tpr),
+            ("false positive rate", "true positive rate"),
+            f"ROC-AUC {auc:.3f}",
+        ),
+        ("pr.png", (recall, precision), ("recall", "precision"), f"AP {ap:.3f}"),
+    ):
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(x, y, label=label)
+        if name == "roc.png":
+            ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def metrics_table(metrics: dict[str, Any], title: str = "evaluation"):
+    """A short rich table of the headline metrics."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in (
+        "n",
+        "positives",
+        "f1",
+        "accuracy",
+        "roc_auc",
+        "average_precision",
+        "sensitivity",
+        "specificity",
+    ):
+        value = metrics.get(name)
+        text = "—" if value is None else (str(value) if isinstance(value, int) else f"{value:.4f}")
+        table.add_row(name, text)
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    table.add_row("confusion [[tn fp] [fn tp]]", f"[[{tn} {fp}] [{fn} {tp}]]")
+    return table
+
+
+def expected_count(shards: list[str]) -> int | None:
+    from vctmae.data import count_samples
+
+    try:
+        return count_samples(shards)
+    except Exception:  # noqa: BLE001 - remote shards may not be countable; the dedupe check still runs
+        return None
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png."""
+    from rich.console import Console
+
+    from vctmae.data import ShardLoader, expand_shards
+    from vctmae.model import load_model
+
+    info = distributed.setup(config.device)
+    out = Path(config.out)
+    if not Path(config.checkpoint).exists():
+        raise FileNotFoundError(f"{config.checkpoint}: checkpoint not found")
+    model = load_model(config.checkpoint).to(info.device)
+    model.patch_embed_backend = config.patch_embed
+    shards = expand_shards(list(config.shards))
+    loader = ShardLoader(
+        shards,
+        batch_size=config.batch_size,
+        training=False,
+        num_workers=config.num_workers,
+        device=info.device,
+        backend=config.loader,
+    )
+    predictions = predict(model, loader, views=config.multiview, device=info.device)
+    expected = expected_count(shards)
+    if expected is not None and expected != len(predictions.keys):
+        raise RuntimeError(
+            f"{shards[0]}…: {len(predictions.keys)} predictions for {expected} crops in the shards"
+        )
+    result: dict[str, Any] = {"predictions": len(predictions.keys), "multiview": config.multiview}
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(predictions, out / "predictions.csv")
+        labelled = bool(predictions.keys) and bool((predictions.labels >= 0).all())
+        if labelled:
+            metrics = compute_metrics(predictions.labels, predictions.probs)
+            if metrics["roc_auc"] is not None:
+                plot_curves(predictions.labels, predictions.probs, out)
+        else:
+            metrics = {"n": len(predictions.keys), "note": "unlabelled crops: predictions only"}
+        metrics.update(checkpoint=str(config.checkpoint), multiview=config.multiview)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log = RunLog(out / "log.jsonl")
+        log.start(
+            command="eval",
+            config=config_dict(config),
+            world_size=info.world_size,
+            device=str(info.device),
+        )
+        log.write("metrics", **metrics)
+        if labelled and config.progress:
+            Console().print(metrics_table(metrics, title=f"eval --multiview {config.multiview}"))
+        result.update(metrics)
+    distributed.barrier()
+    return result

@@ -1,0 +1,259 @@
+"""Fracture-classification finetuning: `run_finetune(FinetuneConfig)` (SPEC §7).
+
+Every epoch ends with a multi-view validation pass; the classifier with the
+best validation F1 so far is written to `best.safetensors` (ties keep the
+earlier epoch), and the run stops early after `patience` epochs without a
+better F1.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from vctmae.train import distributed
+from vctmae.train.checkpoint import save_weights
+from vctmae.train.config import FinetuneConfig, config_dict
+from vctmae.train.loop import EpochEnd, Trainer, TrainState, wrap_for_training
+from vctmae.train.optim import build_adam
+from vctmae.train.runlog import RunLog
+from vctmae.train.schedule import WarmupCosine
+
+# Keys a classifier has that an MAE checkpoint cannot provide.
+HEAD_PREFIXES = ("head.",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneResult:
+    best_path: Path
+    log_path: Path
+    state: TrainState
+    class_weights: list[float]
+
+
+def init_from_pretraining(model: nn.Module, path: Path) -> dict[str, list[str]]:
+    """Copy the encoder of a pretraining safetensors file into a classifier.
+
+    Decoder weights are ignored; every classifier weight except the head must
+    come from the file with the same shape, or the load is refused.
+    """
+    source = load_file(str(path))
+    target = model.state_dict()
+    missing = [k for k in target if k not in source and not k.startswith(HEAD_PREFIXES)]
+    mismatched = [k for k in target if k in source and source[k].shape != target[k].shape]
+    if missing or mismatched:
+        raise ValueError(
+            f"{path}: not an encoder of this model — missing {missing[:5]}, "
+            f"shape mismatch {mismatched[:5]} (same --model preset as pretraining?)"
+        )
+    loaded = {k: v for k, v in source.items() if k in target}
+    model.load_state_dict(loaded, strict=False)
+    return {
+        "loaded": sorted(loaded),
+        "ignored": sorted(k for k in source if k not in target),
+        "initialised_fresh": sorted(k for k in target if k not in source),
+    }
+
+
+def init_classifier(model: nn.Module, init: Path | None, pos_init: str) -> Any:
+    """Initialise from a pretraining .safetensors, a mae_st/PySlowFast .pth, or nothing."""
+    if init is None:
+        return None
+    init = Path(init)
+    if not init.exists():
+        raise FileNotFoundError(f"{init}: --init checkpoint not found")
+    if init.suffix == ".safetensors":
+        return init_from_pretraining(model, init)
+    from vctmae.model import load_mae_st
+
+    return load_mae_st(init, model, pos_init=pos_init)
+
+
+def _labels_from_manifest(shards: list[str]) -> list[int] | None:
+    """Class labels of the given shards from the manifest.csv beside them, if every shard is listed."""
+    labels: list[int] = []
+    by_dir: dict[Path, set[str]] = {}
+    for shard in shards:
+        path = Path(shard)
+        by_dir.setdefault(path.parent, set()).add(path.name)
+    for directory, names in by_dir.items():
+        manifest = directory / "manifest.csv"
+        if not manifest.exists():
+            return None
+        seen = set()
+        with manifest.open() as f:
+            for row in csv.DictReader(f):
+                shard_name = Path(row.get("shard", "")).name
+                if shard_name in names and row.get("class", "") != "":
+                    labels.append(int(row["class"]))
+                    seen.add(shard_name)
+        if seen != names:
+            return None
+    return labels
+
+
+def _labels_by_reading(shards: list[str]) -> list[int]:
+    from vctmae.data import ShardLoader
+
+    loader = ShardLoader(shards, batch_size=64, training=False, num_workers=0, rank=0, world_size=1)
+    return [int(v) for batch in loader for v in batch.labels.tolist()]
+
+
+def class_weights(shards: list[str], num_classes: int = 2) -> tuple[list[float], str]:
+    """Inverse-frequency weights N / (C · n_c) from the manifest (or by reading the labels)."""
+    labels = _labels_from_manifest(shards)
+    source = "manifest.csv"
+    if labels is None:
+        labels, source = _labels_by_reading(shards), "shard labels"
+    counts = Counter(labels)
+    if any(counts.get(c, 0) == 0 for c in range(num_classes)):
+        raise ValueError(
+            f"{shards[0]}…: training labels {dict(counts)} lack a class; cannot finetune a classifier"
+        )
+    total = sum(counts[c] for c in range(num_classes))
+    return [total / (num_classes * counts[c]) for c in range(num_classes)], source
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Finetune a classifier; writes checkpoints, `best.safetensors` and `log.jsonl` under `config.out`."""
+    from vctmae.data import ShardLoader, expand_shards, mirror, random_offsets
+    from vctmae.model import build_classifier
+    from vctmae.train.evaluate import compute_metrics, predict
+
+    info = distributed.setup(config.device)
+    out = Path(config.out)
+    log = RunLog(out / "log.jsonl", enabled=info.is_main)
+    shards = expand_shards(list(config.shards))
+    val_shards = expand_shards(list(config.val_shards)) if config.val_shards else []
+    loader = ShardLoader(
+        shards,
+        batch_size=config.batch_size,
+        training=True,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        device=info.device,
+        backend=config.loader,
+    )
+    val_loader = (
+        ShardLoader(
+            val_shards,
+            batch_size=config.batch_size,
+            training=False,
+            num_workers=config.num_workers,
+            device=info.device,
+            backend=config.loader,
+        )
+        if val_shards
+        else None
+    )
+    torch.manual_seed(config.seed)
+    overrides = dict(config.model_overrides)
+    if config.dropout is not None:
+        overrides["head_dropout"] = config.dropout
+    model = build_classifier(config.model, num_classes=2, **overrides).to(info.device)
+    model.patch_embed_backend = config.patch_embed
+    init_report = init_classifier(model, config.init, config.pos_init)
+    if config.class_weights == "inverse":
+        weights, weight_source = class_weights(shards)
+    else:
+        weights, weight_source = [1.0, 1.0], "none"
+    weight_tensor = torch.tensor(weights, dtype=torch.float32, device=info.device)
+    optimizer = build_adam(
+        model, lr=config.lr, weight_decay=config.weight_decay, device=info.device
+    )
+    per_epoch = len(loader) // config.accum_steps
+    if config.max_steps_per_epoch:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch)
+    if per_epoch < 1:
+        raise ValueError(
+            f"{shards[0]}…: {len(loader)} batches per epoch on this rank, fewer than accum_steps "
+            f"{config.accum_steps}; use fewer processes or a smaller --batch-size"
+        )
+    schedule = WarmupCosine(
+        peak_lr=config.lr,
+        total_steps=per_epoch * config.epochs,
+        warmup_steps=per_epoch * config.warmup_epochs,
+        start_lr=config.warmup_start_lr,
+        end_lr=config.min_lr,
+    )
+    module = wrap_for_training(model, info, compile=config.compile)
+
+    def loss_fn(batch: Any, generator: torch.Generator) -> torch.Tensor:
+        crops = batch.crops
+        size = crops.shape[0]
+        offsets = random_offsets(size, generator=generator).to(info.device, non_blocking=True)
+        if config.mirror:
+            flags = torch.rand(size, generator=generator) < 0.5
+            crops = mirror(crops, flags.to(info.device, non_blocking=True))
+        logits = module(crops, offsets)
+        return nn.functional.cross_entropy(logits.float(), batch.labels, weight=weight_tensor)
+
+    best_path = out / "best.safetensors"
+
+    def epoch_end(epoch: int, mean_loss: float, state: TrainState) -> EpochEnd:
+        if val_loader is None:
+            # Without validation data the latest weights are the ones to use.
+            if info.is_main:
+                save_weights(model, best_path)
+            state.best_epoch = epoch + 1
+            return EpochEnd()
+        predictions = predict(model, val_loader, views=config.multiview, device=info.device)
+        metrics = compute_metrics(predictions.labels, predictions.probs)
+        f1 = metrics["f1"]
+        improved = state.best_metric is None or f1 > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.bad_epochs = f1, epoch + 1, 0
+            if info.is_main:
+                save_weights(model, best_path)
+        else:
+            state.bad_epochs += 1
+        scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+        return EpochEnd(metrics=scalars, stop=state.bad_epochs >= config.patience)
+
+    trainer = Trainer(
+        name="finetune",
+        config=config,
+        info=info,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        schedule=schedule,
+        loader=loader,
+        steps_per_epoch=per_epoch,
+        loss_fn=loss_fn,
+        log=log,
+        epoch_end=epoch_end,
+    )
+    resumed = config.resume and trainer.resume()
+    if not resumed:
+        log.start(
+            command="finetune",
+            config=config_dict(config),
+            world_size=info.world_size,
+            device=str(info.device),
+            steps_per_epoch=per_epoch,
+            class_weights=weights,
+            class_weight_source=weight_source,
+            shards=len(shards),
+            val_shards=len(val_shards),
+            init=str(init_report) if init_report is not None else None,
+        )
+    state = trainer.fit()
+    log.write(
+        "end",
+        epoch=state.epoch,
+        step=state.step,
+        best_epoch=state.best_epoch,
+        best_val_f1=state.best_metric,
+    )
+    distributed.barrier()
+    return FinetuneResult(
+        best_path=best_path, log_path=out / "log.jsonl", state=state, class_weights=weights
+    )
