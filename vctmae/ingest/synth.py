@@ -1,0 +1,648 @@
+"""Synthetic spine CT phantoms with VerSe label maps and fracture grades (SPEC §3).
+
+No public CT can be downloaded at run time, so demos, tests and benchmarks use
+these phantoms. Each case is a short run of consecutive vertebrae (T6 … L5) on a
+gently curved centre line, drawn in HU: vertebral bodies with a cortical shell
+and trabecular core, posterior elements (pedicles, lamina, spinous and
+transverse processes), discs, spinal canal, soft tissue, subcutaneous fat and
+air, plus Gaussian noise. Vertebrae may carry a Genant grade 1–3 compression
+fracture (wedge, biconcave or crush loss of anterior/middle body height).
+
+Every case is drawn on a grid aligned with RAS+ world axes, then stored in a
+varying axis order (RAS, LPS, PIR, …) with a varying, often anisotropic voxel
+spacing; the NIfTI affine always describes the same anatomy, so a reader that
+honours the affine (ingest reorients to canonical) recovers it.
+
+Determinism: a case depends only on (seed, patient, scan index), and files are
+gzip-compressed with mtime 0, so the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+from vctmae.ingest.levels import LEVELS, VERSE_LABEL
+
+# Storage axis orders cycled over cases: scanner-style (LPS), neurological (RAS),
+# radiological (LAS), and axis permutations as written by other tools.
+ORIENTATIONS: tuple[str, ...] = ("LPS", "RAS", "PIR", "LAS", "ASL", "LPI", "SRA", "IRP")
+
+# Levels a phantom spine may cover, head to feet (start drawn within T6..L2).
+SPINE_LEVELS: tuple[str, ...] = LEVELS[LEVELS.index("T6") : LEVELS.index("L5") + 1]
+_FIRST_START, _LAST_START = "T6", "L2"
+SPINE_LEVELS = tuple(level for level in SPINE_LEVELS if level != "T13")
+
+# Genant grade → fraction of anterior/middle body height lost.
+GRADE_LOSS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.26, 0.39), 3: (0.41, 0.55)}
+FRACTURE_SHAPES: tuple[str, ...] = ("wedge", "biconcave", "crush")
+
+MAX_VOXELS = 6_000_000
+GZIP_LEVEL = 1  # noise compresses poorly anyway; level 1 is several times faster than 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phantom:
+    """One synthetic case in memory, arrays in storage order (as they would be written)."""
+
+    case: str
+    patient: str
+    ct: np.ndarray  # int16 HU
+    seg: np.ndarray  # uint8 VerSe labels
+    affine: np.ndarray  # (4, 4) voxel index → world mm (RAS+)
+    grades: dict[str, int]  # level → Genant grade, every vertebra present in `seg`
+    shapes: dict[str, str]  # level → "none" | "wedge" | "biconcave" | "crush"
+    orientation: str  # storage axis codes, e.g. "LPS"
+    spacing: tuple[float, float, float]  # mm per storage axis
+    ct_intercept: float = 0.0  # files store ct - intercept (uint16) when nonzero
+
+    @property
+    def levels(self) -> list[str]:
+        """Vertebra levels present in the label map, head to feet."""
+        return sorted(self.grades, key=LEVELS.index)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Vertebra:
+    """Anatomy of one vertebra in its local frame (mm): u → patient right, v → anterior, w → superior."""
+
+    level: str
+    height: float  # intact body height
+    half_width: float  # body semi-axis left–right
+    half_depth: float  # body semi-axis anterior–posterior
+    disc_above: float
+    grade: int
+    shape: str
+    loss: float  # fraction of height lost at the fracture's deepest point
+    wedge: float  # natural (grade 0) anterior wedging fraction
+    concavity: float  # natural endplate concavity, mm
+    trabecular_hu: float
+    posterior_hu: float
+    canal_half_width: float
+    canal_half_depth: float
+    pedicle_width: float
+    lamina_thickness: float
+    spinous_length: float
+    spinous_slope: float  # radians, downward
+    spinous_height: float
+    transverse_length: float
+    axial_rotation: float  # radians
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Anatomy:
+    """Patient-level anatomy, shared by every scan of the patient."""
+
+    vertebrae: list[_Vertebra]
+    tilt_sagittal: tuple[float, float]  # start angle, total change (radians)
+    tilt_coronal: tuple[float, float]
+    cortical_hu: float
+    disc_hu: float
+    soft_hu: float
+    fat_hu: float
+    canal_hu: float
+    back_distance: float  # skin, posterior of the spine centre line, mm
+    body_semi_axes: tuple[float, float]
+    fat_thickness: float
+    blobs: list[tuple[float, float, float, float, float]] = field(
+        default_factory=list
+    )  # dx, dy, rx, ry, hu
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
+    count = int(rng.integers(4, 8))
+    lo, hi = SPINE_LEVELS.index(_FIRST_START), SPINE_LEVELS.index(_LAST_START)
+    hi = min(hi, len(SPINE_LEVELS) - count)
+    start = int(rng.integers(lo, hi + 1))
+    levels = SPINE_LEVELS[start : start + count]
+    size_scale = rng.uniform(0.9, 1.1)
+    trabecular = rng.uniform(150, 250)
+    vertebrae = []
+    for i, level in enumerate(levels):
+        lumbar = level.startswith("L")
+        rank = SPINE_LEVELS.index(level)  # 0 = T6 … 11 = L5
+        height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.97, 1.03)
+        half_width = (16.0 + 1.1 * rank) * size_scale * rng.uniform(0.96, 1.04)
+        half_depth = (12.5 + 0.5 * rank) * size_scale * rng.uniform(0.96, 1.04)
+        grade, shape, loss = 0, "none", 0.0
+        if 0 < i < count - 1 and rng.random() < fracture_rate:
+            grade = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+            shape = str(rng.choice(FRACTURE_SHAPES, p=[0.5, 0.3, 0.2]))
+            loss = rng.uniform(*GRADE_LOSS[grade])
+        vertebrae.append(
+            _Vertebra(
+                level=level,
+                height=height,
+                half_width=half_width,
+                half_depth=half_depth,
+                disc_above=(4.0 + 0.45 * rank) * rng.uniform(0.85, 1.15),
+                grade=grade,
+                shape=shape,
+                loss=loss,
+                wedge=rng.uniform(0.0, 0.06 if not lumbar else 0.03),
+                concavity=rng.uniform(0.3, 1.5),
+                trabecular_hu=trabecular
+                + rng.normal(0, 15)
+                + (rng.uniform(20, 70) if grade else 0.0),
+                posterior_hu=rng.uniform(380, 520),
+                canal_half_width=rng.uniform(8.0, 10.5) + (1.5 if lumbar else 0.0),
+                canal_half_depth=rng.uniform(6.5, 8.5),
+                pedicle_width=rng.uniform(5.5, 8.0) + (1.5 if lumbar else 0.0),
+                lamina_thickness=rng.uniform(4.0, 6.0),
+                spinous_length=rng.uniform(24, 32),
+                spinous_slope=np.radians(rng.uniform(5, 15) if lumbar else rng.uniform(30, 45)),
+                spinous_height=(rng.uniform(14, 20) if lumbar else rng.uniform(7, 10)),
+                transverse_length=(rng.uniform(16, 24) if lumbar else rng.uniform(10, 16)),
+                axial_rotation=np.radians(rng.uniform(-3, 3)),
+            )
+        )
+    blobs = [
+        (rng.uniform(-60, 60), rng.uniform(35, 90), rng.uniform(8, 25), rng.uniform(8, 20),
+         float(rng.choice([rng.uniform(-120, -80), rng.uniform(30, 60)])))
+        for _ in range(int(rng.integers(2, 6)))
+    ]  # fmt: skip
+    return _Anatomy(
+        vertebrae=vertebrae,
+        tilt_sagittal=(np.radians(rng.uniform(-8, 8)), np.radians(rng.uniform(-12, 12))),
+        tilt_coronal=(np.radians(rng.uniform(-4, 4)), np.radians(rng.uniform(-6, 6))),
+        cortical_hu=rng.uniform(620, 780),
+        disc_hu=rng.uniform(70, 95),
+        soft_hu=rng.uniform(30, 55),
+        fat_hu=rng.uniform(-120, -80),
+        canal_hu=rng.uniform(10, 30),
+        back_distance=rng.uniform(78, 95),
+        body_semi_axes=(rng.uniform(140, 180), rng.uniform(100, 130)),
+        fat_thickness=rng.uniform(8, 25),
+        blobs=blobs,
+    )
+
+
+def _centre_line(anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+    """Body centres (n, 3) and unit tangents pointing inferior (n, 3), world mm, spine top at z = 0."""
+    verts = anatomy.vertebrae
+    positions = [verts[0].disc_above / 2 + verts[0].height / 2]
+    for above, below in zip(verts[:-1], verts[1:], strict=True):
+        positions.append(positions[-1] + above.height / 2 + below.disc_above + below.height / 2)
+    length = positions[-1] + verts[-1].height
+    s = np.arange(0.0, length + 0.5, 0.5)
+    frac = s / length - 0.5
+    sag = anatomy.tilt_sagittal[0] + anatomy.tilt_sagittal[1] * frac
+    cor = anatomy.tilt_coronal[0] + anatomy.tilt_coronal[1] * np.sin(np.pi * frac)
+    tangent = np.stack([np.tan(cor), np.tan(sag), -np.ones_like(s)], axis=1)
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    path = np.concatenate(
+        [np.zeros((1, 3)), np.cumsum((tangent[1:] + tangent[:-1]) / 2 * 0.5, axis=0)]
+    )
+    centres = np.stack([np.interp(positions, s, path[:, k]) for k in range(3)], axis=1)
+    tangents = np.stack([np.interp(positions, s, tangent[:, k]) for k in range(3)], axis=1)
+    tangents /= np.linalg.norm(tangents, axis=1, keepdims=True)
+    return centres, tangents
+
+
+def _frame(tangent: np.ndarray, rotation: float) -> np.ndarray:
+    """Rows: local right, anterior, superior unit vectors in world (RAS+) coordinates."""
+    superior = -tangent
+    anterior = np.array([0.0, 1.0, 0.0]) - superior[1] * superior
+    anterior /= np.linalg.norm(anterior)
+    right = np.cross(anterior, superior)
+    c, s = np.cos(rotation), np.sin(rotation)
+    right, anterior = c * right + s * anterior, -s * right + c * anterior
+    return np.stack([right, anterior, superior])
+
+
+def _extent(v: _Vertebra) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """Local bounding box (u, v, w ranges) of everything the vertebra paints, including half-discs."""
+    canal_centre = -0.8 * v.half_depth - v.canal_half_depth
+    back = canal_centre - v.canal_half_depth - v.lamina_thickness
+    u_max = max(v.half_width, v.canal_half_width + v.pedicle_width + v.transverse_length) + 2
+    v_min = back - v.spinous_length - 2
+    w_min = (
+        min(-v.height / 2 - 6, -np.tan(v.spinous_slope) * v.spinous_length - v.spinous_height / 2)
+        - 2
+    )
+    return (-u_max, u_max), (v_min, v.half_depth + 2), (w_min, v.height / 2 + v.disc_above / 2 + 2)
+
+
+def _paint_vertebra(
+    ct: np.ndarray,
+    seg: np.ndarray,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    centre: np.ndarray,
+    frame: np.ndarray,
+    vert: _Vertebra,
+    disc_below: float,
+    anatomy: _Anatomy,
+) -> None:
+    """Paint one vertebra, its canal segment and its half-discs into `ct`/`seg` (RAS grid)."""
+    corners = np.array(np.meshgrid(*_extent(vert), indexing="ij")).reshape(3, -1)
+    world = centre[:, None] + frame.T @ corners
+    box = []
+    for k in range(3):
+        lo, hi = np.searchsorted(axes[k], [world[k].min(), world[k].max()])
+        box.append(slice(int(lo), int(hi)))
+    if any(b.stop <= b.start for b in box):
+        return
+    x = (axes[0][box[0]] - centre[0])[:, None, None]
+    y = (axes[1][box[1]] - centre[1])[None, :, None]
+    z = (axes[2][box[2]] - centre[2])[None, None, :]
+    u, v, w = (frame[k, 0] * x + frame[k, 1] * y + frame[k, 2] * z for k in range(3))
+    ct_box, seg_box = ct[tuple(box)], seg[tuple(box)]
+    label = VERSE_LABEL[vert.level]
+
+    # Vertebral body: elliptic cross-section flattened posteriorly, endplates shaped by fracture.
+    a, b, half = vert.half_width, vert.half_depth, vert.height / 2
+    radial = (u / a) ** 2 + (v / b) ** 2
+    section = (radial <= 1.0) & (v >= -0.8 * b)
+    anterior = np.clip((v + 0.8 * b) / (1.8 * b), 0.0, 1.0)  # 0 posterior wall → 1 anterior
+    dip = vert.concavity * np.clip(1.0 - radial, 0.0, 1.0)  # natural endplate concavity
+    top = half - dip - vert.wedge * vert.height * anterior
+    bottom = -half + dip
+    if vert.grade:
+        lost = vert.loss * vert.height
+        if vert.shape == "wedge":
+            depth, top_share = lost * anterior, 0.75
+        elif vert.shape == "biconcave":
+            depth, top_share = lost * np.clip(1.0 - radial, 0.0, 1.0), 0.5
+        else:  # crush: whole body lower, more so in front
+            depth, top_share = lost * (0.7 + 0.3 * anterior), 0.6
+        top = top - top_share * depth
+        bottom = bottom + (1.0 - top_share) * depth
+    body = section & (w <= top) & (w >= bottom)
+    shell_distance = np.minimum(
+        np.minimum((1.0 - np.sqrt(radial)) * min(a, b), v + 0.8 * b),
+        np.minimum(top - w, w - bottom),
+    )
+    disc = section & ~body & (w <= half + vert.disc_above / 2) & (w >= -half - disc_below / 2)
+
+    # Posterior elements: pedicles, lamina ring around the canal, spinous and transverse processes.
+    canal_v = -0.8 * b - vert.canal_half_depth
+    cu, cv = vert.canal_half_width, vert.canal_half_depth
+    canal_radial = (u / cu) ** 2 + ((v - canal_v) / cv) ** 2
+    slab = (w <= half + vert.disc_above / 2) & (w >= -half - disc_below / 2)
+    canal = (canal_radial < 1.0) & slab
+    pedicle_w = 0.15 * vert.height
+    pedicles = (
+        (np.abs(u) >= cu - 1)
+        & (np.abs(u) <= cu + vert.pedicle_width)
+        & (v <= -0.8 * b + 1)
+        & (v >= canal_v - 0.3 * cv)
+        & (np.abs(w - pedicle_w) <= 0.22 * vert.height)
+    )
+    lt = vert.lamina_thickness
+    lamina = (
+        (canal_radial >= 1.0)
+        & ((u / (cu + lt)) ** 2 + ((v - canal_v) / (cv + lt)) ** 2 <= 1.0)
+        & (v <= canal_v + 2)
+        & (np.abs(w) <= 0.4 * vert.height)
+    )
+    spine_start = canal_v - cv - lt + 2
+    along = spine_start - v  # mm posterior of the lamina
+    spinous = (
+        (along >= 0)
+        & (along <= vert.spinous_length)
+        & (np.abs(u) <= 3.0)
+        & (np.abs(w + np.tan(vert.spinous_slope) * along) <= vert.spinous_height / 2)
+    )
+    transverse = (
+        (np.abs(u) >= cu + vert.pedicle_width - 2)
+        & (np.abs(u) <= cu + vert.pedicle_width + vert.transverse_length)
+        & (np.abs(v - canal_v) <= 4.0)
+        & (np.abs(w - pedicle_w) <= 4.0)
+    )
+    posterior = (pedicles | lamina | spinous | transverse) & ~canal
+
+    free = seg_box == 0
+    ct_box[disc & free] = anatomy.disc_hu
+    ct_box[canal & free & ~body] = anatomy.canal_hu
+    ct_box[posterior] = vert.posterior_hu
+    ct_box[body] = np.where(shell_distance[body] < 1.5, anatomy.cortical_hu, vert.trabecular_hu)
+    seg_box[body | posterior] = label
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Scan:
+    spacing: tuple[float, float, float]  # RAS axes
+    orientation: str
+    margins: tuple[float, float]  # FOV beyond the first / last body, mm (negative cuts it)
+    half_width: float
+    anterior: float
+    posterior_extra: float
+    origin: tuple[float, float, float]
+    noise: float
+
+
+def _draw_scan(rng: np.random.Generator, anatomy: _Anatomy, orientation: str | None,
+               spacing: float | Sequence[float] | None) -> _Scan:  # fmt: skip
+    heights = (anatomy.vertebrae[0].height, anatomy.vertebrae[-1].height)
+    margins = tuple(
+        rng.uniform(-0.45, -0.1) * h if rng.random() < 0.25 else rng.uniform(4, 15) for h in heights
+    )
+    half_width = rng.uniform(48, 62)
+    anterior = rng.uniform(45, 60)
+    posterior_extra = rng.uniform(-8, 15)
+    depth = anatomy.back_distance + posterior_extra + anterior
+    length = sum(v.height + v.disc_above for v in anatomy.vertebrae) + sum(margins)
+    if spacing is None:
+        for _ in range(20):
+            in_plane, slices = rng.uniform(0.7, 1.5), rng.uniform(0.7, 1.5)
+            steps = (
+                (in_plane, in_plane, slices)
+                if rng.random() < 0.75
+                else (slices, in_plane, in_plane)
+            )
+            if 2 * half_width * depth * length / np.prod(steps) <= MAX_VOXELS:
+                break
+    else:
+        steps = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+    if orientation is None:
+        orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    return _Scan(
+        spacing=tuple(round(float(s), 4) for s in steps),
+        orientation=orientation,
+        margins=margins,
+        half_width=half_width,
+        anterior=anterior,
+        posterior_extra=posterior_extra,
+        origin=(rng.uniform(-40, 40), rng.uniform(-60, 20), rng.uniform(-300, 300)),
+        noise=rng.uniform(12, 35),
+    )
+
+
+def make_phantom(
+    seed: int | Sequence[int] = 0,
+    *,
+    scan: int = 0,
+    fracture_rate: float = 0.25,
+    case: str = "case000",
+    patient: str = "P000",
+    orientation: str | None = None,
+    spacing: float | Sequence[float] | None = None,
+) -> Phantom:
+    """Build one phantom case in memory.
+
+    `seed` fixes the patient's anatomy (levels, sizes, fractures); `scan` picks one of
+    several scans of that anatomy (field of view, spacing, orientation, noise).
+    `orientation` (axis codes such as "LPS") and `spacing` (mm, one value or per RAS
+    axis x, y, z) override the drawn values.
+    """
+    if not 0.0 <= fracture_rate <= 1.0:
+        raise ValueError(f"fracture_rate must lie in [0, 1], got {fracture_rate}")
+    if orientation is not None:
+        orientation = orientation.upper()
+        axcodes2ornt(tuple(orientation))  # raises on nonsense codes
+        if len(orientation) != 3 or len({_AXIS_OF[c] for c in orientation}) != 3:
+            raise ValueError(
+                f"orientation must name three different axes, e.g. 'LPS', got {orientation!r}"
+            )
+    key = [seed] if isinstance(seed, int) else list(seed)
+    anatomy = _draw_anatomy(_rng(*key), fracture_rate)
+    acquisition = _draw_scan(_rng(*key, 1_000_003, scan), anatomy, orientation, spacing)
+    noise_rng = _rng(*key, 2_000_003, scan)
+    ct_ras, seg_ras, affine_ras = _render(anatomy, acquisition, noise_rng)
+
+    present = set(np.unique(seg_ras).tolist()) - {0}
+    grades = {v.level: v.grade for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
+    shapes = {v.level: v.shape for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
+
+    transform = ornt_transform(
+        axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(acquisition.orientation))
+    )
+    affine = affine_ras @ inv_ornt_aff(transform, ct_ras.shape)
+    ct = np.ascontiguousarray(apply_orientation(ct_ras, transform))
+    seg = np.ascontiguousarray(apply_orientation(seg_ras, transform))
+    spacing_stored = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).round(4))
+    return Phantom(
+        case=case,
+        patient=patient,
+        ct=ct,
+        seg=seg,
+        affine=affine,
+        grades=grades,
+        shapes=shapes,
+        orientation=acquisition.orientation,
+        spacing=spacing_stored,
+    )
+
+
+_AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+
+
+def _render(
+    anatomy: _Anatomy, acq: _Scan, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw the case on a RAS-aligned grid; returns ct (int16), seg (uint8), affine."""
+    centres, tangents = _centre_line(anatomy)
+    first, last = anatomy.vertebrae[0], anatomy.vertebrae[-1]
+    z_top = centres[0, 2] + first.height / 2 + acq.margins[0]
+    z_bottom = centres[-1, 2] - last.height / 2 - acq.margins[1]
+    x_mid = float(np.mean(centres[:, 0]))
+    y_spine = float(np.mean(centres[:, 1]))
+    lo = np.array(
+        [x_mid - acq.half_width, y_spine - anatomy.back_distance - acq.posterior_extra, z_bottom]
+    )
+    hi = np.array([x_mid + acq.half_width, y_spine + acq.anterior, z_top])
+    step = np.array(acq.spacing)
+    shape = tuple(int(n) for n in np.floor((hi - lo) / step) + 1)
+    axes = tuple(lo[k] + step[k] * np.arange(shape[k]) for k in range(3))
+
+    # Torso: elliptic outline (z-invariant) with a subcutaneous fat layer and a few organ/fat blobs.
+    rx, ry = anatomy.body_semi_axes
+    cx, cy = x_mid, y_spine - anatomy.back_distance + ry
+    dx = (axes[0] - cx)[:, None]
+    dy = (axes[1] - cy)[None, :]
+    outline = (dx / rx) ** 2 + (dy / ry) ** 2
+    t = anatomy.fat_thickness
+    inner = (dx / (rx - t)) ** 2 + (dy / (ry - t)) ** 2
+    plane = np.full(outline.shape, -1000.0, dtype=np.float32)
+    plane[outline <= 1.0] = anatomy.fat_hu
+    plane[inner <= 1.0] = anatomy.soft_hu
+    for bx, by, brx, bry, hu in anatomy.blobs:
+        plane[
+            ((axes[0][:, None] - x_mid - bx) / brx) ** 2
+            + ((axes[1][None, :] - y_spine - by) / bry) ** 2
+            <= 1
+        ] = hu
+    ct = np.repeat(plane[:, :, None], shape[2], axis=2)
+    seg = np.zeros(shape, dtype=np.uint8)
+
+    verts = anatomy.vertebrae
+    for i, vert in enumerate(verts):
+        disc_below = verts[i + 1].disc_above if i + 1 < len(verts) else vert.disc_above
+        frame = _frame(tangents[i], vert.axial_rotation)
+        _paint_vertebra(ct, seg, axes, centres[i], frame, vert, disc_below, anatomy)
+
+    ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(acq.noise)
+    ct_int = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+    affine = np.diag([*step, 1.0])
+    affine[:3, 3] = lo + np.array(acq.origin)
+    return ct_int, seg, affine
+
+
+def phantom_images(phantom: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """NIfTI images (ct, seg) of a phantom, with qform and sform set to the affine."""
+    images = []
+    for data, dtype in ((phantom.ct, np.int16), (phantom.seg, np.uint8)):
+        image = nib.Nifti1Image(data, phantom.affine)
+        image.set_data_dtype(dtype)
+        image.header.set_xyzt_units("mm", "sec")
+        image.set_qform(phantom.affine, code=1)
+        image.set_sform(phantom.affine, code=1)
+        images.append(image)
+    ct_image, seg_image = images
+    if phantom.ct_intercept:
+        raw = (phantom.ct.astype(np.int32) - int(phantom.ct_intercept)).astype(np.uint16)
+        ct_image = nib.Nifti1Image(raw, phantom.affine, header=ct_image.header)
+        ct_image.set_data_dtype(np.uint16)
+        ct_image.header.set_slope_inter(1.0, phantom.ct_intercept)
+    return ct_image, seg_image
+
+
+def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
+    """`.nii.gz` bytes that depend only on the image (gzip mtime 0, no file name)."""
+    buffer = io.BytesIO()
+    file_map = image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    return gzip.compress(buffer.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
+    """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically; returns both paths."""
+    ct_image, seg_image = phantom_images(phantom)
+    paths = []
+    for folder, image in (("ct", ct_image), ("seg", seg_image)):
+        path = Path(out) / folder / f"{phantom.case}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, _nifti_gz_bytes(image))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedCase:
+    """Who a case is: its id, patient, and which anatomy/scan it draws."""
+
+    case: str
+    patient: str
+    patient_index: int
+    scan: int
+    orientation: str
+    ct_intercept: float
+
+
+def plan_cases(cases: int, seed: int = 0) -> list[PlannedCase]:
+    """Case ids and patients: mostly one scan per patient, about one patient in six has two.
+
+    Orientations cycle through ORIENTATIONS from a seed-drawn start so that any few
+    consecutive cases differ; every fourth case stores CT as uint16 with intercept −1024.
+    """
+    if cases < 1:
+        raise ValueError(f"cases must be at least 1, got {cases}")
+    rng = _rng(seed, 3_000_017)
+    start = int(rng.integers(len(ORIENTATIONS)))
+    plan: list[PlannedCase] = []
+    patient = 0
+    while len(plan) < cases:
+        scans = 2 if (rng.random() < 0.2 and cases - len(plan) >= 2) else 1
+        for scan in range(scans):
+            index = len(plan)
+            plan.append(
+                PlannedCase(
+                    case=f"case{index:03d}",
+                    patient=f"P{patient:03d}",
+                    patient_index=patient,
+                    scan=scan,
+                    orientation=ORIENTATIONS[(start + index) % len(ORIENTATIONS)],
+                    ct_intercept=-1024.0 if index % 4 == 3 else 0.0,
+                )
+            )
+        patient += 1
+    return plan
+
+
+def build_planned(planned: PlannedCase, seed: int = 0, fracture_rate: float = 0.25) -> Phantom:
+    """The phantom `write_phantoms` writes for one planned case."""
+    phantom = make_phantom(
+        (seed, planned.patient_index),
+        scan=planned.scan,
+        fracture_rate=fracture_rate,
+        case=planned.case,
+        patient=planned.patient,
+        orientation=planned.orientation,
+    )
+    if planned.ct_intercept:
+        phantom = replace(phantom, ct_intercept=planned.ct_intercept)
+    return phantom
+
+
+def write_phantoms(
+    out: Path,
+    cases: int = 24,
+    seed: int = 0,
+    fracture_rate: float = 0.25,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write `cases` phantoms under `out` (ct/, seg/, labels.csv); returns the labels.csv path.
+
+    Refuses an `out` whose ct/ or seg/ already holds cases this run would not write,
+    so a smaller second run cannot leave stale cases beside a new labels.csv.
+    `progress`, if given, is called with each case id once it is written.
+    """
+    if not 0.0 <= fracture_rate <= 1.0:
+        raise ValueError(f"fracture rate must lie in [0, 1], got {fracture_rate}")
+    plan = plan_cases(cases, seed)
+    out = Path(out)
+    names = {f"{p.case}.nii.gz" for p in plan}
+    for folder in ("ct", "seg"):
+        directory = out / folder
+        if directory.is_dir():
+            stale = sorted(
+                p.name
+                for p in directory.iterdir()
+                if p.name.endswith((".nii", ".nii.gz")) and p.name not in names
+            )
+            if stale:
+                raise FileExistsError(
+                    f"{directory}: holds {len(stale)} case file(s) this run would not write "
+                    f"(e.g. {stale[0]}); use an empty --out folder"
+                )
+    rows = []
+    for planned in plan:
+        phantom = build_planned(planned, seed, fracture_rate)
+        write_phantom(phantom, out)
+        for level in phantom.levels:
+            grade = phantom.grades[level]
+            rows.append({"case": phantom.case, "level": level, "grade": grade,
+                         "fracture": int(grade >= 1), "patient": phantom.patient})  # fmt: skip
+        if progress is not None:
+            progress(planned.case)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=["case", "level", "grade", "fracture", "patient"], lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    labels = out / "labels.csv"
+    _write_atomic(labels, buffer.getvalue().encode())
+    return labels
