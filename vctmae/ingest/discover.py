@@ -1,0 +1,179 @@
+"""Find the (CT, label map) pairs to ingest (SPEC §2 "Input discovery").
+
+Three layouts, all found recursively under `--src`:
+
+- `…/ct/NAME.nii[.gz]` with `…/seg/NAME.nii[.gz]` beside it (the reference code's layout);
+- VerSe naming: `X_ct.nii.gz` with `X_seg-vert_msk.nii.gz` in the same folder;
+- `--pairs pairs.csv` with columns `ct,seg[,case,patient]`; relative paths are
+  resolved against the csv's folder.
+
+Case id = NAME / X (or the csv's `case`); patient = the csv's `patient`, else the
+case id. Problems (a file in `ct/` that is not NIfTI, a CT without its label map,
+the same case id twice) are returned as `BadInput`s, never raised, so the run
+can go on with the good cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+VERSE_CT = "_ct"
+VERSE_SEG = "_seg-vert_msk"
+WORK_DIR_NAME = ".ingest-work"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    """One CT scan and its vertebra label map.
+
+    `ct_name` / `seg_name` are the paths as recorded in the output metadata:
+    relative to `--src` (or to the pairs csv's folder), so that runs on
+    different machines (`--part`) record the same names.
+    """
+
+    case: str
+    patient: str
+    ct: Path
+    seg: Path
+    ct_name: str
+    seg_name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadInput:
+    """A file that cannot become a case; `case` is the best guess of its case id."""
+
+    case: str
+    path: str
+    problem: str
+
+    def line(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def nifti_stem(name: str) -> str | None:
+    """'abc.nii.gz' → 'abc'; None when `name` is not a NIfTI file name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _display(path: Path, root: Path) -> str:
+    # abspath, not resolve: a symlinked case keeps the name it has under --src.
+    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    try:
+        return absolute.relative_to(base).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def _walk(src: Path, skip: set[Path]):
+    """os.walk in sorted order, not descending into hidden folders or `skip` (e.g. --out)."""
+    for folder, dirs, files in os.walk(src):
+        here = Path(folder)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and Path(os.path.abspath(here / d)) not in skip
+        )
+        yield here, set(dirs), sorted(f for f in files if not f.startswith("."))
+
+
+def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], list[BadInput]]:
+    """Cases under `src` in both folder layouts (unsorted; see `discover_cases`)."""
+    skip = {Path(os.path.abspath(exclude))} if exclude is not None else set()
+    cases: list[Case] = []
+    bad: list[BadInput] = []
+    for folder, dirs, files in _walk(src, skip):
+        # VerSe naming: X_ct.nii.gz + X_seg-vert_msk.nii.gz in one folder.
+        stems = {nifti_stem(f): f for f in files if nifti_stem(f) is not None}
+        for stem, name in stems.items():
+            if stem.endswith(VERSE_CT) and folder.name not in ("ct", "seg"):
+                case_id = stem[: -len(VERSE_CT)]
+                seg = stems.get(case_id + VERSE_SEG)
+                ct_path = folder / name
+                if seg is None:
+                    bad.append(BadInput(case=case_id, path=_display(ct_path, src),
+                                        problem=f"no label map {case_id}{VERSE_SEG}.nii.gz beside it"))
+                    continue
+                seg_path = folder / seg
+                cases.append(Case(case=case_id, patient=case_id, ct=ct_path, seg=seg_path,
+                                  ct_name=_display(ct_path, src), seg_name=_display(seg_path, src)))
+        # ct/ + seg/ layout.
+        if "ct" in dirs:
+            ct_dir, seg_dir = folder / "ct", folder / "seg"
+            seg_stems: dict[str, Path] = {}
+            if seg_dir.is_dir():
+                for f in sorted(os.listdir(seg_dir)):
+                    stem = nifti_stem(f)
+                    if stem is not None:
+                        seg_stems.setdefault(stem, seg_dir / f)
+            for f in sorted(os.listdir(ct_dir)):
+                path = ct_dir / f
+                if f.startswith(".") or path.is_dir():
+                    continue
+                stem = nifti_stem(f)
+                if stem is None:
+                    bad.append(BadInput(case=f, path=_display(path, src),
+                                        problem="not a NIfTI file (expected NAME.nii or NAME.nii.gz)"))
+                    continue
+                seg = seg_stems.get(stem)
+                if seg is None:
+                    bad.append(BadInput(case=stem, path=_display(path, src),
+                                        problem=f"no label map seg/{stem}.nii.gz for this CT"))
+                    continue
+                cases.append(Case(case=stem, patient=stem, ct=path, seg=seg,
+                                  ct_name=_display(path, src), seg_name=_display(seg, src)))
+    return cases, bad
+
+
+def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
+    """Cases listed in a pairs csv (`ct,seg[,case,patient]`)."""
+    root = pairs_csv.parent
+    with open(pairs_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or ())
+        if not {"ct", "seg"} <= columns:
+            raise ValueError(f"{pairs_csv}: needs columns ct,seg[,case,patient]; found {sorted(columns)}")
+        rows = list(reader)
+    cases: list[Case] = []
+    bad: list[BadInput] = []
+    for line_no, row in enumerate(rows, start=2):
+        ct_text, seg_text = (row.get("ct") or "").strip(), (row.get("seg") or "").strip()
+        if not ct_text or not seg_text:
+            bad.append(BadInput(case=f"{pairs_csv.name}:{line_no}", path=f"{pairs_csv}:{line_no}",
+                                problem="empty ct or seg path"))
+            continue
+        ct, seg = root / ct_text, root / seg_text
+        case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
+        patient = (row.get("patient") or "").strip() or case_id
+        cases.append(Case(case=case_id, patient=patient, ct=ct, seg=seg,
+                          ct_name=_display(ct, root), seg_name=_display(seg, root)))
+    return cases, bad
+
+
+def discover_cases(
+    src: Path | None, *, pairs: Path | None = None, exclude: Path | None = None
+) -> tuple[list[Case], list[BadInput]]:
+    """All cases from `src` and/or a pairs csv, sorted by case id; duplicates become BadInputs."""
+    cases: list[Case] = []
+    bad: list[BadInput] = []
+    if src is not None:
+        found, problems = scan_folder(src, exclude=exclude)
+        cases += found
+        bad += problems
+    if pairs is not None:
+        found, problems = read_pairs(pairs)
+        cases += found
+        bad += problems
+    by_id: dict[str, Case] = {}
+    for case in sorted(cases, key=lambda c: (c.case, c.ct_name)):
+        if case.case in by_id:
+            bad.append(BadInput(case=case.case, path=case.ct_name,
+                                problem=f"duplicate case id {case.case!r} (also {by_id[case.case].ct_name}); ignored"))
+            continue
+        by_id[case.case] = case
+    return sorted(by_id.values(), key=lambda c: c.case), sorted(bad, key=lambda b: (b.case, b.path))

@@ -1,0 +1,694 @@
+"""`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report (SPEC §2).
+
+Design — two phases, so that the run is resumable, atomic, byte-deterministic
+and flat in memory at once:
+
+1. **Extract** (parallel). Each case is cut into crops by
+   `geometry.extract_crops` in a worker process, which writes the case's
+   result into the work folder `OUT/.ingest-work/cases/`: `NAME.crops` (the
+   crops, Blosc-compressed one after another) and then `NAME.json` (metadata,
+   skipped vertebrae, or the failure line), each under a temporary name and
+   renamed when complete. The json is the "case finished" marker: a rerun skips
+   cases whose json matches the geometry settings and the source files' size
+   and mtime (`--force` redoes them); a killed run loses at most the cases in
+   flight. Workers send only a small summary back, and at most `workers` cases
+   are in flight, so memory does not grow with the number of cases.
+2. **Assemble** (one process, case order). The finished case files are
+   streamed, one case at a time, in sorted case order into shards, the Zarr
+   store and the manifest inside `OUT/.ingest-work/staging/`, which are then
+   renamed into `OUT`. Since assembly reads only the case files and always
+   visits them in the same order, the output bytes do not depend on worker
+   count, timing or interruptions. Assembly is skipped when its inputs are
+   unchanged since the last published output (fingerprint in
+   `.ingest-work/assembled.json`).
+
+`--part I/N` extracts every N-th case of the sorted case list (and assembles
+that part's own outputs); `run.json` in the part's work folder lists its cases.
+`--merge PART…` assembles the parts' case files into OUT exactly as a single run
+would, so the merged shards, manifest and Zarr store equal a full run's bytes.
+The work folder is a cache: delete it after a run to save disk (a later run then
+extracts again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vctmae.ingest.discover import BadInput, Case, discover_cases
+from vctmae.ingest.geometry import GeometryConfig
+from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.writers import ManifestWriter, ShardWriter, ZarrWriter, npy_bytes, parse_size
+
+FORMATS = ("wds", "zarr")
+WORK = ".ingest-work"
+RECORD_VERSION = 1
+REPORT = "ingest-report.json"
+MANIFEST = "manifest.csv"
+ZARR = "crops.zarr"
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """One `vctmae ingest` run. Either `src`/`pairs` (extract) or `merge` (join part outputs)."""
+
+    out: Path
+    src: Path | None = None
+    labels: Path | None = None
+    pairs: Path | None = None
+    formats: frozenset[str] = frozenset(FORMATS)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    workers: int | None = None  # None: one per usable core
+    part: tuple[int, int] | None = None  # (i, n), 1-based: every n-th case starting at i
+    shard_size: int | str = "1GiB"
+    force: bool = False
+    merge: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "formats", frozenset(self.formats))
+        object.__setattr__(self, "shard_size", parse_size(self.shard_size))
+        object.__setattr__(self, "merge", tuple(Path(p) for p in self.merge))
+        for name in ("src", "labels", "pairs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        unknown = self.formats - set(FORMATS)
+        if unknown or not self.formats:
+            raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {sorted(self.formats)}")
+        if self.merge and (self.src is not None or self.pairs is not None or self.part is not None):
+            raise ValueError("--merge joins finished part outputs; it takes no --src, --pairs or --part")
+        if not self.merge and self.src is None and self.pairs is None:
+            raise ValueError("give --src (a folder of cases), --pairs (a csv) or --merge (part outputs)")
+        if self.part is not None:
+            i, n = self.part
+            if not (n >= 1 and 1 <= i <= n):
+                raise ValueError(f"part must be I/N with 1 ≤ I ≤ N, got {i}/{n}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {self.workers}")
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'2/8' → (2, 8)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--part must look like I/N (e.g. 2/8), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def geometry_settings(geometry: GeometryConfig) -> dict[str, Any]:
+    """JSON-able form of the geometry config (frozensets sorted) — part of every case record."""
+    out = {}
+    for f in dataclasses.fields(geometry):
+        value = getattr(geometry, f.name)
+        out[f.name] = sorted(value) if isinstance(value, frozenset) else value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Phase 1: extract one case into the work folder (runs in worker processes).
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    case: Case
+    geometry: GeometryConfig
+    record: Path  # NAME.json; crops go to NAME.crops
+
+
+def record_stem(case_id: str) -> str:
+    """File name for a case's work files: readable, filesystem-safe, collision-free."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)[:80]
+    return f"{safe}-{hashlib.sha1(case_id.encode('utf-8')).hexdigest()[:10]}"
+
+
+def _source_stats(case: Case) -> dict[str, list[int]]:
+    out = {}
+    for name, path in (("ct", case.ct), ("seg", case.seg)):
+        try:
+            st = os.stat(path)
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = [-1, -1]
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _crop_codec():
+    from numcodecs import Blosc
+
+    # Work files favour speed: they are read once at assembly.
+    return Blosc(cname="lz4", clevel=3, shuffle=Blosc.SHUFFLE)
+
+
+def _round(values, digits: int) -> list[float]:
+    return [round(float(v), digits) for v in values]
+
+
+def extract_case(job: _Job) -> dict[str, Any]:
+    """Extract one case, write its work files, return a small summary (for the progress bar)."""
+    from vctmae.ingest import geometry
+
+    case = job.case
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "version": RECORD_VERSION,
+        "case": case.case,
+        "patient": case.patient,
+        "ct": case.ct_name,
+        "seg": case.seg_name,
+        "geometry": geometry_settings(job.geometry),
+        "sources": _source_stats(case),
+    }
+    try:
+        result = geometry.extract_crops(case.ct, case.seg, job.geometry)
+    except Exception as error:  # one bad case must not stop the run
+        if hasattr(error, "problem") and hasattr(error, "path"):
+            line = str(error)
+        else:
+            line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
+        record.update(status="failed", error=line, crops=[], skipped=[])
+    else:
+        codec = _crop_codec()
+        crops, offset = [], 0
+        crops_path = job.record.with_suffix(".crops")
+        tmp = crops_path.with_name(f"{crops_path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for crop in result.crops:
+                array = np.ascontiguousarray(crop.array, dtype=np.int16)
+                raw = array.tobytes()
+                packed = codec.encode(raw)
+                f.write(packed)
+                crops.append({
+                    "level": crop.level,
+                    "label_value": int(crop.label_value),
+                    "centroid": _round(crop.centroid_world, 4),
+                    "tangent": _round(crop.tangent, 6),
+                    "inside_fraction": round(float(crop.inside_fraction), 6),
+                    "bbox": [int(v) for v in crop.bbox],
+                    "truncated": bool(crop.truncated),
+                    "shape": list(array.shape),
+                    "sha256": hashlib.sha256(raw).hexdigest(),
+                    "offset": offset,
+                    "nbytes": len(packed),
+                })
+                offset += len(packed)
+        os.replace(tmp, crops_path)
+        record.update(
+            status="ok",
+            error=None,
+            source_orientation=result.source_orientation,
+            source_spacing=_round(result.source_spacing, 6),
+            scheme=result.scheme,
+            crops=crops,
+            skipped=[{"level": s.level, "reason": s.reason} for s in result.skipped],
+        )
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
+    return {"case": case.case, "status": record["status"], "error": record["error"],
+            "crops": len(record["crops"])}
+
+
+def _is_finished(record_path: Path, case: Case, geometry: GeometryConfig) -> bool:
+    """A case whose work files are complete for these settings and these source files."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if (record.get("version") != RECORD_VERSION or record.get("status") != "ok"
+            or record.get("geometry") != geometry_settings(geometry)
+            or record.get("sources") != _source_stats(case)
+            or record.get("ct") != case.ct_name or record.get("seg") != case.seg_name
+            or record.get("patient") != case.patient):
+        return False
+    crops = record_path.with_suffix(".crops")
+    expected = sum(c["nbytes"] for c in record["crops"])
+    return crops.exists() and crops.stat().st_size == expected
+
+
+# ---------------------------------------------------------------------------
+# Phase 2: assemble the case files, in case order, into the outputs.
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Entry:
+    """A finished (or failed) case and where its work files are."""
+
+    case: str
+    record: Path
+
+
+@dataclass(kw_only=True)
+class _Plan:
+    """What assembly will write, computed from the small case records alone."""
+
+    failed: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    cases_ok: int = 0
+    samples: int = 0
+    fingerprint: str = ""
+
+
+def sample_key(case_id: str, level: str) -> str:
+    """`{case}_{level}` with dots in the case id replaced (WebDataset splits keys at the first dot)."""
+    return f"{case_id.replace('.', '-')}_{level}"
+
+
+def _case_samples(record: dict, assignment: CaseAssignment, labels: Labels | None, spacing: float):
+    """(crop record, metadata dict, class, grade) for each crop of a case that will be written,
+    plus skipped entries ("no label")."""
+    samples, skipped = [], []
+    for crop in record["crops"]:
+        cls = grade = None
+        if labels is not None:
+            label = labels.vertebrae.get((record["case"], crop["level"]))
+            if label is None:
+                skipped.append({"case": record["case"], "level": crop["level"],
+                                "reason": f"no label: {crop['level']} of {record['case']} is not in {labels.path.name}"})
+                continue
+            cls, grade = label.fracture, label.grade
+        key = sample_key(record["case"], crop["level"])
+        meta = {
+            "key": key,
+            "case": record["case"],
+            "patient": assignment.patient,
+            "level": crop["level"],
+            "label_value": crop["label_value"],
+            "label_scheme": record["scheme"],
+            "source": {"ct": record["ct"], "seg": record["seg"]},
+            "source_orientation": record["source_orientation"],
+            "source_spacing": record["source_spacing"],
+            "centroid": crop["centroid"],
+            "spacing": spacing,
+            "shape": crop["shape"],
+            "tangent": crop["tangent"],
+            "inside_fraction": crop["inside_fraction"],
+            "bbox": crop["bbox"],
+            "truncated": crop["truncated"],
+            "split": assignment.split,
+        }
+        if labels is not None:
+            meta["class"] = cls
+            meta["grade"] = grade
+        samples.append((crop, meta, cls, grade))
+    return samples, skipped
+
+
+def _load_record(entry: _Entry) -> dict:
+    return json.loads(entry.record.read_text())
+
+
+def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_size) -> _Plan:
+    """Count what will be written and fingerprint it, reading only the small case records."""
+    plan = _Plan()
+    digest = hashlib.sha256(json.dumps([sorted(formats), shard_size, spacing]).encode())
+    for item in bad:
+        plan.failed.append({"case": item.case, "file": item.path, "reason": item.line()})
+    for entry in entries:
+        record = _load_record(entry)
+        assignment = assignments[entry.case]
+        if record["status"] != "ok":
+            plan.failed.append({"case": entry.case, "file": record["ct"], "reason": record["error"]})
+            continue
+        if assignment.error:
+            plan.failed.append({"case": entry.case, "file": str(labels.path), "reason": assignment.error})
+            continue
+        plan.cases_ok += 1
+        samples, no_label = _case_samples(record, assignment, labels, spacing)
+        plan.skipped += [{"case": entry.case, **s} for s in record["skipped"]] + no_label
+        for crop, meta, _, _ in samples:
+            digest.update(json.dumps(meta, sort_keys=True).encode() + crop["sha256"].encode())
+        plan.samples += len(samples)
+    plan.failed.sort(key=lambda f: (f["case"], f["file"]))
+    plan.fingerprint = digest.hexdigest()
+    return plan
+
+
+def _read_crops(record_path: Path, crops: list[dict]) -> list[np.ndarray]:
+    codec = _crop_codec()
+    out = []
+    with open(record_path.with_suffix(".crops"), "rb") as f:
+        for crop in crops:
+            f.seek(crop["offset"])
+            raw = codec.decode(f.read(crop["nbytes"]))
+            if hashlib.sha256(raw).hexdigest() != crop["sha256"]:
+                raise RuntimeError(f"{record_path.with_suffix('.crops')}: work file corrupt "
+                                   f"(checksum of {crop['level']}); rerun with --force")
+            out.append(np.frombuffer(raw, dtype=np.int16).reshape(crop["shape"]))
+    return out
+
+
+def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, formats,
+                  shard_size: int, spacing: float, size: int, progress) -> list[str]:
+    """Stream every sample, in case order, into shards / Zarr / manifest under `staging`."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    writers: dict[str, ShardWriter] = {}
+    zarr_writer = ZarrWriter(staging / ZARR, plan.samples, size) if "zarr" in formats else None
+    manifest = ManifestWriter(staging / MANIFEST)
+    index = 0
+    task = progress.add_task("assemble", total=plan.samples, rate="")
+    for entry in entries:
+        record = _load_record(entry)
+        assignment = assignments[entry.case]
+        if record["status"] != "ok" or assignment.error:
+            continue
+        samples, _ = _case_samples(record, assignment, labels, spacing)
+        if not samples:
+            continue
+        arrays = _read_crops(entry.record, [crop for crop, *_ in samples])
+        for (crop, meta, cls, grade), array in zip(samples, arrays, strict=True):
+            key, split = meta["key"], meta["split"]
+            shard = ""
+            if "wds" in formats:
+                if split not in writers:
+                    writers[split] = ShardWriter(staging, split, shard_size)
+                members = [("crop.npy", npy_bytes(array)),
+                           ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
+                if cls is not None:
+                    members.append(("cls", str(cls).encode("ascii")))
+                shard = writers[split].write(key, members)
+            if zarr_writer is not None:
+                zarr_writer.write(index, array, key=key, split=split, level=meta["level"],
+                                  case=meta["case"], patient=meta["patient"], cls=cls, grade=grade)
+            manifest.write({
+                "key": key, "case": meta["case"], "patient": meta["patient"], "level": meta["level"],
+                "label_value": meta["label_value"],
+                "class": "" if cls is None else cls, "grade": "" if grade is None else grade,
+                "split": split, "shard": shard,
+                "zarr_index": index if zarr_writer is not None else "",
+                "centroid_x": meta["centroid"][0], "centroid_y": meta["centroid"][1],
+                "centroid_z": meta["centroid"][2], "spacing": spacing,
+                "truncated": int(meta["truncated"]), "sha256": crop["sha256"],
+            })
+            index += 1
+            progress.advance(task)
+    for writer in writers.values():
+        writer.close()
+    if zarr_writer is not None:
+        zarr_writer.close()
+    manifest.close()
+    return sorted(name for writer in writers.values() for name in writer.names)
+
+
+def publish(staging: Path, out: Path, work: Path, shards: list[str], formats) -> None:
+    """Rename the staged outputs into `out`; remove outputs of an earlier run that no longer exist."""
+    for stale in sorted(out.iterdir()):
+        from vctmae.ingest.writers import SHARD_NAME
+
+        if SHARD_NAME.match(stale.name) and stale.name not in shards:
+            stale.unlink()
+    for name in shards:
+        os.replace(staging / name, out / name)
+    old = work / f"old-{ZARR}"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / ZARR).exists():
+        os.replace(out / ZARR, old)
+    if "zarr" in formats:
+        os.replace(staging / ZARR, out / ZARR)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(staging / MANIFEST, out / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _outputs_present(out: Path, published: dict) -> bool:
+    names = published.get("shards", []) + [MANIFEST] + ([ZARR] if "zarr" in published.get("formats", []) else [])
+    return all((out / name).exists() for name in names)
+
+
+def assemble(entries, assignments, labels, bad, *, out: Path, formats, shard_size, geometry,
+             force: bool, progress) -> tuple[_Plan, dict]:
+    """Phase 2 (see module docstring). Returns the plan and what was published."""
+    work = out / WORK
+    plan = plan_assembly(entries, assignments, labels, bad, spacing=geometry.spacing,
+                         formats=formats, shard_size=shard_size)
+    marker = work / "assembled.json"
+    try:
+        published = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        published = {}
+    if not force and published.get("fingerprint") == plan.fingerprint and _outputs_present(out, published):
+        return plan, {**published, "assembly": "up to date"}
+    marker.unlink(missing_ok=True)
+    shards = write_outputs(entries, assignments, labels, plan, staging=work / "staging",
+                           formats=formats, shard_size=shard_size, spacing=geometry.spacing,
+                           size=geometry.size, progress=progress)
+    publish(work / "staging", out, work, shards, formats)
+    published = {"fingerprint": plan.fingerprint, "shards": shards, "formats": sorted(formats)}
+    _atomic_write(marker, json.dumps(published, indent=1).encode())
+    return plan, {**published, "assembly": "written"}
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+def _error_line(progress, line: str) -> None:
+    progress.console.print(f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True)
+
+
+def _extract(cases: list[Case], config: IngestConfig, cases_dir: Path, progress) -> dict[str, int]:
+    """Phase 1 over the cases that are not finished yet; returns counts."""
+    import multiprocessing
+
+    jobs, reused = [], 0
+    for case in cases:
+        record = cases_dir / f"{record_stem(case.case)}.json"
+        if not config.force and _is_finished(record, case, config.geometry):
+            reused += 1
+            continue
+        jobs.append(_Job(case=case, geometry=config.geometry, record=record))
+    task = progress.add_task("extract", total=len(cases), completed=reused, rate="")
+    workers = min(config.workers or default_workers(), max(1, len(jobs)))
+    crops = 0
+    started = time.perf_counter()
+
+    def done(summary: dict) -> None:
+        nonlocal crops
+        crops += summary["crops"]
+        if summary["status"] != "ok":
+            _error_line(progress, summary["error"])
+        elapsed = time.perf_counter() - started
+        progress.update(task, advance=1, rate=f"{crops / max(elapsed, 1e-9):.1f} crops/s")
+
+    if workers <= 1:
+        for job in jobs:
+            done(extract_case(job))
+    else:
+        # imap_unordered keeps at most a few cases in flight per worker; results are tiny.
+        with multiprocessing.get_context().Pool(workers) as pool:
+            for summary in pool.imap_unordered(extract_case, jobs, chunksize=1):
+                done(summary)
+    return {"extracted": len(jobs), "reused": reused, "crops": crops, "workers": workers}
+
+
+def _clean_work(cases_dir: Path) -> None:
+    for stale in cases_dir.glob("*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _case_list(run: dict) -> list[Case]:
+    return [Case(case=c["case"], patient=c["patient"], ct=Path(c["ct"]), seg=Path(c["seg"]),
+                 ct_name=c["ct"], seg_name=c["seg"]) for c in run["cases"]]
+
+
+def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
+    """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
+
+    Raises `LabelsError` / `ValueError` for unusable labels, pairs or parts; bad
+    cases do not raise — they are listed in the report's `failed`.
+    """
+    if config.merge:
+        return _run_merge(config, progress)
+    started = time.perf_counter()
+    out = config.out
+    work = out / WORK
+    cases_dir = work / "cases"
+    labels = read_labels(config.labels) if config.labels is not None else None
+    cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
+    assignments = assign_cases(labels, {c.case: c.patient for c in cases})
+    if config.part is not None:
+        i, n = config.part
+        items = sorted([*cases, *bad], key=lambda x: (x.case, getattr(x, "ct_name", getattr(x, "path", ""))))
+        mine = items[i - 1 :: n]
+        cases = [x for x in mine if isinstance(x, Case)]
+        bad = [x for x in mine if isinstance(x, BadInput)]
+    discovered = time.perf_counter()
+
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    _clean_work(cases_dir)
+    with _progress(progress) as bar:
+        for item in bad:
+            _error_line(bar, item.line())
+        counts = _extract(cases, config, cases_dir, bar)
+        extracted = time.perf_counter()
+        # What this run covers, for a later --merge of parts.
+        run = {
+            "part": list(config.part) if config.part else None,
+            "geometry": geometry_settings(config.geometry),
+            "labels": config.labels is not None,
+            "cases": [{"case": c.case, "patient": c.patient, "ct": c.ct_name, "seg": c.seg_name,
+                       "record": f"{record_stem(c.case)}.json"} for c in cases],
+            "bad": [dataclasses.asdict(b) for b in bad],
+        }
+        if labels is not None:
+            _atomic_write(work / "labels.csv", config.labels.read_bytes())
+        else:
+            (work / "labels.csv").unlink(missing_ok=True)
+        _atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
+        entries = [_Entry(case=c.case, record=cases_dir / f"{record_stem(c.case)}.json") for c in cases]
+        plan, published = assemble(entries, assignments, labels, bad, out=out, formats=config.formats,
+                                   shard_size=config.shard_size, geometry=config.geometry,
+                                   force=config.force, progress=bar)
+    finished = time.perf_counter()
+    report = _report(config, plan, published, counts=counts, cases_seen=len(cases) + len(bad),
+                     timings={"discover": discovered - started, "extract": extracted - discovered,
+                              "assemble": finished - extracted, "total": finished - started})
+    _atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    return report
+
+
+def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
+    """Assemble the case files of finished `--part` runs into one output."""
+    started = time.perf_counter()
+    runs = []
+    for part_dir in config.merge:
+        path = part_dir / WORK / "run.json"
+        try:
+            runs.append((part_dir, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            raise ValueError(f"{path}: not a finished ingest output (no readable run.json); "
+                             "run `vctmae ingest --part I/N` into it first") from None
+    geometry = runs[0][1]["geometry"]
+    for part_dir, run in runs:
+        if run["geometry"] != geometry:
+            raise ValueError(f"{part_dir}: made with other geometry settings than {runs[0][0]} "
+                             f"({run['geometry']} vs {geometry})")
+    parts = [tuple(run["part"]) for _, run in runs if run["part"]]
+    if parts:
+        n = parts[0][1]
+        missing = sorted(set(range(1, n + 1)) - {i for i, _ in parts})
+        if any(p[1] != n for p in parts) or len(parts) != len(set(parts)):
+            raise ValueError(f"parts do not fit together: {sorted(parts)}")
+        if missing:
+            raise ValueError("missing part(s) " + ", ".join(f"{i}/{n}" for i in missing)
+                             + " — merge needs every part")
+    labels_path = config.labels
+    if labels_path is None:
+        copies = {(d / WORK / "labels.csv").read_bytes() for d, run in runs if run["labels"]}
+        if len(copies) > 1:
+            raise ValueError("the parts were ingested with different labels files; pass --labels")
+        if copies and not all(run["labels"] for _, run in runs):
+            raise ValueError("some parts were ingested with --labels and some without")
+        if copies:
+            labels_path = runs[0][0] / WORK / "labels.csv"
+    labels = read_labels(labels_path) if labels_path is not None else None
+    geometry_config = GeometryConfig(**{**geometry, "levels": frozenset(geometry["levels"])
+                                        if geometry["levels"] is not None else None})
+
+    cases: dict[str, tuple[Case, _Entry]] = {}
+    bad: list[BadInput] = []
+    for part_dir, run in runs:
+        for case, raw in zip(_case_list(run), run["cases"], strict=True):
+            if case.case in cases:
+                raise ValueError(f"case {case.case} is in two of the merged outputs")
+            cases[case.case] = (case, _Entry(case=case.case, record=part_dir / WORK / "cases" / raw["record"]))
+        bad += [BadInput(**b) for b in run["bad"]]
+    bad = sorted(set(bad), key=lambda b: (b.case, b.path))
+    ordered = [cases[c] for c in sorted(cases)]
+    assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / WORK).mkdir(exist_ok=True)
+    read = time.perf_counter()
+    with _progress(progress) as bar:
+        for item in bad:
+            _error_line(bar, item.line())
+        for _, entry in ordered:
+            record = _load_record(entry)
+            if record["status"] != "ok":
+                _error_line(bar, record["error"])
+        plan, published = assemble([e for _, e in ordered], assignments, labels, bad, out=config.out,
+                                   formats=config.formats, shard_size=config.shard_size,
+                                   geometry=geometry_config, force=config.force, progress=bar)
+    finished = time.perf_counter()
+    report = _report(config, plan, published, counts={"extracted": 0, "reused": len(ordered), "crops": 0,
+                                                      "workers": 0},
+                     cases_seen=len(ordered) + len(bad),
+                     timings={"discover": read - started, "extract": 0.0, "assemble": finished - read,
+                              "total": finished - started})
+    report["merged_from"] = [str(d) for d in config.merge]
+    _atomic_write(config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    return report
+
+
+def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict, cases_seen: int,
+            timings: dict[str, float]) -> dict[str, Any]:
+    total = timings["total"]
+    return {
+        "src": str(config.src) if config.src else None,
+        "pairs": str(config.pairs) if config.pairs else None,
+        "labels": str(config.labels) if config.labels else None,
+        "out": str(config.out),
+        "part": f"{config.part[0]}/{config.part[1]}" if config.part else None,
+        "formats": sorted(config.formats),
+        "geometry": geometry_settings(config.geometry),
+        "shard_size": config.shard_size,
+        "cases_seen": cases_seen,
+        "cases_ok": plan.cases_ok,
+        "cases_failed": len(plan.failed),
+        "failed": plan.failed,
+        "cases_extracted": counts["extracted"],
+        "cases_resumed": counts["reused"],
+        "workers": counts["workers"],
+        "vertebrae_written": plan.samples,
+        "vertebrae_skipped": len(plan.skipped),
+        "skipped_by_reason": dict(sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())),
+        "skipped": plan.skipped,
+        "shards": published.get("shards", []),
+        "zarr": ZARR if "zarr" in config.formats else None,
+        "assembly": published["assembly"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "crops_extracted": counts["crops"],
+        "crops_per_s": round(counts["crops"] / timings["extract"], 3) if timings["extract"] > 0 else None,
+        "cases_per_s": round(counts["extracted"] / timings["extract"], 3) if timings["extract"] > 0 else None,
+        "written_per_s": round(plan.samples / total, 3) if total > 0 else None,
+    }
+
+
+__all__ = ["IngestConfig", "run_ingest", "parse_part", "sample_key", "UNLABELED"]

@@ -1,0 +1,167 @@
+"""Byte-deterministic writers for ingest's outputs: WebDataset shards, the Zarr store, the manifest.
+
+Everything here writes into a staging folder; `pipeline.publish` renames the
+finished files into `--out`. Determinism: tar members carry a fixed mtime,
+owner and mode; the Zarr store is written chunk by chunk with fixed metadata;
+the manifest is plain csv with "\\n" line ends. Identical samples in identical
+order therefore give identical bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK
+MANIFEST_COLUMNS = (
+    "key", "case", "patient", "level", "label_value", "class", "grade", "split", "shard",
+    "zarr_index", "centroid_x", "centroid_y", "centroid_z", "spacing", "truncated", "sha256",
+)
+SHARD_NAME = re.compile(r"^(train|val|test|unlabeled)-\d{6}\.tar$")
+ZSTD_LEVEL = 5
+
+
+def parse_size(text: str | int) -> int:
+    """'1GiB' / '500MB' / '2g' / 1048576 → bytes (binary and decimal units)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 1GiB, 500MB or 1048576")
+    number, prefix, binary, bytes_suffix = match.groups()
+    # KiB/Ki/k/K = 1024; kB (a "B" without the "i") = 1000, as the SI units say.
+    base = 1000 if bytes_suffix and not binary else 1024
+    value = float(number) * base ** " kmgt".index(prefix or " ")
+    if value < 1:
+        raise ValueError(f"size {text!r} must be at least one byte")
+    return int(value)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Standard .npy file bytes of `array` (C order)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _padded(size: int) -> int:
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+class ShardWriter:
+    """Writes one split's samples into `{split}-000000.tar`, `-000001.tar`, … of at most `max_bytes`.
+
+    A shard closes before a sample that would take it past `max_bytes` (a sample
+    larger than the limit gets a shard of its own). Members carry mtime 0,
+    uid/gid 0 and no owner names, so the bytes depend only on the samples.
+    """
+
+    def __init__(self, folder: Path, split: str, max_bytes: int) -> None:
+        self.folder = folder
+        self.split = split
+        self.max_bytes = max_bytes
+        self.names: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._size = 0
+        self._samples = 0
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.names):06d}.tar"
+        self.names.append(name)
+        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.PAX_FORMAT)
+        self._size = 0
+        self._samples = 0
+
+    def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
+        """Add one sample (`[(extension, bytes), …]`); returns the shard's file name."""
+        needed = sum(_padded(len(data)) for _, data in members)
+        if self._tar is None or (self._samples and self._size + needed + TAR_END > self.max_bytes):
+            self._open_next()
+        for extension, data in members:
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._size += needed
+        self._samples += 1
+        return self.names[-1]
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+
+class ZarrWriter:
+    """The Zarr store: `crops` (N, S, S, S) int16, one Blosc/Zstd chunk per crop, plus labels.
+
+    Group attrs `keys`, `splits`, `levels`, `cases`, `patients` are index-aligned
+    with the arrays `crops`, `classes` (int8, −1 unlabeled) and `grades` (int8, −1 unknown).
+    """
+
+    def __init__(self, path: Path, count: int, size: int) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, BloscShuffle
+
+        self.path = path
+        self.count = count
+        self.group = zarr.open_group(path, mode="w", zarr_format=3)
+        self.crops = self.group.create_array(
+            "crops",
+            shape=(count, size, size, size),
+            chunks=(1, size, size, size),
+            dtype="int16",
+            compressors=BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.bitshuffle),
+            fill_value=-1024,
+            dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
+        )
+        self._classes = np.full(count, -1, dtype=np.int8)
+        self._grades = np.full(count, -1, dtype=np.int8)
+        self._attrs: dict[str, list[str]] = {k: [] for k in ("keys", "splits", "levels", "cases", "patients")}
+
+    def write(self, index: int, crop: np.ndarray, *, key: str, split: str, level: str, case: str,
+              patient: str, cls: int | None, grade: int | None) -> None:
+        if index != len(self._attrs["keys"]):
+            raise ValueError("ZarrWriter.write expects indices in order")
+        self.crops[index] = crop
+        self._classes[index] = -1 if cls is None else cls
+        self._grades[index] = -1 if grade is None else grade
+        for name, value in (("keys", key), ("splits", split), ("levels", level), ("cases", case),
+                            ("patients", patient)):
+            self._attrs[name].append(value)
+
+    def close(self) -> None:
+        if len(self._attrs["keys"]) != self.count:
+            raise ValueError(f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}")
+        for name, values in (("classes", self._classes), ("grades", self._grades)):
+            array = self.group.create_array(name, shape=values.shape, chunks=(max(1, self.count),),
+                                            dtype="int8", fill_value=-1)
+            if self.count:
+                array[:] = values
+        self.group.attrs.update(self._attrs)
+
+
+class ManifestWriter:
+    """manifest.csv with MANIFEST_COLUMNS, one row per crop, streamed row by row."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        self._writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)
+
+    def close(self) -> None:
+        self._file.close()
