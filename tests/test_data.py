@@ -1,0 +1,249 @@
+"""vctmae.data: frame sampling, shard lists, rank/worker split, corrupt shards, Zarr access."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vctmae.data import (
+    ShardError,
+    ShardLoader,
+    ZarrCrops,
+    count_samples,
+    expand_shards,
+    mirror,
+    multiview_offsets,
+    random_offsets,
+    sample_frames,
+)
+
+SMALL = (12, 4, 4)  # crop shape for split tests: the loader is shape-generic, the split is not
+
+
+def write_shard(path: Path, samples: list[tuple[str, np.ndarray, int | None]]) -> None:
+    """A shard in ingest's format: KEY.crop.npy (np.save bytes), KEY.json, KEY.cls when labelled."""
+    with tarfile.open(path, "w") as tar:
+        for key, crop, label in samples:
+            buffer = io.BytesIO()
+            np.save(buffer, crop)
+            members = {"crop.npy": buffer.getvalue(), "json": json.dumps({"key": key}).encode()}
+            if label is not None:
+                members["cls"] = str(label).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(root: Path, sizes: list[int], *, shape=SMALL, seed=0, prefix="train") -> dict[str, tuple]:
+    """Shards `prefix-000000.tar`… with fresh random int16 crops; returns key → (crop, label)."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, size in enumerate(sizes):
+        samples = []
+        for i in range(size):
+            key = f"case{shard:02d}-{i}_L{i % 5 + 1}"
+            crop = rng.integers(-2000, 3000, size=shape, dtype=np.int16)
+            label = int(rng.integers(0, 2)) if (shard + i) % 4 else None
+            samples.append((key, crop, label))
+            truth[key] = (crop, -1 if label is None else label)
+        write_shard(root / f"{prefix}-{shard:06d}.tar", samples)
+    return truth
+
+
+def collect(loader: ShardLoader) -> tuple[list[str], list[int]]:
+    """All keys of one epoch on this rank, and the size of every batch."""
+    keys, sizes = [], []
+    for batch in loader:
+        assert batch.crops.dtype == torch.int16 and batch.labels.dtype == torch.int64
+        keys.extend(batch.keys)
+        sizes.append(len(batch))
+    return keys, sizes
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def numpy_frames(crops: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Independent reference: per-sample loop over the 16 sagittal slices o, o+6, …, o+90."""
+    out = np.empty((len(crops), 1, 16, crops.shape[2], crops.shape[3]), dtype=np.float32)
+    for b, (crop, offset) in enumerate(zip(crops, offsets, strict=True)):
+        for k in range(16):
+            hu = np.minimum(np.maximum(crop[offset + 6 * k].astype(np.float32), -1000), 1000)
+            out[b, 0, k] = (hu + 1000) / 2000
+    return out
+
+
+def test_sample_frames_matches_numpy_reference():
+    rng = np.random.default_rng()
+    crops = rng.integers(-32768, 32767, size=(5, 96, 96, 96), dtype=np.int16)
+    crops[0, :, :2, :2] = [[-1001, -1000], [1000, 1001]]  # exact clip boundaries
+    offsets = np.array([0, 5, *rng.integers(0, 6, size=3)])
+    got = sample_frames(torch.from_numpy(crops), torch.from_numpy(offsets))
+    assert got.shape == (5, 1, 16, 96, 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.from_numpy(numpy_frames(crops, offsets)), rtol=1e-6, atol=1e-7)
+    assert got.min() >= 0 and got.max() <= 1
+    assert got[0, 0, :, 0, 0].eq(0).all() and got[0, 0, :, 1, 1].eq(1).all()
+
+
+def test_multiview_offsets_cover_every_slice_once():
+    crop = torch.arange(96, dtype=torch.int16).view(96, 1, 1).expand(96, 2, 2) * 10 - 480  # slice i = 10i − 480 HU
+    views = multiview_offsets(6)
+    frames = sample_frames(crop.expand(len(views), -1, -1, -1), torch.tensor(views))
+    slices = torch.round(frames[:, 0, :, 0, 0] * 2000 - 1000 + 480).long() // 10  # back to slice index
+    assert sorted(slices.flatten().tolist()) == list(range(96))
+    assert multiview_offsets(1) == [3]
+
+
+def test_random_offsets_and_mirror():
+    generator = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    offsets = random_offsets(6000, generator=generator)
+    assert offsets.dtype == torch.int64 and set(offsets.tolist()) == set(range(6))
+    crops = torch.from_numpy(np.random.default_rng().integers(-1000, 1000, size=(3, 96, 8, 8), dtype=np.int16))
+    flags = torch.tensor([True, False, True])
+    out = mirror(crops, flags)
+    assert torch.equal(out[0], crops[0].flip(0)) and torch.equal(out[1], crops[1])
+    assert torch.equal(out[2, 0], crops[2, 95])
+
+
+# ----------------------------------------------------------------------------- shard lists and errors
+
+
+def test_glob_forms_select_the_same_shards(tmp_path):
+    make_shards(tmp_path, [1, 2, 1, 1])
+    make_shards(tmp_path, [1], prefix="val")
+    shell = sorted(str(p) for p in tmp_path.glob("train-*.tar"))  # what an unquoted shell glob passes
+    assert len(shell) == 4
+    assert expand_shards(shell) == shell
+    assert expand_shards(str(tmp_path / "train-*.tar")) == shell
+    assert expand_shards(str(tmp_path / "train-{000000..000003}.tar")) == shell
+    assert expand_shards([str(tmp_path / "train-{000000..000001}.tar"), shell[2], shell[3]]) == shell
+    assert count_samples(str(tmp_path / "train-*.tar")) == 5
+    with pytest.raises(ShardError, match="nothing-"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_missing_and_corrupt_shards_are_named_or_skipped(tmp_path):
+    truth = make_shards(tmp_path, [3, 2, 4])
+    shards = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
+    with tarfile.open(shards[1]) as tar:
+        cut = [m for m in tar.getmembers() if m.name.endswith(".crop.npy")][-1].offset_data + 200
+    Path(shards[1]).write_bytes(Path(shards[1]).read_bytes()[:cut])  # truncated inside the last crop
+    garbage = tmp_path / "train-000003.tar"
+    garbage.write_bytes(np.random.default_rng().bytes(5000))
+    missing = str(tmp_path / "train-000009.tar")
+    for bad in (shards[1], str(garbage), missing):
+        with pytest.raises(ShardError) as raised:
+            ShardLoader([shards[0], bad], batch_size=2, training=False, num_workers=0, device="cpu")
+        assert bad in str(raised.value)
+    loader = ShardLoader([*shards, str(garbage), missing], batch_size=2, training=False, num_workers=0,
+                         device="cpu", skip_corrupt=True)
+    assert len(loader.skipped) == 3
+    assert all(any(path in line for line in loader.skipped) for path in (shards[1], str(garbage), missing))
+    keys, _ = collect(loader)
+    assert sorted(keys) == sorted(k for k in truth if not k.startswith("case01"))
+
+
+# ----------------------------------------------------------------------------- rank/worker split
+
+
+@pytest.mark.parametrize("sizes", [[5, 1, 9], [2, 3, 1, 4, 2, 2, 1, 3, 2]])
+def test_eval_every_sample_once_across_ranks_and_workers(tmp_path, sizes):
+    truth = make_shards(tmp_path, sizes)
+    shards = str(tmp_path / "train-*.tar")
+    seen: list[str] = []
+    for rank in range(2):
+        loader = ShardLoader(shards, batch_size=2, training=False, num_workers=2, device="cpu",
+                             rank=rank, world_size=2)
+        for batch in loader:
+            for key, crop, label in zip(batch.keys, batch.crops, batch.labels, strict=True):
+                assert np.array_equal(crop.numpy(), truth[key][0]) and int(label) == truth[key][1]
+            seen.extend(batch.keys)
+        assert len(loader) == sum(1 for _ in loader)
+    assert Counter(seen) == Counter(truth.keys())
+
+
+def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
+    truth = make_shards(tmp_path, [7, 1, 10])  # 18 samples, 3 shards < 4 global workers, uneven
+    shards = str(tmp_path / "train-*.tar")
+    batch = 2
+
+    def epoch(seed: int, number: int) -> list[list[str]]:
+        per_rank = []
+        for rank in range(2):
+            loader = ShardLoader(shards, batch_size=batch, training=True, num_workers=2, device="cpu",
+                                 rank=rank, world_size=2, seed=seed)
+            loader.set_epoch(number)
+            keys, sizes = collect(loader)
+            assert sizes == [batch] * len(loader)  # drop_last, same batch count on every rank
+            per_rank.append(keys)
+        return per_rank
+
+    first = epoch(seed=3, number=0)
+    assert len(first[0]) == len(first[1]) == 8  # 4 workers × ⌊18 / (4·2)⌋·2 samples
+    everything = first[0] + first[1]
+    assert len(set(everything)) == len(everything) and set(everything) <= set(truth)
+    assert epoch(seed=3, number=0) == first  # same seed and epoch → same order
+    second = epoch(seed=3, number=1)
+    assert second != first
+    assert len(set(second[0] + second[1])) == 16
+    assert epoch(seed=4, number=0) != first
+
+
+def test_training_covers_everything_when_divisible(tmp_path):
+    """With N a multiple of ranks × workers × batch, training drops nothing: every sample once."""
+    truth = make_shards(tmp_path, [3, 9, 4])  # 16 = 2 ranks × 2 workers × batch 4
+    seen = []
+    for rank in range(2):
+        loader = ShardLoader(str(tmp_path / "train-*.tar"), batch_size=4, training=True, num_workers=2,
+                             device="cpu", rank=rank, world_size=2, seed=11)
+        loader.set_epoch(5)
+        seen.extend(collect(loader)[0])
+    assert Counter(seen) == Counter(truth.keys())
+
+
+def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path):
+    truth = make_shards(tmp_path, [4, 4])
+    loader = ShardLoader(str(tmp_path / "train-*.tar"), batch_size=3, training=True, num_workers=0,
+                         device="cpu", seed=1)
+    assert len(loader) == 2
+    for batch in loader:
+        for key, crop in zip(batch.keys, batch.crops, strict=True):
+            assert np.array_equal(crop.numpy(), truth[key][0])
+    with pytest.raises(ValueError, match="too few"):
+        ShardLoader(str(tmp_path / "train-*.tar"), batch_size=3, training=True, num_workers=2,
+                    device="cpu", rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------- zarr
+
+
+def test_zarr_crops_reads_contract_layout(tmp_path):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    rng = np.random.default_rng()
+    crops = rng.integers(-1024, 3000, size=(3, 96, 96, 96), dtype=np.int16)
+    group = zarr.open_group(str(tmp_path / "crops.zarr"), mode="w")
+    array = group.create_array("crops", shape=crops.shape, dtype="int16", chunks=(1, 96, 96, 96),
+                               compressors=BloscCodec(cname="zstd", clevel=3))
+    array[:] = crops
+    group.create_array("classes", shape=(3,), dtype="int8")[:] = [1, -1, 0]
+    group.create_array("grades", shape=(3,), dtype="int8")[:] = [2, -1, 0]
+    keys = ["a_L1", "b_T12", "c-1_L2"]
+    group.attrs.update({"keys": keys, "splits": ["train", "unlabeled", "test"], "levels": ["L1", "T12", "L2"]})
+    store = ZarrCrops(tmp_path / "crops.zarr")
+    assert store.keys == keys
+    for i, key in enumerate(keys):
+        assert np.array_equal(store.crop(key), crops[i]) and store.crop(key).dtype == np.int16
+    assert [store.label(k) for k in keys] == [1, -1, 0]
+    with pytest.raises(KeyError, match="nope"):
+        store.crop("nope")

@@ -1,0 +1,64 @@
+"""Device-side video sampling: int16 crops → 16 sagittal frames in [0, 1] (SPEC §4).
+
+Everything here runs on whatever device the crops are on, so the loader only
+ever moves int16 crops to the GPU. The three RGB channels the video model
+expects are never materialised: the model folds them into its patch-embedding
+weights, so `sample_frames` returns one channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CROP_SIZE = 96
+NUM_FRAMES = 16
+STRIDE = 6  # 96 / 16: the six offsets 0..5 give six views that tile the crop
+HU_MIN = -1000.0
+HU_MAX = 1000.0
+
+
+def sample_frames(
+    crops: torch.Tensor, offsets: torch.Tensor, num_frames: int = NUM_FRAMES, stride: int = STRIDE
+) -> torch.Tensor:
+    """Frames `crop[o + stride*k]`, k < num_frames, HU clipped to [-1000, 1000] and mapped to [0, 1].
+
+    crops: int16 (B, 96, 96, 96) in video order (axis 0 = sagittal slice).
+    offsets: integer (B,), each in [0, stride).
+    Returns float32 (B, 1, num_frames, 96, 96) on the crops' device.
+    """
+    if crops.dim() != 4:
+        raise ValueError(f"crops must be (B, D, H, W), got shape {tuple(crops.shape)}")
+    batch = crops.shape[0]
+    offsets = torch.as_tensor(offsets, device=crops.device).long().reshape(-1)
+    if offsets.numel() != batch:
+        raise ValueError(f"{offsets.numel()} offsets for {batch} crops")
+    last = (num_frames - 1) * stride
+    if last >= crops.shape[1]:
+        raise ValueError(f"{num_frames} frames × stride {stride} do not fit {crops.shape[1]} slices")
+    frame_index = offsets[:, None] + stride * torch.arange(num_frames, device=crops.device)  # (B, T)
+    rows = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
+    frames = crops[rows, frame_index.clamp_(0, crops.shape[1] - 1)]  # (B, T, H, W) int16
+    frames = frames.float().clamp_(HU_MIN, HU_MAX).add_(-HU_MIN).div_(HU_MAX - HU_MIN)
+    return frames.unsqueeze(1)  # (B, 1, T, H, W)
+
+
+def multiview_offsets(views: int) -> list[int]:
+    """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
+    if views == STRIDE:
+        return list(range(STRIDE))
+    if views == 1:
+        return [STRIDE // 2]
+    raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
+
+
+def random_offsets(
+    batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """One random training offset per sample, int64 (B,) uniform in [0, 6)."""
+    return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)
+
+
+def mirror(crops: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Left–right mirror: reverse the sagittal order (axis 1 of (B, 96, 96, 96)) of crops[i] where flags[i]."""
+    flags = torch.as_tensor(flags, device=crops.device).bool().reshape(-1, 1, 1, 1)
+    return torch.where(flags, crops.flip(1), crops)

@@ -1,0 +1,278 @@
+"""Shard lists and shard indexes: which tar files, and where each crop's bytes lie in them.
+
+A shard is a WebDataset tar written by ingest: per sample `KEY.crop.npy` (int16,
+C order), `KEY.json`, and for labelled splits `KEY.cls` ("0"/"1"). Before
+streaming, the loader indexes each shard once — it walks the tar headers and
+parses each `.npy` header — so that reading a crop later is a single `preadv`
+of its raw int16 bytes straight into the batch buffer (no intermediate bytes
+object, no decode copy). The index also gives exact sample counts, which the
+rank/worker split needs to promise "every sample exactly once".
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CROP_EXT = "crop.npy"
+CLASS_EXT = "cls"
+_NPY_MAGIC = b"\x93NUMPY"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+class ShardError(Exception):
+    """A shard that cannot be used; str() = "<path>: <problem>"."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{000000..000041}` ranges (zero padding kept) and `{a,b}` lists, left to right."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        lo, hi = numeric.group(1), numeric.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [out for choice in choices for out in expand_braces(head + choice + tail)]
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths from a path, a glob, a brace pattern, or a sequence of any of these.
+
+    A sequence is what an unquoted shell glob expands to; a quoted glob or brace
+    pattern is expanded here. Globs are sorted (as a shell sorts them); duplicates
+    are dropped so no shard is read twice. A glob matching nothing is an error;
+    a plain path that does not exist is reported when the shard is opened.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise ShardError("<shards>", "empty shard list")
+    found: list[str] = []
+    for item in specs:
+        for pattern in expand_braces(os.fspath(item)):
+            if not _is_url(pattern) and _GLOB_CHARS.search(pattern):
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise ShardError(pattern, "glob matches no files")
+                found.extend(matches)
+            else:
+                found.append(pattern)
+    return list(dict.fromkeys(found))
+
+
+# ----------------------------------------------------------------------------- .npy decoding
+
+
+def parse_npy_header(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, header length) of an .npy file from its first bytes; C order only."""
+    if head[:6] != _NPY_MAGIC or len(head) < 10:
+        raise ValueError("not an .npy file")
+    major = head[6]
+    if major == 1:
+        (length,) = struct.unpack("<H", head[8:10])
+        start = 10
+    elif major in (2, 3):
+        (length,) = struct.unpack("<I", head[8:12])
+        start = 12
+    else:
+        raise ValueError(f"unknown .npy version {major}")
+    if len(head) < start + length:
+        raise ValueError("truncated .npy header")
+    header = ast.literal_eval(head[start : start + length].decode("latin1"))
+    if header.get("fortran_order"):
+        raise ValueError(".npy array is Fortran-ordered; expected C order")
+    return np.dtype(header["descr"]), tuple(header["shape"]), start + length
+
+
+def decode_npy(data: bytes | memoryview) -> np.ndarray:
+    """An .npy payload as an array viewing `data` (np.frombuffer: no copy)."""
+    dtype, shape, offset = parse_npy_header(bytes(data[:4096]))
+    count = int(np.prod(shape))
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- shard index
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardIndex:
+    """Where each sample of one shard lies: key, byte offset of its raw crop data, label."""
+
+    path: str
+    keys: list[str]
+    offsets: np.ndarray  # int64 (n,): byte offset of the first int16 of each crop
+    labels: np.ndarray  # int64 (n,): class, -1 when unlabeled
+    shape: tuple[int, ...]
+    skipped: list[str] = field(default_factory=list)  # "<path>: <problem>" per bad sample
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key/extension split: the extension starts at the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), (ext if dot else "")
+
+
+def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
+    """Index one local shard. Raises ShardError naming the shard (and member) when it is unusable.
+
+    With skip_corrupt, bad samples are left out and listed in `.skipped`; a shard
+    that cannot be read at all still raises (the caller skips and counts it).
+    """
+    if _is_url(path):
+        raise ShardError(path, "remote shards are not supported by the indexed reader; copy them locally")
+    try:
+        size = os.path.getsize(path)
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise ShardError(path, "no such file") from None
+    except OSError as error:
+        raise ShardError(path, f"cannot open ({error.strerror or error})") from None
+    crops: dict[str, tuple[int, int, str]] = {}  # key → (data offset, size, member name)
+    classes: dict[str, tuple[int, int]] = {}
+    order: list[str] = []
+    with handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    if member.offset_data + member.size > size:
+                        raise ShardError(path, f"truncated: member {member.name} ends past the end of the file")
+                    key, ext = _split_name(member.name)
+                    if key not in crops and key not in classes:
+                        order.append(key)
+                    if ext == CROP_EXT:
+                        crops[key] = (member.offset_data, member.size, member.name)
+                    elif ext == CLASS_EXT:
+                        classes[key] = (member.offset_data, member.size)
+        except tarfile.TarError as error:
+            raise ShardError(path, f"not a readable tar archive ({error})") from None
+        except OSError as error:
+            raise ShardError(path, f"read error ({error})") from None
+        keys: list[str] = []
+        offsets: list[int] = []
+        labels: list[int] = []
+        skipped: list[str] = []
+        shape: tuple[int, ...] | None = None
+        fd = handle.fileno()
+        for key in order:
+            try:
+                if key not in crops:
+                    raise ShardError(path, f"sample {key} has no .{CROP_EXT}")
+                start, length, name = crops[key]
+                head = os.pread(fd, min(length, 4096), start)
+                try:
+                    dtype, sample_shape, header_length = parse_npy_header(head)
+                except (ValueError, SyntaxError, KeyError) as error:
+                    raise ShardError(path, f"{name}: bad .npy header ({error})") from None
+                if dtype != np.dtype("<i2"):
+                    raise ShardError(path, f"{name}: dtype {dtype}, expected int16")
+                if header_length + int(np.prod(sample_shape)) * 2 != length:
+                    raise ShardError(path, f"{name}: .npy size does not match its shape {sample_shape}")
+                if shape is not None and sample_shape != shape:
+                    raise ShardError(path, f"{name}: shape {sample_shape} differs from {shape}")
+                label = -1
+                if key in classes:
+                    text = os.pread(fd, classes[key][1], classes[key][0]).decode("ascii", "replace").strip()
+                    if not text.lstrip("-").isdigit():
+                        raise ShardError(path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})")
+                    label = int(text)
+            except ShardError as error:
+                if not skip_corrupt:
+                    raise
+                skipped.append(str(error))
+                continue
+            shape = sample_shape
+            keys.append(key.rpartition("/")[2])
+            offsets.append(start + header_length)
+            labels.append(label)
+    return ShardIndex(
+        path=path,
+        keys=keys,
+        offsets=np.asarray(offsets, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        shape=shape or (),
+        skipped=skipped,
+    )
+
+
+def index_shards(shards: Sequence[str], *, skip_corrupt: bool = False) -> tuple[list[ShardIndex], list[str]]:
+    """Index every shard; returns (indexes of usable shards, "<path>: <problem>" for each thing skipped)."""
+    indexes: list[ShardIndex] = []
+    skipped: list[str] = []
+    shape: tuple[int, ...] | None = None
+    for path in shards:
+        try:
+            index = index_shard(path, skip_corrupt=skip_corrupt)
+            if shape is not None and index.shape and index.shape != shape:
+                raise ShardError(path, f"crop shape {index.shape} differs from {shape} in earlier shards")
+        except ShardError as error:
+            if not skip_corrupt:
+                raise
+            skipped.append(str(error))
+            continue
+        skipped.extend(index.skipped)
+        if len(index):
+            shape = index.shape
+            indexes.append(index)
+    return indexes, skipped
+
+
+def count_samples(shards: str | Sequence[str], *, skip_corrupt: bool = False) -> int:
+    """Number of samples (crops) in the shards."""
+    indexes, _ = index_shards(expand_shards(shards), skip_corrupt=skip_corrupt)
+    return sum(len(index) for index in indexes)
+
+
+def read_crop(fd: int, offset: int, out: np.ndarray) -> None:
+    """Read one crop's raw int16 bytes at `offset` straight into `out` (C-contiguous)."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def iter_raw(shards: Sequence[str]):
+    """Baseline raw read: tarfile + np.frombuffer on each member's bytes → (key, int16 array)."""
+    for path in shards:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith("." + CROP_EXT):
+                    data = tar.extractfile(member).read()
+                    yield _split_name(member.name)[0], decode_npy(data)

@@ -1,0 +1,55 @@
+"""Random access to ingest's Zarr store (`out/crops.zarr`) for eval, explain and inspection."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class ZarrCrops:
+    """Crops by key from a store with arrays `crops` (N,96,96,96) int16, `classes` int8 and attr `keys`."""
+
+    def __init__(self, path: str | os.PathLike):
+        import zarr
+
+        self.path = Path(path)
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+            self._crops = group["crops"]
+            self._classes = np.asarray(group["classes"][:], dtype=np.int64)
+            self.keys: list[str] = list(group.attrs["keys"])
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            raise ValueError(f"{self.path}: not a vctmae crops.zarr store ({error})") from None
+        if len(self.keys) != self._crops.shape[0] or len(self._classes) != len(self.keys):
+            raise ValueError(f"{self.path}: attrs 'keys', 'crops' and 'classes' disagree in length")
+        self._row = {key: row for row, key in enumerate(self.keys)}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._row
+
+    def _index(self, key: str) -> int:
+        try:
+            return self._row[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no crop with key {key!r}") from None
+
+    def crop(self, key: str) -> np.ndarray:
+        """The int16 (96, 96, 96) crop in video order."""
+        return np.asarray(self._crops[self._index(key)], dtype=np.int16)
+
+    def label(self, key: str) -> int:
+        """Class of the crop (−1 when unlabeled)."""
+        return int(self._classes[self._index(key)])
+
+
+def read_manifest(out_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of ingest's `manifest.csv` as dicts (strings, as written)."""
+    path = Path(out_dir) / "manifest.csv"
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
