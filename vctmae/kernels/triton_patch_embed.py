@@ -1,0 +1,366 @@
+"""Fused Triton patch embedding: int16 crops → patch tokens in one kernel (SPEC §6).
+
+Forward (`_patch_embed_fwd_kernel`): each program owns a (BLOCK_M tokens ×
+BLOCK_N channels) output tile. Tokens are rows r = b*K + j of the flattened
+(B, K) token list (K = 288, or the kept tokens when `keep` is given). For each
+BLOCK_K slice of the 512-long patch vector it gathers the int16 voxels straight
+from the crop at sagittal index o_b + 6·(2t + u), clips/scales HU, and feeds
+the tile to `tl.dot` with the matching (BLOCK_K × BLOCK_N) slice of the
+channel-summed weight; bias (and the positional embedding of the token) are
+added in the epilogue. The frames and the patch matrix never exist in memory.
+
+Backward: grad_bias and grad_pos are reductions done in torch;
+grad_weight = Σ_r grad_out[r]ᵀ · patch[r] is a second kernel
+(`_patch_embed_grad_weight_kernel`) that re-gathers the patches from the crops
+(nothing but the int16 crops, offsets and keep indices is saved), split over
+rows into partial sums that torch adds up (deterministic, no atomics).
+
+Precision: on a GPU the dot operands are bf16 with fp32 accumulation (patch
+values in [0, 1]; as the bf16 autocast training path). Under TRITON_INTERPRET=1
+the dots run in fp32, because the interpreter's bf16 arithmetic is wrong
+(triton issue 11584). The environment variable is read when this module is
+imported (that is when `triton.jit` decides to interpret), so set it first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# The kernels spell out these constants (96-voxel crops, stride-6 frames, HU window
+# [-1000, 1000], 2x16x16 tubes on an 8x6x6 grid) because tl.constexpr globals differ across
+# Triton versions; reference.py names them.
+from vctmae.kernels.reference import CROP_SIZE, FRAME_STRIDE, NUM_TOKENS, PATCH_DIM
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP: tl.constexpr):
+    """Row r of the flattened (B, K) token list → (batch index, token index in 0..287)."""
+    batch = rows // n_keep
+    if HAS_KEEP:
+        token = tl.load(keep_ptr + rows, mask=row_mask, other=0)
+    else:
+        token = rows % n_keep
+    return batch, token
+
+
+@triton.jit
+def _patch_tile(crops_ptr, batch, offset, token, row_mask, k):
+    """Gather a (BLOCK_M, BLOCK_K) tile of scaled patch values.
+
+    batch/offset/token: (BLOCK_M,) per row; k: (BLOCK_K,) indices into the
+    512-long patch vector laid out (u, p, q) = (frame in tube, row, column).
+    """
+    t = token // 36
+    grid_row = (token % 36) // 6
+    grid_col = token % 6
+    u = k // 256
+    p = (k // 16) % 16
+    q = k % 16
+    sagittal = offset[:, None] + 6 * (2 * t[:, None] + u[None, :])  # (BLOCK_M, BLOCK_K)
+    row = 16 * grid_row[:, None] + p[None, :]
+    col = 16 * grid_col[:, None] + q[None, :]
+    # Mask out-of-range offsets too: an unmasked bad address crashes the interpreter.
+    mask = row_mask[:, None] & (sagittal >= 0) & (sagittal < 96)
+    address = batch.to(tl.int64)[:, None] * 884736 + sagittal * 9216 + row * 96 + col
+    hu = tl.load(crops_ptr + address, mask=mask, other=0).to(tl.float32)
+    hu = tl.minimum(tl.maximum(hu, -1000.0), 1000.0)
+    return (hu + 1000.0) / 2000.0
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    crops_ptr,  # int16 (B, 96, 96, 96)
+    offsets_ptr,  # int32 (B,)
+    keep_ptr,  # int32 (B, K) or unused
+    weight_ptr,  # (D, 512)
+    bias_ptr,  # (D,)
+    pos_ptr,  # (288, D) or unused
+    out_ptr,  # (B, K, D)
+    num_rows,  # B * K
+    n_keep,  # K
+    dim,  # D
+    HAS_KEEP: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
+    offset = tl.load(offsets_ptr + batch, mask=row_mask, other=0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < dim
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, 512, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        patches = _patch_tile(crops_ptr, batch, offset, token, row_mask, k)  # (BLOCK_M, BLOCK_K)
+        w = tl.load(weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0)
+        if DOT_BF16:
+            acc = tl.dot(patches.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(patches, w.to(tl.float32), acc, input_precision="ieee")
+
+    acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_POS:
+        pos = tl.load(pos_ptr + token[:, None] * dim + cols[None, :], mask=out_mask, other=0.0)
+        acc += pos.to(tl.float32)
+    out_offsets = rows.to(tl.int64)[:, None] * dim + cols[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _patch_embed_grad_weight_kernel(
+    crops_ptr,  # int16 (B, 96, 96, 96)
+    offsets_ptr,  # int32 (B,)
+    keep_ptr,  # int32 (B, K) or unused
+    grad_ptr,  # (B, K, D) gradient of the output
+    partial_ptr,  # float32 (SPLITS, D, 512) partial sums of grad_weight
+    num_rows,
+    n_keep,
+    dim,
+    HAS_KEEP: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr,  # row blocks of BLOCK_M summed by one program
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    col_mask = cols < dim
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # patch-vector positions
+    start = pid_split * (BLOCKS_PER_SPLIT * BLOCK_M)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # A constexpr trip count: Triton 3.6's interpreter cannot range() over runtime values.
+    for block in range(BLOCKS_PER_SPLIT):
+        rows = start + block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < num_rows
+        batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
+        offset = tl.load(offsets_ptr + batch, mask=row_mask, other=0)
+        patches = _patch_tile(crops_ptr, batch, offset, token, row_mask, k)  # (BLOCK_M, BLOCK_K)
+        grad_t = tl.load(
+            grad_ptr + rows.to(tl.int64)[None, :] * dim + cols[:, None],
+            mask=row_mask[None, :] & col_mask[:, None],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_M)
+        if DOT_BF16:
+            acc = tl.dot(grad_t.to(tl.bfloat16), patches.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(grad_t.to(tl.float32), patches, acc, input_precision="ieee")
+
+    out = partial_ptr + pid_split.to(tl.int64) * dim * 512 + cols[:, None] * 512 + k[None, :]
+    tl.store(out, acc, mask=col_mask[:, None])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of one kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def forward_config(dim: int) -> LaunchConfig:
+    """One config (the interpreter cannot autotune over several): big tiles on a GPU, few programs when interpreting."""
+    if INTERPRET:
+        return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
+    return LaunchConfig(block_m=128, block_n=min(128, _pow2_at_least_16(dim)), block_k=64, num_warps=8, num_stages=3)
+
+
+def grad_weight_config(dim: int) -> LaunchConfig:
+    if INTERPRET:
+        return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
+    return LaunchConfig(block_m=64, block_n=min(128, _pow2_at_least_16(dim)), block_k=128, num_warps=8, num_stages=3)
+
+
+def _dot_bf16(device: torch.device, precision: str | None) -> bool:
+    if precision is None:
+        return device.type == "cuda" and not INTERPRET
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if precision == "bf16" and INTERPRET:
+        raise ValueError("bf16 dots are wrong under TRITON_INTERPRET=1 (triton issue 11584); use fp32")
+    return precision == "bf16"
+
+
+def _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16: bool) -> torch.Tensor:
+    batch = crops.shape[0]
+    dim = weight.shape[0]
+    n_keep = NUM_TOKENS if keep is None else keep.shape[1]
+    num_rows = batch * n_keep
+    out = torch.empty(batch, n_keep, dim, device=crops.device, dtype=weight.dtype)
+    if num_rows == 0:
+        return out
+    cfg = forward_config(dim)
+    grid = (triton.cdiv(num_rows, cfg.block_m), triton.cdiv(dim, cfg.block_n))
+    _patch_embed_fwd_kernel[grid](
+        crops,
+        offsets,
+        keep if keep is not None else offsets,
+        weight,
+        bias,
+        pos if pos is not None else bias,
+        out,
+        num_rows,
+        n_keep,
+        dim,
+        HAS_KEEP=keep is not None,
+        HAS_POS=pos is not None,
+        DOT_BF16=dot_bf16,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _launch_grad_weight(crops, offsets, keep, grad_out, dim: int, dot_bf16: bool) -> torch.Tensor:
+    batch, n_keep = grad_out.shape[0], grad_out.shape[1]
+    num_rows = batch * n_keep
+    cfg = grad_weight_config(dim)
+    tiles = triton.cdiv(dim, cfg.block_n) * triton.cdiv(PATCH_DIM, cfg.block_k)
+    row_blocks = triton.cdiv(num_rows, cfg.block_m)
+    if INTERPRET or not grad_out.is_cuda:
+        splits = 1
+    else:  # enough programs to fill the card twice over; partial sums are summed in torch
+        sms = torch.cuda.get_device_properties(grad_out.device).multi_processor_count
+        splits = max(1, min(row_blocks, triton.cdiv(2 * sms, tiles)))
+    blocks_per_split = triton.cdiv(row_blocks, splits)
+    splits = triton.cdiv(row_blocks, blocks_per_split)
+    partial = torch.empty(splits, dim, PATCH_DIM, device=grad_out.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim, cfg.block_n), triton.cdiv(PATCH_DIM, cfg.block_k), splits)
+    _patch_embed_grad_weight_kernel[grid](
+        crops,
+        offsets,
+        keep if keep is not None else offsets,
+        grad_out,
+        partial,
+        num_rows,
+        n_keep,
+        dim,
+        HAS_KEEP=keep is not None,
+        DOT_BF16=dot_bf16,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCKS_PER_SPLIT=blocks_per_split,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+class PatchEmbedFunction(torch.autograd.Function):
+    """Autograd wrapper: forward and grad_weight in Triton, grad_bias/grad_pos as torch reductions."""
+
+    @staticmethod
+    def forward(ctx, crops, offsets, weight, bias, keep, pos, dot_bf16):  # noqa: D102
+        out = _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16)
+        ctx.save_for_backward(crops, offsets, keep)
+        ctx.dot_bf16 = dot_bf16
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype
+        ctx.pos_dtype = pos.dtype if pos is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        crops, offsets, keep = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dim = grad_out.shape[-1]
+        grad_weight = grad_bias = grad_pos = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = _launch_grad_weight(crops, offsets, keep, grad_out, dim, ctx.dot_bf16)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.float().sum((0, 1)).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[5]:
+            flat = grad_out.float().reshape(-1, dim)
+            if keep is None:
+                grad_pos = flat.reshape(-1, NUM_TOKENS, dim).sum(0)
+            else:
+                grad_pos = torch.zeros(NUM_TOKENS, dim, device=flat.device, dtype=torch.float32)
+                grad_pos.index_add_(0, keep.reshape(-1).long(), flat)
+            grad_pos = grad_pos.to(ctx.pos_dtype)
+        return None, None, grad_weight, grad_bias, None, grad_pos, None
+
+
+def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
+    if crops.dtype != torch.int16 or crops.dim() != 4 or tuple(crops.shape[1:]) != (CROP_SIZE,) * 3:
+        raise ValueError(f"crops must be int16 (B, 96, 96, 96), got {crops.dtype} {tuple(crops.shape)}")
+    batch = crops.shape[0]
+    if offsets.shape != (batch,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be integer (B,) = ({batch},), got {offsets.dtype} {tuple(offsets.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != PATCH_DIM:
+        raise ValueError(f"weight must be (D, {PATCH_DIM}), got {tuple(weight.shape)}")
+    dim = weight.shape[0]
+    if bias.shape != (dim,):
+        raise ValueError(f"bias must be ({dim},), got {tuple(bias.shape)}")
+    if keep is not None and (keep.dim() != 2 or keep.shape[0] != batch or keep.dtype.is_floating_point):
+        raise ValueError(f"keep must be integer (B, K) with B = {batch}, got {keep.dtype} {tuple(keep.shape)}")
+    if pos is not None and pos.shape != (NUM_TOKENS, dim):
+        raise ValueError(f"pos must be ({NUM_TOKENS}, {dim}), got {tuple(pos.shape)}")
+    devices = {t.device for t in (crops, offsets, weight, bias, keep, pos) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not crops.is_cuda:
+        # Only off-GPU: on CUDA this check would cost a host-device sync every step.
+        if batch and (int(offsets.min()) < 0 or int(offsets.max()) >= CROP_SIZE - FRAME_STRIDE * 15):
+            raise ValueError(f"offsets must lie in [0, {CROP_SIZE - FRAME_STRIDE * 15})")
+        if keep is not None and keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= NUM_TOKENS):
+            raise ValueError(f"keep indices must lie in [0, {NUM_TOKENS})")
+
+
+def patch_embed_triton(
+    crops: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
+    *,
+    precision: str | None = None,
+) -> torch.Tensor:
+    """Triton path of `vctmae.kernels.patch_embed`; `precision` 'bf16'|'fp32' overrides the dot operand type."""
+    if not crops.is_cuda and not INTERPRET:
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vctmae.kernels "
+            "is imported (CPU interpreter)"
+        )
+    _check_inputs(crops, offsets, weight, bias, keep, pos)
+    dot_bf16 = _dot_bf16(crops.device, precision)
+    return PatchEmbedFunction.apply(
+        crops.contiguous(),
+        offsets.to(torch.int32).contiguous(),
+        weight.contiguous(),
+        bias.contiguous(),
+        None if keep is None else keep.to(torch.int32).contiguous(),
+        None if pos is None else pos.contiguous(),
+        dot_bf16,
+    )
+
