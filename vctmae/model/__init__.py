@@ -1,5 +1,14 @@
 """vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export (SPEC §5)."""
 
+from vctmae.model.checkpoint import (
+    CheckpointError,
+    LoadReport,
+    classifier_from_mae,
+    load_mae_st,
+    load_model,
+    load_weights,
+    save_model,
+)
 from vctmae.model.config import (
     PRESETS,
     ModelConfig,
@@ -10,6 +19,7 @@ from vctmae.model.config import (
     vit_tiny,
 )
 from vctmae.model.crops import frames_from_crops
+from vctmae.model.explain import attention_maps
 from vctmae.model.masking import Masking, random_masking, visible_count
 from vctmae.model.vit import (
     MaskedAutoencoder,
@@ -23,6 +33,14 @@ from vctmae.model.vit import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "attention_maps",
+    "classifier_from_mae",
+    "load_mae_st",
+    "load_model",
+    "load_weights",
+    "save_model",
     "PRESETS",
     "Masking",
     "MaskedAutoencoder",

@@ -181,7 +181,8 @@ class VideoViT(nn.Module):
         self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, dim))
         self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, dim))
         self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim))
-        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        last = max(config.depth - 1, 1)
+        rates = [config.drop_path * i / last for i in range(config.depth)]  # 0 … drop_path
         self.blocks = nn.ModuleList(
             Block(dim, config.num_heads, config.mlp_ratio, qkv_bias=config.qkv_bias, drop_path=rate)
             for rate in rates

@@ -1,0 +1,381 @@
+"""Weights in and out: the mae_st / PySlowFast adapter and the project's own safetensors files.
+
+Foreign checkpoints (`load_mae_st`) go through one explicit chain: unwrap (`model_state` /
+`model`), rename PySlowFast's decoder keys, fuse `attn.q/k/v` into `attn.qkv`, convert the
+positional tables to this model's layout and geometry (central crop of the 14×14 grid for 96²
+inputs, paper §3; or bicubic resize; or keep the random init), then load with every shape checked.
+Own weights (`save_model` / `load_model`) are safetensors with a JSON config beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vctmae.model.config import ModelConfig
+from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
+
+PosInit = Literal["crop", "random", "interpolate"]
+POS_INITS = ("crop", "random", "interpolate")
+FORMAT = "vctmae-model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model without being silently wrong."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load did, by model (or source, for `unexpected`) key name."""
+
+    loaded: list[str] = field(default_factory=list)  # model keys set from the source
+    cropped: list[str] = field(default_factory=list)  # loaded positional tables cropped/resized
+    missing: list[str] = field(default_factory=list)  # model keys the source did not provide
+    unexpected: list[str] = field(default_factory=list)  # source keys the model has no place for
+    reinitialized: list[str] = field(default_factory=list)  # tables kept random (pos_init="random")
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} loaded", f"{len(self.cropped)} cropped/resized"]
+        for name in ("missing", "unexpected", "reinitialized"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name}: {', '.join(keys)}")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and renaming
+
+
+def read_state(source: str | Path | Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint path (.pth via weights_only torch.load, or .safetensors) or a dict,
+    unwrapped from a `model_state` / `model` entry and from DDP's `module.` prefix."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        if path.suffix == ".safetensors":
+            state: Mapping[str, object] = load_file(str(path))
+        else:
+            # weights_only: a downloaded pickle can never run code here.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = source
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint is a {type(state).__name__}, not a dict of tensors")
+    for wrapper in ("model_state", "model"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{key}: not a tensor ({type(value).__name__}); unknown layout")
+        tensors[key.removeprefix("module.")] = value
+    return tensors
+
+
+def rename_pyslowfast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PySlowFast decoder names → mae_st: `pred_head.transforms.0.{i}` are the decoder blocks and
+    the one index holding only weight/bias (4 for a 4-block decoder) the decoder norm;
+    `pred_head.projections.0` is the decoder prediction layer."""
+    blocks_prefix, projection_prefix = "pred_head.transforms.0.", "pred_head.projections.0."
+    fields_by_index: dict[str, set[str]] = {}
+    for key in state:
+        if key.startswith(blocks_prefix):
+            index, _, rest = key[len(blocks_prefix) :].partition(".")
+            fields_by_index.setdefault(index, set()).add(rest)
+    norm_indices = [i for i, rest in fields_by_index.items() if rest <= {"weight", "bias"}]
+    if len(norm_indices) > 1:
+        raise CheckpointError(
+            f"pred_head.transforms.0.{{{','.join(sorted(norm_indices))}}}: several candidates "
+            "for the decoder norm"
+        )
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(blocks_prefix):
+            index, _, rest = key[len(blocks_prefix) :].partition(".")
+            key = (
+                f"decoder_norm.{rest}"
+                if index in norm_indices
+                else f"decoder_blocks.{index}.{rest}"
+            )
+        elif key.startswith(projection_prefix):
+            key = "decoder_pred." + key[len(projection_prefix) :]
+        renamed[key] = value
+    return renamed
+
+
+def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mae_st's separate `attn.q`, `attn.k`, `attn.v` → one `attn.qkv` (rows [q; k; v])."""
+    fused = dict(state)
+    for key in state:
+        if not key.endswith(".attn.q.weight"):
+            continue
+        base = key[: -len("q.weight")]
+        for kind in ("weight", "bias"):
+            parts = [f"{base}{name}.{kind}" for name in ("q", "k", "v")]
+            if all(part in state for part in parts):
+                fused[f"{base}qkv.{kind}"] = torch.cat([state[part] for part in parts], dim=0)
+                for part in parts:
+                    del fused[part]
+    return fused
+
+
+# ----------------------------------------------------------------------------------------------
+# Positional tables
+
+
+def resize_spatial(table: torch.Tensor, side: int, how: PosInit, key: str) -> torch.Tensor:
+    """Spatial positions (..., S, C) on a square grid → (..., side², C): the central side×side
+    block ('crop', paper §3: 14×14 → 6×6 keeps rows/cols 4…9) or a bicubic resize ('interpolate')."""
+    *lead, positions, channels = table.shape
+    source_side = math.isqrt(positions)
+    if source_side * source_side != positions:
+        raise CheckpointError(f"{key}: {positions} spatial positions do not form a square grid")
+    if source_side == side:
+        return table
+    grid = table.reshape(-1, source_side, source_side, channels)  # (N, s, s, C)
+    if how == "crop":
+        if source_side < side:
+            raise CheckpointError(
+                f"{key}: cannot crop a {source_side}×{source_side} grid to {side}×{side}; "
+                "use pos_init='interpolate'"
+            )
+        start = (source_side - side) // 2
+        grid = grid[:, start : start + side, start : start + side, :]  # (N, side, side, C)
+    else:
+        resized = F.interpolate(
+            grid.permute(0, 3, 1, 2).float(), size=(side, side), mode="bicubic", align_corners=False
+        )  # (N, C, side, side)
+        grid = resized.permute(0, 2, 3, 1).to(table.dtype)  # (N, side, side, C)
+    return grid.reshape(*lead, side * side, channels)
+
+
+def _decoder_table(
+    state: dict[str, torch.Tensor], frames: int
+) -> tuple[torch.Tensor | None, torch.Tensor, list[str]] | None:
+    """The source decoder positions as (cls row (1, 1, C) or None, grid (1, T, S, C), source keys)."""
+    if "decoder_pos_embed" in state:
+        table = state["decoder_pos_embed"]
+        _, rows, channels = table.shape
+        for has_cls in (False, True):
+            per_frame, remainder = divmod(rows - int(has_cls), frames)
+            if remainder == 0 and math.isqrt(per_frame) ** 2 == per_frame:
+                cls = table[:, :1] if has_cls else None
+                grid = table[:, int(has_cls) :].reshape(1, frames, per_frame, channels)
+                return cls, grid, ["decoder_pos_embed"]
+        raise CheckpointError(
+            f"decoder_pos_embed: shape {tuple(table.shape)} is not [cls +] {frames} frames × a "
+            "square grid"
+        )
+    if "decoder_pos_embed_spatial" in state and "decoder_pos_embed_temporal" in state:
+        spatial = state["decoder_pos_embed_spatial"]  # (1, S, C)
+        temporal = state["decoder_pos_embed_temporal"]  # (1, T, C)
+        if temporal.shape[1] != frames:
+            raise CheckpointError(
+                f"decoder_pos_embed_temporal: source shape {tuple(temporal.shape)} has "
+                f"{temporal.shape[1]} temporal positions; the model has {frames}"
+            )
+        grid = spatial[:, None, :, :] + temporal[:, :, None, :]  # (1, T, S, C), as mae_st sums them
+        keys = ["decoder_pos_embed_spatial", "decoder_pos_embed_temporal"]
+        cls = state.get("decoder_pos_embed_class")
+        if cls is not None:
+            keys.append("decoder_pos_embed_class")
+        return cls, grid, keys
+    return None
+
+
+def convert_positions(
+    state: dict[str, torch.Tensor], model: VideoViT, pos_init: PosInit
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Bring the source positional tables to the model's layout and grid.
+
+    Returns (state, keys cropped or resized, keys left at their random init).
+    """
+    config: ModelConfig = model.config
+    frames, side, _ = config.grid
+    state = dict(state)
+    cropped: list[str] = []
+    reinitialized: list[str] = []
+
+    if "pos_embed" in state:
+        raise CheckpointError(
+            f"pos_embed: source shape {tuple(state['pos_embed'].shape)} is a joint space-time "
+            f"table; the model has separable pos_embed_spatial "
+            f"{tuple(model.pos_embed_spatial.shape)} + pos_embed_temporal "
+            f"{tuple(model.pos_embed_temporal.shape)} (mae_st sep_pos_embed=True), which it "
+            "cannot be split into"
+        )
+    if "pos_embed_spatial" in state:
+        key = "pos_embed_spatial"
+        if pos_init == "random":
+            del state[key]
+            reinitialized.append(key)
+        elif state[key].shape[1] != side * side:
+            state[key] = resize_spatial(state[key], side, pos_init, key)
+            cropped.append(key)
+
+    if isinstance(model, MaskedAutoencoder):
+        source = _decoder_table(state, frames)
+        if source is not None:
+            cls, grid, source_keys = source
+            for source_key in source_keys:
+                del state[source_key]
+            key = "decoder_pos_embed"
+            if pos_init == "random":
+                reinitialized.append(key)
+            else:
+                resized = grid.shape[2] != side * side
+                grid = resize_spatial(grid, side, pos_init, key)  # (1, T, side², C)
+                table = grid.reshape(1, frames * side * side, grid.shape[-1])  # (1, L, C)
+                if config.decoder_cls:
+                    if cls is None:
+                        raise CheckpointError(
+                            f"{key}: the model has a decoder cls position; the source "
+                            f"{'/'.join(source_keys)} has none"
+                        )
+                    table = torch.cat([cls, table], dim=1)  # (1, 1+L, C)
+                elif cls is not None:
+                    resized = True  # the leading cls row is dropped (no decoder cls token here)
+                state[key] = table
+                if resized:
+                    cropped.append(key)
+    return state, cropped, reinitialized
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def _load_checked(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    cropped: list[str] | None = None,
+    reinitialized: list[str] | None = None,
+) -> LoadReport:
+    """Load the keys the model has, refusing any shape mismatch; report the rest by name."""
+    target = model.state_dict()
+    usable: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        if key not in target:
+            unexpected.append(key)
+            continue
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise CheckpointError(
+                f"{key}: checkpoint shape {tuple(value.shape)} does not fit model shape "
+                f"{tuple(target[key].shape)}"
+            )
+        usable[key] = value.to(target[key].dtype)
+    model.load_state_dict(usable, strict=False)
+    reinitialized = list(reinitialized or [])
+    return LoadReport(
+        loaded=sorted(usable),
+        cropped=sorted(cropped or []),
+        missing=[key for key in target if key not in usable and key not in reinitialized],
+        unexpected=sorted(unexpected),
+        reinitialized=reinitialized,
+    )
+
+
+def load_mae_st(
+    source: str | Path | Mapping[str, object], model: VideoViT, pos_init: PosInit = "crop"
+) -> LoadReport:
+    """Load an mae_st / PySlowFast checkpoint (path or state dict) into an MAE or a classifier.
+
+    pos_init: 'crop' (central block of the source grid, paper §3), 'interpolate' (bicubic) or
+    'random' (keep this model's initial positional tables).
+    """
+    if pos_init not in POS_INITS:
+        raise ValueError(f"pos_init must be one of {POS_INITS}, got {pos_init!r}")
+    state = fuse_qkv(rename_pyslowfast(read_state(source)))
+    state, cropped, reinitialized = convert_positions(state, model, pos_init)
+    with torch.no_grad():
+        return _load_checked(model, state, cropped=cropped, reinitialized=reinitialized)
+
+
+def load_weights(model: VideoViT, source: str | Path | Mapping[str, object]) -> LoadReport:
+    """Load this project's weights (safetensors path or state dict) by name, non-strictly:
+    e.g. an MAE file into a classifier loads the encoder and reports `head.*` missing."""
+    with torch.no_grad():
+        return _load_checked(model, read_state(source))
+
+
+def classifier_from_mae(
+    mae: MaskedAutoencoder, num_classes: int = 2, **overrides
+) -> tuple[VideoClassifier, LoadReport]:
+    """A classifier with the MAE's encoder weights and a fresh head (fine-tuning start)."""
+    import dataclasses
+
+    classifier = VideoClassifier(
+        dataclasses.replace(mae.config, num_classes=num_classes, **overrides)
+    )
+    report = load_weights(classifier, mae.state_dict())
+    classifier.patch_embed_backend = mae.patch_embed_backend
+    return classifier, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Own weights: safetensors + JSON config
+
+
+def config_path(path: str | Path) -> Path:
+    """The JSON config beside a weights file: `model.safetensors` → `model.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def model_kind(model: nn.Module) -> str:
+    if isinstance(model, MaskedAutoencoder):
+        return "mae"
+    if isinstance(model, VideoClassifier):
+        return "classifier"
+    raise TypeError(f"not a vctmae model: {type(model).__name__}")
+
+
+def save_model(model: VideoViT, path: str | Path) -> Path:
+    """Write the weights as safetensors at `path` and the config at `config_path(path)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+    description = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": model_kind(model),
+        "config": model.config.to_dict(),
+    }
+    config_path(path).write_text(json.dumps(description, indent=2) + "\n")
+    return path
+
+
+def read_model_config(path: str | Path) -> tuple[str, ModelConfig]:
+    """(kind, config) recorded beside a weights file."""
+    description_path = config_path(path)
+    if not description_path.is_file():
+        raise CheckpointError(f"{description_path}: config file missing beside {Path(path).name}")
+    description = json.loads(description_path.read_text())
+    if description.get("format") != FORMAT:
+        raise CheckpointError(f"{description_path}: not a {FORMAT} config")
+    return description["kind"], ModelConfig.from_dict(description["config"])
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> VideoViT:
+    """Rebuild the model saved by `save_model` and load its weights strictly."""
+    kind, config = read_model_config(path)
+    model: VideoViT = MaskedAutoencoder(config) if kind == "mae" else VideoClassifier(config)
+    report = load_weights(model, path)
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config ({report.summary()})")
+    return model.to(device)
