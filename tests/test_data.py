@@ -42,7 +42,9 @@ def write_shard(path: Path, samples: list[tuple[str, np.ndarray, int | None]]) -
                 tar.addfile(info, io.BytesIO(data))
 
 
-def make_shards(root: Path, sizes: list[int], *, shape=SMALL, seed=0, prefix="train") -> dict[str, tuple]:
+def make_shards(
+    root: Path, sizes: list[int], *, shape=SMALL, seed=0, prefix="train"
+) -> dict[str, tuple]:
     """Shards `prefix-000000.tar`… with fresh random int16 crops; returns key → (crop, label)."""
     rng = np.random.default_rng(seed)
     truth = {}
@@ -89,16 +91,22 @@ def test_sample_frames_matches_numpy_reference():
     offsets = np.array([0, 5, *rng.integers(0, 6, size=3)])
     got = sample_frames(torch.from_numpy(crops), torch.from_numpy(offsets))
     assert got.shape == (5, 1, 16, 96, 96) and got.dtype == torch.float32
-    torch.testing.assert_close(got, torch.from_numpy(numpy_frames(crops, offsets)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        got, torch.from_numpy(numpy_frames(crops, offsets)), rtol=1e-6, atol=1e-7
+    )
     assert got.min() >= 0 and got.max() <= 1
     assert got[0, 0, :, 0, 0].eq(0).all() and got[0, 0, :, 1, 1].eq(1).all()
 
 
 def test_multiview_offsets_cover_every_slice_once():
-    crop = torch.arange(96, dtype=torch.int16).view(96, 1, 1).expand(96, 2, 2) * 10 - 480  # slice i = 10i − 480 HU
+    crop = (
+        torch.arange(96, dtype=torch.int16).view(96, 1, 1).expand(96, 2, 2) * 10 - 480
+    )  # slice i = 10i − 480 HU
     views = multiview_offsets(6)
     frames = sample_frames(crop.expand(len(views), -1, -1, -1), torch.tensor(views))
-    slices = torch.round(frames[:, 0, :, 0, 0] * 2000 - 1000 + 480).long() // 10  # back to slice index
+    slices = (
+        torch.round(frames[:, 0, :, 0, 0] * 2000 - 1000 + 480).long() // 10
+    )  # back to slice index
     assert sorted(slices.flatten().tolist()) == list(range(96))
     assert multiview_offsets(1) == [3]
 
@@ -107,7 +115,9 @@ def test_random_offsets_and_mirror():
     generator = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
     offsets = random_offsets(6000, generator=generator)
     assert offsets.dtype == torch.int64 and set(offsets.tolist()) == set(range(6))
-    crops = torch.from_numpy(np.random.default_rng().integers(-1000, 1000, size=(3, 96, 8, 8), dtype=np.int16))
+    crops = torch.from_numpy(
+        np.random.default_rng().integers(-1000, 1000, size=(3, 96, 8, 8), dtype=np.int16)
+    )
     flags = torch.tensor([True, False, True])
     out = mirror(crops, flags)
     assert torch.equal(out[0], crops[0].flip(0)) and torch.equal(out[1], crops[1])
@@ -120,12 +130,16 @@ def test_random_offsets_and_mirror():
 def test_glob_forms_select_the_same_shards(tmp_path):
     make_shards(tmp_path, [1, 2, 1, 1])
     make_shards(tmp_path, [1], prefix="val")
-    shell = sorted(str(p) for p in tmp_path.glob("train-*.tar"))  # what an unquoted shell glob passes
+    shell = sorted(
+        str(p) for p in tmp_path.glob("train-*.tar")
+    )  # what an unquoted shell glob passes
     assert len(shell) == 4
     assert expand_shards(shell) == shell
     assert expand_shards(str(tmp_path / "train-*.tar")) == shell
     assert expand_shards(str(tmp_path / "train-{000000..000003}.tar")) == shell
-    assert expand_shards([str(tmp_path / "train-{000000..000001}.tar"), shell[2], shell[3]]) == shell
+    assert (
+        expand_shards([str(tmp_path / "train-{000000..000001}.tar"), shell[2], shell[3]]) == shell
+    )
     assert count_samples(str(tmp_path / "train-*.tar")) == 5
     with pytest.raises(ShardError, match="nothing-"):
         expand_shards(str(tmp_path / "nothing-*.tar"))
@@ -136,7 +150,9 @@ def test_missing_and_corrupt_shards_are_named_or_skipped(tmp_path):
     shards = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
     with tarfile.open(shards[1]) as tar:
         cut = [m for m in tar.getmembers() if m.name.endswith(".crop.npy")][-1].offset_data + 200
-    Path(shards[1]).write_bytes(Path(shards[1]).read_bytes()[:cut])  # truncated inside the last crop
+    Path(shards[1]).write_bytes(
+        Path(shards[1]).read_bytes()[:cut]
+    )  # truncated inside the last crop
     garbage = tmp_path / "train-000003.tar"
     garbage.write_bytes(np.random.default_rng().bytes(5000))
     missing = str(tmp_path / "train-000009.tar")
@@ -144,10 +160,18 @@ def test_missing_and_corrupt_shards_are_named_or_skipped(tmp_path):
         with pytest.raises(ShardError) as raised:
             ShardLoader([shards[0], bad], batch_size=2, training=False, num_workers=0, device="cpu")
         assert bad in str(raised.value)
-    loader = ShardLoader([*shards, str(garbage), missing], batch_size=2, training=False, num_workers=0,
-                         device="cpu", skip_corrupt=True)
+    loader = ShardLoader(
+        [*shards, str(garbage), missing],
+        batch_size=2,
+        training=False,
+        num_workers=0,
+        device="cpu",
+        skip_corrupt=True,
+    )
     assert len(loader.skipped) == 3
-    assert all(any(path in line for line in loader.skipped) for path in (shards[1], str(garbage), missing))
+    assert all(
+        any(path in line for line in loader.skipped) for path in (shards[1], str(garbage), missing)
+    )
     keys, _ = collect(loader)
     assert sorted(keys) == sorted(k for k in truth if not k.startswith("case01"))
 
@@ -161,8 +185,15 @@ def test_eval_every_sample_once_across_ranks_and_workers(tmp_path, sizes):
     shards = str(tmp_path / "train-*.tar")
     seen: list[str] = []
     for rank in range(2):
-        loader = ShardLoader(shards, batch_size=2, training=False, num_workers=2, device="cpu",
-                             rank=rank, world_size=2)
+        loader = ShardLoader(
+            shards,
+            batch_size=2,
+            training=False,
+            num_workers=2,
+            device="cpu",
+            rank=rank,
+            world_size=2,
+        )
         for batch in loader:
             for key, crop, label in zip(batch.keys, batch.crops, batch.labels, strict=True):
                 assert np.array_equal(crop.numpy(), truth[key][0]) and int(label) == truth[key][1]
@@ -179,8 +210,16 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
     def epoch(seed: int, number: int) -> list[list[str]]:
         per_rank = []
         for rank in range(2):
-            loader = ShardLoader(shards, batch_size=batch, training=True, num_workers=2, device="cpu",
-                                 rank=rank, world_size=2, seed=seed)
+            loader = ShardLoader(
+                shards,
+                batch_size=batch,
+                training=True,
+                num_workers=2,
+                device="cpu",
+                rank=rank,
+                world_size=2,
+                seed=seed,
+            )
             loader.set_epoch(number)
             keys, sizes = collect(loader)
             assert sizes == [batch] * len(loader)  # drop_last, same batch count on every rank
@@ -203,8 +242,16 @@ def test_training_covers_everything_when_divisible(tmp_path):
     truth = make_shards(tmp_path, [3, 9, 4])  # 16 = 2 ranks × 2 workers × batch 4
     seen = []
     for rank in range(2):
-        loader = ShardLoader(str(tmp_path / "train-*.tar"), batch_size=4, training=True, num_workers=2,
-                             device="cpu", rank=rank, world_size=2, seed=11)
+        loader = ShardLoader(
+            str(tmp_path / "train-*.tar"),
+            batch_size=4,
+            training=True,
+            num_workers=2,
+            device="cpu",
+            rank=rank,
+            world_size=2,
+            seed=11,
+        )
         loader.set_epoch(5)
         seen.extend(collect(loader)[0])
     assert Counter(seen) == Counter(truth.keys())
@@ -212,15 +259,28 @@ def test_training_covers_everything_when_divisible(tmp_path):
 
 def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path):
     truth = make_shards(tmp_path, [4, 4])
-    loader = ShardLoader(str(tmp_path / "train-*.tar"), batch_size=3, training=True, num_workers=0,
-                         device="cpu", seed=1)
+    loader = ShardLoader(
+        str(tmp_path / "train-*.tar"),
+        batch_size=3,
+        training=True,
+        num_workers=0,
+        device="cpu",
+        seed=1,
+    )
     assert len(loader) == 2
     for batch in loader:
         for key, crop in zip(batch.keys, batch.crops, strict=True):
             assert np.array_equal(crop.numpy(), truth[key][0])
     with pytest.raises(ValueError, match="too few"):
-        ShardLoader(str(tmp_path / "train-*.tar"), batch_size=3, training=True, num_workers=2,
-                    device="cpu", rank=0, world_size=2)
+        ShardLoader(
+            str(tmp_path / "train-*.tar"),
+            batch_size=3,
+            training=True,
+            num_workers=2,
+            device="cpu",
+            rank=0,
+            world_size=2,
+        )
 
 
 # ----------------------------------------------------------------------------- zarr
@@ -233,13 +293,20 @@ def test_zarr_crops_reads_contract_layout(tmp_path):
     rng = np.random.default_rng()
     crops = rng.integers(-1024, 3000, size=(3, 96, 96, 96), dtype=np.int16)
     group = zarr.open_group(str(tmp_path / "crops.zarr"), mode="w")
-    array = group.create_array("crops", shape=crops.shape, dtype="int16", chunks=(1, 96, 96, 96),
-                               compressors=BloscCodec(cname="zstd", clevel=3))
+    array = group.create_array(
+        "crops",
+        shape=crops.shape,
+        dtype="int16",
+        chunks=(1, 96, 96, 96),
+        compressors=BloscCodec(cname="zstd", clevel=3),
+    )
     array[:] = crops
     group.create_array("classes", shape=(3,), dtype="int8")[:] = [1, -1, 0]
     group.create_array("grades", shape=(3,), dtype="int8")[:] = [2, -1, 0]
     keys = ["a_L1", "b_T12", "c-1_L2"]
-    group.attrs.update({"keys": keys, "splits": ["train", "unlabeled", "test"], "levels": ["L1", "T12", "L2"]})
+    group.attrs.update(
+        {"keys": keys, "splits": ["train", "unlabeled", "test"], "levels": ["L1", "T12", "L2"]}
+    )
     store = ZarrCrops(tmp_path / "crops.zarr")
     assert store.keys == keys
     for i, key in enumerate(keys):

@@ -34,8 +34,12 @@ def sample_frames(
         raise ValueError(f"{offsets.numel()} offsets for {batch} crops")
     last = (num_frames - 1) * stride
     if last >= crops.shape[1]:
-        raise ValueError(f"{num_frames} frames × stride {stride} do not fit {crops.shape[1]} slices")
-    frame_index = offsets[:, None] + stride * torch.arange(num_frames, device=crops.device)  # (B, T)
+        raise ValueError(
+            f"{num_frames} frames × stride {stride} do not fit {crops.shape[1]} slices"
+        )
+    frame_index = offsets[:, None] + stride * torch.arange(
+        num_frames, device=crops.device
+    )  # (B, T)
     rows = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
     frames = crops[rows, frame_index.clamp_(0, crops.shape[1] - 1)]  # (B, T, H, W) int16
     frames = frames.float().clamp_(HU_MIN, HU_MAX).add_(-HU_MIN).div_(HU_MAX - HU_MIN)
@@ -52,7 +56,10 @@ def multiview_offsets(views: int) -> list[int]:
 
 
 def random_offsets(
-    batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """One random training offset per sample, int64 (B,) uniform in [0, 6)."""
     return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)

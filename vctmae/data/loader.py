@@ -134,7 +134,9 @@ class _CropStream(IterableDataset):
     ):
         self.paths = [index.path for index in indexes]
         self.sizes = [len(index) for index in indexes]
-        self.shard_of = np.concatenate([np.full(len(ix), i, dtype=np.int32) for i, ix in enumerate(indexes)])
+        self.shard_of = np.concatenate(
+            [np.full(len(ix), i, dtype=np.int32) for i, ix in enumerate(indexes)]
+        )
         self.offsets = np.concatenate([index.offsets for index in indexes])
         self.labels = np.concatenate([index.labels for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
@@ -183,7 +185,9 @@ class _CropStream(IterableDataset):
         shape = (count, *self.shape)
         if in_worker:  # allocate in shared memory: handing it to the main process copies nothing
             nbytes = int(np.prod(shape)) * 2
-            return torch.empty(0, dtype=torch.int16).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+            return torch.empty(0, dtype=torch.int16).set_(
+                torch.UntypedStorage._new_shared(nbytes), 0, shape
+            )
         return torch.empty(shape, dtype=torch.int16, pin_memory=self.pin)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -203,7 +207,9 @@ class _CropStream(IterableDataset):
                     try:
                         read_crop(files[shard], int(self.offsets[sample]), out[row])
                     except OSError as error:
-                        raise ShardError(self.paths[shard], f"reading {self.keys[sample]}: {error}") from None
+                        raise ShardError(
+                            self.paths[shard], f"reading {self.keys[sample]}: {error}"
+                        ) from None
                 labels = torch.from_numpy(self.labels[chunk])
                 yield Batch(crops, labels, [self.keys[i] for i in chunk])
         finally:
@@ -263,7 +269,11 @@ class DevicePrefetcher:
 def _default_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -319,7 +329,9 @@ class ShardLoader:
         self.epoch = 0
         indexes, self.skipped = index_shards(self.shards, skip_corrupt=skip_corrupt)
         if not indexes:
-            raise ShardError(self.shards[0] if len(self.shards) == 1 else "<shards>", "no usable samples")
+            raise ShardError(
+                self.shards[0] if len(self.shards) == 1 else "<shards>", "no usable samples"
+            )
         self.indexes = indexes
         self.num_samples = sum(len(index) for index in indexes)
         workers = max(1, num_workers)

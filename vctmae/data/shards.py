@@ -19,7 +19,6 @@ import struct
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -152,7 +151,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
     that cannot be read at all still raises (the caller skips and counts it).
     """
     if _is_url(path):
-        raise ShardError(path, "remote shards are not supported by the indexed reader; copy them locally")
+        raise ShardError(
+            path, "remote shards are not supported by the indexed reader; copy them locally"
+        )
     try:
         size = os.path.getsize(path)
         handle = open(path, "rb")
@@ -170,7 +171,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                     if not member.isfile():
                         continue
                     if member.offset_data + member.size > size:
-                        raise ShardError(path, f"truncated: member {member.name} ends past the end of the file")
+                        raise ShardError(
+                            path, f"truncated: member {member.name} ends past the end of the file"
+                        )
                     key, ext = _split_name(member.name)
                     if key not in crops and key not in classes:
                         order.append(key)
@@ -201,14 +204,22 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                 if dtype != np.dtype("<i2"):
                     raise ShardError(path, f"{name}: dtype {dtype}, expected int16")
                 if header_length + int(np.prod(sample_shape)) * 2 != length:
-                    raise ShardError(path, f"{name}: .npy size does not match its shape {sample_shape}")
+                    raise ShardError(
+                        path, f"{name}: .npy size does not match its shape {sample_shape}"
+                    )
                 if shape is not None and sample_shape != shape:
                     raise ShardError(path, f"{name}: shape {sample_shape} differs from {shape}")
                 label = -1
                 if key in classes:
-                    text = os.pread(fd, classes[key][1], classes[key][0]).decode("ascii", "replace").strip()
+                    text = (
+                        os.pread(fd, classes[key][1], classes[key][0])
+                        .decode("ascii", "replace")
+                        .strip()
+                    )
                     if not text.lstrip("-").isdigit():
-                        raise ShardError(path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})")
+                        raise ShardError(
+                            path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})"
+                        )
                     label = int(text)
             except ShardError as error:
                 if not skip_corrupt:
@@ -229,7 +240,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
     )
 
 
-def index_shards(shards: Sequence[str], *, skip_corrupt: bool = False) -> tuple[list[ShardIndex], list[str]]:
+def index_shards(
+    shards: Sequence[str], *, skip_corrupt: bool = False
+) -> tuple[list[ShardIndex], list[str]]:
     """Index every shard; returns (indexes of usable shards, "<path>: <problem>" for each thing skipped)."""
     indexes: list[ShardIndex] = []
     skipped: list[str] = []
@@ -238,7 +251,9 @@ def index_shards(shards: Sequence[str], *, skip_corrupt: bool = False) -> tuple[
         try:
             index = index_shard(path, skip_corrupt=skip_corrupt)
             if shape is not None and index.shape and index.shape != shape:
-                raise ShardError(path, f"crop shape {index.shape} differs from {shape} in earlier shards")
+                raise ShardError(
+                    path, f"crop shape {index.shape} differs from {shape} in earlier shards"
+                )
         except ShardError as error:
             if not skip_corrupt:
                 raise

@@ -1,0 +1,96 @@
+"""DALI backend: identical tensors to the torch backend (skipped cleanly without the [dali] extra)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from test_data import make_shards  # noqa: E402
+
+from vctmae.data import ShardLoader, sample_frames  # noqa: E402
+from vctmae.data.dali import frames_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali-shards")
+    truth = make_shards(
+        root, [3, 1, 4], shape=(96, 96, 96), seed=int(np.random.default_rng().integers(1 << 30))
+    )
+    return str(root / "train-*.tar"), truth
+
+
+def test_dali_loader_equals_torch_loader(shards):
+    pattern, truth = shards
+    seen = []
+    for rank in range(2):
+        by_backend = {}
+        for backend in ("torch", "dali"):
+            loader = ShardLoader(
+                pattern,
+                batch_size=3,
+                training=False,
+                num_workers=1,
+                device="cpu",
+                backend=backend,
+                rank=rank,
+                world_size=2,
+            )
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            by_backend[backend] = {
+                key: (crop, int(label))
+                for b in batches
+                for key, crop, label in zip(b.keys, b.crops, b.labels, strict=True)
+            }
+        assert by_backend["dali"].keys() <= truth.keys()
+        for key, (crop, label) in by_backend["dali"].items():
+            assert crop.dtype == torch.int16 and torch.equal(crop, torch.from_numpy(truth[key][0]))
+            assert label == truth[key][1]
+        seen.extend(by_backend["dali"])
+    assert Counter(seen) == Counter(truth.keys())  # eval: every sample exactly once across ranks
+
+
+def test_dali_training_ranks_agree_on_batch_count(shards):
+    pattern, truth = shards
+    counts, keys = [], []
+    for rank in range(2):
+        loader = ShardLoader(
+            pattern,
+            batch_size=2,
+            training=True,
+            num_workers=1,
+            device="cpu",
+            backend="dali",
+            rank=rank,
+            world_size=2,
+            seed=5,
+        )
+        batches = list(loader)
+        counts.append(len(batches))
+        assert len(batches) == len(loader) == 2 and all(len(b) == 2 for b in batches)
+        keys.extend(k for b in batches for k in b.keys)
+    assert len(set(keys)) == len(keys) and set(keys) <= truth.keys()
+
+
+@pytest.mark.parametrize("offset", [None, 0, 5])
+def test_dali_frames_equal_sample_frames(shards, offset):
+    pattern, truth = shards
+    import glob
+
+    pipe = frames_pipeline(sorted(glob.glob(pattern)), batch_size=4, offset=offset, seed=7)
+    drawn = []
+    for _ in range(3):
+        crops, offsets, frames, _, _ = (out.as_array() for out in pipe.run())
+        offsets = torch.from_numpy(offsets).long()
+        drawn.extend(offsets.tolist())
+        expected = sample_frames(torch.from_numpy(crops), offsets)
+        torch.testing.assert_close(torch.from_numpy(frames), expected, rtol=0, atol=0)
+    assert set(drawn) <= set(range(6))
+    if offset is not None:
+        assert set(drawn) == {offset}
