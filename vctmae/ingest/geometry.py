@@ -37,6 +37,7 @@ AIR_HU = -1024
 INT16_MIN, INT16_MAX = -32768, 32767
 ALIGNMENTS = ("auto", "spline", "axis")
 LABEL_SCHEMES = ("auto", *SCHEMES)
+SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
 LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
 
 # World (RAS+) directions of the crop axes before any alignment.
@@ -172,11 +173,12 @@ def spine_tangents(centroids: np.ndarray, weights: np.ndarray | None = None) -> 
 
     `centroids` is (N, 3), ordered head → feet; `weights` (N,) in (0, 1] say how
     much to trust each centroid (a truncated vertebra's centroid is biased by
-    the cut). The curve is one weighted least-squares polynomial per world
-    coordinate in the chord-length parameter, of low degree (1 for 2 points,
-    up to 5 for a whole spine, and at most one less than the number of
-    well-trusted points), so a single poor centroid cannot bend it. Fewer than
-    two points give the world superior → inferior axis.
+    the cut). At each vertebra the curve is a local weighted least-squares
+    quadratic per world coordinate in the chord-length parameter, fitted to
+    the five nearest vertebrae (a circle arc of the spine's curvature is
+    followed to ~1°, for any N from 3 to a whole spine), and a line where fewer
+    than three centroids are well trusted, so one poor centroid cannot bend it.
+    Fewer than two points give the world superior → inferior axis.
     """
     points = np.asarray(centroids, dtype=np.float64)
     count = len(points)
@@ -188,12 +190,18 @@ def spine_tangents(centroids: np.ndarray, weights: np.ndarray | None = None) -> 
     if np.any(steps < 1e-6):
         return fallback  # two vertebrae at one place: no curve to speak of
     arclength = np.concatenate([[0.0], np.cumsum(steps)])
-    trusted = int(np.count_nonzero(weights >= 0.5))
-    degree = max(1, min(count - 1, 1 + count // 3, 5, trusted - 1))
+    width = min(count, SPLINE_WINDOW)
     derivative = np.empty_like(points)
-    for axis in range(3):
-        curve = np.polynomial.Polynomial.fit(arclength, points[:, axis], degree, w=weights)
-        derivative[:, axis] = curve.deriv()(arclength)
+    for index in range(count):
+        start = min(max(index - width // 2, 0), count - width)
+        window = slice(start, start + width)
+        trusted = int(np.count_nonzero(weights[window] >= 0.5))
+        degree = max(1, min(2, width - 1, trusted - 1))
+        for axis in range(3):
+            curve = np.polynomial.Polynomial.fit(
+                arclength[window], points[window, axis], degree, w=weights[window]
+            )
+            derivative[index, axis] = curve.deriv()(arclength[index])
     norms = np.linalg.norm(derivative, axis=1, keepdims=True)
     return np.where(norms > 1e-9, derivative / np.maximum(norms, 1e-12), fallback)
 

@@ -41,6 +41,12 @@ class Volume:
         return float(abs(np.linalg.det(self.affine[:3, :3])))
 
 
+def _detail(error: Exception, path: Path) -> str:
+    """The underlying error in a few words, without repeating the full path."""
+    text = str(error).replace(str(path), path.name).strip() or "no details"
+    return f"{type(error).__name__}: {text}"
+
+
 def _open(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise IngestError(path, "file not found")
@@ -49,9 +55,9 @@ def _open(path: Path) -> nib.Nifti1Image:
     try:
         image = nib.load(str(path))
     except nib.filebasedimages.ImageFileError as error:
-        raise IngestError(path, f"not a NIfTI file ({error})") from None
+        raise IngestError(path, f"not a NIfTI file ({_detail(error, path)})") from None
     except Exception as error:  # gzip/zlib/struct/OS errors: all mean "cannot read"
-        raise IngestError(path, f"unreadable file ({type(error).__name__}: {error})") from None
+        raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise IngestError(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
     return image
@@ -88,9 +94,7 @@ def _read(path: Path, image: nib.Nifti1Image, scaled_float: bool) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as error:
-        raise IngestError(
-            path, f"corrupt or truncated data ({type(error).__name__}: {error})"
-        ) from None
+        raise IngestError(path, f"corrupt or truncated data ({_detail(error, path)})") from None
 
 
 def load_ct(path: str | Path) -> Volume:
