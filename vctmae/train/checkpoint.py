@@ -2,7 +2,7 @@
 
 Layout under a run directory:
 
-    checkpoints/epoch-0007.safetensors (+ .json model config beside it)   weights
+    checkpoints/epoch-0007.safetensors (+ epoch-0007.json model config)   weights
     checkpoints/epoch-0007.state.pt                                         training state
     checkpoints/last.json                                                   which pair is current
 
@@ -35,15 +35,13 @@ def _replace(tmp: Path, final: Path) -> None:
 
 def save_weights(model: nn.Module, path: Path) -> Path:
     """Write `model` with vctmae.model.save_model (safetensors + JSON config), atomically."""
-    from vctmae.model import save_model
+    from vctmae.model.checkpoint import config_path, save_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     save_model(model, tmp)
-    tmp_config = Path(f"{tmp}.json")
-    if tmp_config.exists():
-        _replace(tmp_config, Path(f"{path}.json"))
+    _replace(config_path(tmp), config_path(path))
     _replace(tmp, path)
     return path
 

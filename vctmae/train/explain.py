@@ -1,0 +1,146 @@
+"""Attention pictures of the classifier over the 16 frames of a crop (SPEC §8).
+
+Two maps per crop, both over the 8 × 6 × 6 token grid:
+- last layer: the last block's attention probabilities, mean over heads, then
+  mean over the patch-token queries of the attention each patch token receives.
+  The classifier pools the mean of the patch tokens (not the cls token), so the
+  mean over patch queries — not the cls row — is what feeds its decision.
+- rollout (Abnar & Zuidema 2020): per layer the head-mean attention plus the
+  identity (the residual path), rows renormalised, multiplied through all
+  layers; then the same mean over patch queries.
+Each token covers 2 frames × 16 × 16 pixels, so a map is upsampled to
+16 × 96 × 96 by repetition and overlaid on the view's sagittal slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vctmae.train.config import ExplainConfig
+
+
+def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout of one sample: maps are per layer (heads, N, N) → (N, N)."""
+    tokens = maps[0].shape[-1]
+    identity = torch.eye(tokens, dtype=torch.float64)
+    result = identity
+    for layer in maps:
+        attention = 0.5 * layer.double().mean(0) + 0.5 * identity  # (N, N)
+        attention = attention / attention.sum(-1, keepdim=True)
+        result = attention @ result
+    return result
+
+
+def token_scores(maps: list[torch.Tensor], grid: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Per-token relevance (t, h, w) from one sample's attention maps (cls token first)."""
+    last = maps[-1].double().mean(0)  # (N, N) mean over heads
+    rolled = rollout(maps)
+    scores = {}
+    for name, matrix in (("last layer", last), ("rollout", rolled)):
+        received = matrix[1:, 1:].mean(0)  # (L,) mean over patch queries of attention to patch keys
+        scores[name] = received.reshape(grid).float()  # (t, h, w)
+    return scores
+
+
+def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.Tensor:
+    """(t, h, w) token scores → (t·t_patch, h·patch, w·patch), scaled to [0, 1]."""
+    frames = (
+        scores.repeat_interleave(t_patch, 0).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+    )
+    low, high = frames.min(), frames.max()
+    return (frames - low) / (high - low) if high > low else torch.zeros_like(frames)
+
+
+@torch.no_grad()
+def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -> dict[str, Any]:
+    """Probabilities and frame-level attention maps of one int16 crop (96, 96, 96)."""
+    from vctmae.data import multiview_offsets, sample_frames
+    from vctmae.model import attention_maps
+
+    model.eval()
+    device = next(model.parameters()).device
+    crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
+    views = multiview_offsets(6)
+    probs = [
+        torch.softmax(model.forward_crops(crops, torch.full((1,), o, device=device)).float(), -1)[
+            0, 1
+        ]
+        for o in views
+    ]
+    view = torch.full((1,), offset, dtype=torch.long, device=device)
+    clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
+    maps = [m[0].cpu() for m in attention_maps(model, clip)]  # per layer (heads, N, N)
+    cfg = model.config
+    scores = token_scores(maps, cfg.grid)
+    return {
+        "frames": clip[0, 0].cpu(),  # (16, 96, 96)
+        "maps": {name: to_frames(s, cfg.t_patch, cfg.patch) for name, s in scores.items()},
+        "prob_view": float(probs[views.index(offset)]),
+        "prob_multiview": float(torch.stack(probs).mean()),
+    }
+
+
+def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
+    """Two blocks of 2 × 8 panels (last layer, rollout), each frame with its attention overlay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = result["frames"].numpy()
+    names = list(result["maps"])
+    columns = frames.shape[0] // 2
+    fig, axes = plt.subplots(
+        2 * len(names), columns, figsize=(1.5 * columns, 1.65 * 2 * len(names))
+    )
+    for block, name in enumerate(names):
+        heat = result["maps"][name].numpy()
+        for k in range(frames.shape[0]):
+            ax = axes[2 * block + k // columns, k % columns]
+            ax.imshow(frames[k], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(heat[k], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"frame {k}", fontsize=7)
+            if k % columns == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_explain(config: ExplainConfig) -> dict[str, Any]:
+    """Write the attention picture of `config.key`; returns its probabilities and path."""
+    from vctmae.data import ZarrCrops
+    from vctmae.model import load_model
+
+    for path, what in ((config.checkpoint, "checkpoint"), (config.zarr, "Zarr store")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    store = ZarrCrops(config.zarr)
+    if config.key not in store.keys:
+        raise KeyError(f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)")
+    model = load_model(config.checkpoint).to(torch.device(config.device))
+    result = explain_crop(model, store.crop(config.key), offset=config.offset)
+    label = store.label(config.key)
+    truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")
+    title = (
+        f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} (6 views), "
+        f"{result['prob_view']:.3f} (shown view, offset {config.offset})"
+    )
+    save_explanation(result, config.out, title=title)
+    return {
+        "key": config.key,
+        "label": label,
+        "prob_multiview": result["prob_multiview"],
+        "prob_view": result["prob_view"],
+        "out": str(config.out),
+    }
