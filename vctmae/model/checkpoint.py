@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +68,14 @@ def read_state(source: str | Path | Mapping[str, object]) -> dict[str, torch.Ten
         if path.suffix == ".safetensors":
             state: Mapping[str, object] = load_file(str(path))
         else:
-            # weights_only: a downloaded pickle can never run code here.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                # weights_only: a downloaded pickle can never run code here.
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                first_line = str(error).strip().splitlines()[0]
+                raise CheckpointError(
+                    f"{path}: refused, holds objects other than tensors ({first_line})"
+                ) from error
     else:
         state = source
     if not isinstance(state, Mapping):

@@ -53,11 +53,12 @@ def frames_from_crops(
 
 
 def triton_patch_embed_available() -> bool:
+    """True when the Triton kernel module and the triton package are both importable."""
     try:
-        from vctmae.kernels import patch_embed  # noqa: F401
+        from vctmae.kernels import triton_available
     except ImportError:
         return False
-    return True
+    return triton_available()
 
 
 def resolve_backend(backend: str, crops: torch.Tensor) -> str:

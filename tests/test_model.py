@@ -1,0 +1,393 @@
+"""Architecture tests of vctmae.model: presets, masking, targets, loss, channels, crop path, attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vctmae.model import (
+    ModelConfig,
+    attention_maps,
+    build_classifier,
+    build_mae,
+    patchify,
+    preset_config,
+    random_masking,
+    target_frame_indices,
+    unpatchify,
+    visible_count,
+)
+
+TINY = dict(
+    embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2
+)
+
+
+def _clip(batch, channels=1, seed=0):
+    return torch.rand(batch, channels, 16, 96, 96, generator=torch.Generator().manual_seed(seed))
+
+
+def _crops(batch, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-1500, 2500, (batch, 96, 96, 96), generator=gen, dtype=torch.int16)
+
+
+def _frames(crops, offsets):
+    """Frames crop[o + 6k], HU clipped to [-1000, 1000] → [0, 1], written out plainly."""
+    out = torch.empty(crops.shape[0], 1, 16, 96, 96)
+    for b in range(crops.shape[0]):
+        for k in range(16):
+            hu = crops[b, int(offsets[b]) + 6 * k].float()
+            out[b, 0, k] = (hu.clamp(-1000, 1000) + 1000) / 2000
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and configuration
+
+
+@pytest.mark.parametrize(
+    ("preset", "low", "high"),
+    [("large", 302e6, 306e6), ("base", 85e6, 88e6), ("small", 21e6, 23e6), ("tiny", 1e6, 4e6)],
+)
+def test_preset_encoder_sizes(preset, low, high):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        mae = build_mae(preset)
+        classifier = build_classifier(preset)
+    encoder = sum(
+        p.numel()
+        for name, p in mae.named_parameters()
+        if not (name.startswith("decoder") or name == "mask_token")
+    )
+    assert low < encoder < high
+    head = sum(p.numel() for name, p in classifier.named_parameters() if name.startswith("head"))
+    assert sum(p.numel() for p in classifier.parameters()) == encoder + head
+    assert mae.pos_embed_spatial.shape == (1, 36, mae.config.embed_dim)
+    assert mae.pos_embed_temporal.shape == (1, 8, mae.config.embed_dim)
+    assert mae.pos_embed_class.shape == (1, 1, mae.config.embed_dim)
+    assert tuple(mae.patch_embed.proj.weight.shape) == (mae.config.embed_dim, 3, 2, 16, 16)
+
+
+def test_large_preset_is_the_paper_model():
+    config = preset_config("large")
+    assert (config.embed_dim, config.depth, config.num_heads) == (1024, 24, 16)
+    assert (config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads) == (
+        512,
+        4,
+        16,
+    )
+    assert config.grid == (8, 6, 6) and config.num_tokens == 288
+    assert config.t_pred_patch == 1 and config.pred_dim == 768
+
+
+def test_config_is_frozen_and_validated():
+    config = preset_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.depth = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="num_heads"):
+        preset_config("tiny", num_heads=5)
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("huge")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("preset", ["large", "base", "small", "tiny"])
+def test_every_preset_trains_on_a_tiny_input(preset):
+    # The real widths and heads of each preset, one block deep to keep CI fast (tiny in full).
+    overrides = {} if preset == "tiny" else {"depth": 1, "decoder_depth": 1}
+    torch.manual_seed(0)
+    mae = build_mae(preset, **overrides)
+    loss, pred, mask = mae(_clip(1), mask_ratio=0.8)
+    loss.backward()
+    assert torch.isfinite(loss) and pred.shape == (1, 288, 768) and mask.shape == (1, 288)
+    grads = [p.grad for p in mae.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert mae.patch_embed.proj.weight.grad.abs().sum() > 0
+
+    classifier = build_classifier(preset, num_classes=2, **overrides)
+    logits = classifier(_clip(1, seed=1))
+    logits.sum().backward()
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in classifier.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Masking, target and loss
+
+
+def test_masking_keeps_57_of_288_and_is_reproducible():
+    assert visible_count(288, 0.8) == 57
+    mae = build_mae("tiny", **TINY).eval()
+    x = _clip(2)
+    noise = torch.rand(2, 288)
+    latent, mask, ids_restore = mae.forward_encoder(x, 0.8, noise=noise)
+    assert latent.shape == (2, 57, 32)
+    assert mask.sum(1).tolist() == [231.0, 231.0]
+    # the visible tokens are exactly the 57 smallest noise values
+    smallest = torch.argsort(noise, dim=1)[:, :57]
+    for b in range(2):
+        assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(smallest[b].tolist())
+    assert sorted(ids_restore[0].tolist()) == list(range(288))
+    with torch.no_grad():
+        first = mae(x, noise=noise)
+        again = mae(x, noise=noise.clone())
+        other = mae(x, noise=torch.rand(2, 288))
+    torch.testing.assert_close(first[1], again[1], rtol=0, atol=0)
+    assert torch.equal(first[2], again[2])
+    assert not torch.equal(first[2], other[2])
+
+
+def test_random_masking_shapes():
+    masking = random_masking(torch.rand(3, 10), 0.5)
+    assert masking.ids_keep.shape == (3, 5) and masking.mask.shape == (3, 10)
+    restored = torch.gather(
+        torch.cat([masking.ids_keep, torch.zeros(3, 5, dtype=torch.long)], 1),
+        1,
+        masking.ids_restore,
+    )
+    visible = masking.mask == 0
+    assert torch.equal(restored[visible], torch.nonzero(visible)[:, 1])
+
+
+def test_target_frames_are_mae_st_linspace():
+    assert target_frame_indices(16, 8).tolist() == [0, 2, 4, 6, 8, 10, 12, 15]
+
+
+def test_target_layout_is_mae_st_patchify():
+    mae = build_mae("tiny", **TINY)
+    clip = torch.rand(2, 3, 16, 96, 96)
+    target = mae.target(clip)  # (B, 288, 768)
+    assert target.shape == (2, 288, 768)
+    frames = [0, 2, 4, 6, 8, 10, 12, 15]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        b, t, row, col = (int(torch.randint(n, (1,), generator=gen)) for n in (2, 8, 6, 6))
+        p, q, c = (int(torch.randint(n, (1,), generator=gen)) for n in (16, 16, 3))
+        token = t * 36 + row * 6 + col
+        value_index = (p * 16 + q) * 3 + c  # (u, p, q, c) with u = 0
+        assert target[b, token, value_index] == clip[b, c, frames[t], row * 16 + p, col * 16 + q]
+    # unpatchify inverts it
+    torch.testing.assert_close(mae.unpatchify(target), clip[:, :, frames], rtol=0, atol=0)
+
+
+def test_patchify_with_two_frame_tubes_orders_time_first():
+    clip = torch.arange(2 * 4 * 32 * 32, dtype=torch.float32).reshape(1, 2, 4, 32, 32)
+    tokens = patchify(clip, t_patch=2, patch=16, channels=2)  # (1, 2*2*2, 2*16*16*2)
+    u, p, q, c = 1, 3, 7, 1
+    token = 1 * 4 + 0 * 2 + 1  # t=1, row=0, col=1
+    expected = clip[0, c, 1 * 2 + u, 0 * 16 + p, 1 * 16 + q]
+    assert tokens[0, token, ((u * 16 + p) * 16 + q) * 2 + c] == expected
+    back = unpatchify(tokens, grid=(2, 2, 2), t_patch=2, patch=16)
+    assert torch.equal(back, clip)
+
+
+def test_loss_covers_masked_tokens_only():
+    mae = build_mae("tiny", **TINY).eval()
+    x = _clip(2)
+    noise = torch.rand(2, 288)
+    with torch.no_grad():
+        loss, pred, mask = mae(x, noise=noise)
+        target = mae.target(x)
+        visible = (1 - mask).unsqueeze(-1)
+        bumped = pred + 5.0 * torch.randn_like(pred) * visible  # change only visible tokens
+        torch.testing.assert_close(mae.forward_loss(target, bumped, mask), loss)
+        masked_bump = pred + 0.5 * mask.unsqueeze(-1)
+        assert mae.forward_loss(target, masked_bump, mask) != loss
+        per_token = ((pred - target) ** 2).mean(-1)
+        torch.testing.assert_close(loss, per_token[mask.bool()].mean())
+
+
+def test_norm_pix_loss_normalises_each_target_patch():
+    mae = build_mae("tiny", norm_pix_loss=True, **TINY).eval()
+    x = _clip(1)
+    with torch.no_grad():
+        loss, pred, mask = mae(x, noise=torch.rand(1, 288))
+        target = mae.target(x)
+        normed = (target - target.mean(-1, keepdim=True)) / (
+            target.var(-1, keepdim=True) + 1e-6
+        ) ** 0.5
+        expected = (((pred - normed) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# One channel == three replicated channels
+
+
+def test_one_channel_equals_three_replicated_channels():
+    torch.manual_seed(1)
+    mae = build_mae("tiny", **TINY).eval()
+    classifier = build_classifier("tiny", **TINY).eval()
+    grey = _clip(2, channels=1, seed=3)
+    rgb = grey.expand(-1, 3, -1, -1, -1)
+    noise = torch.rand(2, 288)
+    with torch.no_grad():
+        loss1, pred1, mask1 = mae(grey, noise=noise)
+        loss3, pred3, mask3 = mae(rgb, noise=noise)
+        torch.testing.assert_close(pred1, pred3, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss1, loss3, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mae.target(grey), mae.target(rgb), rtol=0, atol=0)
+        torch.testing.assert_close(classifier(grey), classifier(rgb), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels"):
+        mae(_clip(1, channels=2), noise=torch.rand(1, 288))
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop path
+
+
+def test_crop_path_equals_frames_path():
+    torch.manual_seed(2)
+    mae = build_mae("tiny", **TINY).eval()
+    classifier = build_classifier("tiny", **TINY).eval()
+    mae.patch_embed_backend = classifier.patch_embed_backend = "torch"
+    crops = _crops(2, seed=4)
+    offsets = torch.tensor([0, 5])
+    frames = _frames(crops, offsets)
+    noise = torch.rand(2, 288)
+    with torch.no_grad():
+        expected = mae(frames, noise=noise)
+        got = mae.forward_crops(crops, offsets, noise=noise)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            classifier.forward_crops(crops, offsets), classifier(frames), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_kernel_route_plumbing_equals_frames_path(monkeypatch):
+    """The Triton route (keep ids, positional table, target gathered from crops) with the kernel's
+    contract stood in by its torch reference, on CPU."""
+    from vctmae.kernels import patch_embed_reference
+
+    calls = []
+
+    def kernel_stand_in(crops, offsets, weight, bias, *, keep, pos):
+        calls.append(None if keep is None else tuple(keep.shape))
+        return patch_embed_reference(crops, offsets, weight, bias, keep=keep, pos=pos)
+
+    monkeypatch.setattr("vctmae.model.vit.triton_patch_tokens", kernel_stand_in)
+    torch.manual_seed(3)
+    mae = build_mae("tiny", **TINY).eval()
+    classifier = build_classifier("tiny", **TINY).eval()
+    mae.patch_embed_backend = classifier.patch_embed_backend = "triton"
+    crops = _crops(3, seed=6)
+    offsets = torch.tensor([1, 3, 4])
+    frames = _frames(crops, offsets)
+    noise = torch.rand(3, 288)
+    loss, pred, mask = mae.forward_crops(crops, offsets, noise=noise)
+    loss.backward()
+    grad_kernel = mae.patch_embed.proj.weight.grad.clone()
+    mae.zero_grad()
+    ref_loss, ref_pred, ref_mask = mae(frames, noise=noise)
+    ref_loss.backward()
+    torch.testing.assert_close(pred, ref_pred, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(grad_kernel, mae.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            classifier.forward_crops(crops, offsets), classifier(frames), rtol=1e-4, atol=1e-5
+        )
+    assert calls == [(3, 57), None]
+
+
+def test_real_triton_kernel_under_interpreter_matches_torch_route():
+    """The model's Triton route with the real kernel, run by the Triton CPU interpreter."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent(
+        """
+        import torch
+        from vctmae.model import build_mae, build_classifier
+        tiny = dict(embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+                    decoder_num_heads=2)
+        torch.manual_seed(0)
+        mae = build_mae("tiny", **tiny).eval()
+        crops = torch.randint(-1500, 2500, (1, 96, 96, 96), dtype=torch.int16)
+        offsets = torch.tensor([2])
+        noise = torch.rand(1, 288)
+        with torch.no_grad():
+            mae.patch_embed_backend = "triton"
+            kernel = mae.forward_crops(crops, offsets, noise=noise)
+            mae.patch_embed_backend = "torch"
+            torch_route = mae.forward_crops(crops, offsets, noise=noise)
+        for a, b in zip(kernel, torch_route):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_backend_name_is_checked():
+    mae = build_mae("tiny", **TINY)
+    mae.patch_embed_backend = "cuda"
+    with pytest.raises(ValueError, match="patch_embed_backend"):
+        mae.forward_crops(_crops(1), torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention maps
+
+
+def test_attention_maps_are_the_sdpa_attention():
+    torch.manual_seed(4)
+    classifier = build_classifier("tiny", **TINY).eval()
+    x = _clip(2, seed=7)
+    with torch.no_grad():
+        maps = attention_maps(classifier, x)
+        assert len(maps) == 2
+        hidden = classifier.with_cls(classifier.embed(x))
+        for block, probabilities in zip(classifier.blocks, maps, strict=True):
+            assert probabilities.shape == (2, 4, 289, 289)
+            torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 4, 289))
+            # explicit softmax(q k^T / sqrt(d)) from the fused weights, written out here
+            h = block.norm1(hidden)
+            q, k, _ = block.attn.qkv(h).chunk(3, dim=-1)
+            q = q.reshape(2, 289, 4, 8).transpose(1, 2)
+            k = k.reshape(2, 289, 4, 8).transpose(1, 2)
+            expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+            torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
+            explicit, _ = block.forward_with_attention(hidden)
+            hidden = block(hidden)  # SDPA path
+            torch.testing.assert_close(explicit, hidden, rtol=1e-5, atol=1e-5)
+    mae = build_mae("tiny", **TINY)
+    assert len(attention_maps(mae, x[:1])) == 2
+
+
+def test_bf16_autocast_forward_is_finite():
+    mae = build_mae("tiny", **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = mae(_clip(1), noise=torch.rand(1, 288))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_drop_path_is_active_only_in_training():
+    classifier = build_classifier("tiny", drop_path=0.5, head_dropout=0.0, **TINY)
+    x = _clip(2)
+    classifier.eval()
+    with torch.no_grad():
+        assert torch.equal(classifier(x), classifier(x))
+        classifier.train()
+        torch.manual_seed(0)
+        a = classifier(x)
+        torch.manual_seed(1)
+        b = classifier(x)
+    assert not torch.equal(a, b)
