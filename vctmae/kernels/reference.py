@@ -33,24 +33,30 @@ MAX_OFFSET = CROP_SIZE - FRAME_STRIDE * (NUM_FRAMES - 1)  # offsets in [0, 6)
 
 def sample_frames_reference(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """int16 crops (B, 96, 96, 96) + offsets (B,) → float32 frames (B, 1, 16, 96, 96) in [0, 1]."""
-    index = offsets.to(device=crops.device, dtype=torch.long)[:, None] + FRAME_STRIDE * torch.arange(
-        NUM_FRAMES, device=crops.device
-    )  # (B, 16)
+    index = offsets.to(device=crops.device, dtype=torch.long)[
+        :, None
+    ] + FRAME_STRIDE * torch.arange(NUM_FRAMES, device=crops.device)  # (B, 16)
     batch = torch.arange(crops.shape[0], device=crops.device)[:, None]
     frames = crops[batch, index].float()  # (B, 16, 96, 96)
     frames = (frames.clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
     return frames.unsqueeze(1)  # (B, 1, 16, 96, 96)
 
 
-def gather_patches(crops: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def gather_patches(
+    crops: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """The patch vectors the kernel multiplies: (B, 288, 512), or (B, K, 512) with `keep`."""
     frames = sample_frames_reference(crops, offsets)[:, 0]  # (B, 16, 96, 96)
     batch = frames.shape[0]
-    patches = frames.reshape(batch, GRID_T, TUBE, GRID_HW, PATCH, GRID_HW, PATCH)  # (B, t, u, r, p, c, q)
+    patches = frames.reshape(
+        batch, GRID_T, TUBE, GRID_HW, PATCH, GRID_HW, PATCH
+    )  # (B, t, u, r, p, c, q)
     patches = patches.permute(0, 1, 3, 5, 2, 4, 6)  # (B, t, r, c, u, p, q)
     patches = patches.reshape(batch, NUM_TOKENS, PATCH_DIM)  # (B, 288, 512)
     if keep is not None:
-        patches = patches.gather(1, keep.long()[:, :, None].expand(-1, -1, PATCH_DIM))  # (B, K, 512)
+        patches = patches.gather(
+            1, keep.long()[:, :, None].expand(-1, -1, PATCH_DIM)
+        )  # (B, K, 512)
     return patches
 
 
@@ -68,7 +74,9 @@ def patch_embed_reference(
     """
     dim = weight.shape[0]
     frames = sample_frames_reference(crops, offsets)  # (B, 1, 16, 96, 96)
-    tokens = F.conv3d(frames, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH))
+    tokens = F.conv3d(
+        frames, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH)
+    )
     tokens = tokens.flatten(2).transpose(1, 2)  # (B, 288, D)
     if pos is not None:
         tokens = tokens + pos

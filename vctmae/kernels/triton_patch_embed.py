@@ -106,7 +106,9 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, 512, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         patches = _patch_tile(crops_ptr, batch, offset, token, row_mask, k)  # (BLOCK_M, BLOCK_K)
-        w = tl.load(weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0)
+        w = tl.load(
+            weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0
+        )
         if DOT_BF16:
             acc = tl.dot(patches.to(tl.bfloat16), w.to(tl.bfloat16), acc)
         else:
@@ -187,13 +189,17 @@ def forward_config(dim: int) -> LaunchConfig:
     """One config (the interpreter cannot autotune over several): big tiles on a GPU, few programs when interpreting."""
     if INTERPRET:
         return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
-    return LaunchConfig(block_m=128, block_n=min(128, _pow2_at_least_16(dim)), block_k=64, num_warps=8, num_stages=3)
+    return LaunchConfig(
+        block_m=128, block_n=min(128, _pow2_at_least_16(dim)), block_k=64, num_warps=8, num_stages=3
+    )
 
 
 def grad_weight_config(dim: int) -> LaunchConfig:
     if INTERPRET:
         return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
-    return LaunchConfig(block_m=64, block_n=min(128, _pow2_at_least_16(dim)), block_k=128, num_warps=8, num_stages=3)
+    return LaunchConfig(
+        block_m=64, block_n=min(128, _pow2_at_least_16(dim)), block_k=128, num_warps=8, num_stages=3
+    )
 
 
 def _dot_bf16(device: torch.device, precision: str | None) -> bool:
@@ -202,7 +208,9 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if precision == "bf16" and INTERPRET:
-        raise ValueError("bf16 dots are wrong under TRITON_INTERPRET=1 (triton issue 11584); use fp32")
+        raise ValueError(
+            "bf16 dots are wrong under TRITON_INTERPRET=1 (triton issue 11584); use fp32"
+        )
     return precision == "bf16"
 
 
@@ -312,17 +320,25 @@ class PatchEmbedFunction(torch.autograd.Function):
 
 def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
     if crops.dtype != torch.int16 or crops.dim() != 4 or tuple(crops.shape[1:]) != (CROP_SIZE,) * 3:
-        raise ValueError(f"crops must be int16 (B, 96, 96, 96), got {crops.dtype} {tuple(crops.shape)}")
+        raise ValueError(
+            f"crops must be int16 (B, 96, 96, 96), got {crops.dtype} {tuple(crops.shape)}"
+        )
     batch = crops.shape[0]
     if offsets.shape != (batch,) or offsets.dtype.is_floating_point:
-        raise ValueError(f"offsets must be integer (B,) = ({batch},), got {offsets.dtype} {tuple(offsets.shape)}")
+        raise ValueError(
+            f"offsets must be integer (B,) = ({batch},), got {offsets.dtype} {tuple(offsets.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != PATCH_DIM:
         raise ValueError(f"weight must be (D, {PATCH_DIM}), got {tuple(weight.shape)}")
     dim = weight.shape[0]
     if bias.shape != (dim,):
         raise ValueError(f"bias must be ({dim},), got {tuple(bias.shape)}")
-    if keep is not None and (keep.dim() != 2 or keep.shape[0] != batch or keep.dtype.is_floating_point):
-        raise ValueError(f"keep must be integer (B, K) with B = {batch}, got {keep.dtype} {tuple(keep.shape)}")
+    if keep is not None and (
+        keep.dim() != 2 or keep.shape[0] != batch or keep.dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"keep must be integer (B, K) with B = {batch}, got {keep.dtype} {tuple(keep.shape)}"
+        )
     if pos is not None and pos.shape != (NUM_TOKENS, dim):
         raise ValueError(f"pos must be ({NUM_TOKENS}, {dim}), got {tuple(pos.shape)}")
     devices = {t.device for t in (crops, offsets, weight, bias, keep, pos) if t is not None}
@@ -330,9 +346,15 @@ def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not crops.is_cuda:
         # Only off-GPU: on CUDA this check would cost a host-device sync every step.
-        if batch and (int(offsets.min()) < 0 or int(offsets.max()) >= CROP_SIZE - FRAME_STRIDE * 15):
+        if batch and (
+            int(offsets.min()) < 0 or int(offsets.max()) >= CROP_SIZE - FRAME_STRIDE * 15
+        ):
             raise ValueError(f"offsets must lie in [0, {CROP_SIZE - FRAME_STRIDE * 15})")
-        if keep is not None and keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= NUM_TOKENS):
+        if (
+            keep is not None
+            and keep.numel()
+            and (int(keep.min()) < 0 or int(keep.max()) >= NUM_TOKENS)
+        ):
             raise ValueError(f"keep indices must lie in [0, {NUM_TOKENS})")
 
 
@@ -363,4 +385,3 @@ def patch_embed_triton(
         None if pos is None else pos.contiguous(),
         dot_bf16,
     )
-
