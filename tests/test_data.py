@@ -74,28 +74,36 @@ def collect(loader: ShardLoader) -> tuple[list[str], list[int]]:
 # ----------------------------------------------------------------------------- frames
 
 
-def numpy_frames(crops: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Independent reference: per-sample loop over the 16 sagittal slices o, o+6, …, o+90."""
-    out = np.empty((len(crops), 1, 16, crops.shape[2], crops.shape[3]), dtype=np.float32)
+def numpy_frames(
+    crops: np.ndarray, offsets: np.ndarray, frames: int = 16, stride: int = 6
+) -> np.ndarray:
+    """Independent reference: per-sample loop over the sagittal slices o, o+6, …, o+90."""
+    out = np.empty((len(crops), 1, frames, crops.shape[2], crops.shape[3]), dtype=np.float32)
     for b, (crop, offset) in enumerate(zip(crops, offsets, strict=True)):
-        for k in range(16):
-            hu = np.minimum(np.maximum(crop[offset + 6 * k].astype(np.float32), -1000), 1000)
+        for k in range(frames):
+            hu = np.minimum(np.maximum(crop[offset + stride * k].astype(np.float32), -1000), 1000)
             out[b, 0, k] = (hu + 1000) / 2000
     return out
 
 
 def test_sample_frames_matches_numpy_reference():
     rng = np.random.default_rng()
-    crops = rng.integers(-32768, 32767, size=(5, 96, 96, 96), dtype=np.int16)
+    crops = rng.integers(-32768, 32767, size=(5, 96, 48, 40), dtype=np.int16)
     crops[0, :, :2, :2] = [[-1001, -1000], [1000, 1001]]  # exact clip boundaries
     offsets = np.array([0, 5, *rng.integers(0, 6, size=3)])
     got = sample_frames(torch.from_numpy(crops), torch.from_numpy(offsets))
-    assert got.shape == (5, 1, 16, 96, 96) and got.dtype == torch.float32
+    assert got.shape == (5, 1, 16, 48, 40) and got.dtype == torch.float32
     torch.testing.assert_close(
         got, torch.from_numpy(numpy_frames(crops, offsets)), rtol=1e-6, atol=1e-7
     )
     assert got.min() >= 0 and got.max() <= 1
     assert got[0, 0, :, 0, 0].eq(0).all() and got[0, 0, :, 1, 1].eq(1).all()
+    fewer = sample_frames(
+        torch.from_numpy(crops), torch.from_numpy(offsets), num_frames=12, stride=7
+    )
+    torch.testing.assert_close(
+        fewer, torch.from_numpy(numpy_frames(crops, offsets, 12, 7)), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_multiview_offsets_cover_every_slice_once():
@@ -207,10 +215,9 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
     shards = str(tmp_path / "train-*.tar")
     batch = 2
 
-    def epoch(seed: int, number: int) -> list[list[str]]:
-        per_rank = []
-        for rank in range(2):
-            loader = ShardLoader(
+    def ranks(seed: int) -> list[ShardLoader]:
+        return [
+            ShardLoader(
                 shards,
                 batch_size=batch,
                 training=True,
@@ -220,21 +227,29 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
                 world_size=2,
                 seed=seed,
             )
-            loader.set_epoch(number)
+            for rank in range(2)
+        ]
+
+    def epoch(loaders: list[ShardLoader], number: int) -> list[list[str]]:
+        per_rank = []
+        for loader in loaders:
+            loader.set_epoch(number)  # the loaders' worker processes persist across epochs
             keys, sizes = collect(loader)
             assert sizes == [batch] * len(loader)  # drop_last, same batch count on every rank
             per_rank.append(keys)
         return per_rank
 
-    first = epoch(seed=3, number=0)
+    loaders = ranks(seed=3)
+    first = epoch(loaders, 0)
     assert len(first[0]) == len(first[1]) == 8  # 4 workers × ⌊18 / (4·2)⌋·2 samples
     everything = first[0] + first[1]
     assert len(set(everything)) == len(everything) and set(everything) <= set(truth)
-    assert epoch(seed=3, number=0) == first  # same seed and epoch → same order
-    second = epoch(seed=3, number=1)
+    second = epoch(loaders, 1)
     assert second != first
     assert len(set(second[0] + second[1])) == 16
-    assert epoch(seed=4, number=0) != first
+    assert epoch(loaders, 0) == first  # same seed and epoch → same order (workers saw set_epoch)
+    assert epoch(ranks(seed=3), 0) == first  # …also from fresh loaders
+    assert epoch(ranks(seed=4), 0) != first
 
 
 def test_training_covers_everything_when_divisible(tmp_path):

@@ -32,16 +32,19 @@ def sample_frames(
     offsets = torch.as_tensor(offsets, device=crops.device).long().reshape(-1)
     if offsets.numel() != batch:
         raise ValueError(f"{offsets.numel()} offsets for {batch} crops")
-    last = (num_frames - 1) * stride
-    if last >= crops.shape[1]:
-        raise ValueError(
-            f"{num_frames} frames × stride {stride} do not fit {crops.shape[1]} slices"
-        )
-    frame_index = offsets[:, None] + stride * torch.arange(
-        num_frames, device=crops.device
-    )  # (B, T)
-    rows = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
-    frames = crops[rows, frame_index.clamp_(0, crops.shape[1] - 1)]  # (B, T, H, W) int16
+    depth = crops.shape[1]
+    if (num_frames - 1) * stride >= depth:
+        raise ValueError(f"{num_frames} frames × stride {stride} do not fit {depth} slices")
+    rows = torch.arange(batch, device=crops.device)
+    if num_frames * stride == depth:
+        # Slice o + stride·k is element [k, o] of the (num_frames, stride) view: one gather per sample.
+        grouped = crops.view(batch, num_frames, stride, *crops.shape[2:])  # (B, T, stride, H, W)
+        frames = grouped[rows, :, offsets]  # (B, T, H, W)
+    else:
+        frame_index = offsets[:, None] + stride * torch.arange(
+            num_frames, device=crops.device
+        )  # (B, T)
+        frames = crops[rows[:, None], frame_index]  # (B, T, H, W)
     frames = frames.float().clamp_(HU_MIN, HU_MAX).add_(-HU_MIN).div_(HU_MAX - HU_MIN)
     return frames.unsqueeze(1)  # (B, 1, T, H, W)
 

@@ -149,7 +149,16 @@ class _CropStream(IterableDataset):
         self.workers = workers
         self.shuffle_buffer = shuffle_buffer
         self.pin = pin
-        self.epoch = 0
+        # Shared memory, so persistent worker processes see set_epoch() of the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def plan(self, rank: int, worker: int) -> np.ndarray:
         """Sample ids global worker (rank, worker) reads this epoch, in read order."""
@@ -352,7 +361,7 @@ class ShardLoader:
             pin=self.device.type == "cuda" and num_workers == 0,
         )
         self._length = self._stream.batches_per_rank(self.rank)
-        self._dali = None
+        self._workers: DataLoader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (training); call before iterating, on every rank."""
@@ -374,13 +383,16 @@ class ShardLoader:
             return dali_batches(self)
         if self.num_workers == 0:
             return iter(self._stream)
-        return DataLoader(
-            self._stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2,
-        )
+        if self._workers is None:  # persistent: worker start-up is paid once, not every epoch
+            self._workers = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2,
+                persistent_workers=True,
+            )
+        return self._workers
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch))

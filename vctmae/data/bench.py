@@ -1,0 +1,269 @@
+"""`vctmae bench loader`: shards → device-ready batches vs the paper code's per-sample NIfTI chain.
+
+Everything is measured in one run on the same crops: the crops are cut from the
+real CT fixture (resampled to 1 mm, so they compress like real crops; random
+smooth volumes when the fixture is absent), written once as shards and once as
+one NIfTI file per crop (.nii.gz and .nii). Every file is read once before timing
+so the page cache is warm for every contender. Each contender runs one untimed
+epoch, then `repeats` timed epochs; the median rate is reported. Worker start-up
+is inside the timed epochs, as it is in training (workers are not persistent).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vctmae.benchreport import Result, write_report
+from vctmae.data.frames import random_offsets, sample_frames
+from vctmae.data.loader import ShardLoader
+from vctmae.data.shards import iter_raw
+
+REAL_CT = Path(__file__).resolve().parents[3] / "shared/data/real-ct/ct.nii.gz"
+SIZE = 96
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderBenchConfig:
+    samples: int = 256
+    shard_size: int = 32
+    batch_size: int = 8
+    repeats: int = 3
+    workers: tuple[int, ...] = (0, 1, 2)
+    dali: bool = True
+    device: str | None = None
+    real_ct: Path = field(default=REAL_CT)
+
+    def __post_init__(self) -> None:
+        if self.samples < self.batch_size * 2 * max(1, *self.workers):
+            raise ValueError("samples too few for the batch size and worker counts")
+        if self.repeats < 1:
+            raise ValueError("repeats must be ≥ 1")
+
+
+def quick_config(**overrides) -> LoaderBenchConfig:
+    """About a minute on a 2-core machine."""
+    return LoaderBenchConfig(**{"samples": 64, "shard_size": 16, "repeats": 2, **overrides})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_crops(count: int, real_ct: Path, seed: int = 0) -> np.ndarray:
+    """int16 (count, 96, 96, 96) crops cut at random places from the real CT at 1 mm."""
+    rng = np.random.default_rng(seed)
+    if real_ct.exists():
+        import nibabel as nib
+        from scipy import ndimage
+
+        image = nib.load(real_ct)
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        volume = ndimage.zoom(volume, image.header.get_zooms()[:3], order=1)  # → 1 mm voxels
+    else:
+        from scipy import ndimage
+
+        volume = (
+            ndimage.gaussian_filter(rng.normal(0, 400, size=(192, 192, 192)).astype(np.float32), 3)
+            * 20
+        )
+    pad = [(0, max(0, SIZE - n)) for n in volume.shape]
+    volume = np.pad(volume, pad, constant_values=-1024).astype(np.int16)
+    crops = np.empty((count, SIZE, SIZE, SIZE), dtype=np.int16)
+    for i in range(count):
+        corner = [int(rng.integers(0, n - SIZE + 1)) for n in volume.shape]
+        crops[i] = volume[tuple(slice(c, c + SIZE) for c in corner)]
+    return crops
+
+
+def write_dataset(
+    root: Path, crops: np.ndarray, shard_size: int
+) -> tuple[list[str], list[Path], list[Path]]:
+    """Shards in ingest's format, plus one .nii.gz and one .nii per crop. Returns their paths."""
+    import nibabel as nib
+
+    shards, gz, raw = [], [], []
+    (root / "nifti").mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(crops), shard_size):
+        path = root / f"train-{start // shard_size:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + shard_size, len(crops))):
+                buffer = io.BytesIO()
+                np.save(buffer, crops[i])
+                for name, data in (
+                    (f"crop{i:05d}_L1.crop.npy", buffer.getvalue()),
+                    (f"crop{i:05d}_L1.cls", b"0"),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(str(path))
+    for i, crop in enumerate(crops):
+        image = nib.Nifti1Image(crop, np.eye(4))
+        gz.append(root / "nifti" / f"crop{i:05d}.nii.gz")
+        raw.append(root / "nifti" / f"crop{i:05d}.nii")
+        nib.save(image, gz[-1])
+        nib.save(image, raw[-1])
+    return shards, gz, raw
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _rate(epoch: Callable[[], int], repeats: int) -> float:
+    """Median samples/s over `repeats` epochs after one untimed warm-up epoch."""
+    epoch()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count = epoch()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(
+            device
+        )  # deliberate: the epoch's batches must really be on the device
+
+
+def _loader_epoch(loader: ShardLoader, frames: bool = False) -> Callable[[], int]:
+    def epoch() -> int:
+        count = 0
+        for batch in loader:
+            if frames:
+                sample_frames(batch.crops, random_offsets(len(batch), device=batch.crops.device))
+            count += len(batch)
+        _sync(loader.device)
+        return count
+
+    return epoch
+
+
+def _raw_epoch(shards: list[str], npload: bool = False) -> Callable[[], int]:
+    def epoch() -> int:
+        count = 0
+        if npload:
+            for path in shards:
+                with tarfile.open(path, mode="r:") as tar:
+                    for member in tar:
+                        if member.name.endswith(".npy"):
+                            np.load(io.BytesIO(tar.extractfile(member).read()))
+                            count += 1
+            return count
+        for _ in iter_raw(shards):
+            count += 1
+        return count
+
+    return epoch
+
+
+def _reference_epoch(paths: list[Path], workers: int, batch_size: int) -> Callable[[], int]:
+    from torch.utils.data import DataLoader
+
+    from vctmae.data.reference import ReferenceNiftiDataset
+
+    dataset = ReferenceNiftiDataset(paths, [0] * len(paths))
+
+    def epoch() -> int:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+        return sum(len(images) for images, _ in loader)
+
+    return epoch
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def run_loader_bench(
+    config: LoaderBenchConfig, *, json_path: Path | str | None = None, workdir: Path | None = None
+) -> Path:
+    """Measure every contender on the same crops and write the report; returns the JSON path."""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        crops = make_crops(config.samples, config.real_ct)
+        shards, gz, raw = write_dataset(Path(tmp), crops, config.shard_size)
+        for path in [*shards, *gz, *raw]:  # warm the page cache for everybody
+            Path(path).read_bytes()
+        rates: dict[str, float] = {}
+        rates["raw_read"] = _rate(_raw_epoch(shards), config.repeats)
+        rates["raw_read_npload"] = _rate(_raw_epoch(shards, npload=True), config.repeats)
+        for workers in config.workers:
+            loader = ShardLoader(
+                shards,
+                batch_size=config.batch_size,
+                training=True,
+                num_workers=workers,
+                device=device,
+            )
+            rates[f"torch_w{workers}"] = _rate(_loader_epoch(loader), config.repeats)
+            if workers == 0:
+                rates["torch_w0_frames"] = _rate(_loader_epoch(loader, frames=True), config.repeats)
+        if config.dali:
+            from vctmae.data.dali import dali_available
+
+            if dali_available():
+                dali_threads = max(config.workers)
+                loader = ShardLoader(
+                    shards,
+                    batch_size=config.batch_size,
+                    training=True,
+                    num_workers=dali_threads,
+                    device=device,
+                    backend="dali",
+                )
+                rates[f"dali_t{dali_threads}"] = _rate(_loader_epoch(loader), config.repeats)
+        reference_repeats = max(1, config.repeats - 1)
+        for workers in config.workers:
+            rates[f"reference_nii_gz_w{workers}"] = _rate(
+                _reference_epoch(gz, workers, config.batch_size), reference_repeats
+            )
+        rates["reference_nii_w0"] = _rate(
+            _reference_epoch(raw, 0, config.batch_size), reference_repeats
+        )
+
+    ratios = {}
+    for workers in config.workers:
+        ratios[f"torch_w{workers}_over_reference_nii_gz_w{workers}"] = (
+            rates[f"torch_w{workers}"] / rates[f"reference_nii_gz_w{workers}"]
+        )
+        ratios[f"torch_w{workers}_over_raw_read"] = rates[f"torch_w{workers}"] / rates["raw_read"]
+    if 0 in config.workers:
+        ratios["torch_w0_over_reference_nii_gz"] = rates["torch_w0"] / rates["reference_nii_gz_w0"]
+        ratios["torch_w0_over_reference_nii"] = rates["torch_w0"] / rates["reference_nii_w0"]
+        ratios["torch_w0_frames_over_reference_nii_gz"] = (
+            rates["torch_w0_frames"] / rates["reference_nii_gz_w0"]
+        )
+    for name in rates:
+        if name.startswith("dali"):
+            threads = int(name.split("_t")[1])
+            ratios[f"{name}_over_raw_read"] = rates[name] / rates["raw_read"]
+            if f"reference_nii_gz_w{threads}" in rates:
+                ratios[f"{name}_over_reference_nii_gz_w{threads}"] = (
+                    rates[name] / rates[f"reference_nii_gz_w{threads}"]
+                )
+    results = [Result(name=name, value=value, unit="samples/s") for name, value in rates.items()]
+    settings = {
+        "samples": config.samples,
+        "shard_size": config.shard_size,
+        "batch_size": config.batch_size,
+        "repeats": config.repeats,
+        "workers": list(config.workers),
+        "device": str(device),
+        "crops": "real CT fixture at 1 mm"
+        if config.real_ct.exists()
+        else "synthetic smooth volumes",
+        "statistic": "median samples/s over timed epochs after one warm-up epoch; page cache warm",
+        "candidate": "ShardLoader(training=True): int16 batches on the device (torch_w0_frames adds sample_frames)",
+        "reference": "paper-code chain per sample: NIfTI load, HU scale, foreground crop, pad, 16 frames, RGB, flip",
+    }
+    return write_report("loader", results, ratios, json_path=json_path, config=settings)
