@@ -172,7 +172,8 @@ def assign_cases(labels: Labels | None, discovered_patient: dict[str, str]) -> d
         if len(splits) > 1:
             out[case] = CaseAssignment(
                 patient=patient, split="",
-                error=f"patient {patient} is in two splits ({', '.join(sorted(splits))}) in {labels.path}",
+                error=f"{labels.path}: patient {patient} is in two splits ({', '.join(sorted(splits))}); "
+                      f"case {case} not written",
             )
         elif splits:
             out[case] = CaseAssignment(patient=patient, split=next(iter(splits)))

@@ -49,7 +49,16 @@ import numpy as np
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
-from vctmae.ingest.writers import ManifestWriter, ShardWriter, ZarrWriter, npy_bytes, parse_size
+from vctmae.ingest.writers import (
+    SHARD_NAME,
+    ManifestWriter,
+    ShardWriter,
+    ZarrWriter,
+    decode_crop,
+    encode_crop,
+    npy_bytes,
+    parse_size,
+)
 
 FORMATS = ("wds", "zarr")
 WORK = ".ingest-work"
@@ -154,13 +163,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _crop_codec():
-    from numcodecs import Blosc
-
-    # Work files favour speed: they are read once at assembly.
-    return Blosc(cname="lz4", clevel=3, shuffle=Blosc.SHUFFLE)
-
-
 def _round(values, digits: int) -> list[float]:
     return [round(float(v), digits) for v in values]
 
@@ -189,15 +191,14 @@ def extract_case(job: _Job) -> dict[str, Any]:
             line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
         record.update(status="failed", error=line, crops=[], skipped=[])
     else:
-        codec = _crop_codec()
         crops, offset = [], 0
         crops_path = job.record.with_suffix(".crops")
         tmp = crops_path.with_name(f"{crops_path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             for crop in result.crops:
-                array = np.ascontiguousarray(crop.array, dtype=np.int16)
+                array = np.ascontiguousarray(crop.array, dtype="<i2")
                 raw = array.tobytes()
-                packed = codec.encode(raw)
+                packed = encode_crop(array)
                 f.write(packed)
                 crops.append({
                     "level": crop.level,
@@ -323,15 +324,17 @@ def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_
     plan = _Plan()
     digest = hashlib.sha256(json.dumps([sorted(formats), shard_size, spacing]).encode())
     for item in bad:
-        plan.failed.append({"case": item.case, "file": item.path, "reason": item.line()})
+        plan.failed.append({"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"})
     for entry in entries:
         record = _load_record(entry)
         assignment = assignments[entry.case]
         if record["status"] != "ok":
-            plan.failed.append({"case": entry.case, "file": record["ct"], "reason": record["error"]})
+            plan.failed.append({"case": entry.case, "file": record["ct"], "reason": record["error"],
+                                "stage": "extract"})
             continue
         if assignment.error:
-            plan.failed.append({"case": entry.case, "file": str(labels.path), "reason": assignment.error})
+            plan.failed.append({"case": entry.case, "file": str(labels.path), "reason": assignment.error,
+                                "stage": "labels"})
             continue
         plan.cases_ok += 1
         samples, no_label = _case_samples(record, assignment, labels, spacing)
@@ -344,17 +347,18 @@ def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_
     return plan
 
 
-def _read_crops(record_path: Path, crops: list[dict]) -> list[np.ndarray]:
-    codec = _crop_codec()
+def _read_crops(record_path: Path, crops: list[dict]) -> list[tuple[bytes, np.ndarray]]:
+    """(encoded bytes, array) of each crop from a case's work file, checksums verified."""
     out = []
     with open(record_path.with_suffix(".crops"), "rb") as f:
         for crop in crops:
             f.seek(crop["offset"])
-            raw = codec.decode(f.read(crop["nbytes"]))
-            if hashlib.sha256(raw).hexdigest() != crop["sha256"]:
+            encoded = f.read(crop["nbytes"])
+            array = decode_crop(encoded, crop["shape"])
+            if hashlib.sha256(array.tobytes()).hexdigest() != crop["sha256"]:
                 raise RuntimeError(f"{record_path.with_suffix('.crops')}: work file corrupt "
                                    f"(checksum of {crop['level']}); rerun with --force")
-            out.append(np.frombuffer(raw, dtype=np.int16).reshape(crop["shape"]))
+            out.append((encoded, array))
     return out
 
 
@@ -377,7 +381,7 @@ def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, f
         if not samples:
             continue
         arrays = _read_crops(entry.record, [crop for crop, *_ in samples])
-        for (crop, meta, cls, grade), array in zip(samples, arrays, strict=True):
+        for (crop, meta, cls, grade), (encoded, array) in zip(samples, arrays, strict=True):
             key, split = meta["key"], meta["split"]
             shard = ""
             if "wds" in formats:
@@ -389,7 +393,7 @@ def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, f
                     members.append(("cls", str(cls).encode("ascii")))
                 shard = writers[split].write(key, members)
             if zarr_writer is not None:
-                zarr_writer.write(index, array, key=key, split=split, level=meta["level"],
+                zarr_writer.write(index, encoded, key=key, split=split, level=meta["level"],
                                   case=meta["case"], patient=meta["patient"], cls=cls, grade=grade)
             manifest.write({
                 "key": key, "case": meta["case"], "patient": meta["patient"], "level": meta["level"],
@@ -414,8 +418,6 @@ def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, f
 def publish(staging: Path, out: Path, work: Path, shards: list[str], formats) -> None:
     """Rename the staged outputs into `out`; remove outputs of an earlier run that no longer exist."""
     for stale in sorted(out.iterdir()):
-        from vctmae.ingest.writers import SHARD_NAME
-
         if SHARD_NAME.match(stale.name) and stale.name not in shards:
             stale.unlink()
     for name in shards:
@@ -442,6 +444,9 @@ def assemble(entries, assignments, labels, bad, *, out: Path, formats, shard_siz
     work = out / WORK
     plan = plan_assembly(entries, assignments, labels, bad, spacing=geometry.spacing,
                          formats=formats, shard_size=shard_size)
+    for failure in plan.failed:
+        if failure.get("stage") == "labels":
+            _error_line(progress, failure["reason"])
     marker = work / "assembled.json"
     try:
         published = json.loads(marker.read_text())

@@ -25,7 +25,38 @@ MANIFEST_COLUMNS = (
     "zarr_index", "centroid_x", "centroid_y", "centroid_z", "spacing", "truncated", "sha256",
 )
 SHARD_NAME = re.compile(r"^(train|val|test|unlabeled)-\d{6}\.tar$")
-ZSTD_LEVEL = 5
+# One codec for the Zarr chunks and the work files, so that workers compress each
+# crop once, in parallel, and assembly copies the bytes. zstd level 1 with byte
+# shuffle: within a few % of level 5's ratio on CT at several times its speed.
+ZSTD_LEVEL = 1
+
+
+def crop_codec():
+    """numcodecs Blosc/Zstd exactly as the Zarr array's BloscCodec encodes a chunk."""
+    from numcodecs import Blosc
+
+    return Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=Blosc.SHUFFLE, blocksize=0)
+
+
+def encode_crop(array: np.ndarray) -> bytes:
+    """Compressed chunk bytes of one int16 crop (little endian, C order).
+
+    Blosc's multi-threaded compressor emits different (equally valid) bytes for
+    different thread counts, so encoding runs single-threaded: the bytes then
+    depend only on the crop. Parallelism comes from the worker processes.
+    """
+    from numcodecs import blosc
+
+    previous = blosc.use_threads
+    blosc.use_threads = False
+    try:
+        return bytes(crop_codec().encode(np.ascontiguousarray(array, dtype="<i2")))
+    finally:
+        blosc.use_threads = previous
+
+
+def decode_crop(data: bytes, shape: Sequence[int]) -> np.ndarray:
+    return np.frombuffer(crop_codec().decode(data), dtype="<i2").reshape(tuple(shape))
 
 
 def parse_size(text: str | int) -> int:
@@ -108,6 +139,11 @@ class ZarrWriter:
 
     Group attrs `keys`, `splits`, `levels`, `cases`, `patients` are index-aligned
     with the arrays `crops`, `classes` (int8, −1 unlabeled) and `grades` (int8, −1 unknown).
+
+    The array and its metadata are created through zarr; chunks already encoded
+    by `encode_crop` (in the workers) are stored as they are, under the key
+    zarr's default v3 chunk-key encoding gives them (`crops/c/i/0/0/0`). `close`
+    reads the first and last chunk back through zarr to check the two agree.
     """
 
     def __init__(self, path: Path, count: int, size: int) -> None:
@@ -122,19 +158,26 @@ class ZarrWriter:
             shape=(count, size, size, size),
             chunks=(1, size, size, size),
             dtype="int16",
-            compressors=BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.bitshuffle),
+            compressors=BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle),
+            chunk_key_encoding={"name": "default", "separator": "/"},
             fill_value=-1024,
             dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
         )
         self._classes = np.full(count, -1, dtype=np.int8)
         self._grades = np.full(count, -1, dtype=np.int8)
         self._attrs: dict[str, list[str]] = {k: [] for k in ("keys", "splits", "levels", "cases", "patients")}
+        self._check: dict[int, bytes] = {}
 
-    def write(self, index: int, crop: np.ndarray, *, key: str, split: str, level: str, case: str,
+    def write(self, index: int, encoded: bytes, *, key: str, split: str, level: str, case: str,
               patient: str, cls: int | None, grade: int | None) -> None:
+        """Store crop `index` from its `encode_crop` bytes."""
         if index != len(self._attrs["keys"]):
             raise ValueError("ZarrWriter.write expects indices in order")
-        self.crops[index] = crop
+        chunk = self.path / "crops" / "c" / str(index) / "0" / "0" / "0"
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        chunk.write_bytes(encoded)
+        if index in (0, self.count - 1):
+            self._check[index] = encoded
         self._classes[index] = -1 if cls is None else cls
         self._grades[index] = -1 if grade is None else grade
         for name, value in (("keys", key), ("splits", split), ("levels", level), ("cases", case),
@@ -150,6 +193,10 @@ class ZarrWriter:
             if self.count:
                 array[:] = values
         self.group.attrs.update(self._attrs)
+        for index, encoded in self._check.items():
+            expected = decode_crop(encoded, self.crops.shape[1:])
+            if not np.array_equal(self.crops[index], expected):
+                raise RuntimeError(f"{self.path}: zarr does not read back crop {index} as written")
 
 
 class ManifestWriter:
