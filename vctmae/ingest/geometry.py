@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import LEVELS, SCHEMES, level_index
-from vctmae.ingest.nifti import Volume, check_same_grid, load_ct, load_labels
+from vctmae.ingest.nifti import Volume, check_same_grid, load_ct, load_labels, reorient
 
 AIR_HU = -1024
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -44,6 +44,9 @@ LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
 LEFT_TO_RIGHT = np.array([1.0, 0.0, 0.0])
 SUPERIOR_TO_INFERIOR = np.array([0.0, 0.0, -1.0])
 ANTERIOR_TO_POSTERIOR = np.array([0.0, -1.0, 0.0])
+# Voxels are first stored in the crop's own axis order (Right, Inferior, Posterior):
+# sampling then walks memory in order, several times faster for the label map.
+SAMPLING_ORIENTATION = "RIP"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,6 +326,8 @@ def extract_crops(
     ct = load_ct(ct_path)
     labels = load_labels(seg_path)
     check_same_grid(ct, labels)
+    source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
+    ct, labels = reorient(ct, SAMPLING_ORIENTATION), reorient(labels, SAMPLING_ORIENTATION)
 
     boxes = label_boxes(labels)
     if config.label_scheme == "auto":
@@ -357,7 +362,7 @@ def extract_crops(
     return CaseCrops(
         crops=crops,
         skipped=skipped,
-        source_orientation=ct.orientation,
-        source_spacing=ct.voxel_sizes,
+        source_orientation=source_orientation,
+        source_spacing=source_spacing,
         scheme=scheme,
     )

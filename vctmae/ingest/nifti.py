@@ -11,6 +11,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
 
 from vctmae.ingest.errors import IngestError
 
@@ -151,3 +158,18 @@ def check_same_grid(ct: Volume, labels: Volume) -> None:
             f"affine differs from the CT's ({ct.path}) by up to {difference:.4g} mm "
             f"(tolerance {AFFINE_TOLERANCE_MM} mm)",
         )
+
+
+def reorient(volume: Volume, codes: str) -> Volume:
+    """The same volume with its voxels stored along axis codes `codes` (e.g. "RIP").
+
+    Only permutes and flips voxels (no resampling); the affine changes to match,
+    so world coordinates are untouched. For an oblique scan the nearest axes win.
+    """
+    current = io_orientation(volume.affine)
+    transform = ornt_transform(current, axcodes2ornt(tuple(codes)))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):  # identity: already stored so
+        return volume
+    data = np.ascontiguousarray(apply_orientation(volume.data, transform))
+    affine = volume.affine @ inv_ornt_aff(transform, volume.data.shape)
+    return Volume(path=volume.path, data=data, affine=affine)
