@@ -82,8 +82,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _padded(size: int) -> int:
-    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+def _member_bytes(name: str, size: int) -> int:
+    """Bytes a tar member takes: header + data padded to 512 (+ a PAX header for long names)."""
+    pax = 3 * TAR_BLOCK if len(name.encode("utf-8")) > 100 else 0
+    return pax + TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def _file_bytes(content: int) -> int:
+    """Size of a finished tar: content + end-of-archive blocks, padded to whole records."""
+    return -(-(content + TAR_END) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 class ShardWriter:
@@ -113,8 +120,8 @@ class ShardWriter:
 
     def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
         """Add one sample (`[(extension, bytes), …]`); returns the shard's file name."""
-        needed = sum(_padded(len(data)) for _, data in members)
-        if self._tar is None or (self._samples and self._size + needed + TAR_END > self.max_bytes):
+        needed = sum(_member_bytes(f"{key}.{extension}", len(data)) for extension, data in members)
+        if self._tar is None or (self._samples and _file_bytes(self._size + needed) > self.max_bytes):
             self._open_next()
         for extension, data in members:
             info = tarfile.TarInfo(f"{key}.{extension}")
