@@ -189,12 +189,48 @@ def run_loader_bench(
 ) -> Path:
     """Measure every contender on the same crops and write the report; returns the JSON path."""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(
+            1
+        )  # on a small shared CPU, intra-op threads in sample_frames only contend
+    try:
+        rates = _measure(config, device, workdir)
+    finally:
+        torch.set_num_threads(threads)
+    results = [Result(name=name, value=value, unit="samples/s") for name, value in rates.items()]
+    settings = {
+        "samples": config.samples,
+        "shard_size": config.shard_size,
+        "batch_size": config.batch_size,
+        "repeats": config.repeats,
+        "workers": list(config.workers),
+        "device": str(device),
+        "torch_threads": 1 if device.type == "cpu" else threads,
+        "crops": "real CT fixture at 1 mm"
+        if config.real_ct.exists()
+        else "synthetic smooth volumes",
+        "statistic": "median samples/s over timed epochs after one warm-up epoch; page cache warm",
+        "candidate": "ShardLoader(training=True): int16 batches on the device; "
+        "torch_w0_frames adds sample_frames (float model input)",
+        "reference": "paper-code chain per sample in a DataLoader with the same worker count: NIfTI load, "
+        "HU scale, foreground crop, pad, 16 frames, RGB, flip",
+        "raw_read": "tarfile + np.frombuffer on each .npy member (raw_read_npload: np.load on BytesIO)",
+    }
+    return write_report(
+        "loader", results, _ratios(rates, config), json_path=json_path, config=settings
+    )
+
+
+def _measure(
+    config: LoaderBenchConfig, device: torch.device, workdir: Path | None
+) -> dict[str, float]:
+    rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         crops = make_crops(config.samples, config.real_ct)
         shards, gz, raw = write_dataset(Path(tmp), crops, config.shard_size)
         for path in [*shards, *gz, *raw]:  # warm the page cache for everybody
             Path(path).read_bytes()
-        rates: dict[str, float] = {}
         rates["raw_read"] = _rate(_raw_epoch(shards), config.repeats)
         rates["raw_read_npload"] = _rate(_raw_epoch(shards, npload=True), config.repeats)
         for workers in config.workers:
@@ -208,20 +244,21 @@ def run_loader_bench(
             rates[f"torch_w{workers}"] = _rate(_loader_epoch(loader), config.repeats)
             if workers == 0:
                 rates["torch_w0_frames"] = _rate(_loader_epoch(loader, frames=True), config.repeats)
+            del loader  # ends its worker processes
         if config.dali:
             from vctmae.data.dali import dali_available
 
             if dali_available():
-                dali_threads = max(config.workers)
+                threads = max(config.workers)
                 loader = ShardLoader(
                     shards,
                     batch_size=config.batch_size,
                     training=True,
-                    num_workers=dali_threads,
+                    num_workers=threads,
                     device=device,
                     backend="dali",
                 )
-                rates[f"dali_t{dali_threads}"] = _rate(_loader_epoch(loader), config.repeats)
+                rates[f"dali_t{threads}"] = _rate(_loader_epoch(loader), config.repeats)
         reference_repeats = max(1, config.repeats - 1)
         for workers in config.workers:
             rates[f"reference_nii_gz_w{workers}"] = _rate(
@@ -230,11 +267,15 @@ def run_loader_bench(
         rates["reference_nii_w0"] = _rate(
             _reference_epoch(raw, 0, config.batch_size), reference_repeats
         )
+    return rates
 
+
+def _ratios(rates: dict[str, float], config: LoaderBenchConfig) -> dict[str, float]:
     ratios = {}
     for workers in config.workers:
+        reference = rates[f"reference_nii_gz_w{workers}"]
         ratios[f"torch_w{workers}_over_reference_nii_gz_w{workers}"] = (
-            rates[f"torch_w{workers}"] / rates[f"reference_nii_gz_w{workers}"]
+            rates[f"torch_w{workers}"] / reference
         )
         ratios[f"torch_w{workers}_over_raw_read"] = rates[f"torch_w{workers}"] / rates["raw_read"]
     if 0 in config.workers:
@@ -244,26 +285,11 @@ def run_loader_bench(
             rates["torch_w0_frames"] / rates["reference_nii_gz_w0"]
         )
     for name in rates:
-        if name.startswith("dali"):
-            threads = int(name.split("_t")[1])
+        if name.startswith("dali_t"):
+            threads = int(name.removeprefix("dali_t"))
             ratios[f"{name}_over_raw_read"] = rates[name] / rates["raw_read"]
             if f"reference_nii_gz_w{threads}" in rates:
                 ratios[f"{name}_over_reference_nii_gz_w{threads}"] = (
                     rates[name] / rates[f"reference_nii_gz_w{threads}"]
                 )
-    results = [Result(name=name, value=value, unit="samples/s") for name, value in rates.items()]
-    settings = {
-        "samples": config.samples,
-        "shard_size": config.shard_size,
-        "batch_size": config.batch_size,
-        "repeats": config.repeats,
-        "workers": list(config.workers),
-        "device": str(device),
-        "crops": "real CT fixture at 1 mm"
-        if config.real_ct.exists()
-        else "synthetic smooth volumes",
-        "statistic": "median samples/s over timed epochs after one warm-up epoch; page cache warm",
-        "candidate": "ShardLoader(training=True): int16 batches on the device (torch_w0_frames adds sample_frames)",
-        "reference": "paper-code chain per sample: NIfTI load, HU scale, foreground crop, pad, 16 frames, RGB, flip",
-    }
-    return write_report("loader", results, ratios, json_path=json_path, config=settings)
+    return ratios
