@@ -110,7 +110,7 @@ class _Anatomy:
     soft_hu: float
     fat_hu: float
     canal_hu: float
-    back_distance: float  # skin, posterior of the spine centre line, mm
+    skin_gap: float  # skin lies this far behind the most posterior spinous tip, mm
     body_semi_axes: tuple[float, float]
     fat_thickness: float
     blobs: list[tuple[float, float, float, float, float]] = field(
@@ -130,11 +130,12 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
     levels = SPINE_LEVELS[start : start + count]
     size_scale = rng.uniform(0.9, 1.1)
     trabecular = rng.uniform(150, 250)
+    concavity = rng.uniform(0.4, 1.4)  # natural endplate concavity, mm
     vertebrae = []
     for i, level in enumerate(levels):
         lumbar = level.startswith("L")
         rank = SPINE_LEVELS.index(level)  # 0 = T6 … 11 = L5
-        height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.97, 1.03)
+        height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.975, 1.025)
         half_width = (16.0 + 1.1 * rank) * size_scale * rng.uniform(0.96, 1.04)
         half_depth = (12.5 + 0.5 * rank) * size_scale * rng.uniform(0.96, 1.04)
         grade, shape, loss = 0, "none", 0.0
@@ -152,8 +153,8 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
                 grade=grade,
                 shape=shape,
                 loss=loss,
-                wedge=rng.uniform(0.0, 0.06 if not lumbar else 0.03),
-                concavity=rng.uniform(0.3, 1.5),
+                wedge=rng.uniform(0.0, 0.04 if not lumbar else 0.02),
+                concavity=concavity * rng.uniform(0.9, 1.1),
                 trabecular_hu=trabecular
                 + rng.normal(0, 15)
                 + (rng.uniform(20, 70) if grade else 0.0),
@@ -183,7 +184,7 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
         soft_hu=rng.uniform(30, 55),
         fat_hu=rng.uniform(-120, -80),
         canal_hu=rng.uniform(10, 30),
-        back_distance=rng.uniform(78, 95),
+        skin_gap=rng.uniform(15, 35),
         body_semi_axes=(rng.uniform(140, 180), rng.uniform(100, 130)),
         fat_thickness=rng.uniform(8, 25),
         blobs=blobs,
@@ -266,7 +267,8 @@ def _paint_vertebra(
     a, b, half = vert.half_width, vert.half_depth, vert.height / 2
     radial = (u / a) ** 2 + (v / b) ** 2
     section = (radial <= 1.0) & (v >= -0.8 * b)
-    anterior = np.clip((v + 0.8 * b) / (1.8 * b), 0.0, 1.0)  # 0 posterior wall → 1 anterior
+    # 0 at the posterior wall → 1 over the front sixth of the body (where Genant measures anterior height)
+    anterior = np.clip((v + 0.8 * b) / (1.5 * b), 0.0, 1.0)
     dip = vert.concavity * np.clip(1.0 - radial, 0.0, 1.0)  # natural endplate concavity
     top = half - dip - vert.wedge * vert.height * anterior
     bottom = -half + dip
@@ -334,36 +336,76 @@ def _paint_vertebra(
 
 @dataclass(frozen=True, kw_only=True)
 class _Scan:
-    spacing: tuple[float, float, float]  # RAS axes
+    """One acquisition of an anatomy: field of view, voxel grid, storage order, noise."""
+
+    spacing: tuple[float, float, float]  # mm along RAS x, y, z
     orientation: str
-    margins: tuple[float, float]  # FOV beyond the first / last body, mm (negative cuts it)
-    half_width: float
-    anterior: float
-    posterior_extra: float
-    origin: tuple[float, float, float]
+    lo: tuple[float, float, float]  # field of view, spine frame (top body centre at z ≈ 0), mm
+    hi: tuple[float, float, float]
+    skin: float  # y of the back's skin (posterior end of the torso outline)
+    origin: tuple[float, float, float]  # scanner offset added to the spine frame
     noise: float
 
 
-def _draw_scan(rng: np.random.Generator, anatomy: _Anatomy, orientation: str | None,
-               spacing: float | Sequence[float] | None) -> _Scan:  # fmt: skip
-    heights = (anatomy.vertebrae[0].height, anatomy.vertebrae[-1].height)
-    margins = tuple(
-        rng.uniform(-0.45, -0.1) * h if rng.random() < 0.25 else rng.uniform(4, 15) for h in heights
+def _landmarks(vert: _Vertebra) -> np.ndarray:
+    """Extreme points (3, N) of the vertebra's mask in its local frame (u, v, w)."""
+    a, b, half = vert.half_width, vert.half_depth, vert.height / 2
+    canal_v = -0.8 * b - vert.canal_half_depth
+    spine_start = canal_v - vert.canal_half_depth - vert.lamina_thickness + 2
+    drop = np.tan(vert.spinous_slope) * vert.spinous_length
+    tip = vert.canal_half_width + vert.pedicle_width + vert.transverse_length
+    points = [(su * a, sv, sw * half) for su in (-1, 1) for sv in (b, -0.8 * b) for sw in (-1, 1)]
+    points += [(0.0, sv, sw) for sv, sw in (
+        (spine_start, vert.spinous_height / 2), (spine_start, -vert.spinous_height / 2),
+        (spine_start - vert.spinous_length, -drop + vert.spinous_height / 2),
+        (spine_start - vert.spinous_length, -drop - vert.spinous_height / 2),
+    )]  # fmt: skip
+    points += [(su * tip, canal_v + sv, 0.15 * vert.height + sw)
+               for su in (-1, 1) for sv in (-4, 4) for sw in (-4, 4)]  # fmt: skip
+    return np.array(points).T
+
+
+def _draw_scan(
+    rng: np.random.Generator,
+    anatomy: _Anatomy,
+    orientation: str | None,
+    spacing: float | Sequence[float] | None,
+) -> _Scan:
+    """Field of view around the spine's bone, spacing within the voxel budget, storage order."""
+    centres, tangents = _centre_line(anatomy)
+    extremes = [
+        centres[i][:, None] + _frame(tangents[i], vert.axial_rotation).T @ _landmarks(vert)
+        for i, vert in enumerate(anatomy.vertebrae)
+    ]
+    bone = np.concatenate(extremes, axis=1)
+    # Top/bottom: usually a margin past the end vertebra, sometimes a cut through it.
+    margins = [
+        rng.uniform(-0.45, -0.1) * vert.height if rng.random() < 0.25 else rng.uniform(4, 15)
+        for vert in (anatomy.vertebrae[0], anatomy.vertebrae[-1])
+    ]
+    skin = bone[1].min() - anatomy.skin_gap
+    lo = (
+        bone[0].min() - rng.uniform(3, 12),
+        skin - rng.uniform(-anatomy.skin_gap / 2, 15),
+        extremes[-1][2].min() - margins[1],
     )
-    half_width = rng.uniform(48, 62)
-    anterior = rng.uniform(45, 60)
-    posterior_extra = rng.uniform(-8, 15)
-    depth = anatomy.back_distance + posterior_extra + anterior
-    length = sum(v.height + v.disc_above for v in anatomy.vertebrae) + sum(margins)
+    hi = (
+        bone[0].max() + rng.uniform(3, 12),
+        bone[1].max() + rng.uniform(35, 55),
+        extremes[0][2].max() + margins[0],
+    )
+    volume = float(np.prod(np.subtract(hi, lo)))
     if spacing is None:
-        for _ in range(20):
+        for _ in range(50):
             in_plane, slices = rng.uniform(0.7, 1.5), rng.uniform(0.7, 1.5)
-            steps = (
-                (in_plane, in_plane, slices)
-                if rng.random() < 0.75
-                else (slices, in_plane, in_plane)
-            )
-            if 2 * half_width * depth * length / np.prod(steps) <= MAX_VOXELS:
+            steps = (in_plane, in_plane, slices)
+            if rng.random() < 0.25:  # sagittal or coronal acquisitions
+                steps = (
+                    (slices, in_plane, in_plane)
+                    if rng.random() < 0.5
+                    else (in_plane, slices, in_plane)
+                )
+            if volume / np.prod(steps) <= MAX_VOXELS:
                 break
     else:
         steps = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
@@ -372,10 +414,9 @@ def _draw_scan(rng: np.random.Generator, anatomy: _Anatomy, orientation: str | N
     return _Scan(
         spacing=tuple(round(float(s), 4) for s in steps),
         orientation=orientation,
-        margins=margins,
-        half_width=half_width,
-        anterior=anterior,
-        posterior_extra=posterior_extra,
+        lo=tuple(float(x) for x in lo),
+        hi=tuple(float(x) for x in hi),
+        skin=float(skin),
         origin=(rng.uniform(-40, 40), rng.uniform(-60, 20), rng.uniform(-300, 300)),
         noise=rng.uniform(12, 35),
     )
@@ -445,24 +486,17 @@ def _render(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw the case on a RAS-aligned grid; returns ct (int16), seg (uint8), affine."""
     centres, tangents = _centre_line(anatomy)
-    first, last = anatomy.vertebrae[0], anatomy.vertebrae[-1]
-    z_top = centres[0, 2] + first.height / 2 + acq.margins[0]
-    z_bottom = centres[-1, 2] - last.height / 2 - acq.margins[1]
-    x_mid = float(np.mean(centres[:, 0]))
-    y_spine = float(np.mean(centres[:, 1]))
-    lo = np.array(
-        [x_mid - acq.half_width, y_spine - anatomy.back_distance - acq.posterior_extra, z_bottom]
-    )
-    hi = np.array([x_mid + acq.half_width, y_spine + acq.anterior, z_top])
-    step = np.array(acq.spacing)
-    shape = tuple(int(n) for n in np.floor((hi - lo) / step) + 1)
+    lo, step = np.array(acq.lo), np.array(acq.spacing)
+    shape = tuple(int(n) for n in np.floor((np.array(acq.hi) - lo) / step) + 1)
     axes = tuple(lo[k] + step[k] * np.arange(shape[k]) for k in range(3))
 
-    # Torso: elliptic outline (z-invariant) with a subcutaneous fat layer and a few organ/fat blobs.
+    # Torso: z-invariant elliptic outline behind which lies air, a subcutaneous fat
+    # layer, soft tissue, and a few fat/organ blobs in front of the spine.
+    x_mid = float(np.mean(centres[:, 0]))
+    y_spine = float(np.mean(centres[:, 1]))
     rx, ry = anatomy.body_semi_axes
-    cx, cy = x_mid, y_spine - anatomy.back_distance + ry
-    dx = (axes[0] - cx)[:, None]
-    dy = (axes[1] - cy)[None, :]
+    dx = (axes[0] - x_mid)[:, None]
+    dy = (axes[1] - (acq.skin + ry))[None, :]
     outline = (dx / rx) ** 2 + (dy / ry) ** 2
     t = anatomy.fat_thickness
     inner = (dx / (rx - t)) ** 2 + (dy / (ry - t)) ** 2
@@ -470,11 +504,10 @@ def _render(
     plane[outline <= 1.0] = anatomy.fat_hu
     plane[inner <= 1.0] = anatomy.soft_hu
     for bx, by, brx, bry, hu in anatomy.blobs:
-        plane[
-            ((axes[0][:, None] - x_mid - bx) / brx) ** 2
-            + ((axes[1][None, :] - y_spine - by) / bry) ** 2
-            <= 1
-        ] = hu
+        blob = ((axes[0][:, None] - x_mid - bx) / brx) ** 2 + (
+            (axes[1][None, :] - y_spine - by) / bry
+        ) ** 2
+        plane[blob <= 1.0] = hu
     ct = np.repeat(plane[:, :, None], shape[2], axis=2)
     seg = np.zeros(shape, dtype=np.uint8)
 
