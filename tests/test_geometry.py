@@ -21,6 +21,7 @@ from vctmae.ingest.geometry import (
     spine_tangents,
 )
 from vctmae.ingest.levels import VERSE_LABEL
+from vctmae.ingest.synth import make_phantom, phantom_images
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared/data/real-ct"
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values
@@ -355,6 +356,50 @@ def test_phantom_oblique_scan(tmp_path):
     np.testing.assert_allclose(crop.centroid_world, centres[1], atol=0.3)
     np.testing.assert_allclose(crop.tangent, (0, 0, -1), atol=0.01)
     assert_markers_in_video_order(crop.array, 1.0)
+
+
+def assert_matches_nibabel_resampling(crop, ct: nib.Nifti1Image, seg: nib.Nifti1Image) -> None:
+    """The crop equals nibabel's own resampling on the crop grid; its mask sits at the centre."""
+    size = crop.array.shape[0]
+    grid = (crop.array.shape, grid_affine(crop.centroid_world, crop.tangent, 1.0, size))
+    hu = np.asanyarray(resample_from_to(ct, grid, order=1, cval=-1024).dataobj)
+    source = nib.affines.apply_affine(
+        np.linalg.inv(ct.affine) @ grid[1], np.indices(crop.array.shape).T
+    ).T
+    interior = np.all((source >= 0) & (source <= np.reshape(ct.shape, (3, 1, 1, 1)) - 1), axis=0)
+    assert interior.mean() > 0.4
+    assert np.abs(crop.array[interior] - np.rint(hu[interior])).max() <= 1
+    mask_image = nib.Nifti1Image(
+        (np.asanyarray(seg.dataobj) == crop.label_value).astype(np.uint8), seg.affine
+    )
+    mask = np.asanyarray(resample_from_to(mask_image, grid, order=0).dataobj) > 0
+    inner = np.argwhere(mask)
+    x0, x1, y0, y1, z0, z1 = crop.bbox
+    np.testing.assert_allclose(
+        [x0, y0, z0, x1 - 1, y1 - 1, z1 - 1], [*inner.min(axis=0), *inner.max(axis=0)], atol=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("orientation", "spacing"), [("LPS", (0.8, 0.8, 1.5)), ("PIR", (1.3, 1.3, 1.3))]
+)
+def test_synth_phantom_crops(tmp_path, orientation, spacing):
+    phantom = make_phantom(5, orientation=orientation, spacing=spacing)
+    ct, seg = phantom_images(phantom)
+    paths = save_pair(tmp_path, ct, seg)
+    case = extract_crops(*paths, GeometryConfig(size=80))
+    assert case.scheme == "verse" and case.source_orientation == orientation
+    assert case.source_spacing == pytest.approx(spacing)
+    assert sorted([c.level for c in case.crops] + [s.level for s in case.skipped]) == sorted(
+        phantom.levels
+    )
+    assert len(case.crops) >= 3
+    for crop in case.crops:
+        np.testing.assert_allclose(
+            crop.centroid_world, world_centroid(seg, crop.label_value), atol=1e-4
+        )
+        assert crop.tangent[2] < -0.9  # a gently curved spine, head to feet along −z
+    assert_matches_nibabel_resampling(case.crops[len(case.crops) // 2], ct, seg)
 
 
 def curved_spine(count: int, radius: float, step: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
