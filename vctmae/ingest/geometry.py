@@ -11,7 +11,19 @@ Video order of a crop (SPEC §2):
     axis 0 = patient's left → right   (world +x)
     axis 1 = superior → inferior      (world −z, or the spine tangent when aligned)
     axis 2 = anterior → posterior     (world −y)
-The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid.
+The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid
+(the mean world position of its mask voxels).
+
+Alignment: "axis" keeps the scanner axes. "spline" (what "auto" picks for a case
+with ≥ 3 vertebrae) fits a smooth curve through the centroids of every
+vertebra present, fragments excepted (`spine_tangents`), and turns axis 1 onto
+the curve's tangent at each vertebra; axis 0 is world +x made perpendicular to
+it (left → right as close to the scanner's as possible), axis 2 completes the
+frame (`crop_frame`, `crop_affine`).
+
+Skip rules, first match wins: level outside `levels`; fragment (mask volume
+< `min_fragment_mm3`, never written, even with `keep_truncated`); truncated
+(mask touches the first or last index of any storage axis).
 
 Label scheme auto-detection (`label_scheme="auto"`): a map is TotalSegmentator v2
 when it holds any value above 28 or the value 27, values VerSe never uses
