@@ -391,3 +391,52 @@ def test_drop_path_is_active_only_in_training():
         torch.manual_seed(1)
         b = classifier(x)
     assert not torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU (skipped cleanly without one)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_triton_route_matches_torch_route_in_bf16():
+    pytest.importorskip("triton")
+    from vctmae.model.crops import resolve_backend
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    mae = build_mae("tiny").to(device).eval()
+    classifier = build_classifier("tiny").to(device).eval()
+    crops = _crops(4, seed=9).to(device)
+    offsets = torch.tensor([0, 1, 2, 5], device=device)
+    noise = torch.rand(4, 288, device=device)
+    assert resolve_backend("auto", crops) == "triton"
+    results = {}
+    for backend in ("triton", "torch"):
+        mae.patch_embed_backend = classifier.patch_embed_backend = backend
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, pred, mask = mae.forward_crops(crops, offsets, noise=noise)
+            logits = classifier.forward_crops(crops, offsets)
+        results[backend] = (loss.float(), pred.float(), mask, logits.float())
+    kernel, reference = results["triton"], results["torch"]
+    assert torch.equal(kernel[2], reference[2])
+    # bf16 operands (8-bit mantissa) in both routes: relative differences of a few 1e-2.
+    torch.testing.assert_close(kernel[1], reference[1], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(kernel[0], reference[0], rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(kernel[3], reference[3], rtol=5e-2, atol=5e-2)
+
+
+@cuda
+def test_cuda_training_step_through_the_kernel_has_finite_gradients():
+    pytest.importorskip("triton")
+    device = torch.device("cuda")
+    mae = build_mae("tiny").to(device)
+    mae.patch_embed_backend = "triton"
+    crops = _crops(2, seed=10).to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _, _ = mae.forward_crops(crops, torch.tensor([3, 4], device=device))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in mae.parameters())
+    assert mae.patch_embed.proj.weight.grad.abs().sum() > 0

@@ -200,6 +200,12 @@ def test_pickled_objects_are_refused(tmp_path):
         load_mae_st(path, build_mae("tiny", **SMALL))
 
 
+class _CompiledLike(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+
 def test_safetensors_round_trip(tmp_path):
     torch.manual_seed(7)
     mae = build_mae("tiny", **SMALL).eval()
@@ -223,7 +229,8 @@ def test_safetensors_round_trip(tmp_path):
     assert "mask_token" in report.unexpected
     assert torch.equal(classifier.blocks[1].mlp.fc2.weight, mae.blocks[1].mlp.fc2.weight)
 
-    saved = save_model(classifier, tmp_path / "classifier.safetensors")
+    # A torch.compile-style wrapper (`_orig_mod`) is looked through.
+    saved = save_model(_CompiledLike(classifier), tmp_path / "classifier.safetensors")
     again = load_model(saved)
     assert again.config.num_classes == 3 and torch.equal(again.head.weight, classifier.head.weight)
 

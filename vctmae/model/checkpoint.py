@@ -88,7 +88,8 @@ def read_state(source: str | Path | Mapping[str, object]) -> dict[str, torch.Ten
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key}: not a tensor ({type(value).__name__}); unknown layout")
-        tensors[key.removeprefix("module.")] = value
+        # DDP's `module.` and torch.compile's `_orig_mod.` wrappers are not part of the layout.
+        tensors[key.removeprefix("module.").removeprefix("_orig_mod.")] = value
     return tensors
 
 
@@ -343,6 +344,15 @@ def config_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def model_kind(model: nn.Module) -> str:
     if isinstance(model, MaskedAutoencoder):
         return "mae"
@@ -353,6 +363,7 @@ def model_kind(model: nn.Module) -> str:
 
 def save_model(model: VideoViT, path: str | Path) -> Path:
     """Write the weights as safetensors at `path` and the config at `config_path(path)`."""
+    model = unwrap(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
