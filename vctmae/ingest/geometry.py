@@ -35,6 +35,7 @@ explicit `label_scheme="totalseg"`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class _Vertebra:
     centroid_world: np.ndarray  # (3,)
     volume_mm3: float
     truncated: bool
+    box: tuple[slice, slice, slice]  # the mask's bounding box in the label volume
 
 
 def detect_label_scheme(present: set[int]) -> str:
@@ -177,6 +179,7 @@ def find_vertebrae(
                 centroid_world=centroid_world,
                 volume_mm3=count * labels.voxel_volume_mm3,
                 truncated=truncated,
+                box=box,
             )
         )
     found.sort(key=lambda v: level_index(v.level))
@@ -261,14 +264,8 @@ def crop_affine(centroid_world, tangent, spacing: float, size: int) -> np.ndarra
     return affine
 
 
-def _crop_coordinates(
-    volume: Volume, centroid_world: np.ndarray, tangent: np.ndarray, config: GeometryConfig
-) -> np.ndarray:
+def _crop_coordinates(to_voxel: np.ndarray, config: GeometryConfig) -> np.ndarray:
     """Source voxel coordinates (3, size, size, size) of every crop voxel."""
-    # crop index → world → source voxel, composed into one (4, 4) affine.
-    to_voxel = np.linalg.inv(volume.affine) @ crop_affine(
-        centroid_world, tangent, config.spacing, config.size
-    )
     linear, offset = to_voxel[:3, :3], to_voxel[:3, 3]
     index = np.arange(config.size, dtype=np.float64)
     # coords[c] = offset[c] + Σ_k linear[c, k] · index_k, built by broadcasting.
@@ -283,11 +280,30 @@ def _crop_coordinates(
     return coords
 
 
-def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    if not box or box[0] is None:
+def _mask_window(
+    box: tuple[slice, slice, slice], to_voxel: np.ndarray, size: int
+) -> tuple[slice, slice, slice]:
+    """Crop index ranges that can hold the vertebra's mask (sampling labels elsewhere is waste)."""
+    # Under nearest-neighbour sampling mask voxel k covers source coordinates [k − ½, k + ½].
+    extent = [(sl.start - 0.5, sl.stop - 0.5) for sl in box]
+    corners = np.array(list(itertools.product(*extent)))  # (8, 3)
+    to_crop = np.linalg.inv(to_voxel)
+    in_crop = corners @ to_crop[:3, :3].T + to_crop[:3, 3]
+    low = np.clip(np.floor(in_crop.min(axis=0)).astype(int), 0, size)
+    high = np.clip(np.ceil(in_crop.max(axis=0)).astype(int) + 1, 0, size)
+    return (slice(low[0], high[0]), slice(low[1], high[1]), slice(low[2], high[2]))
+
+
+def _mask_bbox(
+    mask: np.ndarray, window: tuple[slice, slice, slice]
+) -> tuple[int, int, int, int, int, int]:
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found or found[0] is None:
         return (0, 0, 0, 0, 0, 0)
-    (a, b, c) = box[0]
+    a, b, c = (
+        slice(inner.start + outer.start, inner.stop + outer.start)
+        for inner, outer in zip(found[0], window, strict=True)
+    )
     return (a.start, a.stop, b.start, b.stop, c.start, c.stop)
 
 
@@ -295,15 +311,23 @@ def cut_crop(
     ct: Volume, labels: Volume, vertebra: _Vertebra, tangent: np.ndarray, config: GeometryConfig
 ) -> VertebraCrop:
     """Sample one vertebra's crop: CT linear, labels nearest, outside the scan −1024 HU."""
-    coords = _crop_coordinates(ct, vertebra.centroid_world, tangent, config)
+    # crop index → world → source voxel, composed into one (4, 4) affine (CT and
+    # label map share their grid).
+    to_voxel = np.linalg.inv(ct.affine) @ crop_affine(
+        vertebra.centroid_world, tangent, config.spacing, config.size
+    )
+    coords = _crop_coordinates(to_voxel, config)
     shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
     # A voxel is inside the scan when it falls within the source voxels' extent.
     inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
     hu = ndimage.map_coordinates(ct.data, coords, order=1, mode="nearest", output=np.float32)
     hu[~inside] = AIR_HU
     array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
-    label = ndimage.map_coordinates(labels.data, coords, order=0, mode="nearest")
-    mask = (label == vertebra.label_value) & inside
+    window = _mask_window(vertebra.box, to_voxel, config.size)
+    label = ndimage.map_coordinates(
+        labels.data, coords[(slice(None), *window)], order=0, mode="nearest"
+    )
+    mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,
         label_value=vertebra.label_value,
@@ -311,7 +335,7 @@ def cut_crop(
         centroid_world=tuple(float(v) for v in vertebra.centroid_world),
         tangent=tuple(float(v) for v in tangent),
         inside_fraction=float(inside.mean()),
-        bbox=_mask_bbox(mask),
+        bbox=_mask_bbox(mask, window),
         truncated=vertebra.truncated,
     )
 
