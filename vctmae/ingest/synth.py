@@ -224,17 +224,37 @@ def _frame(tangent: np.ndarray, rotation: float) -> np.ndarray:
     return np.stack([right, anterior, superior])
 
 
-def _extent(v: _Vertebra) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
-    """Local bounding box (u, v, w ranges) of everything the vertebra paints, including half-discs."""
-    canal_centre = -0.8 * v.half_depth - v.canal_half_depth
-    back = canal_centre - v.canal_half_depth - v.lamina_thickness
-    u_max = max(v.half_width, v.canal_half_width + v.pedicle_width + v.transverse_length) + 2
-    v_min = back - v.spinous_length - 2
-    w_min = (
-        min(-v.height / 2 - 6, -np.tan(v.spinous_slope) * v.spinous_length - v.spinous_height / 2)
-        - 2
-    )
-    return (-u_max, u_max), (v_min, v.half_depth + 2), (w_min, v.height / 2 + v.disc_above / 2 + 2)
+@dataclass(frozen=True)
+class _LocalBox:
+    """Local coordinates (mm, float32) of the grid voxels covering a box of a vertebra's frame."""
+
+    region: tuple[slice, slice, slice]  # into the RAS grid
+    u: np.ndarray  # → patient right
+    v: np.ndarray  # → anterior
+    w: np.ndarray  # → superior
+
+
+def _local_box(
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    centre: np.ndarray,
+    frame: np.ndarray,
+    ranges: tuple[tuple[float, float], tuple[float, float], tuple[float, float]],
+) -> _LocalBox | None:
+    """The grid's voxels whose world box contains the local box `ranges` (u, v, w), or None if outside."""
+    corners = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1)
+    world = centre[:, None] + frame.T @ corners
+    region = []
+    for k in range(3):
+        lo, hi = np.searchsorted(axes[k], [world[k].min() - 1.0, world[k].max() + 1.0])
+        region.append(slice(int(lo), int(hi)))
+    if any(r.stop <= r.start for r in region):
+        return None
+    x = (axes[0][region[0]] - centre[0]).astype(np.float32)[:, None, None]
+    y = (axes[1][region[1]] - centre[1]).astype(np.float32)[None, :, None]
+    z = (axes[2][region[2]] - centre[2]).astype(np.float32)[None, None, :]
+    f = frame.astype(np.float32)
+    u, v, w = (f[k, 0] * x + f[k, 1] * y + f[k, 2] * z for k in range(3))
+    return _LocalBox(tuple(region), u, v, w)
 
 
 def _paint_vertebra(
@@ -247,91 +267,118 @@ def _paint_vertebra(
     disc_below: float,
     anatomy: _Anatomy,
 ) -> None:
-    """Paint one vertebra, its canal segment and its half-discs into `ct`/`seg` (RAS grid)."""
-    corners = np.array(np.meshgrid(*_extent(vert), indexing="ij")).reshape(3, -1)
-    world = centre[:, None] + frame.T @ corners
-    box = []
-    for k in range(3):
-        lo, hi = np.searchsorted(axes[k], [world[k].min(), world[k].max()])
-        box.append(slice(int(lo), int(hi)))
-    if any(b.stop <= b.start for b in box):
-        return
-    x = (axes[0][box[0]] - centre[0])[:, None, None]
-    y = (axes[1][box[1]] - centre[1])[None, :, None]
-    z = (axes[2][box[2]] - centre[2])[None, None, :]
-    u, v, w = (frame[k, 0] * x + frame[k, 1] * y + frame[k, 2] * z for k in range(3))
-    ct_box, seg_box = ct[tuple(box)], seg[tuple(box)]
-    label = VERSE_LABEL[vert.level]
+    """Paint one vertebra, its canal segment and its half-discs into `ct`/`seg` (RAS grid).
 
-    # Vertebral body: elliptic cross-section flattened posteriorly, endplates shaped by fracture.
+    Each part is evaluated only in its own small box; posterior elements first, then
+    disc and body, so the body wins where parts touch. Other vertebrae's bone is kept
+    (discs and canal only fill voxels no vertebra claims yet).
+    """
+    label = VERSE_LABEL[vert.level]
     a, b, half = vert.half_width, vert.half_depth, vert.height / 2
+    slab = (-half - disc_below / 2, half + vert.disc_above / 2)
+    canal_v = -0.8 * b - vert.canal_half_depth
+    cu, cv, lt = vert.canal_half_width, vert.canal_half_depth, vert.lamina_thickness
+    pedicle_w = 0.15 * vert.height
+    reach = cu + vert.pedicle_width
+
+    def paint(box: _LocalBox | None, bone: np.ndarray, hu: float) -> None:
+        if box is not None:
+            ct[box.region][bone] = hu
+            seg[box.region][bone] = label
+
+    # Canal (CSF/cord), pedicles and the lamina ring around the canal.
+    box = _local_box(
+        axes, centre, frame, ((-reach - lt, reach + lt), (canal_v - cv - lt, -0.8 * b + 1), slab)
+    )
+    if box is not None:
+        u, v, w = box.u, box.v, box.w
+        canal_radial = (u / cu) ** 2 + ((v - canal_v) / cv) ** 2
+        canal = (canal_radial < 1.0) & (w >= slab[0]) & (w <= slab[1])
+        ct_box, seg_box = ct[box.region], seg[box.region]
+        ct_box[canal & (seg_box == 0)] = anatomy.canal_hu
+        pedicles = (
+            (np.abs(u) >= cu - 1)
+            & (np.abs(u) <= reach)
+            & (v <= -0.8 * b + 1)
+            & (v >= canal_v - 0.3 * cv)
+            & (np.abs(w - pedicle_w) <= 0.22 * vert.height)
+        )
+        lamina = (
+            (canal_radial >= 1.0)
+            & ((u / (cu + lt)) ** 2 + ((v - canal_v) / (cv + lt)) ** 2 <= 1.0)
+            & (v <= canal_v + 2)
+            & (np.abs(w) <= 0.4 * vert.height)
+        )
+        paint(box, (pedicles & ~canal) | lamina, vert.posterior_hu)
+
+    # Spinous process: a plate running back (and, in the thorax, steeply down) from the lamina.
+    spine_start = canal_v - cv - lt + 2
+    drop = np.tan(vert.spinous_slope) * vert.spinous_length
+    box = _local_box(axes, centre, frame, ((-3, 3), (spine_start - vert.spinous_length, spine_start),
+                                           (-drop - vert.spinous_height / 2, vert.spinous_height / 2)))  # fmt: skip
+    if box is not None:
+        along = spine_start - box.v  # mm behind the lamina
+        spinous = (
+            (along >= 0)
+            & (along <= vert.spinous_length)
+            & (np.abs(box.u) <= 3.0)
+            & (
+                np.abs(box.w + np.float32(np.tan(vert.spinous_slope)) * along)
+                <= vert.spinous_height / 2
+            )
+        )
+        paint(box, spinous, vert.posterior_hu)
+
+    # Transverse processes: bars reaching out sideways from the pedicles.
+    tip = reach + vert.transverse_length
+    box = _local_box(
+        axes,
+        centre,
+        frame,
+        ((-tip, tip), (canal_v - 4, canal_v + 4), (pedicle_w - 4, pedicle_w + 4)),
+    )
+    if box is not None:
+        transverse = (
+            (np.abs(box.u) >= reach - 2)
+            & (np.abs(box.u) <= tip)
+            & (np.abs(box.v - canal_v) <= 4.0)
+            & (np.abs(box.w - pedicle_w) <= 4.0)
+        )
+        paint(box, transverse, vert.posterior_hu)
+
+    # Vertebral body: elliptic cross-section flattened posteriorly, endplates shaped by the
+    # natural concavity and wedging and by the fracture; the half-discs fill the rest of the slab.
+    box = _local_box(axes, centre, frame, ((-a, a), (-0.8 * b, b), slab))
+    if box is None:
+        return
+    u, v, w = box.u, box.v, box.w
     radial = (u / a) ** 2 + (v / b) ** 2
     section = (radial <= 1.0) & (v >= -0.8 * b)
     # 0 at the posterior wall → 1 over the front sixth of the body (where Genant measures anterior height)
     anterior = np.clip((v + 0.8 * b) / (1.5 * b), 0.0, 1.0)
-    dip = vert.concavity * np.clip(1.0 - radial, 0.0, 1.0)  # natural endplate concavity
-    top = half - dip - vert.wedge * vert.height * anterior
-    bottom = -half + dip
+    central = np.clip(1.0 - radial, 0.0, 1.0)
+    top = half - vert.concavity * central - vert.wedge * vert.height * anterior
+    bottom = -half + vert.concavity * central
     if vert.grade:
         lost = vert.loss * vert.height
         if vert.shape == "wedge":
             depth, top_share = lost * anterior, 0.75
         elif vert.shape == "biconcave":
-            depth, top_share = lost * np.clip(1.0 - radial, 0.0, 1.0), 0.5
+            depth, top_share = lost * central, 0.5
         else:  # crush: whole body lower, more so in front
             depth, top_share = lost * (0.7 + 0.3 * anterior), 0.6
         top = top - top_share * depth
         bottom = bottom + (1.0 - top_share) * depth
     body = section & (w <= top) & (w >= bottom)
+    disc = section & ~body & (w >= slab[0]) & (w <= slab[1])
+    ct_box, seg_box = ct[box.region], seg[box.region]
+    ct_box[disc & (seg_box == 0)] = anatomy.disc_hu
     shell_distance = np.minimum(
-        np.minimum((1.0 - np.sqrt(radial)) * min(a, b), v + 0.8 * b),
-        np.minimum(top - w, w - bottom),
+        np.minimum((1.0 - np.sqrt(radial[body])) * min(a, b), v[body] + 0.8 * b),
+        np.minimum(top[body] - w[body], w[body] - bottom[body]),
     )
-    disc = section & ~body & (w <= half + vert.disc_above / 2) & (w >= -half - disc_below / 2)
-
-    # Posterior elements: pedicles, lamina ring around the canal, spinous and transverse processes.
-    canal_v = -0.8 * b - vert.canal_half_depth
-    cu, cv = vert.canal_half_width, vert.canal_half_depth
-    canal_radial = (u / cu) ** 2 + ((v - canal_v) / cv) ** 2
-    slab = (w <= half + vert.disc_above / 2) & (w >= -half - disc_below / 2)
-    canal = (canal_radial < 1.0) & slab
-    pedicle_w = 0.15 * vert.height
-    pedicles = (
-        (np.abs(u) >= cu - 1)
-        & (np.abs(u) <= cu + vert.pedicle_width)
-        & (v <= -0.8 * b + 1)
-        & (v >= canal_v - 0.3 * cv)
-        & (np.abs(w - pedicle_w) <= 0.22 * vert.height)
-    )
-    lt = vert.lamina_thickness
-    lamina = (
-        (canal_radial >= 1.0)
-        & ((u / (cu + lt)) ** 2 + ((v - canal_v) / (cv + lt)) ** 2 <= 1.0)
-        & (v <= canal_v + 2)
-        & (np.abs(w) <= 0.4 * vert.height)
-    )
-    spine_start = canal_v - cv - lt + 2
-    along = spine_start - v  # mm posterior of the lamina
-    spinous = (
-        (along >= 0)
-        & (along <= vert.spinous_length)
-        & (np.abs(u) <= 3.0)
-        & (np.abs(w + np.tan(vert.spinous_slope) * along) <= vert.spinous_height / 2)
-    )
-    transverse = (
-        (np.abs(u) >= cu + vert.pedicle_width - 2)
-        & (np.abs(u) <= cu + vert.pedicle_width + vert.transverse_length)
-        & (np.abs(v - canal_v) <= 4.0)
-        & (np.abs(w - pedicle_w) <= 4.0)
-    )
-    posterior = (pedicles | lamina | spinous | transverse) & ~canal
-
-    free = seg_box == 0
-    ct_box[disc & free] = anatomy.disc_hu
-    ct_box[canal & free & ~body] = anatomy.canal_hu
-    ct_box[posterior] = vert.posterior_hu
-    ct_box[body] = np.where(shell_distance[body] < 1.5, anatomy.cortical_hu, vert.trabecular_hu)
-    seg_box[body | posterior] = label
+    paint(box, body, 0.0)
+    ct_box[body] = np.where(shell_distance < 1.5, anatomy.cortical_hu, vert.trabecular_hu)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,22 +442,22 @@ def _draw_scan(
         extremes[0][2].max() + margins[0],
     )
     volume = float(np.prod(np.subtract(hi, lo)))
-    if spacing is None:
-        for _ in range(50):
-            in_plane, slices = rng.uniform(0.7, 1.5), rng.uniform(0.7, 1.5)
-            steps = (in_plane, in_plane, slices)
-            if rng.random() < 0.25:  # sagittal or coronal acquisitions
-                steps = (
-                    (slices, in_plane, in_plane)
-                    if rng.random() < 0.5
-                    else (in_plane, slices, in_plane)
-                )
-            if volume / np.prod(steps) <= MAX_VOXELS:
-                break
-    else:
+    # Draw everything even when overridden, so an override changes nothing else.
+    for _ in range(50):
+        in_plane, slices = rng.uniform(0.7, 1.5), rng.uniform(0.7, 1.5)
+        steps = (in_plane, in_plane, slices)
+        if rng.random() < 0.25:  # sagittal or coronal acquisitions
+            steps = (
+                (slices, in_plane, in_plane) if rng.random() < 0.5 else (in_plane, slices, in_plane)
+            )
+        if volume / np.prod(steps) <= MAX_VOXELS:
+            break
+    drawn_orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+    if spacing is not None:
         steps = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
-    if orientation is None:
-        orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+        if min(steps) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing}")
+    orientation = orientation or drawn_orientation
     return _Scan(
         spacing=tuple(round(float(s), 4) for s in steps),
         orientation=orientation,
@@ -454,7 +501,7 @@ def make_phantom(
     noise_rng = _rng(*key, 2_000_003, scan)
     ct_ras, seg_ras, affine_ras = _render(anatomy, acquisition, noise_rng)
 
-    present = set(np.unique(seg_ras).tolist()) - {0}
+    present = set(np.flatnonzero(np.bincount(seg_ras.ravel(), minlength=256)).tolist()) - {0}
     grades = {v.level: v.grade for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
     shapes = {v.level: v.shape for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
 
