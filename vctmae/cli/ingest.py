@@ -62,9 +62,14 @@ def ingest(
         report = run_ingest(config, progress=not no_progress)
     except (LabelsError, ValueError) as error:
         raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; finished cases are kept — run the same command again to resume", 130) from None
     summary = (f"{report['cases_ok']}/{report['cases_seen']} cases ok, {report['vertebrae_written']} vertebrae "
                f"written, {report['vertebrae_skipped']} skipped → {out}")
     typer.echo(summary, err=True)
+    if report["splits"]:
+        typer.echo("  " + ", ".join(f"{split}: {s['vertebrae']} vertebrae / {s['patients']} patients"
+                                    for split, s in report["splits"].items()), err=True)
     if report["cases_failed"]:
         typer.echo(f"error: {report['cases_failed']} case(s) failed; see {out / 'ingest-report.json'}", err=True)
         raise typer.Exit(1)

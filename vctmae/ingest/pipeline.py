@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -268,6 +269,17 @@ class _Plan:
     cases_ok: int = 0
     samples: int = 0
     fingerprint: str = ""
+    splits: dict[str, dict[str, set[str] | int]] = field(default_factory=dict)
+
+    def count(self, meta: dict) -> None:
+        entry = self.splits.setdefault(meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()})
+        entry["vertebrae"] += 1
+        entry["cases"].add(meta["case"])
+        entry["patients"].add(meta["patient"])
+
+    def split_summary(self) -> dict[str, dict[str, int]]:
+        return {split: {"vertebrae": e["vertebrae"], "cases": len(e["cases"]), "patients": len(e["patients"])}
+                for split, e in sorted(self.splits.items())}
 
 
 def sample_key(case_id: str, level: str) -> str:
@@ -340,6 +352,7 @@ def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_
         samples, no_label = _case_samples(record, assignment, labels, spacing)
         plan.skipped += [{"case": entry.case, **s} for s in record["skipped"]] + no_label
         for crop, meta, _, _ in samples:
+            plan.count(meta)
             digest.update(json.dumps(meta, sort_keys=True).encode() + crop["sha256"].encode())
         plan.samples += len(samples)
     plan.failed.sort(key=lambda f: (f["case"], f["file"]))
@@ -488,10 +501,8 @@ def _error_line(progress, line: str) -> None:
     progress.console.print(f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True)
 
 
-def _extract(cases: list[Case], config: IngestConfig, cases_dir: Path, progress) -> dict[str, int]:
-    """Phase 1 over the cases that are not finished yet; returns counts."""
-    import multiprocessing
-
+def _pending_jobs(cases: list[Case], config: IngestConfig, cases_dir: Path) -> tuple[list[_Job], int]:
+    """Jobs for the cases not finished yet (all with --force), and how many are reused."""
     jobs, reused = [], 0
     for case in cases:
         record = cases_dir / f"{record_stem(case.case)}.json"
@@ -499,8 +510,12 @@ def _extract(cases: list[Case], config: IngestConfig, cases_dir: Path, progress)
             reused += 1
             continue
         jobs.append(_Job(case=case, geometry=config.geometry, record=record))
-    task = progress.add_task("extract", total=len(cases), completed=reused, rate="")
-    workers = min(config.workers or default_workers(), max(1, len(jobs)))
+    return jobs, reused
+
+
+def _extract(jobs: list[_Job], *, total: int, reused: int, pool, progress) -> dict[str, int]:
+    """Phase 1: run the jobs (in `pool` when given, else here); returns counts."""
+    task = progress.add_task("extract", total=total, completed=reused, rate="")
     crops = 0
     started = time.perf_counter()
 
@@ -512,15 +527,12 @@ def _extract(cases: list[Case], config: IngestConfig, cases_dir: Path, progress)
         elapsed = time.perf_counter() - started
         progress.update(task, advance=1, rate=f"{crops / max(elapsed, 1e-9):.1f} crops/s")
 
-    if workers <= 1:
-        for job in jobs:
-            done(extract_case(job))
-    else:
-        # imap_unordered keeps at most a few cases in flight per worker; results are tiny.
-        with multiprocessing.get_context().Pool(workers) as pool:
-            for summary in pool.imap_unordered(extract_case, jobs, chunksize=1):
-                done(summary)
-    return {"extracted": len(jobs), "reused": reused, "crops": crops, "workers": workers}
+    # Jobs are paths and results small summaries; each worker holds one case at a
+    # time, so memory does not depend on the number of cases.
+    summaries = pool.imap_unordered(extract_case, jobs, chunksize=1) if pool else map(extract_case, jobs)
+    for summary in summaries:
+        done(summary)
+    return {"extracted": len(jobs), "reused": reused, "crops": crops}
 
 
 def _clean_work(cases_dir: Path) -> None:
@@ -558,11 +570,23 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
 
     cases_dir.mkdir(parents=True, exist_ok=True)
     _clean_work(cases_dir)
+    (work / "run.json").unlink(missing_ok=True)  # present again only once this run has extracted
+    jobs, reused = _pending_jobs(cases, config, cases_dir)
+    workers = min(config.workers or default_workers(), max(1, len(jobs)))
+    # Start the workers before the progress display starts its refresh thread (fork + threads).
+    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    try:
+        with _progress(progress) as bar:
+            for item in bad:
+                _error_line(bar, item.line())
+            counts = _extract(jobs, total=len(cases), reused=reused, pool=pool, progress=bar)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    counts["workers"] = workers
+    extracted = time.perf_counter()
     with _progress(progress) as bar:
-        for item in bad:
-            _error_line(bar, item.line())
-        counts = _extract(cases, config, cases_dir, bar)
-        extracted = time.perf_counter()
         # What this run covers, for a later --merge of parts.
         run = {
             "part": list(config.part) if config.part else None,
@@ -682,6 +706,7 @@ def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict,
         "cases_resumed": counts["reused"],
         "workers": counts["workers"],
         "vertebrae_written": plan.samples,
+        "splits": plan.split_summary(),
         "vertebrae_skipped": len(plan.skipped),
         "skipped_by_reason": dict(sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())),
         "skipped": plan.skipped,
