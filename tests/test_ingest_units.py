@@ -191,3 +191,29 @@ def test_pairs_csv_and_wds_only_format(tmp_path):
     with tarfile.open(out / "unlabeled-000000.tar") as tar:
         meta = tar.extractfile("abdomen_L1.json").read().decode()
     assert '"ct": "scans/a.nii.gz"' in meta and '"patient": "P42"' in meta
+
+
+def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from vctmae.ingest import geometry
+
+    real_extract = geometry.extract_crops
+
+    def extract_or_die(ct_path, seg_path, config):
+        if "boom" in str(ct_path):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        return real_extract(ct_path, seg_path, config)
+
+    monkeypatch.setattr(geometry, "extract_crops", extract_or_die)  # workers are forked: they see it
+    src = tmp_path / "raw"
+    for name in ("a", "boom", "c"):
+        for kind in ("ct", "seg"):
+            (src / kind).mkdir(parents=True, exist_ok=True)
+            (src / kind / f"{name}.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2), progress=False)
+    assert [f["case"] for f in report["failed"]] == ["boom"]
+    assert "worker process died" in report["failed"][0]["reason"]
+    assert "ct/boom.nii.gz" in report["failed"][0]["reason"]
+    assert report["cases_ok"] == 2 and report["vertebrae_written"] == 2

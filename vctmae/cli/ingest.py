@@ -32,7 +32,8 @@ def ingest(
     keep_truncated: bool = typer.Option(False, "--keep-truncated", help="Also write vertebrae whose mask touches the scan border."),
     force: bool = typer.Option(False, "--force", help="Redo every case instead of resuming finished ones."),
     merge: list[Path] = typer.Option(None, "--merge", help="Join the outputs of --part runs (give each part folder, e.g. --merge data/part-*) into --out."),
-    extra_merge: list[Path] = typer.Argument(None, help="More part folders for --merge (what a shell makes of data/part-*).", show_default=False),
+    extra_merge: list[Path] = typer.Argument(None, help="More part folders for --merge (what a shell makes of data/part-*).", show_default=False,
+                                        metavar="[PART_DIR]..."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show progress bars."),
 ) -> None:
     """Cut raw spine CTs into int16 vertebra crops: WebDataset shards + Zarr store + manifest."""

@@ -513,8 +513,71 @@ def _pending_jobs(cases: list[Case], config: IngestConfig, cases_dir: Path) -> t
     return jobs, reused
 
 
-def _extract(jobs: list[_Job], *, total: int, reused: int, pool, progress) -> dict[str, int]:
-    """Phase 1: run the jobs (in `pool` when given, else here); returns counts."""
+def _worker_died(job: _Job) -> dict[str, Any]:
+    """Record a case whose worker process died (killed for memory, crashed in a C library)."""
+    line = f"{job.case.ct_name}: the worker process died while extracting this case (out of memory?)"
+    record = {"version": RECORD_VERSION, "case": job.case.case, "patient": job.case.patient,
+              "ct": job.case.ct_name, "seg": job.case.seg_name, "status": "failed", "error": line,
+              "crops": [], "skipped": []}
+    _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
+    return {"case": job.case.case, "status": "failed", "error": line, "crops": 0}
+
+
+def _new_executor(workers: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: workers start at once, without re-importing the program (spawn/forkserver
+    # would re-run an unguarded `python -m vctmae`).
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    executor.submit(int).result()  # start the workers now, before any display thread runs
+    return executor
+
+
+def _run_jobs(jobs: list[_Job], workers: int, executor, done) -> None:
+    """Run `jobs` with at most 2 × workers in flight; call `done(summary)` as each finishes.
+
+    A worker that dies breaks the executor: the cases then in flight are rerun one
+    at a time in fresh single-worker executors, so only the case that killed its
+    worker is marked failed.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    if executor is None:
+        for job in jobs:
+            done(extract_case(job))
+        return
+    queue = list(reversed(jobs))
+    in_flight: dict[Any, _Job] = {}
+    suspects: list[_Job] = []
+    while queue or in_flight:
+        while queue and len(in_flight) < 2 * workers:
+            job = queue.pop()
+            in_flight[executor.submit(extract_case, job)] = job
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job = in_flight.pop(future)
+            try:
+                done(future.result())
+            except BrokenProcessPool:
+                suspects.append(job)
+        if suspects and not in_flight:
+            executor.shutdown(wait=True)
+            for job in suspects:
+                single = _new_executor(1)
+                try:
+                    done(single.submit(extract_case, job).result())
+                except BrokenProcessPool:
+                    done(_worker_died(job))
+                finally:
+                    single.shutdown(wait=True)
+            suspects = []
+            executor = _new_executor(workers)
+    executor.shutdown(wait=True)
+
+
+def _extract(jobs: list[_Job], *, total: int, reused: int, workers: int, executor, progress) -> dict[str, int]:
+    """Phase 1: run the jobs (in `executor` when given, else here); returns counts."""
     task = progress.add_task("extract", total=total, completed=reused, rate="")
     crops = 0
     started = time.perf_counter()
@@ -529,9 +592,7 @@ def _extract(jobs: list[_Job], *, total: int, reused: int, pool, progress) -> di
 
     # Jobs are paths and results small summaries; each worker holds one case at a
     # time, so memory does not depend on the number of cases.
-    summaries = pool.imap_unordered(extract_case, jobs, chunksize=1) if pool else map(extract_case, jobs)
-    for summary in summaries:
-        done(summary)
+    _run_jobs(jobs, workers, executor, done)
     return {"extracted": len(jobs), "reused": reused, "crops": crops}
 
 
@@ -559,6 +620,9 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     cases_dir = work / "cases"
     labels = read_labels(config.labels) if config.labels is not None else None
     cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
+    if not cases and not bad:
+        raise ValueError(f"{config.src or config.pairs}: no cases found (expected ct/NAME.nii[.gz] with "
+                         "seg/NAME.nii[.gz], VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)")
     assignments = assign_cases(labels, {c.case: c.patient for c in cases})
     if config.part is not None:
         i, n = config.part
@@ -574,16 +638,16 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     jobs, reused = _pending_jobs(cases, config, cases_dir)
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     # Start the workers before the progress display starts its refresh thread (fork + threads).
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    executor = _new_executor(workers) if workers > 1 else None
     try:
         with _progress(progress) as bar:
             for item in bad:
                 _error_line(bar, item.line())
-            counts = _extract(jobs, total=len(cases), reused=reused, pool=pool, progress=bar)
+            counts = _extract(jobs, total=len(cases), reused=reused, workers=workers, executor=executor,
+                              progress=bar)
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
     counts["workers"] = workers
     extracted = time.perf_counter()
     with _progress(progress) as bar:
