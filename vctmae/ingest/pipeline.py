@@ -4,21 +4,24 @@ Design — two phases, so that the run is resumable, atomic, byte-deterministic
 and flat in memory at once:
 
 1. **Extract** (parallel). Each case is cut into crops by
-   `geometry.extract_crops` in a worker process, which writes the case's
+   `geometry.extract_crops` in a worker process (a process pool with at most
+   2 × workers cases queued; a worker that dies fails only its own case), which
+   also compresses each crop into its final Zarr chunk bytes and writes the case's
    result into the work folder `OUT/.ingest-work/cases/`: `NAME.crops` (the
    crops, Blosc-compressed one after another) and then `NAME.json` (metadata,
    skipped vertebrae, or the failure line), each under a temporary name and
    renamed when complete. The json is the "case finished" marker: a rerun skips
    cases whose json matches the geometry settings and the source files' size
    and mtime (`--force` redoes them); a killed run loses at most the cases in
-   flight. Workers send only a small summary back, and at most `workers` cases
-   are in flight, so memory does not grow with the number of cases.
+   flight. Workers send only a small summary back and each holds one case at a
+   time, so memory does not grow with the number of cases.
 2. **Assemble** (one process, case order). The finished case files are
    streamed, one case at a time, in sorted case order into shards, the Zarr
    store and the manifest inside `OUT/.ingest-work/staging/`, which are then
    renamed into `OUT`. Since assembly reads only the case files and always
    visits them in the same order, the output bytes do not depend on worker
-   count, timing or interruptions. Assembly is skipped when its inputs are
+   count, timing or interruptions (Blosc compresses single-threaded: its
+   multi-threaded output differs with the thread count). Assembly is skipped when its inputs are
    unchanged since the last published output (fingerprint in
    `.ingest-work/assembled.json`).
 
@@ -27,7 +30,7 @@ that part's own outputs); `run.json` in the part's work folder lists its cases.
 `--merge PART…` assembles the parts' case files into OUT exactly as a single run
 would, so the merged shards, manifest and Zarr store equal a full run's bytes.
 The work folder is a cache: delete it after a run to save disk (a later run then
-extracts again).
+extracts again) — but keep the parts' work folders until they are merged.
 """
 
 from __future__ import annotations
@@ -721,7 +724,10 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         for case, raw in zip(_case_list(run), run["cases"], strict=True):
             if case.case in cases:
                 raise ValueError(f"case {case.case} is in two of the merged outputs")
-            cases[case.case] = (case, _Entry(case=case.case, record=part_dir / WORK / "cases" / raw["record"]))
+            record = part_dir / WORK / "cases" / raw["record"]
+            if not record.exists():
+                raise ValueError(f"{record}: missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`")
+            cases[case.case] = (case, _Entry(case=case.case, record=record))
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
     ordered = [cases[c] for c in sorted(cases)]
