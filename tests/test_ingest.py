@@ -273,6 +273,8 @@ def test_bad_inputs_are_reported_and_good_cases_written(tmp_path):
     ct = np.full((24, 24, 24), 100, np.int16)
     (src / "ct" / "corrupt.nii.gz").write_bytes((REAL_CT / "ct.nii.gz").read_bytes()[:5000])
     _nifti(src / "seg" / "corrupt.nii.gz", cube)
+    (src / "ct" / "garbled.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + np.random.default_rng(0).bytes(4000))
+    _nifti(src / "seg" / "garbled.nii.gz", cube)
     (src / "ct" / "notes.txt").write_text("not an image\n")
     _nifti(src / "ct" / "fourd.nii.gz", np.zeros((24, 24, 24, 2), np.int16))
     _nifti(src / "seg" / "fourd.nii.gz", np.zeros((24, 24, 24, 2), np.int16))
@@ -297,6 +299,7 @@ def test_bad_inputs_are_reported_and_good_cases_written(tmp_path):
     assert result.exit_code == 1, result.output
     expected = {
         "corrupt": ("ct/corrupt.nii.gz", ""),
+        "garbled": ("ct/garbled.nii.gz", ""),
         "notes.txt": ("ct/notes.txt", "not a NIfTI"),
         "fourd": ("fourd.nii.gz", "3-D"),
         "shape": ("shape.nii.gz", "shape"),

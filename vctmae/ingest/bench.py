@@ -113,6 +113,7 @@ def run_bench(
     n_workers = workers or default_workers()
     results: list[Result] = []
     measured: dict[int, dict] = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vctmae-bench-ingest-") as tmp:
         root = Path(tmp)
         src = root / "raw"
@@ -164,6 +165,9 @@ def run_bench(
             "phantom_seed": 0,
             "crop_size": 96,
             "spacing_mm": 1.0,
+            # On a shared machine other jobs compete for the cores: record how busy it was.
+            "load_avg_1min_before": round(load_before, 2),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2),
             "note": "rates are of the extract phase (geometry + compression in workers); "
             "wall includes process start, discovery and assembly",
         },
