@@ -22,6 +22,9 @@ def synth(
     if cases < 1:
         typer.echo(f"error: --cases must be at least 1, got {cases}", err=True)
         raise typer.Exit(2)
+    if seed < 0:
+        typer.echo(f"error: --seed must be non-negative, got {seed}", err=True)
+        raise typer.Exit(2)
     if not 0.0 <= fracture_rate <= 1.0:
         typer.echo(f"error: --fracture-rate must lie in [0, 1], got {fracture_rate}", err=True)
         raise typer.Exit(2)

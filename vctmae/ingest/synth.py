@@ -5,8 +5,14 @@ these phantoms. Each case is a short run of consecutive vertebrae (T6 … L5) on
 gently curved centre line, drawn in HU: vertebral bodies with a cortical shell
 and trabecular core, posterior elements (pedicles, lamina, spinous and
 transverse processes), discs, spinal canal, soft tissue, subcutaneous fat and
-air, plus Gaussian noise. Vertebrae may carry a Genant grade 1–3 compression
-fracture (wedge, biconcave or crush loss of anterior/middle body height).
+air, blurred by a sub-millimetre point spread, plus Gaussian noise. Vertebrae
+may carry a Genant grade 1–3 compression fracture (wedge, biconcave or crush
+loss of anterior/middle body height); the end vertebrae of a spine never do.
+
+Public API: `write_phantoms` (the `vctmae synth` command), `make_phantom` (one
+case in memory: arrays, affine, grades), `plan_cases`/`build_planned` (the
+cases `write_phantoms` writes), `write_phantom`, `phantom_images`,
+`label_rows`/`write_labels`.
 
 Every case is drawn on a grid aligned with RAS+ world axes, then stored in a
 varying axis order (RAS, LPS, PIR, …) with a varying, often anisotropic voxel
@@ -30,17 +36,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+from scipy import ndimage
 
 from vctmae.ingest.levels import LEVELS, VERSE_LABEL
 
 # Storage axis orders cycled over cases: scanner-style (LPS), neurological (RAS),
 # radiological (LAS), and axis permutations as written by other tools.
 ORIENTATIONS: tuple[str, ...] = ("LPS", "RAS", "PIR", "LAS", "ASL", "LPI", "SRA", "IRP")
+_AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # axis code → world axis
 
-# Levels a phantom spine may cover, head to feet (start drawn within T6..L2).
-SPINE_LEVELS: tuple[str, ...] = LEVELS[LEVELS.index("T6") : LEVELS.index("L5") + 1]
+# Levels a phantom spine may cover, head to feet (no T13 variant); a spine starts within T6..L2.
+SPINE_LEVELS: tuple[str, ...] = (*(f"T{i}" for i in range(6, 13)), *(f"L{i}" for i in range(1, 6)))
 _FIRST_START, _LAST_START = "T6", "L2"
-SPINE_LEVELS = tuple(level for level in SPINE_LEVELS if level != "T13")
 
 # Genant grade → fraction of anterior/middle body height lost.
 GRADE_LOSS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.26, 0.39), 3: (0.41, 0.55)}
@@ -113,9 +120,8 @@ class _Anatomy:
     skin_gap: float  # skin lies this far behind the most posterior spinous tip, mm
     body_semi_axes: tuple[float, float]
     fat_thickness: float
-    blobs: list[tuple[float, float, float, float, float]] = field(
-        default_factory=list
-    )  # dx, dy, rx, ry, hu
+    # Fat/organ ellipses in front of the spine: dx, dy (from the spine), rx, ry (mm), HU.
+    blobs: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -138,11 +144,14 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
         height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.975, 1.025)
         half_width = (16.0 + 1.1 * rank) * size_scale * rng.uniform(0.96, 1.04)
         half_depth = (12.5 + 0.5 * rank) * size_scale * rng.uniform(0.96, 1.04)
-        grade, shape, loss = 0, "none", 0.0
-        if 0 < i < count - 1 and rng.random() < fracture_rate:
-            grade = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-            shape = str(rng.choice(FRACTURE_SHAPES, p=[0.5, 0.3, 0.2]))
-            loss = rng.uniform(*GRADE_LOSS[grade])
+        # Draw the fracture whether or not it happens, so that `fracture_rate` changes
+        # which vertebrae break and nothing else about the spine.
+        chance = rng.random()
+        grade = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+        shape = str(rng.choice(FRACTURE_SHAPES, p=[0.5, 0.3, 0.2]))
+        loss = rng.uniform(*GRADE_LOSS[grade])
+        if not (0 < i < count - 1 and chance < fracture_rate):
+            grade, shape, loss = 0, "none", 0.0
         vertebrae.append(
             _Vertebra(
                 level=level,
@@ -281,10 +290,9 @@ def _paint_vertebra(
     pedicle_w = 0.15 * vert.height
     reach = cu + vert.pedicle_width
 
-    def paint(box: _LocalBox | None, bone: np.ndarray, hu: float) -> None:
-        if box is not None:
-            ct[box.region][bone] = hu
-            seg[box.region][bone] = label
+    def paint(box: _LocalBox, bone: np.ndarray, hu: float | np.ndarray) -> None:
+        ct[box.region][bone] = hu
+        seg[box.region][bone] = label
 
     # Canal (CSF/cord), pedicles and the lamina ring around the canal.
     box = _local_box(
@@ -371,14 +379,12 @@ def _paint_vertebra(
         bottom = bottom + (1.0 - top_share) * depth
     body = section & (w <= top) & (w >= bottom)
     disc = section & ~body & (w >= slab[0]) & (w <= slab[1])
-    ct_box, seg_box = ct[box.region], seg[box.region]
-    ct_box[disc & (seg_box == 0)] = anatomy.disc_hu
+    ct[box.region][disc & (seg[box.region] == 0)] = anatomy.disc_hu
     shell_distance = np.minimum(
         np.minimum((1.0 - np.sqrt(radial[body])) * min(a, b), v[body] + 0.8 * b),
         np.minimum(top[body] - w[body], w[body] - bottom[body]),
     )
-    paint(box, body, 0.0)
-    ct_box[body] = np.where(shell_distance < 1.5, anatomy.cortical_hu, vert.trabecular_hu)
+    paint(box, body, np.where(shell_distance < 1.5, anatomy.cortical_hu, vert.trabecular_hu))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,11 +393,12 @@ class _Scan:
 
     spacing: tuple[float, float, float]  # mm along RAS x, y, z
     orientation: str
-    lo: tuple[float, float, float]  # field of view, spine frame (top body centre at z ≈ 0), mm
+    lo: tuple[float, float, float]  # field of view in the spine's frame (spine top at z = 0), mm
     hi: tuple[float, float, float]
     skin: float  # y of the back's skin (posterior end of the torso outline)
     origin: tuple[float, float, float]  # scanner offset added to the spine frame
-    noise: float
+    noise: float  # HU, standard deviation
+    blur: float  # mm, standard deviation of the point spread
 
 
 def _landmarks(vert: _Vertebra) -> np.ndarray:
@@ -466,6 +473,7 @@ def _draw_scan(
         skin=float(skin),
         origin=(rng.uniform(-40, 40), rng.uniform(-60, 20), rng.uniform(-300, 300)),
         noise=rng.uniform(12, 35),
+        blur=rng.uniform(0.35, 0.7),
     )
 
 
@@ -490,12 +498,17 @@ def make_phantom(
         raise ValueError(f"fracture_rate must lie in [0, 1], got {fracture_rate}")
     if orientation is not None:
         orientation = orientation.upper()
-        axcodes2ornt(tuple(orientation))  # raises on nonsense codes
-        if len(orientation) != 3 or len({_AXIS_OF[c] for c in orientation}) != 3:
+        if not (
+            len(orientation) == 3
+            and set(orientation) <= _AXIS_OF.keys()
+            and len({_AXIS_OF[c] for c in orientation}) == 3
+        ):
             raise ValueError(
                 f"orientation must name three different axes, e.g. 'LPS', got {orientation!r}"
             )
     key = [seed] if isinstance(seed, int) else list(seed)
+    if any(int(k) < 0 for k in key):
+        raise ValueError(f"seed must be non-negative, got {seed}")
     anatomy = _draw_anatomy(_rng(*key), fracture_rate)
     acquisition = _draw_scan(_rng(*key, 1_000_003, scan), anatomy, orientation, spacing)
     noise_rng = _rng(*key, 2_000_003, scan)
@@ -523,9 +536,6 @@ def make_phantom(
         orientation=acquisition.orientation,
         spacing=spacing_stored,
     )
-
-
-_AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
 
 def _render(
@@ -564,6 +574,8 @@ def _render(
         frame = _frame(tangents[i], vert.axial_rotation)
         _paint_vertebra(ct, seg, axes, centres[i], frame, vert, disc_below, anatomy)
 
+    # Scanner blur (point spread, a fraction of a mm), then quantum noise.
+    ct = ndimage.gaussian_filter(ct, acq.blur / step, truncate=3.0, output=np.float32)
     ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(acq.noise)
     ct_int = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
     affine = np.diag([*step, 1.0])
@@ -617,6 +629,30 @@ def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
         _write_atomic(path, _nifti_gz_bytes(image))
         paths.append(path)
     return paths[0], paths[1]
+
+
+LABEL_COLUMNS = ("case", "level", "grade", "fracture", "patient")
+
+
+def label_rows(phantom: Phantom) -> list[dict[str, str | int]]:
+    """labels.csv rows of a phantom: one per vertebra in its label map, head to feet."""
+    return [
+        {"case": phantom.case, "level": level, "grade": phantom.grades[level],
+         "fracture": int(phantom.grades[level] >= 1), "patient": phantom.patient}
+        for level in phantom.levels
+    ]  # fmt: skip
+
+
+def write_labels(path: Path, rows: Sequence[dict[str, str | int]]) -> Path:
+    """Write labels.csv (columns LABEL_COLUMNS) atomically; returns its path."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(LABEL_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, buffer.getvalue().encode())
+    return path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -691,6 +727,8 @@ def write_phantoms(
     """
     if not 0.0 <= fracture_rate <= 1.0:
         raise ValueError(f"fracture rate must lie in [0, 1], got {fracture_rate}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
     plan = plan_cases(cases, seed)
     out = Path(out)
     names = {f"{p.case}.nii.gz" for p in plan}
@@ -711,18 +749,9 @@ def write_phantoms(
     for planned in plan:
         phantom = build_planned(planned, seed, fracture_rate)
         write_phantom(phantom, out)
-        for level in phantom.levels:
-            grade = phantom.grades[level]
-            rows.append({"case": phantom.case, "level": level, "grade": grade,
-                         "fracture": int(grade >= 1), "patient": phantom.patient})  # fmt: skip
+        rows.extend(label_rows(phantom))
         if progress is not None:
             progress(planned.case)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=["case", "level", "grade", "fracture", "patient"], lineterminator="\n"
-    )
-    writer.writeheader()
-    writer.writerows(rows)
     labels = out / "labels.csv"
-    _write_atomic(labels, buffer.getvalue().encode())
+    write_labels(labels, rows)
     return labels
