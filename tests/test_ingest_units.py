@@ -217,3 +217,15 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch):
     assert "worker process died" in report["failed"][0]["reason"]
     assert "ct/boom.nii.gz" in report["failed"][0]["reason"]
     assert report["cases_ok"] == 2 and report["vertebrae_written"] == 2
+
+
+def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path):
+    src = tmp_path / "raw"
+    for name in ("scan.1", "scan-1"):
+        for kind in ("ct", "seg"):
+            (src / kind).mkdir(parents=True, exist_ok=True)
+            (src / kind / f"{name}.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+    assert report["vertebrae_written"] == 1
+    [failure] = report["failed"]
+    assert failure["case"] == "scan.1" and "scan-1_L1 is already taken" in failure["reason"]

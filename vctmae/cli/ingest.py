@@ -61,7 +61,7 @@ def ingest(
             raise _fail(f"{path}: {what} does not exist")
     try:
         report = run_ingest(config, progress=not no_progress)
-    except (LabelsError, ValueError) as error:
+    except (LabelsError, ValueError, RuntimeError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; finished cases are kept — run the same command again to resume", 130) from None

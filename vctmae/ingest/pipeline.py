@@ -66,7 +66,8 @@ from vctmae.ingest.writers import (
 
 FORMATS = ("wds", "zarr")
 WORK = ".ingest-work"
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # layout of the per-case work files
+ASSEMBLY_VERSION = 1  # layout of the published outputs
 REPORT = "ingest-report.json"
 MANIFEST = "manifest.csv"
 ZARR = "crops.zarr"
@@ -273,6 +274,7 @@ class _Plan:
     samples: int = 0
     fingerprint: str = ""
     splits: dict[str, dict[str, set[str] | int]] = field(default_factory=dict)
+    excluded: set[str] = field(default_factory=set)  # cases left out at assembly (key clash)
 
     def count(self, meta: dict) -> None:
         entry = self.splits.setdefault(meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()})
@@ -337,7 +339,8 @@ def _load_record(entry: _Entry) -> dict:
 def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_size) -> _Plan:
     """Count what will be written and fingerprint it, reading only the small case records."""
     plan = _Plan()
-    digest = hashlib.sha256(json.dumps([sorted(formats), shard_size, spacing]).encode())
+    digest = hashlib.sha256(json.dumps([ASSEMBLY_VERSION, sorted(formats), shard_size, spacing]).encode())
+    keys: set[str] = set()
     for item in bad:
         plan.failed.append({"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"})
     for entry in entries:
@@ -351,8 +354,16 @@ def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_
             plan.failed.append({"case": entry.case, "file": str(labels.path), "reason": assignment.error,
                                 "stage": "labels"})
             continue
-        plan.cases_ok += 1
         samples, no_label = _case_samples(record, assignment, labels, spacing)
+        clash = next((meta["key"] for _, meta, _, _ in samples if meta["key"] in keys), None)
+        if clash is not None:
+            plan.failed.append({"case": entry.case, "file": record["ct"], "stage": "keys",
+                                "reason": f"{record['ct']}: crop key {clash} is already taken by another case "
+                                          "(case ids that differ only in '.' vs '-'); rename one"})
+            plan.excluded.add(entry.case)
+            continue
+        keys.update(meta["key"] for _, meta, _, _ in samples)
+        plan.cases_ok += 1
         plan.skipped += [{"case": entry.case, **s} for s in record["skipped"]] + no_label
         for crop, meta, _, _ in samples:
             plan.count(meta)
@@ -391,7 +402,7 @@ def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, f
     for entry in entries:
         record = _load_record(entry)
         assignment = assignments[entry.case]
-        if record["status"] != "ok" or assignment.error:
+        if record["status"] != "ok" or assignment.error or entry.case in plan.excluded:
             continue
         samples, _ = _case_samples(record, assignment, labels, spacing)
         if not samples:
@@ -461,7 +472,7 @@ def assemble(entries, assignments, labels, bad, *, out: Path, formats, shard_siz
     plan = plan_assembly(entries, assignments, labels, bad, spacing=geometry.spacing,
                          formats=formats, shard_size=shard_size)
     for failure in plan.failed:
-        if failure.get("stage") == "labels":
+        if failure.get("stage") in ("labels", "keys"):
             _error_line(progress, failure["reason"])
     marker = work / "assembled.json"
     try:
