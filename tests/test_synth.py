@@ -260,8 +260,8 @@ def test_fractured_vertebrae_lose_anterior_or_middle_height() -> None:
     fractured = [r for grade in (1, 2, 3) for r in ratios[grade]]
     assert len(ratios[0]) >= 5 and len(fractured) >= 3, dict(ratios)
     # Grade 1 loses ≥ 20 %; neighbours differ by a few % (level, natural variation, voxels).
-    assert max(fractured) < 0.87, dict(ratios)
-    assert min(ratios[0]) > 0.9, dict(ratios)
+    assert max(fractured) < 0.86, dict(ratios)
+    assert min(ratios[0]) > 0.88, dict(ratios)
     by_grade = [np.mean(ratios[g]) for g in (1, 2, 3) if ratios[g]]
     assert by_grade == sorted(by_grade, reverse=True), dict(ratios)
 
