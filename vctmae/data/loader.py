@@ -27,9 +27,11 @@ count or shard sizes.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vctmae.data.shards import ShardError, ShardIndex, expand_shards, index_shards, read_crop
 
 BACKENDS = ("torch", "dali")
+_PREFETCH_FACTOR = 2  # batches each worker process reads ahead
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class _CropStream(IterableDataset):
         self.workers = workers
         self.shuffle_buffer = shuffle_buffer
         self.pin = pin
+        self.ring: _BatchRing | None = None
         # Shared memory, so persistent worker processes see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -190,16 +194,19 @@ class _CropStream(IterableDataset):
         mine = parts[rank * self.workers : (rank + 1) * self.workers]
         return sum(-(-len(ids) // self.batch_size) for ids in mine)
 
-    def _empty(self, count: int, in_worker: bool) -> torch.Tensor:
-        shape = (count, *self.shape)
-        if in_worker:  # allocate in shared memory: handing it to the main process copies nothing
-            nbytes = int(np.prod(shape)) * 2
-            return torch.empty(0, dtype=torch.int16).set_(
-                torch.UntypedStorage._new_shared(nbytes), 0, shape
-            )
-        return torch.empty(shape, dtype=torch.int16, pin_memory=self.pin)
+    def _read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
+        for row, sample in enumerate(chunk):
+            shard = int(self.shard_of[sample])
+            if shard not in files:
+                files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            try:
+                read_crop(files[shard], int(self.offsets[sample]), out[row])
+            except OSError as error:
+                raise ShardError(
+                    self.paths[shard], f"reading {self.keys[sample]}: {error}"
+                ) from None
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | _SlotBatch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         ids = self.plan(self.rank, worker)
@@ -207,23 +214,89 @@ class _CropStream(IterableDataset):
         try:
             for start in range(0, len(ids), self.batch_size):
                 chunk = ids[start : start + self.batch_size]
-                crops = self._empty(len(chunk), in_worker=info is not None)
-                out = crops.numpy()
-                for row, sample in enumerate(chunk):
-                    shard = int(self.shard_of[sample])
-                    if shard not in files:
-                        files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-                    try:
-                        read_crop(files[shard], int(self.offsets[sample]), out[row])
-                    except OSError as error:
-                        raise ShardError(
-                            self.paths[shard], f"reading {self.keys[sample]}: {error}"
-                        ) from None
                 labels = torch.from_numpy(self.labels[chunk])
-                yield Batch(crops, labels, [self.keys[i] for i in chunk])
+                keys = [self.keys[i] for i in chunk]
+                if self.ring is not None and info is not None:
+                    slot = self.ring.acquire(worker)
+                    self._read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
+                    yield _SlotBatch(worker, slot, labels, keys)
+                else:
+                    crops = torch.empty(
+                        (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
+                    )
+                    self._read_into(chunk, crops.numpy(), files)
+                    yield Batch(crops, labels, keys)
         finally:
             for fd in files.values():
                 os.close(fd)
+
+
+@dataclass(frozen=True)
+class _SlotBatch:
+    """What a worker sends back: which ring slot holds the crops (the crops themselves stay put)."""
+
+    worker: int
+    slot: int
+    labels: torch.Tensor
+    keys: list[str]
+
+
+class _BatchRing:
+    """Per-worker batch buffers in shared memory, reused every batch.
+
+    Handing each batch over in a fresh shared-memory tensor costs the kernel a
+    page-zeroing pass plus page faults in two processes — more than the read
+    itself. Instead each worker owns `slots` fixed buffers; it fills a free one
+    and sends only its slot number, and the main process marks the slot free
+    again once the crops have been copied out (to the device, or into a fresh
+    CPU tensor). On CUDA the ring is page-locked once (cudaHostRegister), so the
+    device copy reads straight from it.
+    """
+
+    def __init__(self, workers: int, slots: int, batch_size: int, shape: tuple[int, ...]):
+        self.crops = torch.empty(
+            (workers, slots, batch_size, *shape), dtype=torch.int16
+        ).share_memory_()
+        self.free = torch.ones((workers, slots), dtype=torch.int32).share_memory_()
+        self.pinned = False
+
+    def acquire(self, worker: int) -> int:
+        """Worker side: wait for a free slot of `worker`, mark it used."""
+        parent = os.getppid()
+        free = self.free[worker]
+        while True:
+            for slot in range(free.numel()):
+                if int(free[slot]) == 1:
+                    free[slot] = 0
+                    return slot
+            if os.getppid() != parent:  # main process gone: stop waiting
+                raise RuntimeError("loader main process exited")
+            time.sleep(0.0002)
+
+    def view(self, worker: int, slot: int, count: int) -> torch.Tensor:
+        return self.crops[worker, slot, :count]
+
+    def release(self, worker: int, slot: int) -> None:
+        self.free[worker, slot] = 1
+
+    def release_all(self) -> None:
+        self.free.fill_(1)
+
+    def pin(self) -> None:
+        """Page-lock the ring so non_blocking device copies read it directly (best effort)."""
+        if self.pinned or not torch.cuda.is_available():
+            return
+        nbytes = self.crops.numel() * self.crops.element_size()
+        result = torch.cuda.cudart().cudaHostRegister(self.crops.data_ptr(), nbytes, 0)
+        self.pinned = int(result) == 0
+
+
+@dataclass(frozen=True)
+class _Leased:
+    """A host batch whose crops live in a ring slot until `release` is called."""
+
+    batch: Batch
+    release: Callable[[], None]
 
 
 # ----------------------------------------------------------------------------- device side
@@ -242,34 +315,55 @@ class DevicePrefetcher:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.device.type != "cuda":
-            for batch in self.batches:
-                yield batch if batch.crops.device == self.device else batch.to(self.device)
+            for item in self.batches:
+                batch = item.batch if isinstance(item, _Leased) else item
+                moved = batch if batch.crops.device == self.device else batch.to(self.device)
+                if isinstance(item, _Leased):
+                    if moved.crops.data_ptr() == batch.crops.data_ptr():
+                        moved = Batch(batch.crops.clone(), batch.labels, batch.keys)
+                    item.release()
+                yield moved
             return
         stream = torch.cuda.Stream(self.device)
         source = iter(self.batches)
         in_flight: deque[tuple[Batch, torch.cuda.Event]] = deque()
+        leases: deque[tuple[Callable[[], None], torch.cuda.Event]] = deque()
 
         def launch() -> None:
-            batch = next(source, None)
-            if batch is None:
+            # Free ring slots whose copies are done before blocking on the next batch (a worker
+            # may be waiting for one). The side stream holds only copies, so this wait is short.
+            while leases:
+                release, copied = leases.popleft()
+                copied.synchronize()
+                release()
+            item = next(source, None)
+            if item is None:
                 return
+            batch = item.batch if isinstance(item, _Leased) else item
             with torch.cuda.stream(stream):
                 moved = batch.to(self.device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
             in_flight.append((moved, done))
+            if isinstance(item, _Leased):
+                leases.append((item.release, done))
 
-        for _ in range(self.depth):
-            launch()
-        while in_flight:
-            batch, done = in_flight.popleft()
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(done)
-            # The tensors were allocated on the side stream but are used on the compute stream.
-            batch.crops.record_stream(compute)
-            batch.labels.record_stream(compute)
-            launch()
-            yield batch
+        try:
+            for _ in range(self.depth):
+                launch()
+            while in_flight:
+                batch, done = in_flight.popleft()
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(done)
+                # The tensors were allocated on the side stream but are used on the compute stream.
+                batch.crops.record_stream(compute)
+                batch.labels.record_stream(compute)
+                launch()
+                yield batch
+        finally:
+            for release, copied in leases:
+                copied.synchronize()
+                release()
 
 
 # ----------------------------------------------------------------------------- public loader
@@ -384,15 +478,30 @@ class ShardLoader:
         if self.num_workers == 0:
             return iter(self._stream)
         if self._workers is None:  # persistent: worker start-up is paid once, not every epoch
+            self._stream.ring = _BatchRing(
+                self.num_workers, _PREFETCH_FACTOR + 2, self.batch_size, self._stream.shape
+            )
+            if self.device.type == "cuda":
+                self._stream.ring.pin()
             self._workers = DataLoader(
                 self._stream,
                 batch_size=None,
                 num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda",
-                prefetch_factor=2,
+                prefetch_factor=_PREFETCH_FACTOR,
                 persistent_workers=True,
             )
-        return self._workers
+        ring = self._stream.ring
+        ring.release_all()  # slots held by an abandoned epoch's batches
+        return self._leased(ring, self._workers)
+
+    @staticmethod
+    def _leased(ring: _BatchRing, workers: DataLoader) -> Iterator[_Leased]:
+        for item in workers:
+            crops = ring.view(item.worker, item.slot, len(item.keys))
+            yield _Leased(
+                Batch(crops, item.labels, item.keys),
+                functools.partial(ring.release, item.worker, item.slot),
+            )
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch))
