@@ -583,23 +583,24 @@ def _render(
     return ct_int, seg, affine
 
 
+def _nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(data, affine)
+    image.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)  # scanner coordinates, in both qform and sform
+    image.set_sform(affine, code=1)
+    return image
+
+
 def phantom_images(phantom: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    """NIfTI images (ct, seg) of a phantom, with qform and sform set to the affine."""
-    images = []
-    for data, dtype in ((phantom.ct, np.int16), (phantom.seg, np.uint8)):
-        image = nib.Nifti1Image(data, phantom.affine)
-        image.set_data_dtype(dtype)
-        image.header.set_xyzt_units("mm", "sec")
-        image.set_qform(phantom.affine, code=1)
-        image.set_sform(phantom.affine, code=1)
-        images.append(image)
-    ct_image, seg_image = images
+    """NIfTI images (ct, seg) of a phantom: int16 HU (or uint16 + scl_inter) and uint8 labels."""
     if phantom.ct_intercept:
         raw = (phantom.ct.astype(np.int32) - int(phantom.ct_intercept)).astype(np.uint16)
-        ct_image = nib.Nifti1Image(raw, phantom.affine, header=ct_image.header)
-        ct_image.set_data_dtype(np.uint16)
+        ct_image = _nifti_image(raw, phantom.affine)
         ct_image.header.set_slope_inter(1.0, phantom.ct_intercept)
-    return ct_image, seg_image
+    else:
+        ct_image = _nifti_image(phantom.ct.astype(np.int16, copy=False), phantom.affine)
+    return ct_image, _nifti_image(phantom.seg.astype(np.uint8, copy=False), phantom.affine)
 
 
 def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
