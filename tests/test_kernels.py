@@ -251,3 +251,23 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
     for name in expected:
         error = relative_error(got[name].cpu(), expected[name])
         assert error < BF16_BOUND, f"{name}: relative error {error:.2e}"
+
+
+def test_kernel_benchmark_measures_both_paths(tmp_path: Path) -> None:
+    from vctmae.kernels.bench import Shape, measure, run_kernel_benchmark
+
+    rows = measure(
+        Shape(name="pretrain", batch=1, keep=5),
+        dim=16,
+        device=torch.device("cpu"),
+        backend="torch",
+        warmup=0,
+        reps=1,
+    )
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(r["candidate_ms"] > 0 and r["torch_rgb_ms"] > 0 for r in rows)
+    if not torch.cuda.is_available():
+        path = run_kernel_benchmark(json_path=tmp_path / "kernel.json", quick=True, dim=16)
+        report = json.loads(path.read_text())
+        assert report["benchmark"] == "kernel" and report["config"]["gpu_present"] is False
+        assert len(report["ratios"]) == 4 and all(v > 0 for v in report["ratios"].values())
