@@ -200,7 +200,7 @@ def metrics_table(metrics: dict[str, Any], title: str = "evaluation"):
         text = "—" if value is None else (str(value) if isinstance(value, int) else f"{value:.4f}")
         table.add_row(name, text)
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
-    table.add_row("confusion [[tn fp] [fn tp]]", f"[[{tn} {fp}] [{fn} {tp}]]")
+    table.add_row("confusion tn fp / fn tp", f"{tn} {fp} / {fn} {tp}")
     return table
 
 
