@@ -150,6 +150,16 @@ def test_labels_and_patient_level_splits(phantoms, full_run):
         assert row["patient"] == label["patient"]
         split_of_patient.setdefault(row["patient"], set()).add(row["split"])
     assert all(len(s) == 1 for s in split_of_patient.values()), split_of_patient
+    # Each crop is centred on its vertebra: the manifest centroid is the label's world centroid,
+    # whatever the phantom's storage orientation and spacing.
+    for case in sorted({r["case"] for r in rows}):
+        seg = nib.load(phantoms / "seg" / f"{case}.nii.gz")
+        data = np.asarray(seg.dataobj)
+        for row in (r for r in rows if r["case"] == case):
+            index = np.argwhere(data == int(row["label_value"])).mean(axis=0)
+            expected = seg.affine[:3, :3] @ index + seg.affine[:3, 3]
+            got = np.array([float(row[f"centroid_{a}"]) for a in "xyz"])
+            np.testing.assert_allclose(got, expected, atol=0.01)
     assert {r["split"] for r in rows} <= {"train", "val", "test"}
     assert {r["class"] for r in rows} == {"0", "1"}
     # Each shard holds one split and stays under the size limit unless it holds a single sample.
