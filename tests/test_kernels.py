@@ -135,6 +135,47 @@ def test_triton_interpreter_matches_reference(tmp_path: Path) -> None:
             assert error < FP32_BOUND, f"{case} {name}: relative error {error:.2e}"
 
 
+COMPILE_SCRIPT = """
+import os, sys, torch
+assert os.environ["TRITON_INTERPRET"] == "1"
+from vctmae.kernels import patch_embed
+crops, offsets, weight, bias, keep = torch.load(sys.argv[1], weights_only=False)
+
+def loss(weight, bias):
+    return patch_embed(crops, offsets, weight, bias, keep=keep, backend="triton").pow(2).sum()
+
+results = []
+for fn in (loss, torch.compile(loss, backend="aot_eager")):
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    value = fn(w, b)
+    value.backward()
+    results.append((value.detach(), w.grad, b.grad))
+torch.save(results, sys.argv[2])
+"""
+
+
+def test_triton_path_under_torch_compile(tmp_path: Path) -> None:
+    """torch.compile (as `--compile` training uses) graph-breaks around the kernel; values and grads unchanged."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = random_inputs(2, 16, 6, False, generator)
+    torch.save(
+        [inputs[k] for k in ("crops", "offsets", "weight", "bias", "keep")], tmp_path / "in.pt"
+    )
+    subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=_clean_env(TRITON_INTERPRET="1"),
+        timeout=300,
+    )
+    eager, compiled = torch.load(tmp_path / "out.pt", weights_only=False)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    reference = patch_embed_reference(
+        inputs["crops"], inputs["offsets"], inputs["weight"], inputs["bias"], keep=inputs["keep"]
+    )
+    assert relative_error(eager[0], reference.pow(2).sum()) < FP32_BOUND
+
+
 def test_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path: Path) -> None:
     """Real Triton lowering (TTGIR → LLIR → PTX → cubin) for A100 and H100 targets, no interpreter."""
     run = subprocess.run(
