@@ -229,3 +229,16 @@ def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path):
     assert report["vertebrae_written"] == 1
     [failure] = report["failed"]
     assert failure["case"] == "scan.1" and "scan-1_L1 is already taken" in failure["reason"]
+
+
+def test_a_second_ingest_into_the_same_out_is_refused(tmp_path):
+    from vctmae.ingest.pipeline import _output_lock
+
+    src = tmp_path / "raw"
+    for kind in ("ct", "seg"):
+        (src / kind).mkdir(parents=True)
+        (src / kind / "a.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+    with _output_lock(tmp_path / "out"):  # as a run in another process would hold it
+        with pytest.raises(ValueError, match="another `vctmae ingest` is writing here"):
+            run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+    assert run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)["cases_ok"] == 1

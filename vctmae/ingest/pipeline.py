@@ -44,6 +44,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,12 +538,43 @@ def _worker_died(job: _Job) -> dict[str, Any]:
     return {"case": job.case.case, "status": "failed", "error": line, "crops": 0}
 
 
+_lock_fd: int | None = None  # this process's lock on the output folder (see `_output_lock`)
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """Refuse a second ingest writing into the same `out` at the same time (flock; freed on exit)."""
+    global _lock_fd
+    import fcntl
+
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out}: another `vctmae ingest` is writing here; wait for it or use another --out") from None
+    _lock_fd = fd
+    try:
+        yield
+    finally:
+        _lock_fd = None
+        os.close(fd)
+
+
+def _drop_inherited_lock() -> None:
+    """Worker initializer: a forked worker must not keep the parent's output lock alive."""
+    if _lock_fd is not None:
+        os.close(_lock_fd)
+
+
 def _new_executor(workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     # fork: workers start at once, without re-importing the program (spawn/forkserver
     # would re-run an unguarded `python -m vctmae`).
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_drop_inherited_lock)
     executor.submit(int).result()  # start the workers now, before any display thread runs
     return executor
 
@@ -626,8 +658,11 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     Raises `LabelsError` / `ValueError` for unusable labels, pairs or parts; bad
     cases do not raise — they are listed in the report's `failed`.
     """
-    if config.merge:
-        return _run_merge(config, progress)
+    with _output_lock(config.out):
+        return _run_merge(config, progress) if config.merge else _run_ingest(config, progress)
+
+
+def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out = config.out
     work = out / WORK
