@@ -244,7 +244,7 @@ def _measure(
             rates[f"torch_w{workers}"] = _rate(_loader_epoch(loader), config.repeats)
             if workers == 0:
                 rates["torch_w0_frames"] = _rate(_loader_epoch(loader, frames=True), config.repeats)
-            del loader  # ends its worker processes
+            loader.close()
         if config.dali:
             from vctmae.data.dali import dali_available
 

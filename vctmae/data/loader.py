@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -286,9 +287,18 @@ class _BatchRing:
         """Page-lock the ring so non_blocking device copies read it directly (best effort)."""
         if self.pinned or not torch.cuda.is_available():
             return
+        cudart = torch.cuda.cudart()
         nbytes = self.crops.numel() * self.crops.element_size()
-        result = torch.cuda.cudart().cudaHostRegister(self.crops.data_ptr(), nbytes, 0)
-        self.pinned = int(result) == 0
+        if int(cudart.cudaHostRegister(self.crops.data_ptr(), nbytes, 0)) != 0:
+            cudart.cudaGetLastError()  # clear the error so later CUDA calls do not report it
+            return
+        self.pinned = True
+        # Unregister before the shared memory is unmapped; the finalizer keeps `crops` alive until then.
+        weakref.finalize(self, _unregister, self.crops)
+
+
+def _unregister(crops: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(crops.data_ptr())
 
 
 @dataclass(frozen=True)
@@ -456,6 +466,11 @@ class ShardLoader:
         )
         self._length = self._stream.batches_per_rank(self.rank)
         self._workers: DataLoader | None = None
+
+    def close(self) -> None:
+        """Stop the worker processes and free the batch ring (garbage collection does it too)."""
+        self._workers = None  # the DataLoader's iterator shuts its workers down when collected
+        self._stream.ring = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (training); call before iterating, on every rank."""
