@@ -274,6 +274,33 @@ def test_training_covers_everything_when_divisible(tmp_path):
     assert Counter(seen) == Counter(truth.keys())
 
 
+@pytest.mark.parametrize(
+    ("training", "workers", "sizes"), [(True, 2, [5, 9, 2]), (False, 2, [6, 7]), (False, 0, [4, 3])]
+)
+def test_resume_mid_epoch_continues_exactly(tmp_path, training, workers, sizes):
+    make_shards(tmp_path, sizes)
+    shards = str(tmp_path / "train-*.tar")
+
+    def loader() -> ShardLoader:
+        return ShardLoader(
+            shards, batch_size=2, training=training, num_workers=workers, device="cpu", seed=9
+        )
+
+    first = loader()
+    first.set_epoch(2)
+    full = [batch.keys for batch in first]
+    for done in sorted({1, 3, len(first) - 1}):
+        partial = iter(first)
+        for _ in range(done):
+            next(partial)
+        state = first.state_dict()
+        assert state["epoch"] == 2 and state["batches"] == done
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert [batch.keys for batch in resumed] == full[done:]
+        assert [batch.keys for batch in resumed] == full  # later iterations start at the beginning
+
+
 def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path):
     truth = make_shards(tmp_path, [4, 4])
     loader = ShardLoader(

@@ -156,6 +156,11 @@ class _CropStream(IterableDataset):
         self.ring: _BatchRing | None = None
         # Shared memory, so persistent worker processes see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Batches each worker skips at the start of the next epoch (resuming mid-epoch).
+        # DataLoader always starts its round-robin at worker 0, so on resume worker i plays
+        # logical worker (i + rotation) % W: the one whose turn it was when the epoch stopped.
+        self.skip = torch.zeros(workers, dtype=torch.int64).share_memory_()
+        self.rotation = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -195,6 +200,22 @@ class _CropStream(IterableDataset):
         mine = parts[rank * self.workers : (rank + 1) * self.workers]
         return sum(-(-len(ids) // self.batch_size) for ids in mine)
 
+    def worker_skips(self, batches: int) -> tuple[list[int], int]:
+        """Per-worker batch counts making up this rank's first `batches` batches, and whose turn is next.
+
+        Workers hand batches over in turn (worker 0, 1, …, W−1, 0, …), passing over
+        workers that have finished — the order DataLoader keeps for iterable datasets.
+        """
+        counts = [-(-len(self.plan(self.rank, w)) // self.batch_size) for w in range(self.workers)]
+        skips = [0] * self.workers
+        worker = 0
+        for _ in range(min(batches, sum(counts))):
+            while skips[worker] == counts[worker]:
+                worker = (worker + 1) % self.workers
+            skips[worker] += 1
+            worker = (worker + 1) % self.workers
+        return skips, worker
+
     def _read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
         for row, sample in enumerate(chunk):
             shard = int(self.shard_of[sample])
@@ -209,18 +230,19 @@ class _CropStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch | _SlotBatch]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        physical = info.id if info is not None else 0  # owns ring row `physical`
+        worker = (physical + int(self.rotation)) % self.workers
         ids = self.plan(self.rank, worker)
         files: dict[int, int] = {}
         try:
-            for start in range(0, len(ids), self.batch_size):
+            for start in range(int(self.skip[worker]) * self.batch_size, len(ids), self.batch_size):
                 chunk = ids[start : start + self.batch_size]
                 labels = torch.from_numpy(self.labels[chunk])
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
-                    slot = self.ring.acquire(worker)
-                    self._read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
-                    yield _SlotBatch(worker, slot, labels, keys)
+                    slot = self.ring.acquire(physical)
+                    self._read_into(chunk, self.ring.crops[physical, slot].numpy(), files)
+                    yield _SlotBatch(physical, slot, labels, keys)
                 else:
                     crops = torch.empty(
                         (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
@@ -466,6 +488,8 @@ class ShardLoader:
         )
         self._length = self._stream.batches_per_rank(self.rank)
         self._workers: DataLoader | None = None
+        self._served = 0  # batches of the current epoch handed out (for state_dict)
+        self._resume = False
 
     def close(self) -> None:
         """Stop the worker processes and free the batch ring (garbage collection does it too)."""
@@ -479,6 +503,24 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self._length
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this rank is: the epoch and how many of its batches were handed out."""
+        return {"epoch": self.epoch, "batches": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next iteration continues `state`'s epoch after its handed-out batches."""
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"state is for seed {state['seed']}, this loader has seed {self.seed}")
+        self.set_epoch(int(state["epoch"]))
+        batches = int(state["batches"])
+        if batches and self.backend == "dali":
+            raise NotImplementedError("resuming mid-epoch is not supported by the DALI backend")
+        skips, turn = self._stream.worker_skips(batches)
+        self._stream.skip[:] = torch.tensor(skips)
+        self._stream.rotation.fill_(turn)
+        self._served = min(batches, self._length)
+        self._resume = True
 
     def sample_ids(self, rank: int | None = None, worker: int = 0) -> list[str]:
         """Keys a (rank, worker) reads this epoch, in its read order (for tests and debugging)."""
@@ -519,4 +561,12 @@ class ShardLoader:
             )
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch))
+        if self._resume:  # skips set by load_state_dict apply to this one iteration
+            self._resume = False
+        else:
+            self._stream.skip.zero_()
+            self._stream.rotation.zero_()
+            self._served = 0
+        for batch in DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch):
+            self._served += 1
+            yield batch
