@@ -487,6 +487,11 @@ class ShardLoader:
             pin=self.device.type == "cuda" and num_workers == 0,
         )
         self._length = self._stream.batches_per_rank(self.rank)
+        if backend == "dali":
+            from vctmae.data.dali import _require_dali, dali_length
+
+            _require_dali()  # a clear ImportError now, not at the first iteration
+            self._length = dali_length(self)
         self._workers: DataLoader | None = None
         self._served = 0  # batches of the current epoch handed out (for state_dict)
         self._resume = False
