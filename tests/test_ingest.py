@@ -261,6 +261,9 @@ def test_parts_merge_to_the_full_run(phantoms, full_run, tmp_path):
                  "--shard-size", SHARD_SIZE)
     assert result.exit_code == 0, result.output
     assert tree_bytes(data) == tree_bytes(full_run[0])
+    merged = json.loads((data / "ingest-report.json").read_text())
+    assert merged["cases_ok"] == PHANTOMS and merged["geometry"] == full_run[1]["geometry"]
+    assert merged["vertebrae_written"] == full_run[1]["vertebrae_written"]
     # A missing part is refused with a clear message.
     result = cli("--merge", str(data / "part-1"), "--out", str(tmp_path / "half"))
     assert result.exit_code != 0 and "missing part(s) 2/2" in result.output

@@ -5,8 +5,10 @@ phantoms (fresh output folder, so every case is extracted), while a sampler
 sums the resident memory of that process and all its descendants every 50 ms
 (the workers' memory counts, as it does on a real machine). Throughput comes
 from the run's own report: cases/s and crops/s of the extract phase, plus the
-end-to-end wall time that includes assembly. A second N-worker run on half the
-cases shows whether peak memory stays flat as the case count grows.
+end-to-end wall time that includes assembly. The configurations alternate for
+`rounds` rounds and each keeps its best round (peak memory: the highest). A
+second N-worker run on half the cases shows whether peak memory stays flat as
+the case count grows.
 """
 
 from __future__ import annotations
@@ -106,10 +108,12 @@ def run_bench(
     quick: bool = False,
     workers: int | None = None,
     cases: int | None = None,
+    rounds: int | None = None,
 ) -> Path:
     from vctmae.ingest.synth import write_phantoms
 
     n_cases = cases or (4 if quick else 16)
+    rounds = rounds or (1 if quick else 2)
     n_workers = workers or default_workers()
     results: list[Result] = []
     measured: dict[int, dict] = {}
@@ -118,10 +122,18 @@ def run_bench(
         root = Path(tmp)
         src = root / "raw"
         write_phantoms(src, cases=n_cases, seed=0)
-        for w in sorted({1, n_workers}):
-            run = measure_ingest(src, root / f"out-w{w}", w)
-            measured[w] = run
-            report = run["report"]
+        # Alternate the configurations and keep each one's best round: on a shared
+        # machine other jobs slow some rounds down, never speed one up.
+        for round_index in range(rounds):
+            for w in sorted({1, n_workers}):
+                run = measure_ingest(src, root / f"out-w{w}-r{round_index}", w)
+                best = measured.get(w)
+                if best is None or run["report"]["crops_per_s"] > best["report"]["crops_per_s"]:
+                    measured[w] = {**run, "peak_rss": max(run["peak_rss"], best["peak_rss"] if best else 0)}
+                elif run["peak_rss"] > best["peak_rss"]:
+                    best["peak_rss"] = run["peak_rss"]
+        for w in sorted(measured):
+            run, report = measured[w], measured[w]["report"]
             results += [
                 Result(name=f"cases_per_s_w{w}", value=report["cases_per_s"], unit="cases/s"),
                 Result(name=f"crops_per_s_w{w}", value=report["crops_per_s"], unit="crops/s"),
@@ -162,6 +174,7 @@ def run_bench(
             "crops": crops,
             "workers": n_workers,
             "quick": quick,
+            "rounds": rounds,
             "phantom_seed": 0,
             "crop_size": 96,
             "spacing_mm": 1.0,

@@ -133,7 +133,7 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
 def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
     """Cases listed in a pairs csv (`ct,seg[,case,patient]`)."""
     root = pairs_csv.parent
-    with open(pairs_csv, newline="") as f:
+    with open(pairs_csv, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
         if not {"ct", "seg"} <= columns:

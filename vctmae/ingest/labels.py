@@ -78,7 +78,7 @@ def read_labels(path: Path) -> Labels:
     """Parse `labels.csv`; raises LabelsError with file and line on malformed content."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
             reader = csv.DictReader(f)
             columns = {c.strip() for c in (reader.fieldnames or ())}
             rows = list(reader)

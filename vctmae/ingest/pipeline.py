@@ -794,7 +794,7 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
     finished = time.perf_counter()
     report = _report(config, plan, published, counts={"extracted": 0, "reused": len(ordered), "crops": 0,
                                                       "workers": 0},
-                     cases_seen=len(ordered) + len(bad),
+                     cases_seen=len(ordered) + len(bad), geometry=geometry_config,
                      timings={"discover": read - started, "extract": 0.0, "assemble": finished - read,
                               "total": finished - started})
     report["merged_from"] = [str(d) for d in config.merge]
@@ -803,7 +803,7 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
 
 
 def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict, cases_seen: int,
-            timings: dict[str, float]) -> dict[str, Any]:
+            timings: dict[str, float], geometry: GeometryConfig | None = None) -> dict[str, Any]:
     total = timings["total"]
     return {
         "src": str(config.src) if config.src else None,
@@ -812,7 +812,7 @@ def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict,
         "out": str(config.out),
         "part": f"{config.part[0]}/{config.part[1]}" if config.part else None,
         "formats": sorted(config.formats),
-        "geometry": geometry_settings(config.geometry),
+        "geometry": geometry_settings(geometry or config.geometry),
         "shard_size": config.shard_size,
         "cases_seen": cases_seen,
         "cases_ok": plan.cases_ok,
