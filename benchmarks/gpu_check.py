@@ -110,6 +110,7 @@ RECORD: dict[str, Any] = {
     "peak": {},
     "steps": [],
     "patch_embed": [],
+    "launch_configs": [],
     "errors": [],
 }
 
@@ -519,6 +520,71 @@ def run_patch_embed_bench() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# 5. launch configurations (data for tuning; only while time remains)
+
+FORWARD_CANDIDATES = [
+    {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},  # the default
+    {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3},
+    {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 2},
+]
+GRAD_CANDIDATES = [
+    {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3},  # the default
+    {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3},
+    {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 2},
+]
+
+
+def run_launch_configs() -> None:
+    """Time the forward and grad_weight kernels under a few tile configurations (finetune shape)."""
+    if not CUDA:
+        return
+    if elapsed() > ARGS.budget_s:
+        log(
+            f"5. skip launch configurations: {elapsed():.0f}s elapsed of a {ARGS.budget_s:.0f}s budget"
+        )
+        return
+    log("5. launch configurations (B=64, D=1024, all tokens)")
+    from vctmae.kernels import triton_patch_embed as tpe
+
+    problem = kernel_bench.Problem.random(kernel_bench.PAPER_SHAPES[1], 1024, DEVICE)
+    weight = problem.conv.weight.detach().sum(1).flatten(1).contiguous()
+    bias = problem.conv.bias.detach()
+    offsets = problem.offsets.to(torch.int32)
+    grad_out = torch.randn(problem.crops.shape[0], NUM_TOKENS, 1024, device=DEVICE)
+
+    def forward() -> torch.Tensor:
+        return tpe._launch_forward(problem.crops, offsets, None, weight, bias, None, True)
+
+    def grad_weight() -> torch.Tensor:
+        return tpe._launch_grad_weight(problem.crops, offsets, None, grad_out, 1024, True)
+
+    defaults = (tpe.forward_config, tpe.grad_weight_config)
+    try:
+        for which, candidates, fn in (
+            ("forward", FORWARD_CANDIDATES, forward),
+            ("grad_weight", GRAD_CANDIDATES, grad_weight),
+        ):
+            for params in candidates:
+                config = tpe.LaunchConfig(**params)
+                if which == "forward":
+                    tpe.forward_config = lambda dim, c=config: c
+                else:
+                    tpe.grad_weight_config = lambda dim, c=config: c
+                try:
+                    ms = time_ms(fn, warmup=3, reps=20)
+                    RECORD["launch_configs"].append({"kernel": which, **params, "ms": ms})
+                    log(f"   {which:11s} {params} {ms:.4f} ms")
+                except Exception as error:  # e.g. out of shared memory for a large tile
+                    RECORD["launch_configs"].append(
+                        {"kernel": which, **params, "error": str(error)[:500]}
+                    )
+                    log(f"   {which:11s} {params} failed: {str(error)[:200]}")
+    finally:
+        tpe.forward_config, tpe.grad_weight_config = defaults
+
+
+# ------------------------------------------------------------------------------------------------
 # report
 
 
@@ -632,6 +698,7 @@ def main() -> int:
         ("peak", run_peak),
         ("steps", None),
         ("patch_embed", run_patch_embed_bench),
+        ("launch_configs", run_launch_configs),
     ]
     peak = float("nan")
     for name, fn in sections:
