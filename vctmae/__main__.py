@@ -1,3 +1,6 @@
+"""`python -m vctmae …` (also `torchrun -m vctmae …`) runs the command line."""
+
 from vctmae.cli import main
 
-main()
+if __name__ == "__main__":
+    main()
