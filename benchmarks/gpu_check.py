@@ -446,6 +446,7 @@ def time_step(model: nn.Module, kind: str, mode: str, batch: int, peak: float) -
         RECORD["errors"].append(traceback.format_exc()[-4000:])
         log(f"   {kind:10s} {mode:7s} B={batch:<4d} FAILED {entry['error'][:300]}")
     RECORD["steps"].append(entry)
+    save()
     # Free this configuration's gradients and optimizer state (also after an out-of-memory error).
     del step, optimizer
     model.zero_grad(set_to_none=True)
@@ -668,6 +669,27 @@ def bench_results() -> tuple[list[benchreport.Result], dict[str, float]]:
     return results, ratios
 
 
+def output_path() -> Path:
+    out_dir = Path(ARGS.out or os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / ("gpu_check.json" if CUDA else "gpu_check_dryrun.json")
+
+
+def save() -> None:
+    """Write the JSON so far: called after every section and step, so a run cut short keeps its numbers."""
+    results, ratios = bench_results()
+    RECORD.update(
+        benchmark="gpu_check",
+        results=[r.as_dict() for r in results],
+        ratios=ratios,
+        total_s=elapsed(),
+    )
+    path = output_path()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(RECORD, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
 def main() -> int:
     if CUDA and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (use --device cpu for a dry run)", file=sys.stderr)
@@ -677,6 +699,7 @@ def main() -> int:
     import triton
 
     RECORD["versions"].update(torch=torch.__version__, triton=triton.__version__)
+    RECORD["git_commit"] = benchreport.git_commit()
     RECORD["config"] = {k: v for k, v in vars(ARGS).items()} | {
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
@@ -712,19 +735,11 @@ def main() -> int:
         except Exception:
             RECORD["errors"].append(f"section {name}:\n" + traceback.format_exc()[-4000:])
             log(f"section {name} FAILED:\n{traceback.format_exc()[-2000:]}")
+        save()
 
-    out_dir = Path(ARGS.out or os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, ratios = bench_results()
-    RECORD["results"] = [r.as_dict() for r in results]
-    RECORD["ratios"] = ratios
-    RECORD["benchmark"] = "gpu_check"
-    RECORD["git_commit"] = benchreport.git_commit()
-    RECORD["total_s"] = elapsed()
-    name = "gpu_check.json" if CUDA else "gpu_check_dryrun.json"
-    (out_dir / name).write_text(json.dumps(RECORD, indent=2, default=str) + "\n")
+    save()
     print(summary_table())
-    print(f"wrote {out_dir / name}")
+    print(f"wrote {output_path()}")
     failed = [c for c in RECORD["correctness"] if not c["ok"]]
     return 1 if failed or RECORD["errors"] else 0
 
