@@ -237,7 +237,9 @@ class _CropStream(IterableDataset):
         try:
             for start in range(int(self.skip[worker]) * self.batch_size, len(ids), self.batch_size):
                 chunk = ids[start : start + self.batch_size]
-                labels = torch.from_numpy(self.labels[chunk])
+                labels = self.labels[
+                    chunk
+                ]  # numpy: a torch tensor would cross processes via its own shm file
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
                     slot = self.ring.acquire(physical)
@@ -248,7 +250,7 @@ class _CropStream(IterableDataset):
                         (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
                     )
                     self._read_into(chunk, crops.numpy(), files)
-                    yield Batch(crops, labels, keys)
+                    yield Batch(crops, torch.from_numpy(labels), keys)
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -260,7 +262,7 @@ class _SlotBatch:
 
     worker: int
     slot: int
-    labels: torch.Tensor
+    labels: np.ndarray
     keys: list[str]
 
 
@@ -561,7 +563,7 @@ class ShardLoader:
         for item in workers:
             crops = ring.view(item.worker, item.slot, len(item.keys))
             yield _Leased(
-                Batch(crops, item.labels, item.keys),
+                Batch(crops, torch.from_numpy(item.labels), item.keys),
                 functools.partial(ring.release, item.worker, item.slot),
             )
 
