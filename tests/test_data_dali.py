@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from test_data import make_shards  # noqa: E402
 
 from vctmae.data import ShardLoader, sample_frames  # noqa: E402

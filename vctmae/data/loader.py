@@ -23,6 +23,19 @@ count or shard sizes.
   from epoch to epoch because of the rotation. Within its slice each worker
   buffer-shuffles the read order (a buffer of sample indexes, not decoded crops,
   so shuffling costs no memory), seeded by (seed, epoch, g).
+- DDP: in training every rank has the same len(loader), so no rank ever waits in
+  an all-reduce for a rank that ran out. In evaluation ranks may differ by one
+  batch: gather predictions at the end instead of stepping in lockstep.
+
+Hand-over. Worker processes persist across epochs (set_epoch reaches them through
+shared memory) and write crops into a per-worker ring of reused shared-memory
+batch buffers (`_BatchRing`), sending only the slot number, keys and labels. On
+CUDA the ring is page-locked once, so the side-stream copy reads it directly;
+on CPU the main process copies the batch out. With num_workers=0 the main
+process reads straight into a (pinned, on CUDA) batch tensor.
+
+Resume. `state_dict()` records (epoch, batches handed out); `load_state_dict()`
+makes the next iteration skip exactly those batches without reading them.
 """
 
 from __future__ import annotations
