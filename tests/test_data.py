@@ -184,6 +184,21 @@ def test_missing_and_corrupt_shards_are_named_or_skipped(tmp_path):
     assert sorted(keys) == sorted(k for k in truth if not k.startswith("case01"))
 
 
+def test_remote_shards_are_fetched_once_and_read_like_local(tmp_path, monkeypatch):
+    truth = make_shards(tmp_path / "remote", [2, 3])
+    monkeypatch.setenv("VCTMAE_SHARD_CACHE", str(tmp_path / "cache"))
+    urls = [f"pipe:cat {p}" for p in sorted((tmp_path / "remote").glob("*.tar"))]
+    loader = ShardLoader(urls, batch_size=2, training=False, num_workers=0, device="cpu")
+    for batch in loader:
+        for key, crop in zip(batch.keys, batch.crops, strict=True):
+            assert np.array_equal(crop.numpy(), truth[key][0])
+    assert sorted(k for b in loader for k in b.keys) == sorted(truth)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    bad = f"pipe:cat {tmp_path / 'absent.tar'}"
+    with pytest.raises(ShardError, match="absent.tar"):
+        ShardLoader([bad], batch_size=2, training=False, num_workers=0, device="cpu")
+
+
 # ----------------------------------------------------------------------------- rank/worker split
 
 

@@ -6,19 +6,23 @@ streaming, the loader indexes each shard once — it walks the tar headers and
 parses each `.npy` header — so that reading a crop later is a single `preadv`
 of its raw int16 bytes straight into the batch buffer (no intermediate bytes
 object, no decode copy). The index also gives exact sample counts, which the
-rank/worker split needs to promise "every sample exactly once".
+rank/worker split needs to promise "every sample exactly once". Remote shards
+(any URL webdataset's gopen opens) are fetched once into a local cache first.
 """
 
 from __future__ import annotations
 
 import ast
 import glob
+import hashlib
 import os
 import re
+import shutil
 import struct
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -62,6 +66,40 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
+
+
+def shard_cache_dir() -> Path:
+    """Where remote shards are copied: $VCTMAE_SHARD_CACHE, else ~/.cache/vctmae/shards."""
+    configured = os.environ.get("VCTMAE_SHARD_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "vctmae" / "shards"
+
+
+def fetch_remote(url: str, cache_dir: Path | None = None) -> str:
+    """A local copy of a remote shard (any URL webdataset's gopen opens: http(s), gs, pipe:…).
+
+    Fetched once and kept under `cache_dir`, named by the URL (a changed remote
+    file under the same URL is not noticed: clear the cache). The loader then
+    indexes and reads the local copy like any other shard.
+    """
+    cache_dir = cache_dir or shard_cache_dir()
+    tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[-60:]
+    local = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{tail}"
+    if local.exists():
+        return str(local)
+    import webdataset
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(local.name + f".{os.getpid()}.part")
+    try:
+        with webdataset.gopen(url, "rb") as stream, open(partial, "wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        if partial.stat().st_size == 0:
+            raise OSError("empty download")
+    except Exception as error:  # gopen raises many kinds (OSError, ValueError, subprocess errors)
+        partial.unlink(missing_ok=True)
+        raise ShardError(url, f"cannot fetch ({error})") from None
+    partial.replace(local)
+    return str(local)
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -132,6 +170,7 @@ class ShardIndex:
     labels: np.ndarray  # int64 (n,): class, -1 when unlabeled
     shape: tuple[int, ...]
     skipped: list[str] = field(default_factory=list)  # "<path>: <problem>" per bad sample
+    source: str = ""  # the URL a remote shard was fetched from ("" for local shards)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -151,9 +190,11 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
     that cannot be read at all still raises (the caller skips and counts it).
     """
     if _is_url(path):
-        raise ShardError(
-            path, "remote shards are not supported by the indexed reader; copy them locally"
-        )
+        try:
+            local = index_shard(fetch_remote(path), skip_corrupt=skip_corrupt)
+        except ShardError as error:
+            raise ShardError(path, error.problem) from None  # name the URL the user gave
+        return replace(local, source=path)
     try:
         size = os.path.getsize(path)
         handle = open(path, "rb")
