@@ -202,6 +202,30 @@ def test_remote_shards_are_fetched_once_and_read_like_local(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- rank/worker split
 
 
+def test_epoch_plan_properties_on_random_layouts():
+    from vctmae.data.loader import epoch_plan
+
+    rng = np.random.default_rng()
+    for _ in range(200):
+        sizes = rng.integers(0, 40, size=int(rng.integers(1, 12))).tolist()
+        world, workers, batch = (
+            int(rng.integers(1, 5)),
+            int(rng.integers(1, 4)),
+            int(rng.integers(1, 9)),
+        )
+        total = sum(sizes)
+        args = dict(world_size=world, workers=workers, batch_size=batch, seed=int(rng.integers(99)))
+        evaluation = epoch_plan(sizes, training=False, epoch=0, **args)
+        assert sorted(np.concatenate(evaluation).tolist()) == list(range(total))  # exactly once
+        training = epoch_plan(sizes, training=True, epoch=int(rng.integers(9)), **args)
+        used = np.concatenate(training)
+        assert len(set(used.tolist())) == len(used) and set(used.tolist()) <= set(range(total))
+        assert {len(part) for part in training} == {total // (world * workers * batch) * batch}
+        assert (
+            total - len(used) < world * workers * batch
+        )  # drop_last drops less than one batch each
+
+
 @pytest.mark.parametrize("sizes", [[5, 1, 9], [2, 3, 1, 4, 2, 2, 1, 3, 2]])
 def test_eval_every_sample_once_across_ranks_and_workers(tmp_path, sizes):
     truth = make_shards(tmp_path, sizes)
