@@ -1,13 +1,14 @@
 """Synthetic spine CT phantoms with VerSe label maps and fracture grades (SPEC §3).
 
 No public CT can be downloaded at run time, so demos, tests and benchmarks use
-these phantoms. Each case is a short run of consecutive vertebrae (T6 … L5) on a
+these phantoms. Each case is a short run of consecutive vertebrae (T5 … L5) on a
 gently curved centre line, drawn in HU: vertebral bodies with a cortical shell
 and trabecular core, posterior elements (pedicles, lamina, spinous and
 transverse processes), discs, spinal canal, soft tissue, subcutaneous fat and
 air, blurred by a sub-millimetre point spread, plus Gaussian noise. Vertebrae
 may carry a Genant grade 1–3 compression fracture (wedge, biconcave or crush
-loss of anterior/middle body height); the end vertebrae of a spine never do.
+loss of anterior/middle body height); the end vertebrae of a spine never do, and
+the field of view always cuts through them, so no whole vertebra is an end one.
 
 Public API: `write_phantoms` (the `vctmae synth` command), `make_phantom` (one
 case in memory: arrays, affine, grades), `plan_cases`/`build_planned` (the
@@ -48,6 +49,7 @@ _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # axis code → wor
 # Levels a phantom spine may cover, head to feet (no T13 variant); a spine starts within T6..L2.
 SPINE_LEVELS: tuple[str, ...] = (*(f"T{i}" for i in range(6, 13)), *(f"L{i}" for i in range(1, 6)))
 _FIRST_START, _LAST_START = "T6", "L2"
+_WITH_ENDS = ("T5", *SPINE_LEVELS)  # with the end vertebra above a spine starting at T6
 
 # Genant grade → fraction of anterior/middle body height lost.
 GRADE_LOSS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.26, 0.39), 3: (0.41, 0.55)}
@@ -129,18 +131,24 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
+    """A spine of 4–7 vertebrae that may fracture, between two end vertebrae that never do.
+
+    The scan always cuts through the two end vertebrae (see `_draw_scan`), so ingest drops
+    them and every whole vertebra has both neighbours in view. The end vertebrae are drawn
+    after everything else, so they change nothing about the rest of the spine.
+    """
     count = int(rng.integers(4, 8))
     lo, hi = SPINE_LEVELS.index(_FIRST_START), SPINE_LEVELS.index(_LAST_START)
-    hi = min(hi, len(SPINE_LEVELS) - count)
+    hi = min(hi, len(SPINE_LEVELS) - count - 1)  # room for the end vertebra below
     start = int(rng.integers(lo, hi + 1))
     levels = SPINE_LEVELS[start : start + count]
     size_scale = rng.uniform(0.9, 1.1)
     trabecular = rng.uniform(150, 250)
     concavity = rng.uniform(0.4, 1.4)  # natural endplate concavity, mm
-    vertebrae = []
-    for i, level in enumerate(levels):
+
+    def vertebra(level: str, may_fracture: bool) -> _Vertebra:
         lumbar = level.startswith("L")
-        rank = SPINE_LEVELS.index(level)  # 0 = T6 … 11 = L5
+        rank = _WITH_ENDS.index(level) - 1  # -1 = T5, 0 = T6 … 11 = L5
         height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.975, 1.025)
         half_width = (16.0 + 1.1 * rank) * size_scale * rng.uniform(0.96, 1.04)
         half_depth = (12.5 + 0.5 * rank) * size_scale * rng.uniform(0.96, 1.04)
@@ -150,42 +158,39 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
         grade = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
         shape = str(rng.choice(FRACTURE_SHAPES, p=[0.5, 0.3, 0.2]))
         loss = rng.uniform(*GRADE_LOSS[grade])
-        if not (0 < i < count - 1 and chance < fracture_rate):
+        if not (may_fracture and chance < fracture_rate):
             grade, shape, loss = 0, "none", 0.0
-        vertebrae.append(
-            _Vertebra(
-                level=level,
-                height=height,
-                half_width=half_width,
-                half_depth=half_depth,
-                disc_above=(4.0 + 0.45 * rank) * rng.uniform(0.85, 1.15),
-                grade=grade,
-                shape=shape,
-                loss=loss,
-                wedge=rng.uniform(0.0, 0.04 if not lumbar else 0.02),
-                concavity=concavity * rng.uniform(0.9, 1.1),
-                trabecular_hu=trabecular
-                + rng.normal(0, 15)
-                + (rng.uniform(20, 70) if grade else 0.0),
-                posterior_hu=rng.uniform(380, 520),
-                canal_half_width=rng.uniform(8.0, 10.5) + (1.5 if lumbar else 0.0),
-                canal_half_depth=rng.uniform(6.5, 8.5),
-                pedicle_width=rng.uniform(5.5, 8.0) + (1.5 if lumbar else 0.0),
-                lamina_thickness=rng.uniform(4.0, 6.0),
-                spinous_length=rng.uniform(24, 32),
-                spinous_slope=np.radians(rng.uniform(5, 15) if lumbar else rng.uniform(30, 45)),
-                spinous_height=(rng.uniform(14, 20) if lumbar else rng.uniform(7, 10)),
-                transverse_length=(rng.uniform(16, 24) if lumbar else rng.uniform(10, 16)),
-                axial_rotation=np.radians(rng.uniform(-3, 3)),
-            )
+        return _Vertebra(
+            level=level,
+            height=height,
+            half_width=half_width,
+            half_depth=half_depth,
+            disc_above=(4.0 + 0.45 * rank) * rng.uniform(0.85, 1.15),
+            grade=grade,
+            shape=shape,
+            loss=loss,
+            wedge=rng.uniform(0.0, 0.04 if not lumbar else 0.02),
+            concavity=concavity * rng.uniform(0.9, 1.1),
+            trabecular_hu=trabecular + rng.normal(0, 15) + (rng.uniform(20, 70) if grade else 0.0),
+            posterior_hu=rng.uniform(380, 520),
+            canal_half_width=rng.uniform(8.0, 10.5) + (1.5 if lumbar else 0.0),
+            canal_half_depth=rng.uniform(6.5, 8.5),
+            pedicle_width=rng.uniform(5.5, 8.0) + (1.5 if lumbar else 0.0),
+            lamina_thickness=rng.uniform(4.0, 6.0),
+            spinous_length=rng.uniform(24, 32),
+            spinous_slope=np.radians(rng.uniform(5, 15) if lumbar else rng.uniform(30, 45)),
+            spinous_height=(rng.uniform(14, 20) if lumbar else rng.uniform(7, 10)),
+            transverse_length=(rng.uniform(16, 24) if lumbar else rng.uniform(10, 16)),
+            axial_rotation=np.radians(rng.uniform(-3, 3)),
         )
+
+    vertebrae = [vertebra(level, may_fracture=True) for level in levels]
     blobs = [
         (rng.uniform(-60, 60), rng.uniform(35, 90), rng.uniform(8, 25), rng.uniform(8, 20),
          float(rng.choice([rng.uniform(-120, -80), rng.uniform(30, 60)])))
         for _ in range(int(rng.integers(2, 6)))
     ]  # fmt: skip
-    return _Anatomy(
-        vertebrae=vertebrae,
+    drawn = dict(
         tilt_sagittal=(np.radians(rng.uniform(-8, 8)), np.radians(rng.uniform(-12, 12))),
         tilt_coronal=(np.radians(rng.uniform(-4, 4)), np.radians(rng.uniform(-6, 6))),
         cortical_hu=rng.uniform(620, 780),
@@ -196,8 +201,10 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
         skin_gap=rng.uniform(15, 35),
         body_semi_axes=(rng.uniform(140, 180), rng.uniform(100, 130)),
         fat_thickness=rng.uniform(8, 25),
-        blobs=blobs,
     )
+    above = vertebra(_WITH_ENDS[_WITH_ENDS.index(levels[0]) - 1], may_fracture=False)
+    below = vertebra(_WITH_ENDS[_WITH_ENDS.index(levels[-1]) + 1], may_fracture=False)
+    return _Anatomy(vertebrae=[above, *vertebrae, below], blobs=blobs, **drawn)
 
 
 def _centre_line(anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
@@ -432,9 +439,13 @@ def _draw_scan(
         for i, vert in enumerate(anatomy.vertebrae)
     ]
     bone = np.concatenate(extremes, axis=1)
-    # Top/bottom: usually a margin past the end vertebra, sometimes a cut through it.
+    # Top/bottom: the field of view cuts through both end vertebrae (ingest drops them as
+    # truncated), as scans do, so every whole vertebra has both neighbours in view. With the
+    # end vertebrae whole and a margin of soft tissue and air past them, "nothing above or
+    # below" marked exactly the vertebrae that never fracture: a shortcut the classifier
+    # learnt instead of the fractures.
     margins = [
-        rng.uniform(-0.45, -0.1) * vert.height if rng.random() < 0.25 else rng.uniform(4, 15)
+        rng.uniform(-0.45, -0.1) * vert.height
         for vert in (anatomy.vertebrae[0], anatomy.vertebrae[-1])
     ]
     skin = bone[1].min() - anatomy.skin_gap
