@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -136,24 +135,8 @@ def synchronize() -> None:
 
 
 def time_ms(fn, *, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() over `reps` calls after `warmup` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(reps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of fn() after `warmup` calls (CUDA events on a GPU): the shared timer."""
+    return kernel_bench.time_ms(fn, warmup=warmup, reps=reps, device=DEVICE)
 
 
 def random_crops(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
