@@ -96,6 +96,10 @@ def test_config_is_frozen_and_validated():
     with pytest.raises(ValueError, match="preset"):
         preset_config("huge")
     assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="input_std"):
+        preset_config("tiny", input_std=0.0)
+    with pytest.raises(ValueError, match="input_mean"):
+        preset_config("tiny", input_mean=float("nan"))
 
 
 @pytest.mark.parametrize("preset", ["large", "base", "small", "tiny"])
@@ -161,7 +165,7 @@ def test_target_frames_are_mae_st_linspace():
 
 
 def test_target_layout_is_mae_st_patchify():
-    mae = build_mae("tiny", **TINY)
+    mae = build_mae("tiny", **TINY, input_mean=0.0, input_std=1.0)  # raw pixels as targets
     clip = torch.rand(2, 3, 16, 96, 96)
     target = mae.target(clip)  # (B, 288, 768)
     assert target.shape == (2, 288, 768)
@@ -237,6 +241,55 @@ def test_one_channel_equals_three_replicated_channels():
         torch.testing.assert_close(classifier(grey), classifier(rgb), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="channels"):
         mae(_clip(1, channels=2), noise=torch.rand(1, 288))
+
+
+def test_input_normalisation_equals_normalising_the_clip_by_hand():
+    """A model with input_mean/std gives what the same weights give on (clip − mean) / std fed to
+    an identity-normalised copy: patch tokens, MAE loss/target, classifier logits."""
+    torch.manual_seed(4)
+    mean, std = 0.3, 0.2
+    normed = dict(TINY, input_mean=mean, input_std=std)
+    plain = dict(TINY, input_mean=0.0, input_std=1.0)
+    for build in (build_mae, build_classifier):
+        model = build("tiny", **normed).eval()
+        reference = build("tiny", **plain).eval()
+        reference.load_state_dict(model.state_dict())
+        grey = _clip(2, channels=1, seed=5)
+        by_hand = (grey - mean) / std
+        with torch.no_grad():
+            expected = torch.nn.functional.conv3d(
+                by_hand.expand(-1, 3, -1, -1, -1),
+                model.patch_embed.proj.weight,
+                model.patch_embed.proj.bias,
+                stride=(2, 16, 16),
+            ).flatten(2).transpose(1, 2)
+            torch.testing.assert_close(model.patch_embed(grey), expected, rtol=1e-5, atol=1e-5)
+            if build is build_mae:
+                noise = torch.rand(2, 288)
+                got, want = model(grey, noise=noise), reference(by_hand, noise=noise)
+                for a, b in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(model.target(grey), reference.target(by_hand))
+                back = model.denormalize_input(model.unpatchify(model.target(grey)))
+                frames = target_frame_indices(16, 8)
+                torch.testing.assert_close(back[:, :1], grey[:, :, frames], rtol=1e-5, atol=1e-6)
+            else:
+                torch.testing.assert_close(model(grey), reference(by_hand), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_arguments_fold_the_normalisation():
+    """The Triton route's (weight, bias) on [0, 1] frames = the plain folded conv on normalised ones."""
+    from vctmae.kernels import patch_embed_reference
+
+    torch.manual_seed(5)
+    model = build_mae("tiny", **dict(TINY, input_mean=0.4, input_std=0.25)).eval()
+    crops = _crops(2, seed=8)
+    offsets = torch.tensor([2, 4])
+    weight, bias = model.patch_embed.kernel_weight_and_bias()
+    with torch.no_grad():
+        got = patch_embed_reference(crops, offsets, weight, bias, keep=None, pos=None)
+        want = model.patch_embed(_frames(crops, offsets))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

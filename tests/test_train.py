@@ -282,6 +282,20 @@ def finetuned(easy_data, tmp_path_factory):
     return run_finetune(config)
 
 
+def test_finetuning_refuses_a_pretraining_file_with_another_input_normalisation(tmp_path):
+    from vctmae.model import build_classifier, build_mae
+    from vctmae.model.checkpoint import save_model
+    from vctmae.train.finetune import init_from_pretraining
+
+    path = save_model(build_mae("tiny", **SMALL_MODEL), tmp_path / "mae.safetensors")
+    same = build_classifier("tiny", **SMALL_MODEL)
+    report = init_from_pretraining(same, path)
+    assert "patch_embed.proj.weight" in report["loaded"]
+    other = build_classifier("tiny", **SMALL_MODEL, input_std=0.3)
+    with pytest.raises(ValueError, match=r"mae.safetensors: pretrained on inputs normalised"):
+        init_from_pretraining(other, path)
+
+
 def test_finetuning_beats_chance_on_held_out_crops(easy_data, finetuned, tmp_path):
     assert finetuned.class_weights == [1.0, 1.0]  # balanced training split, read from manifest.csv
     assert finetuned.best_path.exists() and finetuned.state.best_metric is not None

@@ -129,7 +129,9 @@ class PatchEmbed(nn.Module):
     """Non-overlapping tubes t_patch×patch×patch → tokens, through mae_st's `Conv3d(3, D, (2, 16, 16))`.
 
     A one-channel clip stands for its three replicated channels; rather than materialising RGB the
-    kernel is folded (summed over input channels), which gives the same tokens.
+    kernel is folded (summed over input channels), which gives the same tokens. The input
+    normalisation (x − mean) / std is folded in the same way: conv((x − m)/s) = conv(x; W/s) with
+    bias b − (m/s)·ΣW, so clips stay in [0, 1] up to this layer.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -137,10 +139,24 @@ class PatchEmbed(nn.Module):
         kernel = (config.t_patch, config.patch, config.patch)
         self.proj = nn.Conv3d(config.in_chans, config.embed_dim, kernel_size=kernel, stride=kernel)
         self.clip_shape = (config.frames, config.img, config.img)
+        self.input_mean = config.input_mean
+        self.input_std = config.input_std
 
-    def folded_weight(self) -> torch.Tensor:
-        """Channel-summed weight (D, t_patch·patch·patch), index (t, h, w) row-major (kernel layout)."""
-        return self.proj.weight.sum(1).flatten(1)
+    def _normalised(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight / std, bias − mean/std · Σ over each output's full RGB kernel)."""
+        mean, std = self.input_mean, self.input_std
+        bias = self.proj.bias
+        if mean == 0.0 and std == 1.0:
+            return weight, bias
+        total = self.proj.weight.sum(dim=(1, 2, 3, 4))  # (D,) all input channels, whole tube
+        return weight / std, bias - (mean / std) * total
+
+    def kernel_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (D, t_patch·patch·patch), channel-summed, index (t, h, w) row-major (kernel
+        layout), and bias (D,), both with the input normalisation folded in: the Triton kernel's
+        arguments for one-channel [0, 1] frames."""
+        weight, bias = self._normalised(self.proj.weight.sum(1).flatten(1))
+        return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or tuple(x.shape[2:]) != self.clip_shape:
@@ -154,7 +170,8 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"clip has {x.shape[1]} channels; the model takes 1 or {weight.shape[1]}"
             )
-        x = F.conv3d(x, weight, self.proj.bias, stride=self.proj.stride)  # (B, D, t, h, w)
+        weight, bias = self._normalised(weight)
+        x = F.conv3d(x, weight, bias, stride=self.proj.stride)  # (B, D, t, h, w)
         return x.flatten(2).transpose(1, 2)  # (B, t*h*w, D)
 
 
@@ -205,16 +222,25 @@ class VideoViT(nn.Module):
     ) -> torch.Tensor:
         """int16 crops (B, 96, 96, 96) → tokens with positions (B, L, D), or (B, K, D) for `keep`."""
         if resolve_backend(self.patch_embed_backend, crops) == "triton":
+            weight, bias = self.patch_embed.kernel_weight_and_bias()
             return triton_patch_tokens(
                 crops,
                 offsets,
-                self.patch_embed.folded_weight(),
-                self.patch_embed.proj.bias,
+                weight,
+                bias,
                 keep=keep,
                 pos=self.patch_pos_embed()[0],
             )
         tokens = self.embed(frames_from_crops(crops, offsets, self.config.frames))  # (B, L, D)
         return tokens if keep is None else gather_tokens(tokens, keep)
+
+    def normalize_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """[0, 1] frames → what the model sees, (frames − input_mean) / input_std."""
+        return (frames - self.config.input_mean) / self.config.input_std
+
+    def denormalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_input` (for showing targets and reconstructions as [0, 1] frames)."""
+        return x * self.config.input_std + self.config.input_mean
 
     def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend the cls token (with its positional embedding): (B, N, D) → (B, 1+N, D)."""
@@ -372,9 +398,10 @@ class MaskedAutoencoder(VideoViT):
     # -- loss ------------------------------------------------------------------------------------
 
     def target(self, clip: torch.Tensor) -> torch.Tensor:
-        """Regression target (B, L, pred_dim) from the clip's frames linspace(0, T−1, pred_t_dim)."""
+        """Regression target (B, L, pred_dim): the clip's frames linspace(0, T−1, pred_t_dim),
+        normalised as the encoder's input (mae_st regresses the normalised pixels)."""
         indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, clip.device)
-        return self._patchify_target(clip.index_select(2, indices))  # (B, L, pred_dim)
+        return self._patchify_target(self.normalize_input(clip.index_select(2, indices)))
 
     def _patchify_target(self, target_frames: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -424,7 +451,8 @@ class MaskedAutoencoder(VideoViT):
         visible = self.embed_crops(crops, offsets, keep=masking.ids_keep)  # (B, K, D)
         pred = self.forward_decoder(self.encode_visible(visible), masking.ids_restore)
         indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, crops.device)
-        target = self._patchify_target(gather_frames(crops, offsets, indices))  # (B, L, pred_dim)
+        frames = self.normalize_input(gather_frames(crops, offsets, indices))  # (B, 1, 8, H, W)
+        target = self._patchify_target(frames)  # (B, L, pred_dim)
         return self.forward_loss(target, pred, masking.mask), pred, masking.mask
 
 

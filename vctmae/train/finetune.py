@@ -42,8 +42,20 @@ def init_from_pretraining(model: nn.Module, path: Path) -> dict[str, list[str]]:
     """Copy the encoder of a pretraining safetensors file into a classifier.
 
     Decoder weights are ignored; every classifier weight except the head must
-    come from the file with the same shape, or the load is refused.
+    come from the file with the same shape, or the load is refused. So is a file whose config
+    (beside it) normalises the input differently: the weights would see other numbers.
     """
+    from vctmae.model.checkpoint import config_path, read_model_config
+
+    if config_path(path).is_file():
+        _, pretrained = read_model_config(path)
+        ours = model.config
+        if (pretrained.input_mean, pretrained.input_std) != (ours.input_mean, ours.input_std):
+            raise ValueError(
+                f"{path}: pretrained on inputs normalised with mean {pretrained.input_mean}, "
+                f"std {pretrained.input_std}, but this classifier uses mean {ours.input_mean}, "
+                f"std {ours.input_std}; finetune with the same model settings as pretraining"
+            )
     source = load_file(str(path))
     target = model.state_dict()
     missing = [k for k in target if k not in source and not k.startswith(HEAD_PREFIXES)]

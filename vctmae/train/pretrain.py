@@ -156,7 +156,8 @@ def write_preview(
     noise = torch.rand(1, tokens, generator=torch.Generator().manual_seed(seed)).to(crop.device)
     _, pred, mask = model.forward_crops(crop, offsets, mask_ratio=mask_ratio, noise=noise)
     clip = sample_frames(crop, offsets)  # (1, 1, 16, 96, 96)
-    target = model.unpatchify(model.target(clip))[0].float().mean(0)  # (8, 96, 96)
-    recon = model.unpatchify(pred.float())[0].mean(0)  # (8, 96, 96) channel mean
+    # Targets and predictions live in the model's normalised input space; show them as [0, 1].
+    target = model.denormalize_input(model.unpatchify(model.target(clip))[0].float().mean(0))
+    recon = model.denormalize_input(model.unpatchify(pred.float())[0].mean(0))  # (8, 96, 96)
     model.train(was_training)
     return save_preview(target, recon, mask[0], path, title=title)
