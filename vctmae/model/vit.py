@@ -155,8 +155,7 @@ class PatchEmbed(nn.Module):
         """Weight (D, t_patch·patch·patch), channel-summed, index (t, h, w) row-major (kernel
         layout), and bias (D,), both with the input normalisation folded in: the Triton kernel's
         arguments for one-channel [0, 1] frames."""
-        weight, bias = self._normalised(self.proj.weight.sum(1).flatten(1))
-        return weight, bias
+        return self._normalised(self.proj.weight.sum(1).flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or tuple(x.shape[2:]) != self.clip_shape:
