@@ -255,3 +255,17 @@ def test_load_model_refuses_weights_that_do_not_match_the_config(tmp_path):
     (tmp_path / "m.json").unlink()
     with pytest.raises(CheckpointError, match="m.json"):
         load_model(path)
+
+
+def test_a_checkpoint_from_before_input_normalisation_loads_as_identity(tmp_path):
+    """Configs written before `input_mean`/`input_std` existed describe models trained on raw [0, 1]
+    frames; they must load as exactly that, whatever the preset's normalisation is today."""
+    classifier = build_classifier("tiny", **{**SMALL, "input_mean": 0.5, "input_std": 0.1})
+    path = save_model(classifier, tmp_path / "old.safetensors")
+    description = json.loads((tmp_path / "old.json").read_text())
+    for name in ("input_mean", "input_std"):
+        del description["config"][name]
+    (tmp_path / "old.json").write_text(json.dumps(description))
+    loaded = load_model(path)
+    assert (loaded.config.input_mean, loaded.config.input_std) == (0.0, 1.0)
+    assert loaded.config.embed_dim == classifier.config.embed_dim
