@@ -427,6 +427,19 @@ def test_cli_takes_many_shard_paths_after_one_flag_and_fails_in_one_line(
     assert "none.safetensors: checkpoint not found" in missing.output
 
 
+
+def test_cli_reports_a_shard_pattern_matching_nothing_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from vctmae.cli import app
+
+    pattern = str(tmp_path / "nothing-*.tar")
+    result = CliRunner().invoke(app, ["finetune", "--shards", pattern, "--model", "tiny",
+                                      "--device", "cpu", "--out", str(tmp_path / "ft")])  # fmt: skip
+    assert result.exit_code == 1
+    assert f"{pattern}: glob matches no files" in result.output
+    assert "Traceback" not in result.output
+
 # -- distributed -------------------------------------------------------------------------------
 
 

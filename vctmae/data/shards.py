@@ -34,8 +34,9 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
-class ShardError(Exception):
-    """A shard that cannot be used; str() = "<path>: <problem>"."""
+class ShardError(ValueError):
+    """A shard that cannot be used; str() = "<path>: <problem>". A ValueError: bad input, which
+    the commands report in one line."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{path}: {problem}")
