@@ -23,7 +23,6 @@ from vctmae.ingest.geometry import (
 from vctmae.ingest.levels import VERSE_LABEL
 from vctmae.ingest.synth import make_phantom, phantom_images
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared/data/real-ct"
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values
 
 
@@ -120,9 +119,8 @@ def straight_spine(direction=(0.0, 0.0, -1.0), count: int = 5, step: float = 30.
 
 
 @pytest.fixture(scope="session")
-def real_ct() -> tuple[Path, Path]:
-    ct, seg = REAL_CT / "ct.nii.gz", REAL_CT / "seg.nii.gz"
-    assert ct.exists() and seg.exists(), f"real CT fixture missing under {REAL_CT}"
+def real_ct(real_ct_dir) -> tuple[Path, Path]:
+    ct, seg = real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz"
     return ct, seg
 
 

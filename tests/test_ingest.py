@@ -23,7 +23,6 @@ from vctmae.cli.app import app
 from vctmae.ingest import IngestConfig, run_ingest
 from vctmae.ingest.synth import write_phantoms
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared/data/real-ct"
 PHANTOMS = 5
 SHARD_SIZE = "8MB"  # a few crops per shard, so shards roll over
 
@@ -79,15 +78,15 @@ def full_run(phantoms, tmp_path_factory) -> tuple[Path, dict]:
 # --- real CT ----------------------------------------------------------------------------------
 
 
-def real_centroid(label: int) -> np.ndarray:
-    seg = nib.load(REAL_CT / "seg.nii.gz")
+def real_centroid(real_ct_dir: Path, label: int) -> np.ndarray:
+    seg = nib.load(real_ct_dir / "seg.nii.gz")
     index = np.argwhere(np.asarray(seg.dataobj) == label).mean(axis=0)
     return seg.affine[:3, :3] @ index + seg.affine[:3, 3]
 
 
-def test_real_ct_writes_only_l1_by_default(tmp_path):
+def test_real_ct_writes_only_l1_by_default(tmp_path, real_ct_dir):
     src = tmp_path / "raw"
-    link_case(src, "abdomen.v1", REAL_CT / "ct.nii.gz", REAL_CT / "seg.nii.gz")
+    link_case(src, "abdomen.v1", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
     assert (report["cases_ok"], report["cases_failed"], report["vertebrae_written"]) == (1, 0, 1)
     skipped = {s["level"]: s["reason"] for s in report["skipped"]}
@@ -98,7 +97,7 @@ def test_real_ct_writes_only_l1_by_default(tmp_path):
     assert (row["key"], row["case"], row["level"], row["split"], row["class"]) == (
         "abdomen-v1_L1", "abdomen.v1", "L1", "unlabeled", "")
     centroid = np.array([float(row[f"centroid_{a}"]) for a in "xyz"])
-    np.testing.assert_allclose(centroid, real_centroid(31), atol=0.5)
+    np.testing.assert_allclose(centroid, real_centroid(real_ct_dir, 31), atol=0.5)
     with tarfile.open(tmp_path / "out" / "unlabeled-000000.tar") as tar:
         names = tar.getnames()
         meta = json.loads(tar.extractfile("abdomen-v1_L1.json").read())
@@ -112,9 +111,9 @@ def test_real_ct_writes_only_l1_by_default(tmp_path):
     assert tree_bytes(tmp_path / "out") == before
 
 
-def test_real_ct_keep_truncated_and_no_label(tmp_path):
+def test_real_ct_keep_truncated_and_no_label(tmp_path, real_ct_dir):
     src = tmp_path / "raw"
-    link_case(src, "real", REAL_CT / "ct.nii.gz", REAL_CT / "seg.nii.gz")
+    link_case(src, "real", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     labels = tmp_path / "labels.csv"
     labels.write_text("case,level,grade,split\nreal,L1,2,test\nreal,T12,0,test\n")
     result = cli("--src", str(src), "--out", str(tmp_path / "out"), "--labels", str(labels),
@@ -129,7 +128,7 @@ def test_real_ct_keep_truncated_and_no_label(tmp_path):
     assert all(s["reason"].startswith("no label") for s in report["skipped"])
     for level, value in (("T12", 32), ("L1", 31)):
         centroid = np.array([float(rows[level][f"centroid_{a}"]) for a in "xyz"])
-        np.testing.assert_allclose(centroid, real_centroid(value), atol=0.5)
+        np.testing.assert_allclose(centroid, real_centroid(real_ct_dir, value), atol=0.5)
     assert (tmp_path / "out" / "test-000000.tar").exists()
 
 
@@ -277,14 +276,14 @@ def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> No
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
 
 
-def test_bad_inputs_are_reported_and_good_cases_written(tmp_path):
+def test_bad_inputs_are_reported_and_good_cases_written(tmp_path, real_ct_dir):
     src = tmp_path / "raw"
     for name in ("good", "twin1", "twin2"):
-        link_case(src, name, REAL_CT / "ct.nii.gz", REAL_CT / "seg.nii.gz")
+        link_case(src, name, real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     cube = np.zeros((24, 24, 24), np.int16)
     cube[8:16, 8:16, 8:16] = 20
     ct = np.full((24, 24, 24), 100, np.int16)
-    (src / "ct" / "corrupt.nii.gz").write_bytes((REAL_CT / "ct.nii.gz").read_bytes()[:5000])
+    (src / "ct" / "corrupt.nii.gz").write_bytes((real_ct_dir / "ct.nii.gz").read_bytes()[:5000])
     _nifti(src / "seg" / "corrupt.nii.gz", cube)
     (src / "ct" / "garbled.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + np.random.default_rng(0).bytes(4000))
     _nifti(src / "seg" / "garbled.nii.gz", cube)

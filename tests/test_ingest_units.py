@@ -17,7 +17,6 @@ from vctmae.ingest.labels import LabelsError, assign_cases, hashed_splits, read_
 from vctmae.ingest.pipeline import parse_part, sample_key
 from vctmae.ingest.writers import ShardWriter, parse_size
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared/data/real-ct"
 
 
 def touch(path: Path) -> Path:
@@ -171,11 +170,11 @@ def test_shard_writer_rolls_over_and_is_deterministic(tmp_path):
         assert len(data_a) <= 40_000 or [m.name for m in members] == ["huge.bin"]
 
 
-def test_pairs_csv_and_wds_only_format(tmp_path):
+def test_pairs_csv_and_wds_only_format(tmp_path, real_ct_dir):
     pairs = tmp_path / "pairs.csv"
     (tmp_path / "scans").mkdir()
-    (tmp_path / "scans" / "a.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
-    (tmp_path / "scans" / "a-mask.nii.gz").symlink_to(REAL_CT / "seg.nii.gz")
+    (tmp_path / "scans" / "a.nii.gz").symlink_to(real_ct_dir / "ct.nii.gz")
+    (tmp_path / "scans" / "a-mask.nii.gz").symlink_to(real_ct_dir / "seg.nii.gz")
     pairs.write_text("ct,seg,case,patient\nscans/a.nii.gz,scans/a-mask.nii.gz,abdomen,P42\n")
     out = tmp_path / "out"
     report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1), progress=False)
@@ -193,7 +192,7 @@ def test_pairs_csv_and_wds_only_format(tmp_path):
     assert '"ct": "scans/a.nii.gz"' in meta and '"patient": "P42"' in meta
 
 
-def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch):
+def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch, real_ct_dir):
     import os
     import signal
 
@@ -211,7 +210,7 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch):
     for name in ("a", "boom", "c"):
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
-            (src / kind / f"{name}.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+            (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
     report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2), progress=False)
     assert [f["case"] for f in report["failed"]] == ["boom"]
     assert "worker process died" in report["failed"][0]["reason"]
@@ -219,25 +218,25 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch):
     assert report["cases_ok"] == 2 and report["vertebrae_written"] == 2
 
 
-def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path):
+def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path, real_ct_dir):
     src = tmp_path / "raw"
     for name in ("scan.1", "scan-1"):
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
-            (src / kind / f"{name}.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+            (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
     report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
     assert report["vertebrae_written"] == 1
     [failure] = report["failed"]
     assert failure["case"] == "scan.1" and "scan-1_L1 is already taken" in failure["reason"]
 
 
-def test_a_second_ingest_into_the_same_out_is_refused(tmp_path):
+def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
     from vctmae.ingest.pipeline import _output_lock
 
     src = tmp_path / "raw"
     for kind in ("ct", "seg"):
         (src / kind).mkdir(parents=True)
-        (src / kind / "a.nii.gz").symlink_to(REAL_CT / f"{kind}.nii.gz")
+        (src / kind / "a.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
     with _output_lock(tmp_path / "out"):  # as a run in another process would hold it
         with pytest.raises(ValueError, match="another `vctmae ingest` is writing here"):
             run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)

@@ -1,4 +1,8 @@
-"""The typer application objects every command module registers itself on."""
+"""The typer application objects every command module registers itself on, and the one way
+commands report expected failures."""
+
+import contextlib
+from collections.abc import Iterator
 
 import typer
 
@@ -15,3 +19,25 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(bench_app, name="bench")
+
+
+@contextlib.contextmanager
+def expected_failures(interrupted: str | None = None) -> Iterator[None]:
+    """Turn an expected failure (`vctmae.errors.VctmaeError`) into one red line and its exit code.
+
+    Everything else propagates with its traceback: a bug, an out-of-memory or a
+    NCCL failure must show where it happened. `interrupted` is what Ctrl-C
+    prints (what was kept, how to resume); it then exits 130.
+    """
+    from vctmae.errors import VctmaeError
+
+    try:
+        yield
+    except VctmaeError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        typer.secho(f"interrupted: {interrupted}", fg="yellow", err=True)
+        raise typer.Exit(130) from None

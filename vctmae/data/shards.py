@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.errors import VctmaeError
+
 CROP_EXT = "crop.npy"
 CLASS_EXT = "cls"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -34,7 +36,7 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
-class ShardError(ValueError):
+class ShardError(VctmaeError, ValueError):
     """A shard that cannot be used; str() = "<path>: <problem>". A ValueError: bad input, which
     the commands report in one line."""
 

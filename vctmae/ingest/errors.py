@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vctmae.errors import VctmaeError
 
-class IngestError(Exception):
+
+class IngestError(VctmaeError):
     """A case that cannot be ingested, naming the offending file and the problem.
 
     `str(error)` is the one line a user sees: ``"<path>: <problem>"``.

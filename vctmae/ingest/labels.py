@@ -21,6 +21,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vctmae.errors import VctmaeError
 from vctmae.ingest.levels import level_index
 
 SPLITS = ("train", "val", "test")
@@ -28,7 +29,7 @@ UNLABELED = "unlabeled"
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
-class LabelsError(ValueError):
+class LabelsError(VctmaeError, ValueError):
     """The labels file as a whole cannot be used (missing columns, bad value)."""
 
 

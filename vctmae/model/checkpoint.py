@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vctmae.errors import VctmaeError
 from vctmae.model.config import ModelConfig
 from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
 
@@ -31,7 +32,7 @@ FORMAT = "vctmae-model"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VctmaeError, ValueError):
     """A checkpoint that cannot be loaded into the model without being silently wrong."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vctmae.errors import VctmaeError
 from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
@@ -34,7 +35,7 @@ class Predictions:
     probs: np.ndarray  # float64 (N,) mean softmax probability of class 1 (fracture)
 
 
-class DuplicatePredictionError(RuntimeError):
+class DuplicatePredictionError(VctmaeError, RuntimeError):
     """A crop key was predicted more than once (overlapping shards or ranks)."""
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vctmae.errors import VctmaeError
 from vctmae.train import checkpoint
 from vctmae.train.config import config_dict
 from vctmae.train.distributed import DistInfo, any_true, barrier, gather_objects
@@ -33,7 +34,7 @@ from vctmae.train.runlog import RunLog, training_progress
 from vctmae.train.schedule import WarmupCosine, set_lr
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VctmaeError, RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving."""
 
 

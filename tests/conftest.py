@@ -1,0 +1,38 @@
+"""Shared test fixtures.
+
+The real-CT fixture (a 3 mm abdominal CT with a TotalSegmentator label map) is
+kept out of the repository. It is found through `$VCTMAE_REAL_CT`, else at
+`../shared/data/real-ct` beside the checkout. On a plain clone without it, the
+tests that need it skip with one line saying so; with
+`VCTMAE_REQUIRE_REAL_CT=1` (set by `.ci/run`, where the fixture exists) they
+fail instead, so CI can never skip them silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_ct_location() -> Path:
+    configured = os.environ.get("VCTMAE_REAL_CT")
+    return Path(configured) if configured else REPO.parent / "shared" / "data" / "real-ct"
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    """Folder holding the real CT's `ct.nii.gz` and `seg.nii.gz`."""
+    folder = real_ct_location()
+    if (folder / "ct.nii.gz").is_file() and (folder / "seg.nii.gz").is_file():
+        return folder
+    reason = (
+        f"real-CT fixture not found at {folder} "
+        "(set VCTMAE_REAL_CT to a folder with ct.nii.gz and seg.nii.gz)"
+    )
+    if os.environ.get("VCTMAE_REQUIRE_REAL_CT") == "1":
+        pytest.fail(f"{reason}; VCTMAE_REQUIRE_REAL_CT=1 forbids skipping it")
+    pytest.skip(reason)
