@@ -29,4 +29,5 @@ test: setup-test
 	$(PY) -m pytest -q
 
 lint: setup
+	$(VENV)/bin/ruff format --check vctmae tests benchmarks
 	$(VENV)/bin/ruff check vctmae tests benchmarks

@@ -69,7 +69,9 @@ def pretrain_encoder(config: dict[str, Any], crops: torch.Tensor, device: str) -
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    return {
+        k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))
+    }
 
 
 def probabilities(model, crops: torch.Tensor, views: list[int], device: str) -> np.ndarray:
@@ -102,7 +104,9 @@ def run(config: dict[str, Any], data: dict, device: str) -> dict[str, Any]:
     total, warmup = epochs * per_epoch, config.get("warmup_epochs", 1) * per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        ),
     )
     counts = torch.bincount(labels, minlength=2).float()
     weight = (1 / counts) / (1 / counts).sum() * 2  # inverse class frequency, mean 1
@@ -125,8 +129,14 @@ def run(config: dict[str, Any], data: dict, device: str) -> dict[str, Any]:
             loss_sum += loss.detach() * batch
         val = probabilities(model, val_crops, [3], device)
         val_f1 = f1_score(val_labels, val > 0.5)
-        history.append([epoch, round(loss_sum.item() / (per_epoch * batch), 3),
-                        round(roc_auc_score(val_labels, val), 3), round(val_f1, 3)])
+        history.append(
+            [
+                epoch,
+                round(loss_sum.item() / (per_epoch * batch), 3),
+                round(roc_auc_score(val_labels, val), 3),
+                round(val_f1, 3),
+            ]
+        )
         if val_f1 >= best[0]:
             best = (val_f1, {k: v.clone() for k, v in model.state_dict().items()})
     last = probabilities(model, test_crops, list(range(6)), device)

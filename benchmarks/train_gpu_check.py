@@ -40,7 +40,11 @@ def write_split(directory: Path, split: str, count: int, seed: int) -> str:
             label, key = i % 2, f"{split}{i:05d}_L1"
             buffer = io.BytesIO()
             np.save(buffer, easy_crop(rng, label))
-            for ext, data in (("crop.npy", buffer.getvalue()), ("json", b"{}"), ("cls", str(label).encode())):
+            for ext, data in (
+                ("crop.npy", buffer.getvalue()),
+                ("json", b"{}"),
+                ("cls", str(label).encode()),
+            ):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -68,7 +72,9 @@ def main() -> None:
     parser.add_argument("--pretrain-batch", type=int, default=8)
     parser.add_argument("--finetune-batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda, or cpu for a dry run of this script"
+    )
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "benchmarks/results"))
@@ -80,20 +86,48 @@ def main() -> None:
         "test": write_split(work / "data", "test", 128, 3),
     }
     print(f"data written in {time.perf_counter() - start:.0f} s", flush=True)
-    common = dict(model=args.preset, device=args.device, num_workers=args.workers, progress=False, log_every=10)
+    common = dict(
+        model=args.preset,
+        device=args.device,
+        num_workers=args.workers,
+        progress=False,
+        log_every=10,
+    )
     pre = run_pretrain(
-        PretrainConfig(shards=(shards["train"],), out=work / "pre", epochs=args.epochs, warmup_epochs=1,
-                       batch_size=args.pretrain_batch, **common)  # fmt: skip
+        PretrainConfig(
+            shards=(shards["train"],),
+            out=work / "pre",
+            epochs=args.epochs,
+            warmup_epochs=1,
+            batch_size=args.pretrain_batch,
+            **common,
+        )  # fmt: skip
     )
     print(f"pretrain done {time.perf_counter() - start:.0f} s", flush=True)
     ft = run_finetune(
-        FinetuneConfig(shards=(shards["train"],), val_shards=(shards["val"],), out=work / "ft", init=pre.model_path,
-                       epochs=args.epochs, warmup_epochs=1, batch_size=args.finetune_batch, lr=1e-4, **common)  # fmt: skip
+        FinetuneConfig(
+            shards=(shards["train"],),
+            val_shards=(shards["val"],),
+            out=work / "ft",
+            init=pre.model_path,
+            epochs=args.epochs,
+            warmup_epochs=1,
+            batch_size=args.finetune_batch,
+            lr=1e-4,
+            **common,
+        )  # fmt: skip
     )
     print(f"finetune done {time.perf_counter() - start:.0f} s", flush=True)
     metrics = run_eval(
-        EvalConfig(checkpoint=ft.best_path, shards=(shards["test"],), out=work / "eval", multiview=6,
-                   device=args.device, num_workers=args.workers, progress=False)  # fmt: skip
+        EvalConfig(
+            checkpoint=ft.best_path,
+            shards=(shards["test"],),
+            out=work / "eval",
+            multiview=6,
+            device=args.device,
+            num_workers=args.workers,
+            progress=False,
+        )  # fmt: skip
     )
     report = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
@@ -104,8 +138,12 @@ def main() -> None:
         "finetune_epoch_samples_per_s": epoch_rates(ft.log_path),
         "pretrain_losses": [h["loss"] for h in pre.state.history],
         "finetune_history": ft.state.history,
-        "test_metrics": {k: v for k, v in metrics.items() if k in ("n", "f1", "accuracy", "roc_auc")},
-        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+        "test_metrics": {
+            k: v for k, v in metrics.items() if k in ("n", "f1", "accuracy", "roc_auc")
+        },
+        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+        if args.device == "cuda"
+        else None,
         "wall_s": time.perf_counter() - start,
     }
     out.mkdir(parents=True, exist_ok=True)

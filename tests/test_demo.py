@@ -17,7 +17,14 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert "f1" in result.output and "roc_auc" in result.output  # the metrics table
 
     summary = json.loads((out / "demo-summary.json").read_text())
-    assert set(summary["timings_s"]) >= {"synth", "ingest", "pretrain", "finetune", "eval", "explain"}
+    assert set(summary["timings_s"]) >= {
+        "synth",
+        "ingest",
+        "pretrain",
+        "finetune",
+        "eval",
+        "explain",
+    }
     with (out / "data" / "manifest.csv").open() as f:
         test_keys = {row["key"] for row in csv.DictReader(f) if row["split"] == "test"}
     with (out / "report" / "predictions.csv").open() as f:

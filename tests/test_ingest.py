@@ -95,7 +95,12 @@ def test_real_ct_writes_only_l1_by_default(tmp_path, real_ct_dir):
     [row] = read_manifest(tmp_path / "out")
     # Dots in the case id become "-" in the key; the case id itself is kept.
     assert (row["key"], row["case"], row["level"], row["split"], row["class"]) == (
-        "abdomen-v1_L1", "abdomen.v1", "L1", "unlabeled", "")
+        "abdomen-v1_L1",
+        "abdomen.v1",
+        "L1",
+        "unlabeled",
+        "",
+    )
     centroid = np.array([float(row[f"centroid_{a}"]) for a in "xyz"])
     np.testing.assert_allclose(centroid, real_centroid(real_ct_dir, 31), atol=0.5)
     with tarfile.open(tmp_path / "out" / "unlabeled-000000.tar") as tar:
@@ -106,8 +111,14 @@ def test_real_ct_writes_only_l1_by_default(tmp_path, real_ct_dir):
     assert meta["label_scheme"] == "totalseg" and meta["split"] == "unlabeled"
     # --force extracts and assembles again, to the same bytes.
     before = tree_bytes(tmp_path / "out")
-    forced = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, force=True), progress=False)
-    assert (forced["cases_extracted"], forced["cases_resumed"], forced["assembly"]) == (1, 0, "written")
+    forced = run_ingest(
+        IngestConfig(src=src, out=tmp_path / "out", workers=1, force=True), progress=False
+    )
+    assert (forced["cases_extracted"], forced["cases_resumed"], forced["assembly"]) == (
+        1,
+        0,
+        "written",
+    )
     assert tree_bytes(tmp_path / "out") == before
 
 
@@ -116,8 +127,17 @@ def test_real_ct_keep_truncated_and_no_label(tmp_path, real_ct_dir):
     link_case(src, "real", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     labels = tmp_path / "labels.csv"
     labels.write_text("case,level,grade,split\nreal,L1,2,test\nreal,T12,0,test\n")
-    result = cli("--src", str(src), "--out", str(tmp_path / "out"), "--labels", str(labels),
-                 "--keep-truncated", "--workers", "1")
+    result = cli(
+        "--src",
+        str(src),
+        "--out",
+        str(tmp_path / "out"),
+        "--labels",
+        str(labels),
+        "--keep-truncated",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     rows = {r["level"]: r for r in read_manifest(tmp_path / "out")}
     assert set(rows) == {"T12", "L1"}
@@ -199,7 +219,11 @@ def test_stock_readers_and_checksums(full_run):
         assert sample["cls"] == int(row["class"])
         meta = sample["json"]
         assert (meta["key"], meta["level"], meta["split"], meta["class"]) == (
-            key, row["level"], row["split"], int(row["class"]))
+            key,
+            row["level"],
+            row["split"],
+            int(row["class"]),
+        )
         x0, x1, y0, y1, z0, z1 = meta["bbox"]
         assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96 and 0 <= z0 < z1 <= 96
         seen.append(key)
@@ -227,11 +251,26 @@ def test_rerun_is_up_to_date_and_worker_count_does_not_change_bytes(phantoms, fu
 
 def test_killed_run_resumes_to_identical_output(phantoms, full_run, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "vctmae", "ingest", "--src", str(phantoms), "--out", str(out),
-               "--labels", str(phantoms / "labels.csv"), "--shard-size", SHARD_SIZE, "--workers", "1",
-               "--no-progress"]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "vctmae",
+        "ingest",
+        "--src",
+        str(phantoms),
+        "--out",
+        str(out),
+        "--labels",
+        str(phantoms / "labels.csv"),
+        "--shard-size",
+        SHARD_SIZE,
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     cases = out / ".ingest-work" / "cases"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -243,7 +282,8 @@ def test_killed_run_resumes_to_identical_output(phantoms, full_run, tmp_path):
     process.wait()
     done = len(list(cases.glob("*.json")))
     assert 1 <= done < PHANTOMS
-    assert not list(out.glob("*.tar")) and not (out / "manifest.csv").exists()  # nothing half-written
+    # Nothing half-written.
+    assert not list(out.glob("*.tar")) and not (out / "manifest.csv").exists()
 
     report = run_ingest(phantom_config(phantoms, out), progress=False)
     assert report["cases_resumed"] == done and report["cases_extracted"] == PHANTOMS - done
@@ -252,12 +292,21 @@ def test_killed_run_resumes_to_identical_output(phantoms, full_run, tmp_path):
 
 def test_parts_merge_to_the_full_run(phantoms, full_run, tmp_path):
     data = tmp_path / "data"
-    reports = [run_ingest(phantom_config(phantoms, data / f"part-{i}", part=(i, 2)), progress=False)
-               for i in (1, 2)]
+    reports = [
+        run_ingest(phantom_config(phantoms, data / f"part-{i}", part=(i, 2)), progress=False)
+        for i in (1, 2)
+    ]
     assert sum(r["cases_seen"] for r in reports) == PHANTOMS
     assert all(r["cases_ok"] >= 2 for r in reports)
-    result = cli("--merge", str(data / "part-1"), str(data / "part-2"), "--out", str(data),
-                 "--shard-size", SHARD_SIZE)
+    result = cli(
+        "--merge",
+        str(data / "part-1"),
+        str(data / "part-2"),
+        "--out",
+        str(data),
+        "--shard-size",
+        SHARD_SIZE,
+    )
     assert result.exit_code == 0, result.output
     assert tree_bytes(data) == tree_bytes(full_run[0])
     merged = json.loads((data / "ingest-report.json").read_text())
@@ -285,7 +334,9 @@ def test_bad_inputs_are_reported_and_good_cases_written(tmp_path, real_ct_dir):
     ct = np.full((24, 24, 24), 100, np.int16)
     (src / "ct" / "corrupt.nii.gz").write_bytes((real_ct_dir / "ct.nii.gz").read_bytes()[:5000])
     _nifti(src / "seg" / "corrupt.nii.gz", cube)
-    (src / "ct" / "garbled.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + np.random.default_rng(0).bytes(4000))
+    (src / "ct" / "garbled.nii.gz").write_bytes(
+        b"\x1f\x8b\x08\x00" + np.random.default_rng(0).bytes(4000)
+    )
     _nifti(src / "seg" / "garbled.nii.gz", cube)
     (src / "ct" / "notes.txt").write_text("not an image\n")
     _nifti(src / "ct" / "fourd.nii.gz", np.zeros((24, 24, 24, 2), np.int16))
@@ -303,8 +354,10 @@ def test_bad_inputs_are_reported_and_good_cases_written(tmp_path, real_ct_dir):
     _nifti(src / "ct" / "nans.nii.gz", nan_ct)
     _nifti(src / "seg" / "nans.nii.gz", cube)
     labels = tmp_path / "labels.csv"
-    labels.write_text("case,level,fracture,split,patient\n"
-                      "good,L1,1,train,A\ntwin1,L1,0,train,B\ntwin2,L1,0,test,B\n")
+    labels.write_text(
+        "case,level,fracture,split,patient\n"
+        "good,L1,1,train,A\ntwin1,L1,0,train,B\ntwin2,L1,0,test,B\n"
+    )
 
     out = tmp_path / "out"
     result = cli("--src", str(src), "--out", str(out), "--labels", str(labels), "--workers", "2")

@@ -18,7 +18,6 @@ from vctmae.ingest.pipeline import parse_part, sample_key
 from vctmae.ingest.writers import ShardWriter, parse_size
 
 
-
 def touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
@@ -45,7 +44,9 @@ def test_discovery_finds_all_layouts_sorted_and_reports_problems(tmp_path):
     pairs = touch(tmp_path / "lists" / "pairs.csv")
     touch(tmp_path / "elsewhere" / "scan.nii.gz")
     touch(tmp_path / "elsewhere" / "mask.nii.gz")
-    pairs.write_text("ct,seg,case,patient\n../elsewhere/scan.nii.gz,../elsewhere/mask.nii.gz,beta,P7\n")
+    pairs.write_text(
+        "ct,seg,case,patient\n../elsewhere/scan.nii.gz,../elsewhere/mask.nii.gz,beta,P7\n"
+    )
 
     cases, bad = discover_cases(src, pairs=pairs, exclude=out)
     assert [c.case for c in cases] == ["alpha", "beta", "sub-01", "zeta"]
@@ -69,9 +70,13 @@ def write_labels(path: Path, text: str) -> Path:
 
 
 def test_labels_grade_fracture_and_errors(tmp_path):
-    labels = read_labels(write_labels(tmp_path / "a.csv", "case,level,grade\nc1,l1,0\nc1,T12,1\nc2,L2,3\n"))
+    labels = read_labels(
+        write_labels(tmp_path / "a.csv", "case,level,grade\nc1,l1,0\nc1,T12,1\nc2,L2,3\n")
+    )
     assert labels.vertebrae[("c1", "L1")].fracture == 0
-    assert labels.vertebrae[("c1", "T12")].fracture == 1 and labels.vertebrae[("c1", "T12")].grade == 1
+    assert (
+        labels.vertebrae[("c1", "T12")].fracture == 1 and labels.vertebrae[("c1", "T12")].grade == 1
+    )
     only = read_labels(write_labels(tmp_path / "b.csv", "case,level,fracture\nc1,L1,1\n"))
     assert only.vertebrae[("c1", "L1")].grade is None
     for text, message in (
@@ -87,13 +92,18 @@ def test_labels_grade_fracture_and_errors(tmp_path):
 
 
 def test_patient_in_two_splits_fails_only_its_cases(tmp_path):
-    path = write_labels(tmp_path / "labels.csv", "case,level,fracture,split,patient\n"
-                        "a,L1,0,train,P1\nb,L1,1,test,P1\nc,L1,0,val,P2\n")
+    path = write_labels(
+        tmp_path / "labels.csv",
+        "case,level,fracture,split,patient\na,L1,0,train,P1\nb,L1,1,test,P1\nc,L1,0,val,P2\n",
+    )
     assigned = assign_cases(read_labels(path), {"a": "a", "b": "b", "c": "c"})
     for case in ("a", "b"):
         assert "patient P1 is in two splits (test, train)" in assigned[case].error
         assert str(path) in assigned[case].error
-    assert assigned["c"].error is None and (assigned["c"].patient, assigned["c"].split) == ("P2", "val")
+    assert assigned["c"].error is None and (assigned["c"].patient, assigned["c"].split) == (
+        "P2",
+        "val",
+    )
 
 
 def test_hashed_split_is_60_20_20_deterministic_and_stable():
@@ -180,13 +190,19 @@ def test_pairs_csv_and_wds_only_format(tmp_path, real_ct_dir):
     report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1), progress=False)
     assert report["vertebrae_written"] == 1 and (out / "crops.zarr").exists()
     # Rerun as shards only: the now stale Zarr store is removed, manifest has no zarr index.
-    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}), progress=False)
+    report = run_ingest(
+        IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}), progress=False
+    )
     assert report["cases_resumed"] == 1 and report["assembly"] == "written"
     assert not (out / "crops.zarr").exists()
     with open(out / "manifest.csv", newline="") as f:
         [row] = list(csv.DictReader(f))
     assert (row["key"], row["patient"], row["zarr_index"], row["shard"]) == (
-        "abdomen_L1", "P42", "", "unlabeled-000000.tar")
+        "abdomen_L1",
+        "P42",
+        "",
+        "unlabeled-000000.tar",
+    )
     with tarfile.open(out / "unlabeled-000000.tar") as tar:
         meta = tar.extractfile("abdomen_L1.json").read().decode()
     assert '"ct": "scans/a.nii.gz"' in meta and '"patient": "P42"' in meta
@@ -205,7 +221,8 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch, real_ct_d
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
         return real_extract(ct_path, seg_path, config)
 
-    monkeypatch.setattr(geometry, "extract_crops", extract_or_die)  # workers are forked: they see it
+    # Workers are forked: they see the patched function.
+    monkeypatch.setattr(geometry, "extract_crops", extract_or_die)
     src = tmp_path / "raw"
     for name in ("a", "boom", "c"):
         for kind in ("ct", "seg"):
@@ -240,4 +257,9 @@ def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
     with _output_lock(tmp_path / "out"):  # as a run in another process would hold it
         with pytest.raises(ValueError, match="another `vctmae ingest` is writing here"):
             run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
-    assert run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)["cases_ok"] == 1
+    assert (
+        run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)[
+            "cases_ok"
+        ]
+        == 1
+    )

@@ -257,12 +257,16 @@ def test_input_normalisation_equals_normalising_the_clip_by_hand():
         grey = _clip(2, channels=1, seed=5)
         by_hand = (grey - mean) / std
         with torch.no_grad():
-            expected = torch.nn.functional.conv3d(
-                by_hand.expand(-1, 3, -1, -1, -1),
-                model.patch_embed.proj.weight,
-                model.patch_embed.proj.bias,
-                stride=(2, 16, 16),
-            ).flatten(2).transpose(1, 2)
+            expected = (
+                torch.nn.functional.conv3d(
+                    by_hand.expand(-1, 3, -1, -1, -1),
+                    model.patch_embed.proj.weight,
+                    model.patch_embed.proj.bias,
+                    stride=(2, 16, 16),
+                )
+                .flatten(2)
+                .transpose(1, 2)
+            )
             torch.testing.assert_close(model.patch_embed(grey), expected, rtol=1e-5, atol=1e-5)
             if build is build_mae:
                 noise = torch.rand(2, 288)

@@ -243,8 +243,14 @@ def reference_classifier(s, imgs, *, heads, depth):
 
 # mae_st feeds its input straight to the patch embedding: identity input normalisation.
 SMALL = dict(
-    embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2,
-    input_mean=0.0, input_std=1.0,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=16,
+    decoder_depth=2,
+    decoder_num_heads=2,
+    input_mean=0.0,
+    input_std=1.0,
 )
 
 

@@ -427,7 +427,6 @@ def test_cli_takes_many_shard_paths_after_one_flag_and_fails_in_one_line(
     assert "none.safetensors: checkpoint not found" in missing.output
 
 
-
 def test_cli_reports_a_shard_pattern_matching_nothing_in_one_line(tmp_path):
     from typer.testing import CliRunner
 
@@ -439,6 +438,7 @@ def test_cli_reports_a_shard_pattern_matching_nothing_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert f"{pattern}: glob matches no files" in result.output
     assert "Traceback" not in result.output
+
 
 # -- distributed -------------------------------------------------------------------------------
 

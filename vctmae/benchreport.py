@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = Path("benchmarks/results")
-_VERSIONED = ("vctmae", "torch", "numpy", "triton", "webdataset", "zarr", "nibabel", "nvidia-dali-cuda120")
+_VERSIONED = (
+    "vctmae",
+    "torch",
+    "numpy",
+    "triton",
+    "webdataset",
+    "zarr",
+    "nibabel",
+    "nvidia-dali-cuda120",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +136,10 @@ def _print_table(report: dict[str, Any], path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bench {report['benchmark']} — {report['machine']['cpu']}"
-                  + (f" + {report['machine']['gpu']}" if report["machine"]["gpu"] else ""))
+    table = Table(
+        title=f"bench {report['benchmark']} — {report['machine']['cpu']}"
+        + (f" + {report['machine']['gpu']}" if report["machine"]["gpu"] else "")
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("unit")

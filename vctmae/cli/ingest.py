@@ -16,24 +16,70 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def ingest(
-    src: Path = typer.Option(None, "--src", help="Folder searched recursively for cases: ct/NAME.nii[.gz] + seg/NAME.nii[.gz], or VerSe X_ct.nii.gz + X_seg-vert_msk.nii.gz."),
-    out: Path = typer.Option(..., "--out", help="Output folder: {split}-NNNNNN.tar shards, crops.zarr, manifest.csv, ingest-report.json."),
-    labels: Path = typer.Option(None, "--labels", help="labels.csv: case,level,fracture|grade[,split,patient]. Without it every crop is 'unlabeled'."),
-    pairs: Path = typer.Option(None, "--pairs", help="pairs.csv: ct,seg[,case,patient] for any other layout (paths relative to the csv)."),
-    format: str = typer.Option("wds,zarr", "--format", help="Outputs to write: wds, zarr or wds,zarr."),
+    src: Path = typer.Option(
+        None,
+        "--src",
+        help="Folder searched recursively for cases: ct/NAME.nii[.gz] + seg/NAME.nii[.gz], or VerSe X_ct.nii.gz + X_seg-vert_msk.nii.gz.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Output folder: {split}-NNNNNN.tar shards, crops.zarr, manifest.csv, ingest-report.json.",
+    ),
+    labels: Path = typer.Option(
+        None,
+        "--labels",
+        help="labels.csv: case,level,fracture|grade[,split,patient]. Without it every crop is 'unlabeled'.",
+    ),
+    pairs: Path = typer.Option(
+        None,
+        "--pairs",
+        help="pairs.csv: ct,seg[,case,patient] for any other layout (paths relative to the csv).",
+    ),
+    format: str = typer.Option(
+        "wds,zarr", "--format", help="Outputs to write: wds, zarr or wds,zarr."
+    ),
     spacing: float = typer.Option(1.0, "--spacing", help="Isotropic voxel size of the crops, mm."),
     size: int = typer.Option(96, "--size", help="Crop edge length, voxels."),
-    align: str = typer.Option("auto", "--align", help="spline: follow a curve through the vertebra centroids; axis: scanner axes; auto: spline when a case has ≥ 3 vertebrae."),
-    levels: str = typer.Option(None, "--levels", help="Levels to keep, e.g. T1-L6 or T12,L1 (default: all)."),
-    label_scheme: str = typer.Option("auto", "--label-scheme", help="Label map scheme: auto, verse or totalseg."),
-    workers: int = typer.Option(None, "--workers", help="Worker processes (default: one per core)."),
-    part: str = typer.Option(None, "--part", help="Process only part I of N (e.g. 2/8) of the sorted cases, for many machines; join with --merge."),
-    shard_size: str = typer.Option("1GiB", "--shard-size", help="Close a shard before it passes this size (e.g. 1GiB, 500MB)."),
-    keep_truncated: bool = typer.Option(False, "--keep-truncated", help="Also write vertebrae whose mask touches the scan border."),
-    force: bool = typer.Option(False, "--force", help="Redo every case instead of resuming finished ones."),
-    merge: list[Path] = typer.Option(None, "--merge", help="Join the outputs of --part runs (give each part folder, e.g. --merge data/part-*) into --out."),
-    extra_merge: list[Path] = typer.Argument(None, help="More part folders for --merge (what a shell makes of data/part-*).", show_default=False,
-                                        metavar="[PART_DIR]..."),
+    align: str = typer.Option(
+        "auto",
+        "--align",
+        help="spline: follow a curve through the vertebra centroids; axis: scanner axes; auto: spline when a case has ≥ 3 vertebrae.",
+    ),
+    levels: str = typer.Option(
+        None, "--levels", help="Levels to keep, e.g. T1-L6 or T12,L1 (default: all)."
+    ),
+    label_scheme: str = typer.Option(
+        "auto", "--label-scheme", help="Label map scheme: auto, verse or totalseg."
+    ),
+    workers: int = typer.Option(
+        None, "--workers", help="Worker processes (default: one per core)."
+    ),
+    part: str = typer.Option(
+        None,
+        "--part",
+        help="Process only part I of N (e.g. 2/8) of the sorted cases, for many machines; join with --merge.",
+    ),
+    shard_size: str = typer.Option(
+        "1GiB", "--shard-size", help="Close a shard before it passes this size (e.g. 1GiB, 500MB)."
+    ),
+    keep_truncated: bool = typer.Option(
+        False, "--keep-truncated", help="Also write vertebrae whose mask touches the scan border."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Redo every case instead of resuming finished ones."
+    ),
+    merge: list[Path] = typer.Option(
+        None,
+        "--merge",
+        help="Join the outputs of --part runs (give each part folder, e.g. --merge data/part-*) into --out.",
+    ),
+    extra_merge: list[Path] = typer.Argument(
+        None,
+        help="More part folders for --merge (what a shell makes of data/part-*).",
+        show_default=False,
+        metavar="[PART_DIR]...",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show progress bars."),
 ) -> None:
     """Cut raw spine CTs into int16 vertebra crops: WebDataset shards + Zarr store + manifest."""
@@ -44,15 +90,29 @@ def ingest(
 
     merge_dirs = [*(merge or []), *(extra_merge or [])]
     if extra_merge and not merge:
-        raise _fail(f"unexpected argument {extra_merge[0]} (did you mean --merge {extra_merge[0]} …?)")
+        raise _fail(
+            f"unexpected argument {extra_merge[0]} (did you mean --merge {extra_merge[0]} …?)"
+        )
     try:
         config = IngestConfig(
-            src=src, out=out, labels=labels, pairs=pairs,
+            src=src,
+            out=out,
+            labels=labels,
+            pairs=pairs,
             formats=frozenset(f.strip() for f in format.split(",") if f.strip()),
-            geometry=GeometryConfig(spacing=spacing, size=size, align=align, levels=parse_levels(levels),
-                                    label_scheme=label_scheme, keep_truncated=keep_truncated),
-            workers=workers, part=parse_part(part) if part else None, shard_size=shard_size,
-            force=force, merge=tuple(merge_dirs),
+            geometry=GeometryConfig(
+                spacing=spacing,
+                size=size,
+                align=align,
+                levels=parse_levels(levels),
+                label_scheme=label_scheme,
+                keep_truncated=keep_truncated,
+            ),
+            workers=workers,
+            part=parse_part(part) if part else None,
+            shard_size=shard_size,
+            force=force,
+            merge=tuple(merge_dirs),
         )
     except ValueError as error:
         raise _fail(str(error)) from None
@@ -64,24 +124,47 @@ def ingest(
     except (LabelsError, ValueError, RuntimeError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; finished cases are kept — run the same command again to resume", 130) from None
-    summary = (f"{report['cases_ok']}/{report['cases_seen']} cases ok, {report['vertebrae_written']} vertebrae "
-               f"written, {report['vertebrae_skipped']} skipped → {out}")
+        raise _fail(
+            "interrupted; finished cases are kept — run the same command again to resume", 130
+        ) from None
+    summary = (
+        f"{report['cases_ok']}/{report['cases_seen']} cases ok, {report['vertebrae_written']} vertebrae "
+        f"written, {report['vertebrae_skipped']} skipped → {out}"
+    )
     typer.echo(summary, err=True)
     if report["splits"]:
-        typer.echo("  " + ", ".join(f"{split}: {s['vertebrae']} vertebrae / {s['patients']} patients"
-                                    for split, s in report["splits"].items()), err=True)
+        typer.echo(
+            "  "
+            + ", ".join(
+                f"{split}: {s['vertebrae']} vertebrae / {s['patients']} patients"
+                for split, s in report["splits"].items()
+            ),
+            err=True,
+        )
     if report["cases_failed"]:
-        typer.echo(f"error: {report['cases_failed']} case(s) failed; see {out / 'ingest-report.json'}", err=True)
+        typer.echo(
+            f"error: {report['cases_failed']} case(s) failed; see {out / 'ingest-report.json'}",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
 @bench_app.command("ingest")
 def bench_ingest(
-    json_path: Path = typer.Option(None, "--json", help="Where to write the JSON result (default benchmarks/results/ingest.json)."),
-    quick: bool = typer.Option(False, "--quick", help="Few small cases: about a minute on 2 cores."),
-    workers: int = typer.Option(None, "--workers", help="Parallel worker count to compare with 1 worker (default: cores)."),
-    cases: int = typer.Option(None, "--cases", help="Synthetic cases to ingest (default 4 with --quick, else 16)."),
+    json_path: Path = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON result (default benchmarks/results/ingest.json).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Few small cases: about a minute on 2 cores."
+    ),
+    workers: int = typer.Option(
+        None, "--workers", help="Parallel worker count to compare with 1 worker (default: cores)."
+    ),
+    cases: int = typer.Option(
+        None, "--cases", help="Synthetic cases to ingest (default 4 with --quick, else 16)."
+    ),
 ) -> None:
     """Ingest cases/s and crops/s on synthetic phantoms at 1 and N workers, with peak memory."""
     from vctmae.ingest.bench import run_bench

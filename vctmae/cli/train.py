@@ -46,35 +46,63 @@ def _fail(error: BaseException) -> typer.Exit:
     return typer.Exit(1)
 
 
-SHARDS_HELP = "WebDataset shards: paths (an unquoted glob's many paths), a quoted glob or a brace pattern."
-DEVICE_HELP = "auto (GPU when present), cpu or cuda; under torchrun each process takes its LOCAL_RANK GPU."
+SHARDS_HELP = (
+    "WebDataset shards: paths (an unquoted glob's many paths), a quoted glob or a brace pattern."
+)
+DEVICE_HELP = (
+    "auto (GPU when present), cpu or cuda; under torchrun each process takes its LOCAL_RANK GPU."
+)
 
 
 @app.command(cls=ManyValuesCommand)
 def pretrain(
     shards: list[str] = typer.Option(..., "--shards", help=SHARDS_HELP),
-    init: Path | None = typer.Option(None, "--init", help="mae_st / PySlowFast video checkpoint (.pth) to start from."),
-    pos_init: str = typer.Option("crop", "--pos-init", help="Positional embeddings from --init: crop | random | interpolate."),
-    model: str = typer.Option("large", "--model", help="Model preset: large | base | small | tiny."),
+    init: Path | None = typer.Option(
+        None, "--init", help="mae_st / PySlowFast video checkpoint (.pth) to start from."
+    ),
+    pos_init: str = typer.Option(
+        "crop", "--pos-init", help="Positional embeddings from --init: crop | random | interpolate."
+    ),
+    model: str = typer.Option(
+        "large", "--model", help="Model preset: large | base | small | tiny."
+    ),
     epochs: int = typer.Option(100, "--epochs", help="Training epochs."),
     batch_size: int = typer.Option(8, "--batch-size", help="Crops per step per process."),
     accum_steps: int = typer.Option(1, "--accum-steps", help="Micro-batches per optimizer step."),
-    blr: float = typer.Option(1e-3, "--blr", help="Base lr; lr = blr × batch × processes × accum / 256."),
+    blr: float = typer.Option(
+        1e-3, "--blr", help="Base lr; lr = blr × batch × processes × accum / 256."
+    ),
     min_lr: float = typer.Option(0.0, "--min-lr", help="Final lr of the cosine schedule."),
-    warmup_epochs: int = typer.Option(40, "--warmup-epochs", help="Linear warmup epochs (per-iteration schedule)."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay (not on norms, biases, embeddings)."),
+    warmup_epochs: int = typer.Option(
+        40, "--warmup-epochs", help="Linear warmup epochs (per-iteration schedule)."
+    ),
+    weight_decay: float = typer.Option(
+        0.05, "--weight-decay", help="AdamW weight decay (not on norms, biases, embeddings)."
+    ),
     mask_ratio: float = typer.Option(0.8, "--mask-ratio", help="Fraction of tubes masked."),
-    grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", help="Clip the gradient norm to this value."
+    ),
     mirror: bool = typer.Option(False, "--mirror", help="Random left–right mirror augmentation."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order, offsets and masks."),
-    workers: int = typer.Option(2, "--workers", help="Loader worker processes per training process."),
+    workers: int = typer.Option(
+        2, "--workers", help="Loader worker processes per training process."
+    ),
     loader: str = typer.Option("torch", "--loader", help="Loader backend: torch | dali."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    patch_embed: str = typer.Option("auto", "--patch-embed", help="Patch embedding: auto | torch | triton."),
+    patch_embed: str = typer.Option(
+        "auto", "--patch-embed", help="Patch embedding: auto | torch | triton."
+    ),
     log_every: int = typer.Option(20, "--log-every", help="Optimizer steps between log records."),
-    out: Path = typer.Option(Path("runs/pretrain"), "--out", help="Run folder: checkpoints, model.safetensors, log, previews."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    out: Path = typer.Option(
+        Path("runs/pretrain"),
+        "--out",
+        help="Run folder: checkpoints, model.safetensors, log, previews.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the last checkpoint in --out."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """MAE pretraining of the video ViT on vertebra crops (paper defaults)."""
@@ -98,10 +126,18 @@ def pretrain(
 @app.command(cls=ManyValuesCommand)
 def finetune(
     shards: list[str] = typer.Option(..., "--shards", help=SHARDS_HELP + " (training split)"),
-    val_shards: list[str] = typer.Option([], "--val-shards", help="Validation shards (validated every epoch)."),
-    init: Path | None = typer.Option(None, "--init", help="Pretraining .safetensors, a video .pth, or omit for random."),
-    pos_init: str = typer.Option("crop", "--pos-init", help="Positional embeddings from a .pth: crop | random | interpolate."),
-    model: str = typer.Option("large", "--model", help="Model preset: large | base | small | tiny."),
+    val_shards: list[str] = typer.Option(
+        [], "--val-shards", help="Validation shards (validated every epoch)."
+    ),
+    init: Path | None = typer.Option(
+        None, "--init", help="Pretraining .safetensors, a video .pth, or omit for random."
+    ),
+    pos_init: str = typer.Option(
+        "crop", "--pos-init", help="Positional embeddings from a .pth: crop | random | interpolate."
+    ),
+    model: str = typer.Option(
+        "large", "--model", help="Model preset: large | base | small | tiny."
+    ),
     epochs: int = typer.Option(50, "--epochs", help="Training epochs."),
     batch_size: int = typer.Option(64, "--batch-size", help="Crops per step per process."),
     accum_steps: int = typer.Option(1, "--accum-steps", help="Micro-batches per optimizer step."),
@@ -109,21 +145,37 @@ def finetune(
     warmup_epochs: int = typer.Option(5, "--warmup-epochs", help="Warmup epochs from --warmup-lr."),
     warmup_lr: float = typer.Option(1e-8, "--warmup-lr", help="Learning rate at step 0."),
     min_lr: float = typer.Option(1e-7, "--min-lr", help="Final lr of the cosine schedule."),
-    class_weights: str = typer.Option("inverse", "--class-weights", help="inverse (class frequency, from manifest.csv) | none."),
+    class_weights: str = typer.Option(
+        "inverse", "--class-weights", help="inverse (class frequency, from manifest.csv) | none."
+    ),
     multiview: int = typer.Option(6, "--multiview", help="Views per crop in validation: 6 or 1."),
-    patience: int = typer.Option(40, "--patience", help="Stop after this many epochs without a better validation F1."),
-    dropout: float | None = typer.Option(None, "--dropout", help="Head dropout (default: the model preset's)."),
-    grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this value."),
+    patience: int = typer.Option(
+        40, "--patience", help="Stop after this many epochs without a better validation F1."
+    ),
+    dropout: float | None = typer.Option(
+        None, "--dropout", help="Head dropout (default: the model preset's)."
+    ),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", help="Clip the gradient norm to this value."
+    ),
     mirror: bool = typer.Option(False, "--mirror", help="Random left–right mirror augmentation."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order and offsets."),
-    workers: int = typer.Option(2, "--workers", help="Loader worker processes per training process."),
+    workers: int = typer.Option(
+        2, "--workers", help="Loader worker processes per training process."
+    ),
     loader: str = typer.Option("torch", "--loader", help="Loader backend: torch | dali."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    patch_embed: str = typer.Option("auto", "--patch-embed", help="Patch embedding: auto | torch | triton."),
+    patch_embed: str = typer.Option(
+        "auto", "--patch-embed", help="Patch embedding: auto | torch | triton."
+    ),
     log_every: int = typer.Option(20, "--log-every", help="Optimizer steps between log records."),
-    out: Path = typer.Option(Path("runs/finetune"), "--out", help="Run folder: checkpoints, best.safetensors, log."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    out: Path = typer.Option(
+        Path("runs/finetune"), "--out", help="Run folder: checkpoints, best.safetensors, log."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the last checkpoint in --out."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
@@ -143,21 +195,33 @@ def finetune(
     except _USER_ERRORS as error:
         raise _fail(error) from None
     best = result.state.best_metric
-    note = f", best validation F1 {best:.4f} (epoch {result.state.best_epoch})" if best is not None else ""
+    note = (
+        f", best validation F1 {best:.4f} (epoch {result.state.best_epoch})"
+        if best is not None
+        else ""
+    )
     typer.echo(f"finetuning done: {result.state.epoch} epochs{note}; weights {result.best_path}")
 
 
 @app.command(name="eval", cls=ManyValuesCommand)
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Classifier weights (.safetensors from finetune)."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Classifier weights (.safetensors from finetune)."
+    ),
     shards: list[str] = typer.Option(..., "--shards", help=SHARDS_HELP),
-    multiview: int = typer.Option(6, "--multiview", help="Views per crop: 6 (all offsets) or 1 (the middle one)."),
+    multiview: int = typer.Option(
+        6, "--multiview", help="Views per crop: 6 (all offsets) or 1 (the middle one)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", help="Crops per forward pass per process."),
     workers: int = typer.Option(2, "--workers", help="Loader worker processes per process."),
     loader: str = typer.Option("torch", "--loader", help="Loader backend: torch | dali."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    patch_embed: str = typer.Option("auto", "--patch-embed", help="Patch embedding: auto | torch | triton."),
-    out: Path = typer.Option(Path("report"), "--out", help="Folder for predictions.csv, metrics.json, roc.png, pr.png."),
+    patch_embed: str = typer.Option(
+        "auto", "--patch-embed", help="Patch embedding: auto | torch | triton."
+    ),
+    out: Path = typer.Option(
+        Path("report"), "--out", help="Folder for predictions.csv, metrics.json, roc.png, pr.png."
+    ),
 ) -> None:
     """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
     from vctmae.train import EvalConfig, run_eval
@@ -187,7 +251,9 @@ def explain(
 
     try:
         result = run_explain(
-            ExplainConfig(checkpoint=checkpoint, zarr=zarr, key=key, out=out, offset=offset, device=device)
+            ExplainConfig(
+                checkpoint=checkpoint, zarr=zarr, key=key, out=out, offset=offset, device=device
+            )
         )
     except _USER_ERRORS as error:
         raise _fail(error) from None
@@ -198,7 +264,9 @@ def explain(
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for every stage's output."),
     quick: bool = typer.Option(False, "--quick", help="A smaller, faster configuration (for CI)."),
-    cases: int | None = typer.Option(None, "--cases", help="Synthetic cases (default: the preset's)."),
+    cases: int | None = typer.Option(
+        None, "--cases", help="Synthetic cases (default: the preset's)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of phantoms and training."),
 ) -> None:
     """Whole pipeline on synthetic phantoms, CPU, tiny model: synth → ingest → pretrain → finetune → eval → explain."""
@@ -217,7 +285,11 @@ def demo(
 
 @bench_app.command("step")
 def bench_step(
-    json_path: Path | None = typer.Option(None, "--json", help="Where to write the JSON report (default benchmarks/results/step.json)."),
+    json_path: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON report (default benchmarks/results/step.json).",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Fewer steps (about a minute on 2 cores)."),
 ) -> None:
     """Samples/s of pretraining and finetuning steps vs an eager fp32 baseline (tiny preset on CPU)."""

@@ -32,9 +32,8 @@ from vctmae.data.shards import CLASS_EXT, CROP_EXT
 if TYPE_CHECKING:
     from vctmae.data.loader import ShardLoader
 
-_INFO_BYTES = (
-    512  # source_info ("<tar>:<offset>:<member>") padded to a fixed width so batches are dense
-)
+# source_info ("<tar>:<offset>:<member>") padded to a fixed width so batches are dense
+_INFO_BYTES = 512
 _CLASS_BYTES = 8
 
 

@@ -250,9 +250,8 @@ class _CropStream(IterableDataset):
         try:
             for start in range(int(self.skip[worker]) * self.batch_size, len(ids), self.batch_size):
                 chunk = ids[start : start + self.batch_size]
-                labels = self.labels[
-                    chunk
-                ]  # numpy: a torch tensor would cross processes via its own shm file
+                # numpy: a torch tensor would cross processes via its own shm file
+                labels = self.labels[chunk]
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
                     slot = self.ring.acquire(physical)

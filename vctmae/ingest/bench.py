@@ -129,7 +129,10 @@ def run_bench(
                 run = measure_ingest(src, root / f"out-w{w}-r{round_index}", w)
                 best = measured.get(w)
                 if best is None or run["report"]["crops_per_s"] > best["report"]["crops_per_s"]:
-                    measured[w] = {**run, "peak_rss": max(run["peak_rss"], best["peak_rss"] if best else 0)}
+                    measured[w] = {
+                        **run,
+                        "peak_rss": max(run["peak_rss"], best["peak_rss"] if best else 0),
+                    }
                 elif run["peak_rss"] > best["peak_rss"]:
                     best["peak_rss"] = run["peak_rss"]
         for w in sorted(measured):

@@ -96,12 +96,25 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
                 seg = stems.get(case_id + VERSE_SEG)
                 ct_path = folder / name
                 if seg is None:
-                    bad.append(BadInput(case=case_id, path=_display(ct_path, src),
-                                        problem=f"no label map {case_id}{VERSE_SEG}.nii.gz beside it"))
+                    bad.append(
+                        BadInput(
+                            case=case_id,
+                            path=_display(ct_path, src),
+                            problem=f"no label map {case_id}{VERSE_SEG}.nii.gz beside it",
+                        )
+                    )
                     continue
                 seg_path = folder / seg
-                cases.append(Case(case=case_id, patient=case_id, ct=ct_path, seg=seg_path,
-                                  ct_name=_display(ct_path, src), seg_name=_display(seg_path, src)))
+                cases.append(
+                    Case(
+                        case=case_id,
+                        patient=case_id,
+                        ct=ct_path,
+                        seg=seg_path,
+                        ct_name=_display(ct_path, src),
+                        seg_name=_display(seg_path, src),
+                    )
+                )
         # ct/ + seg/ layout.
         if "ct" in dirs:
             ct_dir, seg_dir = folder / "ct", folder / "seg"
@@ -117,16 +130,34 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
                     continue
                 stem = nifti_stem(f)
                 if stem is None:
-                    bad.append(BadInput(case=f, path=_display(path, src),
-                                        problem="not a NIfTI file (expected NAME.nii or NAME.nii.gz)"))
+                    bad.append(
+                        BadInput(
+                            case=f,
+                            path=_display(path, src),
+                            problem="not a NIfTI file (expected NAME.nii or NAME.nii.gz)",
+                        )
+                    )
                     continue
                 seg = seg_stems.get(stem)
                 if seg is None:
-                    bad.append(BadInput(case=stem, path=_display(path, src),
-                                        problem=f"no label map seg/{stem}.nii.gz for this CT"))
+                    bad.append(
+                        BadInput(
+                            case=stem,
+                            path=_display(path, src),
+                            problem=f"no label map seg/{stem}.nii.gz for this CT",
+                        )
+                    )
                     continue
-                cases.append(Case(case=stem, patient=stem, ct=path, seg=seg,
-                                  ct_name=_display(path, src), seg_name=_display(seg, src)))
+                cases.append(
+                    Case(
+                        case=stem,
+                        patient=stem,
+                        ct=path,
+                        seg=seg,
+                        ct_name=_display(path, src),
+                        seg_name=_display(seg, src),
+                    )
+                )
     return cases, bad
 
 
@@ -137,21 +168,36 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
         if not {"ct", "seg"} <= columns:
-            raise ValueError(f"{pairs_csv}: needs columns ct,seg[,case,patient]; found {sorted(columns)}")
+            raise ValueError(
+                f"{pairs_csv}: needs columns ct,seg[,case,patient]; found {sorted(columns)}"
+            )
         rows = list(reader)
     cases: list[Case] = []
     bad: list[BadInput] = []
     for line_no, row in enumerate(rows, start=2):
         ct_text, seg_text = (row.get("ct") or "").strip(), (row.get("seg") or "").strip()
         if not ct_text or not seg_text:
-            bad.append(BadInput(case=f"{pairs_csv.name}:{line_no}", path=f"{pairs_csv}:{line_no}",
-                                problem="empty ct or seg path"))
+            bad.append(
+                BadInput(
+                    case=f"{pairs_csv.name}:{line_no}",
+                    path=f"{pairs_csv}:{line_no}",
+                    problem="empty ct or seg path",
+                )
+            )
             continue
         ct, seg = root / ct_text, root / seg_text
         case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
         patient = (row.get("patient") or "").strip() or case_id
-        cases.append(Case(case=case_id, patient=patient, ct=ct, seg=seg,
-                          ct_name=_display(ct, root), seg_name=_display(seg, root)))
+        cases.append(
+            Case(
+                case=case_id,
+                patient=patient,
+                ct=ct,
+                seg=seg,
+                ct_name=_display(ct, root),
+                seg_name=_display(seg, root),
+            )
+        )
     return cases, bad
 
 
@@ -172,8 +218,13 @@ def discover_cases(
     by_id: dict[str, Case] = {}
     for case in sorted(cases, key=lambda c: (c.case, c.ct_name)):
         if case.case in by_id:
-            bad.append(BadInput(case=case.case, path=case.ct_name,
-                                problem=f"duplicate case id {case.case!r} (also {by_id[case.case].ct_name}); ignored"))
+            bad.append(
+                BadInput(
+                    case=case.case,
+                    path=case.ct_name,
+                    problem=f"duplicate case id {case.case!r} (also {by_id[case.case].ct_name}); ignored",
+                )
+            )
             continue
         by_id[case.case] = case
     return sorted(by_id.values(), key=lambda c: c.case), sorted(bad, key=lambda b: (b.case, b.path))

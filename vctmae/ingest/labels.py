@@ -45,8 +45,9 @@ class Labels:
 
     path: Path
     vertebrae: dict[tuple[str, str], VertebraLabel]
-    patient_of_case: dict[str, str] = field(default_factory=dict)  # only where the csv has `patient`
-    split_of_case: dict[str, str] = field(default_factory=dict)  # only where the csv has `split`
+    # Only where the csv has a `patient` / `split` column.
+    patient_of_case: dict[str, str] = field(default_factory=dict)
+    split_of_case: dict[str, str] = field(default_factory=dict)
 
     @property
     def cases(self) -> set[str]:
@@ -111,7 +112,9 @@ def read_labels(path: Path) -> Labels:
         if fracture is None:
             fracture = int(grade >= 1)
         elif grade is not None and fracture != int(grade >= 1):
-            raise LabelsError(f"{where}: fracture {fracture} contradicts grade {grade} (fracture = grade ≥ 1)")
+            raise LabelsError(
+                f"{where}: fracture {fracture} contradicts grade {grade} (fracture = grade ≥ 1)"
+            )
         if (case, level) in vertebrae:
             raise LabelsError(f"{where}: {case} {level} is labelled twice")
         vertebrae[(case, level)] = VertebraLabel(fracture=fracture, grade=grade)
@@ -119,16 +122,21 @@ def read_labels(path: Path) -> Labels:
         patient = (row.get("patient") or "").strip()
         if patient:
             if patient_of_case.setdefault(case, patient) != patient:
-                raise LabelsError(f"{where}: case {case} belongs to two patients "
-                                  f"({patient_of_case[case]}, {patient})")
+                raise LabelsError(
+                    f"{where}: case {case} belongs to two patients "
+                    f"({patient_of_case[case]}, {patient})"
+                )
         split = (row.get("split") or "").strip().lower()
         if split:
             if split not in SPLITS:
                 raise LabelsError(f"{where}: split {split!r} must be one of {', '.join(SPLITS)}")
             if split_of_case.setdefault(case, split) != split:
-                raise LabelsError(f"{where}: case {case} is given two splits ({split_of_case[case]}, {split})")
-    return Labels(path=path, vertebrae=vertebrae, patient_of_case=patient_of_case,
-                  split_of_case=split_of_case)
+                raise LabelsError(
+                    f"{where}: case {case} is given two splits ({split_of_case[case]}, {split})"
+                )
+    return Labels(
+        path=path, vertebrae=vertebrae, patient_of_case=patient_of_case, split_of_case=split_of_case
+    )
 
 
 def _hash_rank(patient: str) -> str:
@@ -147,17 +155,23 @@ def hashed_splits(patients: set[str]) -> dict[str, str]:
     return out
 
 
-def assign_cases(labels: Labels | None, discovered_patient: dict[str, str]) -> dict[str, CaseAssignment]:
+def assign_cases(
+    labels: Labels | None, discovered_patient: dict[str, str]
+) -> dict[str, CaseAssignment]:
     """Patient and split of every case in `discovered_patient` (case → patient from discovery).
 
     Patient: the labels' `patient` column, else the discovery's (pairs csv), else the case id.
     Without labels every case is `unlabeled`.
     """
     if labels is None:
-        return {case: CaseAssignment(patient=patient, split=UNLABELED)
-                for case, patient in discovered_patient.items()}
-    patient_of = {case: labels.patient_of_case.get(case) or patient
-                  for case, patient in discovered_patient.items()}
+        return {
+            case: CaseAssignment(patient=patient, split=UNLABELED)
+            for case, patient in discovered_patient.items()
+        }
+    patient_of = {
+        case: labels.patient_of_case.get(case) or patient
+        for case, patient in discovered_patient.items()
+    }
     for case in labels.cases:  # labelled cases not on disk still shape the split
         patient_of.setdefault(case, labels.patient_of_case.get(case) or case)
 
@@ -172,9 +186,10 @@ def assign_cases(labels: Labels | None, discovered_patient: dict[str, str]) -> d
         splits = explicit.get(patient, set())
         if len(splits) > 1:
             out[case] = CaseAssignment(
-                patient=patient, split="",
+                patient=patient,
+                split="",
                 error=f"{labels.path}: patient {patient} is in two splits ({', '.join(sorted(splits))}); "
-                      f"case {case} not written",
+                f"case {case} not written",
             )
         elif splits:
             out[case] = CaseAssignment(patient=patient, split=next(iter(splits)))

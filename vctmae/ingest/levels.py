@@ -38,7 +38,9 @@ def level_index(level: str) -> int:
     try:
         return LEVELS.index(level)
     except ValueError:
-        raise ValueError(f"unknown vertebra level {level!r}; expected one of {', '.join(LEVELS)}") from None
+        raise ValueError(
+            f"unknown vertebra level {level!r}; expected one of {', '.join(LEVELS)}"
+        ) from None
 
 
 def parse_levels(spec: str | None) -> frozenset[str] | None:
@@ -55,7 +57,9 @@ def parse_levels(spec: str | None) -> frozenset[str] | None:
             first, last = (p.strip() for p in part.split("-", 1))
             lo, hi = level_index(first), level_index(last)
             if lo > hi:
-                raise ValueError(f"level range {part!r} runs upwards; write it head to feet, e.g. T1-L6")
+                raise ValueError(
+                    f"level range {part!r} runs upwards; write it head to feet, e.g. T1-L6"
+                )
             chosen.update(LEVELS[lo : hi + 1])
         else:
             level_index(part)

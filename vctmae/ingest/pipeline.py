@@ -100,11 +100,17 @@ class IngestConfig:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         unknown = self.formats - set(FORMATS)
         if unknown or not self.formats:
-            raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {sorted(self.formats)}")
+            raise ValueError(
+                f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {sorted(self.formats)}"
+            )
         if self.merge and (self.src is not None or self.pairs is not None or self.part is not None):
-            raise ValueError("--merge joins finished part outputs; it takes no --src, --pairs or --part")
+            raise ValueError(
+                "--merge joins finished part outputs; it takes no --src, --pairs or --part"
+            )
         if not self.merge and self.src is None and self.pairs is None:
-            raise ValueError("give --src (a folder of cases), --pairs (a csv) or --merge (part outputs)")
+            raise ValueError(
+                "give --src (a folder of cases), --pairs (a csv) or --merge (part outputs)"
+            )
         if self.part is not None:
             i, n = self.part
             if not (n >= 1 and 1 <= i <= n):
@@ -122,7 +128,9 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 def geometry_settings(geometry: GeometryConfig) -> dict[str, Any]:
@@ -206,19 +214,21 @@ def extract_case(job: _Job) -> dict[str, Any]:
                 raw = array.tobytes()
                 packed = encode_crop(array)
                 f.write(packed)
-                crops.append({
-                    "level": crop.level,
-                    "label_value": int(crop.label_value),
-                    "centroid": _round(crop.centroid_world, 4),
-                    "tangent": _round(crop.tangent, 6),
-                    "inside_fraction": round(float(crop.inside_fraction), 6),
-                    "bbox": [int(v) for v in crop.bbox],
-                    "truncated": bool(crop.truncated),
-                    "shape": list(array.shape),
-                    "sha256": hashlib.sha256(raw).hexdigest(),
-                    "offset": offset,
-                    "nbytes": len(packed),
-                })
+                crops.append(
+                    {
+                        "level": crop.level,
+                        "label_value": int(crop.label_value),
+                        "centroid": _round(crop.centroid_world, 4),
+                        "tangent": _round(crop.tangent, 6),
+                        "inside_fraction": round(float(crop.inside_fraction), 6),
+                        "bbox": [int(v) for v in crop.bbox],
+                        "truncated": bool(crop.truncated),
+                        "shape": list(array.shape),
+                        "sha256": hashlib.sha256(raw).hexdigest(),
+                        "offset": offset,
+                        "nbytes": len(packed),
+                    }
+                )
                 offset += len(packed)
         os.replace(tmp, crops_path)
         record.update(
@@ -232,8 +242,12 @@ def extract_case(job: _Job) -> dict[str, Any]:
         )
     record["seconds"] = round(time.perf_counter() - started, 3)
     _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
-    return {"case": case.case, "status": record["status"], "error": record["error"],
-            "crops": len(record["crops"])}
+    return {
+        "case": case.case,
+        "status": record["status"],
+        "error": record["error"],
+        "crops": len(record["crops"]),
+    }
 
 
 def _is_finished(record_path: Path, case: Case, geometry: GeometryConfig) -> bool:
@@ -242,11 +256,15 @@ def _is_finished(record_path: Path, case: Case, geometry: GeometryConfig) -> boo
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return False
-    if (record.get("version") != RECORD_VERSION or record.get("status") != "ok"
-            or record.get("geometry") != geometry_settings(geometry)
-            or record.get("sources") != _source_stats(case)
-            or record.get("ct") != case.ct_name or record.get("seg") != case.seg_name
-            or record.get("patient") != case.patient):
+    if (
+        record.get("version") != RECORD_VERSION
+        or record.get("status") != "ok"
+        or record.get("geometry") != geometry_settings(geometry)
+        or record.get("sources") != _source_stats(case)
+        or record.get("ct") != case.ct_name
+        or record.get("seg") != case.seg_name
+        or record.get("patient") != case.patient
+    ):
         return False
     crops = record_path.with_suffix(".crops")
     expected = sum(c["nbytes"] for c in record["crops"])
@@ -278,14 +296,22 @@ class _Plan:
     excluded: set[str] = field(default_factory=set)  # cases left out at assembly (key clash)
 
     def count(self, meta: dict) -> None:
-        entry = self.splits.setdefault(meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()})
+        entry = self.splits.setdefault(
+            meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()}
+        )
         entry["vertebrae"] += 1
         entry["cases"].add(meta["case"])
         entry["patients"].add(meta["patient"])
 
     def split_summary(self) -> dict[str, dict[str, int]]:
-        return {split: {"vertebrae": e["vertebrae"], "cases": len(e["cases"]), "patients": len(e["patients"])}
-                for split, e in sorted(self.splits.items())}
+        return {
+            split: {
+                "vertebrae": e["vertebrae"],
+                "cases": len(e["cases"]),
+                "patients": len(e["patients"]),
+            }
+            for split, e in sorted(self.splits.items())
+        }
 
 
 def sample_key(case_id: str, level: str) -> str:
@@ -302,8 +328,13 @@ def _case_samples(record: dict, assignment: CaseAssignment, labels: Labels | Non
         if labels is not None:
             label = labels.vertebrae.get((record["case"], crop["level"]))
             if label is None:
-                skipped.append({"case": record["case"], "level": crop["level"],
-                                "reason": f"no label: {crop['level']} of {record['case']} is not in {labels.path.name}"})
+                skipped.append(
+                    {
+                        "case": record["case"],
+                        "level": crop["level"],
+                        "reason": f"no label: {crop['level']} of {record['case']} is not in {labels.path.name}",
+                    }
+                )
                 continue
             cls, grade = label.fracture, label.grade
         key = sample_key(record["case"], crop["level"])
@@ -340,27 +371,49 @@ def _load_record(entry: _Entry) -> dict:
 def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_size) -> _Plan:
     """Count what will be written and fingerprint it, reading only the small case records."""
     plan = _Plan()
-    digest = hashlib.sha256(json.dumps([ASSEMBLY_VERSION, sorted(formats), shard_size, spacing]).encode())
+    digest = hashlib.sha256(
+        json.dumps([ASSEMBLY_VERSION, sorted(formats), shard_size, spacing]).encode()
+    )
     keys: set[str] = set()
     for item in bad:
-        plan.failed.append({"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"})
+        plan.failed.append(
+            {"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"}
+        )
     for entry in entries:
         record = _load_record(entry)
         assignment = assignments[entry.case]
         if record["status"] != "ok":
-            plan.failed.append({"case": entry.case, "file": record["ct"], "reason": record["error"],
-                                "stage": "extract"})
+            plan.failed.append(
+                {
+                    "case": entry.case,
+                    "file": record["ct"],
+                    "reason": record["error"],
+                    "stage": "extract",
+                }
+            )
             continue
         if assignment.error:
-            plan.failed.append({"case": entry.case, "file": str(labels.path), "reason": assignment.error,
-                                "stage": "labels"})
+            plan.failed.append(
+                {
+                    "case": entry.case,
+                    "file": str(labels.path),
+                    "reason": assignment.error,
+                    "stage": "labels",
+                }
+            )
             continue
         samples, no_label = _case_samples(record, assignment, labels, spacing)
         clash = next((meta["key"] for _, meta, _, _ in samples if meta["key"] in keys), None)
         if clash is not None:
-            plan.failed.append({"case": entry.case, "file": record["ct"], "stage": "keys",
-                                "reason": f"{record['ct']}: crop key {clash} is already taken by another case "
-                                          "(case ids that differ only in '.' vs '-'); rename one"})
+            plan.failed.append(
+                {
+                    "case": entry.case,
+                    "file": record["ct"],
+                    "stage": "keys",
+                    "reason": f"{record['ct']}: crop key {clash} is already taken by another case "
+                    "(case ids that differ only in '.' vs '-'); rename one",
+                }
+            )
             plan.excluded.add(entry.case)
             continue
         keys.update(meta["key"] for _, meta, _, _ in samples)
@@ -384,14 +437,27 @@ def _read_crops(record_path: Path, crops: list[dict]) -> list[tuple[bytes, np.nd
             encoded = f.read(crop["nbytes"])
             array = decode_crop(encoded, crop["shape"])
             if hashlib.sha256(array.tobytes()).hexdigest() != crop["sha256"]:
-                raise RuntimeError(f"{record_path.with_suffix('.crops')}: work file corrupt "
-                                   f"(checksum of {crop['level']}); rerun with --force")
+                raise RuntimeError(
+                    f"{record_path.with_suffix('.crops')}: work file corrupt "
+                    f"(checksum of {crop['level']}); rerun with --force"
+                )
             out.append((encoded, array))
     return out
 
 
-def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, formats,
-                  shard_size: int, spacing: float, size: int, progress) -> list[str]:
+def write_outputs(
+    entries,
+    assignments,
+    labels,
+    plan: _Plan,
+    *,
+    staging: Path,
+    formats,
+    shard_size: int,
+    spacing: float,
+    size: int,
+    progress,
+) -> list[str]:
     """Stream every sample, in case order, into shards / Zarr / manifest under `staging`."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -415,24 +481,45 @@ def write_outputs(entries, assignments, labels, plan: _Plan, *, staging: Path, f
             if "wds" in formats:
                 if split not in writers:
                     writers[split] = ShardWriter(staging, split, shard_size)
-                members = [("crop.npy", npy_bytes(array)),
-                           ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
+                members = [
+                    ("crop.npy", npy_bytes(array)),
+                    ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")),
+                ]
                 if cls is not None:
                     members.append(("cls", str(cls).encode("ascii")))
                 shard = writers[split].write(key, members)
             if zarr_writer is not None:
-                zarr_writer.write(index, encoded, key=key, split=split, level=meta["level"],
-                                  case=meta["case"], patient=meta["patient"], cls=cls, grade=grade)
-            manifest.write({
-                "key": key, "case": meta["case"], "patient": meta["patient"], "level": meta["level"],
-                "label_value": meta["label_value"],
-                "class": "" if cls is None else cls, "grade": "" if grade is None else grade,
-                "split": split, "shard": shard,
-                "zarr_index": index if zarr_writer is not None else "",
-                "centroid_x": meta["centroid"][0], "centroid_y": meta["centroid"][1],
-                "centroid_z": meta["centroid"][2], "spacing": spacing,
-                "truncated": int(meta["truncated"]), "sha256": crop["sha256"],
-            })
+                zarr_writer.write(
+                    index,
+                    encoded,
+                    key=key,
+                    split=split,
+                    level=meta["level"],
+                    case=meta["case"],
+                    patient=meta["patient"],
+                    cls=cls,
+                    grade=grade,
+                )
+            manifest.write(
+                {
+                    "key": key,
+                    "case": meta["case"],
+                    "patient": meta["patient"],
+                    "level": meta["level"],
+                    "label_value": meta["label_value"],
+                    "class": "" if cls is None else cls,
+                    "grade": "" if grade is None else grade,
+                    "split": split,
+                    "shard": shard,
+                    "zarr_index": index if zarr_writer is not None else "",
+                    "centroid_x": meta["centroid"][0],
+                    "centroid_y": meta["centroid"][1],
+                    "centroid_z": meta["centroid"][2],
+                    "spacing": spacing,
+                    "truncated": int(meta["truncated"]),
+                    "sha256": crop["sha256"],
+                }
+            )
             index += 1
             progress.advance(task)
     for writer in writers.values():
@@ -462,16 +549,38 @@ def publish(staging: Path, out: Path, work: Path, shards: list[str], formats) ->
 
 
 def _outputs_present(out: Path, published: dict) -> bool:
-    names = published.get("shards", []) + [MANIFEST] + ([ZARR] if "zarr" in published.get("formats", []) else [])
+    names = (
+        published.get("shards", [])
+        + [MANIFEST]
+        + ([ZARR] if "zarr" in published.get("formats", []) else [])
+    )
     return all((out / name).exists() for name in names)
 
 
-def assemble(entries, assignments, labels, bad, *, out: Path, formats, shard_size, geometry,
-             force: bool, progress) -> tuple[_Plan, dict]:
+def assemble(
+    entries,
+    assignments,
+    labels,
+    bad,
+    *,
+    out: Path,
+    formats,
+    shard_size,
+    geometry,
+    force: bool,
+    progress,
+) -> tuple[_Plan, dict]:
     """Phase 2 (see module docstring). Returns the plan and what was published."""
     work = out / WORK
-    plan = plan_assembly(entries, assignments, labels, bad, spacing=geometry.spacing,
-                         formats=formats, shard_size=shard_size)
+    plan = plan_assembly(
+        entries,
+        assignments,
+        labels,
+        bad,
+        spacing=geometry.spacing,
+        formats=formats,
+        shard_size=shard_size,
+    )
     for failure in plan.failed:
         if failure.get("stage") in ("labels", "keys"):
             _error_line(progress, failure["reason"])
@@ -480,12 +589,25 @@ def assemble(entries, assignments, labels, bad, *, out: Path, formats, shard_siz
         published = json.loads(marker.read_text())
     except (OSError, ValueError):
         published = {}
-    if not force and published.get("fingerprint") == plan.fingerprint and _outputs_present(out, published):
+    if (
+        not force
+        and published.get("fingerprint") == plan.fingerprint
+        and _outputs_present(out, published)
+    ):
         return plan, {**published, "assembly": "up to date"}
     marker.unlink(missing_ok=True)
-    shards = write_outputs(entries, assignments, labels, plan, staging=work / "staging",
-                           formats=formats, shard_size=shard_size, spacing=geometry.spacing,
-                           size=geometry.size, progress=progress)
+    shards = write_outputs(
+        entries,
+        assignments,
+        labels,
+        plan,
+        staging=work / "staging",
+        formats=formats,
+        shard_size=shard_size,
+        spacing=geometry.spacing,
+        size=geometry.size,
+        progress=progress,
+    )
     publish(work / "staging", out, work, shards, formats)
     published = {"fingerprint": plan.fingerprint, "shards": shards, "formats": sorted(formats)}
     _atomic_write(marker, json.dumps(published, indent=1).encode())
@@ -507,16 +629,27 @@ def _progress(enabled: bool):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
+    return Progress(
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
 
 
 def _error_line(progress, line: str) -> None:
-    progress.console.print(f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True)
+    progress.console.print(
+        f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True
+    )
 
 
-def _pending_jobs(cases: list[Case], config: IngestConfig, cases_dir: Path) -> tuple[list[_Job], int]:
+def _pending_jobs(
+    cases: list[Case], config: IngestConfig, cases_dir: Path
+) -> tuple[list[_Job], int]:
     """Jobs for the cases not finished yet (all with --force), and how many are reused."""
     jobs, reused = [], 0
     for case in cases:
@@ -530,10 +663,20 @@ def _pending_jobs(cases: list[Case], config: IngestConfig, cases_dir: Path) -> t
 
 def _worker_died(job: _Job) -> dict[str, Any]:
     """Record a case whose worker process died (killed for memory, crashed in a C library)."""
-    line = f"{job.case.ct_name}: the worker process died while extracting this case (out of memory?)"
-    record = {"version": RECORD_VERSION, "case": job.case.case, "patient": job.case.patient,
-              "ct": job.case.ct_name, "seg": job.case.seg_name, "status": "failed", "error": line,
-              "crops": [], "skipped": []}
+    line = (
+        f"{job.case.ct_name}: the worker process died while extracting this case (out of memory?)"
+    )
+    record = {
+        "version": RECORD_VERSION,
+        "case": job.case.case,
+        "patient": job.case.patient,
+        "ct": job.case.ct_name,
+        "seg": job.case.seg_name,
+        "status": "failed",
+        "error": line,
+        "crops": [],
+        "skipped": [],
+    }
     _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
     return {"case": job.case.case, "status": "failed", "error": line, "crops": 0}
 
@@ -553,7 +696,9 @@ def _output_lock(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"{out}: another `vctmae ingest` is writing here; wait for it or use another --out") from None
+        raise ValueError(
+            f"{out}: another `vctmae ingest` is writing here; wait for it or use another --out"
+        ) from None
     _lock_fd = fd
     try:
         yield
@@ -573,8 +718,9 @@ def _new_executor(workers: int):
 
     # fork: workers start at once, without re-importing the program (spawn/forkserver
     # would re-run an unguarded `python -m vctmae`).
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_drop_inherited_lock)
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_drop_inherited_lock
+    )
     executor.submit(int).result()  # start the workers now, before any display thread runs
     return executor
 
@@ -622,7 +768,9 @@ def _run_jobs(jobs: list[_Job], workers: int, executor, done) -> None:
     executor.shutdown(wait=True)
 
 
-def _extract(jobs: list[_Job], *, total: int, reused: int, workers: int, executor, progress) -> dict[str, int]:
+def _extract(
+    jobs: list[_Job], *, total: int, reused: int, workers: int, executor, progress
+) -> dict[str, int]:
     """Phase 1: run the jobs (in `executor` when given, else here); returns counts."""
     task = progress.add_task("extract", total=total, completed=reused, rate="")
     crops = 0
@@ -648,8 +796,17 @@ def _clean_work(cases_dir: Path) -> None:
 
 
 def _case_list(run: dict) -> list[Case]:
-    return [Case(case=c["case"], patient=c["patient"], ct=Path(c["ct"]), seg=Path(c["seg"]),
-                 ct_name=c["ct"], seg_name=c["seg"]) for c in run["cases"]]
+    return [
+        Case(
+            case=c["case"],
+            patient=c["patient"],
+            ct=Path(c["ct"]),
+            seg=Path(c["seg"]),
+            ct_name=c["ct"],
+            seg_name=c["seg"],
+        )
+        for c in run["cases"]
+    ]
 
 
 def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
@@ -670,12 +827,16 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     labels = read_labels(config.labels) if config.labels is not None else None
     cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
     if not cases and not bad:
-        raise ValueError(f"{config.src or config.pairs}: no cases found (expected ct/NAME.nii[.gz] with "
-                         "seg/NAME.nii[.gz], VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)")
+        raise ValueError(
+            f"{config.src or config.pairs}: no cases found (expected ct/NAME.nii[.gz] with "
+            "seg/NAME.nii[.gz], VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)"
+        )
     assignments = assign_cases(labels, {c.case: c.patient for c in cases})
     if config.part is not None:
         i, n = config.part
-        items = sorted([*cases, *bad], key=lambda x: (x.case, getattr(x, "ct_name", getattr(x, "path", ""))))
+        items = sorted(
+            [*cases, *bad], key=lambda x: (x.case, getattr(x, "ct_name", getattr(x, "path", "")))
+        )
         mine = items[i - 1 :: n]
         cases = [x for x in mine if isinstance(x, Case)]
         bad = [x for x in mine if isinstance(x, BadInput)]
@@ -692,8 +853,14 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
         with _progress(progress) as bar:
             for item in bad:
                 _error_line(bar, item.line())
-            counts = _extract(jobs, total=len(cases), reused=reused, workers=workers, executor=executor,
-                              progress=bar)
+            counts = _extract(
+                jobs,
+                total=len(cases),
+                reused=reused,
+                workers=workers,
+                executor=executor,
+                progress=bar,
+            )
     finally:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -705,8 +872,16 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
             "part": list(config.part) if config.part else None,
             "geometry": geometry_settings(config.geometry),
             "labels": config.labels is not None,
-            "cases": [{"case": c.case, "patient": c.patient, "ct": c.ct_name, "seg": c.seg_name,
-                       "record": f"{record_stem(c.case)}.json"} for c in cases],
+            "cases": [
+                {
+                    "case": c.case,
+                    "patient": c.patient,
+                    "ct": c.ct_name,
+                    "seg": c.seg_name,
+                    "record": f"{record_stem(c.case)}.json",
+                }
+                for c in cases
+            ],
             "bad": [dataclasses.asdict(b) for b in bad],
         }
         if labels is not None:
@@ -714,14 +889,35 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
         else:
             (work / "labels.csv").unlink(missing_ok=True)
         _atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
-        entries = [_Entry(case=c.case, record=cases_dir / f"{record_stem(c.case)}.json") for c in cases]
-        plan, published = assemble(entries, assignments, labels, bad, out=out, formats=config.formats,
-                                   shard_size=config.shard_size, geometry=config.geometry,
-                                   force=config.force, progress=bar)
+        entries = [
+            _Entry(case=c.case, record=cases_dir / f"{record_stem(c.case)}.json") for c in cases
+        ]
+        plan, published = assemble(
+            entries,
+            assignments,
+            labels,
+            bad,
+            out=out,
+            formats=config.formats,
+            shard_size=config.shard_size,
+            geometry=config.geometry,
+            force=config.force,
+            progress=bar,
+        )
     finished = time.perf_counter()
-    report = _report(config, plan, published, counts=counts, cases_seen=len(cases) + len(bad),
-                     timings={"discover": discovered - started, "extract": extracted - discovered,
-                              "assemble": finished - extracted, "total": finished - started})
+    report = _report(
+        config,
+        plan,
+        published,
+        counts=counts,
+        cases_seen=len(cases) + len(bad),
+        timings={
+            "discover": discovered - started,
+            "extract": extracted - discovered,
+            "assemble": finished - extracted,
+            "total": finished - started,
+        },
+    )
     _atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
     return report
 
@@ -735,13 +931,17 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         try:
             runs.append((part_dir, json.loads(path.read_text())))
         except (OSError, ValueError):
-            raise ValueError(f"{path}: not a finished ingest output (no readable run.json); "
-                             "run `vctmae ingest --part I/N` into it first") from None
+            raise ValueError(
+                f"{path}: not a finished ingest output (no readable run.json); "
+                "run `vctmae ingest --part I/N` into it first"
+            ) from None
     geometry = runs[0][1]["geometry"]
     for part_dir, run in runs:
         if run["geometry"] != geometry:
-            raise ValueError(f"{part_dir}: made with other geometry settings than {runs[0][0]} "
-                             f"({run['geometry']} vs {geometry})")
+            raise ValueError(
+                f"{part_dir}: made with other geometry settings than {runs[0][0]} "
+                f"({run['geometry']} vs {geometry})"
+            )
     parts = [tuple(run["part"]) for _, run in runs if run["part"]]
     if parts:
         n = parts[0][1]
@@ -749,8 +949,11 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         if any(p[1] != n for p in parts) or len(parts) != len(set(parts)):
             raise ValueError(f"parts do not fit together: {sorted(parts)}")
         if missing:
-            raise ValueError("missing part(s) " + ", ".join(f"{i}/{n}" for i in missing)
-                             + " — merge needs every part")
+            raise ValueError(
+                "missing part(s) "
+                + ", ".join(f"{i}/{n}" for i in missing)
+                + " — merge needs every part"
+            )
     labels_path = config.labels
     if labels_path is None:
         copies = {(d / WORK / "labels.csv").read_bytes() for d, run in runs if run["labels"]}
@@ -761,8 +964,12 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         if copies:
             labels_path = runs[0][0] / WORK / "labels.csv"
     labels = read_labels(labels_path) if labels_path is not None else None
-    geometry_config = GeometryConfig(**{**geometry, "levels": frozenset(geometry["levels"])
-                                        if geometry["levels"] is not None else None})
+    geometry_config = GeometryConfig(
+        **{
+            **geometry,
+            "levels": frozenset(geometry["levels"]) if geometry["levels"] is not None else None,
+        }
+    )
 
     cases: dict[str, tuple[Case, _Entry]] = {}
     bad: list[BadInput] = []
@@ -772,7 +979,9 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
                 raise ValueError(f"case {case.case} is in two of the merged outputs")
             record = part_dir / WORK / "cases" / raw["record"]
             if not record.exists():
-                raise ValueError(f"{record}: missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`")
+                raise ValueError(
+                    f"{record}: missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`"
+                )
             cases[case.case] = (case, _Entry(case=case.case, record=record))
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
@@ -788,22 +997,50 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
             record = _load_record(entry)
             if record["status"] != "ok":
                 _error_line(bar, record["error"])
-        plan, published = assemble([e for _, e in ordered], assignments, labels, bad, out=config.out,
-                                   formats=config.formats, shard_size=config.shard_size,
-                                   geometry=geometry_config, force=config.force, progress=bar)
+        plan, published = assemble(
+            [e for _, e in ordered],
+            assignments,
+            labels,
+            bad,
+            out=config.out,
+            formats=config.formats,
+            shard_size=config.shard_size,
+            geometry=geometry_config,
+            force=config.force,
+            progress=bar,
+        )
     finished = time.perf_counter()
-    report = _report(config, plan, published, counts={"extracted": 0, "reused": len(ordered), "crops": 0,
-                                                      "workers": 0},
-                     cases_seen=len(ordered) + len(bad), geometry=geometry_config,
-                     timings={"discover": read - started, "extract": 0.0, "assemble": finished - read,
-                              "total": finished - started})
+    report = _report(
+        config,
+        plan,
+        published,
+        counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
+        cases_seen=len(ordered) + len(bad),
+        geometry=geometry_config,
+        timings={
+            "discover": read - started,
+            "extract": 0.0,
+            "assemble": finished - read,
+            "total": finished - started,
+        },
+    )
     report["merged_from"] = [str(d) for d in config.merge]
-    _atomic_write(config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    _atomic_write(
+        config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
+    )
     return report
 
 
-def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict, cases_seen: int,
-            timings: dict[str, float], geometry: GeometryConfig | None = None) -> dict[str, Any]:
+def _report(
+    config: IngestConfig,
+    plan: _Plan,
+    published: dict,
+    *,
+    counts: dict,
+    cases_seen: int,
+    timings: dict[str, float],
+    geometry: GeometryConfig | None = None,
+) -> dict[str, Any]:
     total = timings["total"]
     return {
         "src": str(config.src) if config.src else None,
@@ -824,15 +1061,21 @@ def _report(config: IngestConfig, plan: _Plan, published: dict, *, counts: dict,
         "vertebrae_written": plan.samples,
         "splits": plan.split_summary(),
         "vertebrae_skipped": len(plan.skipped),
-        "skipped_by_reason": dict(sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())),
+        "skipped_by_reason": dict(
+            sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())
+        ),
         "skipped": plan.skipped,
         "shards": published.get("shards", []),
         "zarr": ZARR if "zarr" in config.formats else None,
         "assembly": published["assembly"],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "crops_extracted": counts["crops"],
-        "crops_per_s": round(counts["crops"] / timings["extract"], 3) if timings["extract"] > 0 else None,
-        "cases_per_s": round(counts["extracted"] / timings["extract"], 3) if timings["extract"] > 0 else None,
+        "crops_per_s": round(counts["crops"] / timings["extract"], 3)
+        if timings["extract"] > 0
+        else None,
+        "cases_per_s": round(counts["extracted"] / timings["extract"], 3)
+        if timings["extract"] > 0
+        else None,
         "written_per_s": round(plan.samples / total, 3) if total > 0 else None,
     }
 

@@ -21,8 +21,22 @@ import numpy as np
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK
 MANIFEST_COLUMNS = (
-    "key", "case", "patient", "level", "label_value", "class", "grade", "split", "shard",
-    "zarr_index", "centroid_x", "centroid_y", "centroid_z", "spacing", "truncated", "sha256",
+    "key",
+    "case",
+    "patient",
+    "level",
+    "label_value",
+    "class",
+    "grade",
+    "split",
+    "shard",
+    "zarr_index",
+    "centroid_x",
+    "centroid_y",
+    "centroid_z",
+    "spacing",
+    "truncated",
+    "sha256",
 )
 SHARD_NAME = re.compile(r"^(train|val|test|unlabeled)-\d{6}\.tar$")
 # One codec for the Zarr chunks and the work files, so that workers compress each
@@ -121,7 +135,9 @@ class ShardWriter:
     def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
         """Add one sample (`[(extension, bytes), …]`); returns the shard's file name."""
         needed = sum(_member_bytes(f"{key}.{extension}", len(data)) for extension, data in members)
-        if self._tar is None or (self._samples and _file_bytes(self._size + needed) > self.max_bytes):
+        if self._tar is None or (
+            self._samples and _file_bytes(self._size + needed) > self.max_bytes
+        ):
             self._open_next()
         for extension, data in members:
             info = tarfile.TarInfo(f"{key}.{extension}")
@@ -172,11 +188,24 @@ class ZarrWriter:
         )
         self._classes = np.full(count, -1, dtype=np.int8)
         self._grades = np.full(count, -1, dtype=np.int8)
-        self._attrs: dict[str, list[str]] = {k: [] for k in ("keys", "splits", "levels", "cases", "patients")}
+        self._attrs: dict[str, list[str]] = {
+            k: [] for k in ("keys", "splits", "levels", "cases", "patients")
+        }
         self._check: dict[int, bytes] = {}
 
-    def write(self, index: int, encoded: bytes, *, key: str, split: str, level: str, case: str,
-              patient: str, cls: int | None, grade: int | None) -> None:
+    def write(
+        self,
+        index: int,
+        encoded: bytes,
+        *,
+        key: str,
+        split: str,
+        level: str,
+        case: str,
+        patient: str,
+        cls: int | None,
+        grade: int | None,
+    ) -> None:
         """Store crop `index` from its `encode_crop` bytes."""
         if index != len(self._attrs["keys"]):
             raise ValueError("ZarrWriter.write expects indices in order")
@@ -187,16 +216,24 @@ class ZarrWriter:
             self._check[index] = encoded
         self._classes[index] = -1 if cls is None else cls
         self._grades[index] = -1 if grade is None else grade
-        for name, value in (("keys", key), ("splits", split), ("levels", level), ("cases", case),
-                            ("patients", patient)):
+        for name, value in (
+            ("keys", key),
+            ("splits", split),
+            ("levels", level),
+            ("cases", case),
+            ("patients", patient),
+        ):
             self._attrs[name].append(value)
 
     def close(self) -> None:
         if len(self._attrs["keys"]) != self.count:
-            raise ValueError(f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}")
+            raise ValueError(
+                f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}"
+            )
         for name, values in (("classes", self._classes), ("grades", self._grades)):
-            array = self.group.create_array(name, shape=values.shape, chunks=(max(1, self.count),),
-                                            dtype="int8", fill_value=-1)
+            array = self.group.create_array(
+                name, shape=values.shape, chunks=(max(1, self.count),), dtype="int8", fill_value=-1
+            )
             if self.count:
                 array[:] = values
         self.group.attrs.update(self._attrs)

@@ -254,9 +254,8 @@ def _launch_grad_weight(crops, offsets, keep, grad_out, dim: int, dot_bf16: bool
     cfg = grad_weight_config(dim)
     tiles = triton.cdiv(dim, cfg.block_n) * triton.cdiv(PATCH_DIM, cfg.block_k)
     row_blocks = triton.cdiv(num_rows, cfg.block_m)
-    if (
-        grad_out.is_cuda
-    ):  # enough programs to fill the card twice over; partial sums are summed in torch
+    if grad_out.is_cuda:
+        # Enough programs to fill the card twice over; partial sums are summed in torch.
         sms = torch.cuda.get_device_properties(grad_out.device).multi_processor_count
         splits = max(1, min(row_blocks, triton.cdiv(2 * sms, tiles)))
     else:  # interpreter: two splits, so CI exercises the partial-sum path too

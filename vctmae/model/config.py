@@ -84,7 +84,10 @@ class ModelConfig:
                 f"t_patch·pred_t_dim = {self.t_patch * self.pred_t_dim} must be a multiple of "
                 f"frames {self.frames} (mae_st's t_pred_patch_size)"
             )
-        if not (math.isfinite(self.input_mean) and math.isfinite(self.input_std)) or self.input_std <= 0:
+        if (
+            not (math.isfinite(self.input_mean) and math.isfinite(self.input_std))
+            or self.input_std <= 0
+        ):
             raise ValueError(
                 f"input_mean must be finite and input_std positive, got {self.input_mean}, {self.input_std}"
             )
