@@ -77,8 +77,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vctmae import benchreport  # noqa: E402
-from vctmae.kernels import bench as kernel_bench  # noqa: E402
+from vctmae import provenance  # noqa: E402
+from vctmae.bench import kernel as kernel_bench  # noqa: E402
+from vctmae.bench import report as benchreport  # noqa: E402
 from vctmae.kernels import gather_patches, patch_embed, patch_embed_reference  # noqa: E402
 from vctmae.kernels.reference import sample_frames_reference  # noqa: E402
 from vctmae.kernels.triton_patch_embed import patch_embed_triton  # noqa: E402
@@ -677,12 +678,12 @@ def main() -> int:
     if CUDA and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible (use --device cpu for a dry run)", file=sys.stderr)
         return 2
-    RECORD["machine"] = benchreport.machine_info()
-    RECORD["versions"] = benchreport.versions()
+    RECORD["machine"] = provenance.machine_info()
+    RECORD["versions"] = provenance.versions()
     import triton
 
     RECORD["versions"].update(torch=torch.__version__, triton=triton.__version__)
-    RECORD["git_commit"] = benchreport.git_commit()
+    RECORD["git_commit"] = provenance.git_commit()
     RECORD["config"] = {k: v for k, v in vars(ARGS).items()} | {
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,

@@ -295,7 +295,7 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
 
 
 def test_kernel_benchmark_measures_both_paths(tmp_path: Path) -> None:
-    from vctmae.kernels.bench import Shape, measure, run_kernel_benchmark
+    from vctmae.bench.kernel import Shape, measure, run_kernel_benchmark
 
     rows = measure(
         Shape(name="pretrain", batch=1, keep=5),

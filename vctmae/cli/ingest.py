@@ -1,4 +1,4 @@
-"""`vctmae ingest` and `vctmae bench ingest`."""
+"""`vctmae ingest`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vctmae.cli.app import app, bench_app
+from vctmae.cli.app import app
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -147,26 +147,3 @@ def ingest(
             err=True,
         )
         raise typer.Exit(1)
-
-
-@bench_app.command("ingest")
-def bench_ingest(
-    json_path: Path = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON result (default benchmarks/results/ingest.json).",
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="Few small cases: about a minute on 2 cores."
-    ),
-    workers: int = typer.Option(
-        None, "--workers", help="Parallel worker count to compare with 1 worker (default: cores)."
-    ),
-    cases: int = typer.Option(
-        None, "--cases", help="Synthetic cases to ingest (default 4 with --quick, else 16)."
-    ),
-) -> None:
-    """Ingest cases/s and crops/s on synthetic phantoms at 1 and N workers, with peak memory."""
-    from vctmae.ingest.bench import run_bench
-
-    run_bench(json_path=json_path, quick=quick, workers=workers, cases=cases)

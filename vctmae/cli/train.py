@@ -1,4 +1,4 @@
-"""Commands of the training stage: pretrain, finetune, eval, explain, demo, bench step.
+"""Commands of the training stage: pretrain, finetune, eval, explain, demo.
 
 Each command parses flags into a config and calls one entry point of
 `vctmae.train` (or `vctmae.demo`); heavy imports happen inside the functions.
@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from vctmae.cli.app import app, bench_app
+from vctmae.cli.app import app
 
 # Expected failures that deserve one clear line, not a traceback.
 _USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError)
@@ -281,18 +281,3 @@ def demo(
         run_demo(config)
     except _USER_ERRORS as error:
         raise _fail(error) from None
-
-
-@bench_app.command("step")
-def bench_step(
-    json_path: Path | None = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON report (default benchmarks/results/step.json).",
-    ),
-    quick: bool = typer.Option(False, "--quick", help="Fewer steps (about a minute on 2 cores)."),
-) -> None:
-    """Samples/s of pretraining and finetuning steps vs an eager fp32 baseline (tiny preset on CPU)."""
-    from vctmae.train.bench import run_step_benchmark
-
-    run_step_benchmark(json_path=json_path, quick=quick)

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vctmae.benchreport import git_commit, machine_info, versions
+from vctmae.provenance import git_commit, machine_info, versions
 
 
 class RunLog:

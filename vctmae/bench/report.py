@@ -8,25 +8,13 @@ run, then calls `write_report`, which records where the numbers came from
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vctmae.provenance import git_commit, machine_info, versions
+
 DEFAULT_DIR = Path("benchmarks/results")
-_VERSIONED = (
-    "vctmae",
-    "torch",
-    "numpy",
-    "triton",
-    "webdataset",
-    "zarr",
-    "nibabel",
-    "nvidia-dali-cuda120",
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,64 +27,6 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": float(self.value), "unit": self.unit}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, usable cores and the GPU (if torch sees one)."""
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": _cpu_name(), "cores": cores, "gpu": gpu, "platform": platform.platform()}
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from (None outside git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    commit = out.stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=Path(__file__).resolve().parent,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
 
 
 def write_report(

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from vctmae.benchreport import Result, write_report
+from vctmae.bench.report import Result, write_report
 from vctmae.ingest.pipeline import default_workers
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -127,7 +127,7 @@ def run_step_benchmark(*, json_path: Path | None = None, quick: bool = False) ->
     """Measure, print the table and write benchmarks/results/step.json (or `json_path`)."""
     from rich.console import Console
 
-    from vctmae.benchreport import Result, write_report
+    from vctmae.bench.report import Result, write_report
 
     if torch.cuda.is_available():
         Console().print(GPU_POINTER)

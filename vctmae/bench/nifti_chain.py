@@ -1,10 +1,13 @@
-"""The paper code's data path, rewritten as the loader benchmark's baseline (not used for training).
+"""A per-sample NIfTI chain in the style of the paper code: the loader benchmark's baseline.
 
-The paper's public code reads one NIfTI file per sample and runs a MONAI-style
-transform chain on it every time: load → scale HU to [0, 1] (clip) → crop to the
-foreground → pad to 96³ → pick 16 sagittal frames → replicate to 3 channels →
-random flip. Here that chain is written in plain numpy/nibabel so the benchmark
-measures the same work without depending on MONAI.
+The paper's public code reads one NIfTI file per sample and runs a MONAI
+transform chain on it at every access. This module writes such a chain in plain
+numpy/nibabel so the benchmark measures the same *kind* of work without MONAI:
+load → scale HU to [0, 1] (clip) → crop to the voxels > 0 → pad to 96³ → 16
+sagittal frames at stride 6 → replicate to 3 channels → random flip. It is not
+the reference code's exact transform (that spreads its 16 frames over the
+vertebra mask's extent and cuts an in-plane context box); it is only a cost
+baseline and is never used for training.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def run_kernel_benchmark(
     *, json_path: Path | str | None = None, quick: bool = False, dim: int = 1024
 ) -> Path:
     """Time the patch embedding on the GPU if present (Triton), else the torch reference, vs the RGB path."""
-    from vctmae.benchreport import Result, write_report
+    from vctmae.bench.report import Result, write_report
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -12,6 +12,7 @@ is inside the timed epochs, as it is in training (workers are not persistent).
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import tarfile
 import tempfile
@@ -23,12 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vctmae.benchreport import Result, write_report
+from vctmae.bench.report import Result, write_report
 from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import iter_raw
 
-REAL_CT = Path(__file__).resolve().parents[3] / "shared/data/real-ct/ct.nii.gz"
+# The real-CT fixture beside the checkout (or $VCTMAE_REAL_CT); random smooth volumes without it.
+REAL_CT = (
+    Path(os.environ["VCTMAE_REAL_CT"]) / "ct.nii.gz"
+    if "VCTMAE_REAL_CT" in os.environ
+    else Path(__file__).resolve().parents[3] / "shared/data/real-ct/ct.nii.gz"
+)
 SIZE = 96
 
 
@@ -170,7 +176,7 @@ def _raw_epoch(shards: list[str], npload: bool = False) -> Callable[[], int]:
 def _reference_epoch(paths: list[Path], workers: int, batch_size: int) -> Callable[[], int]:
     from torch.utils.data import DataLoader
 
-    from vctmae.data.reference import ReferenceNiftiDataset
+    from vctmae.bench.nifti_chain import ReferenceNiftiDataset
 
     dataset = ReferenceNiftiDataset(paths, [0] * len(paths))
 

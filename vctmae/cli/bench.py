@@ -1,0 +1,112 @@
+"""`vctmae bench {ingest,loader,step,kernel}`: every benchmark command, each calling one
+module of `vctmae.bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vctmae.cli.app import bench_app
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    json_path: Path = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON result (default benchmarks/results/ingest.json).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Few small cases: about a minute on 2 cores."
+    ),
+    workers: int = typer.Option(
+        None, "--workers", help="Parallel worker count to compare with 1 worker (default: cores)."
+    ),
+    cases: int = typer.Option(
+        None, "--cases", help="Synthetic cases to ingest (default 4 with --quick, else 16)."
+    ),
+) -> None:
+    """Ingest cases/s and crops/s on synthetic phantoms at 1 and N workers, with peak memory."""
+    from vctmae.bench.ingest import run_bench
+
+    run_bench(json_path=json_path, quick=quick, workers=workers, cases=cases)
+
+
+@bench_app.command("loader")
+def bench_loader(
+    json_path: Path = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON report (default benchmarks/results/loader.json).",
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="Fewer crops and repeats: about a minute on a 2-core machine."
+    ),
+    samples: int = typer.Option(
+        None, "--samples", help="Number of crops to measure on (default 256, quick 64)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Batch size of every contender."),
+    device: str = typer.Option(
+        None, "--device", help="Device the batches go to (default cuda when available, else cpu)."
+    ),
+    no_dali: bool = typer.Option(
+        False, "--no-dali", help="Skip the DALI backend even when it is installed."
+    ),
+) -> None:
+    """Samples/s from shards to device-ready batches (torch 0/1/2 workers, DALI) vs the reference chain and the raw tar read."""
+    from vctmae.bench.loader import LoaderBenchConfig, quick_config, run_loader_bench
+
+    overrides = {"batch_size": batch_size, "device": device, "dali": not no_dali}
+    if samples is not None:
+        overrides["samples"] = samples
+    try:
+        config = quick_config(**overrides) if quick else LoaderBenchConfig(**overrides)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    run_loader_bench(config, json_path=json_path)
+
+
+@bench_app.command("step")
+def bench_step(
+    json_path: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON report (default benchmarks/results/step.json).",
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Fewer steps (about a minute on 2 cores)."),
+) -> None:
+    """Samples/s of pretraining and finetuning steps vs an eager fp32 baseline (tiny preset on CPU)."""
+    from vctmae.bench.step import run_step_benchmark
+
+    run_step_benchmark(json_path=json_path, quick=quick)
+
+
+@bench_app.command("kernel")
+def bench_kernel(
+    json_path: Path = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON report (default benchmarks/results/kernel.json).",
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Fewer repeats and smaller CPU shapes: about a minute on a 2-core machine.",
+    ),
+    dim: int = typer.Option(1024, "--dim", min=16, help="Embedding width D (1024 = ViT-L)."),
+) -> None:
+    """Patch embedding forward and forward+backward at the pretraining (B=8, 57 kept) and finetuning (B=64) shapes.
+
+    On a GPU: Triton kernel vs sample_frames + RGB Conv3d (bf16 autocast). Without one: the channel-folded torch reference vs the RGB path (Triton is not timed; the report says so).
+    """
+    import torch
+
+    from vctmae.bench.kernel import run_kernel_benchmark
+
+    if not torch.cuda.is_available():
+        typer.echo(
+            "no GPU present: timing the folded torch reference against the torch RGB path (Triton not timed)"
+        )
+    run_kernel_benchmark(json_path=json_path, quick=quick, dim=dim)
