@@ -202,8 +202,20 @@ def test_remote_shards_are_fetched_once_and_read_like_local(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- rank/worker split
 
 
+def round_robin(per_worker: list[list[int]]) -> list[int]:
+    """DataLoader's hand-over for iterable datasets: one item from each worker in turn, passing
+    over workers that have finished (an independent model of what the loader relies on)."""
+    queues = [list(items) for items in per_worker]
+    out: list[int] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop(0))
+    return out
+
+
 def test_epoch_plan_properties_on_random_layouts():
-    from vctmae.data.loader import epoch_plan
+    from vctmae.data.loader import epoch_plan, worker_batches
 
     rng = np.random.default_rng()
     for _ in range(200):
@@ -214,16 +226,20 @@ def test_epoch_plan_properties_on_random_layouts():
             int(rng.integers(1, 9)),
         )
         total = sum(sizes)
-        args = dict(world_size=world, workers=workers, batch_size=batch, seed=int(rng.integers(99)))
+        args = dict(world_size=world, batch_size=batch, seed=int(rng.integers(99)))
         evaluation = epoch_plan(sizes, training=False, epoch=0, **args)
+        assert len(evaluation) == world
         assert sorted(np.concatenate(evaluation).tolist()) == list(range(total))  # exactly once
         training = epoch_plan(sizes, training=True, epoch=int(rng.integers(9)), **args)
         used = np.concatenate(training)
         assert len(set(used.tolist())) == len(used) and set(used.tolist()) <= set(range(total))
-        assert {len(part) for part in training} == {total // (world * workers * batch) * batch}
-        assert (
-            total - len(used) < world * workers * batch
-        )  # drop_last drops less than one batch each
+        assert {len(part) for part in training} == {total // (world * batch) * batch}  # equal split
+        assert total - len(used) < world * batch  # drop_last drops less than one batch per rank
+        # Dealing a rank's batches to its workers: every batch exactly once, handed back in order.
+        batches, start = int(rng.integers(0, 30)), int(rng.integers(0, 5))
+        dealt = [list(worker_batches(batches, workers=workers, worker=w, start=start))
+                 for w in range(workers)]  # fmt: skip
+        assert round_robin(dealt) == list(range(start, batches))
 
 
 @pytest.mark.parametrize("sizes", [[5, 1, 9], [2, 3, 1, 4, 2, 2, 1, 3, 2]])
@@ -282,7 +298,7 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
 
     loaders = ranks(seed=3)
     first = epoch(loaders, 0)
-    assert len(first[0]) == len(first[1]) == 8  # 4 workers × ⌊18 / (4·2)⌋·2 samples
+    assert len(first[0]) == len(first[1]) == 8  # per rank ⌊18 / (2·2)⌋·2 samples
     everything = first[0] + first[1]
     assert len(set(everything)) == len(everything) and set(everything) <= set(truth)
     second = epoch(loaders, 1)
@@ -354,6 +370,7 @@ def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path)
     for batch in loader:
         for key, crop in zip(batch.keys, batch.crops, strict=True):
             assert np.array_equal(crop.numpy(), truth[key][0])
+    # One batch per rank is what training needs (loader workers do not matter): 8 < 3 × 3.
     with pytest.raises(ValueError, match="too few"):
         ShardLoader(
             str(tmp_path / "train-*.tar"),
@@ -362,7 +379,7 @@ def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path)
             num_workers=2,
             device="cpu",
             rank=0,
-            world_size=2,
+            world_size=3,
         )
 
 
