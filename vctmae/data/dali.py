@@ -52,7 +52,7 @@ class DaliMissingError(VctmaeError, ImportError):
 
 def _require_dali():
     try:
-        from nvidia import dali
+        import nvidia.dali as dali
     except ImportError:
         raise DaliMissingError(
             "--loader dali needs NVIDIA DALI, which is not installed: "

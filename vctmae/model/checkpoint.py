@@ -113,6 +113,22 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+# How a torch file starts: a zip archive (torch.save since 1.6), or a pickle's protocol opcode
+# (protocol ≥ 2, the legacy format of older PySlowFast checkpoints).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts like a torch file (perhaps truncated); not text or another format."""
+    with open(path, "rb") as handle:
+        return handle.read(4).startswith(_TORCH_MAGIC)
+
+
+# What decoding a damaged torch file raises: the zip reader (RuntimeError), an empty or cut file
+# (EOFError), or the weights-only unpickler running on bytes that are not a pickle (the rest).
+_DAMAGED = (RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
 def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
     """`torch.load(weights_only=True)` of a file: tensors and plain values only, never pickled code.
 
@@ -122,6 +138,8 @@ def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a {what} (neither a zip archive nor a pickle)")
     try:
         # weights_only: a downloaded pickle can never run code here.
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -132,13 +150,11 @@ def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
             f"{path}: refused — not a {what} of tensors and plain values{detail}; "
             "vctmae never runs code stored in a checkpoint"
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
-        # What torch.load raises for a truncated zip (RuntimeError), an empty file (EOFError) or
-        # text (KeyError of the first byte); the call reads nothing but this one file.
-        reason = type(error).__name__ if isinstance(error, (EOFError, KeyError)) else error
-        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else "empty"
+    except _DAMAGED as error:
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{path}: not a readable {what} ({first_line[:120]}); truncated or another format"
+            f"{path}: not a readable {what} ({type(error).__name__}{': ' if reason else ''}"
+            f"{reason[:120]}); truncated or damaged"
         ) from None
 
 
