@@ -100,34 +100,38 @@ def _current_entries(ckpt_dir: Path) -> list[CheckpointFiles]:
         return []
 
 
-def _read_pointer(pointer: Path) -> list[dict[str, Any]]:
+def _read_pointer(pointer: Path) -> list[CheckpointFiles]:
+    """The checkpoints `last.json` names, newest first; a damaged pointer is a CheckpointError."""
     try:
         entry = json.loads(pointer.read_text())
-        entries = [entry, *entry.get("previous", [])]
-        for item in entries:
-            int(item["epoch"]), str(item["weights"]), str(item["state"])
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
+        files = [
+            CheckpointFiles(
+                epoch=int(item["epoch"]),
+                weights=pointer.parent / _plain_name(item["weights"]),
+                state=pointer.parent / _plain_name(item["state"]),
+            )
+            for item in [entry, *entry.get("previous", [])]
+        ]
+    except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as error:
+        # What a cut, edited or foreign JSON file raises here (JSONDecodeError is a ValueError).
         raise CheckpointError(
-            f"{pointer}: not a checkpoint pointer ({type(error).__name__}: {error}); "
-            "it names the epoch to resume — remove the run folder's checkpoints/ to start afresh"
+            f"{pointer}: not a checkpoint pointer ({type(error).__name__}: {error}); it names the "
+            "checkpoint to resume — remove the run folder's checkpoints/ to start afresh"
         ) from None
-    return entries
+    return files
+
+
+def _plain_name(name: object) -> str:
+    """A file name inside checkpoints/ (no folders: the pointer cannot point elsewhere)."""
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"{name!r} is not a file name in checkpoints/")
+    return name
 
 
 def checkpoint_candidates(run_dir: Path) -> list[CheckpointFiles]:
     """The checkpoints the pointer names, newest first ([] when the run has none)."""
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    pointer = ckpt_dir / POINTER
-    if not pointer.exists():
-        return []
-    return [
-        CheckpointFiles(
-            epoch=int(item["epoch"]),
-            weights=ckpt_dir / item["weights"],
-            state=ckpt_dir / item["state"],
-        )
-        for item in _read_pointer(pointer)
-    ]
+    pointer = Path(run_dir) / CHECKPOINT_DIR / POINTER
+    return _read_pointer(pointer) if pointer.exists() else []
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, Path] | None:

@@ -46,6 +46,8 @@ def _check_common(config: Any) -> None:
         raise UsageError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.accum_steps < 1:
         raise UsageError(f"accum_steps must be >= 1, got {config.accum_steps}")
+    if config.num_workers < 0:
+        raise UsageError(f"workers must be >= 0, got {config.num_workers}")
     if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
         raise UsageError(f"warmup_epochs must lie in [0, epochs], got {config.warmup_epochs}")
     if config.grad_clip is not None and config.grad_clip <= 0:
@@ -184,6 +186,8 @@ class EvalConfig:
             raise UsageError(f"loader must be one of {LOADERS}, got {self.loader!r}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise UsageError(f"workers must be >= 0, got {self.num_workers}")
         _check_out_folder(self.out)
 
 
