@@ -80,7 +80,12 @@ from torch import nn  # noqa: E402
 from vctmae import provenance  # noqa: E402
 from vctmae.bench import kernel as kernel_bench  # noqa: E402
 from vctmae.bench import report as benchreport  # noqa: E402
-from vctmae.kernels import gather_patches, patch_embed, patch_embed_reference  # noqa: E402
+from vctmae.kernels import (  # noqa: E402
+    gather_patches,
+    patch_embed,
+    patch_embed_reference,
+    stride_frames,
+)
 from vctmae.kernels.reference import sample_frames_reference  # noqa: E402
 from vctmae.kernels.triton_patch_embed import patch_embed_triton  # noqa: E402
 from vctmae.model import build_classifier, build_mae, visible_count  # noqa: E402
@@ -160,6 +165,7 @@ def check(name: str, error: float, bound: float, **extra: Any) -> None:
 
 def check_kernel(batch: int, dim: int, keep_count: int | None, *, check_fp32: bool = False) -> None:
     crops, offsets = random_crops(batch)
+    frames = stride_frames(offsets)  # (B, 16) slice indices o + 6k
     weight = torch.randn(dim, 512, device=DEVICE) * 0.05
     bias = torch.randn(dim, device=DEVICE)
     pos = torch.randn(NUM_TOKENS, dim, device=DEVICE)
@@ -171,7 +177,7 @@ def check_kernel(batch: int, dim: int, keep_count: int | None, *, check_fp32: bo
 
     # float64 reference: explicitly gathered patches × weight (layout checked against Conv3d in CI).
     ref_params = [p.double().requires_grad_(True) for p in (weight, bias, pos)]
-    patches = gather_patches(crops, offsets).double()  # (B, 288, 512)
+    patches = gather_patches(crops, frames).double()  # (B, 288, 512)
     ref = patches @ ref_params[0].T + ref_params[1] + ref_params[2]
     if keep is not None:
         ref = ref.gather(1, keep[:, :, None].expand(-1, -1, dim))
@@ -186,7 +192,7 @@ def check_kernel(batch: int, dim: int, keep_count: int | None, *, check_fp32: bo
     for precision in precisions:
         params = [p.clone().requires_grad_(True) for p in (weight, bias, pos)]
         out = patch_embed_triton(
-            crops, offsets, *params[:2], keep=keep, pos=params[2], precision=precision
+            crops, frames, *params[:2], keep=keep, pos=params[2], precision=precision
         )
         out.backward(grad_out)
         got = {
@@ -202,9 +208,9 @@ def check_kernel(batch: int, dim: int, keep_count: int | None, *, check_fp32: bo
             )
     # The public entry point against the conv reference (auto backend = Triton on CUDA).
     auto = patch_embed(
-        crops, offsets, weight, bias, keep=keep, pos=pos, backend="triton" if not CUDA else "auto"
+        crops, frames, weight, bias, keep=keep, pos=pos, backend="triton" if not CUDA else "auto"
     )
-    conv = patch_embed_reference(crops, offsets, weight, bias, keep=keep, pos=pos)
+    conv = patch_embed_reference(crops, frames, weight, bias, keep=keep, pos=pos)
     check(
         f"patch_embed(auto) vs conv reference B={batch} keep={keep_count}",
         relative_error(auto, conv),
@@ -341,7 +347,11 @@ def training_flops_per_sample(model: nn.Module, kind: str) -> float:
 
 def rgb_clip(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The paper code's input: sample_frames replicated to 3 float channels (B, 3, 16, 96, 96)."""
-    return sample_frames_reference(crops, offsets).expand(-1, 3, -1, -1, -1).contiguous()
+    return (
+        sample_frames_reference(crops, stride_frames(offsets))
+        .expand(-1, 3, -1, -1, -1)
+        .contiguous()
+    )
 
 
 def make_step(model: nn.Module, kind: str, mode: str, batch: int):

@@ -84,6 +84,7 @@ def triton_patch_tokens(
     weight_folded (D, 512) is the Conv3d weight summed over its input channels; returns (B, 288, D),
     or (B, K, D) for the kept token ids (B, K).
     """
-    from vctmae.kernels import patch_embed
+    from vctmae.kernels import patch_embed, stride_frames
 
-    return patch_embed(crops, offsets, weight_folded, bias, keep=keep, pos=pos, backend="triton")
+    frames = stride_frames(offsets.to(crops.device))  # (B, 16) = o + 6k
+    return patch_embed(crops, frames, weight_folded, bias, keep=keep, pos=pos, backend="triton")
