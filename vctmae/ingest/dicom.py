@@ -10,14 +10,19 @@ installed). The reader has to refuse bad series with a reason — uneven spacing
 gantry tilt, duplicate positions — and SimpleITK/GDCM would only warn and pick
 a spacing, so every check needs the per-slice headers anyway: pydicom gives
 them directly, and the few lines of geometry below are the whole reader.
-Pixel data in uncompressed and RLE transfer syntaxes decodes out of the box;
-JPEG-compressed series need pydicom's optional decoders (pylibjpeg or
-python-gdcm) and are otherwise refused with the decoder's message.
+Uncompressed, deflated and RLE pixel data decode out of the box, JPEG baseline
+and JPEG 2000 through Pillow (which matplotlib brings); JPEG Lossless — the
+usual CT compression — and JPEG-LS need pydicom's optional decoders (pylibjpeg
+with pylibjpeg-libjpeg, or python-gdcm), and without them a series is refused
+with pydicom's message naming what to install.
 
 What a series folder is: the files directly inside `folder` that carry the
 DICOM file format's "DICM" prefix and an image (Rows and Columns). Everything
 else is ignored: a README, a DICOMDIR, structured reports, sub-folders, and
 files written without the 128-byte preamble (rare today; convert them first).
+A file with the prefix but no readable file meta header, or an image SOP class
+without Rows/Columns, is a damaged file and refused, never skipped: skipping
+it could silently drop a slice at either end of the stack.
 Files are grouped by SeriesInstanceUID; without `series_uid` the CT series with
 the most slices is read.
 
@@ -122,7 +127,8 @@ def _has_dicom_prefix(path: Path) -> bool:
 
 
 def _detail(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).strip() or 'no details'}"
+    """The error in one line (pydicom's messages can span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no details'}"
 
 
 def _numbers(folder: Path, path: Path, header, keyword: str, count: int) -> np.ndarray | None:
@@ -141,7 +147,7 @@ def _numbers(folder: Path, path: Path, header, keyword: str, count: int) -> np.n
 
 
 def _read_header(folder: Path, path: Path) -> _Slice | None:
-    """The header of a DICOM image file; None for a DICOM file without an image."""
+    """The header of a DICOM image file; None for a DICOM file of another kind (no image)."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except MemoryError:
@@ -151,7 +157,16 @@ def _read_header(folder: Path, path: Path) -> _Slice | None:
         raise IngestError(
             folder, f"{path.name}: unreadable DICOM file ({_detail(error)})"
         ) from None
+    meta = header.file_meta
+    if "TransferSyntaxUID" not in meta or "MediaStorageSOPClassUID" not in meta:
+        # The prefix is there but the file meta header is not: a corrupt or cut-off file.
+        raise IngestError(folder, f"{path.name}: unreadable DICOM file (no file meta header)")
     if "Rows" not in header or "Columns" not in header:
+        if "Image Storage" in meta.MediaStorageSOPClassUID.name:
+            raise IngestError(
+                folder, f"{path.name}: unreadable DICOM file (an image without Rows/Columns)"
+            )
+        # A DICOMDIR, a report, a presentation state: not part of any image series.
         return None
     uid = str(header.get("SeriesInstanceUID", "")).strip()
     if not uid:
@@ -324,8 +339,8 @@ def _stack_geometry(folder: Path, series: _Series) -> tuple[list[_Slice], np.nda
             folder,
             f"series {uid}: uneven slice spacing (gaps {gaps.min():.3f}–{gaps.max():.3f} mm, "
             f"widest between {slices[widest].path.name} and {slices[widest + 1].path.name}; "
-            f"a missing slice?); every slice must lie within {SLICE_TOLERANCE:g} of the "
-            f"{step:.3f} mm step of an evenly spaced stack",
+            f"a missing slice?); every slice must lie within {SLICE_TOLERANCE:.0%} of a "
+            f"{step:.3f} mm step from where an evenly spaced stack puts it",
         )
 
     affine = np.eye(4)
@@ -343,12 +358,22 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
     for index, header in enumerate(slices):
         try:
             dataset = pydicom.dcmread(header.path)
+        except MemoryError:
+            raise
+        except Exception as error:
+            raise IngestError(
+                folder, f"{header.path.name}: unreadable DICOM file ({_detail(error)})"
+            ) from None
+        syntax = dataset.file_meta.TransferSyntaxUID
+        try:
             stored = dataset.pixel_array
         except MemoryError:
             raise
         except Exception as error:  # truncated data, a compressed syntax without its decoder, …
+            encoding = f" compressed as {syntax.name}" if syntax.is_compressed else ""
             raise IngestError(
-                folder, f"{header.path.name}: cannot read pixel data ({_detail(error)})"
+                folder,
+                f"{header.path.name}: cannot read pixel data{encoding} ({_detail(error)})",
             ) from None
         if stored.shape != hu.shape[1:]:
             raise IngestError(
