@@ -69,6 +69,8 @@ SLICE_TOLERANCE = 0.1
 DUPLICATE_POSITION_MM = 0.01
 # Direction cosines: unit length, orthogonal, and equal in every slice to this much.
 ORIENTATION_TOLERANCE = 1e-4
+# PixelSpacing equal in every slice to this much (float noise of the decimal strings).
+PIXEL_SPACING_TOLERANCE_MM = 1e-4
 # NIfTI RAS+ from DICOM LPS: negate x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Header elements read for every file; pixel data is read only for the chosen series.
@@ -175,7 +177,7 @@ def _read_header(folder: Path, path: Path) -> _Slice | None:
         path=path,
         series_uid=uid,
         modality=str(header.get("Modality", "")).strip().upper(),
-        description=str(header.get("SeriesDescription", "")).strip(),
+        description=" ".join(str(header.get("SeriesDescription", "")).split()),
         rows=int(header.Rows),
         columns=int(header.Columns),
         frames=int(header.get("NumberOfFrames") or 1),
@@ -279,7 +281,11 @@ def _stack_geometry(folder: Path, series: _Series) -> tuple[list[_Slice], np.nda
         ORIENTATION_TOLERANCE,
     )
     spacing = _same(
-        folder, series, "PixelSpacing", [s.pixel_spacing for s in slices], ORIENTATION_TOLERANCE
+        folder,
+        series,
+        "PixelSpacing",
+        [s.pixel_spacing for s in slices],
+        PIXEL_SPACING_TOLERANCE_MM,
     )
     _require(folder, series, "ImagePositionPatient", [s.position for s in slices])
     if len(slices) < 2:
