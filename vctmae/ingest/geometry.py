@@ -207,7 +207,8 @@ def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = No
     shown = []
     for value in sorted(counts)[:6]:
         name = f" ({names[value]})" if names and value in names else ""
-        shown.append(f"{value}{name}: {counts[value]} voxels")
+        voxels = "voxel" if counts[value] == 1 else "voxels"
+        shown.append(f"{value}{name}: {counts[value]} {voxels}")
     more = f", … ({len(counts)} values)" if len(counts) > 6 else ""
     return ", ".join(shown) + more
 

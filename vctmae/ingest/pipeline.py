@@ -840,9 +840,11 @@ def _extract(
     return {"extracted": len(jobs), "reused": reused, "crops": crops}
 
 
-def _clean_work(cases_dir: Path) -> None:
-    for stale in cases_dir.glob(f"*{TEMPORARY}*"):
-        stale.unlink(missing_ok=True)
+def _clean_work(work: Path) -> None:
+    """Remove temporary files a killed run left in the work folder."""
+    for folder in (work, work / "cases"):
+        for stale in folder.glob(f"*{TEMPORARY}*"):
+            stale.unlink(missing_ok=True)
 
 
 def _case_list(run: dict) -> list[Case]:
@@ -895,7 +897,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     discovered = time.perf_counter()
 
     cases_dir.mkdir(parents=True, exist_ok=True)
-    _clean_work(cases_dir)
+    _clean_work(work)
     (work / "run.json").unlink(missing_ok=True)  # present again only once this run has extracted
     jobs, reused = _pending_jobs(cases, config, cases_dir)
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
