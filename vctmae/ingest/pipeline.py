@@ -864,8 +864,12 @@ def _case_list(run: dict) -> list[Case]:
 def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
 
-    Raises `LabelsError` / `ValueError` for unusable labels, pairs or parts; bad
-    cases do not raise — they are listed in the report's `failed`.
+    Raises a `VctmaeError` for what stops the whole run: `UsageError` (a flag or
+    part folder that cannot be used), `LabelsError`, `IngestError` (an unusable
+    pairs csv, output folder or work file), `OutOfSpaceError` (disk full; earlier
+    outputs and finished cases are kept). Bad cases do not raise — they are
+    listed in the report's `failed`. A publish that a killed run left half done
+    is completed first (`vctmae.ingest.publish`).
     """
     with _output_lock(config.out):
         finish_publish(config.out)
