@@ -254,7 +254,7 @@ def test_extent_from_bbox():
     assert clip.extent_from_bbox((12, 61, 0, 96, 5, 7)) == (12, 60)
     assert clip.extent_from_bbox([0, 96, 1, 2, 3, 4]) == (0, 95)
     assert clip.extent_from_bbox((0, 0, 0, 0, 0, 0)) == clip.FULL_EXTENT
-    for bad in [(0, 97, 0, 1, 0, 1), (-1, 5, 0, 1, 0, 1), (1, 2, 3)]:
+    for bad in [(0, 97, 0, 1, 0, 1), (-1, 5, 0, 1, 0, 1), (9, 4, 0, 1, 0, 1), (1, 2, 3)]:
         with pytest.raises(ValueError):
             clip.extent_from_bbox(bad)
 

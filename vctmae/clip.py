@@ -99,12 +99,14 @@ def extent_from_bbox(bbox: Sequence[int], size: int = CROP_SIZE) -> tuple[int, i
     if len(bbox) != 6:
         raise ValueError(f"bbox must be (x0, x1, y0, y1, z0, z1), got {list(bbox)}")
     x0, x1 = int(bbox[0]), int(bbox[1])
-    if x1 <= x0:
+    if x1 == x0:
         return (0, size - 1)
     return check_extent((x0, x1 - 1), size)
 
 
-def _as_extents(extents: torch.Tensor | Sequence | None, batch: int, device) -> torch.Tensor:
+def _as_extents(
+    extents: torch.Tensor | Sequence | None, batch: int, device: torch.device | str
+) -> torch.Tensor:
     """Per-sample extents as int64 (B, 2); None = the whole crop for every sample."""
     if extents is None:
         return torch.tensor(FULL_EXTENT, device=device).expand(batch, 2)
@@ -219,6 +221,7 @@ def draw_train_shifts(
     does (same generator, same numbers); it needs `batch_size` when `extents` is
     None. Mask mode draws uniformly from [low, low + count) per sample (the
     reference's numpy randint, high excluded, src/video_ct_transform.py:48).
+    `generator`, when given, must live on `device` (as for torch.randint).
     """
     check_mode(mode)
     if extents is None and batch_size is None:
