@@ -28,6 +28,7 @@ def clip_frames(crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(crops.shape[0], device=crops.device)[:, None]
     # (B, K, H, W): advanced indexing copies whole slices (a gather with an expanded index is
     # several times slower on CPU).
-    hu = crops[rows, frames.to(crops.device, torch.long)].float()
-    # (B, 1, K, H, W)
-    return ((hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)).unsqueeze(1)
+    clip = crops[rows, frames.to(crops.device, torch.long)].float()
+    # In place: the clip is a fresh tensor, and each temporary would cost a full copy.
+    clip.clamp_(HU_MIN, HU_MAX).sub_(HU_MIN).div_(HU_MAX - HU_MIN)
+    return clip.unsqueeze(1)  # (B, 1, K, H, W)
