@@ -24,6 +24,7 @@ from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
 from vctmae.train.runlog import RunLog
+from vctmae.train.speed import install_patch_embed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,7 @@ def predict_local(
     model: nn.Module, loader: Any, *, views: int, device: torch.device
 ) -> Predictions:
     """This rank's predictions: mean softmax over `views` offsets per crop."""
-    from vctmae.data import multiview_offsets
+    from vctmae.data import multiview_offsets, offset_frames
 
     was_training = model.training
     model.eval()
@@ -55,9 +56,9 @@ def predict_local(
         size = batch.crops.shape[0]
         mean = torch.zeros(size, device=device)
         for offset in offsets:
-            view = torch.full((size,), offset, dtype=torch.long, device=device)
+            view = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
             with autocast_context(device):
-                logits = model.forward_crops(batch.crops, view)
+                logits = model(batch.crops, view)
             mean += torch.softmax(logits.float(), dim=-1)[:, 1]
         probs.append(mean / len(offsets))
         labels.append(batch.labels)
@@ -226,7 +227,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if not Path(config.checkpoint).exists():
         raise FileNotFoundError(f"{config.checkpoint}: checkpoint not found")
     model = load_model(config.checkpoint).to(info.device)
-    model.patch_embed_backend = config.patch_embed
+    install_patch_embed(model, config.patch_embed, info.device)
     shards = expand_shards(list(config.shards))
     loader = ShardLoader(
         shards,

@@ -135,7 +135,7 @@ def class_weights(shards: list[str], num_classes: int = 2) -> tuple[list[float],
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Finetune a classifier; writes checkpoints, `best.safetensors` and `log.jsonl` under `config.out`."""
-    from vctmae.data import ShardLoader, expand_shards, mirror, random_offsets
+    from vctmae.data import ShardLoader, expand_shards, mirror, offset_frames, random_offsets
     from vctmae.model import build_classifier
     from vctmae.train.evaluate import compute_metrics, predict
 
@@ -170,7 +170,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.dropout is not None:
         overrides["head_dropout"] = config.dropout
     model = build_classifier(config.model, num_classes=2, **overrides).to(info.device)
-    model.patch_embed_backend = config.patch_embed
     init_report = init_classifier(model, config.init, config.pos_init)
     if config.class_weights == "inverse":
         weights, weight_source = class_weights(shards)
@@ -195,7 +194,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         start_lr=config.warmup_start_lr,
         end_lr=config.min_lr,
     )
-    module = wrap_for_training(model, info, compile=config.compile)
+    module = wrap_for_training(model, info, patch_embed=config.patch_embed, compile=config.compile)
 
     def loss_fn(batch: Any, generator: torch.Generator) -> torch.Tensor:
         crops = batch.crops
@@ -204,7 +203,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         if config.mirror:
             flags = torch.rand(size, generator=generator) < 0.5
             crops = mirror(crops, flags.to(info.device, non_blocking=True))
-        logits = module(crops, offsets)
+        logits = module(crops, offset_frames(offsets))
         return nn.functional.cross_entropy(logits.float(), batch.labels, weight=weight_tensor)
 
     best_path = out / "best.safetensors"
