@@ -481,6 +481,36 @@ def test_label_scheme_detection_rule():
     assert detect_label_scheme({26, 27}) == "totalseg"
 
 
+def test_label_scheme_is_decided_from_the_whole_label_set():
+    # Mask volumes in mm³. A stray voxel of a value VerSe never uses is no evidence …
+    eight_verse = {value: 30_000.0 for value in range(13, 21)}
+    assert detect_label_scheme({**eight_verse, 35: 1.0}, min_volume_mm3=1000) == "verse"
+    # … a vertebra-sized mask of one is.
+    assert detect_label_scheme({**eight_verse, 35: 30_000.0}, min_volume_mm3=1000) == "totalseg"
+    # VerSe's sacrum (26) and coccyx (27) beside VerSe vertebrae keep the map VerSe.
+    assert detect_label_scheme({22, 23, 24, 26, 27}) == "verse"
+    # VerSe's T13 (28) lies between T12 (19) and L1 (20); a lone 28 is TotalSegmentator's L4.
+    assert detect_label_scheme({28}) == "totalseg"
+    assert detect_label_scheme({28: 40_000.0, 21: 300_000.0}) == "totalseg"  # L4 + bladder
+    assert detect_label_scheme({19, 28}) == detect_label_scheme({28, 20}) == "verse"
+    # Nothing reaches the evidence threshold: every label counts.
+    assert detect_label_scheme({35: 1.0, 20: 2.0}, min_volume_mm3=1000) == "totalseg"
+
+
+def test_a_stray_voxel_and_a_lone_28_on_phantom_maps(tmp_path):
+    ct, seg = spine_phantom(straight_spine(count=3), ["L1", "L2", "L3"], margin=30)
+    data = np.asanyarray(seg.dataobj).copy()
+    data[20, 20, 20] = 35  # a stray voxel in the soft tissue
+    assert data[19:22, 19:22, 19:22].sum() == 35
+    case = extract_crops(*save_pair(tmp_path / "stray", ct, nib.Nifti1Image(data, seg.affine)))
+    assert case.scheme == "verse" and [c.level for c in case.crops] == ["L1", "L2", "L3"]
+    assert case.other_labels == {35: 1}
+
+    ct, seg = spine_phantom(straight_spine(count=1), ["T13"], margin=30)  # value 28 alone
+    case = extract_crops(*save_pair(tmp_path / "lone", ct, seg), GeometryConfig(size=32))
+    assert case.scheme == "totalseg" and [c.level for c in case.crops] == ["L4"]
+
+
 def test_forced_scheme_and_levels_on_a_totalseg_map(real_ct):
     case = extract_crops(
         *real_ct, GeometryConfig(label_scheme="totalseg", levels=frozenset({"T12", "L1"}))

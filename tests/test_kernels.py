@@ -38,6 +38,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+def random_frames(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample slice indices (B, 16): any increasing 16 of the 96 slices, not only o + 6k."""
+    return torch.stack(
+        [torch.randperm(96, generator=generator)[:16].sort().values for _ in range(batch)]
+    )
+
+
 def random_inputs(
     batch: int, dim: int, keep: int | None, pos: bool, generator: torch.Generator
 ) -> dict:
@@ -45,7 +52,7 @@ def random_inputs(
     crops = torch.randint(-1500, 1500, (batch, 96, 96, 96), dtype=torch.int16, generator=generator)
     inputs = {
         "crops": crops,
-        "offsets": torch.randint(0, 6, (batch,), generator=generator),
+        "frames": random_frames(batch, generator),
         "weight": torch.randn(dim, 512, generator=generator),
         "bias": torch.randn(dim, generator=generator),
         "keep": None,
@@ -66,7 +73,7 @@ def reference_with_grads(inputs: dict, grad_out: torch.Tensor) -> dict[str, torc
     }
     out = patch_embed_reference(
         inputs["crops"],
-        inputs["offsets"],
+        inputs["frames"],
         params["weight"],
         params["bias"],
         keep=inputs["keep"],
@@ -87,7 +94,7 @@ cases = torch.load(sys.argv[1], weights_only=False)
 results = []
 for inputs, grad_out in cases:
     params = {n: inputs[n].clone().requires_grad_(True) for n in ("weight", "bias", "pos") if inputs[n] is not None}
-    out = patch_embed(inputs["crops"], inputs["offsets"], params["weight"], params["bias"],
+    out = patch_embed(inputs["crops"], inputs["frames"], params["weight"], params["bias"],
                       keep=inputs["keep"], pos=params.get("pos"), backend="triton")
     out.backward(grad_out)
     results.append({"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}})
@@ -139,13 +146,14 @@ COMPILE_SCRIPT = """
 import os, sys, torch
 assert os.environ["TRITON_INTERPRET"] == "1"
 from vctmae.kernels import patch_embed
-crops, offsets, weight, bias, keep = torch.load(sys.argv[1], weights_only=False)
+crops, frames, weight, bias, keep = torch.load(sys.argv[1], weights_only=False)
 
 def loss(weight, bias):
-    return patch_embed(crops, offsets, weight, bias, keep=keep, backend="triton").pow(2).sum()
+    return patch_embed(crops, frames, weight, bias, keep=keep, backend="triton").pow(2).sum()
 
 results = []
-for fn in (loss, torch.compile(loss, backend="aot_eager")):
+# fullgraph: the custom op must trace with no graph break, forward and backward.
+for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
     w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     value = fn(w, b)
     value.backward()
@@ -155,11 +163,11 @@ torch.save(results, sys.argv[2])
 
 
 def test_triton_path_under_torch_compile(tmp_path: Path) -> None:
-    """torch.compile (as `--compile` training uses) graph-breaks around the kernel; values and grads unchanged."""
+    """torch.compile(fullgraph=True) traces through the kernel's custom op; values and grads unchanged."""
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     inputs = random_inputs(2, 16, 6, False, generator)
     torch.save(
-        [inputs[k] for k in ("crops", "offsets", "weight", "bias", "keep")], tmp_path / "in.pt"
+        [inputs[k] for k in ("crops", "frames", "weight", "bias", "keep")], tmp_path / "in.pt"
     )
     subprocess.run(
         [sys.executable, "-c", COMPILE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
@@ -171,9 +179,51 @@ def test_triton_path_under_torch_compile(tmp_path: Path) -> None:
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     reference = patch_embed_reference(
-        inputs["crops"], inputs["offsets"], inputs["weight"], inputs["bias"], keep=inputs["keep"]
+        inputs["crops"], inputs["frames"], inputs["weight"], inputs["bias"], keep=inputs["keep"]
     )
     assert relative_error(eager[0], reference.pow(2).sum()) < FP32_BOUND
+
+
+OPCHECK_SCRIPT = """
+import os, sys, torch
+assert os.environ["TRITON_INTERPRET"] == "1"
+import vctmae.kernels.triton_patch_embed  # registers the custom ops
+crops, frames, weight, bias, keep, pos = torch.load(sys.argv[1], weights_only=False)
+frames, keep = frames.int(), keep.int()
+weight.requires_grad_(True)
+bias.requires_grad_(True)
+pos.requires_grad_(True)
+grad_out = torch.randn(crops.shape[0], keep.shape[1], weight.shape[0])
+checks = {
+    "patch_embed keep+pos": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, keep, pos, False)),
+    "patch_embed all tokens": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, None, None, False)),
+    "grad_weight": (torch.ops.vctmae.patch_embed_grad_weight, (crops, frames, keep, grad_out, False)),
+}
+for name, (op, args) in checks.items():
+    result = torch.library.opcheck(op, args)
+    failed = {test: outcome for test, outcome in result.items() if outcome != "SUCCESS"}
+    assert not failed, (name, failed)
+print("opcheck ok")
+"""
+
+
+def test_custom_ops_pass_opcheck(tmp_path: Path) -> None:
+    """The kernel's torch.library ops: schema, fake (meta) implementation, autograd registration
+    and AOT dispatch all agree with the real op (torch.library.opcheck, under the interpreter)."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = random_inputs(1, 16, 4, True, generator)
+    torch.save(
+        [inputs[k] for k in ("crops", "frames", "weight", "bias", "keep", "pos")],
+        tmp_path / "in.pt",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", OPCHECK_SCRIPT, str(tmp_path / "in.pt")],
+        env=_clean_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0 and "opcheck ok" in run.stdout, run.stderr[-3000:]
 
 
 def test_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path: Path) -> None:
@@ -198,24 +248,25 @@ def test_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path: Path) -> None:
 
 
 def test_reference_layout_matches_explicit_indexing() -> None:
-    """Token t*36 + row*6 + col, patch vector (u, p, q) = crop[o + 6(2t + u), 16 row + p, 16 col + q]."""
+    """Token t*36 + row*6 + col, patch vector (u, p, q) = crop[frames[2t + u], 16 row + p, 16 col + q]."""
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     inputs = random_inputs(2, 24, None, False, generator)
-    crops, offsets, weight, bias = (
+    crops, frames, weight, bias = (
         inputs["crops"],
-        inputs["offsets"],
+        inputs["frames"],
         inputs["weight"],
         inputs["bias"],
     )
-    tokens = patch_embed_reference(crops, offsets, weight, bias)
-    patches = gather_patches(crops, offsets)
+    tokens = patch_embed_reference(crops, frames, weight, bias)
+    patches = gather_patches(crops, frames)
     for _ in range(6):
         b = int(torch.randint(0, 2, (1,), generator=generator))
         t, row, col = (int(torch.randint(0, n, (1,), generator=generator)) for n in (8, 6, 6))
-        o = int(offsets[b])
         tube = torch.stack(
             [
-                crops[b, o + 6 * (2 * t + u), 16 * row : 16 * row + 16, 16 * col : 16 * col + 16]
+                crops[
+                    b, int(frames[b, 2 * t + u]), 16 * row : 16 * row + 16, 16 * col : 16 * col + 16
+                ]
                 for u in (0, 1)
             ]
         )
@@ -229,10 +280,10 @@ def test_reference_keep_and_pos_select_tokens() -> None:
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     inputs = random_inputs(2, 16, 9, True, generator)
     full = patch_embed_reference(
-        inputs["crops"], inputs["offsets"], inputs["weight"], inputs["bias"]
+        inputs["crops"], inputs["frames"], inputs["weight"], inputs["bias"]
     )
     kept = patch_embed_reference(
-        **{k: inputs[k] for k in ("crops", "offsets", "weight", "bias", "keep", "pos")}
+        **{k: inputs[k] for k in ("crops", "frames", "weight", "bias", "keep", "pos")}
     )
     expected = torch.stack(
         [full[b, inputs["keep"][b]] + inputs["pos"][inputs["keep"][b]] for b in range(2)]
@@ -251,16 +302,22 @@ def test_backend_selection_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_patch_embed, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         patch_embed(
-            inputs["crops"], inputs["offsets"], inputs["weight"], inputs["bias"], backend="triton"
+            inputs["crops"], inputs["frames"], inputs["weight"], inputs["bias"], backend="triton"
         )
     monkeypatch.setattr(triton_patch_embed, "INTERPRET", True)
-    with pytest.raises(ValueError, match="offsets"):
+    with pytest.raises(ValueError, match="frame indices"):
+        beyond = inputs["frames"].clone()
+        beyond[0, -1] = 96
         triton_patch_embed.patch_embed_triton(
-            inputs["crops"], torch.tensor([6]), inputs["weight"], inputs["bias"]
+            inputs["crops"], beyond, inputs["weight"], inputs["bias"]
+        )
+    with pytest.raises(ValueError, match="frames must be"):
+        triton_patch_embed.patch_embed_triton(
+            inputs["crops"], torch.tensor([3]), inputs["weight"], inputs["bias"]
         )
     with pytest.raises(ValueError, match="weight"):
         triton_patch_embed.patch_embed_triton(
-            inputs["crops"], inputs["offsets"], inputs["weight"][:, :100], inputs["bias"]
+            inputs["crops"], inputs["frames"], inputs["weight"][:, :100], inputs["bias"]
         )
 
 
@@ -281,7 +338,7 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
     }
     out = patch_embed(
         cuda["crops"],
-        cuda["offsets"],
+        cuda["frames"],
         params["weight"],
         params["bias"],
         keep=cuda["keep"],

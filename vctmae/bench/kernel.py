@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vctmae.kernels import patch_embed
+from vctmae.kernels import patch_embed, stride_frames
 from vctmae.kernels.reference import NUM_TOKENS, sample_frames_reference
 
 
@@ -64,10 +64,10 @@ def time_ms(fn: Callable[[], Any], *, warmup: int, reps: int, device: torch.devi
 
 @dataclass
 class Problem:
-    """Random crops, offsets, kept tokens and patch-embedding parameters on one device."""
+    """Random crops, frame indices, kept tokens and patch-embedding parameters on one device."""
 
     crops: torch.Tensor
-    offsets: torch.Tensor
+    frames: torch.Tensor  # (B, 16) slice indices, the paper's o + 6k
     keep: torch.Tensor | None
     conv: nn.Conv3d
     pos: torch.Tensor
@@ -77,20 +77,20 @@ class Problem:
         crops = torch.randint(
             -1500, 1500, (shape.batch, 96, 96, 96), dtype=torch.int16, device=device
         )
-        offsets = torch.randint(0, 6, (shape.batch,), device=device)
+        frames = stride_frames(torch.randint(0, 6, (shape.batch,), device=device))
         keep = None
         if shape.keep is not None:
             noise = torch.rand(shape.batch, NUM_TOKENS, device=device)
             keep = torch.argsort(noise, dim=1)[:, : shape.keep]  # (B, K) as MAE random masking
         conv = nn.Conv3d(3, dim, (2, 16, 16), stride=(2, 16, 16), device=device)
         pos = (0.02 * torch.randn(NUM_TOKENS, dim, device=device)).requires_grad_(True)
-        return cls(crops=crops, offsets=offsets, keep=keep, conv=conv, pos=pos)
+        return cls(crops=crops, frames=frames, keep=keep, conv=conv, pos=pos)
 
     def torch_rgb(self, backward: bool) -> None:
         """Baseline: sample_frames + RGB floats + Conv3d (bf16 autocast on a GPU, as training)."""
         device = self.crops.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            clip = sample_frames_reference(self.crops, self.offsets).expand(-1, 3, -1, -1, -1)
+            clip = sample_frames_reference(self.crops, self.frames).expand(-1, 3, -1, -1, -1)
             tokens = self.conv(clip).flatten(2).transpose(1, 2) + self.pos  # (B, 288, D)
             if self.keep is not None:
                 tokens = tokens.gather(1, self.keep[:, :, None].expand(-1, -1, tokens.shape[-1]))
@@ -102,7 +102,7 @@ class Problem:
         weight = self.conv.weight.sum(1).flatten(1)  # (D, 512)
         tokens = patch_embed(
             self.crops,
-            self.offsets,
+            self.frames,
             weight,
             self.conv.bias,
             keep=self.keep,

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import typer
 
-from vctmae.cli.app import app
+from vctmae.cli.app import app, expected_failures
 
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+INTERRUPTED = "finished cases are kept; run the same command again to resume"
 
 
 @app.command()
@@ -83,17 +80,22 @@ def ingest(
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show progress bars."),
 ) -> None:
     """Cut raw spine CTs into int16 vertebra crops: WebDataset shards + Zarr store + manifest."""
-    from vctmae.ingest.geometry import GeometryConfig
-    from vctmae.ingest.labels import LabelsError
-    from vctmae.ingest.levels import parse_levels
-    from vctmae.ingest.pipeline import IngestConfig, parse_part, run_ingest
+    with expected_failures(interrupted=INTERRUPTED):
+        from vctmae.errors import UsageError
+        from vctmae.ingest.geometry import MIN_TRAINING_SIZE, GeometryConfig
+        from vctmae.ingest.levels import parse_levels
+        from vctmae.ingest.pipeline import IngestConfig, parse_part, run_ingest
 
-    merge_dirs = [*(merge or []), *(extra_merge or [])]
-    if extra_merge and not merge:
-        raise _fail(
-            f"unexpected argument {extra_merge[0]} (did you mean --merge {extra_merge[0]} …?)"
-        )
-    try:
+        merge_dirs = [*(merge or []), *(extra_merge or [])]
+        if extra_merge and not merge:
+            raise UsageError(
+                f"unexpected argument {extra_merge[0]} (did you mean --merge {extra_merge[0]} …?)"
+            )
+        if size < MIN_TRAINING_SIZE:
+            raise UsageError(
+                f"--size {size} is too small to train on: the model samples 16 sagittal frames "
+                f"6 slices apart, which needs crops of at least {MIN_TRAINING_SIZE} voxels"
+            )
         config = IngestConfig(
             src=src,
             out=out,
@@ -114,19 +116,10 @@ def ingest(
             force=force,
             merge=tuple(merge_dirs),
         )
-    except ValueError as error:
-        raise _fail(str(error)) from None
-    for path, what in ((src, "--src"), (labels, "--labels"), (pairs, "--pairs")):
-        if path is not None and not path.exists():
-            raise _fail(f"{path}: {what} does not exist")
-    try:
+        for path, what in ((src, "--src"), (labels, "--labels"), (pairs, "--pairs")):
+            if path is not None and not path.exists():
+                raise UsageError(f"{path}: {what} does not exist")
         report = run_ingest(config, progress=not no_progress)
-    except (LabelsError, ValueError, RuntimeError) as error:
-        raise _fail(str(error)) from None
-    except KeyboardInterrupt:
-        raise _fail(
-            "interrupted; finished cases are kept — run the same command again to resume", 130
-        ) from None
     summary = (
         f"{report['cases_ok']}/{report['cases_seen']} cases ok, {report['vertebrae_written']} vertebrae "
         f"written, {report['vertebrae_skipped']} skipped → {out}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from vctmae.cli.app import app
+from vctmae.cli.app import app, expected_failures
 
 
 @app.command()
@@ -19,26 +19,18 @@ def synth(
     ),
 ) -> None:
     """Write synthetic spine CT phantoms with VerSe label maps and fracture grades."""
-    if cases < 1:
-        typer.echo(f"error: --cases must be at least 1, got {cases}", err=True)
-        raise typer.Exit(2)
-    if seed < 0:
-        typer.echo(f"error: --seed must be non-negative, got {seed}", err=True)
-        raise typer.Exit(2)
-    if not 0.0 <= fracture_rate <= 1.0:
-        typer.echo(f"error: --fracture-rate must lie in [0, 1], got {fracture_rate}", err=True)
-        raise typer.Exit(2)
-    if out.exists() and not out.is_dir():
-        typer.echo(f"error: {out}: exists and is not a folder", err=True)
-        raise typer.Exit(2)
+    interrupted = (
+        "the case files written so far are complete (labels.csv comes last); "
+        "run the same command again to write them all"
+    )
+    with expected_failures(interrupted=interrupted):
+        from rich.progress import Progress
 
-    from rich.progress import Progress
+        from vctmae.ingest.synth import write_phantoms
 
-    from vctmae.ingest.synth import write_phantoms
-
-    with Progress(transient=False) as progress:
-        task = progress.add_task("synth", total=cases)
-        try:
+        # write_phantoms checks every flag before it writes anything (UsageError: exit 2).
+        with Progress(transient=False) as progress:
+            task = progress.add_task("synth", total=cases)
             labels = write_phantoms(
                 out,
                 cases=cases,
@@ -46,8 +38,4 @@ def synth(
                 fracture_rate=fracture_rate,
                 progress=lambda case: progress.update(task, advance=1, description=case),
             )
-        except (FileExistsError, OSError) as error:
-            progress.stop()
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(1) from None
     typer.echo(f"wrote {cases} cases under {out} (labels: {labels})")

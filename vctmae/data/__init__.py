@@ -4,6 +4,7 @@ from vctmae.data.frames import (
     check_crop_shape,
     mirror,
     multiview_offsets,
+    offset_frames,
     random_offsets,
     sample_frames,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "expand_shards",
     "mirror",
     "multiview_offsets",
+    "offset_frames",
     "random_offsets",
     "read_manifest",
     "sample_frames",

@@ -81,6 +81,18 @@ def check_crop_shape(
         )
 
 
+def offset_frames(
+    offsets: torch.Tensor, num_frames: int = NUM_FRAMES, stride: int = STRIDE
+) -> torch.Tensor:
+    """The paper's frame rule as per-sample slice indices: offsets (B,) → (B, num_frames) = o + stride·k.
+
+    What the model takes (`model(crops, frames)`); `sample_frames(crops, offsets)` gathers the
+    same slices.
+    """
+    offsets = torch.as_tensor(offsets).long().reshape(-1)
+    return offsets[:, None] + stride * torch.arange(num_frames, device=offsets.device)
+
+
 def multiview_offsets(views: int) -> list[int]:
     """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
     if views == STRIDE:

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vctmae.ingest.errors import IngestError
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 VERSE_CT = "_ct"
 VERSE_SEG = "_seg-vert_msk"
@@ -164,14 +166,20 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
 def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
     """Cases listed in a pairs csv (`ct,seg[,case,patient]`)."""
     root = pairs_csv.parent
-    with open(pairs_csv, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate an Excel BOM
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
-        if not {"ct", "seg"} <= columns:
-            raise ValueError(
-                f"{pairs_csv}: needs columns ct,seg[,case,patient]; found {sorted(columns)}"
-            )
-        rows = list(reader)
+    try:
+        # utf-8-sig: tolerate an Excel BOM.
+        with open(pairs_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise IngestError(pairs_csv, f"cannot read the pairs csv ({error})") from None
+    if not {"ct", "seg"} <= columns:
+        raise IngestError(
+            pairs_csv, f"needs columns ct,seg[,case,patient]; found {sorted(columns)}"
+        )
+    if not rows:
+        raise IngestError(pairs_csv, "holds only a header, no ct,seg pairs")
     cases: list[Case] = []
     bad: list[BadInput] = []
     for line_no, row in enumerate(rows, start=2):

@@ -7,10 +7,11 @@ from pathlib import Path
 from vctmae.errors import VctmaeError
 
 
-class IngestError(VctmaeError):
-    """A case that cannot be ingested, naming the offending file and the problem.
+class IngestError(VctmaeError, ValueError):
+    """An input (a case, a csv, the output folder) that cannot be used, naming the file and problem.
 
-    `str(error)` is the one line a user sees: ``"<path>: <problem>"``.
+    `str(error)` is the one line a user sees: ``"<path>: <problem>"``. A
+    ValueError too, as the errors it replaced were.
     """
 
     def __init__(self, path: str | Path, problem: str) -> None:

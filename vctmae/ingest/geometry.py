@@ -25,25 +25,45 @@ Skip rules, first match wins: level outside `levels`; fragment (mask volume
 < `min_fragment_mm3`, never written, even with `keep_truncated`); truncated
 (mask touches the first or last index of any storage axis).
 
-Label scheme auto-detection (`label_scheme="auto"`): a map is TotalSegmentator v2
-when it holds any value above 28 or the value 27, values VerSe never uses
-(VerSe: 1–25 and 28; TotalSegmentator vertebrae are 27–50 and its organs reach
-117). Otherwise it is VerSe. The one ambiguous case, a TotalSegmentator map
-whose only vertebra is L4 (28) and whose other labels are all ≤ 25, needs an
-explicit `label_scheme="totalseg"`.
+Label scheme auto-detection (`label_scheme="auto"`, `detect_label_scheme`) is
+decided from the whole label set, never from any one value. Only labels whose
+mask reaches `min_fragment_mm3` count as evidence — a stray voxel or a speck can
+neither become a crop nor decide the scheme (all labels count when none is that
+large). The map is TotalSegmentator v2 when its evidence
+1. holds vertebrae of TotalSegmentator but none of VerSe (e.g. only 26 S1 and
+   27 L5, which VerSe uses for sacrum and coccyx), or
+2. holds a value VerSe never uses: above 28 (TotalSegmentator's vertebrae
+   reach 50 and its organs, vessels, muscles and ribs 117), or
+3. holds 28 without 19 or 20: VerSe's 28 is T13, which only exists between
+   T12 (19) and L1 (20), so a lone 28 is TotalSegmentator's L4 — the case that
+   once needed an explicit `label_scheme="totalseg"`.
+Otherwise it is VerSe. A real TotalSegmentator map always holds values above
+28 (muscles, vessels, other vertebrae), so rule 3 only matters for maps cut
+down to a few vertebrae; the one map these rules still read as VerSe is a
+cut-down TotalSegmentator map holding L4 (28) beside organ 19 or 20 and
+nothing above 28 — give `label_scheme="totalseg"` for that one.
+
+Labels that are no vertebra in the chosen scheme are returned with their voxel
+counts (`CaseCrops.other_labels`, listed in the ingest report). A case fails
+(`IngestError`) when its map holds no vertebra of the chosen scheme, or only
+vertebra specks below `min_fragment_mm3` beside other labels that are not:
+its vertebrae would be lost for a reason none of the skip rules names (most
+likely the wrong scheme).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from vctmae.errors import UsageError
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.levels import LEVELS, SCHEMES, level_index
+from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
 from vctmae.ingest.nifti import Volume, check_same_grid, load_ct, load_labels, reorient
 
 AIR_HU = -1024
@@ -52,6 +72,12 @@ ALIGNMENTS = ("auto", "spline", "axis")
 LABEL_SCHEMES = ("auto", *SCHEMES)
 SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
 LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
+# VerSe's values stop at 28 (T13); its 26 and 27 are sacrum and coccyx, no vertebrae.
+LARGEST_VERSE_VALUE = max(VERSE)
+# The smallest `size` the training frame rule can sample: 16 frames `stride` 6 slices apart
+# (`vctmae.data.frames.NUM_FRAMES` × `STRIDE`, kept equal by a test; not imported, since
+# that module needs torch).
+MIN_TRAINING_SIZE = 16 * 6
 
 # World (RAS+) directions of the crop axes before any alignment.
 LEFT_TO_RIGHT = np.array([1.0, 0.0, 0.0])
@@ -76,21 +102,21 @@ class GeometryConfig:
 
     def __post_init__(self) -> None:
         if not (self.spacing > 0 and np.isfinite(self.spacing)):
-            raise ValueError(f"spacing must be a positive number of mm, got {self.spacing}")
+            raise UsageError(f"spacing must be a positive number of mm, got {self.spacing}")
         if self.size < 1:
-            raise ValueError(f"size must be at least 1 voxel, got {self.size}")
+            raise UsageError(f"size must be at least 1 voxel, got {self.size}")
         if self.align not in ALIGNMENTS:
-            raise ValueError(f"align must be one of {', '.join(ALIGNMENTS)}, got {self.align!r}")
+            raise UsageError(f"align must be one of {', '.join(ALIGNMENTS)}, got {self.align!r}")
         if self.label_scheme not in LABEL_SCHEMES:
-            raise ValueError(
+            raise UsageError(
                 f"label_scheme must be one of {', '.join(LABEL_SCHEMES)}, got {self.label_scheme!r}"
             )
         if self.levels is not None:
             unknown = sorted(set(self.levels) - set(LEVELS))
             if unknown:
-                raise ValueError(f"unknown levels {unknown}; expected names like T12, L1")
+                raise UsageError(f"unknown levels {unknown}; expected names like T12, L1")
         if self.min_fragment_mm3 < 0:
-            raise ValueError(f"min_fragment_mm3 must be ≥ 0, got {self.min_fragment_mm3}")
+            raise UsageError(f"min_fragment_mm3 must be ≥ 0, got {self.min_fragment_mm3}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,8 @@ class CaseCrops:
     source_orientation: str  # storage axis codes, e.g. "LPS"
     source_spacing: tuple[float, float, float]  # voxel size along the storage axes, mm
     scheme: str  # label scheme used: "verse" | "totalseg"
+    # Label value → voxel count of every label that is no vertebra in `scheme`.
+    other_labels: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,11 +165,52 @@ class _Vertebra:
     box: tuple[slice, slice, slice]  # the mask's bounding box in the label volume
 
 
-def detect_label_scheme(present: set[int]) -> str:
-    """Guess the label scheme from the label values in a map (rule in the module docstring)."""
-    if any(value > 28 or value == 27 for value in present):
+def detect_label_scheme(
+    present: Mapping[int, float] | Collection[int], *, min_volume_mm3: float = 0.0
+) -> str:
+    """The label scheme of a map, decided from its whole label set (rule in the module docstring).
+
+    `present` maps each label value to its mask volume in mm³ (labels under
+    `min_volume_mm3` are no evidence unless nothing is larger); a plain set of
+    values counts every value as evidence.
+    """
+    volumes = present if isinstance(present, Mapping) else dict.fromkeys(present, np.inf)
+    labelled = {value for value in volumes if value > 0}
+    evidence = {value for value in labelled if volumes[value] >= min_volume_mm3} or labelled
+    if evidence & TOTALSEG.keys() and not evidence & VERSE.keys():
+        return "totalseg"
+    if any(value > LARGEST_VERSE_VALUE for value in evidence):
+        return "totalseg"
+    t13_neighbours = {VERSE_LABEL["T12"], VERSE_LABEL["L1"]}
+    if VERSE_LABEL["T13"] in evidence and not evidence & t13_neighbours:
         return "totalseg"
     return "verse"
+
+
+def label_counts(labels: Volume) -> dict[int, int]:
+    """Voxel count of every non-zero label value, in one pass over the map."""
+    data = labels.data.ravel()
+    if data.size == 0:
+        return {}
+    if int(data.max()) < 2**16:
+        counts = np.bincount(data)
+        values = np.flatnonzero(counts)
+        found = zip(values.tolist(), counts[values].tolist(), strict=True)
+    else:
+        values, counts = np.unique(data, return_counts=True)
+        found = zip(values.tolist(), counts.tolist(), strict=True)
+    return {value: count for value, count in found if value != 0}
+
+
+def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = None) -> str:
+    """'18 (T11): 5000, 19 (T12): 4800, … (12 values)' — the first few labels with voxel counts."""
+    shown = []
+    for value in sorted(counts)[:6]:
+        name = f" ({names[value]})" if names and value in names else ""
+        voxels = "voxel" if counts[value] == 1 else "voxels"
+        shown.append(f"{value}{name}: {counts[value]} {voxels}")
+    more = f", … ({len(counts)} values)" if len(counts) > 6 else ""
+    return ", ".join(shown) + more
 
 
 def label_boxes(labels: Volume) -> list[tuple[slice, ...] | None]:
@@ -366,14 +435,34 @@ def extract_crops(
     ct, labels = reorient(ct, SAMPLING_ORIENTATION), reorient(labels, SAMPLING_ORIENTATION)
 
     boxes = label_boxes(labels)
+    counts = label_counts(labels)
     if config.label_scheme == "auto":
-        present = {value for value, box in enumerate(boxes, start=1) if box is not None}
-        scheme = detect_label_scheme(present | {int(labels.data.max())})
+        volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
+        scheme = detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)
     else:
         scheme = config.label_scheme
+    names = SCHEMES[scheme]
+    other_labels = {value: n for value, n in counts.items() if value not in names}
     vertebrae = find_vertebrae(labels, scheme, boxes)
     if not vertebrae:
-        raise IngestError(labels.path, f"label map holds no vertebra labels of the {scheme} scheme")
+        found = f" (it holds {_values_text(other_labels)})" if other_labels else ""
+        raise IngestError(
+            labels.path, f"label map holds no vertebra labels of the {scheme} scheme{found}"
+        )
+    substantial_others = {
+        value: n
+        for value, n in other_labels.items()
+        if n * labels.voxel_volume_mm3 >= config.min_fragment_mm3
+    }
+    if substantial_others and all(v.volume_mm3 < config.min_fragment_mm3 for v in vertebrae):
+        specks = {v.label_value: counts[v.label_value] for v in vertebrae}
+        raise IngestError(
+            labels.path,
+            f"no {scheme} vertebra to crop: its {scheme} vertebra labels are specks under "
+            f"{config.min_fragment_mm3:.0f} mm³ ({_values_text(specks, names)}), while labels "
+            f"{_values_text(substantial_others)} are no vertebra in the {scheme} scheme; "
+            "check --label-scheme",
+        )
 
     # The curve runs through every vertebra found (fragments excepted: their
     # centroids are noise), whether or not it is written.
@@ -401,4 +490,5 @@ def extract_crops(
         source_orientation=source_orientation,
         source_spacing=source_spacing,
         scheme=scheme,
+        other_labels=other_labels,
     )

@@ -84,13 +84,15 @@ def read_labels(path: Path) -> Labels:
             reader = csv.DictReader(f)
             columns = {c.strip() for c in (reader.fieldnames or ())}
             rows = list(reader)
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise LabelsError(f"{path}: cannot read labels ({error})") from None
     if not {"case", "level"} <= columns or not ({"fracture", "grade"} & columns):
         raise LabelsError(
             f"{path}: needs columns case,level and fracture or grade (optional split, patient); "
             f"found {sorted(columns)}"
         )
+    if not rows:
+        raise LabelsError(f"{path}: holds only a header, no labels")
     vertebrae: dict[tuple[str, str], VertebraLabel] = {}
     patient_of_case: dict[str, str] = {}
     split_of_case: dict[str, str] = {}

@@ -6,6 +6,8 @@ label scheme of the input segmentation.
 
 from __future__ import annotations
 
+from vctmae.errors import UsageError
+
 # Anatomical order, head to feet. T13 and L6 are normal anatomical variants.
 LEVELS: tuple[str, ...] = (
     *(f"C{i}" for i in range(1, 8)),
@@ -47,21 +49,27 @@ def parse_levels(spec: str | None) -> frozenset[str] | None:
     """Parse `--levels`: a range 'T1-L6', a list 'T12,L1,L2', or a mix. None keeps all.
 
     A range follows anatomical order and includes T13/L6 variants that lie inside it.
+    Raises `UsageError` naming `--levels` for an unknown level or an upward range.
     """
     if spec is None or spec.strip() == "":
         return None
     chosen: set[str] = set()
-    for part in spec.split(","):
-        part = part.strip().upper()
-        if "-" in part:
-            first, last = (p.strip() for p in part.split("-", 1))
-            lo, hi = level_index(first), level_index(last)
-            if lo > hi:
-                raise ValueError(
-                    f"level range {part!r} runs upwards; write it head to feet, e.g. T1-L6"
-                )
-            chosen.update(LEVELS[lo : hi + 1])
-        else:
-            level_index(part)
-            chosen.add(part)
+    try:
+        for part in spec.split(","):
+            part = part.strip().upper()
+            if "-" in part:
+                first, last = (p.strip() for p in part.split("-", 1))
+                lo, hi = level_index(first), level_index(last)
+                if lo > hi:
+                    raise UsageError(
+                        f"--levels: range {part!r} runs upwards; write it head to feet, e.g. T1-L6"
+                    )
+                chosen.update(LEVELS[lo : hi + 1])
+            else:
+                level_index(part)
+                chosen.add(part)
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise UsageError(f"--levels: {error}") from None
     return frozenset(chosen)

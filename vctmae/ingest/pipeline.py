@@ -18,12 +18,19 @@ and flat in memory at once:
 2. **Assemble** (one process, case order). The finished case files are
    streamed, one case at a time, in sorted case order into shards, the Zarr
    store and the manifest inside `OUT/.ingest-work/staging/`, which are then
-   renamed into `OUT`. Since assembly reads only the case files and always
+   published into `OUT` as one set (`vctmae.ingest.publish`: a journal whose
+   rename is the commit point; a run killed while publishing is completed by
+   the next run). Since assembly reads only the case files and always
    visits them in the same order, the output bytes do not depend on worker
    count, timing or interruptions (Blosc compresses single-threaded: its
    multi-threaded output differs with the thread count). Assembly is skipped when its inputs are
    unchanged since the last published output (fingerprint in
    `.ingest-work/assembled.json`).
+
+Workers die with the main process (`_worker_started`): a kill -9 of the main
+process must not leave workers running and holding its stdout. A full disk
+stops the run with one line (`OutOfSpaceError`) and leaves earlier outputs
+and finished cases as they were.
 
 `--part I/N` extracts every N-th case of the sorted case list (and assembles
 that part's own outputs); `run.json` in the part's work folder lists its cases.
@@ -35,6 +42,7 @@ extracts again) — but keep the parts' work folders until they are merged.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -42,6 +50,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -51,11 +62,14 @@ from typing import Any
 
 import numpy as np
 
+from vctmae.errors import OutOfSpaceError, UsageError, is_out_of_space, out_of_space
 from vctmae.ingest.discover import BadInput, Case, discover_cases
+from vctmae.ingest.errors import IngestError
+from vctmae.ingest.files import TEMPORARY, atomic_file, atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.publish import MANIFEST, PUBLISHED, STAGING, WORK, ZARR, finish_publish, publish
 from vctmae.ingest.writers import (
-    SHARD_NAME,
     ManifestWriter,
     ShardWriter,
     ZarrWriter,
@@ -66,12 +80,10 @@ from vctmae.ingest.writers import (
 )
 
 FORMATS = ("wds", "zarr")
-WORK = ".ingest-work"
-RECORD_VERSION = 1  # layout of the per-case work files
+# Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded.
+RECORD_VERSION = 2
 ASSEMBLY_VERSION = 1  # layout of the published outputs
 REPORT = "ingest-report.json"
-MANIFEST = "manifest.csv"
-ZARR = "crops.zarr"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,30 +112,30 @@ class IngestConfig:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         unknown = self.formats - set(FORMATS)
         if unknown or not self.formats:
-            raise ValueError(
+            raise UsageError(
                 f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {sorted(self.formats)}"
             )
         if self.merge and (self.src is not None or self.pairs is not None or self.part is not None):
-            raise ValueError(
+            raise UsageError(
                 "--merge joins finished part outputs; it takes no --src, --pairs or --part"
             )
         if not self.merge and self.src is None and self.pairs is None:
-            raise ValueError(
+            raise UsageError(
                 "give --src (a folder of cases), --pairs (a csv) or --merge (part outputs)"
             )
         if self.part is not None:
             i, n = self.part
             if not (n >= 1 and 1 <= i <= n):
-                raise ValueError(f"part must be I/N with 1 ≤ I ≤ N, got {i}/{n}")
+                raise UsageError(f"--part must be I/N with 1 ≤ I ≤ N, got {i}/{n}")
         if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be ≥ 1, got {self.workers}")
+            raise UsageError(f"--workers must be ≥ 1, got {self.workers}")
 
 
 def parse_part(text: str) -> tuple[int, int]:
     """'2/8' → (2, 8)."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match:
-        raise ValueError(f"--part must look like I/N (e.g. 2/8), got {text!r}")
+        raise UsageError(f"--part must look like I/N (e.g. 2/8), got {text!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -170,13 +182,6 @@ def _source_stats(case: Case) -> dict[str, list[int]]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _round(values, digits: int) -> list[float]:
     return [round(float(v), digits) for v in values]
 
@@ -206,9 +211,7 @@ def extract_case(job: _Job) -> dict[str, Any]:
         record.update(status="failed", error=line, crops=[], skipped=[])
     else:
         crops, offset = [], 0
-        crops_path = job.record.with_suffix(".crops")
-        tmp = crops_path.with_name(f"{crops_path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_file(job.record.with_suffix(".crops")) as f:
             for crop in result.crops:
                 array = np.ascontiguousarray(crop.array, dtype="<i2")
                 raw = array.tobytes()
@@ -230,18 +233,18 @@ def extract_case(job: _Job) -> dict[str, Any]:
                     }
                 )
                 offset += len(packed)
-        os.replace(tmp, crops_path)
         record.update(
             status="ok",
             error=None,
             source_orientation=result.source_orientation,
             source_spacing=_round(result.source_spacing, 6),
             scheme=result.scheme,
+            other_labels=sorted([value, count] for value, count in result.other_labels.items()),
             crops=crops,
             skipped=[{"level": s.level, "reason": s.reason} for s in result.skipped],
         )
     record["seconds"] = round(time.perf_counter() - started, 3)
-    _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
+    atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
     return {
         "case": case.case,
         "status": record["status"],
@@ -294,6 +297,8 @@ class _Plan:
     fingerprint: str = ""
     splits: dict[str, dict[str, set[str] | int]] = field(default_factory=dict)
     excluded: set[str] = field(default_factory=set)  # cases left out at assembly (key clash)
+    # Per case: label values that are no vertebra in the case's scheme, with voxel counts.
+    other_labels: list[dict] = field(default_factory=list)
 
     def count(self, meta: dict) -> None:
         entry = self.splits.setdefault(
@@ -315,8 +320,13 @@ class _Plan:
 
 
 def sample_key(case_id: str, level: str) -> str:
-    """`{case}_{level}` with dots in the case id replaced (WebDataset splits keys at the first dot)."""
-    return f"{case_id.replace('.', '-')}_{level}"
+    """`{case}_{level}` as one flat name of `[A-Za-z0-9_-]` (SPEC §2).
+
+    Every other character of the case id becomes "-": dots (WebDataset splits keys
+    at the first dot), slashes (a tar member must never name a folder or an
+    absolute path), spaces and the like. The case id itself stays in the metadata.
+    """
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', case_id)}_{level}"
 
 
 def _case_samples(record: dict, assignment: CaseAssignment, labels: Labels | None, spacing: float):
@@ -411,13 +421,22 @@ def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_
                     "file": record["ct"],
                     "stage": "keys",
                     "reason": f"{record['ct']}: crop key {clash} is already taken by another case "
-                    "(case ids that differ only in '.' vs '-'); rename one",
+                    "(case ids that differ only in characters outside A-Za-z0-9_-, which "
+                    "become '-'); rename one",
                 }
             )
             plan.excluded.add(entry.case)
             continue
         keys.update(meta["key"] for _, meta, _, _ in samples)
         plan.cases_ok += 1
+        if record.get("other_labels"):
+            plan.other_labels.append(
+                {
+                    "case": entry.case,
+                    "scheme": record["scheme"],
+                    "labels": [{"value": v, "voxels": n} for v, n in record["other_labels"]],
+                }
+            )
         plan.skipped += [{"case": entry.case, **s} for s in record["skipped"]] + no_label
         for crop, meta, _, _ in samples:
             plan.count(meta)
@@ -437,9 +456,9 @@ def _read_crops(record_path: Path, crops: list[dict]) -> list[tuple[bytes, np.nd
             encoded = f.read(crop["nbytes"])
             array = decode_crop(encoded, crop["shape"])
             if hashlib.sha256(array.tobytes()).hexdigest() != crop["sha256"]:
-                raise RuntimeError(
-                    f"{record_path.with_suffix('.crops')}: work file corrupt "
-                    f"(checksum of {crop['level']}); rerun with --force"
+                raise IngestError(
+                    record_path.with_suffix(".crops"),
+                    f"work file corrupt (checksum of {crop['level']}); rerun with --force",
                 )
             out.append((encoded, array))
     return out
@@ -530,24 +549,6 @@ def write_outputs(
     return sorted(name for writer in writers.values() for name in writer.names)
 
 
-def publish(staging: Path, out: Path, work: Path, shards: list[str], formats) -> None:
-    """Rename the staged outputs into `out`; remove outputs of an earlier run that no longer exist."""
-    for stale in sorted(out.iterdir()):
-        if SHARD_NAME.match(stale.name) and stale.name not in shards:
-            stale.unlink()
-    for name in shards:
-        os.replace(staging / name, out / name)
-    old = work / f"old-{ZARR}"
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / ZARR).exists():
-        os.replace(out / ZARR, old)
-    if "zarr" in formats:
-        os.replace(staging / ZARR, out / ZARR)
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(staging / MANIFEST, out / MANIFEST)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 def _outputs_present(out: Path, published: dict) -> bool:
     names = (
         published.get("shards", [])
@@ -584,9 +585,8 @@ def assemble(
     for failure in plan.failed:
         if failure.get("stage") in ("labels", "keys"):
             _error_line(progress, failure["reason"])
-    marker = work / "assembled.json"
     try:
-        published = json.loads(marker.read_text())
+        published = json.loads((work / PUBLISHED).read_text())
     except (OSError, ValueError):
         published = {}
     if (
@@ -595,22 +595,26 @@ def assemble(
         and _outputs_present(out, published)
     ):
         return plan, {**published, "assembly": "up to date"}
-    marker.unlink(missing_ok=True)
-    shards = write_outputs(
-        entries,
-        assignments,
-        labels,
-        plan,
-        staging=work / "staging",
-        formats=formats,
-        shard_size=shard_size,
-        spacing=geometry.spacing,
-        size=geometry.size,
-        progress=progress,
-    )
-    publish(work / "staging", out, work, shards, formats)
+    staging = work / STAGING
+    try:
+        shards = write_outputs(
+            entries,
+            assignments,
+            labels,
+            plan,
+            staging=staging,
+            formats=formats,
+            shard_size=shard_size,
+            spacing=geometry.spacing,
+            size=geometry.size,
+            progress=progress,
+        )
+    except OutOfSpaceError:
+        # Free what the half-written set took; the published set was not touched.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     published = {"fingerprint": plan.fingerprint, "shards": shards, "formats": sorted(formats)}
-    _atomic_write(marker, json.dumps(published, indent=1).encode())
+    publish(out, published)
     return plan, {**published, "assembly": "written"}
 
 
@@ -677,11 +681,27 @@ def _worker_died(job: _Job) -> dict[str, Any]:
         "crops": [],
         "skipped": [],
     }
-    _atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
+    atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
     return {"case": job.case.case, "status": "failed", "error": line, "crops": 0}
 
 
 _lock_fd: int | None = None  # this process's lock on the output folder (see `_output_lock`)
+
+
+def _make_out(out: Path) -> None:
+    """Create `out` and its work folder; an `--out` that cannot be a folder is a usage error."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
+    try:
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{out}: --out cannot be created: part of its path is a file") from None
+    except PermissionError:
+        raise IngestError(out, "cannot create the output folder (permission denied)") from None
+    except OSError as error:
+        if is_out_of_space(error):
+            raise out_of_space(out) from None
+        raise
 
 
 @contextmanager
@@ -690,14 +710,14 @@ def _output_lock(out: Path):
     global _lock_fd
     import fcntl
 
-    (out / WORK).mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(
-            f"{out}: another `vctmae ingest` is writing here; wait for it or use another --out"
+        raise IngestError(
+            out, "another `vctmae ingest` is writing here; wait for it or use another --out"
         ) from None
     _lock_fd = fd
     try:
@@ -707,10 +727,37 @@ def _output_lock(out: Path):
         os.close(fd)
 
 
-def _drop_inherited_lock() -> None:
-    """Worker initializer: a forked worker must not keep the parent's output lock alive."""
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still alive
+
+
+def _worker_started(parent: int) -> None:
+    """Worker initializer: drop the main process's output lock and die with the main process.
+
+    A worker outliving a killed main process would run on forever and hold its
+    stdout open (`vctmae ingest … | cat` would never return). On Linux the
+    kernel kills the worker the moment the main process dies
+    (prctl PR_SET_PDEATHSIG; the workers are forked from its main thread, which
+    lives as long as the process). Everywhere, and as a backstop, a thread exits
+    the worker within `PARENT_CHECK_S` of it being re-parented.
+    """
     if _lock_fd is not None:
         os.close(_lock_fd)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)  # the main process died before the line above took effect
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while True:
+        time.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _new_executor(workers: int):
@@ -719,7 +766,10 @@ def _new_executor(workers: int):
     # fork: workers start at once, without re-importing the program (spawn/forkserver
     # would re-run an unguarded `python -m vctmae`).
     executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=_drop_inherited_lock
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_worker_started,
+        initargs=(os.getpid(),),
     )
     executor.submit(int).result()  # start the workers now, before any display thread runs
     return executor
@@ -790,9 +840,11 @@ def _extract(
     return {"extracted": len(jobs), "reused": reused, "crops": crops}
 
 
-def _clean_work(cases_dir: Path) -> None:
-    for stale in cases_dir.glob("*.tmp-*"):
-        stale.unlink(missing_ok=True)
+def _clean_work(work: Path) -> None:
+    """Remove temporary files a killed run left in the work folder."""
+    for folder in (work, work / "cases"):
+        for stale in folder.glob(f"*{TEMPORARY}*"):
+            stale.unlink(missing_ok=True)
 
 
 def _case_list(run: dict) -> list[Case]:
@@ -812,10 +864,15 @@ def _case_list(run: dict) -> list[Case]:
 def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
 
-    Raises `LabelsError` / `ValueError` for unusable labels, pairs or parts; bad
-    cases do not raise — they are listed in the report's `failed`.
+    Raises a `VctmaeError` for what stops the whole run: `UsageError` (a flag or
+    part folder that cannot be used), `LabelsError`, `IngestError` (an unusable
+    pairs csv, output folder or work file), `OutOfSpaceError` (disk full; earlier
+    outputs and finished cases are kept). Bad cases do not raise — they are
+    listed in the report's `failed`. A publish that a killed run left half done
+    is completed first (`vctmae.ingest.publish`).
     """
     with _output_lock(config.out):
+        finish_publish(config.out)
         return _run_merge(config, progress) if config.merge else _run_ingest(config, progress)
 
 
@@ -827,9 +884,10 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     labels = read_labels(config.labels) if config.labels is not None else None
     cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
     if not cases and not bad:
-        raise ValueError(
-            f"{config.src or config.pairs}: no cases found (expected ct/NAME.nii[.gz] with "
-            "seg/NAME.nii[.gz], VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)"
+        raise IngestError(
+            config.src or config.pairs,
+            "no cases found (expected ct/NAME.nii[.gz] with seg/NAME.nii[.gz], "
+            "VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)",
         )
     assignments = assign_cases(labels, {c.case: c.patient for c in cases})
     if config.part is not None:
@@ -843,7 +901,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     discovered = time.perf_counter()
 
     cases_dir.mkdir(parents=True, exist_ok=True)
-    _clean_work(cases_dir)
+    _clean_work(work)
     (work / "run.json").unlink(missing_ok=True)  # present again only once this run has extracted
     jobs, reused = _pending_jobs(cases, config, cases_dir)
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
@@ -885,10 +943,10 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
             "bad": [dataclasses.asdict(b) for b in bad],
         }
         if labels is not None:
-            _atomic_write(work / "labels.csv", config.labels.read_bytes())
+            atomic_write(work / "labels.csv", config.labels.read_bytes())
         else:
             (work / "labels.csv").unlink(missing_ok=True)
-        _atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
+        atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
         entries = [
             _Entry(case=c.case, record=cases_dir / f"{record_stem(c.case)}.json") for c in cases
         ]
@@ -918,7 +976,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
             "total": finished - started,
         },
     )
-    _atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
     return report
 
 
@@ -931,14 +989,15 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         try:
             runs.append((part_dir, json.loads(path.read_text())))
         except (OSError, ValueError):
-            raise ValueError(
-                f"{path}: not a finished ingest output (no readable run.json); "
-                "run `vctmae ingest --part I/N` into it first"
+            raise IngestError(
+                path,
+                "not a finished ingest output (no readable run.json); "
+                "run `vctmae ingest --part I/N` into it first",
             ) from None
     geometry = runs[0][1]["geometry"]
     for part_dir, run in runs:
         if run["geometry"] != geometry:
-            raise ValueError(
+            raise UsageError(
                 f"{part_dir}: made with other geometry settings than {runs[0][0]} "
                 f"({run['geometry']} vs {geometry})"
             )
@@ -947,10 +1006,10 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         n = parts[0][1]
         missing = sorted(set(range(1, n + 1)) - {i for i, _ in parts})
         if any(p[1] != n for p in parts) or len(parts) != len(set(parts)):
-            raise ValueError(f"parts do not fit together: {sorted(parts)}")
+            raise UsageError(f"--merge: parts do not fit together: {sorted(parts)}")
         if missing:
-            raise ValueError(
-                "missing part(s) "
+            raise UsageError(
+                "--merge: missing part(s) "
                 + ", ".join(f"{i}/{n}" for i in missing)
                 + " — merge needs every part"
             )
@@ -958,9 +1017,11 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
     if labels_path is None:
         copies = {(d / WORK / "labels.csv").read_bytes() for d, run in runs if run["labels"]}
         if len(copies) > 1:
-            raise ValueError("the parts were ingested with different labels files; pass --labels")
+            raise UsageError(
+                "--merge: the parts were ingested with different labels files; pass --labels"
+            )
         if copies and not all(run["labels"] for _, run in runs):
-            raise ValueError("some parts were ingested with --labels and some without")
+            raise UsageError("--merge: some parts were ingested with --labels and some without")
         if copies:
             labels_path = runs[0][0] / WORK / "labels.csv"
     labels = read_labels(labels_path) if labels_path is not None else None
@@ -976,19 +1037,18 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
     for part_dir, run in runs:
         for case, raw in zip(_case_list(run), run["cases"], strict=True):
             if case.case in cases:
-                raise ValueError(f"case {case.case} is in two of the merged outputs")
+                raise UsageError(f"--merge: case {case.case} is in two of the merged outputs")
             record = part_dir / WORK / "cases" / raw["record"]
             if not record.exists():
-                raise ValueError(
-                    f"{record}: missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`"
+                raise IngestError(
+                    record,
+                    f"missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`",
                 )
             cases[case.case] = (case, _Entry(case=case.case, record=record))
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
     ordered = [cases[c] for c in sorted(cases)]
     assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
-    config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / WORK).mkdir(exist_ok=True)
     read = time.perf_counter()
     with _progress(progress) as bar:
         for item in bad:
@@ -1025,7 +1085,7 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         },
     )
     report["merged_from"] = [str(d) for d in config.merge]
-    _atomic_write(
+    atomic_write(
         config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
     )
     return report
@@ -1065,6 +1125,8 @@ def _report(
             sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())
         ),
         "skipped": plan.skipped,
+        # Label values that are no vertebra in their case's scheme (organs, sacrum, strays).
+        "label_values_not_vertebrae": plan.other_labels,
         "shards": published.get("shards", []),
         "zarr": ZARR if "zarr" in config.formats else None,
         "assembly": published["assembly"],

@@ -39,6 +39,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
 
+from vctmae.errors import UsageError, VctmaeError
+from vctmae.ingest.files import out_of_space_as_error
 from vctmae.ingest.levels import LEVELS, VERSE_LABEL
 
 # Storage axis orders cycled over cases: scanner-style (LPS), neurological (RAS),
@@ -54,6 +56,11 @@ _WITH_ENDS = ("T5", *SPINE_LEVELS)  # with the end vertebra above a spine starti
 # Genant grade → fraction of anterior/middle body height lost.
 GRADE_LOSS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.26, 0.39), 3: (0.41, 0.55)}
 FRACTURE_SHAPES: tuple[str, ...] = ("wedge", "biconcave", "crush")
+
+
+class OutFolderInUseError(VctmaeError, FileExistsError):
+    """`write_phantoms`' folder already holds case files this run would not write."""
+
 
 MAX_VOXELS = 6_000_000
 GZIP_LEVEL = 1  # noise compresses poorly anyway; level 1 is several times faster than 6
@@ -623,10 +630,16 @@ def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all. The temporary name is hidden: a concurrent ingest
+    must not find it; a full disk is `OutOfSpaceError` naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with out_of_space_as_error(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except PermissionError:
+        raise VctmaeError(f"{path}: cannot write (permission denied)") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -637,7 +650,6 @@ def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
     paths = []
     for folder, image in (("ct", ct_image), ("seg", seg_image)):
         path = Path(out) / folder / f"{phantom.case}.nii.gz"
-        path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, _nifti_gz_bytes(image))
         paths.append(path)
     return paths[0], paths[1]
@@ -662,7 +674,6 @@ def write_labels(path: Path, rows: Sequence[dict[str, str | int]]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, buffer.getvalue().encode())
     return path
 
@@ -686,7 +697,7 @@ def plan_cases(cases: int, seed: int = 0) -> list[PlannedCase]:
     consecutive cases differ; every fourth case stores CT as uint16 with intercept −1024.
     """
     if cases < 1:
-        raise ValueError(f"cases must be at least 1, got {cases}")
+        raise UsageError(f"--cases must be at least 1, got {cases}")
     rng = _rng(seed, 3_000_017)
     start = int(rng.integers(len(ORIENTATIONS)))
     plan: list[PlannedCase] = []
@@ -738,11 +749,13 @@ def write_phantoms(
     `progress`, if given, is called with each case id once it is written.
     """
     if not 0.0 <= fracture_rate <= 1.0:
-        raise ValueError(f"fracture rate must lie in [0, 1], got {fracture_rate}")
+        raise UsageError(f"--fracture-rate must lie in [0, 1], got {fracture_rate}")
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    plan = plan_cases(cases, seed)
+        raise UsageError(f"--seed must be non-negative, got {seed}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
+    plan = plan_cases(cases, seed)
     names = {f"{p.case}.nii.gz" for p in plan}
     for folder in ("ct", "seg"):
         directory = out / folder
@@ -753,7 +766,7 @@ def write_phantoms(
                 if p.name.endswith((".nii", ".nii.gz")) and p.name not in names
             )
             if stale:
-                raise FileExistsError(
+                raise OutFolderInUseError(
                     f"{directory}: holds {len(stale)} case file(s) this run would not write "
                     f"(e.g. {stale[0]}); use an empty --out folder"
                 )

@@ -1,7 +1,8 @@
 """Byte-deterministic writers for ingest's outputs: WebDataset shards, the Zarr store, the manifest.
 
-Everything here writes into a staging folder; `pipeline.publish` renames the
-finished files into `--out`. Determinism: tar members carry a fixed mtime,
+Everything here writes into a staging folder; `vctmae.ingest.publish` moves the
+finished set into `--out`. A full disk raises `OutOfSpaceError` naming the file
+being written. Determinism: tar members carry a fixed mtime,
 owner and mode; the Zarr store is written chunk by chunk with fixed metadata;
 the manifest is plain csv with "\\n" line ends. Identical samples in identical
 order therefore give identical bytes.
@@ -17,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vctmae.errors import UsageError
+from vctmae.ingest.files import out_of_space_as_error
 
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK
@@ -79,13 +83,13 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
     if not match:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 1GiB, 500MB or 1048576")
+        raise UsageError(f"cannot read size {text!r}; write e.g. 1GiB, 500MB or 1048576")
     number, prefix, binary, bytes_suffix = match.groups()
     # KiB/Ki/k/K = 1024; kB (a "B" without the "i") = 1000, as the SI units say.
     base = 1000 if bytes_suffix and not binary else 1024
     value = float(number) * base ** " kmgt".index(prefix or " ")
     if value < 1:
-        raise ValueError(f"size {text!r} must be at least one byte")
+        raise UsageError(f"size {text!r} must be at least one byte")
     return int(value)
 
 
@@ -120,6 +124,7 @@ class ShardWriter:
         self.split = split
         self.max_bytes = max_bytes
         self.names: list[str] = []
+        self._file = None
         self._tar: tarfile.TarFile | None = None
         self._size = 0
         self._samples = 0
@@ -128,7 +133,9 @@ class ShardWriter:
         self.close()
         name = f"{self.split}-{len(self.names):06d}.tar"
         self.names.append(name)
-        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.PAX_FORMAT)
+        with out_of_space_as_error(self.folder / name):
+            self._file = open(self.folder / name, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._size = 0
         self._samples = 0
 
@@ -146,15 +153,18 @@ class ShardWriter:
             info.mode = 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            with out_of_space_as_error(self.folder / self.names[-1]):
+                self._tar.addfile(info, io.BytesIO(data))
         self._size += needed
         self._samples += 1
         return self.names[-1]
 
     def close(self) -> None:
         if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+            with out_of_space_as_error(self.folder / self.names[-1]):
+                self._tar.close()
+                self._file.close()
+            self._tar = self._file = None
 
 
 class ZarrWriter:
@@ -175,17 +185,20 @@ class ZarrWriter:
 
         self.path = path
         self.count = count
-        self.group = zarr.open_group(path, mode="w", zarr_format=3)
-        self.crops = self.group.create_array(
-            "crops",
-            shape=(count, size, size, size),
-            chunks=(1, size, size, size),
-            dtype="int16",
-            compressors=BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle),
-            chunk_key_encoding={"name": "default", "separator": "/"},
-            fill_value=-1024,
-            dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
-        )
+        with out_of_space_as_error(path):
+            self.group = zarr.open_group(path, mode="w", zarr_format=3)
+            self.crops = self.group.create_array(
+                "crops",
+                shape=(count, size, size, size),
+                chunks=(1, size, size, size),
+                dtype="int16",
+                compressors=BloscCodec(
+                    cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle
+                ),
+                chunk_key_encoding={"name": "default", "separator": "/"},
+                fill_value=-1024,
+                dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
+            )
         self._classes = np.full(count, -1, dtype=np.int8)
         self._grades = np.full(count, -1, dtype=np.int8)
         self._attrs: dict[str, list[str]] = {
@@ -210,8 +223,10 @@ class ZarrWriter:
         if index != len(self._attrs["keys"]):
             raise ValueError("ZarrWriter.write expects indices in order")
         chunk = self.path / "crops" / "c" / str(index) / "0" / "0" / "0"
-        chunk.parent.mkdir(parents=True, exist_ok=True)
-        chunk.write_bytes(encoded)
+        with out_of_space_as_error(chunk):
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            with open(chunk, "wb") as file:
+                file.write(encoded)
         if index in (0, self.count - 1):
             self._check[index] = encoded
         self._classes[index] = -1 if cls is None else cls
@@ -230,13 +245,18 @@ class ZarrWriter:
             raise ValueError(
                 f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}"
             )
-        for name, values in (("classes", self._classes), ("grades", self._grades)):
-            array = self.group.create_array(
-                name, shape=values.shape, chunks=(max(1, self.count),), dtype="int8", fill_value=-1
-            )
-            if self.count:
-                array[:] = values
-        self.group.attrs.update(self._attrs)
+        with out_of_space_as_error(self.path):
+            for name, values in (("classes", self._classes), ("grades", self._grades)):
+                array = self.group.create_array(
+                    name,
+                    shape=values.shape,
+                    chunks=(max(1, self.count),),
+                    dtype="int8",
+                    fill_value=-1,
+                )
+                if self.count:
+                    array[:] = values
+            self.group.attrs.update(self._attrs)
         for index, encoded in self._check.items():
             expected = decode_crop(encoded, self.crops.shape[1:])
             if not np.array_equal(self.crops[index], expected):
@@ -247,12 +267,18 @@ class ManifestWriter:
     """manifest.csv with MANIFEST_COLUMNS, one row per crop, streamed row by row."""
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        self._writer.writeheader()
+        self.path = path
+        with out_of_space_as_error(path):
+            self._file = open(path, "w", newline="", encoding="utf-8")
+            self._writer = csv.DictWriter(
+                self._file, fieldnames=MANIFEST_COLUMNS, lineterminator="\n"
+            )
+            self._writer.writeheader()
 
     def write(self, row: dict) -> None:
-        self._writer.writerow(row)
+        with out_of_space_as_error(self.path):
+            self._writer.writerow(row)
 
     def close(self) -> None:
-        self._file.close()
+        with out_of_space_as_error(self.path):
+            self._file.close()

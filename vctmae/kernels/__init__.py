@@ -18,6 +18,7 @@ from vctmae.kernels.reference import (
     gather_patches,
     patch_embed_reference,
     sample_frames_reference,
+    stride_frames,
 )
 
 BACKENDS = ("auto", "torch", "triton")
@@ -31,6 +32,7 @@ __all__ = [
     "patch_embed_reference",
     "resolve_backend",
     "sample_frames_reference",
+    "stride_frames",
     "triton_available",
 ]
 
@@ -53,22 +55,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def patch_embed(
     crops: torch.Tensor,
-    offsets: torch.Tensor,
+    frames: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     keep: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """int16 crops (B, 96, 96, 96) + frame offsets (B,) → patch tokens (B, 288, D), or (B, K, D) with keep.
+    """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → patch tokens (B, 288, D), or (B, K, D) with keep.
 
-    weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16) summed over input
+    frames[b, k] is the sagittal slice of clip frame k (`stride_frames(offsets)` for the paper's
+    o + 6k); weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16) summed over input
     channels and reshaped; token index = t*36 + row*6 + col; keep (B, K) holds
     token indices; pos (288, D) is added when given. Differentiable w.r.t.
     weight, bias and pos.
     """
     if resolve_backend(backend, crops.device) == "torch":
-        return patch_embed_reference(crops, offsets, weight, bias, keep=keep, pos=pos)
+        return patch_embed_reference(crops, frames, weight, bias, keep=keep, pos=pos)
     from vctmae.kernels.triton_patch_embed import patch_embed_triton
 
-    return patch_embed_triton(crops, offsets, weight, bias, keep=keep, pos=pos)
+    return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos)

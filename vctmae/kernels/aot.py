@@ -41,13 +41,13 @@ def kernel_variants(dim: int = 1024, *, include_fp32: bool = False) -> list[Kern
 
     fwd_cfg, bwd_cfg = forward_config(dim), grad_weight_config(dim)
     fwd_signature = {
-        "crops_ptr": "*i16", "offsets_ptr": "*i32", "keep_ptr": "*i32", "weight_ptr": "*fp32",
+        "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "weight_ptr": "*fp32",
         "bias_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32",
         "dim": "i32", "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     }  # fmt: skip
     bwd_signature = {
-        "crops_ptr": "*i16", "offsets_ptr": "*i32", "keep_ptr": "*i32", "grad_ptr": "*fp32",
+        "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "grad_ptr": "*fp32",
         "partial_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32", "dim": "i32",
         "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "BLOCKS_PER_SPLIT": "constexpr",

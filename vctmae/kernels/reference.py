@@ -1,12 +1,13 @@
 """Plain-torch reference of the fused patch embedding (SPEC §6).
 
 The reference spells out the semantics the Triton kernel must reproduce:
-frames at the given offsets → HU clip/scale → Conv3d with kernel = stride =
-(2, 16, 16) → tokens. It implements `sample_frames` inline (same semantics as
-`vctmae.data.sample_frames`) so the kernel package depends on nothing else.
+the clip's 16 frames at the given sagittal slice indices → HU clip/scale →
+Conv3d with kernel = stride = (2, 16, 16) → tokens. It gathers the frames
+inline so the kernel package depends on nothing else.
 
 Layout (one crop, video order): crop (S=96 sagittal, 96 rows S→I, 96 cols A→P);
-frame k = crop[o + 6k] for k in 0..15; token index t*36 + row*6 + col over the
+frame k of sample b = crop[frames[b, k]] for k in 0..15 (the paper's rule:
+frames[b, k] = o_b + 6k, `stride_frames`); token index t*36 + row*6 + col over the
 (8, 6, 6) grid of 2×16×16 tubes; patch vector index (u, p, q) row-major = u*256
 + p*16 + q (frame within the tube, row, column), matching the Conv3d weight
 (D, 1, 2, 16, 16).reshape(D, 512).
@@ -31,22 +32,26 @@ HU_MAX = 1000.0
 MAX_OFFSET = CROP_SIZE - FRAME_STRIDE * (NUM_FRAMES - 1)  # offsets in [0, 6)
 
 
-def sample_frames_reference(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """int16 crops (B, 96, 96, 96) + offsets (B,) → float32 frames (B, 1, 16, 96, 96) in [0, 1]."""
-    index = offsets.to(device=crops.device, dtype=torch.long)[
-        :, None
-    ] + FRAME_STRIDE * torch.arange(NUM_FRAMES, device=crops.device)  # (B, 16)
+def stride_frames(offsets: torch.Tensor) -> torch.Tensor:
+    """The paper's frame rule as slice indices: offsets (B,) → (B, 16) = o + 6k."""
+    steps = FRAME_STRIDE * torch.arange(NUM_FRAMES, device=offsets.device)
+    return offsets.long()[:, None] + steps  # (B, 16)
+
+
+def sample_frames_reference(crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """int16 crops (B, 96, 96, 96) + slice indices (B, 16) → float32 clips (B, 1, 16, 96, 96) in [0, 1]."""
+    index = frames.to(device=crops.device, dtype=torch.long)  # (B, 16)
     batch = torch.arange(crops.shape[0], device=crops.device)[:, None]
-    frames = crops[batch, index].float()  # (B, 16, 96, 96)
-    frames = (frames.clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
-    return frames.unsqueeze(1)  # (B, 1, 16, 96, 96)
+    clips = crops[batch, index].float()  # (B, 16, 96, 96)
+    clips = (clips.clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
+    return clips.unsqueeze(1)  # (B, 1, 16, 96, 96)
 
 
 def gather_patches(
-    crops: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None
+    crops: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The patch vectors the kernel multiplies: (B, 288, 512), or (B, K, 512) with `keep`."""
-    frames = sample_frames_reference(crops, offsets)[:, 0]  # (B, 16, 96, 96)
+    frames = sample_frames_reference(crops, frames)[:, 0]  # (B, 16, 96, 96)
     batch = frames.shape[0]
     patches = frames.reshape(
         batch, GRID_T, TUBE, GRID_HW, PATCH, GRID_HW, PATCH
@@ -62,20 +67,20 @@ def gather_patches(
 
 def patch_embed_reference(
     crops: torch.Tensor,
-    offsets: torch.Tensor,
+    frames: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     keep: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Torch path: sample_frames + Conv3d → (B, 288, D), or (B, K, D) with `keep` (B, K) token indices.
-
-    `weight` is (D, 512), the channel-summed Conv3d weight; `pos` (288, D) is added when given.
+    """Torch path: gather the frames + Conv3d → (B, 288, D), or (B, K, D) with `keep` (B, K) token
+    indices. `frames` (B, 16) are the clip's sagittal slice indices; `weight` is (D, 512), the
+    channel-summed Conv3d weight; `pos` (288, D) is added when given.
     """
     dim = weight.shape[0]
-    frames = sample_frames_reference(crops, offsets)  # (B, 1, 16, 96, 96)
+    clips = sample_frames_reference(crops, frames)  # (B, 1, 16, 96, 96)
     tokens = F.conv3d(
-        frames, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH)
+        clips, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH)
     )
     tokens = tokens.flatten(2).transpose(1, 2)  # (B, 288, D)
     if pos is not None:

@@ -4,7 +4,8 @@ Forward (`_patch_embed_fwd_kernel`): each program owns a (BLOCK_M tokens ×
 BLOCK_N channels) output tile. Tokens are rows r = b*K + j of the flattened
 (B, K) token list (K = 288, or the kept tokens when `keep` is given). For each
 BLOCK_K slice of the 512-long patch vector it gathers the int16 voxels straight
-from the crop at sagittal index o_b + 6·(2t + u), clips/scales HU, and feeds
+from the crop at sagittal index frames[b, 2t + u] (the sample's 16 frame indices,
+e.g. o_b + 6k for the paper's rule), clips/scales HU, and feeds
 the tile to `tl.dot` with the matching (BLOCK_K × BLOCK_N) slice of the
 channel-summed weight; bias (and the positional embedding of the token) are
 added in the epilogue. The frames and the patch matrix never exist in memory.
@@ -12,8 +13,13 @@ added in the epilogue. The frames and the patch matrix never exist in memory.
 Backward: grad_bias and grad_pos are reductions done in torch;
 grad_weight = Σ_r grad_out[r]ᵀ · patch[r] is a second kernel
 (`_patch_embed_grad_weight_kernel`) that re-gathers the patches from the crops
-(nothing but the int16 crops, offsets and keep indices is saved), split over
-rows into partial sums that torch adds up (deterministic, no atomics).
+(nothing but the int16 crops, frame indices and keep indices is saved), split
+over rows into partial sums that torch adds up (deterministic, no atomics).
+
+Both launches are `torch.library` custom ops (`vctmae::patch_embed`,
+`vctmae::patch_embed_grad_weight`) with fake (shape-only) implementations and
+a registered autograd formula, so `torch.compile` traces a model through the
+kernel without a graph break, and a CUDA graph captures it like any other op.
 
 Precision: on a GPU the dot operands are bf16 with fp32 accumulation (patch
 values in [0, 1]; as the bf16 autocast training path). Under TRITON_INTERPRET=1
@@ -31,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-# The kernels spell out these constants (96-voxel crops, stride-6 frames, HU window
-# [-1000, 1000], 2x16x16 tubes on an 8x6x6 grid) because tl.constexpr globals differ across
-# Triton versions; reference.py names them.
-from vctmae.kernels.reference import CROP_SIZE, FRAME_STRIDE, NUM_TOKENS, PATCH_DIM
+# The kernels spell out these constants (96-voxel crops, 16 frames, HU window [-1000, 1000],
+# 2x16x16 tubes on an 8x6x6 grid) because tl.constexpr globals differ across Triton versions;
+# reference.py names them.
+from vctmae.kernels.reference import CROP_SIZE, NUM_FRAMES, NUM_TOKENS, PATCH_DIM
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -51,11 +57,12 @@ def _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP: tl.constexpr)
 
 
 @triton.jit
-def _patch_tile(crops_ptr, batch, offset, token, row_mask, k):
+def _patch_tile(crops_ptr, frames_ptr, batch, token, row_mask, k):
     """Gather a (BLOCK_M, BLOCK_K) tile of scaled patch values.
 
-    batch/offset/token: (BLOCK_M,) per row; k: (BLOCK_K,) indices into the
-    512-long patch vector laid out (u, p, q) = (frame in tube, row, column).
+    batch/token: (BLOCK_M,) per row; frames_ptr: the (B, 16) sagittal slice of each
+    clip frame; k: (BLOCK_K,) indices into the 512-long patch vector laid out
+    (u, p, q) = (frame in tube, row, column).
     """
     t = token // 36
     grid_row = (token % 36) // 6
@@ -63,10 +70,12 @@ def _patch_tile(crops_ptr, batch, offset, token, row_mask, k):
     u = k // 256
     p = (k // 16) % 16
     q = k % 16
-    sagittal = offset[:, None] + 6 * (2 * t[:, None] + u[None, :])  # (BLOCK_M, BLOCK_K)
+    # Clip frame 2t + u of sample b lies at sagittal slice frames[b, 2t + u].
+    frame = 2 * t[:, None] + u[None, :]
+    sagittal = tl.load(frames_ptr + batch[:, None] * 16 + frame, mask=row_mask[:, None], other=0)
     row = 16 * grid_row[:, None] + p[None, :]
     col = 16 * grid_col[:, None] + q[None, :]
-    # Mask out-of-range offsets too: an unmasked bad address crashes the interpreter.
+    # Mask out-of-range slices too: an unmasked bad address crashes the interpreter.
     mask = row_mask[:, None] & (sagittal >= 0) & (sagittal < 96)
     address = batch.to(tl.int64)[:, None] * 884736 + sagittal * 9216 + row * 96 + col
     hu = tl.load(crops_ptr + address, mask=mask, other=0).to(tl.float32)
@@ -78,7 +87,7 @@ def _patch_tile(crops_ptr, batch, offset, token, row_mask, k):
 @triton.jit(do_not_specialize=["num_rows", "n_keep"])
 def _patch_embed_fwd_kernel(
     crops_ptr,  # int16 (B, 96, 96, 96)
-    offsets_ptr,  # int32 (B,)
+    frames_ptr,  # int32 (B, 16)
     keep_ptr,  # int32 (B, K) or unused
     weight_ptr,  # (D, 512)
     bias_ptr,  # (D,)
@@ -99,14 +108,15 @@ def _patch_embed_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
     batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
-    offset = tl.load(offsets_ptr + batch, mask=row_mask, other=0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < dim
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, 512, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        patches = _patch_tile(crops_ptr, batch, offset, token, row_mask, k)  # (BLOCK_M, BLOCK_K)
+        patches = _patch_tile(
+            crops_ptr, frames_ptr, batch, token, row_mask, k
+        )  # (BLOCK_M, BLOCK_K)
         w = tl.load(
             weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0
         )
@@ -127,7 +137,7 @@ def _patch_embed_fwd_kernel(
 @triton.jit(do_not_specialize=["num_rows", "n_keep"])
 def _patch_embed_grad_weight_kernel(
     crops_ptr,  # int16 (B, 96, 96, 96)
-    offsets_ptr,  # int32 (B,)
+    frames_ptr,  # int32 (B, 16)
     keep_ptr,  # int32 (B, K) or unused
     grad_ptr,  # (B, K, D) gradient of the output
     partial_ptr,  # float32 (SPLITS, D, 512) partial sums of grad_weight
@@ -155,8 +165,9 @@ def _patch_embed_grad_weight_kernel(
         rows = start + block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
         batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
-        offset = tl.load(offsets_ptr + batch, mask=row_mask, other=0)
-        patches = _patch_tile(crops_ptr, batch, offset, token, row_mask, k)  # (BLOCK_M, BLOCK_K)
+        patches = _patch_tile(
+            crops_ptr, frames_ptr, batch, token, row_mask, k
+        )  # (BLOCK_M, BLOCK_K)
         grad_t = tl.load(
             grad_ptr + rows.to(tl.int64)[None, :] * dim + cols[:, None],
             mask=row_mask[None, :] & col_mask[:, None],
@@ -215,7 +226,7 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
     return precision == "bf16"
 
 
-def _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16: bool) -> torch.Tensor:
+def _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16: bool) -> torch.Tensor:
     batch = crops.shape[0]
     dim = weight.shape[0]
     n_keep = NUM_TOKENS if keep is None else keep.shape[1]
@@ -227,8 +238,8 @@ def _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16: bool) -> 
     grid = (triton.cdiv(num_rows, cfg.block_m), triton.cdiv(dim, cfg.block_n))
     _patch_embed_fwd_kernel[grid](
         crops,
-        offsets,
-        keep if keep is not None else offsets,
+        frames,
+        keep if keep is not None else frames,
         weight,
         bias,
         pos if pos is not None else bias,
@@ -248,7 +259,7 @@ def _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16: bool) -> 
     return out
 
 
-def _launch_grad_weight(crops, offsets, keep, grad_out, dim: int, dot_bf16: bool) -> torch.Tensor:
+def _launch_grad_weight(crops, frames, keep, grad_out, dim: int, dot_bf16: bool) -> torch.Tensor:
     batch, n_keep = grad_out.shape[0], grad_out.shape[1]
     num_rows = batch * n_keep
     cfg = grad_weight_config(dim)
@@ -267,8 +278,8 @@ def _launch_grad_weight(crops, offsets, keep, grad_out, dim: int, dot_bf16: bool
     grid = (triton.cdiv(dim, cfg.block_n), triton.cdiv(PATCH_DIM, cfg.block_k), splits)
     _patch_embed_grad_weight_kernel[grid](
         crops,
-        offsets,
-        keep if keep is not None else offsets,
+        frames,
+        keep if keep is not None else frames,
         grad_out,
         partial,
         num_rows,
@@ -286,50 +297,85 @@ def _launch_grad_weight(crops, offsets, keep, grad_out, dim: int, dot_bf16: bool
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and grad_weight in Triton, grad_bias/grad_pos as torch reductions."""
-
-    @staticmethod
-    def forward(ctx, crops, offsets, weight, bias, keep, pos, dot_bf16):  # noqa: D102
-        out = _launch_forward(crops, offsets, keep, weight, bias, pos, dot_bf16)
-        ctx.save_for_backward(crops, offsets, keep)
-        ctx.dot_bf16 = dot_bf16
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype
-        ctx.pos_dtype = pos.dtype if pos is not None else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        crops, offsets, keep = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dim = grad_out.shape[-1]
-        grad_weight = grad_bias = grad_pos = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = _launch_grad_weight(crops, offsets, keep, grad_out, dim, ctx.dot_bf16)
-            grad_weight = grad_weight.to(ctx.weight_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.float().sum((0, 1)).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[5]:
-            flat = grad_out.float().reshape(-1, dim)
-            if keep is None:
-                grad_pos = flat.reshape(-1, NUM_TOKENS, dim).sum(0)
-            else:
-                grad_pos = torch.zeros(NUM_TOKENS, dim, device=flat.device, dtype=torch.float32)
-                grad_pos.index_add_(0, keep.reshape(-1).long(), flat)
-            grad_pos = grad_pos.to(ctx.pos_dtype)
-        return None, None, grad_weight, grad_bias, None, grad_pos, None
+# ----------------------------------------------------------------------------- custom ops
 
 
-def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
+@torch.library.custom_op("vctmae::patch_embed", mutates_args=())
+def _patch_embed_op(
+    crops: torch.Tensor,
+    frames: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    keep: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    dot_bf16: bool,
+) -> torch.Tensor:
+    return _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16)
+
+
+@_patch_embed_op.register_fake
+def _patch_embed_fake(crops, frames, weight, bias, keep, pos, dot_bf16):
+    n_keep = NUM_TOKENS if keep is None else keep.shape[1]
+    return weight.new_empty(crops.shape[0], n_keep, weight.shape[0])
+
+
+@torch.library.custom_op("vctmae::patch_embed_grad_weight", mutates_args=())
+def _grad_weight_op(
+    crops: torch.Tensor,
+    frames: torch.Tensor,
+    keep: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    dot_bf16: bool,
+) -> torch.Tensor:
+    return _launch_grad_weight(crops, frames, keep, grad_out, grad_out.shape[-1], dot_bf16)
+
+
+@_grad_weight_op.register_fake
+def _grad_weight_fake(crops, frames, keep, grad_out, dot_bf16):
+    return grad_out.new_empty(grad_out.shape[-1], PATCH_DIM, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    crops, frames, weight, bias, keep, pos, dot_bf16 = inputs
+    ctx.save_for_backward(crops, frames, keep)
+    ctx.dot_bf16 = dot_bf16
+    ctx.dtypes = (weight.dtype, bias.dtype, None if pos is None else pos.dtype)
+
+
+def _backward(ctx, grad_out):
+    """grad_weight in Triton; grad_bias and grad_pos as torch reductions over the tokens."""
+    crops, frames, keep = ctx.saved_tensors
+    weight_dtype, bias_dtype, pos_dtype = ctx.dtypes
+    grad_out = grad_out.contiguous()
+    dim = grad_out.shape[-1]
+    grad_weight = grad_bias = grad_pos = None
+    if ctx.needs_input_grad[2]:
+        grad_weight = _grad_weight_op(crops, frames, keep, grad_out, ctx.dot_bf16).to(weight_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad_out.float().sum((0, 1)).to(bias_dtype)
+    if ctx.needs_input_grad[5]:
+        flat = grad_out.float().reshape(-1, dim)
+        if keep is None:
+            grad_pos = flat.reshape(-1, NUM_TOKENS, dim).sum(0)
+        else:
+            grad_pos = flat.new_zeros(NUM_TOKENS, dim).index_add_(0, keep.reshape(-1).long(), flat)
+        grad_pos = grad_pos.to(pos_dtype)
+    return None, None, grad_weight, grad_bias, None, grad_pos, None
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(crops, frames, weight, bias, keep, pos) -> None:
     if crops.dtype != torch.int16 or crops.dim() != 4 or tuple(crops.shape[1:]) != (CROP_SIZE,) * 3:
         raise ValueError(
             f"crops must be int16 (B, 96, 96, 96), got {crops.dtype} {tuple(crops.shape)}"
         )
     batch = crops.shape[0]
-    if offsets.shape != (batch,) or offsets.dtype.is_floating_point:
+    if frames.shape != (batch, NUM_FRAMES) or frames.dtype.is_floating_point:
         raise ValueError(
-            f"offsets must be integer (B,) = ({batch},), got {offsets.dtype} {tuple(offsets.shape)}"
+            f"frames must be integer (B, {NUM_FRAMES}) = ({batch}, {NUM_FRAMES}) slice indices, "
+            f"got {frames.dtype} {tuple(frames.shape)}"
         )
     if weight.dim() != 2 or weight.shape[1] != PATCH_DIM:
         raise ValueError(f"weight must be (D, {PATCH_DIM}), got {tuple(weight.shape)}")
@@ -344,15 +390,13 @@ def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
         )
     if pos is not None and pos.shape != (NUM_TOKENS, dim):
         raise ValueError(f"pos must be ({NUM_TOKENS}, {dim}), got {tuple(pos.shape)}")
-    devices = {t.device for t in (crops, offsets, weight, bias, keep, pos) if t is not None}
+    devices = {t.device for t in (crops, frames, weight, bias, keep, pos) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    if not crops.is_cuda:
-        # Only off-GPU: on CUDA this check would cost a host-device sync every step.
-        if batch and (
-            int(offsets.min()) < 0 or int(offsets.max()) >= CROP_SIZE - FRAME_STRIDE * 15
-        ):
-            raise ValueError(f"offsets must lie in [0, {CROP_SIZE - FRAME_STRIDE * 15})")
+    if not crops.is_cuda and not torch.compiler.is_compiling():
+        # Only eagerly off-GPU: on CUDA this check would cost a host-device sync every step.
+        if batch and (int(frames.min()) < 0 or int(frames.max()) >= CROP_SIZE):
+            raise ValueError(f"frame indices must lie in [0, {CROP_SIZE})")
         if (
             keep is not None
             and keep.numel()
@@ -361,12 +405,9 @@ def _check_inputs(crops, offsets, weight, bias, keep, pos) -> None:
             raise ValueError(f"keep indices must lie in [0, {NUM_TOKENS})")
 
 
-# torch.compile graph-breaks around the launch instead of tracing the kernel and its autograd
-# Function: robust across torch 2.4–2.13; the encoder before and after still compiles.
-@torch.compiler.disable
 def patch_embed_triton(
     crops: torch.Tensor,
-    offsets: torch.Tensor,
+    frames: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     keep: torch.Tensor | None = None,
@@ -380,14 +421,13 @@ def patch_embed_triton(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vctmae.kernels "
             "is imported (CPU interpreter)"
         )
-    _check_inputs(crops, offsets, weight, bias, keep, pos)
-    dot_bf16 = _dot_bf16(crops.device, precision)
-    return PatchEmbedFunction.apply(
+    _check_inputs(crops, frames, weight, bias, keep, pos)
+    return _patch_embed_op(
         crops.contiguous(),
-        offsets.to(torch.int32).contiguous(),
+        frames.to(torch.int32).contiguous(),
         weight.contiguous(),
         bias.contiguous(),
         None if keep is None else keep.to(torch.int32).contiguous(),
         None if pos is None else pos.contiguous(),
-        dot_bf16,
+        _dot_bf16(crops.device, precision),
     )

@@ -431,7 +431,6 @@ def classifier_from_mae(
         dataclasses.replace(mae.config, num_classes=num_classes, **overrides)
     )
     report = load_weights(classifier, mae.state_dict())
-    classifier.patch_embed_backend = mae.patch_embed_backend
     return classifier, report
 
 

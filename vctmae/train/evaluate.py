@@ -25,6 +25,7 @@ from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
 from vctmae.train.runlog import RunLog
+from vctmae.train.speed import install_patch_embed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +46,7 @@ def predict_local(
     model: nn.Module, loader: Any, *, views: int, device: torch.device
 ) -> Predictions:
     """This rank's predictions: mean softmax over `views` offsets per crop."""
-    from vctmae.data import multiview_offsets
+    from vctmae.data import multiview_offsets, offset_frames
 
     was_training = model.training
     model.eval()
@@ -56,9 +57,9 @@ def predict_local(
         size = batch.crops.shape[0]
         mean = torch.zeros(size, device=device)
         for offset in offsets:
-            view = torch.full((size,), offset, dtype=torch.long, device=device)
+            view = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
             with autocast_context(device):
-                logits = model.forward_crops(batch.crops, view)
+                logits = model(batch.crops, view)
             mean += torch.softmax(logits.float(), dim=-1)[:, 1]
         probs.append(mean / len(offsets))
         labels.append(batch.labels)
@@ -231,7 +232,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     info = distributed.setup(config.device)
     out = Path(config.out)
     model = load_classifier(config.checkpoint).to(info.device)
-    model.patch_embed_backend = config.patch_embed
+    install_patch_embed(model, config.patch_embed, info.device)
     shards = expand_shards(list(config.shards))
     loader = ShardLoader(
         shards,

@@ -58,7 +58,7 @@ def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.
 @torch.no_grad()
 def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -> dict[str, Any]:
     """Probabilities and frame-level attention maps of one int16 crop (96, 96, 96)."""
-    from vctmae.data import multiview_offsets, sample_frames
+    from vctmae.data import multiview_offsets, offset_frames, sample_frames
     from vctmae.model import attention_maps
 
     model.eval()
@@ -66,14 +66,15 @@ def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -
     crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
     views = multiview_offsets(6)
     probs = [
-        torch.softmax(model.forward_crops(crops, torch.full((1,), o, device=device)).float(), -1)[
+        torch.softmax(model(crops, offset_frames(torch.tensor([o], device=device))).float(), -1)[
             0, 1
         ]
         for o in views
     ]
     view = torch.full((1,), offset, dtype=torch.long, device=device)
     clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
-    maps = [m[0].cpu() for m in attention_maps(model, clip)]  # per layer (heads, N, N)
+    # Per layer (heads, N, N).
+    maps = [m[0].cpu() for m in attention_maps(model, crops, offset_frames(view))]
     cfg = model.config
     scores = token_scores(maps, cfg.grid)
     return {

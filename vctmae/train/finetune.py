@@ -112,6 +112,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         check_crop_shape,
         expand_shards,
         mirror,
+        offset_frames,
         random_offsets,
         shard_label,
     )
@@ -153,7 +154,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.dropout is not None:
         overrides["head_dropout"] = config.dropout
     model = build_classifier(config.model, num_classes=2, **overrides).to(info.device)
-    model.patch_embed_backend = config.patch_embed
     for checked in (loader, val_loader) if val_loader is not None else (loader,):
         first = checked.indexes[0]
         check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
@@ -182,7 +182,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         start_lr=config.warmup_start_lr,
         end_lr=config.min_lr,
     )
-    module = wrap_for_training(model, info, compile=config.compile)
+    module = wrap_for_training(model, info, patch_embed=config.patch_embed, compile=config.compile)
 
     def loss_fn(batch: Any, generator: torch.Generator) -> torch.Tensor:
         crops = batch.crops
@@ -191,7 +191,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         if config.mirror:
             flags = torch.rand(size, generator=generator) < 0.5
             crops = mirror(crops, flags.to(info.device, non_blocking=True))
-        logits = module(crops, offsets)
+        logits = module(crops, offset_frames(offsets))
         return nn.functional.cross_entropy(logits.float(), batch.labels, weight=weight_tensor)
 
     best_path = out / "best.safetensors"

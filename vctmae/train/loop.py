@@ -36,21 +36,11 @@ from vctmae.train.config import check_resume_config, config_dict, resume_fingerp
 from vctmae.train.distributed import DistInfo, any_true, barrier, gather_objects
 from vctmae.train.runlog import RunLog, training_progress, warn
 from vctmae.train.schedule import WarmupCosine, set_lr
+from vctmae.train.speed import apply_speedups
 
 
 class NonFiniteLossError(VctmaeError, RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving."""
-
-
-class CropsForward(nn.Module):
-    """Routes `forward` to `model.forward_crops`, so DDP sees (and syncs) the call."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.forward_crops(*args, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -81,11 +71,11 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def wrap_for_training(model: nn.Module, info: DistInfo, *, compile: bool) -> nn.Module:
-    """The module the step calls: crop path, optionally compiled, DDP across ranks."""
-    module: nn.Module = CropsForward(model)
-    if compile:
-        module = torch.compile(module)
+def wrap_for_training(
+    model: nn.Module, info: DistInfo, *, patch_embed: str, compile: bool
+) -> nn.Module:
+    """The module the step calls: the chosen patch embedding, optionally compiled, DDP across ranks."""
+    module = apply_speedups(model, patch_embed=patch_embed, compile=compile, device=info.device)
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         module = DistributedDataParallel(module, device_ids=device_ids)

@@ -1,0 +1,188 @@
+"""Commands built from config dataclasses: each option declared once, on its config field.
+
+`config_command(app, Config, run=...)` makes a typer command whose options are
+the fields of `Config` declared with `vctmae.flags.flag` — nested config
+dataclasses (e.g. a `RunOptions` inside a `PretrainConfig`, a `LoaderOptions`
+inside that) contribute their flagged fields too. The command parses the flags,
+builds the nested config (validated by its `__post_init__`) and calls `run`
+with it. Defaults and help text come from the fields, so a default changed in
+the config is the default on the command line, in `--help` and in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+from typer.core import TyperCommand
+
+from vctmae.flags import Flag, field_flag
+
+
+class ManyValuesCommand(TyperCommand):
+    """Lets `--shards a.tar b.tar c.tar` (what a shell makes of an unquoted glob) mean three values.
+
+    Values after a many-valued flag, up to the next option, are rewritten into
+    repeated flags before typer parses them. Subclasses set `many`.
+    """
+
+    many: tuple[str, ...] = ()
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+        rewritten: list[str] = []
+        current: str | None = None
+        for arg in args:
+            if arg.startswith("-"):
+                current = arg if arg in self.many else None
+                rewritten.append(arg)
+            elif current is not None and rewritten[-1] != current:
+                rewritten.extend([current, arg])
+            else:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def many_values(*flags: str) -> type[ManyValuesCommand]:
+    """A command class for which each of `flags` takes several values."""
+    return type("ManyValues", (ManyValuesCommand,), {"many": tuple(flags)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Option:
+    """One command-line option: where its value goes in the nested config, and how it is typed."""
+
+    path: tuple[
+        str, ...
+    ]  # field names from the outer config down, e.g. ("run", "loader", "workers")
+    param: str  # the command function's parameter name (unique per command)
+    flag: Flag
+    annotation: Any  # the type typer parses (a tuple field is parsed as a list)
+    default: Any  # dataclasses.MISSING for a required option
+    as_tuple: bool
+
+    @property
+    def option(self) -> str:
+        return self.flag.option(self.path[-1])
+
+
+def _is_config(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _cli_type(hint: Any) -> tuple[Any, bool]:
+    """The type typer parses for a field type; True when the value must become a tuple again."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return list[args[0]], True
+    return hint, False
+
+
+def _field_default(field: dataclasses.Field, parent_default: Any) -> Any:
+    if parent_default is not dataclasses.MISSING:
+        return getattr(parent_default, field.name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def config_options(
+    config: type, *, path: tuple[str, ...] = (), default: Any = dataclasses.MISSING
+) -> Iterator[Option]:
+    """Every flagged field of `config` and of the config dataclasses nested in it, in field order."""
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        hint = hints[field.name]
+        here = _field_default(field, default)
+        if _is_config(hint):
+            yield from config_options(hint, path=(*path, field.name), default=here)
+            continue
+        flag = field_flag(field)
+        if flag is None:
+            continue
+        annotation, as_tuple = _cli_type(hint)
+        yield Option(
+            path=(*path, field.name),
+            param=flag.option(field.name).removeprefix("--").replace("-", "_"),
+            flag=flag,
+            annotation=annotation,
+            default=list(here) if as_tuple and here is not dataclasses.MISSING else here,
+            as_tuple=as_tuple,
+        )
+
+
+def build_config(config: type, values: Mapping[tuple[str, ...], Any], path: tuple[str, ...] = ()):
+    """`config` from option values keyed by their path; unflagged fields keep their defaults."""
+    hints = typing.get_type_hints(config)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        here = (*path, field.name)
+        if _is_config(hints[field.name]):
+            if any(key[: len(here)] == here for key in values):
+                kwargs[field.name] = build_config(hints[field.name], values, here)
+        elif here in values:
+            kwargs[field.name] = values[here]
+    return config(**kwargs)
+
+
+def config_command(
+    app: typer.Typer,
+    config: type,
+    run: Callable[[Any], None],
+    *,
+    name: str,
+    help: str,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable[..., None]:
+    """Register command `name` on `app`: its options are `config`'s flagged fields.
+
+    `overrides` maps a flag (e.g. "--out") to {"default": …, "help": …} for this
+    command only (two commands sharing a field may want another default folder).
+    """
+    overrides = overrides or {}
+    options = list(config_options(config))
+    unknown = set(overrides) - {o.option for o in options}
+    if unknown:
+        raise ValueError(f"{name}: overrides for unknown flags {sorted(unknown)}")
+    parameters = []
+    for option in options:
+        change = overrides.get(option.option, {})
+        default = change.get("default", option.default)
+        names = (
+            f"{option.option}/--no-{option.option.removeprefix('--')}"
+            if option.flag.negatable
+            else option.option
+        )
+        typer_default = ... if default is dataclasses.MISSING else default
+        parameters.append(
+            inspect.Parameter(
+                option.param,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(
+                    typer_default, names, help=change.get("help", option.flag.help)
+                ),
+                annotation=option.annotation,
+            )
+        )
+
+    def command(**values: Any) -> None:
+        by_path = {}
+        for option in options:
+            value = values[option.param]
+            by_path[option.path] = tuple(value) if option.as_tuple else value
+        run(build_config(config, by_path))
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = help
+    command.__name__ = name.replace("-", "_")
+    many = [o.option for o in options if o.flag.many]
+    app.command(name=name, cls=many_values(*many))(command)
+    return command
