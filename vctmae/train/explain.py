@@ -111,9 +111,10 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    from vctmae.model.checkpoint import write_atomically
+
+    # Atomically (a full disk keeps an earlier picture intact, and leaves no partial PNG).
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=90))
     plt.close(fig)
     return path
 
@@ -121,15 +122,18 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
 def run_explain(config: ExplainConfig) -> dict[str, Any]:
     """Write the attention picture of `config.key`; returns its probabilities and path."""
     from vctmae.data import ZarrCrops
-    from vctmae.model import load_model
+    from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
+    from vctmae.model.checkpoint import load_classifier
 
-    for path, what in ((config.checkpoint, "checkpoint"), (config.zarr, "Zarr store")):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found")
+    model = load_classifier(config.checkpoint)
+    if not Path(config.zarr).exists():
+        raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
     store = ZarrCrops(config.zarr)
-    if config.key not in store.keys:
-        raise KeyError(f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)")
-    model = load_model(config.checkpoint).to(torch.device(config.device))
+    if config.key not in store:
+        raise MissingKeyError(
+            f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)"
+        )
+    model = model.to(torch.device(config.device))
     result = explain_crop(model, store.crop(config.key), offset=config.offset)
     label = store.label(config.key)
     truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")

@@ -32,7 +32,16 @@ def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain an MAE; writes checkpoints, `model.safetensors`, previews and `log.jsonl` under `config.out`."""
-    from vctmae.data import ShardLoader, expand_shards, mirror, offset_frames, random_offsets
+    from vctmae.data import (
+        ShardError,
+        ShardLoader,
+        check_crop_shape,
+        expand_shards,
+        mirror,
+        offset_frames,
+        random_offsets,
+        shard_label,
+    )
     from vctmae.model import build_mae, load_mae_st
 
     info = distributed.setup(config.device)
@@ -50,6 +59,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     )
     torch.manual_seed(config.seed)
     model = build_mae(config.model, **config.model_overrides).to(info.device)
+    first = loader.indexes[0]
+    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
     init_report: Any = None
     if config.init is not None:
         init_report = load_mae_st(config.init, model, pos_init=config.pos_init)
@@ -59,9 +70,10 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     )
     per_epoch = steps_per_epoch(len(loader), config.accum_steps, config.max_steps_per_epoch)
     if per_epoch < 1:
-        raise ValueError(
-            f"{shards[0]}…: {len(loader)} batches per epoch on this rank, fewer than accum_steps "
-            f"{config.accum_steps}; use fewer processes or a smaller --batch-size"
+        raise ShardError(
+            shard_label(shards),
+            f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
+            f"{config.accum_steps}; use fewer processes or a smaller --batch-size",
         )
     schedule = WarmupCosine(
         peak_lr=peak,
