@@ -5,7 +5,7 @@ The model's own patch embedding is the plain torch one (gather frames → Conv3d
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
 keys, checkpoints and optimizer parameters are unchanged) and gives the same
 tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
-DDP wrapping is `vctmae.train.loop.wrap_for_training`.
+DDP wrapping is `vctmae.train.run.wrap_for_training`.
 """
 
 from __future__ import annotations
