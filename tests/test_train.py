@@ -518,3 +518,33 @@ run_eval(EvalConfig(checkpoint=result.best_path, shards=tuple(test), out=out / "
     assert len(predictions.keys) == len(set(predictions.keys)) == 16
     log = read_log(out / "ft" / "log.jsonl")
     assert log[0]["world_size"] == 2
+
+
+# -- on a GPU (skipped without one; run by benchmarks/gpu_check.sh) ------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainers_run_through_their_entry_points(easy_data, tmp_path):
+    """Pretrain → finetune → eval on the GPU with the defaults there (bf16, Triton, fused Adam)."""
+    pre = run_pretrain(
+        pretrain_config(easy_data["train"], tmp_path / "pre", epochs=1, warmup_epochs=0,
+                        device="cuda", preview=False)
+    )  # fmt: skip
+    assert all(math.isfinite(h["loss"]) for h in pre.state.history)
+    run = RunOptions(
+        shards=tuple(easy_data["train"]),
+        out=tmp_path / "ft",
+        init=pre.model_path,
+        **{**TEST_RUN, "device": "cuda"},
+    )
+    result = run_finetune(
+        FinetuneConfig(run=run, val_shards=tuple(easy_data["val"]), epochs=1, warmup_epochs=0,
+                       batch_size=8, lr=1e-3, multiview=1)
+    )  # fmt: skip
+    metrics = run_eval(
+        EvalConfig(checkpoint=result.best_path, shards=tuple(easy_data["test"]),
+                   out=tmp_path / "report", loader=LoaderOptions(workers=0), device="cuda",
+                   progress=False)
+    )  # fmt: skip
+    assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
