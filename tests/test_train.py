@@ -193,6 +193,26 @@ def test_pretraining_lowers_the_loss_and_logs_its_schedule(easy_data, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "model.json").exists()
 
 
+def test_scalars_and_previews_also_go_to_tensorboard(easy_data, tmp_path):
+    """With the tensorboard extra (installed by `make test`), the JSONL numbers and the previews
+    are TensorBoard events too, at their optimizer steps."""
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "board"
+    run_pretrain(pretrain_config(easy_data["train"], out, epochs=2, max_steps_per_epoch=2))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = read_log(out / "log.jsonl")
+    for event in ("step", "epoch"):
+        logged = [(r["step"], r["loss"]) for r in records if r["event"] == event]
+        board = [(e.step, e.value) for e in events.Scalars(f"{event}/loss")]
+        assert [s for s, _ in board] == [s for s, _ in logged]
+        assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert "step/lr" in events.Tags()["scalars"]
+    assert [e.step for e in events.Images("preview")] == [2, 4]
+
+
 def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatch):
     from vctmae.data import ShardLoader
 

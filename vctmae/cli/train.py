@@ -15,7 +15,6 @@ import typer
 from vctmae.cli.app import app, expected_failures
 from vctmae.cli.options import config_command
 from vctmae.train.config import (
-    SHARDS_HELP,
     EvalConfig,
     ExplainConfig,
     FinetuneConfig,
@@ -31,7 +30,9 @@ def _kept(out: Path, command: str) -> str:
     )
 
 
+@config_command(app, PretrainConfig, defaults={"--out": Path("runs/pretrain")})
 def pretrain(config: PretrainConfig) -> None:
+    """MAE pretraining of the video ViT on vertebra crops (paper defaults)."""
     from vctmae.train import run_pretrain
 
     with expected_failures(interrupted=_kept(config.run.out, "pretraining")):
@@ -39,7 +40,9 @@ def pretrain(config: PretrainConfig) -> None:
     typer.echo(f"pretraining done: {result.state.epoch} epochs, weights {result.model_path}")
 
 
+@config_command(app, FinetuneConfig, defaults={"--out": Path("runs/finetune")})
 def finetune(config: FinetuneConfig) -> None:
+    """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
     from vctmae.train import run_finetune
 
     with expected_failures(interrupted=_kept(config.run.out, "finetuning")):
@@ -53,7 +56,9 @@ def finetune(config: FinetuneConfig) -> None:
     typer.echo(f"finetuning done: {result.state.epoch} epochs{note}; weights {result.best_path}")
 
 
+@config_command(app, EvalConfig, name="eval")
 def evaluate(config: EvalConfig) -> None:
+    """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
     from vctmae.train import run_eval
 
     with expected_failures(interrupted=f"evaluation stopped; nothing was written to {config.out}"):
@@ -61,60 +66,14 @@ def evaluate(config: EvalConfig) -> None:
     typer.echo(f"wrote {config.out / 'predictions.csv'} and {config.out / 'metrics.json'}")
 
 
+@config_command(app, ExplainConfig)
 def explain(config: ExplainConfig) -> None:
+    """Attention (last layer and rollout) of the classifier over the 16 frames of one crop."""
     from vctmae.train import run_explain
 
     with expected_failures(interrupted=f"explain stopped; {config.out} was not written"):
         result = run_explain(config)
     typer.echo(f"{config.key}: P(fracture) = {result['prob_multiview']:.3f}; wrote {config.out}")
-
-
-config_command(
-    app,
-    PretrainConfig,
-    pretrain,
-    name="pretrain",
-    help="MAE pretraining of the video ViT on vertebra crops (paper defaults).",
-    overrides={
-        "--out": {
-            "default": Path("runs/pretrain"),
-            "help": "Run folder: checkpoints, model.safetensors, log, previews.",
-        },
-        "--init": {"help": "mae_st / PySlowFast video checkpoint (.pth) to start from."},
-        "--pos-init": {"help": "Positional embeddings from --init: crop | random | interpolate."},
-    },
-)
-config_command(
-    app,
-    FinetuneConfig,
-    finetune,
-    name="finetune",
-    help="Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1).",
-    overrides={
-        "--shards": {"help": SHARDS_HELP + " (training split)"},
-        "--out": {
-            "default": Path("runs/finetune"),
-            "help": "Run folder: checkpoints, best.safetensors, log.",
-        },
-        "--init": {"help": "Pretraining .safetensors, a video .pth, or omit for random."},
-        "--seed": {"help": "Seed of data order and offsets."},
-    },
-)
-config_command(
-    app,
-    EvalConfig,
-    evaluate,
-    name="eval",
-    help="Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots.",
-    overrides={"--workers": {"help": "Loader worker processes per process."}},
-)
-config_command(
-    app,
-    ExplainConfig,
-    explain,
-    name="explain",
-    help="Attention (last layer and rollout) of the classifier over the 16 frames of one crop.",
-)
 
 
 @app.command()

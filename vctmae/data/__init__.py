@@ -4,7 +4,7 @@ The public names load their module on first use (PEP 562), so importing
 `vctmae.data.options` for the command line does not import torch.
 """
 
-import importlib
+from vctmae.lazy import lazy_exports
 
 _EXPORTS = {
     "Batch": "loader",
@@ -27,10 +27,4 @@ _EXPORTS = {
     "read_manifest": "zarr_store",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

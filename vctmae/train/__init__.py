@@ -6,7 +6,7 @@ This package never imports nibabel or ingest. The public names load their module
 (PEP 562), so the command line can read the configs without importing torch.
 """
 
-import importlib
+from vctmae.lazy import lazy_exports
 
 _EXPORTS = {
     "EvalConfig": "config",
@@ -32,10 +32,4 @@ _EXPORTS = {
     "pretrain_peak_lr": "schedule",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

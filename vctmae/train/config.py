@@ -73,19 +73,27 @@ class SpeedOptions:
 class RunOptions:
     """What both trainers share: data, model, seed, loader, device, speed, logging, resume."""
 
-    shards: tuple[str, ...] = flag(help=SHARDS_HELP, many=True)
-    out: Path = flag(help="Run folder: checkpoints, weights, log.", resumable=True)
+    shards: tuple[str, ...] = flag(help=SHARDS_HELP + " Finetuning: the training split.", many=True)
+    out: Path = flag(
+        help="Run folder: checkpoints, weights (pretraining: model.safetensors and previews; "
+        "finetuning: best.safetensors), log.",
+        resumable=True,
+    )
     model: str = flag("large", "Model preset: large | base | small | tiny.")
     # Field overrides of the preset, e.g. {"depth": 2} (Python only: tests, sweeps).
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    init: Path | None = flag(None, "Weights to start from: a video .pth or a vctmae .safetensors.")
+    init: Path | None = flag(
+        None,
+        "Weights to start from: a mae_st / PySlowFast video checkpoint (.pth), or a vctmae "
+        ".safetensors (finetuning: pretraining's model.safetensors); omit for random.",
+    )
     pos_init: str = flag(
-        "crop", "Positional embeddings from a video .pth: crop | random | interpolate."
+        "crop", "Positional embeddings from a video .pth --init: crop | random | interpolate."
     )
     accum_steps: int = flag(1, "Micro-batches per optimizer step.")
     grad_clip: float | None = flag(None, "Clip the gradient norm to this value.")
     mirror: bool = flag(False, "Random left–right mirror augmentation.")
-    seed: int = flag(0, "Seed of data order, offsets and masks.")
+    seed: int = flag(0, "Seed of data order, view offsets, mirror flags and masks.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP, resumable=True)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -130,9 +138,8 @@ def _check_schedule(config: Any) -> None:
 class PretrainConfig:
     """MAE pretraining on unlabelled crops (paper App. A.5)."""
 
-    optimizer: ClassVar[str] = "adamw"
-
     run: RunOptions
+    mask_ratio: float = flag(0.8, "Fraction of tubes masked.")
     epochs: int = flag(100, "Training epochs.")
     batch_size: int = flag(8, "Crops per step per process.")
     blr: float = flag(1e-3, "Base lr; lr = blr × batch × processes × accum / 256.")
@@ -142,10 +149,11 @@ class PretrainConfig:
         0.05, "AdamW weight decay (not on norms, biases, embeddings).", name="--weight-decay"
     )
     betas: tuple[float, float] = (0.9, 0.95)
-    mask_ratio: float = flag(0.8, "Fraction of tubes masked.")
     preview: bool = flag(
         True, "Write a reconstruction preview after each epoch.", negatable=True, resumable=True
     )
+
+    optimizer: ClassVar[str] = "adamw"
 
     def __post_init__(self) -> None:
         _check_schedule(self)
@@ -169,8 +177,6 @@ class PretrainConfig:
 class FinetuneConfig:
     """Fracture classification finetuning (paper App. A.5)."""
 
-    optimizer: ClassVar[str] = "adam"
-
     run: RunOptions
     val_shards: tuple[str, ...] = flag((), "Validation shards (validated every epoch).", many=True)
     epochs: int = flag(50, "Training epochs.")
@@ -188,6 +194,8 @@ class FinetuneConfig:
     multiview: int = flag(6, "Views per crop in validation: 6 or 1.")
     patience: int = flag(40, "Stop after this many epochs without a better validation F1.")
     dropout: float | None = flag(None, "Head dropout (default: the model preset's).")
+
+    optimizer: ClassVar[str] = "adam"
 
     def __post_init__(self) -> None:
         _check_schedule(self)

@@ -161,6 +161,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         best_epoch=state.best_epoch,
         best_val_f1=state.best_metric,
     )
+    run.log.close()
     distributed.barrier()
     return FinetuneResult(
         best_path=run.out / BEST,

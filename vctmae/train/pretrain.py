@@ -78,7 +78,7 @@ def pretrain_trainer(config: PretrainConfig) -> Trainer:
                 if not preview_crop:
                     # The first crop of the training split's first shard, the same every epoch.
                     preview_crop.append(first_crop(run.loader).to(run.info.device))
-                write_preview(
+                picture = write_preview(
                     model,
                     preview_crop[0],
                     out / "previews" / f"epoch-{epoch + 1:04d}.png",
@@ -86,6 +86,7 @@ def pretrain_trainer(config: PretrainConfig) -> Trainer:
                     seed=options.seed,
                     title=f"epoch {epoch + 1}: loss {mean_loss:.4f}",
                 )
+                run.log.image("preview", picture, step=state.step)
         return EpochEnd()
 
     return Trainer(run, objective, epoch_end)
@@ -98,6 +99,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     state = trainer.fit()
     run = trainer.run
     run.log.write("end", epoch=state.epoch, step=state.step)
+    run.log.close()
     distributed.barrier()
     return PretrainResult(
         model_path=run.out / "model.safetensors",
