@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e '.[dev,dali]'
+	$(PY) -m pip install -q -e '.[dev,dali,tensorboard]'
 	touch $@
 
 setup: $(VENV)/.base
