@@ -97,6 +97,13 @@ class RunOptions:
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP, resumable=True)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    cuda_graph: bool = flag(
+        True,
+        "Capture the training step in a CUDA graph and replay it (CUDA, one process; "
+        "otherwise, or when a run cannot be captured, the step runs eagerly, saying why).",
+        negatable=True,
+        resumable=True,
+    )
     resume: bool = flag(False, "Continue from the last checkpoint in --out.", resumable=True)
     log_every: int = flag(20, "Optimizer steps between log records.", resumable=True)
     progress: bool = flag(True, "Show the progress bar.", negatable=True, resumable=True)

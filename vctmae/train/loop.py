@@ -38,6 +38,7 @@ from vctmae.model.checkpoint import CheckpointError, load_weights
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
 from vctmae.train.distributed import any_true, barrier, gather_objects
+from vctmae.train.graph import StaticStep
 from vctmae.train.run import Run
 from vctmae.train.runlog import training_progress, warn
 from vctmae.train.schedule import set_lr
@@ -69,13 +70,17 @@ class EpochEnd:
 
 
 def autocast_context(
-    device: torch.device, precision: str = "auto"
+    device: torch.device, precision: str = "auto", *, cache: bool = True
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one."""
+    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one.
+
+    `cache=False` turns autocast's weight-cast cache off (a CUDA graph must not capture a cast
+    made once and reused: the weights change every step).
+    """
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -142,6 +147,12 @@ class Trainer:
         self.run_dir = run.out
         # What --resume compares: the settings that decide data order, schedule and model.
         self.fingerprint = resume_fingerprint(run.config)
+        # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
+        self.static: StaticStep | None = None
+        if run.graph_blocker is None:
+            self.static = StaticStep(self, capture=self.info.device.type == "cuda")
+        elif self.options.cuda_graph and self.info.device.type == "cuda" and self.info.is_main:
+            warn(f"--cuda-graph: {run.graph_blocker}")
 
     # -- checkpoints ---------------------------------------------------------------
     def _state_dict(self) -> dict[str, Any]:
@@ -262,6 +273,11 @@ class Trainer:
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepMetrics:
         """One optimizer step over `micro_batches` (gradient accumulation); no host sync."""
+        samples = sum(len(batch) for batch in micro_batches)
+        if self.static is not None:
+            loss_sum = self.static(list(micro_batches))
+            self.state.step += 1
+            return StepMetrics(loss_sum=loss_sum, micro_batches=len(micro_batches), samples=samples)
         device = self.info.device
         accum = len(micro_batches)
         ddp = isinstance(self.module, DistributedDataParallel)
@@ -284,11 +300,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return StepMetrics(
-            loss_sum=loss_sum,
-            micro_batches=accum,
-            samples=sum(len(batch) for batch in micro_batches),
-        )
+        return StepMetrics(loss_sum=loss_sum, micro_batches=accum, samples=samples)
 
     def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
         """Mean of a per-rank sum over `count` micro-batches each, across ranks."""
