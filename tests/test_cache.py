@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_data import make_shards
 
 from vctmae.data import LoaderOptions, ShardLoader
 from vctmae.data.cache import CacheError
 from vctmae.errors import UsageError
-
-from test_data import make_shards
 
 
 def epoch(loader: ShardLoader, epoch: int, limit: int | None = None) -> list:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.errors import VctmaeError
-from vctmae.model.checkpoint import CheckpointError, load_weights
+from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
 from vctmae.train.distributed import any_true, barrier, gather_objects
@@ -170,10 +170,16 @@ class Trainer:
         return state
 
     def _save(self) -> None:
+        """Checkpoint this epoch: the state is gathered now (a collective), written in the
+        background by `run.writer` while the next epoch trains."""
         state = self._state_dict()  # collective: every rank takes part
         if self.info.is_main:
-            checkpoint.save_checkpoint(
-                self.run_dir, model=self.model, state=state, epoch=self.state.epoch
+            self.run.writer.submit(
+                checkpoint.save_checkpoint,
+                self.run_dir,
+                model=model_files(self.model),
+                state=checkpoint.cpu_copy(state),
+                epoch=self.state.epoch,
             )
         barrier()
 
@@ -258,6 +264,8 @@ class Trainer:
     def _raise_if_nonfinite(self, flag: torch.Tensor, epoch: int) -> None:
         # Deliberate sync (logging steps and epoch ends only).
         if bool(any_true(flag).item()):
+            # The checkpoint a pending write is about to make current is the last good one.
+            self.run.writer.wait(raise_errors=False)
             found = checkpoint.latest_checkpoint(self.run_dir)
             kept = (
                 f"last good checkpoint kept: {found[0]}"
@@ -311,6 +319,17 @@ class Trainer:
         return float(total.item()) / (count * self.info.world_size)
 
     def fit(self) -> TrainState:
+        """Train the remaining epochs; every write the run started is finished on return."""
+        try:
+            self._epochs()
+        except BaseException:
+            # Finish what was being written (its error must not hide this one).
+            self.run.writer.close(raise_errors=False)
+            raise
+        self.run.writer.close()
+        return self.state
+
+    def _epochs(self) -> None:
         options = self.options
         epochs = self.run.config.epochs
         per_epoch = self.run.steps_per_epoch
@@ -374,6 +393,8 @@ class Trainer:
                 mean_loss = self._mean_over_ranks(epoch_loss, micro)
                 elapsed = time.perf_counter() - start
                 self.state.epoch = epoch + 1
+                # The previous epoch's writes are done before this epoch's hook writes again.
+                self.run.writer.wait()
                 hook = (
                     self.epoch_end(epoch, mean_loss, self.state) if self.epoch_end else EpochEnd()
                 )
@@ -381,7 +402,9 @@ class Trainer:
                 self.state.history.append(record)
                 if hook.stop:
                     self.state.stopped_early = True
-                self._save()
+                last = epoch + 1 == epochs or self.state.stopped_early
+                if last or (epoch + 1) % options.checkpoint_every == 0:
+                    self._save()
                 self.log.write(
                     "epoch",
                     **record,
@@ -390,4 +413,3 @@ class Trainer:
                     samples_per_s=samples * world / max(elapsed, 1e-9),
                 )
                 progress.update(task, loss=f"{mean_loss:.4f}")
-        return self.state

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.train import distributed
+from vctmae.train.checkpoint import BackgroundWriter
 from vctmae.train.config import RunOptions, SpeedOptions
 from vctmae.train.distributed import DistInfo
 from vctmae.train.graph import capture_blocker
@@ -64,6 +65,8 @@ class Run:
     init_report: Any
     # Why the step is not graph-captured (None: it is; `vctmae.train.graph`).
     graph_blocker: str | None
+    # Checkpoints and weights are written by this thread, off the training step.
+    writer: BackgroundWriter
 
     @property
     def out(self) -> Path:
@@ -142,4 +145,5 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
         steps_per_epoch=per_epoch,
         init_report=init_report,
         graph_blocker=blocker,
+        writer=BackgroundWriter(),
     )
