@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 # Torch-free on purpose: the command line imports this module to build its options.
 BACKENDS = ("torch", "dali")
+CACHES = ("none", "device")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,12 +26,22 @@ class LoaderOptions:
 
     workers: int = flag(2, "Loader worker processes per training process.", resumable=True)
     backend: str = flag("torch", "Loader backend: torch | dali.", name="--loader")
+    cache: str = flag(
+        "none",
+        "none: stream the shards | device: load every crop into device memory once and "
+        "gather batches there (the same batches; refused with the sizes when they do not fit).",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--loader must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.cache not in CACHES:
+            raise UsageError(f"--cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if self.cache == "device" and self.backend == "dali":
+            raise UsageError("--cache device replaces the loader's reading: use --loader torch")
 
     def build(
         self,
@@ -52,4 +63,5 @@ class LoaderOptions:
             num_workers=self.workers,
             device=device,
             backend=self.backend,
+            cache=self.cache,
         )
