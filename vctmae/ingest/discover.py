@@ -194,8 +194,11 @@ def scan_folder(
     return cases, bad
 
 
-def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
-    """Cases listed in a pairs csv (`ct,seg[,case,patient]`)."""
+def read_pairs(
+    pairs_csv: Path, *, missing_seg_ok: bool = False
+) -> tuple[list[Case], list[BadInput]]:
+    """Cases listed in a pairs csv (`ct,seg[,case,patient,series]`; `seg` may be empty
+    with `missing_seg_ok`)."""
     root = pairs_csv.parent
     try:
         # utf-8-sig: tolerate an Excel BOM.
@@ -215,7 +218,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
     bad: list[BadInput] = []
     for line_no, row in enumerate(rows, start=2):
         ct_text, seg_text = (row.get("ct") or "").strip(), (row.get("seg") or "").strip()
-        if not ct_text or not seg_text:
+        if not ct_text or (not seg_text and not missing_seg_ok):
             bad.append(
                 BadInput(
                     case=f"{pairs_csv.name}:{line_no}",
@@ -224,7 +227,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
                 )
             )
             continue
-        ct, seg = root / ct_text, root / seg_text
+        ct, seg = root / ct_text, (root / seg_text if seg_text else None)
         case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
         patient = (row.get("patient") or "").strip() or case_id
         cases.append(
@@ -234,7 +237,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
                 ct=ct,
                 seg=seg,
                 ct_name=_display(ct, root),
-                seg_name=_display(seg, root),
+                seg_name=_display(seg, root) if seg is not None else "",
                 series=(row.get("series") or "").strip() or None,
             )
         )
@@ -256,7 +259,7 @@ def discover_cases(
         cases += found
         bad += problems
     if pairs is not None:
-        found, problems = read_pairs(pairs)
+        found, problems = read_pairs(pairs, missing_seg_ok=missing_seg_ok)
         cases += found
         bad += problems
     by_id: dict[str, Case] = {}

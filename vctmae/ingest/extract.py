@@ -61,6 +61,8 @@ class ExtractJob:
     geometry: GeometryConfig
     record: Path  # NAME.json; crops go to NAME.crops beside it
     series: str | None = None  # DICOM series UID for a folder CT (None: the largest CT series)
+    # `case.seg` is made by TotalSegmentator first when it does not exist (ingest --segment).
+    segment: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ def extract_case(job: ExtractJob) -> Extracted:
     case = job.case
     started = time.perf_counter()
     try:
+        if job.segment and not case.seg.exists():
+            from vctmae.ingest.segment import segment_vertebrae
+
+            segment_vertebrae(case.ct, case.seg)
         result = geometry.extract_crops(case.ct, case.seg, job.geometry, series_uid=job.series)
     except IngestError as error:
         record = CaseRecord(**_base(job), status="failed", error=str(error))

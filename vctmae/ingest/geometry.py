@@ -209,23 +209,43 @@ def memory_order(data: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
     return data.transpose(order), order
 
 
-def label_counts(labels: Volume) -> dict[int, int]:
-    """Voxel count of every positive label value, in one pass over the map in memory order.
+@dataclass(frozen=True)
+class LabelCensus:
+    """What one pass over a label map finds: voxel counts, and where labels lie at all."""
+
+    counts: dict[int, int]  # positive label value → voxels
+    # Bounding box of every labelled voxel, storage axes (None: nothing labelled).
+    region: tuple[slice, slice, slice] | None
+
+
+def label_census(labels: Volume) -> LabelCensus:
+    """Voxel count of every positive label value and the box around all labelled voxels, in
+    one pass over the map in memory order.
 
     Negative values (a few tools write them) are background, as 0 is. Only the
     labelled voxels are counted (most of a scan is background, and bincount makes
     a 64-bit copy of what it counts).
     """
-    data, _ = memory_order(labels.data)
-    if data.size == 0:
-        return {}
-    rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
+    data, order = memory_order(labels.data)
     counts: dict[int, int] = {}
+    if data.size == 0:
+        return LabelCensus(counts={}, region=None)
+    rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
+    low, high = [None] * 3, [None] * 3
     for start in range(0, data.shape[0], rows):
-        chunk = np.ravel(data[start : start + rows], order="K")
-        labelled = chunk[chunk > 0]
+        chunk = data[start : start + rows]
+        mask = chunk > 0
+        labelled = chunk[mask]
         if labelled.size == 0:
             continue
+        # Where this slab holds labels, per axis of the memory-order view.
+        for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1))):
+            present = np.flatnonzero(mask.any(axis=others))
+            first, last = int(present[0]), int(present[-1]) + 1
+            if axis == 0:
+                first, last = first + start, last + start
+            low[axis] = first if low[axis] is None else min(low[axis], first)
+            high[axis] = last if high[axis] is None else max(high[axis], last)
         if int(labelled.max()) < 2**16:
             found = np.bincount(labelled)
             values = np.flatnonzero(found)
@@ -234,7 +254,17 @@ def label_counts(labels: Volume) -> dict[int, int]:
             values, numbers = np.unique(labelled, return_counts=True)
         for value, number in zip(values.tolist(), numbers.tolist(), strict=True):
             counts[value] = counts.get(value, 0) + number
-    return dict(sorted(counts.items()))
+    if not counts:
+        return LabelCensus(counts={}, region=None)
+    region = [slice(0, 0)] * 3
+    for axis, stored in enumerate(order):
+        region[stored] = slice(low[axis], high[axis])
+    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+
+
+def label_counts(labels: Volume) -> dict[int, int]:
+    """Voxel count of every positive label value (`label_census`)."""
+    return label_census(labels).counts
 
 
 def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = None) -> str:
@@ -248,10 +278,17 @@ def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = No
     return ", ".join(shown) + more
 
 
-def label_boxes(labels: Volume) -> list[tuple[slice, ...] | None]:
+def label_boxes(
+    labels: Volume, region: tuple[slice, slice, slice] | None = ...
+) -> list[tuple[slice, ...] | None]:
     """Bounding boxes (storage axes) of label values 1 … 50 (every vertebra value of any
-    scheme), in one pass over the map in memory order."""
-    data, order = memory_order(labels.data)
+    scheme), in one pass over `region` of the map (`label_census`; default: found here)
+    in memory order."""
+    if region is ...:
+        region = label_census(labels).region
+    if region is None:
+        return [None] * LARGEST_VERTEBRA_VALUE
+    data, order = memory_order(labels.data[region])
     found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
     boxes: list[tuple[slice, ...] | None] = []
     for box in found:
@@ -260,7 +297,8 @@ def label_boxes(labels: Volume) -> list[tuple[slice, ...] | None]:
             continue
         stored = [slice(0, 0)] * 3
         for axis, extent in zip(order, box, strict=True):
-            stored[axis] = extent
+            offset = region[axis].start
+            stored[axis] = slice(extent.start + offset, extent.stop + offset)
         boxes.append(tuple(stored))
     return boxes
 
@@ -463,15 +501,21 @@ def _source_block(
 
 
 def _sample(
-    volume: Volume, coords: np.ndarray, *, order: int, output
-) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """`map_coordinates` of `volume.data` at `coords`, reading only the block it needs."""
+    volume: Volume, coords: np.ndarray, *, order: int, output, in_place: bool = False
+) -> np.ndarray:
+    """`map_coordinates` of `volume.data` at `coords`, reading only the block it needs.
+
+    `in_place`: shift `coords` themselves to the block (they are not needed afterwards).
+    """
     block, first = _source_block(coords, volume.data.shape, reach=2)
     # Into the sampling order (C-contiguous), as the whole reoriented volume once was.
     voxels = np.ascontiguousarray(volume.data[block])
-    shifted = coords - first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
-    sampled = ndimage.map_coordinates(voxels, shifted, order=order, mode="nearest", output=output)
-    return sampled, block
+    shift = first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
+    if in_place:
+        coords -= shift
+    else:
+        coords = coords - shift
+    return ndimage.map_coordinates(voxels, coords, order=order, mode="nearest", output=output)
 
 
 def cut_crop(
@@ -492,19 +536,20 @@ def cut_crop(
     shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
     # A voxel is inside the scan when it falls within the source voxels' extent.
     inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
-    if ct.scaled:
-        raw, _ = _sample(ct, coords, order=1, output=np.float64)
-        hu = (raw * ct.slope + ct.intercept).astype(np.float32)
-    else:
-        hu, _ = _sample(ct, coords, order=1, output=np.float32)
-    hu[~inside] = AIR_HU
-    array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
     window = _mask_window(vertebra.box, to_voxel, config.size)
     window_coords = coords[(slice(None), *window)]
     if window_coords.size:
-        label, _ = _sample(labels, window_coords, order=0, output=labels.data.dtype)
+        label = _sample(labels, window_coords, order=0, output=labels.data.dtype)
     else:
         label = np.zeros(window_coords.shape[1:], dtype=labels.data.dtype)
+    # The labels are sampled: the CT may shift the coordinates themselves.
+    if ct.scaled:
+        raw = _sample(ct, coords, order=1, output=np.float64, in_place=True)
+        hu = (raw * ct.slope + ct.intercept).astype(np.float32)
+    else:
+        hu = _sample(ct, coords, order=1, output=np.float32, in_place=True)
+    hu[~inside] = AIR_HU
+    array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
     mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,
@@ -553,8 +598,9 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
     # Counts and boxes from the stored map in memory order; then both volumes are seen
     # along the sampling order (views, no copy).
-    counts = label_counts(labels)
-    boxes = view_boxes(label_boxes(labels), labels, SAMPLING_ORIENTATION)
+    census = label_census(labels)
+    counts = census.counts
+    boxes = view_boxes(label_boxes(labels, census.region), labels, SAMPLING_ORIENTATION)
     ct, labels = (
         oriented_view(ct, SAMPLING_ORIENTATION),
         oriented_view(labels, SAMPLING_ORIENTATION),

@@ -89,6 +89,7 @@ class IngestConfig:
     executor: str = "process"  # "process" | "dask"
     scheduler: str | None = None  # Dask scheduler address; None: a LocalCluster
     series: str | None = None  # DICOM SeriesInstanceUID to read from folder CTs
+    segment: bool = False  # CTs without a label map: TotalSegmentator makes one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -263,7 +264,10 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
     work = out / WORK
     cases_dir = work / "cases"
     labels = read_labels(config.labels) if config.labels is not None else None
-    cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
+    cases, bad = discover_cases(
+        config.src, pairs=config.pairs, exclude=out, missing_seg_ok=config.segment
+    )
+    cases = [_with_segmentation(case, work) if case.seg is None else case for case in cases]
     if not cases and not bad:
         raise IngestError(
             config.src or config.pairs,
@@ -434,6 +438,21 @@ def _assemble_finished(
         assembly.abort()  # before the publish's commit point: the published set stays
         raise
     return assembly.finish(force=True)
+
+
+SEGMENTATIONS = "segmentations"  # inside WORK: label maps TotalSegmentator made (--segment)
+
+
+def _with_segmentation(case: Case, work: Path) -> Case:
+    """A case without a label map, given the one --segment makes for it in the work folder."""
+    name = f"{record_stem(case.case)}.nii.gz"
+    return dataclasses.replace(
+        case, seg=work / SEGMENTATIONS / name, seg_name=f"{WORK}/{SEGMENTATIONS}/{name}"
+    )
+
+
+def _segmented(case: Case, work: Path) -> bool:
+    return case.seg is not None and case.seg.parent == work / SEGMENTATIONS
 
 
 def _write_run(config: IngestConfig, cases: list[Case], bad: list[BadInput], labelled: bool):
