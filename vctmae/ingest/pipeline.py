@@ -64,6 +64,7 @@ from vctmae.ingest.records import (
     geometry_settings,
     record_stem,
 )
+from vctmae.ingest.segment import require_segmenter
 from vctmae.ingest.writers import parse_size
 
 REPORT = "ingest-report.json"
@@ -292,15 +293,27 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
     jobs, resumed = [], {}
     for index, (case, path) in enumerate(zip(cases, records, strict=True)):
         series = case.series or config.series
-        record = None if config.force else finished_record(path, case, config.geometry, series)
+        segment = _segmented(case, work)
+        geometry = config.geometry
+        if segment and geometry.label_scheme == "auto":
+            # TotalSegmentator's values, even for a map holding only L4 (28) and L5 (27).
+            geometry = dataclasses.replace(geometry, label_scheme="totalseg")
+        record = None if config.force else finished_record(path, case, geometry, series)
         if record is not None:
             resumed[index] = record
         else:
             jobs.append(
                 ExtractJob(
-                    index=index, case=case, geometry=config.geometry, record=path, series=series
+                    index=index,
+                    case=case,
+                    geometry=geometry,
+                    record=path,
+                    series=series,
+                    segment=segment,
                 )
             )
+    if any(job.segment and not job.case.seg.exists() for job in jobs):
+        require_segmenter()
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     if config.executor == "dask":
         workers = config.workers or default_workers()
