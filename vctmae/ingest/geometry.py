@@ -508,8 +508,10 @@ def _sample(
     `in_place`: shift `coords` themselves to the block (they are not needed afterwards).
     """
     block, first = _source_block(coords, volume.data.shape, reach=2)
-    # Into the sampling order (C-contiguous), as the whole reoriented volume once was.
-    voxels = np.ascontiguousarray(volume.data[block])
+    # Into the sampling order (C-contiguous), as the whole reoriented volume once was: first
+    # a copy in the stored memory order (long runs), then the small block is reordered —
+    # twice as fast as gathering it across the large volume in sampling order.
+    voxels = np.ascontiguousarray(np.array(volume.data[block], order="K"))
     shift = first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
     if in_place:
         coords -= shift
