@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
-from vctmae.data import mirror, random_offsets
+from vctmae.data import mirror, offset_frames, random_offsets
 from vctmae.model import build_classifier, build_mae
+from vctmae.train.speed import install_patch_embed
 
 
 def load_splits(zarr_path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -58,6 +59,7 @@ def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
 def pretrain_encoder(config: dict[str, Any], crops: torch.Tensor, device: str) -> dict:
     """A few MAE epochs (AdamW β 0.9/0.95, mask 0.8, batch 8); returns the encoder weights."""
     mae = build_mae("tiny", **model_overrides(config)).to(device)
+    install_patch_embed(mae, "auto", torch.device(device))
     optimizer = torch.optim.AdamW(
         mae.parameters(), lr=config.get("mae_lr", 1e-3), betas=(0.9, 0.95), weight_decay=0.05
     )
@@ -65,7 +67,8 @@ def pretrain_encoder(config: dict[str, Any], crops: torch.Tensor, device: str) -
         order = torch.randperm(len(crops), device=device)
         for start in range(0, len(crops) - 7, 8):
             batch = crops[order[start : start + 8]]
-            loss, _, _ = mae.forward_crops(batch, random_offsets(8).to(device), mask_ratio=0.8)
+            frames = offset_frames(random_offsets(8).to(device))
+            loss, _, _ = mae(batch, frames, mask_ratio=0.8)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -83,8 +86,8 @@ def probabilities(model, crops: torch.Tensor, views: list[int], device: str) -> 
             chunks = []
             for start in range(0, len(crops), 64):
                 batch = crops[start : start + 64].to(device)
-                offsets = torch.full((len(batch),), offset, device=device)
-                chunks.append(model.forward_crops(batch, offsets).softmax(1)[:, 1])
+                frames = offset_frames(torch.full((len(batch),), offset, device=device))
+                chunks.append(model(batch, frames).softmax(1)[:, 1])
             per_view.append(torch.cat(chunks))
     model.train()
     return torch.stack(per_view).mean(0).cpu().numpy()
@@ -95,7 +98,7 @@ def run(config: dict[str, Any], data: dict, device: str) -> dict[str, Any]:
     crops, labels = (t.to(device) for t in data["train"])
     (val_crops, val_labels), (test_crops, test_labels) = data["val"], data["test"]
     model = build_classifier("tiny", head_dropout=0.0, **model_overrides(config)).to(device)
-    model.patch_embed_backend = "torch"
+    install_patch_embed(model, "torch", torch.device(device))
     if config.get("mae_epochs"):
         model.load_state_dict(pretrain_encoder(config, crops, device), strict=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
@@ -119,7 +122,7 @@ def run(config: dict[str, Any], data: dict, device: str) -> dict[str, Any]:
             batch_crops = crops[index]
             if config.get("mirror"):
                 batch_crops = mirror(batch_crops, torch.rand(batch, device=device) < 0.5)
-            logits = model.forward_crops(batch_crops, random_offsets(batch).to(device))
+            logits = model(batch_crops, offset_frames(random_offsets(batch).to(device)))
             loss = F.cross_entropy(logits, labels[index], weight=weight)
             optimizer.zero_grad()
             loss.backward()

@@ -1,16 +1,19 @@
 """One prepared GPU check for a lent card: correctness, matmul peak, ViT-L step rates/MFU, kernel speed.
 
 Run through `benchmarks/gpu_check.sh` (repo root on PYTHONPATH, nothing installed). Imports only
-torch, triton, numpy (via torch) and vctmae.{kernels,model,benchreport}. Sections:
+torch, triton and vctmae (kernels, model, bench, provenance, and train.speed, which chooses the
+model's patch-embedding route) with their core dependencies. Sections:
 
 1. correctness — the Triton patch embedding vs a float64 reference on the GPU, forward and backward,
    with fp32 dots (indexing exact: < 1e-5) and bf16 dots (< 1e-2: 2^-9 operand rounding, ~3e-3 on
-   long sums); the model's crop path (forward_crops) with the Triton vs the torch patch embedding.
+   long sums); the model's forward on crops with the Triton vs the torch patch embedding, each
+   installed by `vctmae.train.speed.install_patch_embed`.
 2. peak — median bf16 8192³ matmul rate on random data: the MFU denominator.
 3. steps — ViT-L at 16×96×96: MAE pretraining step (fwd+bwd+AdamW) and classifier finetuning step
    (fwd+bwd+Adam) at the paper batch sizes (8, 64) and larger, (a) SDPA + bf16 autocast + fused
-   optimizer + Triton patch embedding, (b) the same under torch.compile, (c) eager fp32 as the
-   paper code (fp32, math attention, for-loop optimizer, sample_frames + RGB Conv3d).
+   optimizer + Triton patch embedding, (b) the same under torch.compile (both through
+   `vctmae.train.speed.apply_speedups`, as training), (c) eager fp32 as the paper code (fp32, math
+   attention, for-loop optimizer) with the torch patch embedding (frame gather + Conv3d).
 4. patch_embed — Triton kernel vs the torch path (sample_frames + Conv3d on replicated RGB floats),
    forward+backward, at the pretraining (keep 57 of 288) and finetuning (all 288) shapes.
 
@@ -19,8 +22,7 @@ MFU = model FLOPs per second / measured bf16 peak. Training FLOPs per sample =
 + 12 · Σ_attention layers (N² · width)                          [QKᵀ and AV: fwd 4·N²·width, ×3]
 with the patch embedding counted as a (512 → D) linear on the tokens it embeds (57 visible ones in
 MAE pretraining, all 288 when finetuning), encoder N = 1 + 57 (MAE) or 1 + 288 (classifier),
-decoder N = 288. The eager fp32 baseline is credited with the same model FLOPs (its RGB conv does
-3× the patch-embedding arithmetic, which is waste, not work).
+decoder N = 288. The eager fp32 baseline is credited with the same model FLOPs.
 
 CPU dry run (no GPU: Triton runs in its interpreter with fp32 dots, tiny model, few steps):
     python benchmarks/gpu_check.py --device cpu --preset tiny
@@ -86,9 +88,9 @@ from vctmae.kernels import (  # noqa: E402
     patch_embed_reference,
     stride_frames,
 )
-from vctmae.kernels.reference import sample_frames_reference  # noqa: E402
 from vctmae.kernels.triton_patch_embed import patch_embed_triton  # noqa: E402
 from vctmae.model import build_classifier, build_mae, visible_count  # noqa: E402
+from vctmae.train.speed import apply_speedups, install_patch_embed  # noqa: E402
 
 START = time.perf_counter()
 DEVICE = torch.device(ARGS.device)
@@ -218,22 +220,23 @@ def check_kernel(batch: int, dim: int, keep_count: int | None, *, check_fp32: bo
     )
 
 
-def model_outputs(model: nn.Module, kind: str, crops, offsets, noise, backend: str, autocast: bool):
-    """(output, grad of patch_embed.proj.weight) of forward_crops with one patch-embedding backend."""
-    model.patch_embed_backend = backend
+def model_outputs(model: nn.Module, kind: str, crops, frames, noise, backend: str, autocast: bool):
+    """(output, grad of patch_embed.proj.weight) of the model's forward on crops + frame indices
+    with one patch-embedding route installed."""
+    install_patch_embed(model, backend, DEVICE)
     model.zero_grad(set_to_none=True)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
         if kind == "mae":
-            loss, out, _ = model.forward_crops(crops, offsets, 0.8, noise=noise)
+            loss, out, _ = model(crops, frames, 0.8, noise=noise)
         else:
-            out = model.forward_crops(crops, offsets)
+            out = model(crops, frames)
             loss = out.float().pow(2).mean()
     loss.backward()
     return out.detach().float(), model.patch_embed.proj.weight.grad.clone()
 
 
 def check_model_paths() -> None:
-    """forward_crops with the Triton vs the torch patch embedding: same weights, same masking noise.
+    """The model with the Triton vs the torch patch embedding: same weights, same masking noise.
 
     Reference: the torch route in fp32 with TF32 off. On a GPU the Triton route (fp32 model, bf16
     dots in the patch embedding only) must be no further from it than twice the distance of the
@@ -253,11 +256,11 @@ def check_model_paths() -> None:
             batch = 4 if CUDA else 1
             crops, offsets = random_crops(batch)
             noise = torch.rand(batch, NUM_TOKENS, device=DEVICE)
-            args = (model, kind, crops, offsets, noise)
+            args = (model, kind, crops, stride_frames(offsets), noise)
             reference = model_outputs(*args, "torch", autocast=False)
             triton_route = model_outputs(*args, "triton", autocast=False)
             yardstick = model_outputs(*args, "torch", autocast=True)
-            for index, what in enumerate(("forward_crops output", "patch_embed.proj.weight grad")):
+            for index, what in enumerate(("forward output", "patch_embed.proj.weight grad")):
                 error = relative_error(triton_route[index], reference[index])
                 if CUDA:
                     bf16_error = relative_error(yardstick[index], reference[index])
@@ -345,15 +348,6 @@ def training_flops_per_sample(model: nn.Module, kind: str) -> float:
     return 6.0 * macs + 12.0 * attention
 
 
-def rgb_clip(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The paper code's input: sample_frames replicated to 3 float channels (B, 3, 16, 96, 96)."""
-    return (
-        sample_frames_reference(crops, stride_frames(offsets))
-        .expand(-1, 3, -1, -1, -1)
-        .contiguous()
-    )
-
-
 def make_step(model: nn.Module, kind: str, mode: str, batch: int):
     """One training step closure for mode 'bf16' | 'compile' | 'fp32'."""
     fused = CUDA and mode != "fp32"
@@ -370,31 +364,31 @@ def make_step(model: nn.Module, kind: str, mode: str, batch: int):
             model.parameters(), lr=1e-5, **({"fused": True} if fused else {"foreach": False})
         )
     crops, offsets = random_crops(batch)
+    frames = stride_frames(offsets)  # (B, 16) slice indices o + 6k
     labels = torch.randint(0, 2, (batch,), device=DEVICE)
 
+    def loss_of(module: nn.Module) -> torch.Tensor:
+        if kind == "mae":
+            return module(crops, frames, 0.8)[0]
+        return F.cross_entropy(module(crops, frames), labels)
+
     if mode == "fp32":
-        model.patch_embed_backend = "torch"
+        module = apply_speedups(model, patch_embed="torch", compile=False, device=DEVICE)
 
         def forward() -> torch.Tensor:
-            clip = rgb_clip(crops, offsets)
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-                if kind == "mae":
-                    return model(clip, 0.8)[0]
-                return F.cross_entropy(model(clip), labels)
+                return loss_of(module)
     else:
-        model.patch_embed_backend = "auto" if CUDA else "triton"
-
-        def forward_crops(crops, offsets, labels):
-            if kind == "mae":
-                return model.forward_crops(crops, offsets, 0.8)[0]
-            return F.cross_entropy(model.forward_crops(crops, offsets), labels)
-
-        run = torch.compile(forward_crops) if mode == "compile" else forward_crops
-        autocast_dtype = torch.bfloat16
+        module = apply_speedups(
+            model,
+            patch_embed="auto" if CUDA else "triton",
+            compile=mode == "compile",
+            device=DEVICE,
+        )
 
         def forward() -> torch.Tensor:
-            with torch.autocast(DEVICE.type, dtype=autocast_dtype):
-                return run(crops, offsets, labels)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                return loss_of(module)
 
     def step() -> None:
         loss = forward()
@@ -545,14 +539,14 @@ def run_launch_configs() -> None:
     problem = kernel_bench.Problem.random(kernel_bench.PAPER_SHAPES[1], 1024, DEVICE)
     weight = problem.conv.weight.detach().sum(1).flatten(1).contiguous()
     bias = problem.conv.bias.detach()
-    offsets = problem.offsets.to(torch.int32)
+    frames = problem.frames.to(torch.int32)
     grad_out = torch.randn(problem.crops.shape[0], NUM_TOKENS, 1024, device=DEVICE)
 
     def forward() -> torch.Tensor:
-        return tpe._launch_forward(problem.crops, offsets, None, weight, bias, None, True)
+        return tpe._launch_forward(problem.crops, frames, None, weight, bias, None, True)
 
     def grad_weight() -> torch.Tensor:
-        return tpe._launch_grad_weight(problem.crops, offsets, None, grad_out, 1024, True)
+        return tpe._launch_grad_weight(problem.crops, frames, None, grad_out, 1024, True)
 
     defaults = (tpe.forward_config, tpe.grad_weight_config)
     try:

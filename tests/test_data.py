@@ -199,11 +199,44 @@ def test_remote_shards_are_fetched_once_and_read_like_local(tmp_path, monkeypatc
         ShardLoader([bad], batch_size=2, training=False, num_workers=0, device="cpu")
 
 
+def test_members_in_folders_are_distinct_samples(tmp_path):
+    """Keys are whole member paths (up to the first dot of the last component), never basenames:
+    a/x.crop.npy and b/x.crop.npy are two samples, and a folder name with a dot stays a folder."""
+    rng = np.random.default_rng()
+    crops = rng.integers(-2000, 3000, size=(4, *SMALL), dtype=np.int16)
+    keys = ["a/x_L1", "b/x_L1", "x_L1", "v1.2/x_L1"]
+    write_shard(
+        tmp_path / "nested-000000.tar", list(zip(keys, crops, [0, 1, None, 1], strict=True))
+    )
+    loader = ShardLoader(
+        str(tmp_path / "nested-000000.tar"), batch_size=3, training=False, num_workers=0,
+        device="cpu",
+    )  # fmt: skip
+    got = {k: c for batch in loader for k, c in zip(batch.keys, batch.crops, strict=True)}
+    assert sorted(got) == sorted(keys)
+    for key, crop in zip(keys, crops, strict=True):
+        assert np.array_equal(got[key].numpy(), crop)
+    labels = {k: int(v) for batch in loader for k, v in zip(batch.keys, batch.labels, strict=True)}
+    assert labels == {"a/x_L1": 0, "b/x_L1": 1, "x_L1": -1, "v1.2/x_L1": 1}
+
+
 # ----------------------------------------------------------------------------- rank/worker split
 
 
+def round_robin(per_worker: list[list[int]]) -> list[int]:
+    """DataLoader's hand-over for iterable datasets: one item from each worker in turn, passing
+    over workers that have finished (an independent model of what the loader relies on)."""
+    queues = [list(items) for items in per_worker]
+    out: list[int] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop(0))
+    return out
+
+
 def test_epoch_plan_properties_on_random_layouts():
-    from vctmae.data.loader import epoch_plan
+    from vctmae.data.loader import epoch_plan, worker_batches
 
     rng = np.random.default_rng()
     for _ in range(200):
@@ -214,16 +247,20 @@ def test_epoch_plan_properties_on_random_layouts():
             int(rng.integers(1, 9)),
         )
         total = sum(sizes)
-        args = dict(world_size=world, workers=workers, batch_size=batch, seed=int(rng.integers(99)))
+        args = dict(world_size=world, batch_size=batch, seed=int(rng.integers(99)))
         evaluation = epoch_plan(sizes, training=False, epoch=0, **args)
+        assert len(evaluation) == world
         assert sorted(np.concatenate(evaluation).tolist()) == list(range(total))  # exactly once
         training = epoch_plan(sizes, training=True, epoch=int(rng.integers(9)), **args)
         used = np.concatenate(training)
         assert len(set(used.tolist())) == len(used) and set(used.tolist()) <= set(range(total))
-        assert {len(part) for part in training} == {total // (world * workers * batch) * batch}
-        assert (
-            total - len(used) < world * workers * batch
-        )  # drop_last drops less than one batch each
+        assert {len(part) for part in training} == {total // (world * batch) * batch}  # equal split
+        assert total - len(used) < world * batch  # drop_last drops less than one batch per rank
+        # Dealing a rank's batches to its workers: every batch exactly once, handed back in order.
+        batches, start = int(rng.integers(0, 30)), int(rng.integers(0, 5))
+        dealt = [list(worker_batches(batches, workers=workers, worker=w, start=start))
+                 for w in range(workers)]  # fmt: skip
+        assert round_robin(dealt) == list(range(start, batches))
 
 
 @pytest.mark.parametrize("sizes", [[5, 1, 9], [2, 3, 1, 4, 2, 2, 1, 3, 2]])
@@ -282,7 +319,7 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
 
     loaders = ranks(seed=3)
     first = epoch(loaders, 0)
-    assert len(first[0]) == len(first[1]) == 8  # 4 workers × ⌊18 / (4·2)⌋·2 samples
+    assert len(first[0]) == len(first[1]) == 8  # per rank ⌊18 / (2·2)⌋·2 samples
     everything = first[0] + first[1]
     assert len(set(everything)) == len(everything) and set(everything) <= set(truth)
     second = epoch(loaders, 1)
@@ -311,6 +348,38 @@ def test_training_covers_everything_when_divisible(tmp_path):
         loader.set_epoch(5)
         seen.extend(collect(loader)[0])
     assert Counter(seen) == Counter(truth.keys())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batches_do_not_depend_on_the_number_of_workers(tmp_path, training):
+    """37 crops at batch 4 (issue 9: 9 steps at 0 workers, 8 at 2): 0, 1 and 2 workers
+    give the same batches in the same order, epoch after epoch, on every rank."""
+    make_shards(tmp_path, [11, 4, 13, 9], seed=int(np.random.default_rng().integers(1 << 30)))
+    shards = str(tmp_path / "train-*.tar")
+    for world in (1, 2):
+        epochs = {}
+        for workers in (0, 1, 2):
+            loaders = [
+                ShardLoader(shards, batch_size=4, training=training, num_workers=workers,
+                            device="cpu", rank=rank, world_size=world, seed=7)
+                for rank in range(world)
+            ]  # fmt: skip
+            runs = []
+            for epoch in (0, 1):
+                for loader in loaders:
+                    loader.set_epoch(epoch)
+                    runs.append([batch.keys for batch in loader])
+                    assert len(runs[-1]) == len(loader)
+            epochs[workers] = runs
+        assert epochs[0] == epochs[1] == epochs[2]
+        if training:  # per rank ⌊37 / (world · 4)⌋ full batches
+            assert {len(run) for run in epochs[0]} == {37 // (world * 4)}
+            assert epochs[0][0] != epochs[0][world]  # reshuffled in epoch 1
+        else:  # every crop once, the ranks' last batches partial
+            assert sorted(k for run in epochs[0][:world] for b in run for k in b) == sorted(
+                k for run in epochs[0][world:] for b in run for k in b
+            )
+            assert sum(len(b) for run in epochs[0][:world] for b in run) == 37
 
 
 @pytest.mark.parametrize(
@@ -354,6 +423,7 @@ def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path)
     for batch in loader:
         for key, crop in zip(batch.keys, batch.crops, strict=True):
             assert np.array_equal(crop.numpy(), truth[key][0])
+    # One batch per rank is what training needs (loader workers do not matter): 8 < 3 × 3.
     with pytest.raises(ValueError, match="too few"):
         ShardLoader(
             str(tmp_path / "train-*.tar"),
@@ -362,7 +432,7 @@ def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path)
             num_workers=2,
             device="cpu",
             rank=0,
-            world_size=2,
+            world_size=3,
         )
 
 

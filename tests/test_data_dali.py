@@ -97,3 +97,31 @@ def test_dali_frames_equal_sample_frames(shards, offset):
     assert set(drawn) <= set(range(6))
     if offset is not None:
         assert set(drawn) == {offset}
+
+
+def test_dali_keys_keep_member_folders(tmp_path):
+    """DALI names samples as the torch backend does: whole member paths, never basenames."""
+    from test_data import write_shard
+
+    rng = np.random.default_rng()
+    crops = rng.integers(-2000, 3000, size=(4, 96, 96, 96), dtype=np.int16)
+    keys = ["a/x_L1", "b/x_L1", "x_L1", "v1.2/x_L1"]
+    write_shard(
+        tmp_path / "nested-000000.tar", list(zip(keys, crops, [0, 1, None, 1], strict=True))
+    )
+    by_backend = {}
+    for backend in ("torch", "dali"):
+        loader = ShardLoader(
+            str(tmp_path / "nested-000000.tar"), batch_size=2, training=False, num_workers=1,
+            device="cpu", backend=backend,
+        )  # fmt: skip
+        by_backend[backend] = {
+            key: (crop, int(label))
+            for batch in loader
+            for key, crop, label in zip(batch.keys, batch.crops, batch.labels, strict=True)
+        }
+    assert sorted(by_backend["dali"]) == sorted(keys)
+    for key, (crop, label) in by_backend["dali"].items():
+        assert (
+            torch.equal(crop, by_backend["torch"][key][0]) and label == by_backend["torch"][key][1]
+        )

@@ -1,17 +1,27 @@
-"""Architecture tests of vctmae.model: presets, masking, targets, loss, channels, crop path, attention."""
+"""Architecture tests of vctmae.model: presets, masking, targets, loss, channels, crop path, attention.
+
+The models take int16 crops and per-sample frame indices; where a test needs the clip those
+select, it is gathered by the plain loop `crop_clip`, and the model's parts are run on it
+(`_mae_on_clip`, `_classifier_on_clip`) for the other side of the comparison.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from test_model_reference import crop_clip, random_crops, random_frames
 
+from vctmae.data import offset_frames
+from vctmae.errors import UsageError
 from vctmae.model import (
     ModelConfig,
     attention_maps,
@@ -24,29 +34,46 @@ from vctmae.model import (
     unpatchify,
     visible_count,
 )
+from vctmae.model.vit import PatchEmbed
+from vctmae.train.speed import TritonPatchEmbed, install_patch_embed, resolve_patch_embed
 
 TINY = dict(
     embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2
 )
 
 
-def _clip(batch, channels=1, seed=0):
-    return torch.rand(batch, channels, 16, 96, 96, generator=torch.Generator().manual_seed(seed))
-
-
-def _crops(batch, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(-1500, 2500, (batch, 96, 96, 96), generator=gen, dtype=torch.int16)
+CPU = torch.device("cpu")
+# The frames the decoder predicts: mae_st's linspace(0, 15, 8).long().
+PREDICTED = [0, 2, 4, 6, 8, 10, 12, 15]
 
 
 def _frames(crops, offsets):
-    """Frames crop[o + 6k], HU clipped to [-1000, 1000] → [0, 1], written out plainly."""
-    out = torch.empty(crops.shape[0], 1, 16, 96, 96)
-    for b in range(crops.shape[0]):
-        for k in range(16):
-            hu = crops[b, int(offsets[b]) + 6 * k].float()
-            out[b, 0, k] = (hu.clamp(-1000, 1000) + 1000) / 2000
-    return out
+    """The paper's clip of each crop, frame k = slice o + 6k (B, 1, 16, 96, 96), gathered plainly."""
+    slices = torch.tensor([[int(o) + 6 * k for k in range(16)] for o in offsets])
+    return crop_clip(crops, slices)
+
+
+def _clip_target(mae, clip):
+    """The MAE's regression target for a float clip (B, C, 16, 96, 96): the predicted frames,
+    normalised as the model's input, patchified (a grey clip repeated over RGB)."""
+    return patchify(mae.normalize_input(clip[:, :, PREDICTED]), t_patch=1, patch=16, channels=3)
+
+
+def _mae_on_clip(mae, clip, noise, mask_ratio=0.8):
+    """(loss, pred, mask) of the MAE on a float clip instead of crops, from its parts: tokens by
+    `PatchEmbed.embed_clip` + positions, the kept ones by a plain gather, encoder, decoder, loss."""
+    masking = random_masking(noise, mask_ratio)
+    tokens = mae.patch_embed.embed_clip(clip) + mae.patch_pos_embed()  # (B, L, D)
+    index = masking.ids_keep[:, :, None].expand(-1, -1, tokens.shape[-1])  # (B, K, D)
+    latent = mae.encode_visible(torch.gather(tokens, 1, index))  # (B, K, D)
+    pred = mae.forward_decoder(latent, masking.ids_restore)  # (B, L, 768)
+    return mae.forward_loss(_clip_target(mae, clip), pred, masking.mask), pred, masking.mask
+
+
+def _classifier_on_clip(classifier, clip):
+    """Logits of the classifier on a float clip instead of crops, from its parts."""
+    tokens = classifier.patch_embed.embed_clip(clip) + classifier.patch_pos_embed()  # (B, L, D)
+    return classifier.head(classifier.dropout(classifier.features(tokens)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +135,7 @@ def test_every_preset_trains_on_a_tiny_input(preset):
     overrides = {} if preset == "tiny" else {"depth": 1, "decoder_depth": 1}
     torch.manual_seed(0)
     mae = build_mae(preset, **overrides)
-    loss, pred, mask = mae(_clip(1), mask_ratio=0.8)
+    loss, pred, mask = mae(random_crops(1), random_frames(1), mask_ratio=0.8)
     loss.backward()
     assert torch.isfinite(loss) and pred.shape == (1, 288, 768) and mask.shape == (1, 288)
     grads = [p.grad for p in mae.parameters()]
@@ -116,7 +143,7 @@ def test_every_preset_trains_on_a_tiny_input(preset):
     assert mae.patch_embed.proj.weight.grad.abs().sum() > 0
 
     classifier = build_classifier(preset, num_classes=2, **overrides)
-    logits = classifier(_clip(1, seed=1))
+    logits = classifier(random_crops(1, seed=1), offset_frames(torch.tensor([2])))
     logits.sum().backward()
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
     assert all(torch.isfinite(p.grad).all() for p in classifier.parameters())
@@ -129,9 +156,9 @@ def test_every_preset_trains_on_a_tiny_input(preset):
 def test_masking_keeps_57_of_288_and_is_reproducible():
     assert visible_count(288, 0.8) == 57
     mae = build_mae("tiny", **TINY).eval()
-    x = _clip(2)
+    crops, frames = random_crops(2), random_frames(2)
     noise = torch.rand(2, 288)
-    latent, mask, ids_restore = mae.forward_encoder(x, 0.8, noise=noise)
+    latent, mask, ids_restore = mae.forward_encoder(crops, frames, 0.8, noise=noise)
     assert latent.shape == (2, 57, 32)
     assert mask.sum(1).tolist() == [231.0, 231.0]
     # the visible tokens are exactly the 57 smallest noise values
@@ -140,9 +167,9 @@ def test_masking_keeps_57_of_288_and_is_reproducible():
         assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(smallest[b].tolist())
     assert sorted(ids_restore[0].tolist()) == list(range(288))
     with torch.no_grad():
-        first = mae(x, noise=noise)
-        again = mae(x, noise=noise.clone())
-        other = mae(x, noise=torch.rand(2, 288))
+        first = mae(crops, frames, noise=noise)
+        again = mae(crops, frames, noise=noise.clone())
+        other = mae(crops, frames, noise=torch.rand(2, 288))
     torch.testing.assert_close(first[1], again[1], rtol=0, atol=0)
     assert torch.equal(first[2], again[2])
     assert not torch.equal(first[2], other[2])
@@ -165,20 +192,28 @@ def test_target_frames_are_mae_st_linspace():
 
 
 def test_target_layout_is_mae_st_patchify():
+    """The model's target (grey frames of the crops, repeated over RGB) and the (u, p, q, c)
+    layout with three distinct channels (patchify on an RGB clip)."""
     mae = build_mae("tiny", **TINY, input_mean=0.0, input_std=1.0)  # raw pixels as targets
-    clip = torch.rand(2, 3, 16, 96, 96)
-    target = mae.target(clip)  # (B, 288, 768)
+    crops, frames = random_crops(2, seed=5), random_frames(2, seed=5)
+    clip = crop_clip(crops, frames)  # (B, 1, 16, 96, 96)
+    target = mae.target(crops, frames)  # (B, 288, 768)
     assert target.shape == (2, 288, 768)
-    frames = [0, 2, 4, 6, 8, 10, 12, 15]
+    rgb = torch.rand(2, 3, 16, 96, 96)
+    rgb_target = patchify(rgb[:, :, PREDICTED], t_patch=1, patch=16, channels=3)
     gen = torch.Generator().manual_seed(5)
     for _ in range(200):
         b, t, row, col = (int(torch.randint(n, (1,), generator=gen)) for n in (2, 8, 6, 6))
         p, q, c = (int(torch.randint(n, (1,), generator=gen)) for n in (16, 16, 3))
         token = t * 36 + row * 6 + col
         value_index = (p * 16 + q) * 3 + c  # (u, p, q, c) with u = 0
-        assert target[b, token, value_index] == clip[b, c, frames[t], row * 16 + p, col * 16 + q]
+        frame, y, x = PREDICTED[t], row * 16 + p, col * 16 + q
+        assert target[b, token, value_index] == clip[b, 0, frame, y, x]
+        assert rgb_target[b, token, value_index] == rgb[b, c, frame, y, x]
     # unpatchify inverts it
-    torch.testing.assert_close(mae.unpatchify(target), clip[:, :, frames], rtol=0, atol=0)
+    grey_rgb = clip[:, :, PREDICTED].expand(-1, 3, -1, -1, -1)
+    torch.testing.assert_close(mae.unpatchify(target), grey_rgb, rtol=0, atol=0)
+    torch.testing.assert_close(mae.unpatchify(rgb_target), rgb[:, :, PREDICTED], rtol=0, atol=0)
 
 
 def test_patchify_with_two_frame_tubes_orders_time_first():
@@ -194,11 +229,11 @@ def test_patchify_with_two_frame_tubes_orders_time_first():
 
 def test_loss_covers_masked_tokens_only():
     mae = build_mae("tiny", **TINY).eval()
-    x = _clip(2)
+    crops, frames = random_crops(2), offset_frames(torch.tensor([1, 4]))
     noise = torch.rand(2, 288)
     with torch.no_grad():
-        loss, pred, mask = mae(x, noise=noise)
-        target = mae.target(x)
+        loss, pred, mask = mae(crops, frames, noise=noise)
+        target = mae.target(crops, frames)
         visible = (1 - mask).unsqueeze(-1)
         bumped = pred + 5.0 * torch.randn_like(pred) * visible  # change only visible tokens
         torch.testing.assert_close(mae.forward_loss(target, bumped, mask), loss)
@@ -210,10 +245,10 @@ def test_loss_covers_masked_tokens_only():
 
 def test_norm_pix_loss_normalises_each_target_patch():
     mae = build_mae("tiny", norm_pix_loss=True, **TINY).eval()
-    x = _clip(1)
+    crops, frames = random_crops(1), random_frames(1)
     with torch.no_grad():
-        loss, pred, mask = mae(x, noise=torch.rand(1, 288))
-        target = mae.target(x)
+        loss, pred, mask = mae(crops, frames, noise=torch.rand(1, 288))
+        target = mae.target(crops, frames)
         normed = (target - target.mean(-1, keepdim=True)) / (
             target.var(-1, keepdim=True) + 1e-6
         ) ** 0.5
@@ -226,21 +261,40 @@ def test_norm_pix_loss_normalises_each_target_patch():
 
 
 def test_one_channel_equals_three_replicated_channels():
+    """The folded one-channel patch embedding (what the model runs on crops) = the RGB Conv3d on
+    the replicated clip; the target repeats the grey frames over RGB."""
     torch.manual_seed(1)
     mae = build_mae("tiny", **TINY).eval()
     classifier = build_classifier("tiny", **TINY).eval()
-    grey = _clip(2, channels=1, seed=3)
+    crops, frames = random_crops(2, seed=3), random_frames(2, seed=3)
+    grey = crop_clip(crops, frames)
     rgb = grey.expand(-1, 3, -1, -1, -1)
     noise = torch.rand(2, 288)
     with torch.no_grad():
-        loss1, pred1, mask1 = mae(grey, noise=noise)
-        loss3, pred3, mask3 = mae(rgb, noise=noise)
+        for model in (mae, classifier):
+            # In float64, so that only the folding is compared, not fp32 sums of 512 vs 1536 terms.
+            patch_embed = copy.deepcopy(model.patch_embed).double()
+            torch.testing.assert_close(
+                patch_embed.embed_clip(grey.double()),
+                patch_embed.embed_clip(rgb.double()),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+        loss1, pred1, mask1 = mae(crops, frames, noise=noise)
+        loss3, pred3, mask3 = _mae_on_clip(mae, rgb, noise)
         torch.testing.assert_close(pred1, pred3, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss1, loss3, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mae.target(grey), mae.target(rgb), rtol=0, atol=0)
-        torch.testing.assert_close(classifier(grey), classifier(rgb), rtol=1e-5, atol=1e-5)
+        grey_target = patchify(grey[:, :, PREDICTED], t_patch=1, patch=16, channels=3)
+        rgb_target = patchify(rgb[:, :, PREDICTED], t_patch=1, patch=16, channels=3)
+        torch.testing.assert_close(grey_target, rgb_target, rtol=0, atol=0)
+        torch.testing.assert_close(
+            mae.target(crops, frames), _clip_target(mae, rgb), rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            classifier(crops, frames), _classifier_on_clip(classifier, rgb), rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match="channels"):
-        mae(_clip(1, channels=2), noise=torch.rand(1, 288))
+        mae.patch_embed.embed_clip(torch.rand(1, 2, 16, 96, 96))
 
 
 def test_input_normalisation_equals_normalising_the_clip_by_hand():
@@ -254,7 +308,11 @@ def test_input_normalisation_equals_normalising_the_clip_by_hand():
         model = build("tiny", **normed).eval()
         reference = build("tiny", **plain).eval()
         reference.load_state_dict(model.state_dict())
-        grey = _clip(2, channels=1, seed=5)
+        # HU inside the window: clip values uniform in [0, 1], the magnitudes these fp32 bounds
+        # were set for.
+        crops = random_crops(2, seed=5, low=-1000, high=1001)
+        frames = offset_frames(torch.tensor([0, 5]))
+        grey = crop_clip(crops, frames)
         by_hand = (grey - mean) / std
         with torch.no_grad():
             expected = (
@@ -267,18 +325,28 @@ def test_input_normalisation_equals_normalising_the_clip_by_hand():
                 .flatten(2)
                 .transpose(1, 2)
             )
-            torch.testing.assert_close(model.patch_embed(grey), expected, rtol=1e-5, atol=1e-5)
+            no_positions = torch.zeros(1, 288, 32)
+            torch.testing.assert_close(
+                model.patch_embed(crops, frames, no_positions), expected, rtol=1e-5, atol=1e-5
+            )
             if build is build_mae:
                 noise = torch.rand(2, 288)
-                got, want = model(grey, noise=noise), reference(by_hand, noise=noise)
+                got = model(crops, frames, noise=noise)
+                want = _mae_on_clip(reference, by_hand, noise)
                 for a, b in zip(got, want, strict=True):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(model.target(grey), reference.target(by_hand))
-                back = model.denormalize_input(model.unpatchify(model.target(grey)))
-                frames = target_frame_indices(16, 8)
-                torch.testing.assert_close(back[:, :1], grey[:, :, frames], rtol=1e-5, atol=1e-6)
+                target = model.target(crops, frames)
+                torch.testing.assert_close(target, _clip_target(reference, by_hand))
+                back = model.denormalize_input(model.unpatchify(target))
+                predicted = target_frame_indices(16, 8)
+                torch.testing.assert_close(back[:, :1], grey[:, :, predicted], rtol=1e-5, atol=1e-6)
             else:
-                torch.testing.assert_close(model(grey), reference(by_hand), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    model(crops, frames),
+                    _classifier_on_clip(reference, by_hand),
+                    rtol=1e-5,
+                    atol=1e-5,
+                )
 
 
 def test_kernel_arguments_fold_the_normalisation():
@@ -287,12 +355,11 @@ def test_kernel_arguments_fold_the_normalisation():
 
     torch.manual_seed(5)
     model = build_mae("tiny", **dict(TINY, input_mean=0.4, input_std=0.25)).eval()
-    crops = _crops(2, seed=8)
-    offsets = torch.tensor([2, 4])
+    crops, frames = random_crops(2, seed=8), random_frames(2, seed=8)
     weight, bias = model.patch_embed.kernel_weight_and_bias()
     with torch.no_grad():
-        got = patch_embed_reference(crops, offsets, weight, bias, keep=None, pos=None)
-        want = model.patch_embed(_frames(crops, offsets))
+        got = patch_embed_reference(crops, frames, weight, bias, keep=None, pos=None)
+        want = model.patch_embed.embed_clip(crop_clip(crops, frames))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -301,49 +368,66 @@ def test_kernel_arguments_fold_the_normalisation():
 
 
 def test_crop_path_equals_frames_path():
+    """The models on crops + frame indices = their parts on the clip those indices select (gathered
+    plainly): the paper's o + 6k through `offset_frames`, and arbitrary sorted slices."""
     torch.manual_seed(2)
     mae = build_mae("tiny", **TINY).eval()
     classifier = build_classifier("tiny", **TINY).eval()
-    mae.patch_embed_backend = classifier.patch_embed_backend = "torch"
-    crops = _crops(2, seed=4)
+    for model in (mae, classifier):
+        assert install_patch_embed(model, "torch", CPU) == "torch"
+    crops = random_crops(2, seed=4)
     offsets = torch.tensor([0, 5])
-    frames = _frames(crops, offsets)
-    noise = torch.rand(2, 288)
-    with torch.no_grad():
-        expected = mae(frames, noise=noise)
-        got = mae.forward_crops(crops, offsets, noise=noise)
-        for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(
-            classifier.forward_crops(crops, offsets), classifier(frames), rtol=1e-5, atol=1e-6
-        )
+    arbitrary = random_frames(2, seed=4)
+    cases = [
+        (offset_frames(offsets), _frames(crops, offsets)),
+        (arbitrary, crop_clip(crops, arbitrary)),
+    ]
+    for frames, clip in cases:
+        noise = torch.rand(2, 288)
+        with torch.no_grad():
+            expected = _mae_on_clip(mae, clip, noise)
+            got = mae(crops, frames, noise=noise)
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                classifier(crops, frames),
+                _classifier_on_clip(classifier, clip),
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_kernel_route_plumbing_equals_frames_path(monkeypatch):
-    """The Triton route (keep ids, positional table, target gathered from crops) with the kernel's
-    contract stood in by its torch reference, on CPU."""
+    """The installed Triton route (keep ids, positional table, kernel arguments; target gathered
+    from the crops) with the kernel's contract stood in by its torch reference, on CPU."""
     from vctmae.kernels import patch_embed_reference
 
     calls = []
 
-    def kernel_stand_in(crops, offsets, weight, bias, *, keep, pos):
+    def kernel_stand_in(crops, frames, weight, bias, *, keep, pos):
         calls.append(None if keep is None else tuple(keep.shape))
-        return patch_embed_reference(crops, offsets, weight, bias, keep=keep, pos=pos)
+        return patch_embed_reference(crops, frames, weight, bias, keep=keep, pos=pos)
 
-    monkeypatch.setattr("vctmae.model.vit.triton_patch_tokens", kernel_stand_in)
+    # The route imports its kernel from this module when it runs; no triton package is needed.
+    stand_in = types.ModuleType("vctmae.kernels.triton_patch_embed")
+    stand_in.patch_embed_triton = kernel_stand_in
+    monkeypatch.setitem(sys.modules, "vctmae.kernels.triton_patch_embed", stand_in)
+    monkeypatch.setattr("vctmae.train.speed.triton_available", lambda: True)
     torch.manual_seed(3)
     mae = build_mae("tiny", **TINY).eval()
     classifier = build_classifier("tiny", **TINY).eval()
-    mae.patch_embed_backend = classifier.patch_embed_backend = "triton"
-    crops = _crops(3, seed=6)
-    offsets = torch.tensor([1, 3, 4])
-    frames = _frames(crops, offsets)
+    for model in (mae, classifier):
+        assert install_patch_embed(model, "triton", CPU) == "triton"
+        assert type(model.patch_embed) is TritonPatchEmbed
+    crops, frames = random_crops(3, seed=6), random_frames(3, seed=6)
+    clip = crop_clip(crops, frames)
     noise = torch.rand(3, 288)
-    loss, pred, mask = mae.forward_crops(crops, offsets, noise=noise)
+    loss, pred, mask = mae(crops, frames, noise=noise)
     loss.backward()
     grad_kernel = mae.patch_embed.proj.weight.grad.clone()
     mae.zero_grad()
-    ref_loss, ref_pred, ref_mask = mae(frames, noise=noise)
+    # embed_clip is the torch Conv3d, on the same (shared) parameters.
+    ref_loss, ref_pred, ref_mask = _mae_on_clip(mae, clip, noise)
     ref_loss.backward()
     torch.testing.assert_close(pred, ref_pred, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -351,30 +435,47 @@ def test_kernel_route_plumbing_equals_frames_path(monkeypatch):
     torch.testing.assert_close(grad_kernel, mae.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(
-            classifier.forward_crops(crops, offsets), classifier(frames), rtol=1e-4, atol=1e-5
+            classifier(crops, frames), _classifier_on_clip(classifier, clip), rtol=1e-4, atol=1e-5
         )
     assert calls == [(3, 57), None]
 
 
+def test_installed_patch_embedding_shares_the_parameters(monkeypatch):
+    """Swapping the route keeps the model's parameters (the same tensors) and state-dict keys, so
+    optimizers and checkpoints are unaffected; swapping back gives the plain torch module."""
+    monkeypatch.setattr("vctmae.train.speed.triton_available", lambda: True)
+    mae = build_mae("tiny", **TINY)
+    keys, parameters = list(mae.state_dict()), list(mae.parameters())
+    assert type(mae.patch_embed) is PatchEmbed
+    for choice, kind in (("triton", TritonPatchEmbed), ("torch", PatchEmbed), ("auto", PatchEmbed)):
+        install_patch_embed(mae, choice, CPU)
+        assert type(mae.patch_embed) is kind
+        assert list(mae.state_dict()) == keys
+        assert all(a is b for a, b in zip(mae.parameters(), parameters, strict=True))
+
+
 def test_real_triton_kernel_under_interpreter_matches_torch_route():
-    """The model's Triton route with the real kernel, run by the Triton CPU interpreter."""
+    """The installed Triton route with the real kernel, run by the Triton CPU interpreter."""
     pytest.importorskip("triton")
     script = textwrap.dedent(
         """
         import torch
-        from vctmae.model import build_mae, build_classifier
+        from vctmae.model import build_mae
+        from vctmae.train.speed import install_patch_embed
         tiny = dict(embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
                     decoder_num_heads=2)
         torch.manual_seed(0)
         mae = build_mae("tiny", **tiny).eval()
         crops = torch.randint(-1500, 2500, (1, 96, 96, 96), dtype=torch.int16)
-        offsets = torch.tensor([2])
+        # Any 16 sorted slices, not only the paper's o + 6k.
+        frames = torch.randperm(96)[:16].sort().values[None]
         noise = torch.rand(1, 288)
+        cpu = torch.device("cpu")
         with torch.no_grad():
-            mae.patch_embed_backend = "triton"
-            kernel = mae.forward_crops(crops, offsets, noise=noise)
-            mae.patch_embed_backend = "torch"
-            torch_route = mae.forward_crops(crops, offsets, noise=noise)
+            assert install_patch_embed(mae, "triton", cpu) == "triton"
+            kernel = mae(crops, frames, noise=noise)
+            assert install_patch_embed(mae, "torch", cpu) == "torch"
+            torch_route = mae(crops, frames, noise=noise)
         for a, b in zip(kernel, torch_route):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         print("ok")
@@ -393,11 +494,15 @@ def test_real_triton_kernel_under_interpreter_matches_torch_route():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_backend_name_is_checked():
+def test_patch_embed_choice_is_checked():
+    with pytest.raises(UsageError, match="--patch-embed"):
+        resolve_patch_embed("cuda", CPU)
     mae = build_mae("tiny", **TINY)
-    mae.patch_embed_backend = "cuda"
-    with pytest.raises(ValueError, match="patch_embed_backend"):
-        mae.forward_crops(_crops(1), torch.tensor([0]))
+    before = mae.patch_embed
+    with pytest.raises(UsageError, match="--patch-embed"):
+        install_patch_embed(mae, "cuda", CPU)
+    assert mae.patch_embed is before
+    assert resolve_patch_embed("auto", CPU) == "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,11 +512,11 @@ def test_backend_name_is_checked():
 def test_attention_maps_are_the_sdpa_attention():
     torch.manual_seed(4)
     classifier = build_classifier("tiny", **TINY).eval()
-    x = _clip(2, seed=7)
+    crops, frames = random_crops(2, seed=7), random_frames(2, seed=7)
     with torch.no_grad():
-        maps = attention_maps(classifier, x)
+        maps = attention_maps(classifier, crops, frames)
         assert len(maps) == 2
-        hidden = classifier.with_cls(classifier.embed(x))
+        hidden = classifier.with_cls(classifier.embed(crops, frames))
         for block, probabilities in zip(classifier.blocks, maps, strict=True):
             assert probabilities.shape == (2, 4, 289, 289)
             torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 4, 289))
@@ -426,27 +531,27 @@ def test_attention_maps_are_the_sdpa_attention():
             hidden = block(hidden)  # SDPA path
             torch.testing.assert_close(explicit, hidden, rtol=1e-5, atol=1e-5)
     mae = build_mae("tiny", **TINY)
-    assert len(attention_maps(mae, x[:1])) == 2
+    assert len(attention_maps(mae, crops[:1], frames[:1])) == 2
 
 
 def test_bf16_autocast_forward_is_finite():
     mae = build_mae("tiny", **TINY)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, pred, _ = mae(_clip(1), noise=torch.rand(1, 288))
+        loss, pred, _ = mae(random_crops(1), random_frames(1), noise=torch.rand(1, 288))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_drop_path_is_active_only_in_training():
     classifier = build_classifier("tiny", drop_path=0.5, head_dropout=0.0, **TINY)
-    x = _clip(2)
+    crops, frames = random_crops(2), offset_frames(torch.tensor([3, 3]))
     classifier.eval()
     with torch.no_grad():
-        assert torch.equal(classifier(x), classifier(x))
+        assert torch.equal(classifier(crops, frames), classifier(crops, frames))
         classifier.train()
         torch.manual_seed(0)
-        a = classifier(x)
+        a = classifier(crops, frames)
         torch.manual_seed(1)
-        b = classifier(x)
+        b = classifier(crops, frames)
     assert not torch.equal(a, b)
 
 
@@ -459,22 +564,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 def test_cuda_triton_route_matches_torch_route_in_bf16():
     pytest.importorskip("triton")
-    from vctmae.model.crops import resolve_backend
-
     device = torch.device("cuda")
     torch.manual_seed(0)
     mae = build_mae("tiny").to(device).eval()
     classifier = build_classifier("tiny").to(device).eval()
-    crops = _crops(4, seed=9).to(device)
-    offsets = torch.tensor([0, 1, 2, 5], device=device)
+    crops = random_crops(4, seed=9).to(device)
+    frames = offset_frames(torch.tensor([0, 1, 2, 5], device=device))
     noise = torch.rand(4, 288, device=device)
-    assert resolve_backend("auto", crops) == "triton"
+    assert resolve_patch_embed("auto", device) == "triton"
     results = {}
     for backend in ("triton", "torch"):
-        mae.patch_embed_backend = classifier.patch_embed_backend = backend
+        for model in (mae, classifier):
+            assert install_patch_embed(model, backend, device) == backend
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, pred, mask = mae.forward_crops(crops, offsets, noise=noise)
-            logits = classifier.forward_crops(crops, offsets)
+            loss, pred, mask = mae(crops, frames, noise=noise)
+            logits = classifier(crops, frames)
         results[backend] = (loss.float(), pred.float(), mask, logits.float())
     kernel, reference = results["triton"], results["torch"]
     assert torch.equal(kernel[2], reference[2])
@@ -489,10 +593,10 @@ def test_cuda_training_step_through_the_kernel_has_finite_gradients():
     pytest.importorskip("triton")
     device = torch.device("cuda")
     mae = build_mae("tiny").to(device)
-    mae.patch_embed_backend = "triton"
-    crops = _crops(2, seed=10).to(device)
+    assert install_patch_embed(mae, "triton", device) == "triton"
+    crops = random_crops(2, seed=10).to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _, _ = mae.forward_crops(crops, torch.tensor([3, 4], device=device))
+        loss, _, _ = mae(crops, offset_frames(torch.tensor([3, 4], device=device)))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in mae.parameters())

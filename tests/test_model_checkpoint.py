@@ -8,7 +8,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_reference import SMALL, mae_st_state, reference_mae, to_pyslowfast
+from test_model_reference import (
+    SMALL,
+    crop_clip,
+    mae_st_state,
+    random_crops,
+    random_frames,
+    reference_mae,
+    to_pyslowfast,
+)
 
 from vctmae.model import (
     CheckpointError,
@@ -62,13 +70,14 @@ def test_pyslowfast_224_checkpoint_loads_with_central_crop(tmp_path):
 
     # The loaded model computes what mae_st computes with the cropped tables at 96².
     cropped = dict(state, pos_embed_spatial=spatial, decoder_pos_embed=decoder)
-    imgs = torch.rand(2, 3, 16, 96, 96)
+    crops, frames = random_crops(2, seed=11), random_frames(2, seed=11)
+    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # mae_st's RGB input
     noise = torch.rand(2, 288)
     expected = reference_mae(
         cropped, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2
     )
     with torch.no_grad():
-        got = model(imgs, noise=noise)
+        got = model(crops, frames, noise=noise)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -90,13 +99,14 @@ def test_mae_st_separable_224_checkpoint_into_a_decoder_cls_model(tmp_path):
         pos_embed_spatial=_central(state["pos_embed_spatial"]),
         decoder_pos_embed_spatial=spatial,
     )
-    imgs = torch.rand(1, 3, 16, 96, 96)
+    crops, frames = random_crops(1, seed=12), random_frames(1, seed=12)
+    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # mae_st's RGB input
     noise = torch.rand(1, 288)
     expected = reference_mae(
         cropped, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2
     )
     with torch.no_grad():
-        got = model(imgs, noise=noise)
+        got = model(crops, frames, noise=noise)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -216,11 +226,14 @@ def test_safetensors_round_trip(tmp_path):
     assert type(loaded) is type(mae) and loaded.config == mae.config
     for key, value in mae.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    x = torch.rand(1, 1, 16, 96, 96)
+    crops, frames = random_crops(1, seed=13), random_frames(1, seed=13)
     noise = torch.rand(1, 288)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(x, noise=noise)[1], mae(x, noise=noise)[1], rtol=0, atol=0
+            loaded(crops, frames, noise=noise)[1],
+            mae(crops, frames, noise=noise)[1],
+            rtol=0,
+            atol=0,
         )
 
     classifier = build_classifier("tiny", num_classes=3, **SMALL)

@@ -1,8 +1,10 @@
 """An independent, plainly written mae_st forward (separate q/k/v, explicit softmax, Conv3d,
 mae_st's exact op sequence) on a raw mae_st-layout state dict, and the model's agreement with it.
 
-The helpers here (`mae_st_state`, `reference_mae`, `reference_classifier`) are also used by
-tests/test_model_checkpoint.py.
+The reference takes clips, as mae_st does; vctmae's model takes the int16 crops those clips come
+from and per-sample frame indices, so the clips are gathered here by a plain loop (`crop_clip`).
+The helpers here (`random_crops`, `random_frames`, `crop_clip`, `mae_st_state`, `reference_mae`,
+`reference_classifier`) are also used by tests/test_model.py and tests/test_model_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -13,9 +15,39 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vctmae.data import offset_frames
 from vctmae.model import build_classifier, build_mae, load_mae_st
 
 EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: int16 crops, frame indices, and the clip they select (written out plainly)
+
+
+def random_crops(batch, seed=0, *, low=-1500, high=2500):
+    """int16 HU crops (B, 96, 96, 96) uniform in [low, high): by default spanning beyond the clip
+    window [-1000, 1000], so the clipping is exercised; low=-1000, high=1001 gives clips uniform in
+    [0, 1] like `torch.rand`."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (batch, 96, 96, 96), generator=gen, dtype=torch.int16)
+
+
+def random_frames(batch, seed=0):
+    """Per-sample frame indices (B, 16): 16 sorted slices drawn from 96, not the paper's o + 6k."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(96, generator=gen)[:16].sort().values for _ in range(batch)])
+
+
+def crop_clip(crops, frames):
+    """Clip (B, 1, 16, 96, 96): frame k of sample b is slice crops[b, frames[b, k]], HU clipped
+    to [-1000, 1000] and scaled to [0, 1], written out plainly."""
+    out = torch.empty(crops.shape[0], 1, frames.shape[1], 96, 96)
+    for b in range(crops.shape[0]):
+        for k in range(frames.shape[1]):
+            hu = crops[b, int(frames[b, k])].float()
+            out[b, 0, k] = (hu.clamp(-1000, 1000) + 1000) / 2000
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,13 +295,15 @@ def test_mae_matches_reference_mae_st_forward(decoder_layout, decoder_cls):
     report = load_mae_st(state, model)
     assert report.missing == [] and report.unexpected == [] and report.cropped == []
     gen = torch.Generator().manual_seed(2)
-    imgs = torch.rand(2, 3, 16, 96, 96, generator=gen)
+    crops, frames = random_crops(2, seed=2), random_frames(2, seed=2)
+    # mae_st's input: the grey clip replicated to RGB.
+    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)
     noise = torch.rand(2, 288, generator=gen)
     ref_loss, ref_pred, ref_mask = reference_mae(
         state, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2
     )
     with torch.no_grad():
-        loss, pred, mask = model(imgs, mask_ratio=0.8, noise=noise)
+        loss, pred, mask = model(crops, frames, mask_ratio=0.8, noise=noise)
     torch.testing.assert_close(mask, ref_mask)
     torch.testing.assert_close(pred, ref_pred, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -285,9 +319,11 @@ def test_classifier_matches_reference_mae_st_forward():
     report = load_mae_st(state, model)
     assert report.missing == []
     assert "mask_token" in report.unexpected and "decoder_pred.weight" in report.unexpected
-    imgs = torch.rand(3, 3, 16, 96, 96, generator=gen)
+    crops = random_crops(3, seed=4)
+    frames = offset_frames(torch.tensor([0, 3, 5]))
+    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # (3, 3, 16, 96, 96)
     expected = reference_classifier(state, imgs, heads=4, depth=2)
     with torch.no_grad():
-        logits = model(imgs)
+        logits = model(crops, frames)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(logits.abs().sum()))

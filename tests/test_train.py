@@ -227,11 +227,23 @@ def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatc
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(easy_data, tmp_path, monkeypatch):
+    from vctmae.data import ShardLoader
     from vctmae.model import MaskedAutoencoder
 
     out = tmp_path / "nan"
     fast = {"max_steps_per_epoch": 2, "preview": False}
-    run_pretrain(pretrain_config(easy_data["train"], out, epochs=1, warmup_epochs=0, **fast))
+    # A 2-epoch run stopped after its first epoch (--resume refuses a changed --epochs).
+    original = ShardLoader.set_epoch
+
+    def stop_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        original(self, epoch)
+
+    monkeypatch.setattr(ShardLoader, "set_epoch", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(pretrain_config(easy_data["train"], out, epochs=2, warmup_epochs=0, **fast))
+    monkeypatch.setattr(ShardLoader, "set_epoch", original)
     weights, _ = latest_checkpoint(out)
     before = weights_of(weights)
 

@@ -116,7 +116,9 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     def shards(split: str) -> tuple[str, ...]:
         found = tuple(sorted(str(p) for p in data.glob(f"{split}-*.tar")))
         if not found:
-            raise RuntimeError(f"{data}: ingest wrote no {split} shards")
+            from vctmae.data import ShardError
+
+            raise ShardError(data, f"ingest wrote no {split} shards (too few --cases?)")
         return found
 
     train, val, test = shards("train"), shards("val"), shards("test")

@@ -37,7 +37,7 @@ def _time_steps(step, warmup: int, steps: int, batch: int) -> float:
 
 
 def _pretrain_steps(model: nn.Module, crops: torch.Tensor, generator: torch.Generator):
-    from vctmae.data import random_offsets, sample_frames
+    from vctmae.data import offset_frames, random_offsets
 
     candidate_opt = torch.optim.AdamW(
         param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True
@@ -50,7 +50,7 @@ def _pretrain_steps(model: nn.Module, crops: torch.Tensor, generator: torch.Gene
     def candidate() -> None:
         offsets = random_offsets(size, generator=generator)
         noise = torch.rand(size, tokens, generator=generator)
-        loss, _, _ = model.forward_crops(crops, offsets, mask_ratio=0.8, noise=noise)
+        loss, _, _ = model(crops, offset_frames(offsets), mask_ratio=0.8, noise=noise)
         loss.backward()
         candidate_opt.step()
         candidate_opt.zero_grad(set_to_none=True)
@@ -58,10 +58,7 @@ def _pretrain_steps(model: nn.Module, crops: torch.Tensor, generator: torch.Gene
     def baseline() -> None:
         offsets = random_offsets(size, generator=generator)
         noise = torch.rand(size, tokens, generator=generator)
-        x = (
-            sample_frames(crops, offsets).expand(-1, 3, -1, -1, -1).contiguous()
-        )  # (B, 3, 16, 96, 96)
-        loss, _, _ = model(x, mask_ratio=0.8, noise=noise)
+        loss, _, _ = model(crops, offset_frames(offsets), mask_ratio=0.8, noise=noise)
         loss.backward()
         baseline_opt.step()
         baseline_opt.zero_grad()
@@ -73,7 +70,7 @@ def _pretrain_steps(model: nn.Module, crops: torch.Tensor, generator: torch.Gene
 def _finetune_steps(
     model: nn.Module, crops: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ):
-    from vctmae.data import random_offsets, sample_frames
+    from vctmae.data import offset_frames, random_offsets
 
     candidate_opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
     baseline_opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=False)
@@ -82,15 +79,16 @@ def _finetune_steps(
 
     def candidate() -> None:
         offsets = random_offsets(size, generator=generator)
-        logits = model.forward_crops(crops, offsets)
+        logits = model(crops, offset_frames(offsets))
         nn.functional.cross_entropy(logits.float(), labels, weight=weight).backward()
         candidate_opt.step()
         candidate_opt.zero_grad(set_to_none=True)
 
     def baseline() -> None:
         offsets = random_offsets(size, generator=generator)
-        x = sample_frames(crops, offsets).expand(-1, 3, -1, -1, -1).contiguous()
-        loss = nn.functional.cross_entropy(model(x), labels, weight=weight)
+        loss = nn.functional.cross_entropy(
+            model(crops, offset_frames(offsets)), labels, weight=weight
+        )
         loss.backward()
         baseline_opt.step()
         baseline_opt.zero_grad()
@@ -111,12 +109,10 @@ def measure_step(
     labels = torch.randint(0, 2, (batch,), generator=generator)
     results: dict[str, float] = {}
     mae = build_mae(preset).train()
-    mae.patch_embed_backend = "torch"
     candidate, baseline = _pretrain_steps(mae, crops, generator)
     results["pretrain_step"] = _time_steps(candidate, warmup, steps, batch)
     results["pretrain_step_eager_fp32_baseline"] = _time_steps(baseline, warmup, steps, batch)
     classifier = build_classifier(preset).train()
-    classifier.patch_embed_backend = "torch"
     candidate, baseline = _finetune_steps(classifier, crops, labels, generator)
     results["finetune_step"] = _time_steps(candidate, warmup, steps, batch)
     results["finetune_step_eager_fp32_baseline"] = _time_steps(baseline, warmup, steps, batch)

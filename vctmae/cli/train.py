@@ -11,10 +11,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from vctmae.cli.app import app
-
-# Expected failures that deserve one clear line, not a traceback.
-_USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError)
+from vctmae.cli.app import app, expected_failures
 
 
 class ManyValuesCommand(TyperCommand):
@@ -40,10 +37,12 @@ class ManyValuesCommand(TyperCommand):
         return super().parse_args(ctx, rewritten)
 
 
-def _fail(error: BaseException) -> typer.Exit:
-    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    typer.secho(f"error: {message}", fg="red", err=True)
-    return typer.Exit(1)
+def _kept(out: Path, command: str) -> str:
+    """What Ctrl-C in a training command keeps, and how to continue."""
+    return (
+        f"{command} stopped; the checkpoints of completed epochs are kept in "
+        f"{out / 'checkpoints'} — run the same command with --resume to continue"
+    )
 
 
 SHARDS_HELP = (
@@ -108,7 +107,7 @@ def pretrain(
     """MAE pretraining of the video ViT on vertebra crops (paper defaults)."""
     from vctmae.train import PretrainConfig, run_pretrain
 
-    try:
+    with expected_failures(interrupted=_kept(out, "pretraining")):
         config = PretrainConfig(
             shards=tuple(shards), init=init, pos_init=pos_init, model=model, epochs=epochs,
             batch_size=batch_size, accum_steps=accum_steps, blr=blr, min_lr=min_lr,
@@ -118,8 +117,6 @@ def pretrain(
             out=out, resume=resume, progress=progress,
         )  # fmt: skip
         result = run_pretrain(config)
-    except _USER_ERRORS as error:
-        raise _fail(error) from None
     typer.echo(f"pretraining done: {result.state.epoch} epochs, weights {result.model_path}")
 
 
@@ -146,7 +143,9 @@ def finetune(
     warmup_lr: float = typer.Option(1e-8, "--warmup-lr", help="Learning rate at step 0."),
     min_lr: float = typer.Option(1e-7, "--min-lr", help="Final lr of the cosine schedule."),
     class_weights: str = typer.Option(
-        "inverse", "--class-weights", help="inverse (class frequency, from manifest.csv) | none."
+        "inverse",
+        "--class-weights",
+        help="inverse (class frequency of the training shards' labels) | none.",
     ),
     multiview: int = typer.Option(6, "--multiview", help="Views per crop in validation: 6 or 1."),
     patience: int = typer.Option(
@@ -181,7 +180,7 @@ def finetune(
     """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
     from vctmae.train import FinetuneConfig, run_finetune
 
-    try:
+    with expected_failures(interrupted=_kept(out, "finetuning")):
         config = FinetuneConfig(
             shards=tuple(shards), val_shards=tuple(val_shards), init=init, pos_init=pos_init,
             model=model, epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, lr=lr,
@@ -192,8 +191,6 @@ def finetune(
             out=out, resume=resume, progress=progress,
         )  # fmt: skip
         result = run_finetune(config)
-    except _USER_ERRORS as error:
-        raise _fail(error) from None
     best = result.state.best_metric
     note = (
         f", best validation F1 {best:.4f} (epoch {result.state.best_epoch})"
@@ -226,14 +223,12 @@ def evaluate(
     """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
     from vctmae.train import EvalConfig, run_eval
 
-    try:
+    with expected_failures(interrupted=f"evaluation stopped; nothing was written to {out}"):
         config = EvalConfig(
             checkpoint=checkpoint, shards=tuple(shards), multiview=multiview, batch_size=batch_size,
             num_workers=workers, loader=loader, device=device, patch_embed=patch_embed, out=out,
         )  # fmt: skip
         run_eval(config)
-    except _USER_ERRORS as error:
-        raise _fail(error) from None
     typer.echo(f"wrote {out / 'predictions.csv'} and {out / 'metrics.json'}")
 
 
@@ -249,14 +244,12 @@ def explain(
     """Attention (last layer and rollout) of the classifier over the 16 frames of one crop."""
     from vctmae.train import ExplainConfig, run_explain
 
-    try:
+    with expected_failures(interrupted=f"explain stopped; {out} was not written"):
         result = run_explain(
             ExplainConfig(
                 checkpoint=checkpoint, zarr=zarr, key=key, out=out, offset=offset, device=device
             )
         )
-    except _USER_ERRORS as error:
-        raise _fail(error) from None
     typer.echo(f"{key}: P(fracture) = {result['prob_multiview']:.3f}; wrote {out}")
 
 
@@ -272,12 +265,10 @@ def demo(
     """Whole pipeline on synthetic phantoms, CPU, tiny model: synth → ingest → pretrain → finetune → eval → explain."""
     from vctmae.demo import DemoConfig, run_demo
 
-    try:
+    with expected_failures(interrupted=f"demo stopped; the stages done so far are under {out}"):
         config = DemoConfig.quick(out=out, seed=seed) if quick else DemoConfig(out=out, seed=seed)
         if cases is not None:
             import dataclasses
 
             config = dataclasses.replace(config, cases=cases)
         run_demo(config)
-    except _USER_ERRORS as error:
-        raise _fail(error) from None

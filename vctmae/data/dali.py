@@ -27,7 +27,8 @@ import torch
 
 from vctmae.data.frames import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
 from vctmae.data.loader import Batch
-from vctmae.data.shards import CLASS_EXT, CROP_EXT
+from vctmae.data.shards import CLASS_EXT, CROP_EXT, split_member_name
+from vctmae.errors import VctmaeError
 
 if TYPE_CHECKING:
     from vctmae.data.loader import ShardLoader
@@ -45,11 +46,18 @@ def dali_available() -> bool:
     return True
 
 
+class DaliMissingError(VctmaeError, ImportError):
+    """`--loader dali` without NVIDIA DALI installed."""
+
+
 def _require_dali():
     try:
-        from nvidia import dali
+        import nvidia.dali as dali
     except ImportError:
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'vctmae[dali]'") from None
+        raise DaliMissingError(
+            "--loader dali needs NVIDIA DALI, which is not installed: "
+            "pip install 'vctmae[dali]' (or use --loader torch)"
+        ) from None
     return dali
 
 
@@ -97,7 +105,7 @@ def _keys_and_labels(info: torch.Tensor, label: torch.Tensor) -> tuple[list[str]
     keys = []
     for row in info.cpu().numpy():
         member = bytes(row).rstrip(b"\0").decode("utf-8").rsplit(":", 1)[-1]
-        keys.append(member.rpartition("/")[2].partition(".")[0])
+        keys.append(split_member_name(member)[0])
     labels = []
     for row in label.cpu().numpy():
         text = bytes(row).rstrip(b"\0").decode("ascii").strip()

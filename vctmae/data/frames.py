@@ -49,6 +49,50 @@ def sample_frames(
     return frames.unsqueeze(1)  # (B, 1, T, H, W)
 
 
+def check_crop_shape(
+    shape: tuple[int, ...],
+    *,
+    where: str,
+    image_size: int = CROP_SIZE,
+    num_frames: int = NUM_FRAMES,
+    stride: int = STRIDE,
+) -> None:
+    """Refuse crops the video model cannot sample, before training or evaluation starts.
+
+    The sagittal depth must hold `num_frames` frames `stride` apart, and each slice must be
+    `image_size` square (the model's input). Raises ShardError naming `where` (a shard).
+    """
+    from vctmae.data.shards import ShardError
+
+    if len(shape) != 3:
+        raise ShardError(where, f"crops of shape {shape}; expected (depth, height, width)")
+    depth, height, width = shape
+    if (num_frames - 1) * stride >= depth:
+        raise ShardError(
+            where,
+            f"crops of shape {shape}: {num_frames} frames × stride {stride} do not fit {depth} "
+            f"slices (at least {(num_frames - 1) * stride + 1} needed); ingest with --size {image_size}",
+        )
+    if (height, width) != (image_size, image_size):
+        raise ShardError(
+            where,
+            f"crops of shape {shape}: slices are {height}×{width}, the model expects "
+            f"{image_size}×{image_size}",
+        )
+
+
+def offset_frames(
+    offsets: torch.Tensor, num_frames: int = NUM_FRAMES, stride: int = STRIDE
+) -> torch.Tensor:
+    """The paper's frame rule as per-sample slice indices: offsets (B,) → (B, num_frames) = o + stride·k.
+
+    What the model takes (`model(crops, frames)`); `sample_frames(crops, offsets)` gathers the
+    same slices.
+    """
+    offsets = torch.as_tensor(offsets).long().reshape(-1)
+    return offsets[:, None] + stride * torch.arange(num_frames, device=offsets.device)
+
+
 def multiview_offsets(views: int) -> list[int]:
     """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
     if views == STRIDE:

@@ -4,25 +4,26 @@ Chain: shard list → index (tar + .npy headers, once) → epoch plan (shard ord
 rank/worker split) → buffer shuffle → batches of int16 crops read straight from
 the shard into the batch buffer → pin → side-stream copy to the device.
 
-Rank/worker split. Every rank and worker computes the same epoch plan from
-(seed, epoch) and the shard index: the samples of all shards, in shard order
-(shuffled per epoch when training), form one sequence of N samples, and global
-worker g = rank × W + worker (W = max(1, num_workers), G = world_size × W) takes
-the g-th contiguous slice. With many shards a slice is a run of whole shards
-(streaming locality); with fewer shards than G workers several workers read
-disjoint parts of one shard. Either way the slices are disjoint and cover the
-sequence, so every sample is read exactly once per epoch, whatever the shard
-count or shard sizes.
+Rank split, then worker deal. Every rank and worker computes the same epoch
+plan from (seed, epoch) and the shard index: the samples of all shards, in shard
+order (shuffled per epoch when training), form one sequence of N samples, and
+rank r takes the r-th contiguous slice. The rank's slice is cut into batches,
+and its batches are dealt to its W = max(1, num_workers) loader workers round
+robin — batch j to worker j mod W. DataLoader hands worker outputs over in that
+same round-robin order, so a rank yields its batches in plan order whatever W
+is: the number of batches per epoch, their contents and their order never
+depend on `--workers` (0, 1, 2, … give identical epochs).
 
-- Evaluation (training=False): slices of size ⌊N/G⌋ or ⌈N/G⌉ in shard order, no
-  shuffle, partial last batches kept: every sample exactly once across ranks.
+- Evaluation (training=False): slices of size ⌊N/R⌋ or ⌈N/R⌉ (R = world size)
+  in shard order, no shuffle, the rank's last batch partial: every sample exactly
+  once across ranks.
 - Training (training=True): the sequence is also rotated by a random amount, then
-  every worker takes exactly M = ⌊N / (G·B)⌋ · B samples, so every worker yields
-  M/B full batches and every rank the same W·M/B batches — DDP ranks never wait on
-  a rank that ran out. The N − G·M < G·B samples left over (drop_last) differ
-  from epoch to epoch because of the rotation. Within its slice each worker
-  buffer-shuffles the read order (a buffer of sample indexes, not decoded crops,
-  so shuffling costs no memory), seeded by (seed, epoch, g).
+  every rank takes exactly M = ⌊N / (R·B)⌋ · B samples, so every rank yields the
+  same M/B full batches — DDP ranks never wait on a rank that ran out. The
+  N − R·M < R·B samples left over (drop_last) differ from epoch to epoch
+  because of the rotation. Each rank buffer-shuffles its slice's read order (a
+  buffer of sample indexes, not decoded crops, so shuffling costs no memory),
+  seeded by (seed, epoch, rank), before it is cut into batches.
 - DDP: in training every rank has the same len(loader), so no rank ever waits in
   an all-reduce for a rank that ran out. In evaluation ranks may differ by one
   batch: gather predictions at the end instead of stepping in lockstep.
@@ -35,7 +36,13 @@ on CPU the main process copies the batch out. With num_workers=0 the main
 process reads straight into a (pinned, on CUDA) batch tensor.
 
 Resume. `state_dict()` records (epoch, batches handed out); `load_state_dict()`
-makes the next iteration skip exactly those batches without reading them.
+makes the next iteration start at the next batch of the plan without reading the
+earlier ones (worker i then takes batches start + i, start + i + W, …).
+
+The DataLoader draws its workers' base seed from a generator of its own, not from
+torch's global RNG: a resumed run creates its loader iterators afresh, and a
+draw from the global stream there would shift the randomness (dropout) of every
+later step.
 """
 
 from __future__ import annotations
@@ -52,7 +59,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vctmae.data.shards import ShardError, ShardIndex, expand_shards, index_shards, read_crop
+from vctmae.data.shards import (
+    ShardError,
+    ShardIndex,
+    expand_shards,
+    index_shards,
+    read_crop,
+    shard_label,
+)
 
 BACKENDS = ("torch", "dali")
 _PREFETCH_FACTOR = 2  # batches each worker process reads ahead
@@ -91,28 +105,36 @@ def epoch_plan(
     shard_sizes: Sequence[int],
     *,
     world_size: int,
-    workers: int,
     batch_size: int,
     training: bool,
     seed: int,
     epoch: int,
 ) -> list[np.ndarray]:
-    """Global sample ids (shard-major numbering) for each of the world_size × workers global workers.
+    """Global sample ids (shard-major numbering) of each rank's slice, before its read shuffle.
 
     Pure and deterministic in its arguments; see the module docstring for the rules.
     """
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     total = int(sizes.sum())
-    parts = world_size * workers
     if not training:
-        return np.array_split(np.arange(total, dtype=np.int64), parts)
+        return np.array_split(np.arange(total, dtype=np.int64), world_size)
     rng = _rng(seed, epoch)
     order = rng.permutation(len(sizes))
     sequence = np.concatenate([np.arange(starts[i], starts[i] + sizes[i]) for i in order])
     sequence = np.roll(sequence, -int(rng.integers(total))) if total else sequence
-    per_worker = total // (parts * batch_size) * batch_size
-    return [sequence[g * per_worker : (g + 1) * per_worker] for g in range(parts)]
+    per_rank = total // (world_size * batch_size) * batch_size
+    return [sequence[r * per_rank : (r + 1) * per_rank] for r in range(world_size)]
+
+
+def worker_batches(batches: int, *, workers: int, worker: int, start: int = 0) -> range:
+    """Which of a rank's `batches` batches `worker` reads, dealt round robin from batch `start`.
+
+    DataLoader collects from its workers in turn (0, 1, …, W−1, 0, …), passing over those
+    that have finished; dealing batch start + k to worker k mod W makes that hand-over
+    yield the batches in plan order.
+    """
+    return range(start + worker, batches, workers)
 
 
 def buffer_shuffle(ids: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -169,11 +191,8 @@ class _CropStream(IterableDataset):
         self.ring: _BatchRing | None = None
         # Shared memory, so persistent worker processes see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        # Batches each worker skips at the start of the next epoch (resuming mid-epoch).
-        # DataLoader always starts its round-robin at worker 0, so on resume worker i plays
-        # logical worker (i + rotation) % W: the one whose turn it was when the epoch stopped.
-        self.skip = torch.zeros(workers, dtype=torch.int64).share_memory_()
-        self.rotation = torch.zeros((), dtype=torch.int64).share_memory_()
+        # The plan batch the next iteration starts at (resuming mid-epoch; 0 otherwise).
+        self.start = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -183,51 +202,30 @@ class _CropStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.fill_(value)
 
-    def plan(self, rank: int, worker: int) -> np.ndarray:
-        """Sample ids global worker (rank, worker) reads this epoch, in read order."""
-        parts = epoch_plan(
+    def plan(self, rank: int) -> list[np.ndarray]:
+        """The batches (sample ids, in read order) rank `rank` yields this epoch, in order."""
+        ids = epoch_plan(
             self.sizes,
             world_size=self.world_size,
-            workers=self.workers,
             batch_size=self.batch_size,
             training=self.training,
             seed=self.seed,
             epoch=self.epoch,
-        )
-        g = rank * self.workers + worker
-        ids = parts[g]
+        )[rank]
         if self.training:
-            ids = buffer_shuffle(ids, self.shuffle_buffer, _rng(self.seed, self.epoch, g, 1))
-        return ids
+            ids = buffer_shuffle(ids, self.shuffle_buffer, _rng(self.seed, self.epoch, rank, 1))
+        return [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
 
     def batches_per_rank(self, rank: int) -> int:
         parts = epoch_plan(
             self.sizes,
             world_size=self.world_size,
-            workers=self.workers,
             batch_size=self.batch_size,
             training=self.training,
             seed=self.seed,
             epoch=0,
         )
-        mine = parts[rank * self.workers : (rank + 1) * self.workers]
-        return sum(-(-len(ids) // self.batch_size) for ids in mine)
-
-    def worker_skips(self, batches: int) -> tuple[list[int], int]:
-        """Per-worker batch counts making up this rank's first `batches` batches, and whose turn is next.
-
-        Workers hand batches over in turn (worker 0, 1, …, W−1, 0, …), passing over
-        workers that have finished — the order DataLoader keeps for iterable datasets.
-        """
-        counts = [-(-len(self.plan(self.rank, w)) // self.batch_size) for w in range(self.workers)]
-        skips = [0] * self.workers
-        worker = 0
-        for _ in range(min(batches, sum(counts))):
-            while skips[worker] == counts[worker]:
-                worker = (worker + 1) % self.workers
-            skips[worker] += 1
-            worker = (worker + 1) % self.workers
-        return skips, worker
+        return -(-len(parts[rank]) // self.batch_size)
 
     def _read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
         for row, sample in enumerate(chunk):
@@ -243,20 +241,22 @@ class _CropStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch | _SlotBatch]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0  # owns ring row `physical`
-        worker = (physical + int(self.rotation)) % self.workers
-        ids = self.plan(self.rank, worker)
+        worker = info.id if info is not None else 0  # owns ring row `worker`
+        batches = self.plan(self.rank)
+        mine = worker_batches(
+            len(batches), workers=self.workers, worker=worker, start=int(self.start)
+        )
         files: dict[int, int] = {}
         try:
-            for start in range(int(self.skip[worker]) * self.batch_size, len(ids), self.batch_size):
-                chunk = ids[start : start + self.batch_size]
+            for number in mine:
+                chunk = batches[number]
                 # numpy: a torch tensor would cross processes via its own shm file
                 labels = self.labels[chunk]
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
-                    slot = self.ring.acquire(physical)
-                    self._read_into(chunk, self.ring.crops[physical, slot].numpy(), files)
-                    yield _SlotBatch(physical, slot, labels, keys)
+                    slot = self.ring.acquire(worker)
+                    self._read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
+                    yield _SlotBatch(worker, slot, labels, keys)
                 else:
                     crops = torch.empty(
                         (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
@@ -484,10 +484,11 @@ class ShardLoader:
         self.indexes = indexes
         self.num_samples = sum(len(index) for index in indexes)
         workers = max(1, num_workers)
-        if training and self.num_samples < self.world_size * workers * batch_size:
-            raise ValueError(
-                f"{self.num_samples} samples are too few for batch_size {batch_size} × "
-                f"{self.world_size} rank(s) × {workers} worker(s); lower one of them"
+        if training and self.num_samples < self.world_size * batch_size:
+            raise ShardError(
+                shard_label(self.shards),
+                f"{self.num_samples} samples are too few for one batch of {batch_size} on each "
+                f"of {self.world_size} rank(s); lower --batch-size or use fewer processes",
             )
         self._stream = _CropStream(
             indexes,
@@ -504,7 +505,7 @@ class ShardLoader:
         if backend == "dali":
             from vctmae.data.dali import _require_dali, dali_length
 
-            _require_dali()  # a clear ImportError now, not at the first iteration
+            _require_dali()  # a clear one-line error now, not at the first iteration
             self._length = dali_length(self)
         self._workers: DataLoader | None = None
         self._served = 0  # batches of the current epoch handed out (for state_dict)
@@ -535,16 +536,9 @@ class ShardLoader:
         batches = int(state["batches"])
         if batches and self.backend == "dali":
             raise NotImplementedError("resuming mid-epoch is not supported by the DALI backend")
-        skips, turn = self._stream.worker_skips(batches)
-        self._stream.skip[:] = torch.tensor(skips)
-        self._stream.rotation.fill_(turn)
         self._served = min(batches, self._length)
+        self._stream.start.fill_(self._served)
         self._resume = True
-
-    def sample_ids(self, rank: int | None = None, worker: int = 0) -> list[str]:
-        """Keys a (rank, worker) reads this epoch, in its read order (for tests and debugging)."""
-        ids = self._stream.plan(self.rank if rank is None else rank, worker)
-        return [self._stream.keys[i] for i in ids]
 
     def _host_batches(self) -> Iterable[Batch]:
         if self.backend == "dali":
@@ -565,6 +559,9 @@ class ShardLoader:
                 num_workers=self.num_workers,
                 prefetch_factor=_PREFETCH_FACTOR,
                 persistent_workers=True,
+                # Its own generator: creating the iterator draws the workers' base seed, which
+                # must not advance torch's global RNG (dropout) — see the module docstring.
+                generator=torch.Generator().manual_seed(self.seed),
             )
         ring = self._stream.ring
         ring.release_all()  # slots held by an abandoned epoch's batches
@@ -580,11 +577,10 @@ class ShardLoader:
             )
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._resume:  # skips set by load_state_dict apply to this one iteration
+        if self._resume:  # the start set by load_state_dict applies to this one iteration
             self._resume = False
         else:
-            self._stream.skip.zero_()
-            self._stream.rotation.zero_()
+            self._stream.start.zero_()
             self._served = 0
         for batch in DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch):
             self._served += 1

@@ -1,7 +1,10 @@
 """Shard lists and shard indexes: which tar files, and where each crop's bytes lie in them.
 
 A shard is a WebDataset tar written by ingest: per sample `KEY.crop.npy` (int16,
-C order), `KEY.json`, and for labelled splits `KEY.cls` ("0"/"1"). Before
+C order), `KEY.json`, and for labelled splits `KEY.cls` ("0"/"1"). A sample's key
+is its member path up to the first dot of the last path component, as
+WebDataset splits it: `a/x.crop.npy` and `b/x.crop.npy` are two samples, `a/x`
+and `b/x` (folders are never dropped). Before
 streaming, the loader indexes each shard once — it walks the tar headers and
 parses each `.npy` header — so that reading a crop later is a single `preadv`
 of its raw int16 bytes straight into the batch buffer (no intermediate bytes
@@ -179,7 +182,7 @@ class ShardIndex:
         return len(self.keys)
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset's key/extension split: the extension starts at the first dot of the basename."""
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
@@ -218,7 +221,7 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                         raise ShardError(
                             path, f"truncated: member {member.name} ends past the end of the file"
                         )
-                    key, ext = _split_name(member.name)
+                    key, ext = split_member_name(member.name)
                     if key not in crops and key not in classes:
                         order.append(key)
                     if ext == CROP_EXT:
@@ -271,7 +274,7 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                 skipped.append(str(error))
                 continue
             shape = sample_shape
-            keys.append(key.rpartition("/")[2])
+            keys.append(key)
             offsets.append(start + header_length)
             labels.append(label)
     return ShardIndex(
@@ -310,6 +313,48 @@ def index_shards(
     return indexes, skipped
 
 
+class ClassError(VctmaeError, ValueError):
+    """Samples whose class a classifier cannot use (unlabelled, or outside 0/1), by shard."""
+
+
+def check_classes(
+    indexes: Sequence[ShardIndex], *, role: str, allow_unlabelled: bool = False
+) -> None:
+    """Refuse shards holding a class other than 0 (no fracture) and 1 (fracture) — and unlabelled
+    samples (−1, no `.cls`) unless `allow_unlabelled` — naming each shard and its classes.
+
+    `role` says which samples these are (e.g. "training samples (--shards)"). Checked from the
+    shard index, so before the first step rather than at the first bad batch.
+    """
+    problems = []
+    for index in indexes:
+        values, counts = np.unique(index.labels, return_counts=True)
+        bad = {
+            int(v): int(n)
+            for v, n in zip(values, counts, strict=True)
+            if v not in (0, 1) and not (allow_unlabelled and v == -1)
+        }
+        if not bad:
+            continue
+        parts = []
+        for value, count in bad.items():
+            example = index.keys[int(np.flatnonzero(index.labels == value)[0])]
+            what = "unlabelled (no .cls)" if value == -1 else f"class {value}"
+            parts.append(f"{count} {what}, e.g. {example}")
+        problems.append(f"{index.path} ({'; '.join(parts)})")
+    if problems:
+        raise ClassError(
+            f"{', '.join(problems)}: {role} must be labelled 0 (no fracture) or 1 (fracture)"
+        )
+
+
+def shard_label(shards: Sequence[str]) -> str:
+    """How a message names a list of shards: the one path, or the first and how many more."""
+    if len(shards) == 1:
+        return str(shards[0])
+    return f"{shards[0]} (+{len(shards) - 1} more shards)"
+
+
 def count_samples(shards: str | Sequence[str], *, skip_corrupt: bool = False) -> int:
     """Number of samples (crops) in the shards."""
     indexes, _ = index_shards(expand_shards(shards), skip_corrupt=skip_corrupt)
@@ -334,4 +379,4 @@ def iter_raw(shards: Sequence[str]):
             for member in tar:
                 if member.isfile() and member.name.endswith("." + CROP_EXT):
                     data = tar.extractfile(member).read()
-                    yield _split_name(member.name)[0], decode_npy(data)
+                    yield split_member_name(member.name)[0], decode_npy(data)

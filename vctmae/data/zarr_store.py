@@ -8,6 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.errors import VctmaeError
+
+
+class ZarrStoreError(VctmaeError, ValueError):
+    """A path that is not a readable crops.zarr store written by ingest."""
+
+
+class MissingKeyError(VctmaeError, KeyError):
+    """No crop with this key in the store; str() is the message, not KeyError's quoted repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 class ZarrCrops:
     """Crops by key from a store with arrays `crops` (N,96,96,96) int16, `classes` int8 and attr `keys`."""
@@ -21,10 +34,14 @@ class ZarrCrops:
             self._crops = group["crops"]
             self._classes = np.asarray(group["classes"][:], dtype=np.int64)
             self.keys: list[str] = list(group.attrs["keys"])
-        except (FileNotFoundError, KeyError, ValueError) as error:
-            raise ValueError(f"{self.path}: not a vctmae crops.zarr store ({error})") from None
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as error:
+            # What zarr raises for a missing, foreign or damaged store (not found, no such
+            # array or attribute, unreadable metadata).
+            raise ZarrStoreError(f"{self.path}: not a vctmae crops.zarr store ({error})") from None
         if len(self.keys) != self._crops.shape[0] or len(self._classes) != len(self.keys):
-            raise ValueError(f"{self.path}: attrs 'keys', 'crops' and 'classes' disagree in length")
+            raise ZarrStoreError(
+                f"{self.path}: attrs 'keys', 'crops' and 'classes' disagree in length"
+            )
         self._row = {key: row for row, key in enumerate(self.keys)}
 
     def __len__(self) -> int:
@@ -37,7 +54,9 @@ class ZarrCrops:
         try:
             return self._row[key]
         except KeyError:
-            raise KeyError(f"{self.path}: no crop with key {key!r}") from None
+            raise MissingKeyError(
+                f"{self.path}: no crop with key {key!r} ({len(self.keys)} keys)"
+            ) from None
 
     def crop(self, key: str) -> np.ndarray:
         """The int16 (96, 96, 96) crop in video order."""

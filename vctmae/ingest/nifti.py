@@ -83,8 +83,9 @@ class Volume:
 
 
 def _detail(error: Exception, path: Path) -> str:
-    """The underlying error in a few words, without repeating the full path."""
-    text = str(error).replace(str(path), path.name).strip() or "no details"
+    """The underlying error on one line, without repeating the full path (a library's message may
+    span lines, e.g. nibabel's through indexed_gzip)."""
+    text = " ".join(str(error).replace(str(path), path.name).split()) or "no details"
     return f"{type(error).__name__}: {text}"
 
 

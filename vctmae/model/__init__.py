@@ -18,7 +18,7 @@ from vctmae.model.config import (
     vit_small,
     vit_tiny,
 )
-from vctmae.model.crops import frames_from_crops
+from vctmae.model.crops import clip_frames
 from vctmae.model.explain import attention_maps
 from vctmae.model.masking import Masking, random_masking, visible_count
 from vctmae.model.vit import (
@@ -49,7 +49,7 @@ __all__ = [
     "VideoViT",
     "build_classifier",
     "build_mae",
-    "frames_from_crops",
+    "clip_frames",
     "patchify",
     "preset_config",
     "random_masking",

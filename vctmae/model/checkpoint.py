@@ -5,24 +5,32 @@ Foreign checkpoints (`load_mae_st`) go through one explicit chain: unwrap (`mode
 positional tables to this model's layout and geometry (central crop of the 14×14 grid for 96²
 inputs, paper §3; or bicubic resize; or keep the random init), then load with every shape checked.
 Own weights (`save_model` / `load_model`) are safetensors with a JSON config beside them.
+
+Every file is read through one of two readers that turn a damaged or foreign file into a
+`CheckpointError` naming it (`read_safetensors`, `load_plain`), and written through
+`write_atomically` (temporary name, then rename; a full disk is an `OutOfSpaceError` and leaves
+the previous file in place).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
-from vctmae.errors import VctmaeError
+from vctmae.errors import VctmaeError, is_out_of_space, out_of_space
 from vctmae.model.config import ModelConfig
 from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
 
@@ -56,6 +64,101 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------------------------
+# Files in and out
+
+
+def _caused_by_full_disk(error: BaseException) -> bool:
+    """Whether `error` or an error it was raised from is ENOSPC (torch.save wraps the OSError of
+    its file object in a RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if is_out_of_space(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(file)` under a temporary name, then rename it to `path`.
+
+    A crash or a full disk leaves the previous `path` (if any) untouched and no temporary file
+    behind; a full disk is raised as `vctmae.errors.OutOfSpaceError` naming `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if _caused_by_full_disk(error):
+            raise out_of_space(path) from error
+        raise
+    return path
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a missing, truncated or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        reason = str(error).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({reason}); truncated or not weights"
+        ) from None
+
+
+# How a torch file starts: a zip archive (torch.save since 1.6), or a pickle's protocol opcode
+# (protocol ≥ 2, the legacy format of older PySlowFast checkpoints).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether the file starts like a torch file (perhaps truncated); not text or another format."""
+    with open(path, "rb") as handle:
+        return handle.read(4).startswith(_TORCH_MAGIC)
+
+
+# What decoding a damaged torch file raises: the zip reader (RuntimeError), an empty or cut file
+# (EOFError), or the weights-only unpickler running on bytes that are not a pickle (the rest).
+_DAMAGED = (RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
+    """`torch.load(weights_only=True)` of a file: tensors and plain values only, never pickled code.
+
+    A file holding other objects is refused in our own words (PyTorch's message suggests retrying
+    with `weights_only=False`, which would run the file's code); an unreadable one is named.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {what}")
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a {what} (neither a zip archive nor a pickle)")
+    try:
+        # weights_only: a downloaded pickle can never run code here.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        detail = f" ({blocked[0]})" if blocked else ""
+        raise CheckpointError(
+            f"{path}: refused — not a {what} of tensors and plain values{detail}; "
+            "vctmae never runs code stored in a checkpoint"
+        ) from None
+    except _DAMAGED as error:
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({type(error).__name__}{': ' if reason else ''}"
+            f"{reason[:120]}); truncated or damaged"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading and renaming
 
 
@@ -64,23 +167,17 @@ def read_state(source: str | Path | Mapping[str, object]) -> dict[str, torch.Ten
     unwrapped from a `model_state` / `model` entry and from DDP's `module.` prefix."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint file")
         if path.suffix == ".safetensors":
-            state: Mapping[str, object] = load_file(str(path))
+            state: Mapping[str, object] = read_safetensors(path)
         else:
-            try:
-                # weights_only: a downloaded pickle can never run code here.
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as error:
-                first_line = str(error).strip().splitlines()[0]
-                raise CheckpointError(
-                    f"{path}: refused, holds objects other than tensors ({first_line})"
-                ) from error
+            state = load_plain(path)
     else:
-        state = source
+        path, state = None, source
+    where = f"{path}: " if path is not None else ""
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint is a {type(state).__name__}, not a dict of tensors")
+        raise CheckpointError(
+            f"{where}checkpoint is a {type(state).__name__}, not a dict of tensors"
+        )
     for wrapper in ("model_state", "model"):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -88,7 +185,9 @@ def read_state(source: str | Path | Mapping[str, object]) -> dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{key}: not a tensor ({type(value).__name__}); unknown layout")
+            raise CheckpointError(
+                f"{where}{key}: not a tensor ({type(value).__name__}); unknown layout"
+            )
         # DDP's `module.` and torch.compile's `_orig_mod.` wrappers are not part of the layout.
         tensors[key.removeprefix("module.").removeprefix("_orig_mod.")] = value
     return tensors
@@ -332,7 +431,6 @@ def classifier_from_mae(
         dataclasses.replace(mae.config, num_classes=num_classes, **overrides)
     )
     report = load_weights(classifier, mae.state_dict())
-    classifier.patch_embed_backend = mae.patch_embed_backend
     return classifier, report
 
 
@@ -363,31 +461,49 @@ def model_kind(model: nn.Module) -> str:
 
 
 def save_model(model: VideoViT, path: str | Path) -> Path:
-    """Write the weights as safetensors at `path` and the config at `config_path(path)`."""
+    """Write the weights as safetensors at `path` and the config at `config_path(path)`.
+
+    Each file is replaced atomically (config first, then weights), so a crash or a full disk
+    never leaves a half-written file under either name.
+    """
     model = unwrap(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT})
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": model_kind(model),
         "config": model.config.to_dict(),
     }
-    config_path(path).write_text(json.dumps(description, indent=2) + "\n")
+    text = (json.dumps(description, indent=2) + "\n").encode()
+    write_atomically(config_path(path), lambda handle: handle.write(text))
+    data = serialize_safetensors(tensors, metadata={"format": FORMAT})
+    write_atomically(path, lambda handle: handle.write(data))
     return path
 
 
+KINDS = ("mae", "classifier")
+
+
 def read_model_config(path: str | Path) -> tuple[str, ModelConfig]:
-    """(kind, config) recorded beside a weights file."""
+    """(kind, config) recorded beside a weights file; a missing or damaged one is named."""
     description_path = config_path(path)
     if not description_path.is_file():
         raise CheckpointError(f"{description_path}: config file missing beside {Path(path).name}")
-    description = json.loads(description_path.read_text())
-    if description.get("format") != FORMAT:
+    try:
+        description = json.loads(description_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{description_path}: not a {FORMAT} config ({error})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise CheckpointError(f"{description_path}: not a {FORMAT} config")
-    return description["kind"], ModelConfig.from_dict(description["config"])
+    kind = description.get("kind")
+    if kind not in KINDS:
+        raise CheckpointError(f"{description_path}: unknown model kind {kind!r}")
+    try:
+        config = ModelConfig.from_dict(description.get("config", {}))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{description_path}: {error}") from None
+    return kind, config
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> VideoViT:
@@ -398,3 +514,17 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Video
     if report.missing or report.unexpected:
         raise CheckpointError(f"{path}: weights do not match the config ({report.summary()})")
     return model.to(device)
+
+
+def load_classifier(path: str | Path, *, device: torch.device | str = "cpu") -> VideoClassifier:
+    """`load_model` for commands that need a classifier (eval, explain): an MAE file is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    kind, _ = read_model_config(path)
+    if kind != "classifier":
+        raise CheckpointError(
+            f"{path}: a pretraining (MAE) checkpoint ({config_path(path).name} says kind "
+            f"'{kind}'), not a classifier; finetune it first (vctmae finetune --init {path})"
+        )
+    return load_model(path, device=device)

@@ -7,14 +7,17 @@ import torch
 from vctmae.model.vit import VideoViT
 
 
-def attention_maps(model: VideoViT, x: torch.Tensor) -> list[torch.Tensor]:
-    """Per-layer attention probabilities of the encoder on a clip (B, C, 16, 96, 96), no masking.
+def attention_maps(
+    model: VideoViT, crops: torch.Tensor, frames: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per-layer attention probabilities of the encoder on crops (B, 96, 96, 96) at frame indices
+    (B, 16), no masking.
 
     Returns one (B, heads, 1+L, 1+L) tensor per block (index 0 is the cls token, then tokens
     t·36 + row·6 + col). Works for the MAE and the classifier alike; the blocks' outputs are the
     same as the SDPA path's. Gradients flow unless the caller uses `torch.no_grad()`.
     """
-    hidden = model.with_cls(model.embed(x))  # (B, 1+L, D)
+    hidden = model.with_cls(model.embed(crops, frames))  # (B, 1+L, D)
     maps: list[torch.Tensor] = []
     for block in model.blocks:
         hidden, probabilities = block.forward_with_attention(hidden)  # (B, H, 1+L, 1+L)

@@ -7,7 +7,12 @@ models_vit). Parameter names follow mae_st (`patch_embed.proj`, `pos_embed_spati
 `norm`, `decoder_*`, `head`) so checkpoints map one to one; the only internal difference is the
 fused `attn.qkv` projection, which `vctmae.model.checkpoint` builds from mae_st's `attn.q/k/v`.
 
-Shapes for the paper's geometry: clip (B, 3|1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width
+Both models take int16 crops (B, 96, 96, 96) and per-sample frame indices (B, 16) — which sagittal
+slices form each sample's clip — and gather the clip themselves, so the model has one forward. The
+patch embedding here is the plain torch one; `vctmae.train.speed` swaps in the fused Triton kernel
+(same parameters, same tokens) — speed lives outside the model.
+
+Shapes for the paper's geometry: clip (B, 1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width
 D; token index = t·36 + row·6 + col.
 """
 
@@ -20,12 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vctmae.model.config import ModelConfig, preset_config
-from vctmae.model.crops import (
-    frames_from_crops,
-    gather_frames,
-    resolve_backend,
-    triton_patch_tokens,
-)
+from vctmae.model.crops import clip_frames
 from vctmae.model.masking import draw_noise, gather_tokens, random_masking
 
 LAYER_NORM_EPS = 1e-6
@@ -61,17 +61,15 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(
-            batch, tokens, 3, self.num_heads, self.head_dim
-        )  # (B, N, 3, H, d)
+        # (B, N, 3, H, d)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, d)
         return q, k, v
 
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
         batch, _, tokens, _ = out.shape
-        out = out.transpose(1, 2).reshape(
-            batch, tokens, self.num_heads * self.head_dim
-        )  # (B, N, D)
+        # (B, N, D)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return self.proj(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +124,10 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping tubes t_patch×patch×patch → tokens, through mae_st's `Conv3d(3, D, (2, 16, 16))`.
+    """Crops + frame indices → patch tokens with positions, through mae_st's `Conv3d(3, D, (2, 16, 16))`.
 
-    A one-channel clip stands for its three replicated channels; rather than materialising RGB the
+    Non-overlapping tubes t_patch×patch×patch of the clip become tokens. A one-channel clip stands
+    for its three replicated channels; rather than materialising RGB the
     kernel is folded (summed over input channels), which gives the same tokens. The input
     normalisation (x − mean) / std is folded in the same way: conv((x − m)/s) = conv(x; W/s) with
     bias b − (m/s)·ΣW, so clips stay in [0, 1] up to this layer.
@@ -157,7 +156,20 @@ class PatchEmbed(nn.Module):
         arguments for one-channel [0, 1] frames."""
         return self._normalised(self.proj.weight.sum(1).flatten(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        crops: torch.Tensor,
+        frames: torch.Tensor,
+        pos: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """int16 crops (B, 96, 96, 96), frame indices (B, 16), positions (1, L, D) and optionally
+        kept token ids (B, K) → tokens (B, L, D), or (B, K, D) with `keep`."""
+        tokens = self.embed_clip(clip_frames(crops, frames)) + pos  # (B, L, D)
+        return tokens if keep is None else gather_tokens(tokens, keep)
+
+    def embed_clip(self, x: torch.Tensor) -> torch.Tensor:
+        """A clip (B, 1 or in_chans, 16, 96, 96) in [0, 1] → tokens without positions (B, L, D)."""
         if x.dim() != 5 or tuple(x.shape[2:]) != self.clip_shape:
             raise ValueError(
                 f"expected a clip (B, C, {', '.join(map(str, self.clip_shape))}), got {tuple(x.shape)}"
@@ -188,8 +200,6 @@ class VideoViT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        # Which route `forward_crops` takes: "auto" (Triton on CUDA when importable) | "torch" | "triton".
-        self.patch_embed_backend = "auto"
         t, h, w = config.grid
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)
@@ -212,26 +222,12 @@ class VideoViT(nn.Module):
         temporal = self.pos_embed_temporal.repeat_interleave(self.pos_embed_spatial.shape[1], dim=1)
         return spatial + temporal  # (1, t*h*w, D)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Clip (B, C, T, H, W) → patch tokens with positions (B, L, D)."""
-        return self.patch_embed(x) + self.patch_pos_embed()
-
-    def embed_crops(
-        self, crops: torch.Tensor, offsets: torch.Tensor, keep: torch.Tensor | None = None
+    def embed(
+        self, crops: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """int16 crops (B, 96, 96, 96) → tokens with positions (B, L, D), or (B, K, D) for `keep`."""
-        if resolve_backend(self.patch_embed_backend, crops) == "triton":
-            weight, bias = self.patch_embed.kernel_weight_and_bias()
-            return triton_patch_tokens(
-                crops,
-                offsets,
-                weight,
-                bias,
-                keep=keep,
-                pos=self.patch_pos_embed()[0],
-            )
-        tokens = self.embed(frames_from_crops(crops, offsets, self.config.frames))  # (B, L, D)
-        return tokens if keep is None else gather_tokens(tokens, keep)
+        """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → tokens with positions (B, L, D),
+        or (B, K, D) for the kept token ids `keep` (B, K)."""
+        return self.patch_embed(crops, frames, self.patch_pos_embed(), keep)
 
     def normalize_input(self, frames: torch.Tensor) -> torch.Tensor:
         """[0, 1] frames → what the model sees, (frames − input_mean) / input_std."""
@@ -361,13 +357,19 @@ class MaskedAutoencoder(VideoViT):
         return x[:, 1:]  # (B, K, D)
 
     def forward_encoder(
-        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self,
+        crops: torch.Tensor,
+        frames: torch.Tensor,
+        mask_ratio: float,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clip (B, C, T, H, W) → (latent (B, K, D), mask (B, L), ids_restore (B, L))."""
-        tokens = self.embed(x)  # (B, L, D)
-        masking = random_masking(self._noise(noise, tokens.shape[0], tokens.device), mask_ratio)
-        latent = self.encode_visible(gather_tokens(tokens, masking.ids_keep))  # (B, K, D)
-        return latent, masking.mask, masking.ids_restore
+        """Crops + frame indices → (latent (B, K, D), mask (B, L), ids_restore (B, L)).
+
+        Only the visible tokens are embedded (the Triton patch embedding computes no others).
+        """
+        masking = random_masking(self._noise(noise, crops.shape[0], crops.device), mask_ratio)
+        visible = self.embed(crops, frames, keep=masking.ids_keep)  # (B, K, D)
+        return self.encode_visible(visible), masking.mask, masking.ids_restore
 
     def _noise(self, noise: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         expected = (batch, self.config.num_tokens)
@@ -396,14 +398,13 @@ class MaskedAutoencoder(VideoViT):
 
     # -- loss ------------------------------------------------------------------------------------
 
-    def target(self, clip: torch.Tensor) -> torch.Tensor:
+    def target(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Regression target (B, L, pred_dim): the clip's frames linspace(0, T−1, pred_t_dim),
         normalised as the encoder's input (mae_st regresses the normalised pixels)."""
-        indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, clip.device)
-        return self._patchify_target(self.normalize_input(clip.index_select(2, indices)))
-
-    def _patchify_target(self, target_frames: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        indices = target_frame_indices(cfg.frames, cfg.pred_t_dim, frames.device)
+        # (B, 1, pred_t_dim, H, W)
+        target_frames = self.normalize_input(clip_frames(crops, frames[:, indices]))
         return patchify(
             target_frames, t_patch=cfg.t_pred_patch, patch=cfg.patch, channels=cfg.in_chans
         )
@@ -426,33 +427,17 @@ class MaskedAutoencoder(VideoViT):
         return (per_token * mask).sum() / mask.sum()
 
     def forward(
-        self, x: torch.Tensor, mask_ratio: float = 0.8, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clip (B, C, 16, 96, 96) → (loss, pred (B, L, pred_dim), mask (B, L))."""
-        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(self.target(x), pred, mask), pred, mask
-
-    def forward_crops(
         self,
         crops: torch.Tensor,
-        offsets: torch.Tensor,
+        frames: torch.Tensor,
         mask_ratio: float = 0.8,
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int16 crops (B, 96, 96, 96) + frame offsets (B,) → (loss, pred, mask), as `forward` on
-        the sampled clips; the Triton route embeds only the visible tubes straight from the crops."""
-        if resolve_backend(self.patch_embed_backend, crops) == "torch":
-            return self.forward(
-                frames_from_crops(crops, offsets, self.config.frames), mask_ratio, noise
-            )
-        masking = random_masking(self._noise(noise, crops.shape[0], crops.device), mask_ratio)
-        visible = self.embed_crops(crops, offsets, keep=masking.ids_keep)  # (B, K, D)
-        pred = self.forward_decoder(self.encode_visible(visible), masking.ids_restore)
-        indices = target_frame_indices(self.config.frames, self.config.pred_t_dim, crops.device)
-        frames = self.normalize_input(gather_frames(crops, offsets, indices))  # (B, 1, 8, H, W)
-        target = self._patchify_target(frames)  # (B, L, pred_dim)
-        return self.forward_loss(target, pred, masking.mask), pred, masking.mask
+        """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → (loss, pred (B, L, pred_dim),
+        mask (B, L)); `noise` (B, L) decides the masking (drawn here when None)."""
+        latent, mask, ids_restore = self.forward_encoder(crops, frames, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(self.target(crops, frames), pred, mask), pred, mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,13 +460,9 @@ class VideoClassifier(VideoViT):
         x = self.run_blocks(self.with_cls(tokens))  # (B, 1+L, D)
         return self.norm(x[:, 1:].mean(dim=1))  # (B, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Clip (B, C, 16, 96, 96) → logits (B, num_classes)."""
-        return self.head(self.dropout(self.features(self.embed(x))))
-
-    def forward_crops(self, crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """int16 crops (B, 96, 96, 96) + frame offsets (B,) → logits (B, num_classes)."""
-        return self.head(self.dropout(self.features(self.embed_crops(crops, offsets))))
+    def forward(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → logits (B, num_classes)."""
+        return self.head(self.dropout(self.features(self.embed(crops, frames))))
 
 
 # ----------------------------------------------------------------------------------------------

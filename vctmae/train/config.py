@@ -1,15 +1,19 @@
 """Run configurations of the trainers, evaluation and explanation (SPEC §7–§8).
 
 Frozen keyword-only dataclasses filled by the CLI; defaults are the paper's
-settings (App. A.5) and, where the paper is silent, its public code's.
+settings (App. A.5) and, where the paper is silent, its public code's. A value
+that cannot be used is a `vctmae.errors.UsageError` (exit 2) naming its flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vctmae.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 LOADERS = ("torch", "dali")
@@ -18,31 +22,49 @@ POS_INIT = ("crop", "random", "interpolate")
 CLASS_WEIGHTS = ("inverse", "none")
 
 
+def _check_model(config: Any) -> None:
+    """The preset and overrides must make a model (checked here, before any data is read)."""
+    from vctmae.model.config import preset_config
+
+    try:
+        preset_config(config.model, **config.model_overrides)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--model {config.model}: {error}") from None
+
+
+def _check_out_folder(out: Path) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"{out}: --out names a file; give a folder for the run's outputs")
+
+
 def _check_common(config: Any) -> None:
     if not config.shards:
-        raise ValueError("shards: give at least one shard path, glob or brace pattern")
+        raise UsageError("shards: give at least one shard path, glob or brace pattern")
     if config.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {config.epochs}")
+        raise UsageError(f"epochs must be >= 1, got {config.epochs}")
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {config.accum_steps}")
+        raise UsageError(f"accum_steps must be >= 1, got {config.accum_steps}")
+    if config.num_workers < 0:
+        raise UsageError(f"workers must be >= 0, got {config.num_workers}")
     if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
-        raise ValueError(f"warmup_epochs must lie in [0, epochs], got {config.warmup_epochs}")
+        raise UsageError(f"warmup_epochs must lie in [0, epochs], got {config.warmup_epochs}")
     if config.grad_clip is not None and config.grad_clip <= 0:
-        raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
+        raise UsageError(f"grad_clip must be positive, got {config.grad_clip}")
     if config.device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {config.device!r}")
+        raise UsageError(f"device must be one of {DEVICES}, got {config.device!r}")
     if config.loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {config.loader!r}")
+        raise UsageError(f"loader must be one of {LOADERS}, got {config.loader!r}")
     if config.patch_embed not in PATCH_EMBED:
-        raise ValueError(f"patch_embed must be one of {PATCH_EMBED}, got {config.patch_embed!r}")
+        raise UsageError(f"patch_embed must be one of {PATCH_EMBED}, got {config.patch_embed!r}")
     if config.pos_init not in POS_INIT:
-        raise ValueError(f"pos_init must be one of {POS_INIT}, got {config.pos_init!r}")
+        raise UsageError(f"pos_init must be one of {POS_INIT}, got {config.pos_init!r}")
     if config.log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {config.log_every}")
+        raise UsageError(f"log_every must be >= 1, got {config.log_every}")
     if config.max_steps_per_epoch is not None and config.max_steps_per_epoch < 1:
-        raise ValueError("max_steps_per_epoch must be >= 1 or None")
+        raise UsageError("max_steps_per_epoch must be >= 1 or None")
+    _check_out_folder(config.out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,9 +103,10 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         _check_common(self)
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+            raise UsageError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
         if self.blr <= 0:
-            raise ValueError(f"blr must be positive, got {self.blr}")
+            raise UsageError(f"blr must be positive, got {self.blr}")
+        _check_model(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,13 +148,16 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check_common(self)
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise UsageError(f"lr must be positive, got {self.lr}")
         if self.multiview not in (1, 6):
-            raise ValueError(f"multiview must be 1 or 6, got {self.multiview}")
+            raise UsageError(f"multiview must be 1 or 6, got {self.multiview}")
         if self.class_weights not in CLASS_WEIGHTS:
-            raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}")
+            raise UsageError(f"class_weights must be one of {CLASS_WEIGHTS}")
         if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
+            raise UsageError(f"patience must be >= 1, got {self.patience}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must lie in [0, 1), got {self.dropout}")
+        _check_model(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,13 +177,18 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.shards:
-            raise ValueError("shards: give at least one shard path, glob or brace pattern")
+            raise UsageError("shards: give at least one shard path, glob or brace pattern")
         if self.multiview not in (1, 6):
-            raise ValueError(f"multiview must be 1 or 6, got {self.multiview}")
+            raise UsageError(f"multiview must be 1 or 6, got {self.multiview}")
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise UsageError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.loader not in LOADERS:
-            raise ValueError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+            raise UsageError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise UsageError(f"workers must be >= 0, got {self.num_workers}")
+        _check_out_folder(self.out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +204,11 @@ class ExplainConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.offset < 6:
-            raise ValueError(f"offset must lie in [0, 6), got {self.offset}")
+            raise UsageError(f"offset must lie in [0, 6), got {self.offset}")
+        if self.device not in DEVICES:
+            raise UsageError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if Path(self.out).is_dir():
+            raise UsageError(f"{self.out}: --out names a folder; give the PNG file to write")
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -187,3 +222,58 @@ def config_dict(config: Any) -> dict[str, Any]:
         return value
 
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# Settings a resumed run may change: they do not alter data order, schedule or model. The data
+# order does not depend on the number of loader workers (vctmae.data.loader), and the device,
+# compilation and patch-embedding implementation compute the same model.
+RESUMABLE_CHANGES = frozenset(
+    {"progress", "log_every", "preview", "num_workers", "resume", "device", "compile"}
+    | {"patch_embed", "out"}
+)
+# Config fields whose command-line flag is not `--` + the field name with dashes.
+_FLAGS = {"num_workers": "--workers", "warmup_start_lr": "--warmup-lr"}
+_NO_FLAG = {"model_overrides", "betas", "max_steps_per_epoch", "preview"}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (or the field's name when it has none)."""
+    if field_name in _NO_FLAG:
+        return field_name
+    return _FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _absolute(spec: str) -> str:
+    return spec if "://" in spec or spec.startswith("pipe:") else os.path.abspath(spec)
+
+
+def resume_fingerprint(config: Any) -> dict[str, Any]:
+    """The config as `--resume` compares it: shard patterns expanded to the shard files they name
+    (so a glob matching new files is a change, and `a*.tar` equals its shell expansion)."""
+    from vctmae.data import expand_shards
+
+    values = config_dict(config)
+    for name in ("shards", "val_shards"):
+        if values.get(name):
+            values[name] = [_absolute(path) for path in expand_shards(values[name])]
+    if values.get("init") is not None:
+        values["init"] = os.path.abspath(values["init"])
+    return values
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], *, where: Path) -> None:
+    """Refuse to resume the run saved at `where` with settings that change what it computes."""
+    changed = [
+        name
+        for name in sorted(set(saved) | set(current))
+        if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)
+    ]
+    if changed:
+        details = ", ".join(
+            f"{flag_name(name)} {saved.get(name)!r} → {current.get(name)!r}" for name in changed
+        )
+        raise UsageError(
+            f"{where}: --resume with changed settings ({details}); they alter the data order, "
+            "schedule or model of the run being resumed — resume with the run's settings, "
+            "or start a new run in another --out"
+        )

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vctmae.errors import UsageError
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistInfo:
@@ -36,7 +38,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device cuda requested but torch sees no GPU")
+            raise UsageError("--device cuda: torch sees no GPU here; use --device cpu or auto")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

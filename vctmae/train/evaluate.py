@@ -9,6 +9,7 @@ mean, i.e. fracture when its probability is >= 0.5.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
 from vctmae.train.runlog import RunLog
+from vctmae.train.speed import install_patch_embed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,7 +46,7 @@ def predict_local(
     model: nn.Module, loader: Any, *, views: int, device: torch.device
 ) -> Predictions:
     """This rank's predictions: mean softmax over `views` offsets per crop."""
-    from vctmae.data import multiview_offsets
+    from vctmae.data import multiview_offsets, offset_frames
 
     was_training = model.training
     model.eval()
@@ -55,9 +57,9 @@ def predict_local(
         size = batch.crops.shape[0]
         mean = torch.zeros(size, device=device)
         for offset in offsets:
-            view = torch.full((size,), offset, dtype=torch.long, device=device)
+            view = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
             with autocast_context(device):
-                logits = model.forward_crops(batch.crops, view)
+                logits = model(batch.crops, view)
             mean += torch.softmax(logits.float(), dim=-1)[:, 1]
         probs.append(mean / len(offsets))
         labels.append(batch.labels)
@@ -120,15 +122,18 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
 
 
 def write_predictions(predictions: Predictions, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "label", "prob_fracture", "predicted"])
-        for key, label, prob in zip(
-            predictions.keys, predictions.labels, predictions.probs, strict=True
-        ):
-            writer.writerow([key, int(label), f"{prob:.8f}", int(prob >= 0.5)])
-    return path
+    """predictions.csv, written atomically (a crash or full disk leaves no partial file)."""
+    from vctmae.model.checkpoint import write_atomically
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["key", "label", "prob_fracture", "predicted"])
+    for key, label, prob in zip(
+        predictions.keys, predictions.labels, predictions.probs, strict=True
+    ):
+        writer.writerow([key, int(label), f"{prob:.8f}", int(prob >= 0.5)])
+    data = text.getvalue().encode()
+    return write_atomically(path, lambda handle: handle.write(data))
 
 
 def read_predictions(path: Path) -> Predictions:
@@ -148,6 +153,8 @@ def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn import metrics as sk
+
+    from vctmae.model.checkpoint import write_atomically
 
     paths = []
     fpr, tpr, _ = sk.roc_curve(labels, probs)
@@ -173,8 +180,9 @@ def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
         ax.set_ylim(0, 1.02)
         ax.legend(loc="lower right")
         fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=100)
+        path = write_atomically(
+            out / name, lambda handle, fig=fig: fig.savefig(handle, format="png", dpi=100)
+        )
         plt.close(fig)
         paths.append(path)
     return paths
@@ -218,15 +226,13 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png."""
     from rich.console import Console
 
-    from vctmae.data import ShardLoader, expand_shards
-    from vctmae.model import load_model
+    from vctmae.data import ShardLoader, check_classes, check_crop_shape, expand_shards
+    from vctmae.model.checkpoint import load_classifier, write_atomically
 
     info = distributed.setup(config.device)
     out = Path(config.out)
-    if not Path(config.checkpoint).exists():
-        raise FileNotFoundError(f"{config.checkpoint}: checkpoint not found")
-    model = load_model(config.checkpoint).to(info.device)
-    model.patch_embed_backend = config.patch_embed
+    model = load_classifier(config.checkpoint).to(info.device)
+    install_patch_embed(model, config.patch_embed, info.device)
     shards = expand_shards(list(config.shards))
     loader = ShardLoader(
         shards,
@@ -236,6 +242,16 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         device=info.device,
         backend=config.loader,
     )
+    # Checked from the shard index before anything is predicted or written: metrics need every
+    # crop labelled 0 or 1; unlabelled shards on their own get predictions only.
+    unlabelled_only = all(bool((index.labels == -1).all()) for index in loader.indexes)
+    check_classes(
+        loader.indexes,
+        role="evaluated samples (--shards; evaluate unlabelled shards on their own)",
+        allow_unlabelled=unlabelled_only,
+    )
+    first = loader.indexes[0]
+    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
     predictions = predict(model, loader, views=config.multiview, device=info.device)
     expected = expected_count(shards)
     if expected is not None and expected != len(predictions.keys):
@@ -254,7 +270,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         else:
             metrics = {"n": len(predictions.keys), "note": "unlabelled crops: predictions only"}
         metrics.update(checkpoint=str(config.checkpoint), multiview=config.multiview)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        text = (json.dumps(metrics, indent=2) + "\n").encode()
+        write_atomically(out / "metrics.json", lambda handle: handle.write(text))
         log = RunLog(out / "log.jsonl")
         log.start(
             command="eval",

@@ -58,7 +58,7 @@ def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.
 @torch.no_grad()
 def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -> dict[str, Any]:
     """Probabilities and frame-level attention maps of one int16 crop (96, 96, 96)."""
-    from vctmae.data import multiview_offsets, sample_frames
+    from vctmae.data import multiview_offsets, offset_frames, sample_frames
     from vctmae.model import attention_maps
 
     model.eval()
@@ -66,14 +66,15 @@ def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -
     crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
     views = multiview_offsets(6)
     probs = [
-        torch.softmax(model.forward_crops(crops, torch.full((1,), o, device=device)).float(), -1)[
+        torch.softmax(model(crops, offset_frames(torch.tensor([o], device=device))).float(), -1)[
             0, 1
         ]
         for o in views
     ]
     view = torch.full((1,), offset, dtype=torch.long, device=device)
     clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
-    maps = [m[0].cpu() for m in attention_maps(model, clip)]  # per layer (heads, N, N)
+    # Per layer (heads, N, N).
+    maps = [m[0].cpu() for m in attention_maps(model, crops, offset_frames(view))]
     cfg = model.config
     scores = token_scores(maps, cfg.grid)
     return {
@@ -110,9 +111,10 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    from vctmae.model.checkpoint import write_atomically
+
+    # Atomically (a full disk keeps an earlier picture intact, and leaves no partial PNG).
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=90))
     plt.close(fig)
     return path
 
@@ -120,15 +122,18 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
 def run_explain(config: ExplainConfig) -> dict[str, Any]:
     """Write the attention picture of `config.key`; returns its probabilities and path."""
     from vctmae.data import ZarrCrops
-    from vctmae.model import load_model
+    from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
+    from vctmae.model.checkpoint import load_classifier
 
-    for path, what in ((config.checkpoint, "checkpoint"), (config.zarr, "Zarr store")):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found")
+    model = load_classifier(config.checkpoint)
+    if not Path(config.zarr).exists():
+        raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
     store = ZarrCrops(config.zarr)
-    if config.key not in store.keys:
-        raise KeyError(f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)")
-    model = load_model(config.checkpoint).to(torch.device(config.device))
+    if config.key not in store:
+        raise MissingKeyError(
+            f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)"
+        )
+    model = model.to(torch.device(config.device))
     result = explain_crop(model, store.crop(config.key), offset=config.offset)
     label = store.label(config.key)
     truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")

@@ -8,16 +8,16 @@ better F1.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from vctmae.model.checkpoint import CheckpointError
 from vctmae.train import distributed
 from vctmae.train.checkpoint import save_weights
 from vctmae.train.config import FinetuneConfig, config_dict
@@ -45,23 +45,23 @@ def init_from_pretraining(model: nn.Module, path: Path) -> dict[str, list[str]]:
     come from the file with the same shape, or the load is refused. So is a file whose config
     (beside it) normalises the input differently: the weights would see other numbers.
     """
-    from vctmae.model.checkpoint import config_path, read_model_config
+    from vctmae.model.checkpoint import config_path, read_model_config, read_safetensors
 
     if config_path(path).is_file():
         _, pretrained = read_model_config(path)
         ours = model.config
         if (pretrained.input_mean, pretrained.input_std) != (ours.input_mean, ours.input_std):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: pretrained on inputs normalised with mean {pretrained.input_mean}, "
                 f"std {pretrained.input_std}, but this classifier uses mean {ours.input_mean}, "
                 f"std {ours.input_std}; finetune with the same model settings as pretraining"
             )
-    source = load_file(str(path))
+    source = read_safetensors(path)
     target = model.state_dict()
     missing = [k for k in target if k not in source and not k.startswith(HEAD_PREFIXES)]
     mismatched = [k for k in target if k in source and source[k].shape != target[k].shape]
     if missing or mismatched:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: not an encoder of this model — missing {missing[:5]}, "
             f"shape mismatch {mismatched[:5]} (same --model preset as pretraining?)"
         )
@@ -79,8 +79,8 @@ def init_classifier(model: nn.Module, init: Path | None, pos_init: str) -> Any:
     if init is None:
         return None
     init = Path(init)
-    if not init.exists():
-        raise FileNotFoundError(f"{init}: --init checkpoint not found")
+    if not init.is_file():
+        raise CheckpointError(f"{init}: --init checkpoint not found")
     if init.suffix == ".safetensors":
         return init_from_pretraining(model, init)
     from vctmae.model import load_mae_st
@@ -88,54 +88,34 @@ def init_classifier(model: nn.Module, init: Path | None, pos_init: str) -> Any:
     return load_mae_st(init, model, pos_init=pos_init)
 
 
-def _labels_from_manifest(shards: list[str]) -> list[int] | None:
-    """Class labels of the given shards from the manifest.csv beside them, if every shard is listed."""
-    labels: list[int] = []
-    by_dir: dict[Path, set[str]] = {}
-    for shard in shards:
-        path = Path(shard)
-        by_dir.setdefault(path.parent, set()).add(path.name)
-    for directory, names in by_dir.items():
-        manifest = directory / "manifest.csv"
-        if not manifest.exists():
-            return None
-        seen = set()
-        with manifest.open() as f:
-            for row in csv.DictReader(f):
-                shard_name = Path(row.get("shard", "")).name
-                if shard_name in names and row.get("class", "") != "":
-                    labels.append(int(row["class"]))
-                    seen.add(shard_name)
-        if seen != names:
-            return None
-    return labels
+def class_weights(indexes: list[Any], num_classes: int = 2) -> list[float]:
+    """Inverse-frequency weights N / (C · n_c) of the training labels in the shard index."""
+    from vctmae.data import ClassError, shard_label
 
-
-def _labels_by_reading(shards: list[str]) -> list[int]:
-    from vctmae.data import ShardLoader
-
-    loader = ShardLoader(shards, batch_size=64, training=False, num_workers=0, rank=0, world_size=1)
-    return [int(v) for batch in loader for v in batch.labels.tolist()]
-
-
-def class_weights(shards: list[str], num_classes: int = 2) -> tuple[list[float], str]:
-    """Inverse-frequency weights N / (C · n_c) from the manifest (or by reading the labels)."""
-    labels = _labels_from_manifest(shards)
-    source = "manifest.csv"
-    if labels is None:
-        labels, source = _labels_by_reading(shards), "shard labels"
-    counts = Counter(labels)
+    labels = np.concatenate([index.labels for index in indexes])
+    counts = Counter(int(v) for v in labels)
     if any(counts.get(c, 0) == 0 for c in range(num_classes)):
-        raise ValueError(
-            f"{shards[0]}…: training labels {dict(counts)} lack a class; cannot finetune a classifier"
+        raise ClassError(
+            f"{shard_label([index.path for index in indexes])}: training labels {dict(counts)} "
+            "lack a class; inverse class weights need samples of both classes"
         )
     total = sum(counts[c] for c in range(num_classes))
-    return [total / (num_classes * counts[c]) for c in range(num_classes)], source
+    return [total / (num_classes * counts[c]) for c in range(num_classes)]
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Finetune a classifier; writes checkpoints, `best.safetensors` and `log.jsonl` under `config.out`."""
-    from vctmae.data import ShardLoader, expand_shards, mirror, random_offsets
+    from vctmae.data import (
+        ShardError,
+        ShardLoader,
+        check_classes,
+        check_crop_shape,
+        expand_shards,
+        mirror,
+        offset_frames,
+        random_offsets,
+        shard_label,
+    )
     from vctmae.model import build_classifier
     from vctmae.train.evaluate import compute_metrics, predict
 
@@ -165,15 +145,21 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         if val_shards
         else None
     )
+    # Every label is known from the shard index: refuse unusable ones before the first step.
+    check_classes(loader.indexes, role="training samples (--shards)")
+    if val_loader is not None:
+        check_classes(val_loader.indexes, role="validation samples (--val-shards)")
     torch.manual_seed(config.seed)
     overrides = dict(config.model_overrides)
     if config.dropout is not None:
         overrides["head_dropout"] = config.dropout
     model = build_classifier(config.model, num_classes=2, **overrides).to(info.device)
-    model.patch_embed_backend = config.patch_embed
+    for checked in (loader, val_loader) if val_loader is not None else (loader,):
+        first = checked.indexes[0]
+        check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
     init_report = init_classifier(model, config.init, config.pos_init)
     if config.class_weights == "inverse":
-        weights, weight_source = class_weights(shards)
+        weights, weight_source = class_weights(loader.indexes), "shard labels"
     else:
         weights, weight_source = [1.0, 1.0], "none"
     weight_tensor = torch.tensor(weights, dtype=torch.float32, device=info.device)
@@ -184,9 +170,10 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.max_steps_per_epoch:
         per_epoch = min(per_epoch, config.max_steps_per_epoch)
     if per_epoch < 1:
-        raise ValueError(
-            f"{shards[0]}…: {len(loader)} batches per epoch on this rank, fewer than accum_steps "
-            f"{config.accum_steps}; use fewer processes or a smaller --batch-size"
+        raise ShardError(
+            shard_label(shards),
+            f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
+            f"{config.accum_steps}; use fewer processes or a smaller --batch-size",
         )
     schedule = WarmupCosine(
         peak_lr=config.lr,
@@ -195,7 +182,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         start_lr=config.warmup_start_lr,
         end_lr=config.min_lr,
     )
-    module = wrap_for_training(model, info, compile=config.compile)
+    module = wrap_for_training(model, info, patch_embed=config.patch_embed, compile=config.compile)
 
     def loss_fn(batch: Any, generator: torch.Generator) -> torch.Tensor:
         crops = batch.crops
@@ -204,7 +191,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         if config.mirror:
             flags = torch.rand(size, generator=generator) < 0.5
             crops = mirror(crops, flags.to(info.device, non_blocking=True))
-        logits = module(crops, offsets)
+        logits = module(crops, offset_frames(offsets))
         return nn.functional.cross_entropy(logits.float(), batch.labels, weight=weight_tensor)
 
     best_path = out / "best.safetensors"

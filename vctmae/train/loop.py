@@ -10,6 +10,9 @@ Losses and the NaN flag stay on the device; the host reads them only on
 logging steps and at the end of an epoch (the deliberate syncs are marked).
 Checkpoints are written at epoch boundaries, so a resumed run restarts the
 interrupted epoch from its beginning with the same data order and RNG state.
+`--resume` refuses settings that would change what the run computes (see
+`config.check_resume_config`) and falls back, with a warning, to the previous
+checkpoint when the newest cannot be read.
 """
 
 from __future__ import annotations
@@ -27,26 +30,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.errors import VctmaeError
+from vctmae.model.checkpoint import CheckpointError
 from vctmae.train import checkpoint
-from vctmae.train.config import config_dict
+from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
 from vctmae.train.distributed import DistInfo, any_true, barrier, gather_objects
-from vctmae.train.runlog import RunLog, training_progress
+from vctmae.train.runlog import RunLog, training_progress, warn
 from vctmae.train.schedule import WarmupCosine, set_lr
+from vctmae.train.speed import apply_speedups
 
 
 class NonFiniteLossError(VctmaeError, RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving."""
-
-
-class CropsForward(nn.Module):
-    """Routes `forward` to `model.forward_crops`, so DDP sees (and syncs) the call."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.forward_crops(*args, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -77,11 +71,11 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def wrap_for_training(model: nn.Module, info: DistInfo, *, compile: bool) -> nn.Module:
-    """The module the step calls: crop path, optionally compiled, DDP across ranks."""
-    module: nn.Module = CropsForward(model)
-    if compile:
-        module = torch.compile(module)
+def wrap_for_training(
+    model: nn.Module, info: DistInfo, *, patch_embed: str, compile: bool
+) -> nn.Module:
+    """The module the step calls: the chosen patch embedding, optionally compiled, DDP across ranks."""
+    module = apply_speedups(model, patch_embed=patch_embed, compile=compile, device=info.device)
     if info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         module = DistributedDataParallel(module, device_ids=device_ids)
@@ -134,6 +128,8 @@ class Trainer:
         # Per-rank stream of training randomness (offsets, mirror, mask noise).
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + info.rank)
         self.run_dir = Path(config.out)
+        # What --resume compares: the settings that decide data order, schedule and model.
+        self.fingerprint = resume_fingerprint(config)
 
     # -- checkpoints ---------------------------------------------------------------
     def _state_dict(self) -> dict[str, Any]:
@@ -147,6 +143,7 @@ class Trainer:
             world_size=self.info.world_size,
             loader_epoch=self.state.epoch,
             config=config_dict(self.config),
+            fingerprint=self.fingerprint,
         )
         return state
 
@@ -158,14 +155,44 @@ class Trainer:
             )
         barrier()
 
+    def _load_checkpoint(self) -> tuple[checkpoint.CheckpointFiles, dict[str, Any]] | None:
+        """The newest readable checkpoint (state, weights loaded into the model), or None.
+
+        A newest pair that cannot be read falls back to the previous one with a warning; a
+        config that changed what the run computes is refused outright (no fallback).
+        """
+        candidates = checkpoint.checkpoint_candidates(self.run_dir)
+        first_error: CheckpointError | None = None
+        for files in candidates:
+            try:
+                saved = checkpoint.load_state(files.state)
+                check_resume_config(
+                    saved.get("fingerprint", saved["config"]),
+                    self.fingerprint if "fingerprint" in saved else config_dict(self.config),
+                    where=files.state,
+                )
+                checkpoint.load_weights_into(self.model, files.weights)
+            except CheckpointError as error:
+                first_error = first_error or error
+                continue
+            if first_error is not None and self.info.is_main:
+                message = (
+                    f"{first_error}; resuming from the previous checkpoint "
+                    f"{files.weights.name} (epoch {files.epoch}) instead"
+                )
+                warn(message)
+                self.log.write("checkpoint_fallback", message=message, epoch=files.epoch)
+            return files, saved
+        if first_error is not None:
+            raise first_error
+        return None
+
     def resume(self) -> bool:
-        """Restore the last checkpoint of `config.out`; False when there is none."""
-        found = checkpoint.latest_checkpoint(self.run_dir)
+        """Restore the last readable checkpoint of `config.out`; False when there is none."""
+        found = self._load_checkpoint()
         if found is None:
             return False
-        weights, state_path = found
-        checkpoint.load_weights_into(self.model, weights)
-        saved = checkpoint.load_state(state_path)
+        files, saved = found
         self.optimizer.load_state_dict(saved["optimizer"])
         for key in (
             "step",
@@ -188,7 +215,7 @@ class Trainer:
                 self.config.seed * 1000 + self.info.rank + 7919 * self.state.epoch
             )
         self.log.write(
-            "resume", epoch=self.state.epoch, step=self.state.step, checkpoint=str(weights)
+            "resume", epoch=self.state.epoch, step=self.state.step, checkpoint=str(files.weights)
         )
         return True
 

@@ -32,7 +32,16 @@ def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain an MAE; writes checkpoints, `model.safetensors`, previews and `log.jsonl` under `config.out`."""
-    from vctmae.data import ShardLoader, expand_shards, mirror, random_offsets
+    from vctmae.data import (
+        ShardError,
+        ShardLoader,
+        check_crop_shape,
+        expand_shards,
+        mirror,
+        offset_frames,
+        random_offsets,
+        shard_label,
+    )
     from vctmae.model import build_mae, load_mae_st
 
     info = distributed.setup(config.device)
@@ -50,7 +59,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     )
     torch.manual_seed(config.seed)
     model = build_mae(config.model, **config.model_overrides).to(info.device)
-    model.patch_embed_backend = config.patch_embed
+    first = loader.indexes[0]
+    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
     init_report: Any = None
     if config.init is not None:
         init_report = load_mae_st(config.init, model, pos_init=config.pos_init)
@@ -60,9 +70,10 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     )
     per_epoch = steps_per_epoch(len(loader), config.accum_steps, config.max_steps_per_epoch)
     if per_epoch < 1:
-        raise ValueError(
-            f"{shards[0]}…: {len(loader)} batches per epoch on this rank, fewer than accum_steps "
-            f"{config.accum_steps}; use fewer processes or a smaller --batch-size"
+        raise ShardError(
+            shard_label(shards),
+            f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
+            f"{config.accum_steps}; use fewer processes or a smaller --batch-size",
         )
     schedule = WarmupCosine(
         peak_lr=peak,
@@ -70,7 +81,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         warmup_steps=per_epoch * config.warmup_epochs,
         end_lr=config.min_lr,
     )
-    module = wrap_for_training(model, info, compile=config.compile)
+    module = wrap_for_training(model, info, patch_embed=config.patch_embed, compile=config.compile)
     num_tokens = model.config.num_tokens
     preview_crop: list[torch.Tensor] = []
 
@@ -84,7 +95,9 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
             flags = torch.rand(size, generator=generator) < 0.5
             crops = mirror(crops, flags.to(info.device, non_blocking=True))
         noise = torch.rand(size, num_tokens, generator=generator).to(info.device, non_blocking=True)
-        loss, _, _ = module(crops, offsets, mask_ratio=config.mask_ratio, noise=noise)
+        loss, _, _ = module(
+            crops, offset_frames(offsets), mask_ratio=config.mask_ratio, noise=noise
+        )
         return loss
 
     def epoch_end(epoch: int, mean_loss: float, state: TrainState) -> EpochEnd:
@@ -146,18 +159,20 @@ def write_preview(
     title: str,
 ) -> Path:
     """Reconstruct one crop (middle view, fixed mask) and save the preview PNG."""
-    from vctmae.data import sample_frames
+    from vctmae.data import multiview_offsets, offset_frames
     from vctmae.train.preview import save_preview
 
     was_training = model.training
     model.eval()
-    offsets = torch.full((1,), 3, dtype=torch.long, device=crop.device)
+    # The middle view, as --multiview 1.
+    frames = offset_frames(torch.tensor(multiview_offsets(1), device=crop.device))
     tokens = model.config.num_tokens
     noise = torch.rand(1, tokens, generator=torch.Generator().manual_seed(seed)).to(crop.device)
-    _, pred, mask = model.forward_crops(crop, offsets, mask_ratio=mask_ratio, noise=noise)
-    clip = sample_frames(crop, offsets)  # (1, 1, 16, 96, 96)
+    _, pred, mask = model(crop, frames, mask_ratio=mask_ratio, noise=noise)
     # Targets and predictions live in the model's normalised input space; show them as [0, 1].
-    target = model.denormalize_input(model.unpatchify(model.target(clip))[0].float().mean(0))
+    target = model.denormalize_input(
+        model.unpatchify(model.target(crop, frames))[0].float().mean(0)
+    )
     recon = model.denormalize_input(model.unpatchify(pred.float())[0].mean(0))  # (8, 96, 96)
     model.train(was_training)
     return save_preview(target, recon, mask[0], path, title=title)

@@ -43,8 +43,9 @@ def save_preview(
                 ax.set_ylabel(name)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    from vctmae.model.checkpoint import write_atomically
+
+    # Atomically (a full disk keeps an earlier picture intact, and leaves no partial PNG).
+    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=80))
     plt.close(fig)
     return path

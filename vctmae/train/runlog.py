@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vctmae.errors import is_out_of_space, out_of_space
 from vctmae.provenance import git_commit, machine_info, versions
 
 
@@ -29,8 +31,13 @@ class RunLog:
         if not self.enabled:
             return
         record = {"event": event, "time": time.time(), **fields}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError as error:
+            if is_out_of_space(error):
+                raise out_of_space(self.path) from None
+            raise
 
     def start(self, *, command: str, config: dict[str, Any], **extra: Any) -> None:
         self.write(
@@ -42,6 +49,11 @@ class RunLog:
             machine=machine_info(),
             **extra,
         )
+
+
+def warn(message: str) -> None:
+    """One yellow `warning: …` line on stderr (something the user should know, not an error)."""
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

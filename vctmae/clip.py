@@ -1,0 +1,366 @@
+"""The clip rules, defined once: how an int16 vertebra crop becomes the 16 frames the model sees.
+
+A leaf module (torch and the standard library only, nothing from vctmae) so that
+`data`, `model`, `kernels` and the DALI backend can all import it. Crop layout
+(SPEC §2): axis 0 = sagittal slice, left → right (the frame axis); axis 1 =
+superior → inferior (frame rows); axis 2 = anterior → posterior (frame columns).
+
+Two frame rules (`--frames`, SPEC §4):
+
+- ``"crop"`` (the paper's text, §3 "Slice Sampling"): 16 equidistant sagittal
+  slices with stride 6 = 96 / 16, frames ``crop[o + 6k]``, k = 0..15. Training
+  draws the offset o from 0..5; evaluation averages the six views o = 0..5,
+  which together cover every slice once.
+- ``"mask"`` (the paper's public code, lbuess/Video-CT_MAE): the 16 frames spread
+  over the vertebra's own sagittal extent [lo, hi] (its mask's bounding box),
+  and an in-plane context cut (`context_cut`). References below are
+  ``file:line`` in that repository (commit d27e0b2); `docs/reference-code-notes.md`
+  has the full reading.
+
+Every index this module returns lies inside the crop, [0, 95], and in mask mode
+inside the extent [lo, hi]: the reference crops the volume to the extent before
+it samples, so a slice outside the extent is one it can never show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# ----------------------------------------------------------------------------- constants
+
+CROP_SIZE = 96
+NUM_FRAMES = 16
+# 96 / 16: the six offsets 0..5 give six views that tile the crop (paper §3).
+STRIDE = 6
+# HU window (paper App. A.5): clip to [−1000, 1000], map linearly to [0, 1]. The
+# reference: ScaleIntensityRangeD(a_min=-1000, a_max=1000, b_min=0, b_max=1,
+# clip=True), src/finetuning/utils/transforms.py:100-107, config/finetuning/data/default.yaml:14-17.
+HU_MIN = -1000.0
+HU_MAX = 1000.0
+# What padding holds, in HU. The reference pads with 0 after scaling
+# (ResizeWithPadOrCropD mode="constant", transforms.py:195-199), i.e. −1000 HU.
+PAD_HU = -1000
+# Rows kept on each side of the mask's box by the context cut: CropForegroundD
+# margin=(0, 16, 100), transforms.py:189-194 and src/pretraining/data.py:80-85.
+CONTEXT_MARGIN = 16
+
+FRAME_MODES: tuple[str, ...] = ("crop", "mask")
+# The whole crop as an inclusive sagittal extent: what mask mode falls back to
+# when a sample has no mask voxels (the reference's own mask-less path,
+# CenterSpatialCropD then the same linspace rule, transforms.py:201-203).
+FULL_EXTENT: tuple[int, int] = (0, CROP_SIZE - 1)
+
+# WebDataset shard members of one sample: KEY.crop.npy, KEY.json, KEY.cls (SPEC §2).
+CROP_MEMBER = "crop.npy"
+META_MEMBER = "json"
+CLASS_MEMBER = "cls"
+# Arrays of ingest's Zarr store (`crops.zarr`), index-aligned with its attr `keys`.
+ZARR_STORE = "crops.zarr"
+ZARR_CROPS = "crops"
+ZARR_CLASSES = "classes"
+ZARR_GRADES = "grades"
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it is one of FRAME_MODES, else ValueError naming the choices."""
+    if mode not in FRAME_MODES:
+        raise ValueError(f"frame mode must be one of {', '.join(FRAME_MODES)}, got {mode!r}")
+    return mode
+
+
+# ----------------------------------------------------------------------------- HU scaling
+
+
+def scale_hu(hu: torch.Tensor) -> torch.Tensor:
+    """HU (any dtype) → float32 in [0, 1]: clip to [HU_MIN, HU_MAX], then map linearly."""
+    return (hu.float().clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
+
+
+# ----------------------------------------------------------------------------- extents
+
+
+def check_extent(extent: Sequence[int], size: int = CROP_SIZE) -> tuple[int, int]:
+    """`extent` as a pair of ints if 0 <= lo <= hi < size, else ValueError."""
+    lo, hi = (int(v) for v in extent)
+    if not 0 <= lo <= hi < size:
+        raise ValueError(f"extent must satisfy 0 <= lo <= hi < {size}, got ({lo}, {hi})")
+    return lo, hi
+
+
+def extent_from_bbox(bbox: Sequence[int], size: int = CROP_SIZE) -> tuple[int, int]:
+    """Inclusive sagittal extent (lo, hi) of a sample's mask from its JSON `bbox`.
+
+    `bbox` is half-open `(x0, x1, y0, y1, z0, z1)` in crop indices (ingest's
+    geometry), so the extent is (x0, x1 − 1). An empty box (no mask voxels in the
+    crop; ingest writes (0, 0, 0, 0, 0, 0)) gives the whole crop, FULL_EXTENT.
+    """
+    if len(bbox) != 6:
+        raise ValueError(f"bbox must be (x0, x1, y0, y1, z0, z1), got {list(bbox)}")
+    x0, x1 = int(bbox[0]), int(bbox[1])
+    if x1 == x0:
+        return (0, size - 1)
+    return check_extent((x0, x1 - 1), size)
+
+
+def _as_extents(
+    extents: torch.Tensor | Sequence | None, batch: int, device: torch.device | str
+) -> torch.Tensor:
+    """Per-sample extents as int64 (B, 2); None = the whole crop for every sample."""
+    if extents is None:
+        return torch.tensor(FULL_EXTENT, device=device).expand(batch, 2)
+    extents = torch.as_tensor(extents, device=device).long().reshape(-1, 2)
+    if extents.shape[0] != batch:
+        raise ValueError(f"{extents.shape[0]} extents for {batch} samples")
+    return extents
+
+
+# ----------------------------------------------------------------------------- mask-mode rule
+#
+# The reference (src/video_ct_transform.py:37-49, training; :108-129, evaluation)
+# samples over the crop cut to the mask's sagittal extent, of width w:
+#     indices = round(linspace(0, w − 1, 18))[1:−1]                          (:40, :43)
+#     sd      = indices[1] − indices[0]                                      (:47, :116)
+#     training:   indices + numpy randint(−sd // 2, sd // 2)   (high excluded) (:48)
+#     evaluation: one view per shift in range(−sd // 2, sd // 2)             (:127)
+# −sd // 2 is Python's (−sd) // 2, floor division: sd = 5 gives shifts −3..1.
+#
+# round(): numpy rounds half to even, but point k of linspace(0, w − 1, 18) is
+# k(w − 1)/17, which is never an odd multiple of ½ (2k(w − 1) is even, 17·odd is
+# odd), so it equals floor(k(w − 1)/17 + ½) = (2k(w − 1) + 17) // 34, computed
+# here in exact integers on any device.
+#
+# Where the reference breaks (only for vertebrae narrower than 14 slices, far
+# below any real one): sd = 0 for w ≤ 5 and w = 10..13, where numpy's randint and
+# np.stack of no views raise; shift −1 reaches index −1 for w = 6..9, which
+# wraps to the extent's last slice. vctmae uses shift 0 when sd = 0 and clamps
+# every index into [lo, hi].
+
+
+def _mask_positions(width: torch.Tensor) -> torch.Tensor:
+    """round(linspace(0, w − 1, NUM_FRAMES + 2))[1:−1] per sample: int64 (B,) → (B, NUM_FRAMES)."""
+    divisions = NUM_FRAMES + 1
+    k = torch.arange(1, NUM_FRAMES + 1, device=width.device)  # (T,)
+    return (2 * k * (width[:, None] - 1) + divisions) // (2 * divisions)  # (B, T)
+
+
+def _shift_range(mode: str, extents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the first shift and the number of shifts: int64 (B,), (B,)."""
+    batch = extents.shape[0]
+    if mode == "crop":
+        zeros = torch.zeros(batch, dtype=torch.long, device=extents.device)
+        return zeros, torch.full_like(zeros, STRIDE)
+    width = extents[:, 1] - extents[:, 0] + 1
+    positions = _mask_positions(width)
+    spacing = positions[:, 1] - positions[:, 0]  # (B,) sd
+    low = torch.div(-spacing, 2, rounding_mode="floor")
+    high = torch.div(spacing, 2, rounding_mode="floor")
+    # sd = 0: the reference has no shift to offer (it raises); vctmae uses shift 0 alone.
+    count = torch.where(spacing > 0, high - low, torch.ones_like(spacing))
+    return torch.where(spacing > 0, low, torch.zeros_like(low)), count
+
+
+def _max_views() -> int:
+    widths = torch.arange(1, CROP_SIZE + 1)
+    extents = torch.stack([torch.zeros_like(widths), widths - 1], dim=1)
+    return max(STRIDE, int(_shift_range("mask", extents)[1].max()))
+
+
+# Most evaluation views any sample can have, in either mode (6: crop mode's six
+# offsets; in mask mode sd ≤ 6 for every extent within 96 slices).
+MAX_VIEWS = _max_views()
+
+
+# ----------------------------------------------------------------------------- batched forms
+
+
+def frame_index_tensor(
+    mode: str,
+    shifts: torch.Tensor | Sequence[int],
+    extents: torch.Tensor | Sequence | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-sample frame indices, int64 (B, NUM_FRAMES), in crop coordinates on `device`.
+
+    mode: one of FRAME_MODES, for the whole batch.
+    shifts: int (B,): crop mode, the offset o in 0..5; mask mode, the shift added
+        to the unshifted frames (from `train_shifts` / `view_shifts`, 0 = none).
+    extents: int (B, 2), the inclusive sagittal extent [lo, hi] of each sample's
+        mask (`extent_from_bbox`); ignored in crop mode; None = the whole crop.
+    device: where the result lives; default the shifts' device.
+    No host–device sync. Indices are clamped into [lo, hi] (crop mode: [0, 95]),
+    so an out-of-range shift can never make a gather read outside the crop.
+    """
+    check_mode(mode)
+    if device is None:
+        device = shifts.device if isinstance(shifts, torch.Tensor) else "cpu"
+    shifts = torch.as_tensor(shifts, device=device).long().reshape(-1)
+    batch = shifts.shape[0]
+    if mode == "crop":
+        frames = torch.arange(NUM_FRAMES, device=device) * STRIDE  # (T,)
+        return (shifts[:, None] + frames).clamp(0, CROP_SIZE - 1)  # (B, T)
+    extents = _as_extents(extents, batch, device)
+    lo, hi = extents[:, :1], extents[:, 1:]  # (B, 1) each
+    index = lo + _mask_positions(hi[:, 0] - lo[:, 0] + 1) + shifts[:, None]  # (B, T)
+    return torch.minimum(torch.maximum(index, lo), hi)
+
+
+def draw_train_shifts(
+    mode: str,
+    extents: torch.Tensor | Sequence | None = None,
+    *,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One random training shift per sample, int64 (B,), uniform over `train_shifts`.
+
+    Crop mode draws `torch.randint(0, 6, (B,))` exactly as `vctmae.data.random_offsets`
+    does (same generator, same numbers); it needs `batch_size` when `extents` is
+    None. Mask mode draws uniformly from [low, low + count) per sample (the
+    reference's numpy randint, high excluded, src/video_ct_transform.py:48).
+    `generator`, when given, must live on `device` (as for torch.randint).
+    """
+    check_mode(mode)
+    if extents is None and batch_size is None:
+        raise ValueError("draw_train_shifts needs extents or batch_size")
+    if device is None:
+        device = extents.device if isinstance(extents, torch.Tensor) else "cpu"
+    if batch_size is None:
+        batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
+    if mode == "crop":
+        return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)
+    extents = _as_extents(extents, batch_size, device)
+    low, count = _shift_range(mode, extents)
+    uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    # float64 keeps uniform · count < count; the clamp is belt and braces.
+    pick = torch.minimum((uniform * count).long(), count - 1)
+    return low + pick
+
+
+def view_shift_table(
+    mode: str,
+    extents: torch.Tensor | Sequence | None = None,
+    *,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's evaluation shifts as a dense table: (shifts, valid), each (B, MAX_VIEWS).
+
+    shifts: int64; row b's first `valid[b].sum()` entries are `view_shifts(mode,
+    extents[b])` in order, the rest repeat its first shift (still a legal view).
+    valid: bool; average a sample's predictions over its valid views only.
+    The fixed width MAX_VIEWS keeps shapes static and needs no host sync.
+    """
+    check_mode(mode)
+    if extents is None and batch_size is None:
+        raise ValueError("view_shift_table needs extents or batch_size")
+    if device is None:
+        device = extents.device if isinstance(extents, torch.Tensor) else "cpu"
+    if batch_size is None:
+        batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
+    extents = _as_extents(extents, batch_size, device)
+    low, count = _shift_range(mode, extents)
+    view = torch.arange(MAX_VIEWS, device=device)  # (V,)
+    valid = view[None, :] < count[:, None]  # (B, V)
+    shifts = low[:, None] + torch.where(valid, view[None, :], torch.zeros_like(view))
+    return shifts, valid
+
+
+# ----------------------------------------------------------------------------- list forms
+
+
+def train_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
+    """The shifts training draws from (uniformly): crop mode 0..5; mask mode range(−sd//2, sd//2)."""
+    check_mode(mode)
+    low, count = _shift_range(mode, torch.tensor([check_extent(extent)]))
+    return list(range(int(low[0]), int(low[0] + count[0])))
+
+
+def view_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
+    """The evaluation ensemble's shifts, one view each.
+
+    Crop mode: 0..5, the six views that cover every slice once (paper §3). Mask
+    mode: the reference's ensemble range(−sd//2, sd//2) (src/video_ct_transform.py:127),
+    the same set training draws from; sd views, 3 to 6 for real vertebrae.
+    """
+    return train_shifts(mode, extent)
+
+
+def frame_indices(mode: str, shift: int = 0, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
+    """The 16 slice indices (crop coordinates) of one view.
+
+    Crop mode: `shift + 6k`, k = 0..15, with shift (the offset o) in 0..5; `extent`
+    is ignored. Mask mode: `lo + round(linspace(0, w − 1, 18))[1:−1] + shift` over
+    the inclusive extent [lo, hi] of width w = hi − lo + 1, clamped into [lo, hi];
+    shift 0 is the unshifted frames (what the paper's text evaluates).
+    """
+    check_mode(mode)
+    if mode == "crop" and not 0 <= int(shift) < STRIDE:
+        raise ValueError(f"crop-mode offset must lie in 0..{STRIDE - 1}, got {shift}")
+    extents = torch.tensor([check_extent(extent)])
+    return frame_index_tensor(mode, torch.tensor([int(shift)]), extents)[0].tolist()
+
+
+# ----------------------------------------------------------------------------- context cut
+
+
+def context_rows(
+    boxes: torch.Tensor | Sequence, size: int = CROP_SIZE, margin: int = CONTEXT_MARGIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows the context cut keeps, half-open [start, stop) per sample: int64 (B,), (B,).
+
+    The mask's rows [y0, y1) widened by `margin` on each side and clamped to the
+    crop (CropForegroundD's allow_smaller=True, transforms.py:192). An empty box
+    keeps every row.
+    """
+    boxes = torch.as_tensor(boxes).long().reshape(-1, 6)
+    y0, y1 = boxes[:, 2], boxes[:, 3]
+    empty = y1 <= y0
+    start = torch.where(empty, torch.zeros_like(y0), (y0 - margin).clamp(min=0))
+    stop = torch.where(empty, torch.full_like(y1, size), (y1 + margin).clamp(max=size))
+    return start, stop
+
+
+def context_cut(
+    crops: torch.Tensor,
+    boxes: torch.Tensor | Sequence,
+    *,
+    margin: int = CONTEXT_MARGIN,
+    recentre: bool = True,
+    pad_hu: int = PAD_HU,
+) -> torch.Tensor:
+    """Mask mode's in-plane context cut: keep the mask's rows ±`margin`, pad the rest with −1000 HU.
+
+    crops: HU (B, N, H, W), rows on dim 2 — whole crops (B, 96, 96, 96) or their
+        sampled frames (B, 16, 96, 96); the cut commutes with frame selection.
+    boxes: int (B, 6), each sample's JSON `bbox` (half-open x0, x1, y0, y1, z0, z1).
+    Returns a new tensor of the same shape and dtype.
+
+    The reference (transforms.py:189-199; pretraining data.py:80-90) cuts the
+    volume to the mask's box with margin (0, 16, 100) — sagittal: the extent
+    itself (here the frame indices' job); superior–inferior: ±16 rows, clamped;
+    anterior–posterior: margin 100 > 96, the whole axis — and pads back to 96
+    with ResizeWithPadOrCropD, which pads symmetrically: the kept s rows land at
+    rows [(H − s) // 2, (H − s) // 2 + s), centred, the odd row at the end.
+    `recentre=False` keeps them at their own rows instead (not the reference).
+    """
+    if crops.dim() != 4:
+        raise ValueError(f"crops must be (B, N, H, W), got shape {tuple(crops.shape)}")
+    batch, _, height, _ = crops.shape
+    start, stop = context_rows(boxes, size=height, margin=margin)
+    start, stop = start.to(crops.device), stop.to(crops.device)
+    if start.shape[0] != batch:
+        raise ValueError(f"{start.shape[0]} boxes for {batch} samples")
+    rows = torch.arange(height, device=crops.device)  # (H,)
+    kept = stop - start  # (B,)
+    first = (height - kept) // 2 if recentre else start  # (B,) output row of the first kept row
+    source = start[:, None] + rows[None, :] - first[:, None]  # (B, H) input row of each output row
+    inside = (rows[None, :] >= first[:, None]) & (rows[None, :] < (first + kept)[:, None])
+    source = source.clamp(0, height - 1)
+    sample = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
+    moved = crops.transpose(1, 2)[sample, source].transpose(1, 2)  # (B, N, H, W)
+    pad = torch.tensor(pad_hu, dtype=crops.dtype, device=crops.device)
+    return torch.where(inside[:, None, :, None], moved, pad)

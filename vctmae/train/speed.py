@@ -1,0 +1,83 @@
+"""Speed switches, applied from outside the model (STYLE.md §6).
+
+The model's own patch embedding is the plain torch one (gather frames → Conv3d).
+`install_patch_embed` swaps in the fused Triton kernel, `TritonPatchEmbed`,
+which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
+keys, checkpoints and optimizer parameters are unchanged) and gives the same
+tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
+DDP wrapping is `vctmae.train.loop.wrap_for_training`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from vctmae.errors import UsageError
+from vctmae.model.vit import PatchEmbed
+
+PATCH_EMBED = ("auto", "torch", "triton")
+
+
+class TritonPatchEmbed(PatchEmbed):
+    """`PatchEmbed` computed by the fused Triton kernel: int16 crops straight to (kept) tokens.
+
+    Made by `install_patch_embed` from a model's `PatchEmbed`, whose `proj` parameters it shares.
+    """
+
+    def forward(
+        self,
+        crops: torch.Tensor,
+        frames: torch.Tensor,
+        pos: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from vctmae.kernels.triton_patch_embed import patch_embed_triton
+
+        weight, bias = self.kernel_weight_and_bias()
+        return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos[0])
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_patch_embed(choice: str, device: torch.device) -> str:
+    """'auto' → 'triton' on CUDA when triton is installed, else 'torch'."""
+    if choice not in PATCH_EMBED:
+        raise UsageError(f"--patch-embed must be one of {', '.join(PATCH_EMBED)}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton" and not triton_available():
+        raise UsageError("--patch-embed triton needs the triton package: pip install 'vctmae[gpu]'")
+    return choice
+
+
+def _sharing(kind: type[PatchEmbed], embed: PatchEmbed) -> PatchEmbed:
+    """A `kind` patch embedding with `embed`'s parameters (the same Conv3d module) and settings."""
+    new = kind.__new__(kind)
+    nn.Module.__init__(new)
+    new.proj = embed.proj
+    new.clip_shape = embed.clip_shape
+    new.input_mean = embed.input_mean
+    new.input_std = embed.input_std
+    return new
+
+
+def install_patch_embed(model: nn.Module, choice: str, device: torch.device) -> str:
+    """Give `model` the chosen patch embedding (in place); returns 'torch' or 'triton'."""
+    resolved = resolve_patch_embed(choice, torch.device(device))
+    kind = TritonPatchEmbed if resolved == "triton" else PatchEmbed
+    if type(model.patch_embed) is not kind:
+        model.patch_embed = _sharing(kind, model.patch_embed)
+    return resolved
+
+
+def apply_speedups(
+    model: nn.Module, *, patch_embed: str, compile: bool, device: torch.device
+) -> nn.Module:
+    """Install the patch embedding; return the module a step calls (compiled when asked)."""
+    install_patch_embed(model, patch_embed, device)
+    return torch.compile(model) if compile else model
