@@ -505,3 +505,11 @@ def test_executor_flags_are_checked(small_cases, tmp_path):
         "--src", str(small_cases), "--out", str(tmp_path / "o"), "--scheduler", "tcp://x:1"
     )
     assert result.exit_code == 2 and "add --executor dask" in result.output
+
+
+def test_dask_executor_without_distributed_says_what_to_install(small_cases, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if the [dask] extra were missing
+    result = cli("--src", str(small_cases), "--out", str(tmp_path / "o"), "--executor", "dask")
+    assert result.exit_code == 1, result.output
+    [line] = error_lines(result.output)
+    assert line == "error: --executor dask needs dask.distributed: pip install 'vctmae[dask]'"
