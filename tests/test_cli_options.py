@@ -38,15 +38,17 @@ class Outer:
 
 def make_app(seen: list) -> typer.Typer:
     app = typer.Typer()
-    config_command(app, Outer, seen.append, name="go", help="Do it.")
-    config_command(
-        app,
-        Outer,
-        seen.append,
-        name="other",
-        help="Other defaults.",
-        overrides={"--out": {"default": Path("runs/b"), "help": "Other folder."}},
-    )
+
+    @config_command(app, Outer)
+    def go(config: Outer) -> None:
+        """Do it."""
+        seen.append(config)
+
+    @config_command(app, Outer, name="other", defaults={"--out": Path("runs/b")})
+    def other(config: Outer) -> None:
+        """Other defaults."""
+        seen.append(config)
+
     return app
 
 
@@ -78,7 +80,8 @@ def test_per_command_override_and_help():
     assert CliRunner().invoke(app, ["go", "--shards", "x"]).exit_code == 0
     assert [c.out for c in seen] == [Path("runs/b"), Path("runs/a")]
     text = CliRunner().invoke(app, ["other", "--help"], terminal_width=200).output
-    assert "Other folder." in text and "Worker processes." in text and "--no-progress" in text
+    assert "runs/b" in text and "Worker processes." in text and "--no-progress" in text
+    assert "Other defaults." in text
     assert "--secret" not in text and "--overrides" not in text
 
 

@@ -351,6 +351,31 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
         assert error < BF16_BOUND, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch,dim,keep", [(8, 1024, 57), (3, 200, 17), (2, 64, None)])
+def test_cuda_fp32_dots_match_reference(batch: int, dim: int, keep: int | None) -> None:
+    """fp32 dots on the GPU: the indexing exact to fp32 rounding (ragged tiles: D = 200, 3×17 rows)."""
+    from vctmae.kernels.triton_patch_embed import patch_embed_triton
+
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = random_inputs(batch, dim, keep, True, generator)
+    tokens = 288 if keep is None else keep
+    grad_out = torch.randn(batch, tokens, dim, generator=generator)
+    expected = reference_with_grads(inputs, grad_out)
+    cuda = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
+    params = {n: cuda[n].clone().requires_grad_(True) for n in ("weight", "bias", "pos")}
+    out = patch_embed_triton(
+        cuda["crops"], cuda["frames"], params["weight"], params["bias"],
+        keep=cuda["keep"], pos=params["pos"], precision="fp32",
+    )  # fmt: skip
+    out.backward(grad_out.cuda())
+    got = {"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}}
+    for name in expected:
+        error = relative_error(got[name].cpu(), expected[name])
+        assert error < FP32_BOUND, f"{name}: relative error {error:.2e}"
+
+
 def test_kernel_benchmark_measures_both_paths(tmp_path: Path) -> None:
     from vctmae.bench.kernel import Shape, measure, run_kernel_benchmark
 

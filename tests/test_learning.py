@@ -15,9 +15,10 @@ import csv
 
 import pytest
 
+from vctmae.data import LoaderOptions
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.ingest.synth import write_phantoms
-from vctmae.train import EvalConfig, FinetuneConfig, run_eval, run_finetune
+from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 
 NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
 
@@ -40,11 +41,18 @@ def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, 
     shards, manifest = phantom_shards
     finetuned = run_finetune(
         FinetuneConfig(
-            shards=shards["train"],
+            run=RunOptions(
+                shards=shards["train"],
+                out=tmp_path / "ft",
+                model="tiny",
+                model_overrides=NARROW,
+                grad_clip=1.0,
+                mirror=True,
+                loader=LoaderOptions(workers=0),
+                device="cpu",
+                progress=False,
+            ),
             val_shards=shards["val"],
-            out=tmp_path / "ft",
-            model="tiny",
-            model_overrides=NARROW,
             epochs=24,
             warmup_epochs=1,
             batch_size=8,
@@ -52,11 +60,6 @@ def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, 
             min_lr=1e-5,
             multiview=1,
             dropout=0.0,
-            grad_clip=1.0,
-            mirror=True,
-            num_workers=0,
-            device="cpu",
-            progress=False,
         )
     )
     metrics = run_eval(
@@ -65,7 +68,7 @@ def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, 
             shards=shards["test"],
             out=tmp_path / "report",
             multiview=6,
-            num_workers=0,
+            loader=LoaderOptions(workers=0),
             device="cpu",
             progress=False,
         )

@@ -412,7 +412,7 @@ def test_kernel_route_plumbing_equals_frames_path(monkeypatch):
     stand_in = types.ModuleType("vctmae.kernels.triton_patch_embed")
     stand_in.patch_embed_triton = kernel_stand_in
     monkeypatch.setitem(sys.modules, "vctmae.kernels.triton_patch_embed", stand_in)
-    monkeypatch.setattr("vctmae.train.speed.triton_available", lambda: True)
+    monkeypatch.setattr("vctmae.kernels.triton_available", lambda: True)
     torch.manual_seed(3)
     mae = build_mae("tiny", **TINY).eval()
     classifier = build_classifier("tiny", **TINY).eval()
@@ -443,7 +443,7 @@ def test_kernel_route_plumbing_equals_frames_path(monkeypatch):
 def test_installed_patch_embedding_shares_the_parameters(monkeypatch):
     """Swapping the route keeps the model's parameters (the same tensors) and state-dict keys, so
     optimizers and checkpoints are unaffected; swapping back gives the plain torch module."""
-    monkeypatch.setattr("vctmae.train.speed.triton_available", lambda: True)
+    monkeypatch.setattr("vctmae.kernels.triton_available", lambda: True)
     mae = build_mae("tiny", **TINY)
     keys, parameters = list(mae.state_dict()), list(mae.parameters())
     assert type(mae.patch_embed) is PatchEmbed

@@ -22,7 +22,6 @@ from vctmae.model import (
     CheckpointError,
     build_classifier,
     build_mae,
-    classifier_from_mae,
     load_mae_st,
     load_model,
     load_weights,
@@ -248,10 +247,11 @@ def test_safetensors_round_trip(tmp_path):
     assert again.config.num_classes == 3 and torch.equal(again.head.weight, classifier.head.weight)
 
 
-def test_classifier_from_mae_shares_the_encoder():
+def test_an_mae_state_loads_into_a_classifier_sharing_the_encoder():
     torch.manual_seed(8)
     mae = build_mae("tiny", **SMALL)
-    classifier, report = classifier_from_mae(mae, num_classes=2)
+    classifier = build_classifier("tiny", num_classes=2, **SMALL)
+    report = load_weights(classifier, mae.state_dict())
     assert report.missing == ["head.weight", "head.bias"]
     assert torch.equal(classifier.patch_embed.proj.weight, mae.patch_embed.proj.weight)
     assert torch.equal(classifier.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)

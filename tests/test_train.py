@@ -10,6 +10,7 @@ tests/test_demo.py.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -25,11 +26,13 @@ import torch
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
+from vctmae.data import LoaderOptions
 from vctmae.train import (
     EvalConfig,
     FinetuneConfig,
     NonFiniteLossError,
     PretrainConfig,
+    RunOptions,
     WarmupCosine,
     pretrain_peak_lr,
     run_eval,
@@ -101,24 +104,24 @@ def easy_data(tmp_path_factory) -> dict[str, list[str]]:
     }
 
 
+RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
+# Test runs: the shrunken tiny model on the CPU, reading in the main process.
+TEST_RUN = dict(
+    model="tiny",
+    model_overrides=SMALL_MODEL,
+    loader=LoaderOptions(workers=0),
+    device="cpu",
+    log_every=2,
+    progress=False,
+)
+
+
 def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
-    settings = dict(
-        shards=tuple(shards),
-        out=out,
-        model="tiny",
-        model_overrides=SMALL_MODEL,
-        epochs=3,
-        warmup_epochs=1,
-        batch_size=8,
-        blr=0.05,
-        num_workers=0,
-        device="cpu",
-        log_every=2,
-        progress=False,
-        mirror=True,
-    )
-    settings.update(changes)
-    return PretrainConfig(**settings)
+    """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
+    run = {**TEST_RUN, "mirror": True, **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
+    stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
+    stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
+    return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -188,6 +191,26 @@ def test_pretraining_lowers_the_loss_and_logs_its_schedule(easy_data, tmp_path):
     assert steps and all(r["lr"] == pytest.approx(schedule(r["step"] - 1)) for r in steps)
     assert sorted(p.name for p in (out / "previews").iterdir())[-1] == "epoch-0004.png"
     assert (out / "model.safetensors").exists() and (out / "model.json").exists()
+
+
+def test_scalars_and_previews_also_go_to_tensorboard(easy_data, tmp_path):
+    """With the tensorboard extra (installed by `make test`), the JSONL numbers and the previews
+    are TensorBoard events too, at their optimizer steps."""
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "board"
+    run_pretrain(pretrain_config(easy_data["train"], out, epochs=2, max_steps_per_epoch=2))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = read_log(out / "log.jsonl")
+    for event in ("step", "epoch"):
+        logged = [(r["step"], r["loss"]) for r in records if r["event"] == event]
+        board = [(e.step, e.value) for e in events.Scalars(f"{event}/loss")]
+        assert [s for s, _ in board] == [s for s, _ in logged]
+        assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert "step/lr" in events.Tags()["scalars"]
+    assert [e.step for e in events.Images("preview")] == [2, 4]
 
 
 def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatch):
@@ -275,12 +298,10 @@ def finetuned(easy_data, tmp_path_factory):
         pretrain_config(easy_data["train"], out / "pre", epochs=1, warmup_epochs=0, preview=False)
     )
     config = FinetuneConfig(
-        shards=tuple(easy_data["train"]),
+        run=RunOptions(
+            shards=tuple(easy_data["train"]), out=out / "ft", init=pre.model_path, **TEST_RUN
+        ),
         val_shards=tuple(easy_data["val"]),
-        out=out / "ft",
-        model="tiny",
-        model_overrides=SMALL_MODEL,
-        init=pre.model_path,
         epochs=5,
         warmup_epochs=1,
         batch_size=8,
@@ -288,26 +309,21 @@ def finetuned(easy_data, tmp_path_factory):
         min_lr=1e-5,
         multiview=1,
         dropout=0.0,
-        num_workers=0,
-        device="cpu",
-        log_every=2,
-        progress=False,
     )
     return run_finetune(config)
 
 
 def test_finetuning_refuses_a_pretraining_file_with_another_input_normalisation(tmp_path):
-    from vctmae.model import build_classifier, build_mae
+    from vctmae.model import build_classifier, build_mae, load_init
     from vctmae.model.checkpoint import save_model
-    from vctmae.train.finetune import init_from_pretraining
 
     path = save_model(build_mae("tiny", **SMALL_MODEL), tmp_path / "mae.safetensors")
     same = build_classifier("tiny", **SMALL_MODEL)
-    report = init_from_pretraining(same, path)
-    assert "patch_embed.proj.weight" in report["loaded"]
+    report = load_init(same, path)
+    assert "patch_embed.proj.weight" in report.loaded
     other = build_classifier("tiny", **SMALL_MODEL, input_std=0.3)
     with pytest.raises(ValueError, match=r"mae.safetensors: pretrained on inputs normalised"):
-        init_from_pretraining(other, path)
+        load_init(other, path)
 
 
 def test_finetuning_beats_chance_on_held_out_crops(easy_data, finetuned, tmp_path):
@@ -319,7 +335,7 @@ def test_finetuning_beats_chance_on_held_out_crops(easy_data, finetuned, tmp_pat
             shards=tuple(easy_data["test"]),
             out=tmp_path / "report",
             multiview=6,
-            num_workers=0,
+            loader=LoaderOptions(workers=0),
             device="cpu",
             progress=False,
         )
@@ -340,7 +356,7 @@ def test_eval_metrics_equal_sklearn_on_written_predictions(easy_data, finetuned,
                 shards=tuple(easy_data["test"]),
                 out=out,
                 multiview=views,
-                num_workers=0,
+                loader=LoaderOptions(workers=0),
                 device="cpu",
                 progress=False,
             )
@@ -462,8 +478,8 @@ def test_torchrun_two_cpu_processes(easy_data, tmp_path):
 import json, os, sys
 from pathlib import Path
 import torch
-from vctmae.data import ShardLoader
-from vctmae.train import FinetuneConfig, EvalConfig, run_finetune, run_eval
+from vctmae.data import LoaderOptions, ShardLoader
+from vctmae.train import FinetuneConfig, EvalConfig, RunOptions, run_finetune, run_eval
 from vctmae.train.checkpoint import save_weights
 
 train, test, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
@@ -488,14 +504,14 @@ def keeping_build(*args, **kwargs):
     return model
 
 model_module.build_classifier = keeping_build
-config = FinetuneConfig(shards=tuple(train), out=out / "ft", model="tiny", model_overrides=json.loads(sys.argv[4]),
-                        epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3, num_workers=0, device="cpu",
-                        progress=False, log_every=1, dropout=0.0)
+run = RunOptions(shards=tuple(train), out=out / "ft", model="tiny", model_overrides=json.loads(sys.argv[4]),
+                 loader=LoaderOptions(workers=0), device="cpu", progress=False, log_every=1)
+config = FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3, dropout=0.0)
 result = run_finetune(config)
 save_weights(models[0], out / f"rank-{rank}.safetensors")
 (out / f"seen-{rank}.json").write_text(json.dumps(seen))
 run_eval(EvalConfig(checkpoint=result.best_path, shards=tuple(test), out=out / "eval", multiview=1,
-                    num_workers=0, device="cpu", progress=False, batch_size=3))
+                    loader=LoaderOptions(workers=0), device="cpu", progress=False, batch_size=3))
 """
     )
     out = tmp_path / "ddp"
@@ -522,3 +538,33 @@ run_eval(EvalConfig(checkpoint=result.best_path, shards=tuple(test), out=out / "
     assert len(predictions.keys) == len(set(predictions.keys)) == 16
     log = read_log(out / "ft" / "log.jsonl")
     assert log[0]["world_size"] == 2
+
+
+# -- on a GPU (skipped without one; run by benchmarks/gpu_check.sh) ------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trainers_run_through_their_entry_points(easy_data, tmp_path):
+    """Pretrain → finetune → eval on the GPU with the defaults there (bf16, Triton, fused Adam)."""
+    pre = run_pretrain(
+        pretrain_config(easy_data["train"], tmp_path / "pre", epochs=1, warmup_epochs=0,
+                        device="cuda", preview=False)
+    )  # fmt: skip
+    assert all(math.isfinite(h["loss"]) for h in pre.state.history)
+    run = RunOptions(
+        shards=tuple(easy_data["train"]),
+        out=tmp_path / "ft",
+        init=pre.model_path,
+        **{**TEST_RUN, "device": "cuda"},
+    )
+    result = run_finetune(
+        FinetuneConfig(run=run, val_shards=tuple(easy_data["val"]), epochs=1, warmup_epochs=0,
+                       batch_size=8, lr=1e-3, multiview=1)
+    )  # fmt: skip
+    metrics = run_eval(
+        EvalConfig(checkpoint=result.best_path, shards=tuple(easy_data["test"]),
+                   out=tmp_path / "report", loader=LoaderOptions(workers=0), device="cuda",
+                   progress=False)
+    )  # fmt: skip
+    assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0

@@ -199,8 +199,8 @@ def test_eval_refuses_bad_classes_before_writing_anything(data, classifier_file,
 KILLED_RUN = r"""
 import json, os, signal, sys
 from pathlib import Path
-from vctmae.data import ShardLoader
-from vctmae.train import FinetuneConfig, run_finetune
+from vctmae.data import LoaderOptions, ShardLoader
+from vctmae.train import FinetuneConfig, RunOptions, run_finetune
 
 train, val, out, small = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 original = ShardLoader.__iter__
@@ -212,22 +212,25 @@ def killed_in_second_epoch(self):
         yield batch
 
 ShardLoader.__iter__ = killed_in_second_epoch
-run_finetune(FinetuneConfig(shards=tuple(train), val_shards=tuple(val), out=Path(out), model="tiny",
-             model_overrides=small, epochs=2, warmup_epochs=1, batch_size=8, lr=1e-3, multiview=1,
-             num_workers=2, device="cpu", progress=False))
+run = RunOptions(shards=tuple(train), out=Path(out), model="tiny", model_overrides=small,
+                 loader=LoaderOptions(workers=2), device="cpu", progress=False)
+run_finetune(FinetuneConfig(run=run, val_shards=tuple(val), epochs=2, warmup_epochs=1, batch_size=8,
+                            lr=1e-3, multiview=1))
 """
 
 
 def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path):
     """Killed with SIGKILL in the middle of epoch 2 of 2 at `--workers 2` (head dropout on),
     resumed: the weights, optimizer moments and RNG streams equal an uninterrupted run's."""
-    from vctmae.train import FinetuneConfig, run_finetune
+    from vctmae.data import LoaderOptions
+    from vctmae.train import FinetuneConfig, RunOptions, run_finetune
 
     def config(out: Path, **changes) -> FinetuneConfig:
-        return FinetuneConfig(shards=tuple(data["train"]), val_shards=tuple(data["val"]), out=out,
-                              model="tiny", model_overrides=SMALL_MODEL, epochs=2, warmup_epochs=1,
-                              batch_size=8, lr=1e-3, multiview=1, num_workers=2, device="cpu",
-                              progress=False, **changes)  # fmt: skip
+        run = RunOptions(shards=tuple(data["train"]), out=out, model="tiny",
+                         model_overrides=SMALL_MODEL, loader=LoaderOptions(workers=2),
+                         device="cpu", progress=False, **changes)  # fmt: skip
+        return FinetuneConfig(run=run, val_shards=tuple(data["val"]), epochs=2, warmup_epochs=1,
+                              batch_size=8, lr=1e-3, multiview=1)  # fmt: skip
 
     from vctmae.model.config import preset_config
 

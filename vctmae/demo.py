@@ -10,6 +10,7 @@ This module sits outside `vctmae.train` because it also drives ingest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ def _stage(console: Console, name: str, started: float) -> float:
 
 def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str, Any]:
     """Run every stage under `config.out`; returns the test metrics and timings."""
+    from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.ingest.synth import write_phantoms
     from vctmae.train import (
@@ -84,6 +86,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
         ExplainConfig,
         FinetuneConfig,
         PretrainConfig,
+        RunOptions,
         run_eval,
         run_explain,
         run_finetune,
@@ -122,20 +125,24 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
         return found
 
     train, val, test = shards("train"), shards("val"), shards("test")
+    # What both training stages share: the tiny model on the CPU, loading in this process.
+    shared = RunOptions(
+        shards=train,
+        out=out / "runs",
+        model=config.model,
+        mirror=True,
+        seed=config.seed,
+        loader=LoaderOptions(workers=config.loader_workers),
+        device="cpu",
+        log_every=5,
+    )
     pretrained = run_pretrain(
         PretrainConfig(
-            shards=train,
-            out=out / "runs" / "pretrain",
-            model=config.model,
+            run=dataclasses.replace(shared, out=out / "runs" / "pretrain"),
             epochs=config.pretrain_epochs,
             warmup_epochs=min(1, config.pretrain_epochs),
             batch_size=config.pretrain_batch,
             blr=config.pretrain_blr,
-            num_workers=config.loader_workers,
-            seed=config.seed,
-            device="cpu",
-            mirror=True,
-            log_every=5,
         )
     )
     timings["pretrain"] = time.perf_counter() - stage_start
@@ -143,11 +150,13 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
 
     finetuned = run_finetune(
         FinetuneConfig(
-            shards=train,
+            run=dataclasses.replace(
+                shared,
+                out=out / "runs" / "finetune",
+                init=pretrained.model_path,
+                grad_clip=config.grad_clip,
+            ),
             val_shards=val,
-            out=out / "runs" / "finetune",
-            model=config.model,
-            init=pretrained.model_path,
             epochs=config.finetune_epochs,
             warmup_epochs=config.finetune_warmup,
             batch_size=config.finetune_batch,
@@ -155,12 +164,6 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
             min_lr=config.finetune_lr / 100,
             multiview=config.val_multiview,
             dropout=config.dropout,
-            grad_clip=config.grad_clip,
-            num_workers=config.loader_workers,
-            seed=config.seed,
-            device="cpu",
-            mirror=True,
-            log_every=5,
         )
     )
     timings["finetune"] = time.perf_counter() - stage_start
@@ -176,7 +179,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
             shards=test,
             out=out / "report",
             multiview=config.test_multiview,
-            num_workers=config.loader_workers,
+            loader=shared.loader,
             device="cpu",
             progress=False,
         )

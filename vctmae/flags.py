@@ -11,6 +11,8 @@ can use it without depending on the command line.
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,9 @@ class Flag:
     negatable: bool = False
     # Several values after one flag (`--shards a.tar b.tar`, what a shell makes of a glob).
     many: bool = False
+    # May differ when a run is resumed: it changes how fast or how verbosely the run goes, never
+    # what it computes (data order, schedule, model). `--resume` refuses changes to the others.
+    resumable: bool = False
 
     def option(self, field_name: str) -> str:
         return self.name or "--" + field_name.replace("_", "-")
@@ -40,9 +45,12 @@ def flag(
     name: str | None = None,
     negatable: bool = False,
     many: bool = False,
+    resumable: bool = False,
 ) -> Any:
     """A dataclass field with a command-line flag (`default` omitted: a required option)."""
-    metadata = {FLAG: Flag(help=help, name=name, negatable=negatable, many=many)}
+    metadata = {
+        FLAG: Flag(help=help, name=name, negatable=negatable, many=many, resumable=resumable)
+    }
     if isinstance(default, list | dict | set):
         raise TypeError("use an immutable default (a tuple) for a flag field")
     return dataclasses.field(default=default, metadata=metadata)
@@ -51,3 +59,43 @@ def flag(
 def field_flag(field: dataclasses.Field) -> Flag | None:
     """The `Flag` of a dataclass field, or None when it has no command-line flag."""
     return field.metadata.get(FLAG)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigField:
+    """A leaf field of a (nested) config: where it is, and its flag if it has one."""
+
+    path: tuple[
+        str, ...
+    ]  # field names from the outer config down, e.g. ("run", "loader", "workers")
+    field: dataclasses.Field
+    hint: Any  # the field's resolved type
+    flag: Flag | None
+
+    @property
+    def name(self) -> str:
+        """The flag (e.g. "--workers"), or the dotted path of a field without one."""
+        return self.flag.option(self.path[-1]) if self.flag else ".".join(self.path)
+
+    def value(self, config: Any) -> Any:
+        for step in self.path:
+            config = getattr(config, step)
+        return config
+
+
+def is_config(hint: Any) -> bool:
+    """Whether a field's type is itself a config dataclass (its fields are nested options)."""
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def config_fields(config: type, path: tuple[str, ...] = ()) -> Iterator[ConfigField]:
+    """Every leaf field of `config` and of the config dataclasses nested in it, in field order."""
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        here = (*path, field.name)
+        if is_config(hints[field.name]):
+            yield from config_fields(hints[field.name], here)
+        else:
+            yield ConfigField(
+                path=here, field=field, hint=hints[field.name], flag=field_flag(field)
+            )

@@ -1,146 +1,434 @@
-"""`vctmae bench step`: samples/s of the pretraining and finetuning steps (SPEC §9).
+"""`vctmae bench step`: the trainers' own `Trainer.train_step`, timed (SPEC §9, §11).
 
-On CPU (tiny preset) the candidate is the trainer's own step — int16 crops in,
-frames sampled on the device, one input channel with channel-folded
-patch weights (`forward_crops`), the optimizer's multi-tensor path, no host
-sync — and the baseline an eager fp32 configuration like the paper code's:
-float frames replicated to 3 channels, `model(x)`, single-tensor optimizer,
-`loss.item()` every step. Both run in the same process on the same batches,
-after untimed warm-up steps. ViT-L on a GPU (MFU, bf16, Triton, fused AdamW) is
-measured by `benchmarks/gpu_check.sh`.
+Each case builds the trainer exactly as `vctmae pretrain` / `vctmae finetune`
+do (`pretrain_trainer` / `finetune_trainer` on shards written for the run) and
+times its `train_step` on batches already on the device, so the loader is not
+in the number (`vctmae bench loader` measures it). Modes are speed options of
+the same step:
+
+- `eager_fp32` — fp32, torch patch embedding, no compilation: the paper code's
+  configuration, the baseline of every ratio;
+- `bf16` — bf16 autocast (GPU), the Triton patch embedding where available;
+- `compiled` — as the default mode plus `torch.compile`.
+
+Compilation and warm-up steps are outside the timed region; each case is timed
+in `repeats` rounds of `steps` steps and reports the median round and the
+spread (min, max). Model FLOPs per sample are counted from the layer shapes
+(`training_flops_per_sample`); MFU is given against the card's datasheet dense
+bf16 peak and against the bf16 matmul rate measured in the same run.
+`recipe_projection` turns the measured rates into the wall time of the paper's
+whole recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
+import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from vctmae.train.optim import param_groups
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
+DATASHEET_BF16_TFLOPS = {"A40": 149.7, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 
-GPU_POINTER = (
-    "a GPU is present: the ViT-L step benchmark (samples/s, MFU) is benchmarks/gpu_check.sh; "
-    "this command measures the tiny preset on CPU"
-)
+# The paper's recipe (Table 1, App. A.5): MAE pretraining on 27,776 crops, 100 epochs at
+# batch 8; finetuning on 3,892 training crops, 50 epochs at batch 64, validated every epoch
+# with 6 views on the validation split (VerSe's 60/20/20 patient split: a third of the
+# training split's size).
+PAPER_RECIPE = {
+    "pretrain_crops": 27_776,
+    "pretrain_epochs": 100,
+    "pretrain_batch": 8,
+    "finetune_crops": 3_892,
+    "finetune_epochs": 50,
+    "finetune_batch": 64,
+    "validation_crops": 3_892 // 3,
+    "validation_views": 6,
+}
 
-
-def _time_steps(step, warmup: int, steps: int, batch: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - start)
-
-
-def _pretrain_steps(model: nn.Module, crops: torch.Tensor, generator: torch.Generator):
-    from vctmae.data import offset_frames, random_offsets
-
-    candidate_opt = torch.optim.AdamW(
-        param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=True
-    )
-    baseline_opt = torch.optim.AdamW(
-        param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=False
-    )
-    size, tokens = crops.shape[0], model.config.num_tokens
-
-    def candidate() -> None:
-        offsets = random_offsets(size, generator=generator)
-        noise = torch.rand(size, tokens, generator=generator)
-        loss, _, _ = model(crops, offset_frames(offsets), mask_ratio=0.8, noise=noise)
-        loss.backward()
-        candidate_opt.step()
-        candidate_opt.zero_grad(set_to_none=True)
-
-    def baseline() -> None:
-        offsets = random_offsets(size, generator=generator)
-        noise = torch.rand(size, tokens, generator=generator)
-        loss, _, _ = model(crops, offset_frames(offsets), mask_ratio=0.8, noise=noise)
-        loss.backward()
-        baseline_opt.step()
-        baseline_opt.zero_grad()
-        loss.item()  # the reference code's per-step host read
-
-    return candidate, baseline
+MODES = ("eager_fp32", "bf16", "compiled")
 
 
-def _finetune_steps(
-    model: nn.Module, crops: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-):
-    from vctmae.data import offset_frames, random_offsets
+@dataclass(frozen=True, kw_only=True)
+class StepCase:
+    """One timed configuration: which trainer, model, batch size and speed mode."""
 
-    candidate_opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
-    baseline_opt = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=False)
-    weight = torch.tensor([1.0, 3.0])
-    size = crops.shape[0]
+    kind: str  # "pretrain" | "finetune"
+    preset: str
+    batch: int
+    mode: str
 
-    def candidate() -> None:
-        offsets = random_offsets(size, generator=generator)
-        logits = model(crops, offset_frames(offsets))
-        nn.functional.cross_entropy(logits.float(), labels, weight=weight).backward()
-        candidate_opt.step()
-        candidate_opt.zero_grad(set_to_none=True)
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_b{self.batch}_{self.mode}"
 
-    def baseline() -> None:
-        offsets = random_offsets(size, generator=generator)
-        loss = nn.functional.cross_entropy(
-            model(crops, offset_frames(offsets)), labels, weight=weight
+
+def speed_of(mode: str):
+    """The SpeedOptions a mode stands for."""
+    from vctmae.train import SpeedOptions
+
+    if mode == "eager_fp32":
+        return SpeedOptions(precision="fp32", patch_embed="torch")
+    if mode == "bf16":
+        return SpeedOptions(precision="bf16")
+    if mode == "compiled":
+        return SpeedOptions(compile=True)
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+
+
+# ----------------------------------------------------------------------------- FLOPs and peaks
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Σ fan_in·fan_out over the nn.Linear layers of a module."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def training_flops_per_sample(model: nn.Module, kind: str, mask_ratio: float = 0.8) -> float:
+    """Model FLOPs of one training sample, forward + backward = 3 × forward.
+
+    Forward = 2 × (multiply-accumulates of every linear layer at its token count + the
+    channel-folded patch embedding) + the attention matmuls (QKᵀ and AV: 2·2·N²·D per block).
+    MAE: the encoder sees the visible tokens (+ cls), the decoder all tokens.
+    """
+    from vctmae.model import visible_count
+
+    cfg = model.config
+    tokens = cfg.num_tokens
+    embed_macs = cfg.t_patch * cfg.patch * cfg.patch * cfg.embed_dim
+    encoder_block_macs = linear_macs(model.blocks)
+    if kind == "pretrain":
+        visible = visible_count(tokens, mask_ratio)
+        n_enc, n_dec = 1 + visible, tokens + int(cfg.decoder_cls)
+        macs = (
+            embed_macs * visible
+            + encoder_block_macs * n_enc
+            + linear_macs(model.decoder_embed) * visible
+            + linear_macs(model.decoder_blocks) * n_dec
+            + linear_macs(model.decoder_pred) * tokens
         )
-        loss.backward()
-        baseline_opt.step()
-        baseline_opt.zero_grad()
-        loss.item()
-
-    return candidate, baseline
-
-
-def measure_step(
-    *, preset: str = "tiny", batch: int = 8, steps: int = 6, warmup: int = 2, seed: int = 0
-) -> dict[str, float]:
-    """Samples/s of candidate and baseline steps, pretraining and finetuning, on CPU."""
-    from vctmae.model import build_classifier, build_mae
-
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    crops = torch.randint(-1200, 1500, (batch, 96, 96, 96), dtype=torch.int16, generator=generator)
-    labels = torch.randint(0, 2, (batch,), generator=generator)
-    results: dict[str, float] = {}
-    mae = build_mae(preset).train()
-    candidate, baseline = _pretrain_steps(mae, crops, generator)
-    results["pretrain_step"] = _time_steps(candidate, warmup, steps, batch)
-    results["pretrain_step_eager_fp32_baseline"] = _time_steps(baseline, warmup, steps, batch)
-    classifier = build_classifier(preset).train()
-    candidate, baseline = _finetune_steps(classifier, crops, labels, generator)
-    results["finetune_step"] = _time_steps(candidate, warmup, steps, batch)
-    results["finetune_step_eager_fp32_baseline"] = _time_steps(baseline, warmup, steps, batch)
-    return results
+        attention = (
+            cfg.depth * n_enc**2 * cfg.embed_dim
+            + cfg.decoder_depth * n_dec**2 * cfg.decoder_embed_dim
+        )
+    else:
+        n_enc = 1 + tokens
+        macs = embed_macs * tokens + encoder_block_macs * n_enc + linear_macs(model.head)
+        attention = cfg.depth * n_enc**2 * cfg.embed_dim
+    return 3 * (2.0 * macs + 4.0 * attention)
 
 
-def run_step_benchmark(*, json_path: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """Measure, print the table and write benchmarks/results/step.json (or `json_path`)."""
-    from rich.console import Console
+def datasheet_peak(gpu: str | None) -> float | None:
+    """The card's datasheet dense bf16 peak (TFLOP/s), when it is in the table."""
+    if not gpu:
+        return None
+    for card, tflops in DATASHEET_BF16_TFLOPS.items():
+        if card in gpu:
+            return tflops
+    return None
 
-    from vctmae.bench.report import Result, write_report
 
-    if torch.cuda.is_available():
-        Console().print(GPU_POINTER)
-    config = {"preset": "tiny", "batch": 8, "steps": 3 if quick else 10, "warmup": 1 if quick else 2, "device": "cpu",
-              "threads": torch.get_num_threads()}  # fmt: skip
-    rates = measure_step(
-        preset=config["preset"],
-        batch=config["batch"],
-        steps=config["steps"],
-        warmup=config["warmup"],
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Deliberate: a timed region must end when the device has finished its work.
+        torch.cuda.synchronize(device)
+
+
+def measured_matmul_tflops(device: torch.device) -> float:
+    """bf16 matmul rate of this device (fp32 on CPU), TFLOP/s, median of repeats."""
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for repeat in range(25 if device.type == "cuda" else 5):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if repeat >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+# ----------------------------------------------------------------------------- the timed step
+
+
+def write_step_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """Labelled training shards of random int16 crops (classes alternate) for timing steps."""
+    from vctmae.ingest.writers import ShardWriter, npy_bytes
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, "train", 1 << 40)
+    for i in range(count):
+        crop = rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16)
+        writer.write(f"step{i:05d}_L1", [("crop.npy", npy_bytes(crop)), ("cls", b"%d" % (i % 2))])
+    writer.close()
+    return [str(folder / name) for name in writer.names]
+
+
+def build_trainer(case: StepCase, shards: Sequence[str], out: Path, device: str):
+    """The trainer the product builds for `case` (one epoch, no warmup, no checkpoints read)."""
+    from vctmae.data import LoaderOptions
+    from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
+    from vctmae.train.finetune import finetune_trainer
+    from vctmae.train.pretrain import pretrain_trainer
+
+    run = RunOptions(
+        shards=tuple(shards),
+        out=out,
+        model=case.preset,
+        loader=LoaderOptions(workers=0),
+        device=device,
+        speed=speed_of(case.mode),
+        progress=False,
     )
-    results = [Result(name=name, value=value, unit="samples/s") for name, value in rates.items()]
-    ratios = {
-        "pretrain_step_over_eager_fp32_baseline": rates["pretrain_step"]
-        / rates["pretrain_step_eager_fp32_baseline"],
-        "finetune_step_over_eager_fp32_baseline": rates["finetune_step"]
-        / rates["finetune_step_eager_fp32_baseline"],
+    if case.kind == "pretrain":
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=1, warmup_epochs=0, batch_size=case.batch)
+        )
+    return finetune_trainer(
+        FinetuneConfig(run=run, epochs=1, warmup_epochs=0, batch_size=case.batch)
+    )
+
+
+def time_case(
+    case: StepCase, shards: Sequence[str], out: Path, *, device: str, steps: int, repeats: int
+) -> dict[str, Any]:
+    """Median ms/step (and spread) of `Trainer.train_step` for one case."""
+    trainer = build_trainer(case, shards, out, device)
+    dev = trainer.info.device
+    batches = []
+    for batch in trainer.loader:
+        batches.append(batch)
+        if len(batches) == min(steps, 4):
+            break
+    trainer.model.train()
+    # Warm-up: compilation, autotuning, allocator growth stay outside the timed rounds.
+    for i in range(3 if case.mode == "compiled" else 2):
+        trainer.train_step([batches[i % len(batches)]])
+    rounds = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        for i in range(steps):
+            metrics = trainer.train_step([batches[i % len(batches)]])
+        _sync(dev)
+        rounds.append((time.perf_counter() - start) / steps * 1e3)
+    if not torch.isfinite(metrics.loss_sum).item():
+        raise RuntimeError(f"{case.name}: non-finite loss")
+    median = statistics.median(rounds)
+    flops = training_flops_per_sample(trainer.model, case.kind)
+    result = {
+        "case": dataclasses.asdict(case),
+        "ms_per_step": median,
+        "ms_min": min(rounds),
+        "ms_max": max(rounds),
+        "samples_per_s": case.batch / (median / 1e3),
+        "tflops": flops * case.batch / (median / 1e3) / 1e12,
+        "flops_per_sample": flops,
+    }
+    if dev.type == "cuda":
+        result["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        torch.cuda.reset_peak_memory_stats(dev)
+    del trainer
+    return result
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def recipe_projection(rates: dict[str, float], *, checkpoint_s: float = 0.0) -> dict[str, float]:
+    """Wall time (s) of the paper's recipe from measured samples/s.
+
+    `rates`: "pretrain" (at the recipe's batch 8), "finetune" (batch 64), "validation"
+    (6-view forward samples/s); `checkpoint_s`: seconds per checkpoint written (one per epoch).
+    """
+    r = PAPER_RECIPE
+    pretrain = r["pretrain_epochs"] * r["pretrain_crops"] / rates["pretrain"]
+    finetune = r["finetune_epochs"] * r["finetune_crops"] / rates["finetune"]
+    validation = r["finetune_epochs"] * r["validation_crops"] / rates["validation"]
+    checkpoints = (r["pretrain_epochs"] + r["finetune_epochs"]) * checkpoint_s
+    return {
+        "pretrain_s": pretrain,
+        "finetune_s": finetune,
+        "validation_s": validation,
+        "checkpoints_s": checkpoints,
+        "total_s": pretrain + finetune + validation + checkpoints,
+    }
+
+
+def validation_rate(preset: str, batch: int, device: torch.device, views: int = 6) -> float:
+    """Crops/s of `views`-view validation forward passes (bf16 autocast on GPU)."""
+    from vctmae.model import build_classifier
+    from vctmae.train.evaluate import multiview_probs
+    from vctmae.train.speed import install_patch_embed
+
+    model = build_classifier(preset).to(device).eval()
+    install_patch_embed(model, "auto", device)
+    crops = torch.randint(-1200, 1500, (batch, 96, 96, 96), dtype=torch.int16, device=device)
+    for _ in range(2):
+        multiview_probs(model, crops, views=views, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    repeats = 5 if device.type == "cuda" else 1
+    for _ in range(repeats):
+        multiview_probs(model, crops, views=views, device=device)
+    _sync(device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def checkpoint_seconds(preset: str, out: Path) -> float:
+    """Seconds to write one pretraining checkpoint (weights + AdamW state) of `preset`."""
+    from vctmae.model import build_mae
+    from vctmae.train.checkpoint import save_checkpoint
+    from vctmae.train.optim import build_optimizer
+
+    model = build_mae(preset)
+    optimizer = build_optimizer(
+        model, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), device=torch.device("cpu")
+    )
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    start = time.perf_counter()
+    save_checkpoint(out, model=model, state={"optimizer": optimizer.state_dict()}, epoch=1)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def default_cases(preset: str, *, gpu: bool, quick: bool) -> list[StepCase]:
+    """GPU: the paper's batches (8, 64) and 256 in every mode; CPU: batch 8, fp32 eager vs compiled."""
+    if gpu:
+        batches = {
+            "pretrain": (8,) if quick else (8, 256),
+            "finetune": (64,) if quick else (64, 256),
+        }
+        modes = MODES
+    else:
+        batches = {"pretrain": (8,), "finetune": (8,)}
+        modes = ("eager_fp32", "compiled")
+    return [
+        StepCase(kind=kind, preset=preset, batch=batch, mode=mode)
+        for kind, sizes in batches.items()
+        for batch in sizes
+        for mode in modes
+    ]
+
+
+def run_step_benchmark(
+    *,
+    json_path: Path | None = None,
+    quick: bool = False,
+    preset: str | None = None,
+    device: str | None = None,
+    cases: Sequence[StepCase] | None = None,
+    recipe: bool = False,
+) -> dict[str, Any]:
+    """Time every case, print the table, write benchmarks/results/step.json (or `json_path`)."""
+    from vctmae.bench.report import Result, write_report
+    from vctmae.provenance import machine_info
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    preset = preset or ("large" if gpu else "tiny")
+    cases = list(cases or default_cases(preset, gpu=gpu, quick=quick))
+    steps = (5 if quick else 20) if gpu else (2 if quick else 5)
+    repeats = 3 if (gpu or not quick) else 2
+    measured_peak = measured_matmul_tflops(dev)
+    sheet_peak = datasheet_peak(machine_info()["gpu"]) if gpu else None
+    timings: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_count = max(c.batch for c in cases) * 4
+        shards = write_step_shards(Path(tmp) / "shards", shard_count)
+        for case in cases:
+            timings[case.name] = time_case(
+                case, shards, Path(tmp) / case.name, device=str(dev), steps=steps, repeats=repeats
+            )
+        projection = None
+        if recipe:
+            pretrain, pretrain_batch = _best_rate(
+                timings, "pretrain", PAPER_RECIPE["pretrain_batch"]
+            )
+            finetune, finetune_batch = _best_rate(
+                timings, "finetune", PAPER_RECIPE["finetune_batch"]
+            )
+            rates = {
+                "pretrain": pretrain,
+                "finetune": finetune,
+                "validation": validation_rate(preset, finetune_batch, dev),
+            }
+            projection = recipe_projection(
+                rates, checkpoint_s=checkpoint_seconds(preset, Path(tmp) / "ckpt")
+            )
+            projection.update({f"{k}_samples_per_s": v for k, v in rates.items()})
+            # The recipe's batches are 8 and 64; a smaller machine measures what it can.
+            projection.update(pretrain_batch=pretrain_batch, finetune_batch=finetune_batch)
+    results, ratios = _results(timings, cases, measured_peak, sheet_peak)
+    if projection is not None:
+        units = {"_per_s": "samples/s", "_batch": "crops", "_s": "s"}
+        results += [
+            Result(name=f"recipe_{k}", value=v, unit=next(u for end, u in units.items() if k.endswith(end)))
+            for k, v in projection.items()
+        ]  # fmt: skip
+    config = {
+        "preset": preset,
+        "device": str(dev),
+        "steps": steps,
+        "repeats": repeats,
+        "measured_matmul_tflops": measured_peak,
+        "datasheet_bf16_tflops": sheet_peak,
+        "threads": torch.get_num_threads(),
+        "statistic": "median of repeats rounds of steps steps after warm-up; ms_min/ms_max = spread",
+        "baseline": "eager_fp32: the trainer's step in fp32 with the torch patch embedding",
+        "timings": timings,
+        "recipe": PAPER_RECIPE if recipe else None,
     }
     path = write_report("step", results=results, ratios=ratios, json_path=json_path, config=config)
-    return {"rates": rates, "ratios": ratios, "path": str(path)}
+    return {"timings": timings, "ratios": ratios, "projection": projection, "path": str(path)}
+
+
+def _best_rate(timings: dict[str, dict[str, Any]], kind: str, batch: int) -> tuple[float, int]:
+    """The fastest measured rate of `kind` at `batch` (else at the largest batch measured)."""
+    measured = [t for t in timings.values() if t["case"]["kind"] == kind]
+    if not measured:
+        raise ValueError(f"--recipe needs a {kind} case")
+    at_batch = [t for t in measured if t["case"]["batch"] == batch]
+    if not at_batch:
+        largest = max(t["case"]["batch"] for t in measured)
+        at_batch = [t for t in measured if t["case"]["batch"] == largest]
+    best = max(at_batch, key=lambda t: t["samples_per_s"])
+    return best["samples_per_s"], best["case"]["batch"]
+
+
+def _results(timings, cases, measured_peak: float, sheet_peak: float | None):
+    from vctmae.bench.report import Result
+
+    results, ratios = [], {}
+    for case in cases:
+        t = timings[case.name]
+        results.append(Result(name=case.name, value=t["samples_per_s"], unit="samples/s"))
+        results.append(Result(name=f"{case.name}_ms", value=t["ms_per_step"], unit="ms/step"))
+        results.append(
+            Result(name=f"{case.name}_mfu_measured", value=t["tflops"] / measured_peak, unit="fraction")
+        )  # fmt: skip
+        if sheet_peak:
+            results.append(
+                Result(name=f"{case.name}_mfu_datasheet", value=t["tflops"] / sheet_peak, unit="fraction")
+            )  # fmt: skip
+        baseline = f"{case.kind}_b{case.batch}_eager_fp32"
+        if case.mode != "eager_fp32" and baseline in timings:
+            ratios[f"{case.name}_over_{baseline}"] = (
+                t["samples_per_s"] / timings[baseline]["samples_per_s"]
+            )
+    return results, ratios

@@ -75,12 +75,28 @@ def bench_step(
         "--json",
         help="Where to write the JSON report (default benchmarks/results/step.json).",
     ),
-    quick: bool = typer.Option(False, "--quick", help="Fewer steps (about a minute on 2 cores)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Fewer steps and cases (about a minute on 2 cores)."
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Model preset (default: large on a GPU, tiny on the CPU)."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="cuda or cpu (default: cuda when present)."
+    ),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="paper: also project the wall time of the paper's whole recipe."
+    ),
 ) -> None:
-    """Samples/s of pretraining and finetuning steps vs an eager fp32 baseline (tiny preset on CPU)."""
+    """Trainer.train_step of both trainers, timed: samples/s, spread, MFU; eager fp32 as the baseline."""
     from vctmae.bench.step import run_step_benchmark
 
-    run_step_benchmark(json_path=json_path, quick=quick)
+    if recipe not in (None, "paper"):
+        typer.secho(f"error: --recipe must be 'paper', got {recipe!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    run_step_benchmark(
+        json_path=json_path, quick=quick, preset=preset, device=device, recipe=recipe == "paper"
+    )
 
 
 @bench_app.command("kernel")

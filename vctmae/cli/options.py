@@ -1,7 +1,7 @@
 """Commands built from config dataclasses: each option declared once, on its config field.
 
-`config_command(app, Config, run=...)` makes a typer command whose options are
-the fields of `Config` declared with `vctmae.flags.flag` — nested config
+`@config_command(app, Config)` on a function `run(config)` makes a typer command
+whose options are the fields of `Config` declared with `vctmae.flags.flag` — nested config
 dataclasses (e.g. a `RunOptions` inside a `PretrainConfig`, a `LoaderOptions`
 inside that) contribute their flagged fields too. The command parses the flags,
 builds the nested config (validated by its `__post_init__`) and calls `run`
@@ -21,7 +21,8 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from vctmae.flags import Flag, field_flag
+from vctmae.cli.app import expected_failures
+from vctmae.flags import Flag, config_fields, is_config
 
 
 class ManyValuesCommand(TyperCommand):
@@ -70,10 +71,6 @@ class Option:
         return self.flag.option(self.path[-1])
 
 
-def _is_config(hint: Any) -> bool:
-    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
-
-
 def _cli_type(hint: Any) -> tuple[Any, bool]:
     """The type typer parses for a field type; True when the value must become a tuple again."""
     if typing.get_origin(hint) is tuple:
@@ -83,9 +80,7 @@ def _cli_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def _field_default(field: dataclasses.Field, parent_default: Any) -> Any:
-    if parent_default is not dataclasses.MISSING:
-        return getattr(parent_default, field.name)
+def _own_default(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
     if field.default_factory is not dataclasses.MISSING:
@@ -93,27 +88,34 @@ def _field_default(field: dataclasses.Field, parent_default: Any) -> Any:
     return dataclasses.MISSING
 
 
-def config_options(
-    config: type, *, path: tuple[str, ...] = (), default: Any = dataclasses.MISSING
-) -> Iterator[Option]:
+def leaf_default(config: type, path: tuple[str, ...]) -> Any:
+    """The default of the field at `path`: from the nearest enclosing field that has a default
+    (a nested config's default instance wins over its class's field defaults)."""
+    value: Any = dataclasses.MISSING
+    current = config
+    for name in path:
+        if value is not dataclasses.MISSING:
+            value = getattr(value, name)
+            continue
+        field = {f.name: f for f in dataclasses.fields(current)}[name]
+        value = _own_default(field)
+        current = typing.get_type_hints(current)[name]
+    return value
+
+
+def config_options(config: type) -> Iterator[Option]:
     """Every flagged field of `config` and of the config dataclasses nested in it, in field order."""
-    hints = typing.get_type_hints(config)
-    for field in dataclasses.fields(config):
-        hint = hints[field.name]
-        here = _field_default(field, default)
-        if _is_config(hint):
-            yield from config_options(hint, path=(*path, field.name), default=here)
+    for leaf in config_fields(config):
+        if leaf.flag is None:
             continue
-        flag = field_flag(field)
-        if flag is None:
-            continue
-        annotation, as_tuple = _cli_type(hint)
+        annotation, as_tuple = _cli_type(leaf.hint)
+        default = leaf_default(config, leaf.path)
         yield Option(
-            path=(*path, field.name),
-            param=flag.option(field.name).removeprefix("--").replace("-", "_"),
-            flag=flag,
+            path=leaf.path,
+            param=leaf.name.removeprefix("--").replace("-", "_"),
+            flag=leaf.flag,
             annotation=annotation,
-            default=list(here) if as_tuple and here is not dataclasses.MISSING else here,
+            default=list(default) if as_tuple and default is not dataclasses.MISSING else default,
             as_tuple=as_tuple,
         )
 
@@ -124,7 +126,7 @@ def build_config(config: type, values: Mapping[tuple[str, ...], Any], path: tupl
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(config):
         here = (*path, field.name)
-        if _is_config(hints[field.name]):
+        if is_config(hints[field.name]):
             if any(key[: len(here)] == here for key in values):
                 kwargs[field.name] = build_config(hints[field.name], values, here)
         elif here in values:
@@ -135,54 +137,59 @@ def build_config(config: type, values: Mapping[tuple[str, ...], Any], path: tupl
 def config_command(
     app: typer.Typer,
     config: type,
-    run: Callable[[Any], None],
     *,
-    name: str,
-    help: str,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Callable[..., None]:
-    """Register command `name` on `app`: its options are `config`'s flagged fields.
+    name: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Callable[[Callable[[Any], None]], Callable[..., None]]:
+    """Decorate `run(config)` to register it on `app` as a command whose options are `config`'s
+    flagged fields; the command's help is `run`'s docstring, its name `run`'s (or `name`).
 
-    `overrides` maps a flag (e.g. "--out") to {"default": …, "help": …} for this
-    command only (two commands sharing a field may want another default folder).
+    `defaults` maps a flag to this command's default where the config has none or another
+    (e.g. each trainer's default `--out` folder).
     """
-    overrides = overrides or {}
     options = list(config_options(config))
-    unknown = set(overrides) - {o.option for o in options}
+    defaults = defaults or {}
+    unknown = set(defaults) - {o.option for o in options}
     if unknown:
-        raise ValueError(f"{name}: overrides for unknown flags {sorted(unknown)}")
-    parameters = []
-    for option in options:
-        change = overrides.get(option.option, {})
-        default = change.get("default", option.default)
-        names = (
-            f"{option.option}/--no-{option.option.removeprefix('--')}"
-            if option.flag.negatable
-            else option.option
-        )
-        typer_default = ... if default is dataclasses.MISSING else default
-        parameters.append(
-            inspect.Parameter(
-                option.param,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(
-                    typer_default, names, help=change.get("help", option.flag.help)
-                ),
-                annotation=option.annotation,
-            )
-        )
+        raise ValueError(f"{config.__name__}: defaults for unknown flags {sorted(unknown)}")
 
-    def command(**values: Any) -> None:
-        by_path = {}
-        for option in options:
-            value = values[option.param]
-            by_path[option.path] = tuple(value) if option.as_tuple else value
-        run(build_config(config, by_path))
+    def register(run: Callable[[Any], None]) -> Callable[..., None]:
+        parameters = [_parameter(option, defaults) for option in options]
 
-    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in parameters}
-    command.__doc__ = help
-    command.__name__ = name.replace("-", "_")
-    many = [o.option for o in options if o.flag.many]
-    app.command(name=name, cls=many_values(*many))(command)
-    return command
+        def command(**values: Any) -> None:
+            by_path = {}
+            for option in options:
+                value = values[option.param]
+                by_path[option.path] = tuple(value) if option.as_tuple else value
+            # A value the config refuses is one line and exit 2 (UsageError), like a bad flag.
+            with expected_failures():
+                built = build_config(config, by_path)
+            run(built)
+
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__doc__ = run.__doc__
+        command.__name__ = run.__name__
+        many = [o.option for o in options if o.flag.many]
+        app.command(name=name or run.__name__, cls=many_values(*many))(command)
+        return command
+
+    return register
+
+
+def _parameter(option: Option, defaults: Mapping[str, Any]) -> inspect.Parameter:
+    """The typer parameter of one option (with this command's default, if it has one)."""
+    default = defaults.get(option.option, option.default)
+    names = option.option
+    if option.flag.negatable:
+        names = f"{option.option}/--no-{option.option.removeprefix('--')}"
+    return inspect.Parameter(
+        option.param,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(
+            ... if default is dataclasses.MISSING else default,
+            names,
+            help=option.flag.help,
+        ),
+        annotation=option.annotation,
+    )

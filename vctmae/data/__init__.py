@@ -1,40 +1,30 @@
-"""vctmae.data — streaming loader: shards → int16 device batches → video frames (SPEC §4)."""
+"""vctmae.data — streaming loader: shards → int16 device batches → video frames (SPEC §4).
 
-from vctmae.data.frames import (
-    check_crop_shape,
-    mirror,
-    multiview_offsets,
-    offset_frames,
-    random_offsets,
-    sample_frames,
-)
-from vctmae.data.loader import Batch, DevicePrefetcher, ShardLoader
-from vctmae.data.shards import (
-    ClassError,
-    ShardError,
-    check_classes,
-    count_samples,
-    expand_shards,
-    shard_label,
-)
-from vctmae.data.zarr_store import ZarrCrops, read_manifest
+The public names load their module on first use (PEP 562), so importing
+`vctmae.data.options` for the command line does not import torch.
+"""
 
-__all__ = [
-    "Batch",
-    "ClassError",
-    "DevicePrefetcher",
-    "ShardError",
-    "ShardLoader",
-    "ZarrCrops",
-    "check_classes",
-    "check_crop_shape",
-    "count_samples",
-    "expand_shards",
-    "mirror",
-    "multiview_offsets",
-    "offset_frames",
-    "random_offsets",
-    "read_manifest",
-    "sample_frames",
-    "shard_label",
-]
+from vctmae.lazy import lazy_exports
+
+_EXPORTS = {
+    "Batch": "loader",
+    "DevicePrefetcher": "loader",
+    "ShardLoader": "loader",
+    "LoaderOptions": "options",
+    "ClassError": "shards",
+    "ShardError": "shards",
+    "check_classes": "shards",
+    "count_samples": "shards",
+    "expand_shards": "shards",
+    "shard_label": "shards",
+    "check_crop_shape": "frames",
+    "mirror": "frames",
+    "multiview_offsets": "frames",
+    "offset_frames": "frames",
+    "random_offsets": "frames",
+    "sample_frames": "frames",
+    "ZarrCrops": "zarr_store",
+    "read_manifest": "zarr_store",
+}
+
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

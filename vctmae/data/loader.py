@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vctmae.data.options import BACKENDS
 from vctmae.data.shards import (
     ShardError,
     ShardIndex,
@@ -68,7 +69,6 @@ from vctmae.data.shards import (
     shard_label,
 )
 
-BACKENDS = ("torch", "dali")
 _PREFETCH_FACTOR = 2  # batches each worker process reads ahead
 
 

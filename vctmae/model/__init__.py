@@ -3,7 +3,7 @@
 from vctmae.model.checkpoint import (
     CheckpointError,
     LoadReport,
-    classifier_from_mae,
+    load_init,
     load_mae_st,
     load_model,
     load_weights,
@@ -36,7 +36,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "attention_maps",
-    "classifier_from_mae",
+    "load_init",
     "load_mae_st",
     "load_model",
     "load_weights",

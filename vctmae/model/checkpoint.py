@@ -414,24 +414,57 @@ def load_mae_st(
         return _load_checked(model, state, cropped=cropped, reinitialized=reinitialized)
 
 
-def load_weights(model: VideoViT, source: str | Path | Mapping[str, object]) -> LoadReport:
-    """Load this project's weights (safetensors path or state dict) by name, non-strictly:
-    e.g. an MAE file into a classifier loads the encoder and reports `head.*` missing."""
+def load_weights(
+    model: VideoViT, source: str | Path | Mapping[str, object], *, strict: bool = False
+) -> LoadReport:
+    """Load this project's weights (safetensors path or state dict) into `model` by name.
+
+    The one way weights of this project enter a model. Shapes must match; `strict` also refuses
+    a missing or an unexpected key (resuming, `load_model`). Not strict, e.g. an MAE file into a
+    classifier loads the encoder and reports `head.*` missing and the decoder unexpected.
+    """
     with torch.no_grad():
-        return _load_checked(model, read_state(source))
+        report = _load_checked(model, read_state(source))
+    if strict and (report.missing or report.unexpected):
+        where = f"{source}: " if isinstance(source, str | Path) else ""
+        raise CheckpointError(f"{where}weights do not fit this model ({report.summary()})")
+    return report
 
 
-def classifier_from_mae(
-    mae: MaskedAutoencoder, num_classes: int = 2, **overrides
-) -> tuple[VideoClassifier, LoadReport]:
-    """A classifier with the MAE's encoder weights and a fresh head (fine-tuning start)."""
-    import dataclasses
+# Keys a classifier has that an MAE's weights cannot provide.
+HEAD_PREFIXES = ("head.",)
 
-    classifier = VideoClassifier(
-        dataclasses.replace(mae.config, num_classes=num_classes, **overrides)
-    )
-    report = load_weights(classifier, mae.state_dict())
-    return classifier, report
+
+def load_init(model: VideoViT, path: str | Path, pos_init: PosInit = "crop") -> LoadReport:
+    """Starting weights for training (`--init`): a vctmae `.safetensors` or a video `.pth`.
+
+    A `.safetensors` file (e.g. pretraining's `model.safetensors` for a classifier) must supply
+    every weight but the head, in the same shapes, and come from a model that normalises its
+    input the same way (its config beside it says); anything else is refused. A `.pth` is an
+    mae_st / PySlowFast Kinetics checkpoint (`load_mae_st`, positional tables by `pos_init`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: --init checkpoint not found")
+    if path.suffix != ".safetensors":
+        return load_mae_st(path, model, pos_init=pos_init)
+    if config_path(path).is_file():
+        _, source = read_model_config(path)
+        ours = model.config
+        if (source.input_mean, source.input_std) != (ours.input_mean, ours.input_std):
+            raise CheckpointError(
+                f"{path}: pretrained on inputs normalised with mean {source.input_mean}, "
+                f"std {source.input_std}, but this model uses mean {ours.input_mean}, "
+                f"std {ours.input_std}; train with the same model settings as before"
+            )
+    report = load_weights(model, path)
+    missing = [key for key in report.missing if not key.startswith(HEAD_PREFIXES)]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not an encoder of this model — missing {missing[:5]} "
+            "(same --model preset as the run that wrote it?)"
+        )
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,9 +543,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Video
     """Rebuild the model saved by `save_model` and load its weights strictly."""
     kind, config = read_model_config(path)
     model: VideoViT = MaskedAutoencoder(config) if kind == "mae" else VideoClassifier(config)
-    report = load_weights(model, path)
-    if report.missing or report.unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config ({report.summary()})")
+    load_weights(model, path, strict=True)
     return model.to(device)
 
 

@@ -1,32 +1,35 @@
 """vctmae.train: pretraining and finetuning loops, schedules, checkpoints, evaluation, explanations (SPEC §7–§8).
 
 Entry points (one per command): `run_pretrain(PretrainConfig)`, `run_finetune(FinetuneConfig)`,
-`run_eval(EvalConfig)`, `run_explain(ExplainConfig)`. This package never imports nibabel or ingest.
+`run_eval(EvalConfig)`, `run_explain(ExplainConfig)`; both trainers are `build_run` + `Trainer`.
+This package never imports nibabel or ingest. The public names load their module on first use
+(PEP 562), so the command line can read the configs without importing torch.
 """
 
-from vctmae.train.config import EvalConfig, ExplainConfig, FinetuneConfig, PretrainConfig
-from vctmae.train.evaluate import Predictions, compute_metrics, run_eval
-from vctmae.train.explain import run_explain
-from vctmae.train.finetune import FinetuneResult, run_finetune
-from vctmae.train.loop import NonFiniteLossError, TrainState
-from vctmae.train.pretrain import PretrainResult, run_pretrain
-from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
+from vctmae.lazy import lazy_exports
 
-__all__ = [
-    "EvalConfig",
-    "ExplainConfig",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "NonFiniteLossError",
-    "PretrainConfig",
-    "PretrainResult",
-    "Predictions",
-    "TrainState",
-    "WarmupCosine",
-    "compute_metrics",
-    "pretrain_peak_lr",
-    "run_eval",
-    "run_explain",
-    "run_finetune",
-    "run_pretrain",
-]
+_EXPORTS = {
+    "EvalConfig": "config",
+    "ExplainConfig": "config",
+    "FinetuneConfig": "config",
+    "PretrainConfig": "config",
+    "RunOptions": "config",
+    "SpeedOptions": "config",
+    "Predictions": "evaluate",
+    "compute_metrics": "evaluate",
+    "run_eval": "evaluate",
+    "run_explain": "explain",
+    "FinetuneResult": "finetune",
+    "run_finetune": "finetune",
+    "NonFiniteLossError": "loop",
+    "Trainer": "loop",
+    "TrainState": "loop",
+    "PretrainResult": "pretrain",
+    "run_pretrain": "pretrain",
+    "Run": "run",
+    "build_run": "run",
+    "WarmupCosine": "schedule",
+    "pretrain_peak_lr": "schedule",
+}
+
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

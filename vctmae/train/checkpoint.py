@@ -28,13 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vctmae.model.checkpoint import (
-    CheckpointError,
-    load_plain,
-    read_safetensors,
-    save_model,
-    write_atomically,
-)
+from vctmae.model.checkpoint import CheckpointError, load_plain, save_model, write_atomically
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "last.json"
@@ -53,17 +47,6 @@ class CheckpointFiles:
 def save_weights(model: nn.Module, path: Path) -> Path:
     """Write `model` (safetensors + JSON config) atomically; a full disk keeps the old file."""
     return save_model(model, Path(path))
-
-
-def load_weights_into(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file written by `save_weights` into `model` (strict)."""
-    state = read_safetensors(path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        # load_state_dict reports missing/unexpected keys and shape mismatches as RuntimeError.
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: does not fit this model ({first_line})") from None
 
 
 def _entry(files: CheckpointFiles) -> dict[str, Any]:

@@ -1,8 +1,14 @@
 """Run configurations of the trainers, evaluation and explanation (SPEC §7–§8).
 
-Frozen keyword-only dataclasses filled by the CLI; defaults are the paper's
-settings (App. A.5) and, where the paper is silent, its public code's. A value
+Frozen keyword-only dataclasses; defaults are the paper's settings (App. A.5)
+and, where the paper is silent, its public code's. Each field that is a
+command-line option says so with `vctmae.flags.flag` (flag, help, default in one
+place; `vctmae.cli.train` derives the commands from these classes). A value
 that cannot be used is a `vctmae.errors.UsageError` (exit 2) naming its flag.
+
+`RunOptions` holds what both trainers share (data, model, seed, loader, device,
+speed, logging, resume); `PretrainConfig` and `FinetuneConfig` add only their
+optimiser, schedule and loss settings on top.
 """
 
 from __future__ import annotations
@@ -11,183 +17,227 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
+from vctmae.flags import config_fields, flag
 
 DEVICES = ("auto", "cpu", "cuda")
-LOADERS = ("torch", "dali")
 PATCH_EMBED = ("auto", "torch", "triton")
+PRECISIONS = ("auto", "bf16", "fp32")
 POS_INIT = ("crop", "random", "interpolate")
 CLASS_WEIGHTS = ("inverse", "none")
 
+SHARDS_HELP = (
+    "WebDataset shards: paths (an unquoted glob's many paths), a quoted glob or a brace pattern."
+)
+DEVICE_HELP = (
+    "auto (GPU when present), cpu or cuda; under torchrun each process takes its LOCAL_RANK GPU."
+)
 
-def _check_model(config: Any) -> None:
-    """The preset and overrides must make a model (checked here, before any data is read)."""
-    from vctmae.model.config import preset_config
 
-    try:
-        preset_config(config.model, **config.model_overrides)
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"--model {config.model}: {error}") from None
+def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
+    if value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _check_out_folder(out: Path) -> None:
     if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"{out}: --out names a file; give a folder for the run's outputs")
+        raise UsageError(f"{out}: --out names a file; give a folder for the outputs")
 
 
-def _check_common(config: Any) -> None:
-    if not config.shards:
-        raise UsageError("shards: give at least one shard path, glob or brace pattern")
+def _check_shards(shards: tuple[str, ...], option: str = "--shards") -> None:
+    if not shards:
+        raise UsageError(f"{option}: give at least one shard path, glob or brace pattern")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeedOptions:
+    """How the model is computed: kernels, compilation, number format (`vctmae.train.speed`)."""
+
+    compile: bool = flag(False, "torch.compile the model.", resumable=True)
+    patch_embed: str = flag(
+        "auto", "Patch embedding: auto | torch | triton.", name="--patch-embed", resumable=True
+    )
+    precision: str = flag(
+        "auto", "Number format: auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."
+    )
+
+    def __post_init__(self) -> None:
+        _one_of(self.patch_embed, PATCH_EMBED, "--patch-embed")
+        _one_of(self.precision, PRECISIONS, "--precision")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What both trainers share: data, model, seed, loader, device, speed, logging, resume."""
+
+    shards: tuple[str, ...] = flag(help=SHARDS_HELP + " Finetuning: the training split.", many=True)
+    out: Path = flag(
+        help="Run folder: checkpoints, weights (pretraining: model.safetensors and previews; "
+        "finetuning: best.safetensors), log.",
+        resumable=True,
+    )
+    model: str = flag("large", "Model preset: large | base | small | tiny.")
+    # Field overrides of the preset, e.g. {"depth": 2} (Python only: tests, sweeps).
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init: Path | None = flag(
+        None,
+        "Weights to start from: a mae_st / PySlowFast video checkpoint (.pth), or a vctmae "
+        ".safetensors (finetuning: pretraining's model.safetensors); omit for random.",
+    )
+    pos_init: str = flag(
+        "crop", "Positional embeddings from a video .pth --init: crop | random | interpolate."
+    )
+    accum_steps: int = flag(1, "Micro-batches per optimizer step.")
+    grad_clip: float | None = flag(None, "Clip the gradient norm to this value.")
+    mirror: bool = flag(False, "Random left–right mirror augmentation.")
+    seed: int = flag(0, "Seed of data order, view offsets, mirror flags and masks.")
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
+    device: str = flag("auto", DEVICE_HELP, resumable=True)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    resume: bool = flag(False, "Continue from the last checkpoint in --out.", resumable=True)
+    log_every: int = flag(20, "Optimizer steps between log records.", resumable=True)
+    progress: bool = flag(True, "Show the progress bar.", negatable=True, resumable=True)
+    # Cap for smoke runs and benchmarks (Python only).
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_shards(self.shards)
+        if self.accum_steps < 1:
+            raise UsageError(f"--accum-steps must be >= 1, got {self.accum_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        _one_of(self.device, DEVICES, "--device")
+        _one_of(self.pos_init, POS_INIT, "--pos-init")
+        if self.log_every < 1:
+            raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise UsageError("max_steps_per_epoch must be >= 1 or None")
+        _check_out_folder(self.out)
+        from vctmae.model.config import preset_config
+
+        # The preset and overrides must make a model (checked before any data is read).
+        try:
+            preset_config(self.model, **self.model_overrides)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--model {self.model}: {error}") from None
+
+
+def _check_schedule(config: Any) -> None:
     if config.epochs < 1:
-        raise UsageError(f"epochs must be >= 1, got {config.epochs}")
+        raise UsageError(f"--epochs must be >= 1, got {config.epochs}")
     if config.batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {config.batch_size}")
-    if config.accum_steps < 1:
-        raise UsageError(f"accum_steps must be >= 1, got {config.accum_steps}")
-    if config.num_workers < 0:
-        raise UsageError(f"workers must be >= 0, got {config.num_workers}")
-    if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
-        raise UsageError(f"warmup_epochs must lie in [0, epochs], got {config.warmup_epochs}")
-    if config.grad_clip is not None and config.grad_clip <= 0:
-        raise UsageError(f"grad_clip must be positive, got {config.grad_clip}")
-    if config.device not in DEVICES:
-        raise UsageError(f"device must be one of {DEVICES}, got {config.device!r}")
-    if config.loader not in LOADERS:
-        raise UsageError(f"loader must be one of {LOADERS}, got {config.loader!r}")
-    if config.patch_embed not in PATCH_EMBED:
-        raise UsageError(f"patch_embed must be one of {PATCH_EMBED}, got {config.patch_embed!r}")
-    if config.pos_init not in POS_INIT:
-        raise UsageError(f"pos_init must be one of {POS_INIT}, got {config.pos_init!r}")
-    if config.log_every < 1:
-        raise UsageError(f"log_every must be >= 1, got {config.log_every}")
-    if config.max_steps_per_epoch is not None and config.max_steps_per_epoch < 1:
-        raise UsageError("max_steps_per_epoch must be >= 1 or None")
-    _check_out_folder(config.out)
+        raise UsageError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if not 0 <= config.warmup_epochs <= config.epochs:
+        raise UsageError(f"--warmup-epochs must lie in [0, --epochs], got {config.warmup_epochs}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """MAE pretraining on unlabelled crops (paper App. A.5)."""
 
-    shards: tuple[str, ...]
-    out: Path = Path("runs/pretrain")
-    model: str = "large"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"depth": 2}
-    init: Path | None = None  # mae_st / PySlowFast video checkpoint (.pth)
-    pos_init: str = "crop"
-    epochs: int = 100
-    batch_size: int = 8  # per process
-    accum_steps: int = 1
-    blr: float = 1e-3  # lr = blr * batch_size * world_size * accum_steps / 256
-    min_lr: float = 0.0
-    warmup_epochs: int = 40
-    weight_decay: float = 0.05
+    run: RunOptions
+    mask_ratio: float = flag(0.8, "Fraction of tubes masked.")
+    epochs: int = flag(100, "Training epochs.")
+    batch_size: int = flag(8, "Crops per step per process.")
+    blr: float = flag(1e-3, "Base lr; lr = blr × batch × processes × accum / 256.")
+    min_lr: float = flag(0.0, "Final lr of the cosine schedule.")
+    warmup_epochs: int = flag(40, "Linear warmup epochs (per-iteration schedule).")
+    weight_decay: float = flag(
+        0.05, "AdamW weight decay (not on norms, biases, embeddings).", name="--weight-decay"
+    )
     betas: tuple[float, float] = (0.9, 0.95)
-    mask_ratio: float = 0.8
-    grad_clip: float | None = None
-    mirror: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    loader: str = "torch"
-    device: str = "auto"
-    compile: bool = False
-    patch_embed: str = "auto"
-    resume: bool = False
-    log_every: int = 20
-    preview: bool = True
-    progress: bool = True
-    max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks
+    preview: bool = flag(
+        True, "Write a reconstruction preview after each epoch.", negatable=True, resumable=True
+    )
+
+    optimizer: ClassVar[str] = "adamw"
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        _check_schedule(self)
         if not 0.0 < self.mask_ratio < 1.0:
-            raise UsageError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+            raise UsageError(f"--mask-ratio must lie in (0, 1), got {self.mask_ratio}")
         if self.blr <= 0:
-            raise UsageError(f"blr must be positive, got {self.blr}")
-        _check_model(self)
+            raise UsageError(f"--blr must be positive, got {self.blr}")
+
+    def peak_lr(self, world_size: int) -> float:
+        """The MAE scaling rule: lr = blr × effective batch / 256."""
+        from vctmae.train.schedule import pretrain_peak_lr
+
+        return pretrain_peak_lr(self.blr, self.batch_size, world_size, self.run.accum_steps)
+
+    @property
+    def start_lr(self) -> float:
+        return 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """Fracture classification finetuning (paper App. A.5)."""
 
-    shards: tuple[str, ...]
-    val_shards: tuple[str, ...] = ()
-    out: Path = Path("runs/finetune")
-    model: str = "large"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    init: Path | None = None  # pretraining .safetensors, a video .pth, or None (random)
-    pos_init: str = "crop"
-    epochs: int = 50
-    batch_size: int = 64  # per process
-    accum_steps: int = 1
-    lr: float = 1e-5
-    warmup_epochs: int = 5
-    warmup_start_lr: float = 1e-8
-    min_lr: float = 1e-7
-    weight_decay: float = 0.0  # paper: plain Adam
-    class_weights: str = "inverse"
-    multiview: int = 6  # views for validation
-    patience: int = 40  # epochs without a better validation F1
-    dropout: float | None = None  # head dropout; None keeps the model preset's
-    grad_clip: float | None = None
-    mirror: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    loader: str = "torch"
-    device: str = "auto"
-    compile: bool = False
-    patch_embed: str = "auto"
-    resume: bool = False
-    log_every: int = 20
-    progress: bool = True
-    max_steps_per_epoch: int | None = None
+    run: RunOptions
+    val_shards: tuple[str, ...] = flag((), "Validation shards (validated every epoch).", many=True)
+    epochs: int = flag(50, "Training epochs.")
+    batch_size: int = flag(64, "Crops per step per process.")
+    lr: float = flag(1e-5, "Peak learning rate (Adam).")
+    warmup_epochs: int = flag(5, "Warmup epochs from --warmup-lr.")
+    warmup_start_lr: float = flag(1e-8, "Learning rate at step 0.", name="--warmup-lr")
+    min_lr: float = flag(1e-7, "Final lr of the cosine schedule.")
+    # The paper's plain Adam (Python only: a decoupled decay makes it AdamW).
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    class_weights: str = flag(
+        "inverse", "inverse (class frequency of the training shards' labels) | none."
+    )
+    multiview: int = flag(6, "Views per crop in validation: 6 or 1.")
+    patience: int = flag(40, "Stop after this many epochs without a better validation F1.")
+    dropout: float | None = flag(None, "Head dropout (default: the model preset's).")
+
+    optimizer: ClassVar[str] = "adam"
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        _check_schedule(self)
         if self.lr <= 0:
-            raise UsageError(f"lr must be positive, got {self.lr}")
+            raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.multiview not in (1, 6):
-            raise UsageError(f"multiview must be 1 or 6, got {self.multiview}")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise UsageError(f"class_weights must be one of {CLASS_WEIGHTS}")
+            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+        _one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
         if self.patience < 1:
-            raise UsageError(f"patience must be >= 1, got {self.patience}")
+            raise UsageError(f"--patience must be >= 1, got {self.patience}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must lie in [0, 1), got {self.dropout}")
-        _check_model(self)
+            raise UsageError(f"--dropout must lie in [0, 1), got {self.dropout}")
+
+    def peak_lr(self, world_size: int) -> float:
+        return self.lr
+
+    @property
+    def start_lr(self) -> float:
+        return self.warmup_start_lr
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Multi-view evaluation of a finetuned classifier."""
 
-    checkpoint: Path
-    shards: tuple[str, ...]
-    out: Path = Path("report")
-    multiview: int = 6
-    batch_size: int = 64
-    num_workers: int = 2
-    loader: str = "torch"
-    device: str = "auto"
-    patch_embed: str = "auto"
-    progress: bool = True
+    checkpoint: Path = flag(help="Classifier weights (.safetensors from finetune).")
+    shards: tuple[str, ...] = flag(help=SHARDS_HELP, many=True)
+    out: Path = flag(Path("report"), "Folder for predictions.csv, metrics.json, roc.png, pr.png.")
+    multiview: int = flag(6, "Views per crop: 6 (all offsets) or 1 (the middle one).")
+    batch_size: int = flag(64, "Crops per forward pass per process.")
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
+    device: str = flag("auto", DEVICE_HELP)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    progress: bool = flag(True, "Print the metrics table.", negatable=True)
 
     def __post_init__(self) -> None:
-        if not self.shards:
-            raise UsageError("shards: give at least one shard path, glob or brace pattern")
+        _check_shards(self.shards)
         if self.multiview not in (1, 6):
-            raise UsageError(f"multiview must be 1 or 6, got {self.multiview}")
-        if self.device not in DEVICES:
-            raise UsageError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.loader not in LOADERS:
-            raise UsageError(f"loader must be one of {LOADERS}, got {self.loader!r}")
+            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+        _one_of(self.device, DEVICES, "--device")
         if self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise UsageError(f"workers must be >= 0, got {self.num_workers}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         _check_out_folder(self.out)
 
 
@@ -195,52 +245,39 @@ class EvalConfig:
 class ExplainConfig:
     """Attention picture of one crop (SPEC §8)."""
 
-    checkpoint: Path
-    zarr: Path
-    key: str
-    out: Path = Path("explain.png")
-    offset: int = 3  # which of the six views to show (3 = the middle view, as --multiview 1)
-    device: str = "cpu"
+    checkpoint: Path = flag(help="Classifier weights (.safetensors).")
+    zarr: Path = flag(help="Zarr store written by ingest (crops.zarr).")
+    key: str = flag(help="Crop key, e.g. case-0003_L1 (see manifest.csv).")
+    out: Path = flag(Path("explain.png"), "PNG to write.")
+    offset: int = flag(3, "Which of the six views (0–5) to draw.")
+    device: str = flag("cpu", "cpu or cuda.")
 
     def __post_init__(self) -> None:
         if not 0 <= self.offset < 6:
-            raise UsageError(f"offset must lie in [0, 6), got {self.offset}")
-        if self.device not in DEVICES:
-            raise UsageError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise UsageError(f"--offset must lie in [0, 6), got {self.offset}")
+        _one_of(self.device, DEVICES, "--device")
         if Path(self.out).is_dir():
             raise UsageError(f"{self.out}: --out names a folder; give the PNG file to write")
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def config_dict(config: Any) -> dict[str, Any]:
-    """JSON-ready view of a config (paths as strings) for logs and checkpoints."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        return value
-
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
-# Settings a resumed run may change: they do not alter data order, schedule or model. The data
-# order does not depend on the number of loader workers (vctmae.data.loader), and the device,
-# compilation and patch-embedding implementation compute the same model.
-RESUMABLE_CHANGES = frozenset(
-    {"progress", "log_every", "preview", "num_workers", "resume", "device", "compile"}
-    | {"patch_embed", "out"}
-)
-# Config fields whose command-line flag is not `--` + the field name with dashes.
-_FLAGS = {"num_workers": "--workers", "warmup_start_lr": "--warmup-lr"}
-_NO_FLAG = {"model_overrides", "betas", "max_steps_per_epoch", "preview"}
-
-
-def flag_name(field_name: str) -> str:
-    """The command-line flag of a config field (or the field's name when it has none)."""
-    if field_name in _NO_FLAG:
-        return field_name
-    return _FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+    """JSON-ready view of a (nested) config, paths as strings, for logs and checkpoints."""
+    return {
+        f.name: config_dict(value)
+        if dataclasses.is_dataclass(value := getattr(config, f.name))
+        else _plain(value)
+        for f in dataclasses.fields(config)
+    }
 
 
 def _absolute(spec: str) -> str:
@@ -248,29 +285,32 @@ def _absolute(spec: str) -> str:
 
 
 def resume_fingerprint(config: Any) -> dict[str, Any]:
-    """The config as `--resume` compares it: shard patterns expanded to the shard files they name
-    (so a glob matching new files is a change, and `a*.tar` equals its shell expansion)."""
+    """The settings `--resume` compares, by flag (or field path): every field except those whose
+    flag is `resumable`; shard patterns expanded to the files they name (so a glob matching new
+    files is a change, and `a*.tar` equals its shell expansion)."""
     from vctmae.data import expand_shards
 
-    values = config_dict(config)
-    for name in ("shards", "val_shards"):
-        if values.get(name):
-            values[name] = [_absolute(path) for path in expand_shards(values[name])]
-    if values.get("init") is not None:
-        values["init"] = os.path.abspath(values["init"])
+    values: dict[str, Any] = {}
+    for leaf in config_fields(type(config)):
+        if leaf.flag is not None and leaf.flag.resumable:
+            continue
+        value = _plain(leaf.value(config))
+        if leaf.flag is not None and leaf.flag.many and value:
+            value = [_absolute(path) for path in expand_shards(value)]
+        elif leaf.path[-1] == "init" and value is not None:
+            value = os.path.abspath(value)
+        values[leaf.name] = value
     return values
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], *, where: Path) -> None:
     """Refuse to resume the run saved at `where` with settings that change what it computes."""
     changed = [
-        name
-        for name in sorted(set(saved) | set(current))
-        if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name)
+        name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)
     ]
     if changed:
         details = ", ".join(
-            f"{flag_name(name)} {saved.get(name)!r} → {current.get(name)!r}" for name in changed
+            f"{name} {saved.get(name)!r} → {current.get(name)!r}" for name in changed
         )
         raise UsageError(
             f"{where}: --resume with changed settings ({details}); they alter the data order, "

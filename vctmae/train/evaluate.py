@@ -25,7 +25,7 @@ from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
 from vctmae.train.runlog import RunLog
-from vctmae.train.speed import install_patch_embed
+from vctmae.train.speed import apply_speedups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,26 +42,41 @@ class DuplicatePredictionError(VctmaeError, RuntimeError):
 
 
 @torch.no_grad()
-def predict_local(
-    model: nn.Module, loader: Any, *, views: int, device: torch.device
-) -> Predictions:
-    """This rank's predictions: mean softmax over `views` offsets per crop."""
+def multiview_probs(
+    model: nn.Module,
+    crops: torch.Tensor,
+    *,
+    views: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """P(fracture) of each crop (B,): the mean softmax over `views` view offsets (6 or 1)."""
     from vctmae.data import multiview_offsets, offset_frames
 
+    size = crops.shape[0]
+    offsets = multiview_offsets(views)
+    mean = torch.zeros(size, device=device)
+    for offset in offsets:
+        frames = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
+        with autocast_context(device, precision):
+            logits = model(crops, frames)
+        mean += torch.softmax(logits.float(), dim=-1)[:, 1]
+    return mean / len(offsets)
+
+
+@torch.no_grad()
+def predict_local(
+    model: nn.Module, loader: Any, *, views: int, device: torch.device, precision: str = "auto"
+) -> Predictions:
+    """This rank's predictions: mean softmax over `views` offsets per crop."""
     was_training = model.training
     model.eval()
     keys: list[str] = []
     labels, probs = [], []
-    offsets = multiview_offsets(views)
     for batch in loader:
-        size = batch.crops.shape[0]
-        mean = torch.zeros(size, device=device)
-        for offset in offsets:
-            view = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
-            with autocast_context(device):
-                logits = model(batch.crops, view)
-            mean += torch.softmax(logits.float(), dim=-1)[:, 1]
-        probs.append(mean / len(offsets))
+        probs.append(
+            multiview_probs(model, batch.crops, views=views, device=device, precision=precision)
+        )
         labels.append(batch.labels)
         keys.extend(batch.keys)
     model.train(was_training)
@@ -89,9 +104,11 @@ def merge_predictions(parts: list[Predictions]) -> Predictions:
     return Predictions(keys=[keys[i] for i in order], labels=labels[order], probs=probs[order])
 
 
-def predict(model: nn.Module, loader: Any, *, views: int, device: torch.device) -> Predictions:
+def predict(
+    model: nn.Module, loader: Any, *, views: int, device: torch.device, precision: str = "auto"
+) -> Predictions:
     """Predictions of all ranks, gathered and deduplicated (identical on every rank)."""
-    local = predict_local(model, loader, views=views, device=device)
+    local = predict_local(model, loader, views=views, device=device, precision=precision)
     return merge_predictions(distributed.gather_objects(local))
 
 
@@ -226,21 +243,19 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png."""
     from rich.console import Console
 
-    from vctmae.data import ShardLoader, check_classes, check_crop_shape, expand_shards
+    from vctmae.data import check_classes, check_crop_shape, expand_shards
     from vctmae.model.checkpoint import load_classifier, write_atomically
 
     info = distributed.setup(config.device)
     out = Path(config.out)
     model = load_classifier(config.checkpoint).to(info.device)
-    install_patch_embed(model, config.patch_embed, info.device)
+    speed = config.speed
+    module = apply_speedups(
+        model, patch_embed=speed.patch_embed, compile=speed.compile, device=info.device
+    )
     shards = expand_shards(list(config.shards))
-    loader = ShardLoader(
-        shards,
-        batch_size=config.batch_size,
-        training=False,
-        num_workers=config.num_workers,
-        device=info.device,
-        backend=config.loader,
+    loader = config.loader.build(
+        shards, batch_size=config.batch_size, training=False, device=info.device
     )
     # Checked from the shard index before anything is predicted or written: metrics need every
     # crop labelled 0 or 1; unlabelled shards on their own get predictions only.
@@ -252,7 +267,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     )
     first = loader.indexes[0]
     check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
-    predictions = predict(model, loader, views=config.multiview, device=info.device)
+    predictions = predict(
+        module, loader, views=config.multiview, device=info.device, precision=speed.precision
+    )
     expected = expected_count(shards)
     if expected is not None and expected != len(predictions.keys):
         raise RuntimeError(

@@ -1,10 +1,14 @@
-"""The epoch loop both trainers share.
+"""The training step and the epoch loop both trainers share.
 
-One `Trainer` runs epochs of optimizer steps over a loader: gradient
-accumulation (with DDP's `no_sync` on the non-final micro-batches), the
-per-iteration learning-rate schedule, optional gradient clipping, bf16 autocast
-on GPU, a NaN/inf guard, the progress bar and JSONL log, and an atomic
-checkpoint after every epoch that `--resume` continues from exactly.
+`Trainer.train_step(micro_batches)` is one optimizer step — the unit that the
+benchmarks time and that compiles and graph-captures: for each micro-batch the
+objective's randomness (drawn from the seeded per-rank generator), forward,
+backward (DDP's `no_sync` on all but the last), then the learning rate of the
+per-iteration schedule, optional gradient clipping, the optimizer step. It
+returns the step's losses as a device tensor. `Trainer.fit` is the epoch loop
+around it: the progress bar, the JSONL log (mean loss of each logging window,
+across ranks), a NaN/inf guard, the epoch hook and an atomic checkpoint after
+every epoch that `--resume` continues from exactly.
 
 Losses and the NaN flag stay on the device; the host reads them only on
 logging steps and at the end of an epoch (the deliberate syncs are marked).
@@ -18,11 +22,11 @@ checkpoint when the newest cannot be read.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,13 +34,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.errors import VctmaeError
-from vctmae.model.checkpoint import CheckpointError
+from vctmae.model.checkpoint import CheckpointError, load_weights
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
-from vctmae.train.distributed import DistInfo, any_true, barrier, gather_objects
-from vctmae.train.runlog import RunLog, training_progress, warn
-from vctmae.train.schedule import WarmupCosine, set_lr
-from vctmae.train.speed import apply_speedups
+from vctmae.train.distributed import any_true, barrier, gather_objects
+from vctmae.train.run import Run
+from vctmae.train.runlog import training_progress, warn
+from vctmae.train.schedule import set_lr
 
 
 class NonFiniteLossError(VctmaeError, RuntimeError):
@@ -64,72 +68,80 @@ class EpochEnd:
     stop: bool = False
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (no GradScaler needed); full fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_context(
+    device: torch.device, precision: str = "auto"
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def wrap_for_training(
-    model: nn.Module, info: DistInfo, *, patch_embed: str, compile: bool
-) -> nn.Module:
-    """The module the step calls: the chosen patch embedding, optionally compiled, DDP across ranks."""
-    module = apply_speedups(model, patch_embed=patch_embed, compile=compile, device=info.device)
-    if info.enabled:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        module = DistributedDataParallel(module, device_ids=device_ids)
-    return module
+class Objective(Protocol):
+    """A trainer's loss, in two parts so that the step's randomness is explicit.
+
+    `draw` takes the micro-batch's randomness (frame offsets, mirror flags, mask noise) from the
+    seeded per-rank CPU generator — the same numbers whatever device or speed-up runs the step,
+    and exactly replayed after `--resume`; `loss` computes the scalar loss on the device.
+    """
+
+    def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+    def loss(
+        self, module: nn.Module, batch: Any, draws: dict[str, torch.Tensor]
+    ) -> torch.Tensor: ...
 
 
-LossFn = Callable[[Any, torch.Generator], torch.Tensor]
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one optimizer step reports: the sum of its micro-batch losses (a device tensor,
+    read by the host only on logging steps), how many micro-batches and samples it took."""
+
+    loss_sum: torch.Tensor
+    micro_batches: int
+    samples: int
+
+
 EpochHook = Callable[[int, float, TrainState], EpochEnd]
 
 
 class Trainer:
-    """Runs `config.epochs` epochs of `loss_fn` steps; see the module docstring.
+    """Runs the epochs of a `Run` with an `Objective`; see the module docstring.
 
-    `config` is a PretrainConfig or FinetuneConfig (the shared fields: epochs,
-    accum_steps, grad_clip, seed, log_every, resume, progress, out,
-    max_steps_per_epoch). `loss_fn(batch, generator)` returns the scalar loss
-    of one micro-batch, drawing its randomness (offsets, mirror flags, mask
-    noise) from `generator`, whose state is checkpointed per rank.
+    `epoch_end(epoch, mean_loss, state)` runs after each epoch (validation, best weights,
+    previews) and may ask to stop early.
     """
 
     def __init__(
         self,
-        *,
-        name: str,
-        config: Any,
-        info: DistInfo,
-        model: nn.Module,
-        module: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: WarmupCosine,
-        loader: Any,
-        steps_per_epoch: int,
-        loss_fn: LossFn,
-        log: RunLog,
+        run: Run,
+        objective: Objective,
         epoch_end: EpochHook | None = None,
+        *,
+        log_fields: dict[str, Any] | None = None,
     ) -> None:
-        self.name = name
-        self.config = config
-        self.info = info
-        self.model = model
-        self.module = module
-        self.optimizer = optimizer
-        self.schedule = schedule
-        self.loader = loader
-        self.steps_per_epoch = steps_per_epoch
-        self.loss_fn = loss_fn
-        self.log = log
+        self.run = run
+        # Extra fields of the run's start record (e.g. the class weights).
+        self.log_fields = dict(log_fields or {})
+        self.name = run.name
+        self.options = run.config.run
+        self.info = run.info
+        self.model = run.model
+        self.module = run.module
+        self.optimizer = run.optimizer
+        self.schedule = run.schedule
+        self.loader = run.loader
+        self.log = run.log
+        self.objective = objective
         self.epoch_end = epoch_end
         self.state = TrainState()
         # Per-rank stream of training randomness (offsets, mirror, mask noise).
-        self.generator = torch.Generator().manual_seed(config.seed * 1000 + info.rank)
-        self.run_dir = Path(config.out)
+        self.generator = torch.Generator().manual_seed(self.options.seed * 1000 + self.info.rank)
+        self.run_dir = run.out
         # What --resume compares: the settings that decide data order, schedule and model.
-        self.fingerprint = resume_fingerprint(config)
+        self.fingerprint = resume_fingerprint(run.config)
 
     # -- checkpoints ---------------------------------------------------------------
     def _state_dict(self) -> dict[str, Any]:
@@ -141,8 +153,7 @@ class Trainer:
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             generators=generator_states,
             world_size=self.info.world_size,
-            loader_epoch=self.state.epoch,
-            config=config_dict(self.config),
+            config=config_dict(self.run.config),
             fingerprint=self.fingerprint,
         )
         return state
@@ -166,12 +177,8 @@ class Trainer:
         for files in candidates:
             try:
                 saved = checkpoint.load_state(files.state)
-                check_resume_config(
-                    saved.get("fingerprint", saved["config"]),
-                    self.fingerprint if "fingerprint" in saved else config_dict(self.config),
-                    where=files.state,
-                )
-                checkpoint.load_weights_into(self.model, files.weights)
+                check_resume_config(saved["fingerprint"], self.fingerprint, where=files.state)
+                load_weights(self.model, files.weights, strict=True)
             except CheckpointError as error:
                 first_error = first_error or error
                 continue
@@ -212,12 +219,29 @@ class Trainer:
         else:
             # A different world size cannot replay the same per-rank streams.
             self.generator.manual_seed(
-                self.config.seed * 1000 + self.info.rank + 7919 * self.state.epoch
+                self.options.seed * 1000 + self.info.rank + 7919 * self.state.epoch
             )
         self.log.write(
             "resume", epoch=self.state.epoch, step=self.state.step, checkpoint=str(files.weights)
         )
         return True
+
+    def start(self) -> None:
+        """Resume when asked and a checkpoint exists; otherwise log the run's start record."""
+        if self.options.resume and self.resume():
+            return
+        run = self.run
+        self.log.start(
+            command=self.name,
+            config=config_dict(run.config),
+            world_size=self.info.world_size,
+            device=str(self.info.device),
+            steps_per_epoch=run.steps_per_epoch,
+            shards=len(run.shards),
+            init=str(run.init_report) if run.init_report is not None else None,
+            peak_lr=run.schedule.peak_lr,
+            **self.log_fields,
+        )
 
     # -- the loop ------------------------------------------------------------------
     def _raise_if_nonfinite(self, flag: torch.Tensor, epoch: int) -> None:
@@ -236,63 +260,90 @@ class Trainer:
             self.log.write("nonfinite_loss", epoch=epoch, step=self.state.step, message=message)
             raise NonFiniteLossError(message)
 
-    def fit(self) -> TrainState:
-        cfg = self.config
+    def train_step(self, micro_batches: Sequence[Any]) -> StepMetrics:
+        """One optimizer step over `micro_batches` (gradient accumulation); no host sync."""
         device = self.info.device
-        accum = cfg.accum_steps
+        accum = len(micro_batches)
         ddp = isinstance(self.module, DistributedDataParallel)
+        precision = self.options.speed.precision
+        loss_sum = torch.zeros((), device=device)
+        for index, batch in enumerate(micro_batches):
+            last = index == accum - 1
+            # Only the last micro-batch's backward all-reduces the gradients across ranks.
+            sync = self.module.no_sync() if ddp and not last else contextlib.nullcontext()
+            with sync:
+                draws = self.objective.draw(len(batch), self.generator)
+                draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
+                with autocast_context(device, precision):
+                    loss = self.objective.loss(self.module, batch, draws)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        set_lr(self.optimizer, self.schedule(self.state.step))
+        if self.options.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return StepMetrics(
+            loss_sum=loss_sum,
+            micro_batches=accum,
+            samples=sum(len(batch) for batch in micro_batches),
+        )
+
+    def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
+        """Mean of a per-rank sum over `count` micro-batches each, across ranks."""
+        if dist.is_initialized():
+            total = total.clone()
+            dist.all_reduce(total)
+        # Deliberate sync: logging steps and epoch ends only.
+        return float(total.item()) / (count * self.info.world_size)
+
+    def fit(self) -> TrainState:
+        options = self.options
+        epochs = self.run.config.epochs
+        per_epoch = self.run.steps_per_epoch
+        device = self.info.device
         world = self.info.world_size
-        progress = training_progress(enabled=cfg.progress and self.info.is_main)
+        progress = training_progress(enabled=options.progress and self.info.is_main)
         with progress:
-            for epoch in range(self.state.epoch, cfg.epochs):
+            for epoch in range(self.state.epoch, epochs):
                 if self.state.stopped_early:
                     break
                 task = progress.add_task(
-                    f"{self.name} {epoch + 1}/{cfg.epochs}",
-                    total=self.steps_per_epoch,
+                    f"{self.name} {epoch + 1}/{epochs}",
+                    total=per_epoch,
                     rate=0.0,
                     loss="…",
                     lr=self.schedule(self.state.step),
                 )
                 self.loader.set_epoch(epoch)
                 self.model.train()
-                loss_sum = torch.zeros((), device=device)
+                epoch_loss = torch.zeros((), device=device)
+                window_loss = torch.zeros((), device=device)
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-                micro, steps, samples = 0, 0, 0
+                micro = window_micro = steps = samples = 0
                 start = time.perf_counter()
-                for batch in self.loader:
-                    if steps == self.steps_per_epoch:
+                batches = iter(self.loader)
+                while steps < per_epoch:
+                    micro_batches = list(itertools.islice(batches, options.accum_steps))
+                    if len(micro_batches) < options.accum_steps:
                         break
-                    final_micro = (micro + 1) % accum == 0
-                    sync_context = (
-                        self.module.no_sync()
-                        if ddp and not final_micro
-                        else contextlib.nullcontext()
-                    )
-                    with sync_context:
-                        with autocast_context(device):
-                            loss = self.loss_fn(batch, self.generator)
-                        (loss / accum).backward()
-                    detached = loss.detach().float()
-                    nonfinite |= ~torch.isfinite(detached)
-                    loss_sum += detached
-                    micro += 1
-                    samples += len(batch.keys)
-                    if not final_micro:
-                        continue
                     lr = self.schedule(self.state.step)
-                    set_lr(self.optimizer, lr)
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.step += 1
+                    metrics = self.train_step(micro_batches)
+                    nonfinite |= ~torch.isfinite(metrics.loss_sum)
+                    epoch_loss += metrics.loss_sum
+                    window_loss += metrics.loss_sum
+                    micro += metrics.micro_batches
+                    window_micro += metrics.micro_batches
+                    samples += metrics.samples
                     steps += 1
                     rate = samples * world / max(time.perf_counter() - start, 1e-9)
                     progress.update(task, advance=1, rate=rate, lr=lr)
-                    if steps % cfg.log_every == 0 or steps == self.steps_per_epoch:
+                    if steps % options.log_every == 0 or steps == per_epoch:
                         self._raise_if_nonfinite(nonfinite, epoch)
-                        loss_value = float(detached.item())  # deliberate sync: logging step
+                        loss_value = self._mean_over_ranks(window_loss, window_micro)
+                        window_loss.zero_()
+                        window_micro = 0
                         progress.update(task, loss=f"{loss_value:.4f}")
                         self.log.write(
                             "step",
@@ -308,9 +359,7 @@ class Trainer:
                         f"(fewer than batch_size × accum_steps samples on this rank?)"
                     )
                 self._raise_if_nonfinite(nonfinite, epoch)
-                if dist.is_initialized():
-                    dist.all_reduce(loss_sum)
-                mean_loss = float(loss_sum.item()) / (micro * world)  # deliberate sync: epoch end
+                mean_loss = self._mean_over_ranks(epoch_loss, micro)
                 elapsed = time.perf_counter() - start
                 self.state.epoch = epoch + 1
                 hook = (

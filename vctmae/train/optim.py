@@ -33,25 +33,27 @@ def _fused_kwargs(device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def build_adamw(
+OPTIMIZERS = ("adamw", "adam")
+
+
+def build_optimizer(
     model: nn.Module,
+    kind: str,
     *,
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
     device: torch.device,
-) -> torch.optim.AdamW:
-    """Pretraining optimizer: AdamW, decay only on weight matrices."""
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=betas, **_fused_kwargs(device)
-    )
-
-
-def build_adam(
-    model: nn.Module, *, lr: float, weight_decay: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Finetuning optimizer: Adam (the paper's); AdamW-style groups if weight decay is asked for."""
-    if weight_decay > 0:
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, **_fused_kwargs(device))
+    """The trainers' optimizers (paper App. A.5), fused on CUDA.
+
+    "adamw" (pretraining): AdamW with decay only on weight matrices (`param_groups`).
+    "adam" (finetuning): the paper's plain Adam; AdamW-style groups if weight decay is asked for.
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    if kind == "adamw" or weight_decay > 0:
+        groups = param_groups(model, weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_fused_kwargs(device))
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, **_fused_kwargs(device))
+    return torch.optim.Adam(params, lr=lr, betas=betas, **_fused_kwargs(device))

@@ -1,4 +1,9 @@
-"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)` (SPEC §7)."""
+"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)` (SPEC §7).
+
+The shared set-up is `vctmae.train.run.build_run`; this module adds the MAE
+objective (offsets, mirror flags and mask noise drawn per micro-batch; the
+masked-patch MSE) and its epoch hook (weights and a reconstruction preview).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vctmae.train import distributed
 from vctmae.train.checkpoint import save_weights
-from vctmae.train.config import PretrainConfig, config_dict
-from vctmae.train.loop import EpochEnd, Trainer, TrainState, wrap_for_training
-from vctmae.train.optim import build_adamw
-from vctmae.train.runlog import RunLog
-from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
+from vctmae.train.config import PretrainConfig
+from vctmae.train.loop import EpochEnd, Trainer, TrainState
+from vctmae.train.run import build_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,127 +29,97 @@ class PretrainResult:
     peak_lr: float
 
 
-def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
-    steps = batches // accum_steps
-    return min(steps, cap) if cap else steps
+@dataclass(frozen=True, kw_only=True)
+class MaeObjective:
+    """MAE loss of one micro-batch: a random view offset, mirror flag and mask per crop."""
 
+    mask_ratio: float
+    mirror: bool
+    num_tokens: int
 
-def run_pretrain(config: PretrainConfig) -> PretrainResult:
-    """Pretrain an MAE; writes checkpoints, `model.safetensors`, previews and `log.jsonl` under `config.out`."""
-    from vctmae.data import (
-        ShardError,
-        ShardLoader,
-        check_crop_shape,
-        expand_shards,
-        mirror,
-        offset_frames,
-        random_offsets,
-        shard_label,
-    )
-    from vctmae.model import build_mae, load_mae_st
+    def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from vctmae.data import random_offsets
 
-    info = distributed.setup(config.device)
-    out = Path(config.out)
-    log = RunLog(out / "log.jsonl", enabled=info.is_main)
-    shards = expand_shards(list(config.shards))
-    loader = ShardLoader(
-        shards,
-        batch_size=config.batch_size,
-        training=True,
-        seed=config.seed,
-        num_workers=config.num_workers,
-        device=info.device,
-        backend=config.loader,
-    )
-    torch.manual_seed(config.seed)
-    model = build_mae(config.model, **config.model_overrides).to(info.device)
-    first = loader.indexes[0]
-    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
-    init_report: Any = None
-    if config.init is not None:
-        init_report = load_mae_st(config.init, model, pos_init=config.pos_init)
-    peak = pretrain_peak_lr(config.blr, config.batch_size, info.world_size, config.accum_steps)
-    optimizer = build_adamw(
-        model, lr=peak, weight_decay=config.weight_decay, betas=config.betas, device=info.device
-    )
-    per_epoch = steps_per_epoch(len(loader), config.accum_steps, config.max_steps_per_epoch)
-    if per_epoch < 1:
-        raise ShardError(
-            shard_label(shards),
-            f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
-            f"{config.accum_steps}; use fewer processes or a smaller --batch-size",
-        )
-    schedule = WarmupCosine(
-        peak_lr=peak,
-        total_steps=per_epoch * config.epochs,
-        warmup_steps=per_epoch * config.warmup_epochs,
-        end_lr=config.min_lr,
-    )
-    module = wrap_for_training(model, info, patch_embed=config.patch_embed, compile=config.compile)
-    num_tokens = model.config.num_tokens
-    preview_crop: list[torch.Tensor] = []
+        draws = {"offsets": random_offsets(size, generator=generator)}
+        if self.mirror:
+            draws["mirror"] = torch.rand(size, generator=generator) < 0.5
+        draws["noise"] = torch.rand(size, self.num_tokens, generator=generator)
+        return draws
 
-    def loss_fn(batch: Any, generator: torch.Generator) -> torch.Tensor:
-        crops = batch.crops
-        size = crops.shape[0]
-        if not preview_crop:
-            preview_crop.append(crops[:1].detach().clone())
-        offsets = random_offsets(size, generator=generator).to(info.device, non_blocking=True)
-        if config.mirror:
-            flags = torch.rand(size, generator=generator) < 0.5
-            crops = mirror(crops, flags.to(info.device, non_blocking=True))
-        noise = torch.rand(size, num_tokens, generator=generator).to(info.device, non_blocking=True)
-        loss, _, _ = module(
-            crops, offset_frames(offsets), mask_ratio=config.mask_ratio, noise=noise
-        )
+    def loss(self, module: nn.Module, batch: Any, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        from vctmae.data import mirror, offset_frames
+
+        crops = mirror(batch.crops, draws["mirror"]) if self.mirror else batch.crops
+        frames = offset_frames(draws["offsets"])
+        loss, _, _ = module(crops, frames, mask_ratio=self.mask_ratio, noise=draws["noise"])
         return loss
 
+
+def pretrain_trainer(config: PretrainConfig) -> Trainer:
+    """The trainer `run_pretrain` runs (the step benchmark times its `train_step`)."""
+    from vctmae.model import build_mae
+
+    options = config.run
+    run = build_run(
+        config,
+        name="pretrain",
+        make_model=lambda: build_mae(options.model, **options.model_overrides),
+    )
+    model, out = run.model, run.out
+    objective = MaeObjective(
+        mask_ratio=config.mask_ratio, mirror=options.mirror, num_tokens=model.config.num_tokens
+    )
+    preview_crop: list[torch.Tensor] = []
+
     def epoch_end(epoch: int, mean_loss: float, state: TrainState) -> EpochEnd:
-        if info.is_main:
+        if run.info.is_main:
             save_weights(model, out / "model.safetensors")
-            if config.preview and preview_crop:
-                write_preview(
+            if config.preview:
+                if not preview_crop:
+                    # The first crop of the training split's first shard, the same every epoch.
+                    preview_crop.append(first_crop(run.loader).to(run.info.device))
+                picture = write_preview(
                     model,
                     preview_crop[0],
                     out / "previews" / f"epoch-{epoch + 1:04d}.png",
                     mask_ratio=config.mask_ratio,
-                    seed=config.seed,
+                    seed=options.seed,
                     title=f"epoch {epoch + 1}: loss {mean_loss:.4f}",
                 )
+                run.log.image("preview", picture, step=state.step)
         return EpochEnd()
 
-    trainer = Trainer(
-        name="pretrain",
-        config=config,
-        info=info,
-        model=model,
-        module=module,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        steps_per_epoch=per_epoch,
-        loss_fn=loss_fn,
-        log=log,
-        epoch_end=epoch_end,
-    )
-    resumed = config.resume and trainer.resume()
-    if not resumed:
-        log.start(
-            command="pretrain",
-            config=config_dict(config),
-            world_size=info.world_size,
-            device=str(info.device),
-            peak_lr=peak,
-            steps_per_epoch=per_epoch,
-            shards=len(shards),
-            init=str(init_report) if init_report is not None else None,
-        )
+    return Trainer(run, objective, epoch_end)
+
+
+def run_pretrain(config: PretrainConfig) -> PretrainResult:
+    """Pretrain an MAE; writes checkpoints, `model.safetensors`, previews and `log.jsonl` under `config.run.out`."""
+    trainer = pretrain_trainer(config)
+    trainer.start()
     state = trainer.fit()
-    log.write("end", epoch=state.epoch, step=state.step)
+    run = trainer.run
+    run.log.write("end", epoch=state.epoch, step=state.step)
+    run.log.close()
     distributed.barrier()
     return PretrainResult(
-        model_path=out / "model.safetensors", log_path=out / "log.jsonl", state=state, peak_lr=peak
+        model_path=run.out / "model.safetensors",
+        log_path=run.out / "log.jsonl",
+        state=state,
+        peak_lr=run.schedule.peak_lr,
     )
+
+
+def first_crop(loader: Any) -> torch.Tensor:
+    """The first crop of the loader's first shard, int16 (1, 96, 96, 96) on the CPU."""
+    import numpy as np
+
+    from vctmae.data.shards import read_crop
+
+    index = loader.indexes[0]
+    crop = np.empty(index.shape, dtype=np.int16)
+    with open(index.path, "rb") as handle:
+        read_crop(handle.fileno(), int(index.offsets[0]), crop)
+    return torch.from_numpy(crop)[None]
 
 
 @torch.no_grad()

@@ -5,20 +5,16 @@ The model's own patch embedding is the plain torch one (gather frames → Conv3d
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
 keys, checkpoints and optimizer parameters are unchanged) and gives the same
 tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
-DDP wrapping is `vctmae.train.loop.wrap_for_training`.
+DDP wrapping is `vctmae.train.run.wrap_for_training`.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 from torch import nn
 
 from vctmae.errors import UsageError
 from vctmae.model.vit import PatchEmbed
-
-PATCH_EMBED = ("auto", "torch", "triton")
 
 
 class TritonPatchEmbed(PatchEmbed):
@@ -40,19 +36,14 @@ class TritonPatchEmbed(PatchEmbed):
         return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos[0])
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_patch_embed(choice: str, device: torch.device) -> str:
-    """'auto' → 'triton' on CUDA when triton is installed, else 'torch'."""
-    if choice not in PATCH_EMBED:
-        raise UsageError(f"--patch-embed must be one of {', '.join(PATCH_EMBED)}, got {choice!r}")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if choice == "triton" and not triton_available():
-        raise UsageError("--patch-embed triton needs the triton package: pip install 'vctmae[gpu]'")
-    return choice
+    """'auto' → 'triton' on CUDA when triton is installed, else 'torch' (`vctmae.kernels`)."""
+    from vctmae.kernels import resolve_backend
+
+    try:
+        return resolve_backend(choice, torch.device(device))
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--patch-embed {choice}: {error}") from None
 
 
 def _sharing(kind: type[PatchEmbed], embed: PatchEmbed) -> PatchEmbed:

@@ -1,0 +1,139 @@
+"""The set-up both trainers share: `build_run(config, ...)` returns the parts of a run.
+
+Process group and device, the JSONL log, the shard list and training loader, the
+model (seeded, moved, started from `--init`), the optimizer, the per-iteration
+schedule and the module the step calls (patch embedding, compilation, DDP). A
+trainer then adds only its objective (`vctmae.train.loop.Objective`) and its
+epoch hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vctmae.train import distributed
+from vctmae.train.config import RunOptions, SpeedOptions
+from vctmae.train.distributed import DistInfo
+from vctmae.train.optim import build_optimizer
+from vctmae.train.runlog import RunLog
+from vctmae.train.schedule import WarmupCosine
+from vctmae.train.speed import apply_speedups
+
+
+class StageConfig(Protocol):
+    """What `build_run` reads from a PretrainConfig or FinetuneConfig."""
+
+    run: RunOptions
+    epochs: int
+    batch_size: int
+    warmup_epochs: int
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    optimizer: str  # "adamw" | "adam" (`vctmae.train.optim.build_optimizer`)
+
+    def peak_lr(self, world_size: int) -> float: ...
+
+    @property
+    def start_lr(self) -> float: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """Everything a training run is made of, before its first step."""
+
+    name: str
+    config: Any  # the PretrainConfig or FinetuneConfig
+    info: DistInfo
+    log: RunLog
+    shards: list[str]
+    loader: Any  # ShardLoader
+    model: nn.Module
+    module: nn.Module  # what the step calls: `model` with speed-ups, in DDP across ranks
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    steps_per_epoch: int
+    init_report: Any
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.run.out)
+
+
+def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
+    """Optimizer steps in an epoch of `batches` micro-batches (at most `cap`)."""
+    steps = batches // accum_steps
+    return min(steps, cap) if cap else steps
+
+
+def wrap_for_training(model: nn.Module, info: DistInfo, speed: SpeedOptions) -> nn.Module:
+    """The module the step calls: the chosen patch embedding, optionally compiled, DDP across ranks."""
+    module = apply_speedups(
+        model, patch_embed=speed.patch_embed, compile=speed.compile, device=info.device
+    )
+    if info.enabled:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        module = DistributedDataParallel(module, device_ids=device_ids)
+    return module
+
+
+def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Module]) -> Run:
+    """Set up a training run of `config`; `make_model()` builds the model (seeded here)."""
+    from vctmae.data import ShardError, check_crop_shape, expand_shards, shard_label
+    from vctmae.model import load_init
+
+    run = config.run
+    info = distributed.setup(run.device)
+    log = RunLog(Path(run.out) / "log.jsonl", enabled=info.is_main)
+    shards = expand_shards(list(run.shards))
+    loader = run.loader.build(
+        shards, batch_size=config.batch_size, training=True, device=info.device, seed=run.seed
+    )
+    torch.manual_seed(run.seed)
+    model = make_model().to(info.device)
+    first = loader.indexes[0]
+    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+    init_report = load_init(model, run.init, run.pos_init) if run.init is not None else None
+    peak = config.peak_lr(info.world_size)
+    per_epoch = steps_per_epoch(len(loader), run.accum_steps, run.max_steps_per_epoch)
+    if per_epoch < 1:
+        raise ShardError(
+            shard_label(shards),
+            f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
+            f"{run.accum_steps}; use fewer processes or a smaller --batch-size",
+        )
+    schedule = WarmupCosine(
+        peak_lr=peak,
+        total_steps=per_epoch * config.epochs,
+        warmup_steps=per_epoch * config.warmup_epochs,
+        start_lr=config.start_lr,
+        end_lr=config.min_lr,
+    )
+    return Run(
+        name=name,
+        config=config,
+        info=info,
+        log=log,
+        shards=shards,
+        loader=loader,
+        model=model,
+        module=wrap_for_training(model, info, run.speed),
+        optimizer=build_optimizer(
+            model,
+            config.optimizer,
+            lr=peak,
+            weight_decay=config.weight_decay,
+            betas=config.betas,
+            device=info.device,
+        ),
+        schedule=schedule,
+        steps_per_epoch=per_epoch,
+        init_report=init_report,
+    )
