@@ -356,7 +356,9 @@ def run_predict(config: PredictConfig) -> PredictResult:
         task = bar.add_task("predict", total=len(cases) + len(bad), scan="")
         for item in bad:
             _error_line(bar, item.line())
-            scans.append(_failed(item, item.line(), {}))
+            scans.append(
+                report.write_scan(_failed(item, item.line(), {}), None, [], config.out, run)
+            )
             bar.advance(task)
         for case in cases:
             bar.update(task, scan=case.case)
@@ -367,6 +369,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
                     f"as {folders[folder]!r} does; rename one of them"
                 )
                 _error_line(bar, line)
+                # No page: the folder is the other case's.
                 scans.append(_failed(case, line, {}))
                 bar.advance(task)
                 continue
