@@ -35,6 +35,7 @@ BONE_WINDOW_HU = (-250.0, 1250.0)
 SLAB_MM = 12.0
 MARGIN_MM = 25.0
 NOT_ASSESSED_COLOUR = "#6e6e6e"
+OUTLINE = (0.2, 0.85, 1.0)  # the assessed vertebra's box in its frames (cyan)
 
 
 def _matplotlib():
@@ -138,7 +139,8 @@ def overview_svg(
     )  # fmt: skip
     ax.imshow(tint, extent=extent, interpolation="nearest")
     ax.set_xlim(-0.42 * width_mm, width_mm)
-    ax.set_ylim(height_mm, 0)
+    # A band below the image holds the scale bar.
+    ax.set_ylim(height_mm + 12.0, 0)
     ax.set_axis_off()
 
     def row_of(point: np.ndarray) -> tuple[float, float]:
@@ -177,12 +179,11 @@ def overview_svg(
         ("I", 0.5 * width_mm, 0.98 * height_mm, "center"),
     ):
         ax.text(x, y, text, ha=align, va="center", color="white", fontsize=9, path_effects=outline)
-    # A 5 cm scale bar in the lower right corner.
-    bar_y = 0.94 * height_mm
-    ax.plot([0.95 * width_mm - 50, 0.95 * width_mm], [bar_y, bar_y], color="white", linewidth=2)
+    # A 5 cm scale bar under the image's right end.
+    bar_y = height_mm + 7.0
+    ax.plot([width_mm - 50, width_mm], [bar_y, bar_y], color="black", linewidth=2)
     ax.text(
-        0.95 * width_mm - 25, bar_y - 0.015 * height_mm, "5 cm", ha="center", va="bottom",
-        color="white", fontsize=8, path_effects=outline,
+        width_mm - 52, bar_y, "5 cm", ha="right", va="center", color="black", fontsize=8,
     )  # fmt: skip
 
     from matplotlib.cm import ScalarMappable
@@ -209,6 +210,7 @@ def vertebra_png(
     slices: Sequence[int],
     centre: float,
     spacing: float,
+    box: Sequence[int] | None = None,
     per_row: int = 8,
 ) -> Path:
     """Write one vertebra's frames, each above itself with attention (module docstring).
@@ -216,46 +218,68 @@ def vertebra_png(
     `frames` (16, H, W) are the model's input in [0, 1] (HU −1000…1000), drawn in the
     overview's bone window; `attention` (16, H, W) in [0, 1] is laid over them, opaque
     where it is high and clear where it is low. `slices` is the crop slice of each frame
-    and `centre` the crop's centre slice, for the left-right position under each frame.
-    Frames run `per_row` to a row, the patient's left first.
+    and `centre` the crop's centre slice, for the left-right position above each frame.
+    Frames run `per_row` to a row, the patient's left first. `box`, the vertebra mask's
+    box in crop indices (x0, x1, y0, y1, z0, z1), is outlined on the frames that cut it:
+    a crop shows its neighbours too. The tiles are composed as one array and drawn in a
+    single image (32 separate plots take ~10× longer).
     """
     from matplotlib import colormaps
 
     from vctmae.data.frames import HU_MAX, HU_MIN
 
     plt = _matplotlib()
-    count = frames.shape[0]
-    blocks = -(-count // per_row)
+    count, height, width = frames.shape
     hu = frames * (HU_MAX - HU_MIN) + HU_MIN
-    heat = colormaps["inferno"](attention)  # (16, H, W, 4)
-    heat[..., 3] = 0.8 * attention
-    fig, axes = plt.subplots(
-        2 * blocks, per_row, figsize=(1.45 * per_row, 1.5 * 2 * blocks), squeeze=False
-    )
-    for ax in axes.flat:
-        ax.set_axis_off()
+    low, high = BONE_WINDOW_HU
+    grey = np.clip((hu - low) / (high - low), 0.0, 1.0)[..., None].repeat(3, axis=-1)
+    # Low attention: nearly clear; high: opaque yellow (inferno's upper part, never black).
+    heat = colormaps["inferno"](0.3 + 0.7 * attention)[..., :3]  # (16, H, W, 3)
+    weight = (0.85 * attention)[..., None]
+    overlaid = grey * (1 - weight) + heat * weight
+    crop = round(2 * centre + 1)
+    # The box is in crop indices: drawn only on frames that are the crop's slices as they are.
+    if box is not None and (height, width) == (crop, crop):
+        x0, x1, y0, y1, z0, z1 = (int(v) for v in box)
+        bottom, right = min(y1, height) - 1, min(z1, width) - 1
+        for k, index in enumerate(slices):
+            if x0 <= index < x1 and y0 < y1 and z0 < z1:
+                for picture in (grey, overlaid):
+                    picture[k, y0, z0 : right + 1] = picture[k, bottom, z0 : right + 1] = OUTLINE
+                    picture[k, y0 : bottom + 1, z0] = picture[k, y0 : bottom + 1, right] = OUTLINE
+    blocks, gap, band = -(-count // per_row), 3, 16  # band: the caption row above a block
+    tile_h, tile_w = height + gap, width + gap
+    block_h = band + 2 * tile_h
+    label_w = 18
+    mosaic = np.ones((blocks * block_h, label_w + per_row * tile_w, 3), dtype=np.float32)
     for k in range(count):
         block, column = divmod(k, per_row)
-        for row in range(2):
-            ax = axes[2 * block + row, column]
-            ax.set_axis_on()
-            ax.imshow(
-                hu[k], cmap="gray", vmin=BONE_WINDOW_HU[0], vmax=BONE_WINDOW_HU[1],
-                interpolation="bilinear",
-            )  # fmt: skip
-            if row == 1:
-                ax.imshow(heat[k], interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
+        for row, picture in enumerate((grey, overlaid)):
+            top, left = block * block_h + band + row * tile_h, label_w + column * tile_w
+            mosaic[top : top + height, left : left + width] = picture[k]
+    # Laid out at one pixel per crop voxel (1 mm).
+    dpi = 100
+    fig = plt.figure(figsize=(mosaic.shape[1] / dpi, mosaic.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for k in range(count):
+        block, column = divmod(k, per_row)
         offset_mm = (slices[k] - centre) * spacing
         side = "right" if offset_mm > 0 else "left"
-        axes[2 * block, column].set_title(f"{abs(offset_mm):.0f} mm {side}", fontsize=9, pad=2)
-        if column == 0:
-            axes[2 * block, column].set_ylabel("CT", fontsize=9)
-            axes[2 * block + 1, column].set_ylabel("attention", fontsize=9)
-    fig.subplots_adjust(left=0.025, right=0.998, top=0.96, bottom=0.005, wspace=0.03, hspace=0.1)
-    path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+        ax.text(
+            label_w + column * tile_w + width / 2, block * block_h + band / 2,
+            f"{abs(offset_mm):.0f} mm {side}", ha="center", va="center", fontsize=7.5,
+        )  # fmt: skip
+    for block in range(blocks):
+        for row, name in enumerate(("CT", "attention")):
+            ax.text(
+                label_w / 2, block * block_h + band + row * tile_h + height / 2, name,
+                ha="center", va="center", rotation=90, fontsize=7.5,
+            )  # fmt: skip
+    # Saved at 1.5 px per voxel: about the width the page shows it at, text sharp.
+    # zlib level 3: half the encoding time of the default 6, files ~10 % larger.
+    options = {"format": "png", "dpi": 1.5 * dpi, "pil_kwargs": {"compress_level": 3}}
+    path = write_atomically(path, lambda handle: fig.savefig(handle, **options))
     plt.close(fig)
     return path

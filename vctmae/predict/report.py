@@ -128,6 +128,7 @@ def write_scan(
                     slices=run.shown_slices,
                     centre=(run.crop_size - 1) / 2,
                     spacing=run.spacing_mm,
+                    box=vertebra.bbox,
                 )
                 vertebra = dataclasses.replace(vertebra, picture=name)
             vertebrae.append(vertebra)

@@ -41,6 +41,8 @@ class VertebraResult:
     centroid: tuple[float, float, float]  # world mm, RAS+ (NIfTI convention)
     tangent: tuple[float, float, float]  # the crop's superior → inferior axis, RAS+
     inside_fraction: float  # of the crop lying inside the scan
+    # The vertebra mask's box in crop indices, half-open (x0, x1, y0, y1, z0, z1).
+    bbox: tuple[int, int, int, int, int, int]
     picture: str | None = None  # frames + attention PNG, relative to the case folder
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class VertebraResult:
             "centroid_mm": list(self.centroid),
             "tangent": list(self.tangent),
             "inside_fraction": self.inside_fraction,
+            "bbox": list(self.bbox),
             "picture": self.picture,
         }
 

@@ -249,7 +249,8 @@ def predict_scan(
     except VctmaeError:
         raise  # TotalSegmentator's weights missing, a full disk: not this scan's fault
     except Exception as error:  # noqa: BLE001 - as ingest: one odd scan must not stop the others
-        return _failed(case, f"{case.ct_name}: unexpected {type(error).__name__}: {error}", {}), None, []  # fmt: skip
+        line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
+        return _failed(case, line, seconds), None, []
 
     model_started = time.perf_counter()
     probs = predictor.probabilities([crop.array for crop in cut.crops])
@@ -265,6 +266,7 @@ def predict_scan(
                 centroid=tuple(round(float(v), 4) for v in crop.centroid_world),
                 tangent=tuple(round(float(v), 6) for v in crop.tangent),
                 inside_fraction=round(float(crop.inside_fraction), 6),
+                bbox=tuple(int(v) for v in crop.bbox),
             )
         )
     attention = []
