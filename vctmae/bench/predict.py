@@ -21,6 +21,7 @@ Ratios `predict_over_ingest_eval` are of seconds per scan (below 1: predict is f
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -76,6 +77,7 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.predict.report import SUMMARY
     from vctmae.train import EvalConfig, run_eval
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vctmae-bench-predict-") as tmp:
         root = Path(tmp)
         # One more phantom than timed: the warm-up scan.
@@ -171,6 +173,8 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
         config={
             **asdict(config),
             "torch_threads": torch.get_num_threads(),
+            # Other work on the machine slows every contender alike, the ratios less.
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "segmentation": "not timed: the phantoms come with their label maps",
             "not_measured": None
             if (config.preset, config.device) == ("large", "cuda")
