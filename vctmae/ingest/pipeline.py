@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.errors import OutOfSpaceError, UsageError, is_out_of_space, out_of_space
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
@@ -501,11 +502,11 @@ def write_outputs(
                 if split not in writers:
                     writers[split] = ShardWriter(staging, split, shard_size)
                 members = [
-                    ("crop.npy", npy_bytes(array)),
-                    ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")),
+                    (CROP_MEMBER, npy_bytes(array)),
+                    (META_MEMBER, json.dumps(meta, ensure_ascii=False).encode("utf-8")),
                 ]
                 if cls is not None:
-                    members.append(("cls", str(cls).encode("ascii")))
+                    members.append((CLASS_MEMBER, str(cls).encode("ascii")))
                 shard = writers[split].write(key, members)
             if zarr_writer is not None:
                 zarr_writer.write(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.clip import ZARR_CLASSES, ZARR_CROPS, ZARR_GRADES
 from vctmae.errors import UsageError
 from vctmae.ingest.files import out_of_space_as_error
 
@@ -188,7 +189,7 @@ class ZarrWriter:
         with out_of_space_as_error(path):
             self.group = zarr.open_group(path, mode="w", zarr_format=3)
             self.crops = self.group.create_array(
-                "crops",
+                ZARR_CROPS,
                 shape=(count, size, size, size),
                 chunks=(1, size, size, size),
                 dtype="int16",
@@ -222,7 +223,7 @@ class ZarrWriter:
         """Store crop `index` from its `encode_crop` bytes."""
         if index != len(self._attrs["keys"]):
             raise ValueError("ZarrWriter.write expects indices in order")
-        chunk = self.path / "crops" / "c" / str(index) / "0" / "0" / "0"
+        chunk = self.path / ZARR_CROPS / "c" / str(index) / "0" / "0" / "0"
         with out_of_space_as_error(chunk):
             chunk.parent.mkdir(parents=True, exist_ok=True)
             with open(chunk, "wb") as file:
@@ -246,7 +247,7 @@ class ZarrWriter:
                 f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}"
             )
         with out_of_space_as_error(self.path):
-            for name, values in (("classes", self._classes), ("grades", self._grades)):
+            for name, values in ((ZARR_CLASSES, self._classes), (ZARR_GRADES, self._grades)):
                 array = self.group.create_array(
                     name,
                     shape=values.shape,
