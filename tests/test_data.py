@@ -28,12 +28,14 @@ SMALL = (12, 4, 4)  # crop shape for split tests: the loader is shape-generic, t
 
 
 def write_shard(path: Path, samples: list[tuple[str, np.ndarray, int | None]]) -> None:
-    """A shard in ingest's format: KEY.crop.npy (np.save bytes), KEY.json, KEY.cls when labelled."""
+    """A shard in ingest's format: KEY.crop.npy (np.save bytes), KEY.json (key and level, the
+    level being the key's last `_` part as ingest names keys), KEY.cls when labelled."""
     with tarfile.open(path, "w") as tar:
         for key, crop, label in samples:
             buffer = io.BytesIO()
             np.save(buffer, crop)
-            members = {"crop.npy": buffer.getvalue(), "json": json.dumps({"key": key}).encode()}
+            meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
+            members = {"crop.npy": buffer.getvalue(), "json": json.dumps(meta).encode()}
             if label is not None:
                 members["cls"] = str(label).encode()
             for ext, data in members.items():

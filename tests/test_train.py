@@ -83,7 +83,7 @@ def write_split(directory: Path, split: str, count: int, seed: int, shards: int 
                     np.save(buffer, easy_crop(rng, label))
                     for ext, data in (
                         ("crop.npy", buffer.getvalue()),
-                        ("json", json.dumps({"key": key}).encode()),
+                        ("json", json.dumps({"key": key, "level": "L1"}).encode()),
                         ("cls", str(label).encode()),
                     ):
                         info = tarfile.TarInfo(f"{key}.{ext}")
@@ -118,7 +118,7 @@ TEST_RUN = dict(
 
 def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
     """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
-    run = {**TEST_RUN, "mirror": True, **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
+    run = {**TEST_RUN, "flip": "frames", **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
     stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
     stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
     return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)

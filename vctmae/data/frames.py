@@ -150,11 +150,10 @@ def mirror(crops: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- trainers' sampler
 
 
-def _batch_boxes(batch, mode: str) -> torch.Tensor | None:
-    """The batch's mask boxes (B, 6) on its crops' device, or None in crop mode."""
+def _needed_boxes(boxes: torch.Tensor | None, mode: str) -> torch.Tensor | None:
+    """The mask boxes (B, 6) mask mode needs; None in crop mode (which never reads them)."""
     if mode == "crop":
         return None
-    boxes = getattr(batch, "boxes", None)
     if boxes is None:
         raise ValueError("--frames mask needs each sample's mask box (Batch.boxes); none came")
     return boxes
@@ -173,7 +172,8 @@ class FrameSampler:
     without a row flip passes the stored crops and the o + 6k indices (mirroring through the
     indices), exactly as before. When an in-plane step is needed — mask mode's context cut, the
     row flip — the 16 int16 frames are gathered first, cut and flipped on the device (16 of 96
-    slices: cheap), and passed as (B, 16, H, W) with indices 0..15.
+    slices: cheap), and passed as (B, 16, H, W) with indices 0..15 (`_input`: this is where the
+    context cut happens). `boxes` are the batch's JSON mask boxes (B, 6), `Batch.boxes`.
     """
 
     mode: str = "crop"
@@ -201,44 +201,45 @@ class FrameSampler:
         return draws
 
     def model_input(
-        self, batch, draws: dict[str, torch.Tensor]
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, draws: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crops, frames) for the model from a batch and its `draw`s (on the batch's device)."""
-        boxes = _batch_boxes(batch, self.mode)
+        """(crops, frames) for the model from a training batch and its `draw`s."""
+        boxes = _needed_boxes(boxes, self.mode)
         if self.mode == "crop":
             shifts = draws["offsets"]
         else:
-            shifts = clip.shifts_from_uniform(
-                "mask", draws["uniform"], clip.extents_from_boxes(boxes)
-            )
-        return self._input(batch.crops, shifts, boxes, draws.get("flip"))
+            extents = clip.extents_from_boxes(boxes.to(crops.device))
+            shifts = clip.shifts_from_uniform("mask", draws["uniform"].to(crops.device), extents)
+        return self._input(crops, shifts, boxes, draws.get("flip"))
 
-    def view_input(self, batch, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def view_input(
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, shifts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, frames) of one evaluation view: per-sample `shifts` (B,), no flip."""
-        return self._input(batch.crops, shifts, _batch_boxes(batch, self.mode), None)
+        return self._input(crops, shifts, _needed_boxes(boxes, self.mode), None)
 
-    def view_table(self, batch, views: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sample's evaluation shifts (B, V) and which are real views (B, V) (`--multiview`).
+    def view_table(
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, views: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's evaluation shifts (B, V) and which of them are real views (B, V).
 
-        views 6 (the full ensemble): crop mode the six offsets; mask mode each sample's own sd
-        shifts (`clip.view_shift_table`, 3–6 of them). views 1: crop mode offset 3 (the middle
-        one); mask mode shift 0, the unshifted frames the paper's text evaluates (the
-        reference's no-ensemble evaluation draws a random training shift instead).
+        views 6 (`--multiview 6`, the full ensemble): crop mode the six offsets; mask mode each
+        sample's own sd shifts (`clip.view_shift_table`, 3–6 of them). views 1: crop mode
+        offset 3 (the middle one); mask mode shift 0, the unshifted frames the paper's text
+        evaluates (the reference's no-ensemble evaluation draws a random training shift).
         """
-        batch_size, device = len(batch), batch.crops.device
+        batch, device = crops.shape[0], crops.device
         if views == 1:
             single = multiview_offsets(1)[0] if self.mode == "crop" else 0
-            shifts = torch.full((batch_size, 1), single, dtype=torch.long, device=device)
+            shifts = torch.full((batch, 1), single, dtype=torch.long, device=device)
             return shifts, torch.ones_like(shifts, dtype=torch.bool)
         if views != STRIDE:
             raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
-        boxes = _batch_boxes(batch, self.mode)
-        extents = None if boxes is None else clip.extents_from_boxes(boxes)
-        shifts, valid = clip.view_shift_table(
-            self.mode, extents, batch_size=batch_size, device=device
-        )
+        boxes = _needed_boxes(boxes, self.mode)
+        extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))
+        shifts, valid = clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
         if self.mode == "crop":
-            # Six real views for every sample: one column each, no padding to average out.
+            # Six real views for every sample, one column each.
             return shifts[:, :STRIDE], valid[:, :STRIDE]
         return shifts, valid
 
@@ -251,8 +252,10 @@ class FrameSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = crops.device
         shifts = shifts.to(device)
-        extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))
-        mirror_flags = flip.to(device) if flip is not None and self.flip == "frames" else None
+        boxes = None if boxes is None else boxes.to(device)
+        extents = None if boxes is None else clip.extents_from_boxes(boxes)
+        flip = None if flip is None else flip.to(device)
+        mirror_flags = flip if self.flip == "frames" else None
         frames = clip.frame_index_tensor(self.mode, shifts, extents, mirror=mirror_flags)
         row_flip = flip is not None and self.flip == "rows"
         if self.mode == "crop" and not row_flip:
@@ -261,8 +264,8 @@ class FrameSampler:
         # context cut, then (rows) the flip — the reference's order (cut, pad back, flip).
         clips = clip.gather_slices(crops, frames)  # (B, 16, H, W) int16
         if self.mode == "mask":
-            clips = clip.context_cut(clips, boxes.to(device))
+            clips = clip.context_cut(clips, boxes)
         if row_flip:
-            clips = clip.flip_rows(clips, flip.to(device))
+            clips = clip.flip_rows(clips, flip)
         local = torch.arange(clips.shape[1], device=device).expand(clips.shape[0], -1)  # (B, 16)
         return clips, local
