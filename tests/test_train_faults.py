@@ -44,6 +44,8 @@ def shrink(patch: pytest.MonkeyPatch) -> None:
     small = model_config.preset_config("tiny", **SMALL_MODEL)
     patch.setitem(model_config.PRESETS, "tiny", lambda: small)
     patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
+    # ... and so logs no preview image either (the run log would read the PNG it did not write).
+    patch.setattr("vctmae.train.runlog.RunLog.image", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(autouse=True)
