@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from vctmae.ingest import IngestConfig, run_ingest
+from vctmae.ingest.assemble import sample_key
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.labels import LabelsError, assign_cases, hashed_splits, read_labels
-from vctmae.ingest.pipeline import parse_part, sample_key
+from vctmae.ingest.pipeline import parse_part
 from vctmae.ingest.writers import ShardWriter, parse_size
 
 
@@ -216,10 +217,10 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch, real_ct_d
 
     real_extract = geometry.extract_crops
 
-    def extract_or_die(ct_path, seg_path, config):
+    def extract_or_die(ct_path, seg_path, config, **options):
         if "boom" in str(ct_path):
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
-        return real_extract(ct_path, seg_path, config)
+        return real_extract(ct_path, seg_path, config, **options)
 
     # Workers are forked: they see the patched function.
     monkeypatch.setattr(geometry, "extract_crops", extract_or_die)
@@ -248,13 +249,13 @@ def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path, real_ct_di
 
 
 def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
-    from vctmae.ingest.pipeline import _output_lock
+    from vctmae.ingest.pipeline import output_lock
 
     src = tmp_path / "raw"
     for kind in ("ct", "seg"):
         (src / kind).mkdir(parents=True)
         (src / kind / "a.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
-    with _output_lock(tmp_path / "out"):  # as a run in another process would hold it
+    with output_lock(tmp_path / "out"):  # as a run in another process would hold it
         with pytest.raises(ValueError, match="another `vctmae ingest` is writing here"):
             run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
     assert (

@@ -310,3 +310,61 @@ def test_cli(tmp_path: Path) -> None:
     assert (tmp_path / "raw" / "ct" / "case000.nii.gz").is_file()
     assert (tmp_path / "raw" / "seg" / "case000.nii.gz").is_file()
     assert _rows(tmp_path / "raw")[0]["case"] == "case000"
+
+
+# --- clinical-size phantoms (issue 13) ---------------------------------------------------------
+
+
+def test_clinical_render_equals_the_whole_grid_render() -> None:
+    """The clinical renderer (spine block + in-plane torso blur, slab-wise noise) draws what
+    the whole-grid renderer draws on the same grid — here a coarse one, to stay fast."""
+    from dataclasses import replace
+
+    from vctmae.ingest import synth
+
+    anatomy = synth._draw_anatomy(synth._rng(4), 0.5, clinical=True)
+    scan = synth._draw_scan(synth._rng(4, 1), anatomy, None, None, clinical=True)
+    step = (2.1, 2.1, 2.3)
+    grid = tuple(
+        int(np.floor((hi - lo) / s)) + 1 for lo, hi, s in zip(scan.lo, scan.hi, step, strict=True)
+    )
+    coarse = replace(scan, spacing=step, grid=grid)
+    # The whole-grid path derives the same shape from the field of view.
+    whole = replace(coarse, grid=None)
+    ct_block, seg_block, affine_block = synth._render(anatomy, coarse, synth._rng(9))
+    ct_whole, seg_whole, affine_whole = synth._render(anatomy, whole, synth._rng(9))
+    assert ct_block.shape == ct_whole.shape == grid
+    np.testing.assert_array_equal(affine_block, affine_whole)
+    np.testing.assert_array_equal(seg_block, seg_whole)
+    # Float rounding of the split blur may move a value across .5: one HU at most.
+    assert np.abs(ct_block.astype(np.int32) - ct_whole).max() <= 1
+    assert len(np.unique(seg_block)) - 1 >= 12
+
+
+@pytest.mark.slow
+def test_clinical_phantom_ingests_to_the_old_chains_crops(tmp_path: Path) -> None:
+    """`vctmae synth --clinical`: a scanner-size case (512 × 512 × ~330 at ~0.7 × 0.7 × 1.1 mm,
+    ≥ 12 vertebrae) that ingest cuts into the same crops as the old whole-volume chain."""
+    from vctmae.bench.ingest import crop_differences, whole_volume_crops
+    from vctmae.cli import app
+    from vctmae.ingest.geometry import extract_crops
+
+    result = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path / "raw"), "--cases", "1", "--clinical"]
+    )
+    assert result.exit_code == 0, result.output
+    ct_path, seg_path = (tmp_path / "raw" / kind / "case000.nii.gz" for kind in ("ct", "seg"))
+    image = nib.load(ct_path)
+    shape, spacing = image.shape, np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0))
+    # Storage order varies; the in-plane axes are the two of 512 voxels.
+    assert sorted(shape)[1:] == [512, 512] and 250 <= min(shape) <= 420
+    in_plane = [float(spacing[i]) for i, n in enumerate(shape) if n == 512]
+    slices = [float(spacing[i]) for i, n in enumerate(shape) if n != 512]
+    assert len(in_plane) == 2 and all(0.6 <= s <= 0.8 for s in in_plane)
+    assert len(slices) == 1 and 1.0 <= slices[0] <= 1.2
+    levels = [row["level"] for row in _rows(tmp_path / "raw")]
+    assert len(levels) >= 12
+    new = extract_crops(ct_path, seg_path)
+    old = whole_volume_crops(ct_path, seg_path)
+    assert len(new.crops) >= 10
+    assert crop_differences(old, new) == {"max_abs_hu": 0.0, "label_facts_equal": True}

@@ -480,7 +480,7 @@ from pathlib import Path
 import torch
 from vctmae.data import LoaderOptions, ShardLoader
 from vctmae.train import FinetuneConfig, EvalConfig, RunOptions, run_finetune, run_eval
-from vctmae.train.checkpoint import save_weights
+from vctmae.model.checkpoint import save_model
 
 train, test, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
 rank = int(os.environ["RANK"])
@@ -508,7 +508,7 @@ run = RunOptions(shards=tuple(train), out=out / "ft", model="tiny", model_overri
                  loader=LoaderOptions(workers=0), device="cpu", progress=False, log_every=1)
 config = FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3, dropout=0.0)
 result = run_finetune(config)
-save_weights(models[0], out / f"rank-{rank}.safetensors")
+save_model(models[0], out / f"rank-{rank}.safetensors")
 (out / f"seen-{rank}.json").write_text(json.dumps(seen))
 run_eval(EvalConfig(checkpoint=result.best_path, shards=tuple(test), out=out / "eval", multiview=1,
                     loader=LoaderOptions(workers=0), device="cpu", progress=False, batch_size=3))

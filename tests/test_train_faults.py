@@ -38,13 +38,13 @@ from vctmae.train.runlog import read_log  # noqa: E402
 
 def shrink(patch: pytest.MonkeyPatch) -> None:
     """`--model tiny` builds the shrunken test model (48 wide, 2 blocks), and pretraining skips
-    its preview pictures (tests/test_train.py checks them): runs of seconds on 2 cores."""
+    its preview pictures and their TensorBoard copies (tests/test_train.py checks them): runs of
+    seconds on 2 cores."""
     from vctmae.model import config as model_config
 
     small = model_config.preset_config("tiny", **SMALL_MODEL)
     patch.setitem(model_config.PRESETS, "tiny", lambda: small)
     patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
-    # ... and so logs no preview image either (the run log would read the PNG it did not write).
     patch.setattr("vctmae.train.runlog.RunLog.image", lambda *args, **kwargs: None)
 
 

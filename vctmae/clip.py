@@ -507,5 +507,5 @@ def context_cut(
     source = source.clamp(0, height - 1)
     sample = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
     moved = crops.transpose(1, 2)[sample, source].transpose(1, 2)  # (B, N, H, W)
-    pad = torch.tensor(pad_hu, dtype=crops.dtype, device=crops.device)
-    return torch.where(inside[:, None, :, None], moved, pad)
+    # A Python scalar, not a new device tensor: no host-to-device copy (a CUDA graph captures it).
+    return torch.where(inside[:, None, :, None], moved, pad_hu)

@@ -6,10 +6,12 @@ times its `train_step` on batches already on the device, so the loader is not
 in the number (`vctmae bench loader` measures it). Modes are speed options of
 the same step:
 
-- `eager_fp32` — fp32, torch patch embedding, no compilation: the paper code's
-  configuration, the baseline of every ratio;
-- `bf16` — bf16 autocast (GPU), the Triton patch embedding where available;
-- `compiled` — as the default mode plus `torch.compile`.
+- `eager_fp32` — fp32, torch patch embedding, no compilation, no graph: the
+  paper code's configuration, the baseline of every ratio;
+- `bf16` — bf16 autocast (GPU), the Triton patch embedding where available, eager;
+- `compiled` — `bf16` plus `torch.compile`;
+- `graphed` — `bf16` captured in a CUDA graph and replayed (the default on a GPU);
+- `compiled_graphed` — both.
 
 Compilation and warm-up steps are outside the timed region; each case is timed
 in `repeats` rounds of `steps` steps and reports the median round and the
@@ -53,7 +55,9 @@ PAPER_RECIPE = {
     "validation_views": 6,
 }
 
-MODES = ("eager_fp32", "bf16", "compiled")
+MODES = ("eager_fp32", "bf16", "compiled", "graphed", "compiled_graphed")
+# Modes that need a CUDA device.
+GPU_MODES = ("bf16", "graphed", "compiled_graphed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,17 +74,20 @@ class StepCase:
         return f"{self.kind}_b{self.batch}_{self.mode}"
 
 
-def speed_of(mode: str):
-    """The SpeedOptions a mode stands for."""
+def mode_options(mode: str) -> dict[str, Any]:
+    """The RunOptions fields a mode sets: its SpeedOptions and whether the step is captured."""
     from vctmae.train import SpeedOptions
 
-    if mode == "eager_fp32":
-        return SpeedOptions(precision="fp32", patch_embed="torch")
-    if mode == "bf16":
-        return SpeedOptions(precision="bf16")
-    if mode == "compiled":
-        return SpeedOptions(compile=True)
-    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    speeds = {
+        "eager_fp32": SpeedOptions(precision="fp32", patch_embed="torch"),
+        "bf16": SpeedOptions(precision="bf16"),
+        "compiled": SpeedOptions(compile=True),
+        "graphed": SpeedOptions(precision="bf16"),
+        "compiled_graphed": SpeedOptions(compile=True),
+    }
+    if mode not in speeds:
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    return {"speed": speeds[mode], "cuda_graph": mode.endswith("graphed")}
 
 
 # ----------------------------------------------------------------------------- FLOPs and peaks
@@ -188,8 +195,8 @@ def build_trainer(case: StepCase, shards: Sequence[str], out: Path, device: str)
         model=case.preset,
         loader=LoaderOptions(workers=0),
         device=device,
-        speed=speed_of(case.mode),
         progress=False,
+        **mode_options(case.mode),
     )
     if case.kind == "pretrain":
         return pretrain_trainer(
@@ -213,7 +220,7 @@ def time_case(
             break
     trainer.model.train()
     # Warm-up: compilation, autotuning, allocator growth stay outside the timed rounds.
-    for i in range(3 if case.mode == "compiled" else 2):
+    for i in range(3 if "compiled" in case.mode else 2):
         trainer.train_step([batches[i % len(batches)]])
     rounds = []
     for _ in range(repeats):
@@ -308,7 +315,8 @@ def checkpoint_seconds(preset: str, out: Path) -> float:
 
 
 def default_cases(preset: str, *, gpu: bool, quick: bool) -> list[StepCase]:
-    """GPU: the paper's batches (8, 64) and 256 in every mode; CPU: batch 8, fp32 eager vs compiled."""
+    """GPU: the paper's batches (8, 64) and 256 in every mode; CPU: batch 8, fp32 eager vs compiled
+    (the other modes need CUDA)."""
     if gpu:
         batches = {
             "pretrain": (8,) if quick else (8, 256),
@@ -317,7 +325,7 @@ def default_cases(preset: str, *, gpu: bool, quick: bool) -> list[StepCase]:
         modes = MODES
     else:
         batches = {"pretrain": (8,), "finetune": (8,)}
-        modes = ("eager_fp32", "compiled")
+        modes = tuple(m for m in MODES if m not in GPU_MODES)
     return [
         StepCase(kind=kind, preset=preset, batch=batch, mode=mode)
         for kind, sizes in batches.items()
@@ -426,9 +434,11 @@ def _results(timings, cases, measured_peak: float, sheet_peak: float | None):
             results.append(
                 Result(name=f"{case.name}_mfu_datasheet", value=t["tflops"] / sheet_peak, unit="fraction")
             )  # fmt: skip
-        baseline = f"{case.kind}_b{case.batch}_eager_fp32"
-        if case.mode != "eager_fp32" and baseline in timings:
-            ratios[f"{case.name}_over_{baseline}"] = (
-                t["samples_per_s"] / timings[baseline]["samples_per_s"]
-            )
+        # Every mode over the fp32 baseline, and the compiled or graphed modes over bf16 eager.
+        for base_mode in ("eager_fp32", "bf16"):
+            baseline = f"{case.kind}_b{case.batch}_{base_mode}"
+            if case.mode not in ("eager_fp32", base_mode) and baseline in timings:
+                ratios[f"{case.name}_over_{baseline}"] = (
+                    t["samples_per_s"] / timings[baseline]["samples_per_s"]
+                )
     return results, ratios

@@ -16,7 +16,7 @@ def ingest(
     src: Path = typer.Option(
         None,
         "--src",
-        help="Folder searched recursively for cases: ct/NAME.nii[.gz] + seg/NAME.nii[.gz], or VerSe X_ct.nii.gz + X_seg-vert_msk.nii.gz.",
+        help="Folder searched recursively for cases: ct/NAME.nii[.gz] (or a DICOM series folder ct/NAME/) + seg/NAME.nii[.gz], VerSe X_ct.nii.gz + X_seg-vert_msk.nii.gz (beside it or under derivatives/).",
     ),
     out: Path = typer.Option(
         ...,
@@ -31,7 +31,7 @@ def ingest(
     pairs: Path = typer.Option(
         None,
         "--pairs",
-        help="pairs.csv: ct,seg[,case,patient] for any other layout (paths relative to the csv).",
+        help="pairs.csv: ct,seg[,case,patient,series] for any other layout (paths relative to the csv; ct may be a DICOM series folder).",
     ),
     format: str = typer.Option(
         "wds,zarr", "--format", help="Outputs to write: wds, zarr or wds,zarr."
@@ -51,6 +51,26 @@ def ingest(
     ),
     workers: int = typer.Option(
         None, "--workers", help="Worker processes (default: one per core)."
+    ),
+    executor: str = typer.Option(
+        "process",
+        "--executor",
+        help="Where cases are extracted: process (a pool on this machine) or dask (a Dask cluster; pip install 'vctmae[dask]').",
+    ),
+    scheduler: str = typer.Option(
+        None,
+        "--scheduler",
+        help="Dask scheduler address (e.g. tcp://host:8786) for --executor dask; without it a LocalCluster of --workers processes. --out must be on storage the workers share.",
+    ),
+    series: str = typer.Option(
+        None,
+        "--series",
+        help="SeriesInstanceUID to read from DICOM series folders (default: the CT series with the most slices).",
+    ),
+    segment: bool = typer.Option(
+        False,
+        "--segment",
+        help="CTs without a label map: make one with TotalSegmentator (pip install 'vctmae[totalseg]'; its weights must be available offline, TOTALSEG_HOME_DIR).",
     ),
     part: str = typer.Option(
         None,
@@ -117,6 +137,10 @@ def ingest(
             shard_size=shard_size,
             force=force,
             merge=tuple(merge_dirs),
+            executor=executor,
+            scheduler=scheduler,
+            series=series,
+            segment=segment,
         )
         for path, what in ((src, "--src"), (labels, "--labels"), (pairs, "--pairs")):
             if path is not None and not path.exists():

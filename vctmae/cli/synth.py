@@ -17,6 +17,11 @@ def synth(
     fracture_rate: float = typer.Option(
         0.25, "--fracture-rate", help="Probability that an inner vertebra is fractured (0–1)."
     ),
+    clinical: bool = typer.Option(
+        False,
+        "--clinical",
+        help="Clinical-size cases: 512 x 512 x ~330 voxels of ~0.7 x 0.7 x 1.1 mm, 12–14 vertebrae (~60 MB each), for benchmarks.",
+    ),
 ) -> None:
     """Write synthetic spine CT phantoms with VerSe label maps and fracture grades."""
     interrupted = (
@@ -36,6 +41,7 @@ def synth(
                 cases=cases,
                 seed=seed,
                 fracture_rate=fracture_rate,
+                clinical=clinical,
                 progress=lambda case: progress.update(task, advance=1, description=case),
             )
     typer.echo(f"wrote {cases} cases under {out} (labels: {labels})")

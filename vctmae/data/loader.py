@@ -472,6 +472,7 @@ class ShardLoader:
         shuffle_buffer: int = 256,
         prefetch: int = 2,
         levels: frozenset[str] | None = None,
+        cache: str = "none",
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -531,6 +532,18 @@ class ShardLoader:
         self._workers: DataLoader | None = None
         self._served = 0  # batches of the current epoch handed out (for state_dict)
         self._resume = False
+        self._cache = None
+        if cache == "device":
+            if backend == "dali":
+                raise ShardError(
+                    shard_label(self.shards),
+                    "--cache device replaces the loader: use --loader torch",
+                )
+            from vctmae.data.cache import DeviceCache
+
+            self._cache = DeviceCache(self._stream, self.device, where=shard_label(self.shards))
+        elif cache != "none":
+            raise ValueError(f"cache must be 'none' or 'device', got {cache!r}")
 
     def close(self) -> None:
         """Stop the worker processes and free the batch ring (garbage collection does it too)."""
@@ -605,6 +618,10 @@ class ShardLoader:
         else:
             self._stream.start.zero_()
             self._served = 0
-        for batch in DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch):
+        if self._cache is not None:
+            batches: Iterable[Batch] = self._cache.batches(self.rank, int(self._stream.start))
+        else:
+            batches = DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch)
+        for batch in batches:
             self._served += 1
             yield batch

@@ -25,6 +25,7 @@ LEVELS_HELP = (
     f"{REFERENCE_LEVELS} (the reference code's finetuning set, VerSe 8-25: T13 out). "
     "Defaults: finetune and eval the reference set; pretrain all (the reference filters nothing)."
 )
+CACHES = ("none", "device")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,12 +36,22 @@ class LoaderOptions:
     workers: int = flag(2, "Loader worker processes per training process.", resumable=True)
     backend: str = flag("torch", "Loader backend: torch | dali.", name="--loader")
     levels: str = flag("all", LEVELS_HELP)
+    cache: str = flag(
+        "none",
+        "none: stream the shards | device: load every crop into device memory once and "
+        "gather batches there (the same batches; refused with the sizes when they do not fit).",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--loader must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.cache not in CACHES:
+            raise UsageError(f"--cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if self.cache == "device" and self.backend == "dali":
+            raise UsageError("--cache device replaces the loader's reading: use --loader torch")
         self.level_set()  # a bad --levels is a usage error now, not when the loader starts
 
     def level_set(self) -> frozenset[str] | None:
@@ -70,4 +81,5 @@ class LoaderOptions:
             device=device,
             backend=self.backend,
             levels=self.level_set(),
+            cache=self.cache,
         )

@@ -1,16 +1,23 @@
 """Find the (CT, label map) pairs to ingest (SPEC §2 "Input discovery").
 
-Three layouts, all found recursively under `--src`:
+The layouts, all found recursively under `--src`:
 
-- `…/ct/NAME.nii[.gz]` with `…/seg/NAME.nii[.gz]` beside it (the reference code's layout);
+- `…/ct/NAME.nii[.gz]` with `…/seg/NAME.nii[.gz]` beside it (the reference code's
+  layout); `…/ct/NAME/` may also be a DICOM series folder (the CT; its label map
+  stays `seg/NAME.nii[.gz]`);
 - VerSe naming: `X_ct.nii.gz` with `X_seg-vert_msk.nii.gz` in the same folder;
-- `--pairs pairs.csv` with columns `ct,seg[,case,patient]`; relative paths are
-  resolved against the csv's folder.
+- VerSe's official layout: `…/rawdata/sub-Y/[…/]X_ct.nii.gz` with its label map at
+  the same place under the sibling `derivatives/` folder,
+  `…/derivatives/sub-Y/[…/]X_seg-vert_msk.nii.gz`;
+- `--pairs pairs.csv` with columns `ct,seg[,case,patient,series]`; relative paths
+  are resolved against the csv's folder, and `ct` may name a DICOM series folder
+  (`series`: the SeriesInstanceUID to read there).
 
 Case id = NAME / X (or the csv's `case`); patient = the csv's `patient`, else the
 case id. Problems (a file in `ct/` that is not NIfTI, a CT without its label map,
 the same case id twice) are returned as `BadInput`s, never raised, so the run
-can go on with the good cases.
+can go on with the good cases. With `missing_seg_ok` (ingest `--segment`) a CT
+without a label map is a case with `seg=None`, to be segmented.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vctmae.ingest.dicom import is_dicom_series_folder
 from vctmae.ingest.errors import IngestError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 VERSE_CT = "_ct"
 VERSE_SEG = "_seg-vert_msk"
+# VerSe's official (BIDS-like) layout: images under rawdata/, label maps under derivatives/.
+VERSE_RAW, VERSE_DERIVED = "rawdata", "derivatives"
 WORK_DIR_NAME = ".ingest-work"
 
 
@@ -39,10 +49,11 @@ class Case:
 
     case: str
     patient: str
-    ct: Path
-    seg: Path
+    ct: Path  # a NIfTI file or a DICOM series folder
+    seg: Path | None  # None: no label map yet (ingest --segment makes one)
     ct_name: str
     seg_name: str
+    series: str | None = None  # DICOM SeriesInstanceUID to read (pairs csv `series`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,40 +95,70 @@ def _walk(src: Path, skip: set[Path]):
         yield here, set(dirs), sorted(f for f in files if not f.startswith("."))
 
 
-def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], list[BadInput]]:
-    """Cases under `src` in both folder layouts (unsorted; see `discover_cases`)."""
+def _verse_derivative(folder: Path, name: str) -> Path | None:
+    """Where VerSe's official layout keeps the label map `name` of a CT in `folder`:
+    the same place under the `derivatives/` beside the nearest `rawdata/` above it."""
+    parts = folder.parts
+    if VERSE_RAW not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index(VERSE_RAW)
+    return Path(*parts[:at], VERSE_DERIVED, *parts[at + 1 :]) / name
+
+
+def _case(
+    case_id: str, ct: Path, seg: Path | None, src: Path, *, series: str | None = None
+) -> Case:
+    return Case(
+        case=case_id,
+        patient=case_id,
+        ct=ct,
+        seg=seg,
+        ct_name=_display(ct, src),
+        seg_name=_display(seg, src) if seg is not None else "",
+        series=series,
+    )
+
+
+def scan_folder(
+    src: Path, *, exclude: Path | None = None, missing_seg_ok: bool = False
+) -> tuple[list[Case], list[BadInput]]:
+    """Cases under `src` in every folder layout (unsorted; see `discover_cases`)."""
     skip = {Path(os.path.abspath(exclude))} if exclude is not None else set()
     cases: list[Case] = []
     bad: list[BadInput] = []
+
+    def no_seg(case_id: str, ct: Path, problem: str) -> None:
+        if missing_seg_ok:
+            cases.append(_case(case_id, ct, None, src))
+        else:
+            bad.append(BadInput(case=case_id, path=_display(ct, src), problem=problem))
+
     for folder, dirs, files in _walk(src, skip):
-        # VerSe naming: X_ct.nii.gz + X_seg-vert_msk.nii.gz in one folder.
+        # VerSe naming: X_ct.nii.gz + X_seg-vert_msk.nii.gz in one folder (or, in VerSe's
+        # official layout, at the same place under derivatives/).
         stems = {nifti_stem(f): f for f in files if nifti_stem(f) is not None}
         for stem, name in stems.items():
             if stem.endswith(VERSE_CT) and folder.name not in ("ct", "seg"):
                 case_id = stem[: -len(VERSE_CT)]
-                seg = stems.get(case_id + VERSE_SEG)
                 ct_path = folder / name
-                if seg is None:
-                    bad.append(
-                        BadInput(
-                            case=case_id,
-                            path=_display(ct_path, src),
-                            problem=f"no label map {case_id}{VERSE_SEG}.nii.gz beside it",
-                        )
-                    )
+                seg_path = None
+                if case_id + VERSE_SEG in stems:
+                    seg_path = folder / stems[case_id + VERSE_SEG]
+                else:
+                    for suffix in NIFTI_SUFFIXES:
+                        derived = _verse_derivative(folder, f"{case_id}{VERSE_SEG}{suffix}")
+                        if derived is not None and derived.is_file():
+                            seg_path = derived
+                            break
+                if seg_path is None:
+                    where = "beside it"
+                    derived = _verse_derivative(folder, f"{case_id}{VERSE_SEG}.nii.gz")
+                    if derived is not None:
+                        where = f"beside it or at {_display(derived, src)}"
+                    no_seg(case_id, ct_path, f"no label map {case_id}{VERSE_SEG}.nii.gz {where}")
                     continue
-                seg_path = folder / seg
-                cases.append(
-                    Case(
-                        case=case_id,
-                        patient=case_id,
-                        ct=ct_path,
-                        seg=seg_path,
-                        ct_name=_display(ct_path, src),
-                        seg_name=_display(seg_path, src),
-                    )
-                )
-        # ct/ + seg/ layout.
+                cases.append(_case(case_id, ct_path, seg_path, src))
+        # ct/ + seg/ layout; a folder in ct/ may be a DICOM series.
         if "ct" in dirs:
             ct_dir, seg_dir = folder / "ct", folder / "seg"
             seg_stems: dict[str, Path] = {}
@@ -128,9 +169,14 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
                         seg_stems.setdefault(stem, seg_dir / f)
             for f in sorted(os.listdir(ct_dir)):
                 path = ct_dir / f
-                if f.startswith(".") or path.is_dir():
+                if f.startswith("."):
                     continue
-                stem = nifti_stem(f)
+                if path.is_dir():
+                    if not is_dicom_series_folder(path):
+                        continue
+                    stem = f
+                else:
+                    stem = nifti_stem(f)
                 if stem is None:
                     bad.append(
                         BadInput(
@@ -142,29 +188,17 @@ def scan_folder(src: Path, *, exclude: Path | None = None) -> tuple[list[Case], 
                     continue
                 seg = seg_stems.get(stem)
                 if seg is None:
-                    bad.append(
-                        BadInput(
-                            case=stem,
-                            path=_display(path, src),
-                            problem=f"no label map seg/{stem}.nii.gz for this CT",
-                        )
-                    )
+                    no_seg(stem, path, f"no label map seg/{stem}.nii.gz for this CT")
                     continue
-                cases.append(
-                    Case(
-                        case=stem,
-                        patient=stem,
-                        ct=path,
-                        seg=seg,
-                        ct_name=_display(path, src),
-                        seg_name=_display(seg, src),
-                    )
-                )
+                cases.append(_case(stem, path, seg, src))
     return cases, bad
 
 
-def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
-    """Cases listed in a pairs csv (`ct,seg[,case,patient]`)."""
+def read_pairs(
+    pairs_csv: Path, *, missing_seg_ok: bool = False
+) -> tuple[list[Case], list[BadInput]]:
+    """Cases listed in a pairs csv (`ct,seg[,case,patient,series]`; `seg` may be empty
+    with `missing_seg_ok`)."""
     root = pairs_csv.parent
     try:
         # utf-8-sig: tolerate an Excel BOM.
@@ -176,7 +210,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
         raise IngestError(pairs_csv, f"cannot read the pairs csv ({error})") from None
     if not {"ct", "seg"} <= columns:
         raise IngestError(
-            pairs_csv, f"needs columns ct,seg[,case,patient]; found {sorted(columns)}"
+            pairs_csv, f"needs columns ct,seg[,case,patient,series]; found {sorted(columns)}"
         )
     if not rows:
         raise IngestError(pairs_csv, "holds only a header, no ct,seg pairs")
@@ -184,7 +218,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
     bad: list[BadInput] = []
     for line_no, row in enumerate(rows, start=2):
         ct_text, seg_text = (row.get("ct") or "").strip(), (row.get("seg") or "").strip()
-        if not ct_text or not seg_text:
+        if not ct_text or (not seg_text and not missing_seg_ok):
             bad.append(
                 BadInput(
                     case=f"{pairs_csv.name}:{line_no}",
@@ -193,7 +227,7 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
                 )
             )
             continue
-        ct, seg = root / ct_text, root / seg_text
+        ct, seg = root / ct_text, (root / seg_text if seg_text else None)
         case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
         patient = (row.get("patient") or "").strip() or case_id
         cases.append(
@@ -203,24 +237,29 @@ def read_pairs(pairs_csv: Path) -> tuple[list[Case], list[BadInput]]:
                 ct=ct,
                 seg=seg,
                 ct_name=_display(ct, root),
-                seg_name=_display(seg, root),
+                seg_name=_display(seg, root) if seg is not None else "",
+                series=(row.get("series") or "").strip() or None,
             )
         )
     return cases, bad
 
 
 def discover_cases(
-    src: Path | None, *, pairs: Path | None = None, exclude: Path | None = None
+    src: Path | None,
+    *,
+    pairs: Path | None = None,
+    exclude: Path | None = None,
+    missing_seg_ok: bool = False,
 ) -> tuple[list[Case], list[BadInput]]:
     """All cases from `src` and/or a pairs csv, sorted by case id; duplicates become BadInputs."""
     cases: list[Case] = []
     bad: list[BadInput] = []
     if src is not None:
-        found, problems = scan_folder(src, exclude=exclude)
+        found, problems = scan_folder(src, exclude=exclude, missing_seg_ok=missing_seg_ok)
         cases += found
         bad += problems
     if pairs is not None:
-        found, problems = read_pairs(pairs)
+        found, problems = read_pairs(pairs, missing_seg_ok=missing_seg_ok)
         cases += found
         bad += problems
     by_id: dict[str, Case] = {}

@@ -7,6 +7,17 @@ voxels on a grid defined in world mm (`scipy.ndimage.map_coordinates`): the
 isotropic resampling, the rotation that aligns the crop with the spine and the
 cropping are one step, and memory stays flat however large the scan is.
 
+No whole-volume pass that the crops do not need (a clinical CT is ~80 M voxels):
+the CT is sampled in its stored dtype (int16, usually), and scl_slope/scl_inter
+are applied to the interpolated values — linear interpolation commutes with
+them; the label map is read once as stored, its voxel counts and bounding boxes
+taken in memory order. Both are seen along the crop's own axis order
+(`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop copies
+only the small block of source voxels it reads into that order before
+sampling, so the arithmetic — and every crop byte — is what sampling a fully
+reoriented float copy gave (`vctmae.bench.ingest` keeps that old chain as its
+baseline; the tests compare the two).
+
 Video order of a crop (SPEC §2):
     axis 0 = patient's left → right   (world +x)
     axis 1 = superior → inferior      (world −z, or the spine tangent when aligned)
@@ -65,7 +76,8 @@ from vctmae.clip import NUM_FRAMES, STRIDE
 from vctmae.errors import UsageError
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
-from vctmae.ingest.nifti import Volume, check_same_grid, load_ct, load_labels, reorient
+from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
+from vctmae.ingest.source import read_ct, read_label_map
 
 AIR_HU = -1024
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -86,6 +98,8 @@ ANTERIOR_TO_POSTERIOR = np.array([0.0, -1.0, 0.0])
 # Voxels are first stored in the crop's own axis order (Right, Inferior, Posterior):
 # sampling then walks memory in order, several times faster for the label map.
 SAMPLING_ORIENTATION = "RIP"
+# Label voxels counted at a time (bincount makes a 64-bit copy of what it counts).
+COUNT_CHUNK_VOXELS = 1 << 22
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,19 +201,70 @@ def detect_label_scheme(
     return "verse"
 
 
-def label_counts(labels: Volume) -> dict[int, int]:
-    """Voxel count of every non-zero label value, in one pass over the map."""
-    data = labels.data.ravel()
+def memory_order(data: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`data` transposed so that its axes run from slowest to fastest in memory (a view), and
+    the storage axis behind each of its axes. A NIfTI array (first axis fastest) comes back
+    as its C-contiguous transpose: passes over it then walk memory in order."""
+    order = tuple(int(a) for a in np.argsort([-abs(s) for s in data.strides], kind="stable"))
+    return data.transpose(order), order
+
+
+@dataclass(frozen=True)
+class LabelCensus:
+    """What one pass over a label map finds: voxel counts, and where labels lie at all."""
+
+    counts: dict[int, int]  # positive label value → voxels
+    # Bounding box of every labelled voxel, storage axes (None: nothing labelled).
+    region: tuple[slice, slice, slice] | None
+
+
+def label_census(labels: Volume) -> LabelCensus:
+    """Voxel count of every positive label value and the box around all labelled voxels, in
+    one pass over the map in memory order.
+
+    Negative values (a few tools write them) are background, as 0 is. Only the
+    labelled voxels are counted (most of a scan is background, and bincount makes
+    a 64-bit copy of what it counts).
+    """
+    data, order = memory_order(labels.data)
+    counts: dict[int, int] = {}
     if data.size == 0:
-        return {}
-    if int(data.max()) < 2**16:
-        counts = np.bincount(data)
-        values = np.flatnonzero(counts)
-        found = zip(values.tolist(), counts[values].tolist(), strict=True)
-    else:
-        values, counts = np.unique(data, return_counts=True)
-        found = zip(values.tolist(), counts.tolist(), strict=True)
-    return {value: count for value, count in found if value != 0}
+        return LabelCensus(counts={}, region=None)
+    rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
+    low, high = [None] * 3, [None] * 3
+    for start in range(0, data.shape[0], rows):
+        chunk = data[start : start + rows]
+        mask = chunk > 0
+        labelled = chunk[mask]
+        if labelled.size == 0:
+            continue
+        # Where this slab holds labels, per axis of the memory-order view.
+        for axis, others in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1))):
+            present = np.flatnonzero(mask.any(axis=others))
+            first, last = int(present[0]), int(present[-1]) + 1
+            if axis == 0:
+                first, last = first + start, last + start
+            low[axis] = first if low[axis] is None else min(low[axis], first)
+            high[axis] = last if high[axis] is None else max(high[axis], last)
+        if int(labelled.max()) < 2**16:
+            found = np.bincount(labelled)
+            values = np.flatnonzero(found)
+            numbers = found[values]
+        else:
+            values, numbers = np.unique(labelled, return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist(), strict=True):
+            counts[value] = counts.get(value, 0) + number
+    if not counts:
+        return LabelCensus(counts={}, region=None)
+    region = [slice(0, 0)] * 3
+    for axis, stored in enumerate(order):
+        region[stored] = slice(low[axis], high[axis])
+    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+
+
+def label_counts(labels: Volume) -> dict[int, int]:
+    """Voxel count of every positive label value (`label_census`)."""
+    return label_census(labels).counts
 
 
 def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = None) -> str:
@@ -213,9 +278,48 @@ def _values_text(counts: Mapping[int, int], names: Mapping[int, str] | None = No
     return ", ".join(shown) + more
 
 
-def label_boxes(labels: Volume) -> list[tuple[slice, ...] | None]:
-    """Bounding boxes of label values 1 … 50 (every vertebra value of any scheme), one pass."""
-    return ndimage.find_objects(labels.data, max_label=LARGEST_VERTEBRA_VALUE)
+def label_boxes(
+    labels: Volume, region: tuple[slice, slice, slice] | None = ...
+) -> list[tuple[slice, ...] | None]:
+    """Bounding boxes (storage axes) of label values 1 … 50 (every vertebra value of any
+    scheme), in one pass over `region` of the map (`label_census`; default: found here)
+    in memory order."""
+    if region is ...:
+        region = label_census(labels).region
+    if region is None:
+        return [None] * LARGEST_VERTEBRA_VALUE
+    data, order = memory_order(labels.data[region])
+    found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
+    boxes: list[tuple[slice, ...] | None] = []
+    for box in found:
+        if box is None:
+            boxes.append(None)
+            continue
+        stored = [slice(0, 0)] * 3
+        for axis, extent in zip(order, box, strict=True):
+            offset = region[axis].start
+            stored[axis] = slice(extent.start + offset, extent.stop + offset)
+        boxes.append(tuple(stored))
+    return boxes
+
+
+def view_boxes(
+    boxes: list[tuple[slice, ...] | None], volume: Volume, codes: str
+) -> list[tuple[slice, ...] | None]:
+    """`boxes` of `volume`'s storage axes as boxes of `oriented_view(volume, codes)`."""
+    transform = orientation_transform(volume, codes)
+    shape = volume.data.shape
+    out: list[tuple[slice, ...] | None] = []
+    for box in boxes:
+        if box is None:
+            out.append(None)
+            continue
+        moved = [slice(0, 0)] * 3
+        for axis, (extent, (target, flip)) in enumerate(zip(box, transform, strict=True)):
+            n = shape[axis]
+            moved[int(target)] = slice(n - extent.stop, n - extent.start) if flip < 0 else extent
+        out.append(tuple(moved))
+    return out
 
 
 def find_vertebrae(
@@ -233,7 +337,8 @@ def find_vertebrae(
         box = objects[value - 1]
         if box is None:
             continue
-        indices = np.nonzero(labels.data[box] == value)
+        # A copy of the box only: `labels` may be a strided view of the stored map.
+        indices = np.nonzero(np.ascontiguousarray(labels.data[box]) == value)
         count = indices[0].size
         centroid_index = np.array(
             [idx.mean() + sl.start for idx, sl in zip(indices, box, strict=True)]
@@ -376,10 +481,54 @@ def _mask_bbox(
     return (a.start, a.stop, b.start, b.stop, c.start, c.stop)
 
 
+def _source_block(
+    coords: np.ndarray, shape: tuple[int, ...], reach: int
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The block of source voxels that sampling at `coords` (3, …) reads, and its first index.
+
+    Linear interpolation reads index ⌊c⌋ and ⌊c⌋ + 1 (`reach` = 2), nearest-neighbour
+    ⌊c + ½⌋ (`reach` = 2 covers it too); coordinates outside the volume are clamped to
+    its border voxels ('nearest' mode), which the block then includes. Shifting the
+    coordinates by the block's first index is exact in floating point (an integer no
+    larger than the coordinate), so sampling the block gives the bits sampling the whole
+    volume gave.
+    """
+    low = np.floor(coords.reshape(3, -1).min(axis=1)).astype(np.int64)
+    high = np.floor(coords.reshape(3, -1).max(axis=1)).astype(np.int64) + reach
+    first = np.clip(low, 0, np.array(shape) - 1)
+    last = np.clip(high, first + 1, np.array(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True)), first
+
+
+def _sample(
+    volume: Volume, coords: np.ndarray, *, order: int, output, in_place: bool = False
+) -> np.ndarray:
+    """`map_coordinates` of `volume.data` at `coords`, reading only the block it needs.
+
+    `in_place`: shift `coords` themselves to the block (they are not needed afterwards).
+    """
+    block, first = _source_block(coords, volume.data.shape, reach=2)
+    # Into the sampling order (C-contiguous), as the whole reoriented volume once was: first
+    # a copy in the stored memory order (long runs), then the small block is reordered —
+    # twice as fast as gathering it across the large volume in sampling order.
+    voxels = np.ascontiguousarray(np.array(volume.data[block], order="K"))
+    shift = first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
+    if in_place:
+        coords -= shift
+    else:
+        coords = coords - shift
+    return ndimage.map_coordinates(voxels, coords, order=order, mode="nearest", output=output)
+
+
 def cut_crop(
     ct: Volume, labels: Volume, vertebra: _Vertebra, tangent: np.ndarray, config: GeometryConfig
 ) -> VertebraCrop:
-    """Sample one vertebra's crop: CT linear, labels nearest, outside the scan −1024 HU."""
+    """Sample one vertebra's crop: CT linear, labels nearest, outside the scan −1024 HU.
+
+    `ct` and `labels` share their grid (usually views along `SAMPLING_ORIENTATION`);
+    the CT's slope and intercept are applied after interpolation (linear sampling
+    commutes with them).
+    """
     # crop index → world → source voxel, composed into one (4, 4) affine (CT and
     # label map share their grid).
     to_voxel = np.linalg.inv(ct.affine) @ crop_affine(
@@ -389,13 +538,20 @@ def cut_crop(
     shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
     # A voxel is inside the scan when it falls within the source voxels' extent.
     inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
-    hu = ndimage.map_coordinates(ct.data, coords, order=1, mode="nearest", output=np.float32)
+    window = _mask_window(vertebra.box, to_voxel, config.size)
+    window_coords = coords[(slice(None), *window)]
+    if window_coords.size:
+        label = _sample(labels, window_coords, order=0, output=labels.data.dtype)
+    else:
+        label = np.zeros(window_coords.shape[1:], dtype=labels.data.dtype)
+    # The labels are sampled: the CT may shift the coordinates themselves.
+    if ct.scaled:
+        raw = _sample(ct, coords, order=1, output=np.float64, in_place=True)
+        hu = (raw * ct.slope + ct.intercept).astype(np.float32)
+    else:
+        hu = _sample(ct, coords, order=1, output=np.float32, in_place=True)
     hu[~inside] = AIR_HU
     array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
-    window = _mask_window(vertebra.box, to_voxel, config.size)
-    label = ndimage.map_coordinates(
-        labels.data, coords[(slice(None), *window)], order=0, mode="nearest"
-    )
     mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,
@@ -421,21 +577,52 @@ def _skip_reason(vertebra: _Vertebra, config: GeometryConfig) -> str | None:
 
 
 def extract_crops(
-    ct_path: str | Path, seg_path: str | Path, config: GeometryConfig = GeometryConfig()
+    ct_path: str | Path,
+    seg_path: str | Path,
+    config: GeometryConfig = GeometryConfig(),
+    *,
+    series_uid: str | None = None,
 ) -> CaseCrops:
     """Cut every vertebra of one case into a `size³` int16 crop in video order.
 
-    Raises `IngestError` naming the file for unreadable, non-3-D, mismatched,
-    empty or NaN-containing inputs.
+    `ct_path` is a NIfTI file or a DICOM series folder (`series_uid` picks a series
+    there); `seg_path` a NIfTI label map on the same grid. Raises `IngestError`
+    naming the file for unreadable, non-3-D, mismatched, empty or NaN-containing inputs.
     """
-    ct = load_ct(ct_path)
-    labels = load_labels(seg_path)
-    check_same_grid(ct, labels)
-    source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    ct, labels = reorient(ct, SAMPLING_ORIENTATION), reorient(labels, SAMPLING_ORIENTATION)
+    ct = read_ct(ct_path, series_uid=series_uid)
+    labels = read_label_map(seg_path)
+    return crops_from_volumes(ct, labels, config)
 
-    boxes = label_boxes(labels)
-    counts = label_counts(labels)
+
+def _check_grids(ct: Volume, labels: Volume) -> None:
+    """CT and label map must describe the same voxels — stored along the same axes, or along
+    others (a DICOM series, stored LPS, beside a NIfTI map stored RAS): only the grid counts."""
+    try:
+        check_same_grid(ct, labels)
+    except IngestError as stored_differently:
+        try:
+            check_same_grid(
+                oriented_view(ct, SAMPLING_ORIENTATION),
+                oriented_view(labels, SAMPLING_ORIENTATION),
+            )
+        except IngestError:
+            raise stored_differently from None
+
+
+def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> CaseCrops:
+    """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
+    _check_grids(ct, labels)
+    source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
+    # Counts and boxes from the stored map in memory order; then both volumes are seen
+    # along the sampling order (views, no copy).
+    census = label_census(labels)
+    counts = census.counts
+    boxes = view_boxes(label_boxes(labels, census.region), labels, SAMPLING_ORIENTATION)
+    ct, labels = (
+        oriented_view(ct, SAMPLING_ORIENTATION),
+        oriented_view(labels, SAMPLING_ORIENTATION),
+    )
+
     if config.label_scheme == "auto":
         volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
         scheme = detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)

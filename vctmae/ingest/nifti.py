@@ -2,11 +2,27 @@
 
 Every problem with the files becomes an `IngestError` naming the file, so a
 batch run can report the case and go on.
+
+Two ways to read, for two uses:
+
+- `read_nifti_ct` / `read_nifti_labels` (what ingest's geometry uses): the voxels
+  as stored — the file's dtype and memory order (NIfTI stores the first axis
+  fastest), no float copy; the CT's scl_slope/scl_inter travel in the `Volume`
+  and are applied to the few voxels a crop samples. A clinical CT is ~80 M
+  voxels, and each whole-volume pass (float conversion, reorientation, a C-order
+  copy) costs about as much as cutting all its crops.
+- `load_ct` / `load_labels`: the whole volume as float32 HU / a compact C-order
+  integer array, for tests and tools that want the array itself.
+
+Gzip: `.nii.gz` files are decompressed through python-isal's `igzip` (ISA-L's
+inflate, about twice zlib's speed on CT), handed to nibabel as an open file;
+without isal, the standard `gzip` module does the same job.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gzip
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -21,17 +37,35 @@ from nibabel.orientations import (
 
 from vctmae.ingest.errors import IngestError
 
+try:
+    from isal import igzip as _fast_gzip
+except ImportError:  # python-isal is a dependency; a source install without it still reads
+    _fast_gzip = None
+
 # CT and label map must share their voxel grid; affines may differ by float noise.
 AFFINE_TOLERANCE_MM = 1e-3
+# Voxels checked for NaN/inf at a time (a float CT is checked slab by slab, no full mask).
+FINITE_CHECK_VOXELS = 1 << 22
 
 
 @dataclass(frozen=True)
 class Volume:
-    """A 3-D array with its voxel → world (NIfTI RAS+ mm) affine."""
+    """A 3-D array with its voxel → world (NIfTI RAS+ mm) affine.
+
+    A voxel's value is `data · slope + intercept` (a CT's scl_slope / scl_inter kept
+    as stored; 1 and 0 for arrays that already hold HU or labels).
+    """
 
     path: Path
     data: np.ndarray  # (I, J, K) in storage order
     affine: np.ndarray  # (4, 4) float64
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @property
+    def scaled(self) -> bool:
+        """Whether `data` must be scaled to give the values (HU)."""
+        return self.slope != 1.0 or self.intercept != 0.0
 
     @property
     def orientation(self) -> str:
@@ -55,13 +89,33 @@ def _detail(error: Exception, path: Path) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _open(path: Path) -> nib.Nifti1Image:
+def _open_gzip(path: Path):
+    """A binary file object reading the decompressed bytes of `path` (isal when available)."""
+    if _fast_gzip is not None:
+        return _fast_gzip.open(path, "rb")
+    return gzip.open(path, "rb")
+
+
+def _gzip_image(path: Path, stream) -> nib.Nifti1Image:
+    """The NIfTI-1 or -2 image whose bytes `stream` gives, read through nibabel's file map."""
+    head = stream.read(nib.Nifti2Header.template_dtype.itemsize)
+    stream.seek(0)
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        sized = head[: image_class.header_class.template_dtype.itemsize]
+        if image_class.header_class.may_contain_header(sized):
+            holder = nib.FileHolder(filename=str(path), fileobj=stream)
+            return image_class.from_file_map({"image": holder, "header": holder})
+    raise nib.filebasedimages.ImageFileError("no NIfTI-1 or NIfTI-2 header")
+
+
+def _open(path: Path, stream=None) -> nib.Nifti1Image:
+    """The NIfTI image at `path`; `stream`, an open gzip file of it, when it is `.gz`."""
     if not path.exists():
         raise IngestError(path, "file not found")
     if not path.is_file():
         raise IngestError(path, "not a file")
     try:
-        image = nib.load(str(path))
+        image = _gzip_image(path, stream) if stream is not None else nib.load(str(path))
     except nib.filebasedimages.ImageFileError as error:
         raise IngestError(path, f"not a NIfTI file ({_detail(error, path)})") from None
     except Exception as error:  # gzip/zlib/struct/OS errors: all mean "cannot read"
@@ -69,6 +123,43 @@ def _open(path: Path) -> nib.Nifti1Image:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise IngestError(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
     return image
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _has_gzip_magic(path: Path) -> bool:
+    """Whether `path` is a file starting as gzip data does (else nibabel says what it is)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Stored voxels (the file's dtype and memory order, trailing singleton axes dropped),
+    affine, and the scl_slope / scl_inter that turn them into values."""
+    is_gzip = path.name.lower().endswith(".gz") and _has_gzip_magic(path)
+    stream = None
+    try:
+        if is_gzip:
+            try:
+                stream = _open_gzip(path)
+            except OSError as error:
+                raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
+        image = _open(path, stream)
+        shape = _spatial_shape(path, image.shape)
+        affine = _affine(path, image)
+        proxy = image.dataobj
+        slope, intercept = float(proxy.slope), float(proxy.inter)
+        data = _read(path, image).reshape(shape, order="A")
+    finally:
+        if stream is not None:
+            stream.close()
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        raise IngestError(path, f"scl_slope/scl_inter are not finite ({slope}, {intercept})")
+    return data, affine, slope, intercept
 
 
 def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -92,57 +183,101 @@ def _affine(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     return affine
 
 
-def _read(path: Path, image: nib.Nifti1Image, scaled_float: bool) -> np.ndarray:
-    """Read the voxel data; truncated or corrupt payloads fail here, not at load."""
+def _read(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """Read the stored voxels (no scaling); truncated or corrupt payloads fail here, not at load."""
     try:
-        if scaled_float:
-            # get_fdata applies scl_slope / scl_inter: CT values come out in HU.
-            return image.get_fdata(dtype=np.float32, caching="unchanged")
-        return np.asanyarray(image.dataobj)
+        return np.asanyarray(image.dataobj.get_unscaled())
     except MemoryError:
         raise
     except Exception as error:
         raise IngestError(path, f"corrupt or truncated data ({_detail(error, path)})") from None
 
 
+def _count_nonfinite(data: np.ndarray) -> int:
+    """NaN/inf voxels of a float array, counted slab by slab in memory order."""
+    flat = np.ravel(data, order="K")
+    return sum(
+        int(np.count_nonzero(~np.isfinite(flat[start : start + FINITE_CHECK_VOXELS])))
+        for start in range(0, flat.size, FINITE_CHECK_VOXELS)
+    )
+
+
+def read_nifti_ct(path: str | Path) -> Volume:
+    """A NIfTI CT as stored: its dtype and memory order, scl_slope / scl_inter in the Volume.
+
+    Rejects non-3-D images and, for float data (the only kind that can hold them),
+    NaN/inf voxels.
+    """
+    path = Path(path)
+    data, affine, slope, intercept = _read_image(path)
+    if data.dtype.kind not in "iuf":
+        raise IngestError(path, f"CT has unsupported data type {data.dtype}")
+    if data.dtype.kind == "f":
+        bad = _count_nonfinite(data)
+        if bad:
+            raise IngestError(path, f"CT contains {bad} NaN/inf voxels")
+    return Volume(path=path, data=data, affine=affine, slope=slope, intercept=intercept)
+
+
 def load_ct(path: str | Path) -> Volume:
     """Load a CT volume as float32 HU; rejects non-3-D images and NaN/inf voxels."""
+    stored = read_nifti_ct(path)
+    data = stored.data.astype(np.float32)
+    if stored.slope != 1.0:
+        data *= np.float32(stored.slope)
+    if stored.intercept != 0.0:
+        data += np.float32(stored.intercept)
+    return Volume(path=stored.path, data=data, affine=stored.affine)
+
+
+def read_nifti_labels(path: str | Path) -> Volume:
+    """A NIfTI label map as stored (its integer dtype and memory order), values ≥ 0 meaningful.
+
+    Integer maps are used as they are (negative values count as background
+    wherever labels are read); float maps — a few tools write them — are checked
+    to hold whole numbers and converted once. Scaled maps are scaled first.
+    """
     path = Path(path)
-    image = _open(path)
-    shape = _spatial_shape(path, image.shape)
-    affine = _affine(path, image)
-    data = _read(path, image, scaled_float=True).reshape(shape)
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise IngestError(path, f"CT contains {bad} NaN/inf voxels")
+    data, affine, slope, intercept = _read_image(path)
+    if slope != 1.0 or intercept != 0.0:
+        data = data * slope + intercept
+    if data.dtype.kind == "f":
+        data = _float_labels(path, data)
+    elif data.dtype.kind == "b":
+        data = data.view(np.uint8)
+    elif data.dtype.kind not in "iu":
+        raise IngestError(path, f"label map has unsupported data type {data.dtype}")
+    if data.dtype.itemsize > 4 or data.dtype == np.uint32:
+        top = int(data.max()) if data.size else 0
+        if top >= 2**31:
+            raise IngestError(path, f"label value {top} is out of range")
     return Volume(path=path, data=data, affine=affine)
 
 
-def load_labels(path: str | Path) -> Volume:
-    """Load a label map as a non-negative integer array (uint8/uint16/int32)."""
-    path = Path(path)
-    image = _open(path)
-    shape = _spatial_shape(path, image.shape)
-    affine = _affine(path, image)
-    data = _read(path, image, scaled_float=False).reshape(shape)
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)):
-            raise IngestError(path, "label map contains NaN/inf voxels")
-        rounded = np.rint(data)
-        if np.any(np.abs(data - rounded) > 1e-3):
-            raise IngestError(
-                path, "label map has non-integer values (is this a CT, not a label map?)"
-            )
-        data = rounded
-    elif data.dtype.kind not in "iub":
-        raise IngestError(path, f"label map has unsupported data type {data.dtype}")
-    # Negative values are no vertebra in any scheme; treat them as background.
-    data = np.clip(data, 0, None) if data.dtype.kind in "if" and data.min() < 0 else data
-    top = int(data.max()) if data.size else 0
-    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
+def _float_labels(path: Path, data: np.ndarray) -> np.ndarray:
+    if _count_nonfinite(data):
+        raise IngestError(path, "label map contains NaN/inf voxels")
+    rounded = np.rint(data)
+    if np.any(np.abs(data - rounded) > 1e-3):
+        raise IngestError(path, "label map has non-integer values (is this a CT, not a label map?)")
+    rounded = np.clip(rounded, 0, None)
+    top = int(rounded.max()) if rounded.size else 0
     if top >= 2**31:
         raise IngestError(path, f"label value {top} is out of range")
-    return Volume(path=path, data=np.ascontiguousarray(data, dtype=dtype), affine=affine)
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
+    return rounded.astype(dtype, order="K")
+
+
+def load_labels(path: str | Path) -> Volume:
+    """Load a label map as a C-order non-negative integer array (uint8/uint16/int32)."""
+    stored = read_nifti_labels(path)
+    data = stored.data
+    if data.dtype.kind == "i" and data.size and data.min() < 0:
+        # Negative values are no vertebra in any scheme; treat them as background.
+        data = np.clip(data, 0, None)
+    top = int(data.max()) if data.size else 0
+    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
+    return replace(stored, data=np.ascontiguousarray(data, dtype=dtype))
 
 
 def check_same_grid(ct: Volume, labels: Volume) -> None:
@@ -161,16 +296,28 @@ def check_same_grid(ct: Volume, labels: Volume) -> None:
         )
 
 
-def reorient(volume: Volume, codes: str) -> Volume:
-    """The same volume with its voxels stored along axis codes `codes` (e.g. "RIP").
+def oriented_view(volume: Volume, codes: str) -> Volume:
+    """The same volume seen along axis codes `codes` (e.g. "RIP"): a strided view, no copy.
 
-    Only permutes and flips voxels (no resampling); the affine changes to match,
-    so world coordinates are untouched. For an oblique scan the nearest axes win.
+    Only permutes and flips axes (no resampling); the affine changes to match, so
+    world coordinates are untouched. For an oblique scan the nearest axes win.
     """
-    current = io_orientation(volume.affine)
-    transform = ornt_transform(current, axcodes2ornt(tuple(codes)))
+    transform = orientation_transform(volume, codes)
     if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):  # identity: already stored so
         return volume
-    data = np.ascontiguousarray(apply_orientation(volume.data, transform))
+    data = apply_orientation(volume.data, transform)
     affine = volume.affine @ inv_ornt_aff(transform, volume.data.shape)
-    return Volume(path=volume.path, data=data, affine=affine)
+    return replace(volume, data=data, affine=affine)
+
+
+def orientation_transform(volume: Volume, codes: str) -> np.ndarray:
+    """nibabel orientation transform (3, 2) from `volume`'s storage axes to `codes`."""
+    return ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(codes)))
+
+
+def reorient(volume: Volume, codes: str) -> Volume:
+    """The same volume with its voxels stored along axis codes `codes` (a C-order copy)."""
+    view = oriented_view(volume, codes)
+    if view is volume:
+        return volume
+    return replace(view, data=np.ascontiguousarray(view.data))

@@ -1,36 +1,32 @@
 """`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report (SPEC §2).
 
-Design — two phases, so that the run is resumable, atomic, byte-deterministic
-and flat in memory at once:
+This module runs the two steps and says what happened; each step lives in its own module:
 
-1. **Extract** (parallel). Each case is cut into crops by
-   `geometry.extract_crops` in a worker process (a process pool with at most
-   2 × workers cases queued; a worker that dies fails only its own case), which
-   also compresses each crop into its final Zarr chunk bytes and writes the case's
-   result into the work folder `OUT/.ingest-work/cases/`: `NAME.crops` (the
-   crops, Blosc-compressed one after another) and then `NAME.json` (metadata,
-   skipped vertebrae, or the failure line), each under a temporary name and
-   renamed when complete. The json is the "case finished" marker: a rerun skips
-   cases whose json matches the geometry settings and the source files' size
-   and mtime (`--force` redoes them); a killed run loses at most the cases in
-   flight. Workers send only a small summary back and each holds one case at a
-   time, so memory does not grow with the number of cases.
-2. **Assemble** (one process, case order). The finished case files are
-   streamed, one case at a time, in sorted case order into shards, the Zarr
-   store and the manifest inside `OUT/.ingest-work/staging/`, which are then
-   published into `OUT` as one set (`vctmae.ingest.publish`: a journal whose
-   rename is the commit point; a run killed while publishing is completed by
-   the next run). Since assembly reads only the case files and always
-   visits them in the same order, the output bytes do not depend on worker
-   count, timing or interruptions (Blosc compresses single-threaded: its
-   multi-threaded output differs with the thread count). Assembly is skipped when its inputs are
-   unchanged since the last published output (fingerprint in
-   `.ingest-work/assembled.json`).
+1. **Extract** (`vctmae.ingest.extract`, parallel: a process pool, or a Dask
+   cluster with `--executor dask`). Each case is cut into crops in a worker,
+   which writes its work files into `OUT/.ingest-work/cases/` and sends back
+   its `CaseRecord` (`vctmae.ingest.records`) and crops. A rerun skips cases
+   already extracted with these settings from these files (`--force` redoes
+   them); a killed run loses at most the cases in flight.
+2. **Assemble** (`vctmae.ingest.assemble`, in this process, behind
+   extraction): each case, as soon as it and every case before it in sorted
+   case order are extracted, is streamed into the staged shards, Zarr store and
+   manifest, which are published into OUT as one set when the last case is in
+   (`vctmae.ingest.publish`: a journal whose rename is the commit point; a run
+   killed while publishing is completed by the next run). The order never
+   depends on which worker finished first, so the output bytes do not depend
+   on worker count, executor, timing or interruptions. A rerun with nothing to
+   extract and the same inputs leaves the published set alone ("up to date").
 
-Workers die with the main process (`_worker_started`): a kill -9 of the main
-process must not leave workers running and holding its stdout. A full disk
-stops the run with one line (`OutOfSpaceError`) and leaves earlier outputs
-and finished cases as they were.
+Memory stays flat as cases grow: at most 2 × workers cases are in flight, and
+at most `BUFFERED_CASES` finished cases wait with their crops in memory for an
+earlier case to finish (beyond that, their crops are read back from the work
+files when their turn comes).
+
+Workers die with the main process (`extract.ProcessPool`): a kill -9 of the
+main process must not leave workers running and holding its stdout. A full
+disk stops the run with one line (`OutOfSpaceError`) and leaves earlier
+outputs and finished cases as they were.
 
 `--part I/N` extracts every N-th case of the sorted case list (and assembles
 that part's own outputs); `run.json` in the part's work folder lists its cases.
@@ -42,49 +38,38 @@ extracts again) — but keep the parts' work folders until they are merged.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import hashlib
 import json
-import multiprocessing
 import os
 import re
-import shutil
-import signal
-import sys
-import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
-from vctmae.errors import OutOfSpaceError, UsageError, is_out_of_space, out_of_space
+from vctmae.errors import UsageError, is_out_of_space, out_of_space
+from vctmae.ingest.assemble import FORMATS, Assembly, AssemblyResult, outputs_present
+from vctmae.ingest.assemble import published_set as read_published_set
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.files import TEMPORARY, atomic_file, atomic_write
+from vctmae.ingest.extract import EXECUTORS, Extracted, ExtractJob, finished_record, make_executor
+from vctmae.ingest.files import TEMPORARY, atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
-from vctmae.ingest.publish import MANIFEST, PUBLISHED, STAGING, WORK, ZARR, finish_publish, publish
-from vctmae.ingest.writers import (
-    ManifestWriter,
-    ShardWriter,
-    ZarrWriter,
-    decode_crop,
-    encode_crop,
-    npy_bytes,
-    parse_size,
+from vctmae.ingest.publish import WORK, ZARR, finish_publish
+from vctmae.ingest.records import (
+    CaseRecord,
+    geometry_from_settings,
+    geometry_settings,
+    record_stem,
 )
+from vctmae.ingest.segment import require_segmenter
+from vctmae.ingest.writers import parse_size
 
-FORMATS = ("wds", "zarr")
-# Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded.
-RECORD_VERSION = 2
-ASSEMBLY_VERSION = 1  # layout of the published outputs
 REPORT = "ingest-report.json"
+# Finished cases that may wait in memory, crops included, for an earlier case to finish.
+BUFFERED_CASES = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,11 +82,15 @@ class IngestConfig:
     pairs: Path | None = None
     formats: frozenset[str] = frozenset(FORMATS)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    workers: int | None = None  # None: one per usable core
+    workers: int | None = None  # None: one per usable core (Dask LocalCluster: as many)
     part: tuple[int, int] | None = None  # (i, n), 1-based: every n-th case starting at i
     shard_size: int | str = "1GiB"
     force: bool = False
     merge: tuple[Path, ...] = ()
+    executor: str = "process"  # "process" | "dask"
+    scheduler: str | None = None  # Dask scheduler address; None: a LocalCluster
+    series: str | None = None  # DICOM SeriesInstanceUID to read from folder CTs
+    segment: bool = False  # CTs without a label map: TotalSegmentator makes one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -130,6 +119,12 @@ class IngestConfig:
                 raise UsageError(f"--part must be I/N with 1 ≤ I ≤ N, got {i}/{n}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be ≥ 1, got {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise UsageError(
+                f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
+        if self.scheduler is not None and self.executor != "dask":
+            raise UsageError("--scheduler is the address of a Dask scheduler: add --executor dask")
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -146,481 +141,49 @@ def default_workers() -> int:
     )
 
 
-def geometry_settings(geometry: GeometryConfig) -> dict[str, Any]:
-    """JSON-able form of the geometry config (frozensets sorted) — part of every case record."""
-    out = {}
-    for f in dataclasses.fields(geometry):
-        value = getattr(geometry, f.name)
-        out[f.name] = sorted(value) if isinstance(value, frozenset) else value
-    return out
-
-
 # ---------------------------------------------------------------------------
-# Phase 1: extract one case into the work folder (runs in worker processes).
+# The output folder: created, locked against a second run.
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Job:
-    case: Case
-    geometry: GeometryConfig
-    record: Path  # NAME.json; crops go to NAME.crops
-
-
-def record_stem(case_id: str) -> str:
-    """File name for a case's work files: readable, filesystem-safe, collision-free."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)[:80]
-    return f"{safe}-{hashlib.sha1(case_id.encode('utf-8')).hexdigest()[:10]}"
-
-
-def _source_stats(case: Case) -> dict[str, list[int]]:
-    out = {}
-    for name, path in (("ct", case.ct), ("seg", case.seg)):
-        try:
-            st = os.stat(path)
-            out[name] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            out[name] = [-1, -1]
-    return out
-
-
-def _round(values, digits: int) -> list[float]:
-    return [round(float(v), digits) for v in values]
-
-
-def extract_case(job: _Job) -> dict[str, Any]:
-    """Extract one case, write its work files, return a small summary (for the progress bar)."""
-    from vctmae.ingest import geometry
-
-    case = job.case
-    started = time.perf_counter()
-    record: dict[str, Any] = {
-        "version": RECORD_VERSION,
-        "case": case.case,
-        "patient": case.patient,
-        "ct": case.ct_name,
-        "seg": case.seg_name,
-        "geometry": geometry_settings(job.geometry),
-        "sources": _source_stats(case),
-    }
+def _make_out(out: Path) -> None:
+    """Create `out` and its work folder; an `--out` that cannot be a folder is a usage error."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
     try:
-        result = geometry.extract_crops(case.ct, case.seg, job.geometry)
-    except Exception as error:  # one bad case must not stop the run
-        if hasattr(error, "problem") and hasattr(error, "path"):
-            line = str(error)
-        else:
-            line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
-        record.update(status="failed", error=line, crops=[], skipped=[])
-    else:
-        crops, offset = [], 0
-        with atomic_file(job.record.with_suffix(".crops")) as f:
-            for crop in result.crops:
-                array = np.ascontiguousarray(crop.array, dtype="<i2")
-                raw = array.tobytes()
-                packed = encode_crop(array)
-                f.write(packed)
-                crops.append(
-                    {
-                        "level": crop.level,
-                        "label_value": int(crop.label_value),
-                        "centroid": _round(crop.centroid_world, 4),
-                        "tangent": _round(crop.tangent, 6),
-                        "inside_fraction": round(float(crop.inside_fraction), 6),
-                        "bbox": [int(v) for v in crop.bbox],
-                        "truncated": bool(crop.truncated),
-                        "shape": list(array.shape),
-                        "sha256": hashlib.sha256(raw).hexdigest(),
-                        "offset": offset,
-                        "nbytes": len(packed),
-                    }
-                )
-                offset += len(packed)
-        record.update(
-            status="ok",
-            error=None,
-            source_orientation=result.source_orientation,
-            source_spacing=_round(result.source_spacing, 6),
-            scheme=result.scheme,
-            other_labels=sorted([value, count] for value, count in result.other_labels.items()),
-            crops=crops,
-            skipped=[{"level": s.level, "reason": s.reason} for s in result.skipped],
-        )
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
-    return {
-        "case": case.case,
-        "status": record["status"],
-        "error": record["error"],
-        "crops": len(record["crops"]),
-    }
-
-
-def _is_finished(record_path: Path, case: Case, geometry: GeometryConfig) -> bool:
-    """A case whose work files are complete for these settings and these source files."""
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return False
-    if (
-        record.get("version") != RECORD_VERSION
-        or record.get("status") != "ok"
-        or record.get("geometry") != geometry_settings(geometry)
-        or record.get("sources") != _source_stats(case)
-        or record.get("ct") != case.ct_name
-        or record.get("seg") != case.seg_name
-        or record.get("patient") != case.patient
-    ):
-        return False
-    crops = record_path.with_suffix(".crops")
-    expected = sum(c["nbytes"] for c in record["crops"])
-    return crops.exists() and crops.stat().st_size == expected
-
-
-# ---------------------------------------------------------------------------
-# Phase 2: assemble the case files, in case order, into the outputs.
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Entry:
-    """A finished (or failed) case and where its work files are."""
-
-    case: str
-    record: Path
-
-
-@dataclass(kw_only=True)
-class _Plan:
-    """What assembly will write, computed from the small case records alone."""
-
-    failed: list[dict[str, str]] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    cases_ok: int = 0
-    samples: int = 0
-    fingerprint: str = ""
-    splits: dict[str, dict[str, set[str] | int]] = field(default_factory=dict)
-    excluded: set[str] = field(default_factory=set)  # cases left out at assembly (key clash)
-    # Per case: label values that are no vertebra in the case's scheme, with voxel counts.
-    other_labels: list[dict] = field(default_factory=list)
-
-    def count(self, meta: dict) -> None:
-        entry = self.splits.setdefault(
-            meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()}
-        )
-        entry["vertebrae"] += 1
-        entry["cases"].add(meta["case"])
-        entry["patients"].add(meta["patient"])
-
-    def split_summary(self) -> dict[str, dict[str, int]]:
-        return {
-            split: {
-                "vertebrae": e["vertebrae"],
-                "cases": len(e["cases"]),
-                "patients": len(e["patients"]),
-            }
-            for split, e in sorted(self.splits.items())
-        }
-
-
-def sample_key(case_id: str, level: str) -> str:
-    """`{case}_{level}` as one flat name of `[A-Za-z0-9_-]` (SPEC §2).
-
-    Every other character of the case id becomes "-": dots (WebDataset splits keys
-    at the first dot), slashes (a tar member must never name a folder or an
-    absolute path), spaces and the like. The case id itself stays in the metadata.
-    """
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', case_id)}_{level}"
-
-
-def _case_samples(record: dict, assignment: CaseAssignment, labels: Labels | None, spacing: float):
-    """(crop record, metadata dict, class, grade) for each crop of a case that will be written,
-    plus skipped entries ("no label")."""
-    samples, skipped = [], []
-    for crop in record["crops"]:
-        cls = grade = None
-        if labels is not None:
-            label = labels.vertebrae.get((record["case"], crop["level"]))
-            if label is None:
-                skipped.append(
-                    {
-                        "case": record["case"],
-                        "level": crop["level"],
-                        "reason": f"no label: {crop['level']} of {record['case']} is not in {labels.path.name}",
-                    }
-                )
-                continue
-            cls, grade = label.fracture, label.grade
-        key = sample_key(record["case"], crop["level"])
-        meta = {
-            "key": key,
-            "case": record["case"],
-            "patient": assignment.patient,
-            "level": crop["level"],
-            "label_value": crop["label_value"],
-            "label_scheme": record["scheme"],
-            "source": {"ct": record["ct"], "seg": record["seg"]},
-            "source_orientation": record["source_orientation"],
-            "source_spacing": record["source_spacing"],
-            "centroid": crop["centroid"],
-            "spacing": spacing,
-            "shape": crop["shape"],
-            "tangent": crop["tangent"],
-            "inside_fraction": crop["inside_fraction"],
-            "bbox": crop["bbox"],
-            "truncated": crop["truncated"],
-            "split": assignment.split,
-        }
-        if labels is not None:
-            meta["class"] = cls
-            meta["grade"] = grade
-        samples.append((crop, meta, cls, grade))
-    return samples, skipped
-
-
-def _load_record(entry: _Entry) -> dict:
-    return json.loads(entry.record.read_text())
-
-
-def plan_assembly(entries, assignments, labels, bad, *, spacing, formats, shard_size) -> _Plan:
-    """Count what will be written and fingerprint it, reading only the small case records."""
-    plan = _Plan()
-    digest = hashlib.sha256(
-        json.dumps([ASSEMBLY_VERSION, sorted(formats), shard_size, spacing]).encode()
-    )
-    keys: set[str] = set()
-    for item in bad:
-        plan.failed.append(
-            {"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"}
-        )
-    for entry in entries:
-        record = _load_record(entry)
-        assignment = assignments[entry.case]
-        if record["status"] != "ok":
-            plan.failed.append(
-                {
-                    "case": entry.case,
-                    "file": record["ct"],
-                    "reason": record["error"],
-                    "stage": "extract",
-                }
-            )
-            continue
-        if assignment.error:
-            plan.failed.append(
-                {
-                    "case": entry.case,
-                    "file": str(labels.path),
-                    "reason": assignment.error,
-                    "stage": "labels",
-                }
-            )
-            continue
-        samples, no_label = _case_samples(record, assignment, labels, spacing)
-        clash = next((meta["key"] for _, meta, _, _ in samples if meta["key"] in keys), None)
-        if clash is not None:
-            plan.failed.append(
-                {
-                    "case": entry.case,
-                    "file": record["ct"],
-                    "stage": "keys",
-                    "reason": f"{record['ct']}: crop key {clash} is already taken by another case "
-                    "(case ids that differ only in characters outside A-Za-z0-9_-, which "
-                    "become '-'); rename one",
-                }
-            )
-            plan.excluded.add(entry.case)
-            continue
-        keys.update(meta["key"] for _, meta, _, _ in samples)
-        plan.cases_ok += 1
-        if record.get("other_labels"):
-            plan.other_labels.append(
-                {
-                    "case": entry.case,
-                    "scheme": record["scheme"],
-                    "labels": [{"value": v, "voxels": n} for v, n in record["other_labels"]],
-                }
-            )
-        plan.skipped += [{"case": entry.case, **s} for s in record["skipped"]] + no_label
-        for crop, meta, _, _ in samples:
-            plan.count(meta)
-            digest.update(json.dumps(meta, sort_keys=True).encode() + crop["sha256"].encode())
-        plan.samples += len(samples)
-    plan.failed.sort(key=lambda f: (f["case"], f["file"]))
-    plan.fingerprint = digest.hexdigest()
-    return plan
-
-
-def _read_crops(record_path: Path, crops: list[dict]) -> list[tuple[bytes, np.ndarray]]:
-    """(encoded bytes, array) of each crop from a case's work file, checksums verified."""
-    out = []
-    with open(record_path.with_suffix(".crops"), "rb") as f:
-        for crop in crops:
-            f.seek(crop["offset"])
-            encoded = f.read(crop["nbytes"])
-            array = decode_crop(encoded, crop["shape"])
-            if hashlib.sha256(array.tobytes()).hexdigest() != crop["sha256"]:
-                raise IngestError(
-                    record_path.with_suffix(".crops"),
-                    f"work file corrupt (checksum of {crop['level']}); rerun with --force",
-                )
-            out.append((encoded, array))
-    return out
-
-
-def write_outputs(
-    entries,
-    assignments,
-    labels,
-    plan: _Plan,
-    *,
-    staging: Path,
-    formats,
-    shard_size: int,
-    spacing: float,
-    size: int,
-    progress,
-) -> list[str]:
-    """Stream every sample, in case order, into shards / Zarr / manifest under `staging`."""
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    writers: dict[str, ShardWriter] = {}
-    zarr_writer = ZarrWriter(staging / ZARR, plan.samples, size) if "zarr" in formats else None
-    manifest = ManifestWriter(staging / MANIFEST)
-    index = 0
-    task = progress.add_task("assemble", total=plan.samples, rate="")
-    for entry in entries:
-        record = _load_record(entry)
-        assignment = assignments[entry.case]
-        if record["status"] != "ok" or assignment.error or entry.case in plan.excluded:
-            continue
-        samples, _ = _case_samples(record, assignment, labels, spacing)
-        if not samples:
-            continue
-        arrays = _read_crops(entry.record, [crop for crop, *_ in samples])
-        for (crop, meta, cls, grade), (encoded, array) in zip(samples, arrays, strict=True):
-            key, split = meta["key"], meta["split"]
-            shard = ""
-            if "wds" in formats:
-                if split not in writers:
-                    writers[split] = ShardWriter(staging, split, shard_size)
-                members = [
-                    (CROP_MEMBER, npy_bytes(array)),
-                    (META_MEMBER, json.dumps(meta, ensure_ascii=False).encode("utf-8")),
-                ]
-                if cls is not None:
-                    members.append((CLASS_MEMBER, str(cls).encode("ascii")))
-                shard = writers[split].write(key, members)
-            if zarr_writer is not None:
-                zarr_writer.write(
-                    index,
-                    encoded,
-                    key=key,
-                    split=split,
-                    level=meta["level"],
-                    case=meta["case"],
-                    patient=meta["patient"],
-                    cls=cls,
-                    grade=grade,
-                )
-            manifest.write(
-                {
-                    "key": key,
-                    "case": meta["case"],
-                    "patient": meta["patient"],
-                    "level": meta["level"],
-                    "label_value": meta["label_value"],
-                    "class": "" if cls is None else cls,
-                    "grade": "" if grade is None else grade,
-                    "split": split,
-                    "shard": shard,
-                    "zarr_index": index if zarr_writer is not None else "",
-                    "centroid_x": meta["centroid"][0],
-                    "centroid_y": meta["centroid"][1],
-                    "centroid_z": meta["centroid"][2],
-                    "spacing": spacing,
-                    "truncated": int(meta["truncated"]),
-                    "sha256": crop["sha256"],
-                }
-            )
-            index += 1
-            progress.advance(task)
-    for writer in writers.values():
-        writer.close()
-    if zarr_writer is not None:
-        zarr_writer.close()
-    manifest.close()
-    return sorted(name for writer in writers.values() for name in writer.names)
-
-
-def _outputs_present(out: Path, published: dict) -> bool:
-    names = (
-        published.get("shards", [])
-        + [MANIFEST]
-        + ([ZARR] if "zarr" in published.get("formats", []) else [])
-    )
-    return all((out / name).exists() for name in names)
-
-
-def assemble(
-    entries,
-    assignments,
-    labels,
-    bad,
-    *,
-    out: Path,
-    formats,
-    shard_size,
-    geometry,
-    force: bool,
-    progress,
-) -> tuple[_Plan, dict]:
-    """Phase 2 (see module docstring). Returns the plan and what was published."""
-    work = out / WORK
-    plan = plan_assembly(
-        entries,
-        assignments,
-        labels,
-        bad,
-        spacing=geometry.spacing,
-        formats=formats,
-        shard_size=shard_size,
-    )
-    for failure in plan.failed:
-        if failure.get("stage") in ("labels", "keys"):
-            _error_line(progress, failure["reason"])
-    try:
-        published = json.loads((work / PUBLISHED).read_text())
-    except (OSError, ValueError):
-        published = {}
-    if (
-        not force
-        and published.get("fingerprint") == plan.fingerprint
-        and _outputs_present(out, published)
-    ):
-        return plan, {**published, "assembly": "up to date"}
-    staging = work / STAGING
-    try:
-        shards = write_outputs(
-            entries,
-            assignments,
-            labels,
-            plan,
-            staging=staging,
-            formats=formats,
-            shard_size=shard_size,
-            spacing=geometry.spacing,
-            size=geometry.size,
-            progress=progress,
-        )
-    except OutOfSpaceError:
-        # Free what the half-written set took; the published set was not touched.
-        shutil.rmtree(staging, ignore_errors=True)
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{out}: --out cannot be created: part of its path is a file") from None
+    except PermissionError:
+        raise IngestError(out, "cannot create the output folder (permission denied)") from None
+    except OSError as error:
+        if is_out_of_space(error):
+            raise out_of_space(out) from None
         raise
-    published = {"fingerprint": plan.fingerprint, "shards": shards, "formats": sorted(formats)}
-    publish(out, published)
-    return plan, {**published, "assembly": "written"}
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold the lock on `out` (flock; freed on exit); yields its file descriptor, which
+    forked workers close. A second ingest writing into the same `out` is refused."""
+    import fcntl
+
+    _make_out(out)
+    fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IngestError(
+            out, "another `vctmae ingest` is writing here; wait for it or use another --out"
+        ) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
-# The run.
+# Progress display.
 
 
 def _progress(enabled: bool):
@@ -652,193 +215,283 @@ def _error_line(progress, line: str) -> None:
     )
 
 
-def _pending_jobs(
-    cases: list[Case], config: IngestConfig, cases_dir: Path
-) -> tuple[list[_Job], int]:
-    """Jobs for the cases not finished yet (all with --force), and how many are reused."""
-    jobs, reused = [], 0
-    for case in cases:
-        record = cases_dir / f"{record_stem(case.case)}.json"
-        if not config.force and _is_finished(record, case, config.geometry):
-            reused += 1
-            continue
-        jobs.append(_Job(case=case, geometry=config.geometry, record=record))
-    return jobs, reused
+# ---------------------------------------------------------------------------
+# The run.
 
 
-def _worker_died(job: _Job) -> dict[str, Any]:
-    """Record a case whose worker process died (killed for memory, crashed in a C library)."""
-    line = (
-        f"{job.case.ct_name}: the worker process died while extracting this case (out of memory?)"
+def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
+    """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
+
+    Raises a `VctmaeError` for what stops the whole run: `UsageError` (a flag or
+    part folder that cannot be used), `LabelsError`, `IngestError` (an unusable
+    pairs csv, output folder or work file), `OutOfSpaceError` (disk full; earlier
+    outputs and finished cases are kept). Bad cases do not raise — they are
+    listed in the report's `failed`. A publish that a killed run left half done
+    is completed first (`vctmae.ingest.publish`).
+    """
+    with output_lock(config.out) as lock:
+        finish_publish(config.out)
+        if config.merge:
+            return _run_merge(config, progress)
+        return _run_ingest(config, progress, lock)
+
+
+@dataclass(kw_only=True)
+class _Order:
+    """Feeds an `Assembly` the cases in case order as they become ready (resumed or extracted)."""
+
+    assembly: Assembly
+    records: list[Path]  # each case's NAME.json, in case order
+    ready: dict[int, tuple[CaseRecord, tuple[bytes, ...] | None]] = field(default_factory=dict)
+    next: int = 0
+    seconds: float = 0.0  # spent assembling
+
+    def put(self, index: int, record: CaseRecord, crops: tuple[bytes, ...] | None) -> None:
+        held = sum(1 for _, c in self.ready.values() if c is not None)
+        self.ready[index] = (record, crops if held < BUFFERED_CASES else None)
+
+    def feed(self) -> None:
+        started = time.perf_counter()
+        while self.next in self.ready:
+            record, crops = self.ready.pop(self.next)
+            self.assembly.add(record, self.records[self.next], crops)
+            self.next += 1
+        self.seconds += time.perf_counter() - started
+
+
+def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    out = config.out
+    work = out / WORK
+    cases_dir = work / "cases"
+    labels = read_labels(config.labels) if config.labels is not None else None
+    cases, bad = discover_cases(
+        config.src, pairs=config.pairs, exclude=out, missing_seg_ok=config.segment
     )
-    record = {
-        "version": RECORD_VERSION,
-        "case": job.case.case,
-        "patient": job.case.patient,
-        "ct": job.case.ct_name,
-        "seg": job.case.seg_name,
-        "status": "failed",
-        "error": line,
-        "crops": [],
-        "skipped": [],
-    }
-    atomic_write(job.record, json.dumps(record, indent=1).encode("utf-8"))
-    return {"case": job.case.case, "status": "failed", "error": line, "crops": 0}
-
-
-_lock_fd: int | None = None  # this process's lock on the output folder (see `_output_lock`)
-
-
-def _make_out(out: Path) -> None:
-    """Create `out` and its work folder; an `--out` that cannot be a folder is a usage error."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
-    try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"{out}: --out cannot be created: part of its path is a file") from None
-    except PermissionError:
-        raise IngestError(out, "cannot create the output folder (permission denied)") from None
-    except OSError as error:
-        if is_out_of_space(error):
-            raise out_of_space(out) from None
-        raise
-
-
-@contextmanager
-def _output_lock(out: Path):
-    """Refuse a second ingest writing into the same `out` at the same time (flock; freed on exit)."""
-    global _lock_fd
-    import fcntl
-
-    _make_out(out)
-    fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    cases = [_with_segmentation(case, work) if case.seg is None else case for case in cases]
+    if not cases and not bad:
         raise IngestError(
-            out, "another `vctmae ingest` is writing here; wait for it or use another --out"
-        ) from None
-    _lock_fd = fd
-    try:
-        yield
-    finally:
-        _lock_fd = None
-        os.close(fd)
+            config.src or config.pairs,
+            "no cases found (expected ct/NAME.nii[.gz] with seg/NAME.nii[.gz], VerSe "
+            "X_ct.nii.gz with X_seg-vert_msk.nii.gz, a DICOM series folder in ct/, or --pairs)",
+        )
+    assignments = assign_cases(labels, {c.case: c.patient for c in cases})
+    if config.part is not None:
+        i, n = config.part
+        items = sorted(
+            [*cases, *bad], key=lambda x: (x.case, getattr(x, "ct_name", getattr(x, "path", "")))
+        )
+        mine = items[i - 1 :: n]
+        cases = [x for x in mine if isinstance(x, Case)]
+        bad = [x for x in mine if isinstance(x, BadInput)]
+    discovered = time.perf_counter()
 
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still alive
-
-
-def _worker_started(parent: int) -> None:
-    """Worker initializer: drop the main process's output lock and die with the main process.
-
-    A worker outliving a killed main process would run on forever and hold its
-    stdout open (`vctmae ingest … | cat` would never return). On Linux the
-    kernel kills the worker the moment the main process dies
-    (prctl PR_SET_PDEATHSIG; the workers are forked from its main thread, which
-    lives as long as the process). Everywhere, and as a backstop, a thread exits
-    the worker within `PARENT_CHECK_S` of it being re-parented.
-    """
-    if _lock_fd is not None:
-        os.close(_lock_fd)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)  # the main process died before the line above took effect
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    while True:
-        time.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-def _new_executor(workers: int):
-    from concurrent.futures import ProcessPoolExecutor
-
-    # fork: workers start at once, without re-importing the program (spawn/forkserver
-    # would re-run an unguarded `python -m vctmae`).
-    executor = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_worker_started,
-        initargs=(os.getpid(),),
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    _clean_work(work)
+    (work / "run.json").unlink(missing_ok=True)  # present again only once this run has extracted
+    records = [cases_dir / f"{record_stem(c.case)}.json" for c in cases]
+    jobs, resumed = [], {}
+    for index, (case, path) in enumerate(zip(cases, records, strict=True)):
+        series = case.series or config.series
+        segment = _segmented(case, work)
+        geometry = config.geometry
+        if segment and geometry.label_scheme == "auto":
+            # TotalSegmentator's values, even for a map holding only L4 (28) and L5 (27).
+            geometry = dataclasses.replace(geometry, label_scheme="totalseg")
+        record = None if config.force else finished_record(path, case, geometry, series)
+        if record is not None:
+            resumed[index] = record
+        else:
+            jobs.append(
+                ExtractJob(
+                    index=index,
+                    case=case,
+                    geometry=geometry,
+                    record=path,
+                    series=series,
+                    segment=segment,
+                )
+            )
+    if any(job.segment and not job.case.seg.exists() for job in jobs):
+        require_segmenter()
+    workers = min(config.workers or default_workers(), max(1, len(jobs)))
+    if config.executor == "dask":
+        workers = config.workers or default_workers()
+    settings = dict(
+        out=out,
+        formats=config.formats,
+        shard_size=config.shard_size,
+        spacing=config.geometry.spacing,
+        size=config.geometry.size,
+        labels=labels,
+        assignments=assignments,
+        bad=bad,
     )
-    executor.submit(int).result()  # start the workers now, before any display thread runs
-    return executor
+    counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
+    timings = {"discover": discovered - started}
+    if not jobs:
+        with _progress(progress) as bar:
+            for item in bad:
+                _error_line(bar, item.line())
+            result = _assemble_finished(
+                [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
+            )
+        extracted = time.perf_counter()
+        timings["extract"] = 0.0
+        timings["assemble"] = extracted - discovered
+    else:
+        # Start the workers before the progress display starts its refresh thread (fork + threads).
+        executor = make_executor(
+            config.executor, workers, scheduler=config.scheduler, close_in_workers=(lock,)
+        )
+        counts["workers"] = executor.workers
+        try:
+            with _progress(progress) as bar:
+                for item in bad:
+                    _error_line(bar, item.line())
+                result, seconds = _extract_and_assemble(
+                    jobs, resumed, records, executor, settings, config.force, bar
+                )
+        finally:
+            executor.close()
+        extracted = time.perf_counter()
+        timings["extract"] = seconds["extract"]
+        timings["assemble"] = seconds["assemble"]
+        counts["crops"] = seconds["crops"]
+    _write_run(config, cases, bad, labels is not None)
+    finished = time.perf_counter()
+    timings["total"] = finished - started
+    report = _report(
+        config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
+    )
+    atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    return report
 
 
-def _run_jobs(jobs: list[_Job], workers: int, executor, done) -> None:
-    """Run `jobs` with at most 2 × workers in flight; call `done(summary)` as each finishes.
-
-    A worker that dies breaks the executor: the cases then in flight are rerun one
-    at a time in fresh single-worker executors, so only the case that killed its
-    worker is marked failed.
-    """
-    from concurrent.futures import FIRST_COMPLETED, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    if executor is None:
-        for job in jobs:
-            done(extract_case(job))
-        return
-    queue = list(reversed(jobs))
-    in_flight: dict[Any, _Job] = {}
-    suspects: list[_Job] = []
-    while queue or in_flight:
-        while queue and len(in_flight) < 2 * workers:
-            job = queue.pop()
-            in_flight[executor.submit(extract_case, job)] = job
-        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-        for future in finished:
-            job = in_flight.pop(future)
-            try:
-                done(future.result())
-            except BrokenProcessPool:
-                suspects.append(job)
-        if suspects and not in_flight:
-            executor.shutdown(wait=True)
-            for job in suspects:
-                single = _new_executor(1)
-                try:
-                    done(single.submit(extract_case, job).result())
-                except BrokenProcessPool:
-                    done(_worker_died(job))
-                finally:
-                    single.shutdown(wait=True)
-            suspects = []
-            executor = _new_executor(workers)
-    executor.shutdown(wait=True)
-
-
-def _extract(
-    jobs: list[_Job], *, total: int, reused: int, workers: int, executor, progress
-) -> dict[str, int]:
-    """Phase 1: run the jobs (in `executor` when given, else here); returns counts."""
-    task = progress.add_task("extract", total=total, completed=reused, rate="")
+def _extract_and_assemble(
+    jobs: list[ExtractJob],
+    resumed: dict[int, CaseRecord],
+    records: list[Path],
+    executor,
+    settings: dict,
+    force: bool,
+    bar,
+) -> tuple[AssemblyResult, dict[str, float]]:
+    """Extract `jobs` with `executor` while assembling every case, in order, behind them."""
+    extract_task = bar.add_task("extract", total=len(records), completed=len(resumed), rate="")
+    assemble_task = bar.add_task("assemble", total=None, rate="")
+    assembly = Assembly(
+        **settings,
+        write=True,
+        report=lambda line: _error_line(bar, line),
+        advance=lambda samples: bar.advance(assemble_task, samples),
+    )
+    order = _Order(assembly=assembly, records=records)
+    for index, record in resumed.items():
+        order.put(index, record, None)
     crops = 0
     started = time.perf_counter()
 
-    def done(summary: dict) -> None:
+    def done(extracted: Extracted) -> None:
         nonlocal crops
-        crops += summary["crops"]
-        if summary["status"] != "ok":
-            _error_line(progress, summary["error"])
+        record = extracted.record
+        crops += len(record.crops)
+        if not record.ok:
+            _error_line(bar, record.error)
         elapsed = time.perf_counter() - started
-        progress.update(task, advance=1, rate=f"{crops / max(elapsed, 1e-9):.1f} crops/s")
+        bar.update(extract_task, advance=1, rate=f"{crops / max(elapsed, 1e-9):.1f} crops/s")
+        order.put(extracted.index, record, extracted.crops)
+        order.feed()
 
-    # Jobs are paths and results small summaries; each worker holds one case at a
-    # time, so memory does not depend on the number of cases.
-    _run_jobs(jobs, workers, executor, done)
-    return {"extracted": len(jobs), "reused": reused, "crops": crops}
+    try:
+        executor.run(jobs, done)
+        extract_seconds = time.perf_counter() - started
+        order.feed()
+    except BaseException:
+        # Before the publish's commit point: the staged set goes, the published one stays.
+        assembly.abort()
+        raise
+    finishing = time.perf_counter()
+    result = assembly.finish(force=force)
+    order.seconds += time.perf_counter() - finishing
+    return result, {"extract": extract_seconds, "assemble": order.seconds, "crops": crops}
+
+
+def _assemble_finished(
+    entries: list[tuple[CaseRecord, Path]], settings: dict, force: bool, bar
+) -> AssemblyResult:
+    """Assemble cases that are all extracted already: first plan from the records alone, and
+    write only when the published set differs (or with `force`)."""
+    plan = Assembly(**settings, write=False)
+    for record, path in entries:
+        plan.add(record, path)
+    planned = plan.finish()
+    published = read_published_set(settings["out"])
+    if (
+        not force
+        and published.get("fingerprint") == planned.fingerprint
+        and outputs_present(settings["out"], published)
+    ):
+        for failure in planned.failed:
+            if failure["stage"] in ("labels", "keys"):
+                _error_line(bar, failure["reason"])
+        planned.shards, planned.assembly = published.get("shards", []), "up to date"
+        return planned
+    task = bar.add_task("assemble", total=planned.samples, rate="")
+    assembly = Assembly(
+        **settings,
+        write=True,
+        report=lambda line: _error_line(bar, line),
+        advance=lambda samples: bar.advance(task, samples),
+    )
+    try:
+        for record, path in entries:
+            assembly.add(record, path)
+    except BaseException:
+        assembly.abort()  # before the publish's commit point: the published set stays
+        raise
+    return assembly.finish(force=True)
+
+
+SEGMENTATIONS = "segmentations"  # inside WORK: label maps TotalSegmentator made (--segment)
+
+
+def _with_segmentation(case: Case, work: Path) -> Case:
+    """A case without a label map, given the one --segment makes for it in the work folder."""
+    name = f"{record_stem(case.case)}.nii.gz"
+    return dataclasses.replace(
+        case, seg=work / SEGMENTATIONS / name, seg_name=f"{WORK}/{SEGMENTATIONS}/{name}"
+    )
+
+
+def _segmented(case: Case, work: Path) -> bool:
+    return case.seg is not None and case.seg.parent == work / SEGMENTATIONS
+
+
+def _write_run(config: IngestConfig, cases: list[Case], bad: list[BadInput], labelled: bool):
+    """What this run covers (`run.json`, and its labels), for a later `--merge` of parts."""
+    work = config.out / WORK
+    run = {
+        "part": list(config.part) if config.part else None,
+        "geometry": geometry_settings(config.geometry),
+        "labels": labelled,
+        "cases": [
+            {
+                "case": c.case,
+                "patient": c.patient,
+                "ct": c.ct_name,
+                "seg": c.seg_name,
+                "record": f"{record_stem(c.case)}.json",
+            }
+            for c in cases
+        ],
+        "bad": [dataclasses.asdict(b) for b in bad],
+    }
+    if labelled:
+        atomic_write(work / "labels.csv", config.labels.read_bytes())
+    else:
+        (work / "labels.csv").unlink(missing_ok=True)
+    atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
 
 
 def _clean_work(work: Path) -> None:
@@ -860,125 +513,6 @@ def _case_list(run: dict) -> list[Case]:
         )
         for c in run["cases"]
     ]
-
-
-def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
-    """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
-
-    Raises a `VctmaeError` for what stops the whole run: `UsageError` (a flag or
-    part folder that cannot be used), `LabelsError`, `IngestError` (an unusable
-    pairs csv, output folder or work file), `OutOfSpaceError` (disk full; earlier
-    outputs and finished cases are kept). Bad cases do not raise — they are
-    listed in the report's `failed`. A publish that a killed run left half done
-    is completed first (`vctmae.ingest.publish`).
-    """
-    with _output_lock(config.out):
-        finish_publish(config.out)
-        return _run_merge(config, progress) if config.merge else _run_ingest(config, progress)
-
-
-def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    out = config.out
-    work = out / WORK
-    cases_dir = work / "cases"
-    labels = read_labels(config.labels) if config.labels is not None else None
-    cases, bad = discover_cases(config.src, pairs=config.pairs, exclude=out)
-    if not cases and not bad:
-        raise IngestError(
-            config.src or config.pairs,
-            "no cases found (expected ct/NAME.nii[.gz] with seg/NAME.nii[.gz], "
-            "VerSe X_ct.nii.gz with X_seg-vert_msk.nii.gz, or --pairs)",
-        )
-    assignments = assign_cases(labels, {c.case: c.patient for c in cases})
-    if config.part is not None:
-        i, n = config.part
-        items = sorted(
-            [*cases, *bad], key=lambda x: (x.case, getattr(x, "ct_name", getattr(x, "path", "")))
-        )
-        mine = items[i - 1 :: n]
-        cases = [x for x in mine if isinstance(x, Case)]
-        bad = [x for x in mine if isinstance(x, BadInput)]
-    discovered = time.perf_counter()
-
-    cases_dir.mkdir(parents=True, exist_ok=True)
-    _clean_work(work)
-    (work / "run.json").unlink(missing_ok=True)  # present again only once this run has extracted
-    jobs, reused = _pending_jobs(cases, config, cases_dir)
-    workers = min(config.workers or default_workers(), max(1, len(jobs)))
-    # Start the workers before the progress display starts its refresh thread (fork + threads).
-    executor = _new_executor(workers) if workers > 1 else None
-    try:
-        with _progress(progress) as bar:
-            for item in bad:
-                _error_line(bar, item.line())
-            counts = _extract(
-                jobs,
-                total=len(cases),
-                reused=reused,
-                workers=workers,
-                executor=executor,
-                progress=bar,
-            )
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-    counts["workers"] = workers
-    extracted = time.perf_counter()
-    with _progress(progress) as bar:
-        # What this run covers, for a later --merge of parts.
-        run = {
-            "part": list(config.part) if config.part else None,
-            "geometry": geometry_settings(config.geometry),
-            "labels": config.labels is not None,
-            "cases": [
-                {
-                    "case": c.case,
-                    "patient": c.patient,
-                    "ct": c.ct_name,
-                    "seg": c.seg_name,
-                    "record": f"{record_stem(c.case)}.json",
-                }
-                for c in cases
-            ],
-            "bad": [dataclasses.asdict(b) for b in bad],
-        }
-        if labels is not None:
-            atomic_write(work / "labels.csv", config.labels.read_bytes())
-        else:
-            (work / "labels.csv").unlink(missing_ok=True)
-        atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
-        entries = [
-            _Entry(case=c.case, record=cases_dir / f"{record_stem(c.case)}.json") for c in cases
-        ]
-        plan, published = assemble(
-            entries,
-            assignments,
-            labels,
-            bad,
-            out=out,
-            formats=config.formats,
-            shard_size=config.shard_size,
-            geometry=config.geometry,
-            force=config.force,
-            progress=bar,
-        )
-    finished = time.perf_counter()
-    report = _report(
-        config,
-        plan,
-        published,
-        counts=counts,
-        cases_seen=len(cases) + len(bad),
-        timings={
-            "discover": discovered - started,
-            "extract": extracted - discovered,
-            "assemble": finished - extracted,
-            "total": finished - started,
-        },
-    )
-    atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
-    return report
 
 
 def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
@@ -1026,14 +560,9 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         if copies:
             labels_path = runs[0][0] / WORK / "labels.csv"
     labels = read_labels(labels_path) if labels_path is not None else None
-    geometry_config = GeometryConfig(
-        **{
-            **geometry,
-            "levels": frozenset(geometry["levels"]) if geometry["levels"] is not None else None,
-        }
-    )
+    geometry_config = geometry_from_settings(geometry)
 
-    cases: dict[str, tuple[Case, _Entry]] = {}
+    cases: dict[str, tuple[Case, Path]] = {}
     bad: list[BadInput] = []
     for part_dir, run in runs:
         for case, raw in zip(_case_list(run), run["cases"], strict=True):
@@ -1045,36 +574,34 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
                     record,
                     f"missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`",
                 )
-            cases[case.case] = (case, _Entry(case=case.case, record=record))
+            cases[case.case] = (case, record)
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
     ordered = [cases[c] for c in sorted(cases)]
     assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
+    entries = [(CaseRecord.read(path), path) for _, path in ordered]
     read = time.perf_counter()
+    settings = dict(
+        out=config.out,
+        formats=config.formats,
+        shard_size=config.shard_size,
+        spacing=geometry_config.spacing,
+        size=geometry_config.size,
+        labels=labels,
+        assignments=assignments,
+        bad=bad,
+    )
     with _progress(progress) as bar:
         for item in bad:
             _error_line(bar, item.line())
-        for _, entry in ordered:
-            record = _load_record(entry)
-            if record["status"] != "ok":
-                _error_line(bar, record["error"])
-        plan, published = assemble(
-            [e for _, e in ordered],
-            assignments,
-            labels,
-            bad,
-            out=config.out,
-            formats=config.formats,
-            shard_size=config.shard_size,
-            geometry=geometry_config,
-            force=config.force,
-            progress=bar,
-        )
+        for record, _ in entries:
+            if not record.ok:
+                _error_line(bar, record.error)
+        result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
     report = _report(
         config,
-        plan,
-        published,
+        result,
         counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
         cases_seen=len(ordered) + len(bad),
         geometry=geometry_config,
@@ -1094,8 +621,7 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
 
 def _report(
     config: IngestConfig,
-    plan: _Plan,
-    published: dict,
+    result: AssemblyResult,
     *,
     counts: dict,
     cases_seen: int,
@@ -1112,25 +638,26 @@ def _report(
         "formats": sorted(config.formats),
         "geometry": geometry_settings(geometry or config.geometry),
         "shard_size": config.shard_size,
+        "executor": config.executor,
         "cases_seen": cases_seen,
-        "cases_ok": plan.cases_ok,
-        "cases_failed": len(plan.failed),
-        "failed": plan.failed,
+        "cases_ok": result.cases_ok,
+        "cases_failed": len(result.failed),
+        "failed": result.failed,
         "cases_extracted": counts["extracted"],
         "cases_resumed": counts["reused"],
         "workers": counts["workers"],
-        "vertebrae_written": plan.samples,
-        "splits": plan.split_summary(),
-        "vertebrae_skipped": len(plan.skipped),
-        "skipped_by_reason": dict(
-            sorted(Counter(s["reason"].split(":")[0] for s in plan.skipped).items())
-        ),
-        "skipped": plan.skipped,
+        "vertebrae_written": result.samples,
+        "splits": result.split_summary(),
+        "vertebrae_skipped": len(result.skipped),
+        "skipped_by_reason": result.skipped_by_reason(),
+        "skipped": result.skipped,
         # Label values that are no vertebra in their case's scheme (organs, sacrum, strays).
-        "label_values_not_vertebrae": plan.other_labels,
-        "shards": published.get("shards", []),
+        "label_values_not_vertebrae": result.other_labels,
+        "shards": result.shards,
         "zarr": ZARR if "zarr" in config.formats else None,
-        "assembly": published["assembly"],
+        "assembly": result.assembly,
+        # extract: until the last case was extracted (assembly runs behind it, overlapping);
+        # assemble: time spent assembling, most of it while extraction was going on.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "crops_extracted": counts["crops"],
         "crops_per_s": round(counts["crops"] / timings["extract"], 3)
@@ -1139,8 +666,8 @@ def _report(
         "cases_per_s": round(counts["extracted"] / timings["extract"], 3)
         if timings["extract"] > 0
         else None,
-        "written_per_s": round(plan.samples / total, 3) if total > 0 else None,
+        "written_per_s": round(result.samples / total, 3) if total > 0 else None,
     }
 
 
-__all__ = ["IngestConfig", "run_ingest", "parse_part", "sample_key", "UNLABELED"]
+__all__ = ["IngestConfig", "run_ingest", "parse_part", "UNLABELED", "CaseAssignment", "Labels"]

@@ -52,6 +52,15 @@ _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # axis code → wor
 SPINE_LEVELS: tuple[str, ...] = (*(f"T{i}" for i in range(6, 13)), *(f"L{i}" for i in range(1, 6)))
 _FIRST_START, _LAST_START = "T6", "L2"
 _WITH_ENDS = ("T5", *SPINE_LEVELS)  # with the end vertebra above a spine starting at T6
+# Clinical-size phantoms (`clinical=True`): a longer spine, C7 … L5 with its end vertebrae,
+# 12–14 vertebrae between them, on a scanner's grid of 512 × 512 slices of ~0.7 × 0.7 mm, ~1 mm apart.
+CLINICAL_LEVELS: tuple[str, ...] = (
+    "C7",
+    *(f"T{i}" for i in range(1, 13)),
+    *(f"L{i}" for i in range(1, 6)),
+)
+CLINICAL_VERTEBRAE = (10, 13)  # inner vertebrae drawn from [10, 13): 12–14 with the end ones
+CLINICAL_GRID = 512  # voxels across each slice
 
 # Genant grade → fraction of anterior/middle body height lost.
 GRADE_LOSS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.26, 0.39), 3: (0.41, 0.55)}
@@ -137,25 +146,34 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
-def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
-    """A spine of 4–7 vertebrae that may fracture, between two end vertebrae that never do.
+def _draw_anatomy(
+    rng: np.random.Generator, fracture_rate: float, clinical: bool = False
+) -> _Anatomy:
+    """A spine of 4–7 vertebrae (clinical: 12–14) that may fracture, between two end
+    vertebrae that never do.
 
     The scan always cuts through the two end vertebrae (see `_draw_scan`), so ingest drops
     them and every whole vertebra has both neighbours in view. The end vertebrae are drawn
     after everything else, so they change nothing about the rest of the spine.
     """
-    count = int(rng.integers(4, 8))
-    lo, hi = SPINE_LEVELS.index(_FIRST_START), SPINE_LEVELS.index(_LAST_START)
-    hi = min(hi, len(SPINE_LEVELS) - count - 1)  # room for the end vertebra below
-    start = int(rng.integers(lo, hi + 1))
-    levels = SPINE_LEVELS[start : start + count]
+    if clinical:
+        count = int(rng.integers(*CLINICAL_VERTEBRAE))
+        # Room for an end vertebra at either end of CLINICAL_LEVELS.
+        start = int(rng.integers(1, len(CLINICAL_LEVELS) - count))
+        levels = CLINICAL_LEVELS[start : start + count]
+    else:
+        count = int(rng.integers(4, 8))
+        lo, hi = SPINE_LEVELS.index(_FIRST_START), SPINE_LEVELS.index(_LAST_START)
+        hi = min(hi, len(SPINE_LEVELS) - count - 1)  # room for the end vertebra below
+        start = int(rng.integers(lo, hi + 1))
+        levels = SPINE_LEVELS[start : start + count]
     size_scale = rng.uniform(0.9, 1.1)
     trabecular = rng.uniform(150, 250)
     concavity = rng.uniform(0.4, 1.4)  # natural endplate concavity, mm
 
     def vertebra(level: str, may_fracture: bool) -> _Vertebra:
         lumbar = level.startswith("L")
-        rank = _WITH_ENDS.index(level) - 1  # -1 = T5, 0 = T6 … 11 = L5
+        rank = CLINICAL_LEVELS.index(level) - CLINICAL_LEVELS.index("T6")  # -1 = T5 … 11 = L5
         height = (19.0 + 0.75 * rank) * size_scale * rng.uniform(0.975, 1.025)
         half_width = (16.0 + 1.1 * rank) * size_scale * rng.uniform(0.96, 1.04)
         half_depth = (12.5 + 0.5 * rank) * size_scale * rng.uniform(0.96, 1.04)
@@ -209,8 +227,9 @@ def _draw_anatomy(rng: np.random.Generator, fracture_rate: float) -> _Anatomy:
         body_semi_axes=(rng.uniform(140, 180), rng.uniform(100, 130)),
         fat_thickness=rng.uniform(8, 25),
     )
-    above = vertebra(_WITH_ENDS[_WITH_ENDS.index(levels[0]) - 1], may_fracture=False)
-    below = vertebra(_WITH_ENDS[_WITH_ENDS.index(levels[-1]) + 1], may_fracture=False)
+    chain = CLINICAL_LEVELS if clinical else _WITH_ENDS
+    above = vertebra(chain[chain.index(levels[0]) - 1], may_fracture=False)
+    below = vertebra(chain[chain.index(levels[-1]) + 1], may_fracture=False)
     return _Anatomy(vertebrae=[above, *vertebrae, below], blobs=blobs, **drawn)
 
 
@@ -413,6 +432,7 @@ class _Scan:
     origin: tuple[float, float, float]  # scanner offset added to the spine frame
     noise: float  # HU, standard deviation
     blur: float  # mm, standard deviation of the point spread
+    grid: tuple[int, int, int] | None = None  # voxels along x, y, z; None: from lo, hi, spacing
 
 
 def _landmarks(vert: _Vertebra) -> np.ndarray:
@@ -433,18 +453,28 @@ def _landmarks(vert: _Vertebra) -> np.ndarray:
     return np.array(points).T
 
 
+def _bone_extremes(anatomy: _Anatomy) -> list[np.ndarray]:
+    """World positions (3, N) of each vertebra's extreme points (`_landmarks`), head to feet."""
+    centres, tangents = _centre_line(anatomy)
+    return [
+        centres[i][:, None] + _frame(tangents[i], vert.axial_rotation).T @ _landmarks(vert)
+        for i, vert in enumerate(anatomy.vertebrae)
+    ]
+
+
 def _draw_scan(
     rng: np.random.Generator,
     anatomy: _Anatomy,
     orientation: str | None,
     spacing: float | Sequence[float] | None,
+    clinical: bool = False,
 ) -> _Scan:
-    """Field of view around the spine's bone, spacing within the voxel budget, storage order."""
-    centres, tangents = _centre_line(anatomy)
-    extremes = [
-        centres[i][:, None] + _frame(tangents[i], vert.axial_rotation).T @ _landmarks(vert)
-        for i, vert in enumerate(anatomy.vertebrae)
-    ]
+    """Field of view around the spine's bone, spacing within the voxel budget, storage order.
+
+    Clinical: the scanner's field of view instead, 512 × 512 voxels of ~0.7 mm across the
+    whole torso, slices ~1 mm apart from one end vertebra to the other.
+    """
+    extremes = _bone_extremes(anatomy)
     bone = np.concatenate(extremes, axis=1)
     # Top/bottom: the field of view cuts through both end vertebrae (ingest drops them as
     # truncated), as scans do, so every whole vertebra has both neighbours in view. With the
@@ -483,6 +513,20 @@ def _draw_scan(
         if min(steps) <= 0:
             raise ValueError(f"spacing must be positive, got {spacing}")
     orientation = orientation or drawn_orientation
+    grid = None
+    if clinical:
+        # Reconstruction field of view: the torso's width plus a margin, centred on it.
+        in_plane = round(
+            float(np.clip((2 * anatomy.body_semi_axes[0] + 20) / CLINICAL_GRID, 0.6, 0.8)), 4
+        )
+        slices = round(float(rng.uniform(1.0, 1.2)), 4) if spacing is None else steps[2]
+        steps = (in_plane, in_plane, slices)
+        width = in_plane * (CLINICAL_GRID - 1)
+        torso_y = skin + anatomy.body_semi_axes[1]
+        x_mid = float(np.mean(bone[0]))
+        lo = (x_mid - width / 2, torso_y - width / 2, lo[2])
+        hi = (x_mid + width / 2, torso_y + width / 2, hi[2])
+        grid = (CLINICAL_GRID, CLINICAL_GRID, int(np.floor((hi[2] - lo[2]) / slices)) + 1)
     return _Scan(
         spacing=tuple(round(float(s), 4) for s in steps),
         orientation=orientation,
@@ -492,6 +536,7 @@ def _draw_scan(
         origin=(rng.uniform(-40, 40), rng.uniform(-60, 20), rng.uniform(-300, 300)),
         noise=rng.uniform(12, 35),
         blur=rng.uniform(0.35, 0.7),
+        grid=grid,
     )
 
 
@@ -504,13 +549,16 @@ def make_phantom(
     patient: str = "P000",
     orientation: str | None = None,
     spacing: float | Sequence[float] | None = None,
+    clinical: bool = False,
 ) -> Phantom:
     """Build one phantom case in memory.
 
     `seed` fixes the patient's anatomy (levels, sizes, fractures); `scan` picks one of
     several scans of that anatomy (field of view, spacing, orientation, noise).
     `orientation` (axis codes such as "LPS") and `spacing` (mm, one value or per RAS
-    axis x, y, z) override the drawn values.
+    axis x, y, z) override the drawn values. `clinical` draws a clinical-size case:
+    12–14 vertebrae on a 512 × 512 × ~300 grid of ~0.7 × 0.7 × 1 mm (≈ 80 M voxels;
+    `spacing` then sets only the slice distance).
     """
     if not 0.0 <= fracture_rate <= 1.0:
         raise ValueError(f"fracture_rate must lie in [0, 1], got {fracture_rate}")
@@ -527,12 +575,12 @@ def make_phantom(
     key = [seed] if isinstance(seed, int) else list(seed)
     if any(int(k) < 0 for k in key):
         raise ValueError(f"seed must be non-negative, got {seed}")
-    anatomy = _draw_anatomy(_rng(*key), fracture_rate)
-    acquisition = _draw_scan(_rng(*key, 1_000_003, scan), anatomy, orientation, spacing)
+    anatomy = _draw_anatomy(_rng(*key), fracture_rate, clinical)
+    acquisition = _draw_scan(_rng(*key, 1_000_003, scan), anatomy, orientation, spacing, clinical)
     noise_rng = _rng(*key, 2_000_003, scan)
     ct_ras, seg_ras, affine_ras = _render(anatomy, acquisition, noise_rng)
 
-    present = set(np.flatnonzero(np.bincount(seg_ras.ravel(), minlength=256)).tolist()) - {0}
+    present = _present_labels(seg_ras)
     grades = {v.level: v.grade for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
     shapes = {v.level: v.shape for v in anatomy.vertebrae if VERSE_LABEL[v.level] in present}
 
@@ -556,13 +604,24 @@ def make_phantom(
     )
 
 
+def _present_labels(seg: np.ndarray) -> set[int]:
+    """Non-zero values of a uint8 label map, counted slab by slab (no full-size int64 copy)."""
+    counts = np.zeros(256, dtype=np.int64)
+    for k in range(0, seg.shape[2], 16):
+        counts += np.bincount(seg[:, :, k : k + 16].ravel(), minlength=256)
+    return set(np.flatnonzero(counts).tolist()) - {0}
+
+
 def _render(
     anatomy: _Anatomy, acq: _Scan, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw the case on a RAS-aligned grid; returns ct (int16), seg (uint8), affine."""
     centres, tangents = _centre_line(anatomy)
     lo, step = np.array(acq.lo), np.array(acq.spacing)
-    shape = tuple(int(n) for n in np.floor((np.array(acq.hi) - lo) / step) + 1)
+    if acq.grid is not None:
+        shape = acq.grid
+    else:
+        shape = tuple(int(n) for n in np.floor((np.array(acq.hi) - lo) / step) + 1)
     axes = tuple(lo[k] + step[k] * np.arange(shape[k]) for k in range(3))
 
     # Torso: z-invariant elliptic outline behind which lies air, a subcutaneous fat
@@ -583,6 +642,11 @@ def _render(
             (axes[1][None, :] - y_spine - by) / bry
         ) ** 2
         plane[blob <= 1.0] = hu
+    affine = np.diag([*step, 1.0])
+    affine[:3, 3] = lo + np.array(acq.origin)
+    if acq.grid is not None:
+        ct_int, seg = _render_clinical(anatomy, acq, rng, axes, plane)
+        return ct_int, seg, affine
     ct = np.repeat(plane[:, :, None], shape[2], axis=2)
     seg = np.zeros(shape, dtype=np.uint8)
 
@@ -596,9 +660,79 @@ def _render(
     ct = ndimage.gaussian_filter(ct, acq.blur / step, truncate=3.0, output=np.float32)
     ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(acq.noise)
     ct_int = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
-    affine = np.diag([*step, 1.0])
-    affine[:3, 3] = lo + np.array(acq.origin)
     return ct_int, seg, affine
+
+
+# Clinical grids: the spine is painted and blurred in a block this far around its bone (mm),
+# which holds every part `_paint_vertebra` paints (discs, canal, lamina lie within ~3 mm of
+# the landmarks, `_local_box` adds 1 mm).
+SPINE_BLOCK_MARGIN_MM = 15.0
+X_SLAB = 32  # rows of a clinical grid finished at a time (noise, rounding)
+
+
+def _render_clinical(
+    anatomy: _Anatomy,
+    acq: _Scan,
+    rng: np.random.Generator,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    plane: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_render`'s CT and labels on a clinical grid, without a float copy of the whole grid.
+
+    The same picture as `_render` draws: the blur is linear and the torso does not change
+    along z, so the blurred torso is the torso's slice blurred in-plane, and only a block
+    around the spine is painted and blurred in 3-D; noise and rounding are applied slab
+    by slab (the noise draws are the ones a whole-grid draw gives).
+    """
+    shape = acq.grid
+    step = np.array(acq.spacing)
+    sigma = acq.blur / step
+    # gaussian_filter's kernel radius is int(truncate · σ + 0.5) voxels.
+    radius = max(int(3.0 * s + 0.5) for s in sigma) + 1
+    bone = np.concatenate(_bone_extremes(anatomy), axis=1)
+    block, inner = [], []
+    for k in (0, 1):
+        first, last = np.searchsorted(
+            axes[k],
+            [bone[k].min() - SPINE_BLOCK_MARGIN_MM, bone[k].max() + SPINE_BLOCK_MARGIN_MM],
+        )
+        start, stop = max(0, int(first) - 2 * radius), min(shape[k], int(last) + 2 * radius)
+        block.append(slice(start, stop))
+        # Where the block's blur is the whole grid's: `radius` inside its cut edges.
+        inner.append(
+            slice(radius if start > 0 else 0, (stop - start) - (radius if stop < shape[k] else 0))
+        )
+    block_axes = (axes[0][block[0]], axes[1][block[1]], axes[2])
+    spine = np.repeat(plane[block[0], block[1], None], shape[2], axis=2)
+    spine_seg = np.zeros(spine.shape, dtype=np.uint8)
+    centres, tangents = _centre_line(anatomy)
+    verts = anatomy.vertebrae
+    for i, vert in enumerate(verts):
+        disc_below = verts[i + 1].disc_above if i + 1 < len(verts) else vert.disc_above
+        frame = _frame(tangents[i], vert.axial_rotation)
+        _paint_vertebra(spine, spine_seg, block_axes, centres[i], frame, vert, disc_below, anatomy)
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg[block[0], block[1], :] = spine_seg
+    spine = ndimage.gaussian_filter(spine, sigma, truncate=3.0, output=np.float32)
+    torso = ndimage.gaussian_filter(plane, sigma[:2], truncate=3.0, output=np.float32)
+    kept = (
+        slice(block[0].start + inner[0].start, block[0].start + inner[0].stop),
+        slice(block[1].start + inner[1].start, block[1].start + inner[1].stop),
+    )
+    ct = np.empty(shape, dtype=np.int16)
+    for x0 in range(0, shape[0], X_SLAB):
+        x1 = min(x0 + X_SLAB, shape[0])
+        slab = np.repeat(torso[x0:x1, :, None], shape[2], axis=2)
+        lo_x, hi_x = max(x0, kept[0].start), min(x1, kept[0].stop)
+        if lo_x < hi_x:
+            offset = block[0].start
+            slab[lo_x - x0 : hi_x - x0, kept[1]] = spine[
+                lo_x - offset : hi_x - offset,
+                kept[1].start - block[1].start : kept[1].stop - block[1].start,
+            ]
+        slab += rng.standard_normal(slab.shape, dtype=np.float32) * np.float32(acq.noise)
+        ct[x0:x1] = np.clip(np.rint(slab), -1024, 3071)
+    return ct, seg
 
 
 def _nifti_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -688,13 +822,15 @@ class PlannedCase:
     scan: int
     orientation: str
     ct_intercept: float
+    clinical: bool = False
 
 
-def plan_cases(cases: int, seed: int = 0) -> list[PlannedCase]:
+def plan_cases(cases: int, seed: int = 0, clinical: bool = False) -> list[PlannedCase]:
     """Case ids and patients: mostly one scan per patient, about one patient in six has two.
 
     Orientations cycle through ORIENTATIONS from a seed-drawn start so that any few
     consecutive cases differ; every fourth case stores CT as uint16 with intercept −1024.
+    `clinical` marks every case clinical-size (`make_phantom(clinical=True)`).
     """
     if cases < 1:
         raise UsageError(f"--cases must be at least 1, got {cases}")
@@ -714,6 +850,7 @@ def plan_cases(cases: int, seed: int = 0) -> list[PlannedCase]:
                     scan=scan,
                     orientation=ORIENTATIONS[(start + index) % len(ORIENTATIONS)],
                     ct_intercept=-1024.0 if index % 4 == 3 else 0.0,
+                    clinical=clinical,
                 )
             )
         patient += 1
@@ -729,6 +866,7 @@ def build_planned(planned: PlannedCase, seed: int = 0, fracture_rate: float = 0.
         case=planned.case,
         patient=planned.patient,
         orientation=planned.orientation,
+        clinical=planned.clinical,
     )
     if planned.ct_intercept:
         phantom = replace(phantom, ct_intercept=planned.ct_intercept)
@@ -741,8 +879,12 @@ def write_phantoms(
     seed: int = 0,
     fracture_rate: float = 0.25,
     progress: Callable[[str], None] | None = None,
+    clinical: bool = False,
 ) -> Path:
     """Write `cases` phantoms under `out` (ct/, seg/, labels.csv); returns the labels.csv path.
+
+    `clinical`: clinical-size cases (512 × 512 × ~300 voxels, 12–14 vertebrae; see
+    `make_phantom`), ~60 MB each gzipped, for benchmarks at the scale of real CTs.
 
     Refuses an `out` whose ct/ or seg/ already holds cases this run would not write,
     so a smaller second run cannot leave stale cases beside a new labels.csv.
@@ -755,7 +897,7 @@ def write_phantoms(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
-    plan = plan_cases(cases, seed)
+    plan = plan_cases(cases, seed, clinical)
     names = {f"{p.case}.nii.gz" for p in plan}
     for folder in ("ct", "seg"):
         directory = out / folder

@@ -101,6 +101,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_header(shape: Sequence[int], dtype: str = "<i2") -> bytes:
+    """The header `np.save` writes before a C-order array's bytes (format 1.0, 64-byte aligned)."""
+    buffer = io.BytesIO()
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(int(n) for n in shape),
+    }
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 def _member_bytes(name: str, size: int) -> int:
     """Bytes a tar member takes: header + data padded to 512 (+ a PAX header for long names)."""
     pax = 3 * TAR_BLOCK if len(name.encode("utf-8")) > 100 else 0
@@ -174,38 +186,33 @@ class ZarrWriter:
     Group attrs `keys`, `splits`, `levels`, `cases`, `patients` are index-aligned
     with the arrays `crops`, `classes` (int8, −1 unlabeled) and `grades` (int8, −1 unknown).
 
-    The array and its metadata are created through zarr; chunks already encoded
-    by `encode_crop` (in the workers) are stored as they are, under the key
-    zarr's default v3 chunk-key encoding gives them (`crops/c/i/0/0/0`). `close`
-    reads the first and last chunk back through zarr to check the two agree.
+    Crops stream in, one at a time, before N is known: chunks already encoded by
+    `encode_crop` (in the workers) are stored as they are, in a folder beside the
+    store, under the key zarr's default v3 chunk-key encoding gives them
+    (`c/i/0/0/0`); `close` creates the arrays and their metadata through zarr with
+    the final N, moves the chunks under `crops/`, and reads the first and last
+    chunk back through zarr to check that the two agree.
     """
 
-    def __init__(self, path: Path, count: int, size: int) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         import zarr
-        from zarr.codecs import BloscCodec, BloscShuffle
 
         self.path = path
-        self.count = count
+        self.size = size
+        self._chunks = path.with_name(f"{path.name}-chunks")
         with out_of_space_as_error(path):
             self.group = zarr.open_group(path, mode="w", zarr_format=3)
-            self.crops = self.group.create_array(
-                ZARR_CROPS,
-                shape=(count, size, size, size),
-                chunks=(1, size, size, size),
-                dtype="int16",
-                compressors=BloscCodec(
-                    cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle
-                ),
-                chunk_key_encoding={"name": "default", "separator": "/"},
-                fill_value=-1024,
-                dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
-            )
-        self._classes = np.full(count, -1, dtype=np.int8)
-        self._grades = np.full(count, -1, dtype=np.int8)
+            self._chunks.mkdir()
+        self._classes: list[int] = []
+        self._grades: list[int] = []
         self._attrs: dict[str, list[str]] = {
             k: [] for k in ("keys", "splits", "levels", "cases", "patients")
         }
         self._check: dict[int, bytes] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._attrs["keys"])
 
     def write(
         self,
@@ -221,17 +228,18 @@ class ZarrWriter:
         grade: int | None,
     ) -> None:
         """Store crop `index` from its `encode_crop` bytes."""
-        if index != len(self._attrs["keys"]):
+        if index != self.count:
             raise ValueError("ZarrWriter.write expects indices in order")
-        chunk = self.path / ZARR_CROPS / "c" / str(index) / "0" / "0" / "0"
+        chunk = self._chunks / "c" / str(index) / "0" / "0" / "0"
         with out_of_space_as_error(chunk):
             chunk.parent.mkdir(parents=True, exist_ok=True)
             with open(chunk, "wb") as file:
                 file.write(encoded)
-        if index in (0, self.count - 1):
-            self._check[index] = encoded
-        self._classes[index] = -1 if cls is None else cls
-        self._grades[index] = -1 if grade is None else grade
+        if index == 0:
+            self._check[0] = encoded
+        self._last = (index, encoded)
+        self._classes.append(-1 if cls is None else cls)
+        self._grades.append(-1 if grade is None else grade)
         for name, value in (
             ("keys", key),
             ("splits", split),
@@ -242,21 +250,36 @@ class ZarrWriter:
             self._attrs[name].append(value)
 
     def close(self) -> None:
-        if len(self._attrs["keys"]) != self.count:
-            raise ValueError(
-                f"ZarrWriter got {len(self._attrs['keys'])} crops, expected {self.count}"
-            )
+        from zarr.codecs import BloscCodec, BloscShuffle
+
+        count, size = self.count, self.size
         with out_of_space_as_error(self.path):
+            self.crops = self.group.create_array(
+                ZARR_CROPS,
+                shape=(count, size, size, size),
+                chunks=(1, size, size, size),
+                dtype="int16",
+                compressors=BloscCodec(
+                    cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle
+                ),
+                chunk_key_encoding={"name": "default", "separator": "/"},
+                fill_value=-1024,
+                dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
+            )
+            if count:
+                (self._chunks / "c").rename(self.path / ZARR_CROPS / "c")
+                self._check[self._last[0]] = self._last[1]
+            self._chunks.rmdir()
             for name, values in ((ZARR_CLASSES, self._classes), (ZARR_GRADES, self._grades)):
                 array = self.group.create_array(
                     name,
-                    shape=values.shape,
-                    chunks=(max(1, self.count),),
+                    shape=(count,),
+                    chunks=(max(1, count),),
                     dtype="int8",
                     fill_value=-1,
                 )
-                if self.count:
-                    array[:] = values
+                if count:
+                    array[:] = np.array(values, dtype=np.int8)
             self.group.attrs.update(self._attrs)
         for index, encoded in self._check.items():
             expected = decode_crop(encoded, self.crops.shape[1:])

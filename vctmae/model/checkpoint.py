@@ -504,26 +504,45 @@ def model_kind(model: nn.Module) -> str:
     raise TypeError(f"not a vctmae model: {type(model).__name__}")
 
 
-def save_model(model: VideoViT, path: str | Path) -> Path:
-    """Write the weights as safetensors at `path` and the config at `config_path(path)`.
+@dataclass(frozen=True)
+class ModelFiles:
+    """What `save_model` writes, taken from a model: its tensors (on the CPU) and description."""
 
-    Each file is replaced atomically (config first, then weights), so a crash or a full disk
-    never leaves a half-written file under either name.
-    """
+    tensors: dict[str, torch.Tensor]
+    description: dict[str, object]
+
+
+def model_files(model: VideoViT) -> ModelFiles:
+    """A copy of `model`'s weights on the CPU and its description, ready to write (also from
+    another thread while training goes on: nothing here refers to the live parameters)."""
     model = unwrap(model)
-    path = Path(path)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    tensors = {
+        key: value.detach().to("cpu", copy=True).contiguous()
+        for key, value in model.state_dict().items()
+    }
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": model_kind(model),
         "config": model.config.to_dict(),
     }
-    text = (json.dumps(description, indent=2) + "\n").encode()
+    return ModelFiles(tensors=tensors, description=description)
+
+
+def write_model(files: ModelFiles, path: str | Path) -> Path:
+    """Write weights (safetensors at `path`) and config (`config_path(path)`), each atomically
+    (config first, then weights): a crash or a full disk never leaves a half-written file."""
+    path = Path(path)
+    text = (json.dumps(files.description, indent=2) + "\n").encode()
     write_atomically(config_path(path), lambda handle: handle.write(text))
-    data = serialize_safetensors(tensors, metadata={"format": FORMAT})
+    data = serialize_safetensors(files.tensors, metadata={"format": FORMAT})
     write_atomically(path, lambda handle: handle.write(data))
     return path
+
+
+def save_model(model: VideoViT, path: str | Path) -> Path:
+    """Write the weights as safetensors at `path` and the config at `config_path(path)`."""
+    return write_model(model_files(model), path)
 
 
 KINDS = ("mae", "classifier")

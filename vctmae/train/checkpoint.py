@@ -21,6 +21,7 @@ config), read back with `torch.load(weights_only=True)`: no pickled objects.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vctmae.model.checkpoint import CheckpointError, load_plain, save_model, write_atomically
+from vctmae.model.checkpoint import (
+    CheckpointError,
+    ModelFiles,
+    load_plain,
+    model_files,
+    write_atomically,
+    write_model,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "last.json"
@@ -44,20 +52,21 @@ class CheckpointFiles:
     state: Path
 
 
-def save_weights(model: nn.Module, path: Path) -> Path:
-    """Write `model` (safetensors + JSON config) atomically; a full disk keeps the old file."""
-    return save_model(model, Path(path))
-
-
 def _entry(files: CheckpointFiles) -> dict[str, Any]:
     return {"epoch": files.epoch, "weights": files.weights.name, "state": files.state.name}
 
 
-def save_checkpoint(run_dir: Path, *, model: nn.Module, state: dict[str, Any], epoch: int) -> Path:
-    """Write the epoch's weights and training state, then flip the pointer. Returns the pointer."""
+def save_checkpoint(
+    run_dir: Path, *, model: nn.Module | ModelFiles, state: dict[str, Any], epoch: int
+) -> Path:
+    """Write the epoch's weights and training state, then flip the pointer. Returns the pointer.
+
+    `model` may be a `ModelFiles` snapshot (what the background writer passes).
+    """
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     name = f"epoch-{epoch:04d}"
-    weights = save_weights(model, ckpt_dir / f"{name}.safetensors")
+    files = model if isinstance(model, ModelFiles) else model_files(model)
+    weights = write_model(files, ckpt_dir / f"{name}.safetensors")
     state_path = write_atomically(
         ckpt_dir / f"{name}.state.pt", lambda handle: torch.save(state, handle)
     )
@@ -140,3 +149,72 @@ def load_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
         raise CheckpointError(f"{path}: not a vctmae training state (keys missing)")
     return state
+
+
+def cpu_copy(value: Any) -> Any:
+    """`value` (nested dicts, lists, tensors) with every tensor copied to the CPU: a snapshot
+    the background writer can save while the training step changes the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(item) for item in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoints and weights in a thread, one job after another, off the training step.
+
+    The step only pays for copying the tensors to the CPU (`model_files`, `cpu_copy`); the
+    serialisation, the disk writes and the pointer flip — the same atomic protocol as a
+    synchronous save — happen while the next epoch trains. `wait()` blocks until every job is
+    done and re-raises the first error of one (e.g. a full disk, as `OutOfSpaceError`). The
+    thread is not a daemon: an interrupted run still finishes the write it had started.
+    """
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._new_thread = lambda: threading.Thread(target=self._work, name="vctmae-checkpoints")
+
+    def submit(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._thread is None:
+            self._thread = self._new_thread()
+            self._thread.start()
+        self._jobs.put((job, args, kwargs))
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                self._jobs.task_done()
+                return
+            job, args, kwargs = item
+            try:
+                if self._error is None:
+                    job(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread by wait()
+                self._error = error
+            finally:
+                self._jobs.task_done()
+
+    def wait(self, *, raise_errors: bool = True) -> None:
+        """Block until every submitted job is written; re-raise a job's error."""
+        if self._thread is not None:
+            self._jobs.join()
+        if raise_errors and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Finish every job and stop the thread (a job's error is re-raised)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        self.wait(raise_errors=raise_errors)

@@ -131,7 +131,18 @@ class RunOptions:
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP, resumable=True)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    cuda_graph: bool = flag(
+        True,
+        "Capture the training step in a CUDA graph and replay it (CUDA, one process; "
+        "otherwise, or when a run cannot be captured, the step runs eagerly, saying why).",
+        negatable=True,
+        resumable=True,
+    )
     resume: bool = flag(False, "Continue from the last checkpoint in --out.", resumable=True)
+    checkpoint_every: int = flag(
+        1, "Write a checkpoint every N epochs (and after the last); in the background.",
+        resumable=True,
+    )  # fmt: skip
     log_every: int = flag(20, "Optimizer steps between log records.", resumable=True)
     progress: bool = flag(True, "Show the progress bar.", negatable=True, resumable=True)
     # Cap for smoke runs and benchmarks (Python only).
@@ -154,6 +165,8 @@ class RunOptions:
             )
         if self.log_every < 1:
             raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
+        if self.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise UsageError("max_steps_per_epoch must be >= 1 or None")
         _check_out_folder(self.out)

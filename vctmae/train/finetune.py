@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from vctmae.data.frames import FrameSampler
+from vctmae.model.checkpoint import model_files, write_model
 from vctmae.train import distributed
-from vctmae.train.checkpoint import save_weights
 from vctmae.train.config import FinetuneConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
@@ -118,7 +118,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         if val_loader is None:
             # Without validation data the latest weights are the ones to use.
             if info.is_main:
-                save_weights(model, best_path)
+                run.writer.submit(write_model, model_files(model), best_path)
             state.best_epoch = epoch + 1
             return EpochEnd()
         predictions = predict(
@@ -135,7 +135,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = f1, epoch + 1, 0
             if info.is_main:
-                save_weights(model, best_path)
+                run.writer.submit(write_model, model_files(model), best_path)
         else:
             state.bad_epochs += 1
         scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}

@@ -34,10 +34,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.errors import VctmaeError
-from vctmae.model.checkpoint import CheckpointError, load_weights
+from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
 from vctmae.train.distributed import any_true, barrier, gather_objects
+from vctmae.train.graph import StaticStep
 from vctmae.train.run import Run
 from vctmae.train.runlog import training_progress, warn
 from vctmae.train.schedule import set_lr
@@ -69,13 +70,17 @@ class EpochEnd:
 
 
 def autocast_context(
-    device: torch.device, precision: str = "auto"
+    device: torch.device, precision: str = "auto", *, cache: bool = True
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one."""
+    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one.
+
+    `cache=False` turns autocast's weight-cast cache off (a CUDA graph must not capture a cast
+    made once and reused: the weights change every step).
+    """
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -142,6 +147,12 @@ class Trainer:
         self.run_dir = run.out
         # What --resume compares: the settings that decide data order, schedule and model.
         self.fingerprint = resume_fingerprint(run.config)
+        # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
+        self.static: StaticStep | None = None
+        if run.graph_blocker is None:
+            self.static = StaticStep(self, capture=self.info.device.type == "cuda")
+        elif self.options.cuda_graph and self.info.device.type == "cuda" and self.info.is_main:
+            warn(f"--cuda-graph: {run.graph_blocker}")
 
     # -- checkpoints ---------------------------------------------------------------
     def _state_dict(self) -> dict[str, Any]:
@@ -159,10 +170,16 @@ class Trainer:
         return state
 
     def _save(self) -> None:
+        """Checkpoint this epoch: the state is gathered now (a collective), written in the
+        background by `run.writer` while the next epoch trains."""
         state = self._state_dict()  # collective: every rank takes part
         if self.info.is_main:
-            checkpoint.save_checkpoint(
-                self.run_dir, model=self.model, state=state, epoch=self.state.epoch
+            self.run.writer.submit(
+                checkpoint.save_checkpoint,
+                self.run_dir,
+                model=model_files(self.model),
+                state=checkpoint.cpu_copy(state),
+                epoch=self.state.epoch,
             )
         barrier()
 
@@ -247,6 +264,8 @@ class Trainer:
     def _raise_if_nonfinite(self, flag: torch.Tensor, epoch: int) -> None:
         # Deliberate sync (logging steps and epoch ends only).
         if bool(any_true(flag).item()):
+            # The checkpoint a pending write is about to make current is the last good one.
+            self.run.writer.wait(raise_errors=False)
             found = checkpoint.latest_checkpoint(self.run_dir)
             kept = (
                 f"last good checkpoint kept: {found[0]}"
@@ -262,6 +281,11 @@ class Trainer:
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepMetrics:
         """One optimizer step over `micro_batches` (gradient accumulation); no host sync."""
+        samples = sum(len(batch) for batch in micro_batches)
+        if self.static is not None:
+            loss_sum = self.static(list(micro_batches))
+            self.state.step += 1
+            return StepMetrics(loss_sum=loss_sum, micro_batches=len(micro_batches), samples=samples)
         device = self.info.device
         accum = len(micro_batches)
         ddp = isinstance(self.module, DistributedDataParallel)
@@ -284,11 +308,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return StepMetrics(
-            loss_sum=loss_sum,
-            micro_batches=accum,
-            samples=sum(len(batch) for batch in micro_batches),
-        )
+        return StepMetrics(loss_sum=loss_sum, micro_batches=accum, samples=samples)
 
     def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
         """Mean of a per-rank sum over `count` micro-batches each, across ranks."""
@@ -299,6 +319,17 @@ class Trainer:
         return float(total.item()) / (count * self.info.world_size)
 
     def fit(self) -> TrainState:
+        """Train the remaining epochs; every write the run started is finished on return."""
+        try:
+            self._epochs()
+        except BaseException:
+            # Finish what was being written (its error must not hide this one).
+            self.run.writer.close(raise_errors=False)
+            raise
+        self.run.writer.close()
+        return self.state
+
+    def _epochs(self) -> None:
         options = self.options
         epochs = self.run.config.epochs
         per_epoch = self.run.steps_per_epoch
@@ -362,6 +393,8 @@ class Trainer:
                 mean_loss = self._mean_over_ranks(epoch_loss, micro)
                 elapsed = time.perf_counter() - start
                 self.state.epoch = epoch + 1
+                # The previous epoch's writes are done before this epoch's hook writes again.
+                self.run.writer.wait()
                 hook = (
                     self.epoch_end(epoch, mean_loss, self.state) if self.epoch_end else EpochEnd()
                 )
@@ -369,7 +402,9 @@ class Trainer:
                 self.state.history.append(record)
                 if hook.stop:
                     self.state.stopped_early = True
-                self._save()
+                last = epoch + 1 == epochs or self.state.stopped_early
+                if last or (epoch + 1) % options.checkpoint_every == 0:
+                    self._save()
                 self.log.write(
                     "epoch",
                     **record,
@@ -378,4 +413,3 @@ class Trainer:
                     samples_per_s=samples * world / max(elapsed, 1e-9),
                 )
                 progress.update(task, loss=f"{mean_loss:.4f}")
-        return self.state

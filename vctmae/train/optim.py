@@ -39,9 +39,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _fused_kwargs(device: torch.device) -> dict:
-    # Fused kernels are a CUDA feature; on CPU the default foreach path is used.
-    return {"fused": True} if device.type == "cuda" else {}
+def _kwargs(lr: float, device: torch.device, capture_ready: bool) -> dict:
+    """Fused kernels on CUDA (the default foreach path on CPU). A capture-ready optimizer
+    (`vctmae.train.graph`) keeps its learning rate in a device tensor the step updates in place,
+    and on CUDA keeps its step counters on the device (`capturable`), so a CUDA graph can replay
+    it; on the CPU it is the fused kernel with a tensor lr, the same arithmetic."""
+    if not capture_ready:
+        return {"lr": lr, "fused": True} if device.type == "cuda" else {"lr": lr}
+    return {
+        "lr": torch.tensor(lr, dtype=torch.float32, device=device),
+        "fused": True,
+        "capturable": device.type == "cuda",
+    }
 
 
 OPTIMIZERS = ("adamw", "adam")
@@ -55,8 +64,9 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     device: torch.device,
+    capture_ready: bool = False,
 ) -> torch.optim.Optimizer:
-    """The trainers' optimizers (paper App. A.5), fused on CUDA.
+    """The trainers' optimizers (paper App. A.5), fused on CUDA (see `_kwargs`).
 
     "adamw" (pretraining): AdamW with decay only on weight matrices (`param_groups`).
     "adam" (finetuning): the paper's plain Adam; AdamW-style groups if weight decay is asked for.
@@ -65,6 +75,6 @@ def build_optimizer(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     if kind == "adamw" or weight_decay > 0:
         groups = param_groups(model, weight_decay)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_fused_kwargs(device))
+        return torch.optim.AdamW(groups, betas=betas, **_kwargs(lr, device, capture_ready))
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, betas=betas, **_fused_kwargs(device))
+    return torch.optim.Adam(params, betas=betas, **_kwargs(lr, device, capture_ready))

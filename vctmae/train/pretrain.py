@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from vctmae.data.frames import FrameSampler
+from vctmae.model.checkpoint import model_files, write_model
 from vctmae.train import distributed
-from vctmae.train.checkpoint import save_weights
 from vctmae.train.config import PretrainConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
@@ -75,7 +75,7 @@ def pretrain_trainer(config: PretrainConfig) -> Trainer:
 
     def epoch_end(epoch: int, mean_loss: float, state: TrainState) -> EpochEnd:
         if run.info.is_main:
-            save_weights(model, out / "model.safetensors")
+            run.writer.submit(write_model, model_files(model), out / "model.safetensors")
             if config.preview:
                 if not preview_crop:
                     # The first crop of the training split's first shard, the same every epoch.

@@ -19,8 +19,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.train import distributed
+from vctmae.train.checkpoint import BackgroundWriter
 from vctmae.train.config import RunOptions, SpeedOptions
 from vctmae.train.distributed import DistInfo
+from vctmae.train.graph import capture_blocker
 from vctmae.train.optim import build_optimizer
 from vctmae.train.runlog import RunLog
 from vctmae.train.schedule import WarmupCosine
@@ -61,6 +63,10 @@ class Run:
     schedule: WarmupCosine
     steps_per_epoch: int
     init_report: Any
+    # Why the step is not graph-captured (None: it is; `vctmae.train.graph`).
+    graph_blocker: str | None
+    # Checkpoints and weights are written by this thread, off the training step.
+    writer: BackgroundWriter
 
     @property
     def out(self) -> Path:
@@ -109,6 +115,7 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
             f"{len(loader)} batches per epoch on this rank, fewer than --accum-steps "
             f"{run.accum_steps}; use fewer processes or a smaller --batch-size",
         )
+    blocker = capture_blocker(run, info) if run.cuda_graph else "turned off (--no-cuda-graph)"
     schedule = WarmupCosine(
         peak_lr=peak,
         total_steps=per_epoch * config.epochs,
@@ -132,8 +139,11 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
             weight_decay=config.weight_decay,
             betas=config.betas,
             device=info.device,
+            capture_ready=blocker is None,
         ),
         schedule=schedule,
         steps_per_epoch=per_epoch,
         init_report=init_report,
+        graph_blocker=blocker,
+        writer=BackgroundWriter(),
     )

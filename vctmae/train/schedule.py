@@ -55,6 +55,10 @@ def pretrain_peak_lr(blr: float, batch_size: int, world_size: int, accum_steps: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (a Python float: no device sync)."""
+    """Set every parameter group's learning rate: a Python float, or — for a capture-ready
+    optimizer — written into its lr tensor in place (a fill, no device sync)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -1,0 +1,195 @@
+"""The capture-ready training step (vctmae.train.graph) against the eager `Trainer.train_step`.
+
+On the CPU the static step runs without capture: static device slots, randomness
+staged through one buffer, the learning rate in a tensor, the fused optimizer —
+everything a CUDA graph replays except the replay itself. It must compute what
+the eager step computes. The CUDA tests (capture + replay, resume) skip without
+a GPU and run in benchmarks/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from vctmae.bench.step import write_step_shards
+from vctmae.data import LoaderOptions
+from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
+from vctmae.train.finetune import finetune_trainer
+from vctmae.train.pretrain import pretrain_trainer
+
+SMALL_MODEL = {
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+}
+# fp32: the fused Adam kernel (static step) and the foreach one (eager step) round the same
+# update in a different order, ~1e-7 relative per step. Parameters whose gradient is zero but
+# for rounding (the attention's key bias: softmax ignores it) get Adam updates g / (√v + ε) that
+# amplify that rounding up to ~1 % of a step (lr ≈ 8e-4 here): hence the absolute bound. A wrong
+# draw, slot or learning rate moves every weight by whole steps, far beyond both bounds.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_step_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
+
+
+def run_options(shards, out: Path, **changes) -> RunOptions:
+    return RunOptions(
+        shards=tuple(shards), out=out, model="tiny", model_overrides=SMALL_MODEL,
+        loader=LoaderOptions(workers=0), device="cpu", progress=False, **changes,
+    )  # fmt: skip
+
+
+def trainers(make, monkeypatch):
+    """(eager, static) trainers of the same config; the static one as it would run on CUDA,
+    without the capture."""
+    eager = make("eager")
+    monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
+    static = make("static")
+    monkeypatch.undo()
+    assert eager.static is None and static.static is not None and not static.static.capture
+    assert isinstance(static.optimizer.param_groups[0]["lr"], torch.Tensor)
+    return eager, static
+
+
+def run_steps(trainer, steps: int, accum: int) -> list[float]:
+    # Dropout draws from torch's global RNG: both runs start from the same state.
+    torch.manual_seed(11)
+    trainer.model.train()
+    batches = iter(trainer.loader)
+    losses = []
+    for _ in range(steps):
+        micro = [next(batches) for _ in range(accum)]
+        losses.append(float(trainer.train_step(micro).loss_sum))
+    return losses
+
+
+def assert_same_training(eager, static, losses_eager, losses_static) -> None:
+    assert losses_static == pytest.approx(losses_eager, rel=RTOL)
+    pairs = zip(eager.model.state_dict().items(), static.model.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=name)
+    # The same randomness was drawn: both generators stand at the same place.
+    assert torch.equal(eager.generator.get_state(), static.generator.get_state())
+    assert eager.state.step == static.state.step
+
+
+def test_static_pretraining_step_equals_the_eager_step(shards, tmp_path, monkeypatch):
+    def make(name):
+        run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+        )
+
+    eager, static = trainers(make, monkeypatch)
+    assert_same_training(eager, static, run_steps(eager, 4, 1), run_steps(static, 4, 1))
+
+
+def test_static_finetuning_step_with_accumulation_equals_the_eager_step(
+    shards, tmp_path, monkeypatch
+):
+    def make(name):
+        run = run_options(shards, tmp_path / name, accum_steps=2)
+        return finetune_trainer(
+            FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+        )
+
+    eager, static = trainers(make, monkeypatch)
+    # Head dropout on: its masks come from torch's global RNG, in the same order in both steps.
+    assert eager.model.config.head_dropout > 0
+    assert_same_training(eager, static, run_steps(eager, 3, 2), run_steps(static, 3, 2))
+
+
+def test_forward_backward_compiles_as_one_graph(shards, tmp_path, monkeypatch):
+    """The captured part of the step traces with torch.compile(fullgraph=True), backward
+    included: nothing in it syncs to the host or branches on data. (The optimizer step is the
+    fused kernel; torch.optim's Python `step` always graph-breaks, so it is not compiled.)"""
+    import torch._dynamo
+
+    monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
+    run = run_options(shards, tmp_path / "compiled", flip="frames")
+    trainer = pretrain_trainer(PretrainConfig(run=run, epochs=1, warmup_epochs=0, batch_size=4))
+    trainer.model.train()
+    static = trainer.static
+    static.load([next(iter(trainer.loader))])
+    static.forward_backward()
+    eager = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        torch.compile(static.forward_backward, fullgraph=True, backend="aot_eager")()
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# -- on a GPU -----------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
+    """Capture + replay against the eager step, in fp32 (bf16 would blur the comparison)."""
+
+    def make(name, cuda_graph):
+        run = run_options(
+            shards, tmp_path / name, flip="frames", device="cuda", cuda_graph=cuda_graph
+        )
+        run = dataclasses.replace(run, speed=dataclasses.replace(run.speed, precision="fp32"))
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+        )
+
+    eager, graphed = make("eager", False), make("graphed", True)
+    assert eager.static is None and graphed.static is not None and graphed.static.capture
+    losses = run_steps(eager, 5, 1), run_steps(graphed, 5, 1)
+    assert graphed.static.graph is not None
+    # TF32 and kernel choices may differ between eager and captured launches: a looser bound.
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_resume_is_exact(shards, tmp_path, monkeypatch):
+    """A graph-captured run interrupted after its first epoch and resumed ends where an
+    uninterrupted graph-captured run ends (MAE: all randomness from the CPU generator)."""
+    from safetensors.torch import load_file
+
+    from vctmae.data import ShardLoader
+    from vctmae.train.pretrain import run_pretrain
+
+    def config(out, resume=False):
+        run = run_options(
+            shards, out, flip="frames", device="cuda", resume=resume, max_steps_per_epoch=2
+        )
+        return PretrainConfig(run=run, epochs=2, warmup_epochs=0, batch_size=4, preview=False)
+
+    full = run_pretrain(config(tmp_path / "full"))
+    original = ShardLoader.set_epoch
+
+    def stop_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated interruption")
+        original(self, epoch)
+
+    monkeypatch.setattr(ShardLoader, "set_epoch", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(config(tmp_path / "cut"))
+    monkeypatch.setattr(ShardLoader, "set_epoch", original)
+    resumed = run_pretrain(config(tmp_path / "cut", resume=True))
+    assert resumed.state.step == full.state.step
+    a, b = load_file(str(full.model_path)), load_file(str(resumed.model_path))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
