@@ -59,7 +59,8 @@ def random_crops(generator: torch.Generator, batch: int) -> torch.Tensor:
 
 
 def write_shard(path: Path, samples: list[dict]) -> None:
-    """A shard whose samples carry the given JSON metadata (level, bbox) and a class."""
+    """A shard whose samples carry the given JSON metadata (level, bbox) and a class (the
+    metadata's "class", else 0)."""
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w") as tar:
         for meta in samples:
@@ -68,7 +69,7 @@ def write_shard(path: Path, samples: list[dict]) -> None:
             members = {
                 "crop.npy": buffer.getvalue(),
                 "json": json.dumps(meta).encode(),
-                "cls": b"0",
+                "cls": str(meta.get("class", 0)).encode(),
             }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{meta['key']}.{ext}")
@@ -266,6 +267,52 @@ def test_combine_logits_in_crop_mode_is_softmax_of_mean_logits():
     torch.testing.assert_close(got, torch.softmax(logits.mean(0), -1)[:, 1], rtol=1e-6, atol=0)
     probs = multiview_probs(model, crops, views=6, device=torch.device("cpu"))
     assert not torch.allclose(got, probs, rtol=0, atol=1e-7)  # the two rules differ
+
+
+@pytest.fixture(scope="module")
+def boxed_shards(tmp_path_factory) -> list[str]:
+    """Labelled shards in ingest's format with random mask boxes (for mask-mode trainers)."""
+    root = tmp_path_factory.mktemp("boxed")
+    boxes = random_boxes(np.random.default_rng(30), 16)
+    samples = [
+        {"key": f"b{i:02d}_L1", "level": "L1", "bbox": boxes[i].tolist(), "class": i % 2}
+        for i in range(16)
+    ]
+    write_shard(root / "train-000000.tar", samples)
+    return [str(root / "train-000000.tar")]
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
+    boxed_shards, tmp_path, monkeypatch, kind
+):
+    """The capture-ready step (vctmae.train.graph) in mask mode with the row flip: the boxes
+    travel through its slots, and forward + backward trace as one graph (no host sync in the
+    frame rule, the context cut or the flip), as a CUDA graph needs."""
+    import torch._dynamo
+    from test_graph import assert_same_training, run_options, run_steps, trainers
+
+    from vctmae.train import PretrainConfig
+    from vctmae.train.finetune import finetune_trainer
+    from vctmae.train.pretrain import pretrain_trainer
+
+    def make(name):
+        run = run_options(boxed_shards, tmp_path / name, frames="mask", flip="rows")
+        if kind == "pretrain":
+            config = PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+            return pretrain_trainer(config)
+        return finetune_trainer(
+            FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+        )
+
+    eager, static = trainers(make, monkeypatch)
+    assert_same_training(eager, static, run_steps(eager, 3, 1), run_steps(static, 3, 1))
+    steps = static.static
+    steps.load([next(iter(static.loader))])
+    assert steps.batches[0].boxes is not None
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        torch.compile(steps.forward_backward, fullgraph=True, backend="aot_eager")()
 
 
 # ----------------------------------------------------------------------------- shards: boxes, levels
