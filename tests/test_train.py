@@ -105,7 +105,7 @@ TEST_RUN = dict(
 
 def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
     """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
-    run = {**TEST_RUN, "mirror": True, **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
+    run = {**TEST_RUN, "flip": "frames", **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
     stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
     stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
     return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)

@@ -24,8 +24,10 @@ _NO_LIMIT = 1 << 62
 
 
 def sample_members(key: str, crop: np.ndarray, label: int | None) -> list[tuple[str, bytes]]:
-    """`KEY.crop.npy`, `KEY.json` and, for a labelled sample, `KEY.cls`."""
-    members = [("crop.npy", npy_bytes(crop)), ("json", json.dumps({"key": key}).encode())]
+    """`KEY.crop.npy`, `KEY.json` (key and level — the key's last `_` part, as ingest names
+    keys) and, for a labelled sample, `KEY.cls`."""
+    meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
+    members = [("crop.npy", npy_bytes(crop)), ("json", json.dumps(meta).encode())]
     if label is not None:
         members.append(("cls", str(int(label)).encode()))
     return members
