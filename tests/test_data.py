@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from vctmae.bench.shards import write_shard, write_shards
 from vctmae.data import (
     ShardError,
     ShardLoader,
@@ -27,21 +26,6 @@ from vctmae.data import (
 SMALL = (12, 4, 4)  # crop shape for split tests: the loader is shape-generic, the split is not
 
 
-def write_shard(path: Path, samples: list[tuple[str, np.ndarray, int | None]]) -> None:
-    """A shard in ingest's format: KEY.crop.npy (np.save bytes), KEY.json, KEY.cls when labelled."""
-    with tarfile.open(path, "w") as tar:
-        for key, crop, label in samples:
-            buffer = io.BytesIO()
-            np.save(buffer, crop)
-            members = {"crop.npy": buffer.getvalue(), "json": json.dumps({"key": key}).encode()}
-            if label is not None:
-                members["cls"] = str(label).encode()
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def make_shards(
     root: Path, sizes: list[int], *, shape=SMALL, seed=0, prefix="train"
 ) -> dict[str, tuple]:
@@ -49,6 +33,7 @@ def make_shards(
     rng = np.random.default_rng(seed)
     truth = {}
     root.mkdir(parents=True, exist_ok=True)
+    shards = []
     for shard, size in enumerate(sizes):
         samples = []
         for i in range(size):
@@ -57,7 +42,8 @@ def make_shards(
             label = int(rng.integers(0, 2)) if (shard + i) % 4 else None
             samples.append((key, crop, label))
             truth[key] = (crop, -1 if label is None else label)
-        write_shard(root / f"{prefix}-{shard:06d}.tar", samples)
+        shards.append(samples)
+    write_shards(root, prefix, shards)
     return truth
 
 

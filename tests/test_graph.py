@@ -85,7 +85,7 @@ def assert_same_training(eager, static, losses_eager, losses_static) -> None:
 
 def test_static_pretraining_step_equals_the_eager_step(shards, tmp_path, monkeypatch):
     def make(name):
-        run = run_options(shards, tmp_path / name, mirror=True, grad_clip=1.0)
+        run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)
         return pretrain_trainer(
             PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
         )
@@ -116,7 +116,7 @@ def test_forward_backward_compiles_as_one_graph(shards, tmp_path, monkeypatch):
     import torch._dynamo
 
     monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
-    run = run_options(shards, tmp_path / "compiled", mirror=True)
+    run = run_options(shards, tmp_path / "compiled", flip="frames")
     trainer = pretrain_trainer(PretrainConfig(run=run, epochs=1, warmup_epochs=0, batch_size=4))
     trainer.model.train()
     static = trainer.static
@@ -143,7 +143,7 @@ def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
 
     def make(name, cuda_graph):
         run = run_options(
-            shards, tmp_path / name, mirror=True, device="cuda", cuda_graph=cuda_graph
+            shards, tmp_path / name, flip="frames", device="cuda", cuda_graph=cuda_graph
         )
         run = dataclasses.replace(run, speed=dataclasses.replace(run.speed, precision="fp32"))
         return pretrain_trainer(
@@ -172,7 +172,7 @@ def test_cuda_graph_resume_is_exact(shards, tmp_path, monkeypatch):
 
     def config(out, resume=False):
         run = run_options(
-            shards, out, mirror=True, device="cuda", resume=resume, max_steps_per_epoch=2
+            shards, out, flip="frames", device="cuda", resume=resume, max_steps_per_epoch=2
         )
         return PretrainConfig(run=run, epochs=2, warmup_epochs=0, batch_size=4, preview=False)
 

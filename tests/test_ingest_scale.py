@@ -449,7 +449,11 @@ def test_dask_local_cluster_writes_the_process_pools_bytes_and_resumes(small_cas
         executor="dask",
         geometry=GeometryConfig(keep_truncated=True),
     )
+    environment = dict(os.environ)
     report = run_ingest(config, progress=False)
+    # distributed sets OMP_NUM_THREADS=1 (and more) in this process while its cluster runs;
+    # afterwards the environment is as it was (later subprocesses would run single-threaded).
+    assert dict(os.environ) == environment
     assert report["executor"] == "dask" and report["workers"] == 2
     assert report["cases_ok"] == pool["cases_ok"] == 4
     assert report["vertebrae_written"] == pool["vertebrae_written"] == 16

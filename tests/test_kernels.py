@@ -46,21 +46,40 @@ def random_frames(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def random_inputs(
-    batch: int, dim: int, keep: int | None, pos: bool, generator: torch.Generator
+    batch: int,
+    dim: int,
+    keep: int | None,
+    pos: bool,
+    generator: torch.Generator,
+    frame_size: int = 96,
+    slices: int = 96,
 ) -> dict:
-    """HU values beyond both ends of the [-1000, 1000] window so the clip is exercised."""
-    crops = torch.randint(-1500, 1500, (batch, 96, 96, 96), dtype=torch.int16, generator=generator)
+    """HU values beyond both ends of the [-1000, 1000] window so the clip is exercised.
+
+    frame_size 224: the 96² slices padded to 224² frames (1568 tokens); slices 16: a pre-gathered
+    clip (B, 16, 96, 96), as the trainers pass when they cut or flip frames.
+    """
+    crops = torch.randint(
+        -1500, 1500, (batch, slices, 96, 96), dtype=torch.int16, generator=generator
+    )
+    tokens = 8 * (frame_size // 16) ** 2
+    frames = (
+        random_frames(batch, generator)
+        if slices == 96
+        else torch.stack([torch.randperm(slices, generator=generator) for _ in range(batch)])
+    )
     inputs = {
         "crops": crops,
-        "frames": random_frames(batch, generator),
+        "frames": frames,
         "weight": torch.randn(dim, 512, generator=generator),
         "bias": torch.randn(dim, generator=generator),
         "keep": None,
-        "pos": torch.randn(288, dim, generator=generator) if pos else None,
+        "pos": torch.randn(tokens, dim, generator=generator) if pos else None,
+        "frame_size": frame_size,
     }
     if keep is not None:
         inputs["keep"] = torch.stack(
-            [torch.randperm(288, generator=generator)[:keep] for _ in range(batch)]
+            [torch.randperm(tokens, generator=generator)[:keep] for _ in range(batch)]
         )
     return inputs
 
@@ -78,13 +97,25 @@ def reference_with_grads(inputs: dict, grad_out: torch.Tensor) -> dict[str, torc
         params["bias"],
         keep=inputs["keep"],
         pos=params.get("pos"),
+        frame_size=inputs["frame_size"],
     )
     out.backward(grad_out)
     return {"out": out.detach(), **{f"grad_{name}": p.grad for name, p in params.items()}}
 
 
-# (batch, dim, kept tokens, pos): dim 40 leaves a partly masked column tile; 3×5 rows a partial row tile.
-CASES = [(2, 32, None, False), (2, 32, None, True), (3, 40, 5, True), (2, 32, 7, False)]
+# (batch, dim, kept tokens, pos, frame size, slices): dim 40 leaves a partly masked column tile;
+# 3×5 rows a partial row tile; frame size 224 the padded 14×14 grid (with and without keep, the
+# kept tokens drawn from all 1568, so most are padding-only and some straddle nothing: the pad
+# is patch-aligned at 64 = 4·16); 16 slices a pre-gathered clip.
+CASES = [
+    (2, 32, None, False, 96, 96),
+    (2, 32, None, True, 96, 96),
+    (3, 40, 5, True, 96, 96),
+    (2, 32, 7, False, 96, 96),
+    (1, 24, None, True, 224, 96),
+    (2, 40, 90, True, 224, 96),
+    (2, 32, 9, True, 96, 16),
+]
 
 INTERPRETER_SCRIPT = """
 import os, sys, torch
@@ -95,7 +126,8 @@ results = []
 for inputs, grad_out in cases:
     params = {n: inputs[n].clone().requires_grad_(True) for n in ("weight", "bias", "pos") if inputs[n] is not None}
     out = patch_embed(inputs["crops"], inputs["frames"], params["weight"], params["bias"],
-                      keep=inputs["keep"], pos=params.get("pos"), backend="triton")
+                      keep=inputs["keep"], pos=params.get("pos"), backend="triton",
+                      frame_size=inputs["frame_size"])
     out.backward(grad_out)
     results.append({"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}})
 torch.save(results, sys.argv[2])
@@ -115,9 +147,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def test_triton_interpreter_matches_reference(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     cases = []
-    for batch, dim, keep, pos in CASES:
-        inputs = random_inputs(batch, dim, keep, pos, generator)
-        tokens = 288 if keep is None else keep
+    for batch, dim, keep, pos, frame_size, slices in CASES:
+        inputs = random_inputs(batch, dim, keep, pos, generator, frame_size, slices)
+        tokens = 8 * (frame_size // 16) ** 2 if keep is None else keep
         cases.append((inputs, torch.randn(batch, tokens, dim, generator=generator)))
     torch.save(cases, tmp_path / "cases.pt")
     subprocess.run(
@@ -195,9 +227,10 @@ bias.requires_grad_(True)
 pos.requires_grad_(True)
 grad_out = torch.randn(crops.shape[0], keep.shape[1], weight.shape[0])
 checks = {
-    "patch_embed keep+pos": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, keep, pos, False)),
-    "patch_embed all tokens": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, None, None, False)),
-    "grad_weight": (torch.ops.vctmae.patch_embed_grad_weight, (crops, frames, keep, grad_out, False)),
+    "patch_embed keep+pos": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, keep, pos, False, 96)),
+    "patch_embed all tokens": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, None, None, False, 96)),
+    "patch_embed 224 frames": (torch.ops.vctmae.patch_embed, (crops, frames, weight, bias, keep, None, False, 224)),
+    "grad_weight": (torch.ops.vctmae.patch_embed_grad_weight, (crops, frames, keep, grad_out, False, 96)),
 }
 for name, (op, args) in checks.items():
     result = torch.library.opcheck(op, args)
@@ -238,7 +271,13 @@ def test_compiles_for_sm80_and_sm90_without_a_gpu(tmp_path: Path) -> None:
     )
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
-    assert len(results) >= 6
+    assert len(results) >= 12
+    # Both frame sizes, forward and grad_weight, for both targets.
+    for arch in ("sm_80", "sm_90"):
+        names = {r["variant"] for r in results if r["arch"] == arch}
+        for frame in (96, 224):
+            assert any(n.startswith(f"forward frame={frame} ") for n in names), names
+            assert any(n.startswith(f"grad_weight frame={frame} ") for n in names), names
     for r in results:
         assert "ptx" in r["stages"], r
         # The bf16 dot must lower to tensor-core instructions: wgmma on Hopper, mma.sync on Ampere.
@@ -274,6 +313,26 @@ def test_reference_layout_matches_explicit_indexing() -> None:
         token = t * 36 + row * 6 + col
         torch.testing.assert_close(patches[b, token], vector, rtol=0, atol=0)
         torch.testing.assert_close(tokens[b, token], weight @ vector + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_224_frames_hold_the_96_slices_centred_in_padding() -> None:
+    """Table 2 row 5: on the 8×14×14 grid the central 6×6 tokens of each frame pair are the 96²
+    path's tokens; every other token sees only padding (−1000 HU → 0), so it is the bias (+pos)."""
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    inputs = random_inputs(2, 24, None, True, generator, frame_size=224)
+    small = patch_embed_reference(
+        inputs["crops"], inputs["frames"], inputs["weight"], inputs["bias"]
+    )  # (B, 288, D)
+    big = patch_embed_reference(
+        inputs["crops"], inputs["frames"], inputs["weight"], inputs["bias"], pos=inputs["pos"]
+    )  # (B, 1568, D): the frame size follows pos
+    assert big.shape == (2, 1568, 24)
+    grid = (big - inputs["pos"]).reshape(2, 8, 14, 14, 24)
+    torch.testing.assert_close(grid[:, :, 4:10, 4:10].reshape(2, 288, 24), small)
+    outside = torch.ones(14, 14, dtype=torch.bool)
+    outside[4:10, 4:10] = False
+    padding = grid[:, :, outside]  # (B, 8, 160, D)
+    torch.testing.assert_close(padding, inputs["bias"].expand_as(padding))
 
 
 def test_reference_keep_and_pos_select_tokens() -> None:
@@ -323,14 +382,16 @@ def test_backend_selection_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("keep,pos", [(None, False), (57, True)])
-def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
+@pytest.mark.parametrize(
+    "keep,pos,frame_size", [(None, False, 96), (57, True, 96), (313, True, 224), (None, True, 224)]
+)
+def test_cuda_bf16_matches_reference(keep: int | None, pos: bool, frame_size: int) -> None:
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    inputs = random_inputs(4, 256, keep, pos, generator)
-    tokens = 288 if keep is None else keep
+    inputs = random_inputs(4, 256, keep, pos, generator, frame_size=frame_size)
+    tokens = 8 * (frame_size // 16) ** 2 if keep is None else keep
     grad_out = torch.randn(4, tokens, 256, generator=generator)
     expected = reference_with_grads(inputs, grad_out)
-    cuda = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     params = {
         n: cuda[n].clone().requires_grad_(True)
         for n in ("weight", "bias", "pos")
@@ -343,6 +404,7 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool) -> None:
         params["bias"],
         keep=cuda["keep"],
         pos=params.get("pos"),
+        frame_size=frame_size,
     )
     out.backward(grad_out.cuda())
     got = {"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}}
@@ -363,7 +425,7 @@ def test_cuda_fp32_dots_match_reference(batch: int, dim: int, keep: int | None) 
     tokens = 288 if keep is None else keep
     grad_out = torch.randn(batch, tokens, dim, generator=generator)
     expected = reference_with_grads(inputs, grad_out)
-    cuda = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     params = {n: cuda[n].clone().requires_grad_(True) for n in ("weight", "bias", "pos")}
     out = patch_embed_triton(
         cuda["crops"], cuda["frames"], params["weight"], params["bias"],

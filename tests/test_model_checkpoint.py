@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -202,11 +203,74 @@ def test_unadaptable_shapes_name_the_key_and_both_shapes():
         load_mae_st(state, model)
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    path = tmp_path / "with_args.pth"
-    torch.save({"model": mae_st_state(seed=6), "args": argparse.Namespace(lr=1e-3)}, path)
-    with pytest.raises(CheckpointError, match="with_args.pth"):
+class _Payload:
+    """What a malicious checkpoint holds: unpickling it would run a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _mae_st_args() -> argparse.Namespace:
+    """An `args` like mae_st's main_pretrain.py saves (plain values of every kind it parses)."""
+    return argparse.Namespace(
+        model="mae_vit_large_patch16", batch_size=2, epochs=400, blr=1.6e-3, mask_ratio=0.9,
+        norm_pix_loss=True, num_frames=16, t_patch_size=2, sep_pos_embed=True, fp32=True,
+        output_dir="./output_dir", resume="", path_to_data_dir=None, repeat_aug=4,
+        decoder_embed_dim=512, cls_embed=True, jitter_scales_relative=[0.08, 1.0],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["mae_st", "pyslowfast"])
+def test_real_kinetics_file_layouts_load(tmp_path, layout):
+    """Both layouts mae_st publishes: its own training files ({model, optimizer, epoch, scaler,
+    args} with args an argparse.Namespace, util/misc.py save_model) and PySlowFast's .pyth
+    ({epoch, model_state, optimizer_state, cfg} with cfg a YAML string)."""
+    state, pyslowfast = _kinetics_pyslowfast(seed=11)
+    weight = torch.randn(4, 4)
+    if layout == "mae_st":
+        content = {
+            "model": pyslowfast,
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": weight}},
+                          "param_groups": [{"lr": 1e-4, "params": [0]}]},
+            "epoch": 399,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 17},
+            "args": _mae_st_args(),
+        }  # fmt: skip
+    else:
+        content = {
+            "epoch": 400,
+            "model_state": pyslowfast,
+            "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-4, "params": []}]},
+            "cfg": "MAE:\n  ENABLE: true\n  MASK_RATIO: 0.9\nDATA:\n  NUM_FRAMES: 16\n",
+        }
+    path = tmp_path / ("k700.pth" if layout == "mae_st" else "k700_400ep_rep4_mr9_16x4.pyth")
+    torch.save(content, path)
+    model = build_mae("tiny", **SMALL).eval()
+    report = load_mae_st(path, model, pos_init="crop")
+    assert report.missing == [] and report.unexpected == []
+    torch.testing.assert_close(
+        model.pos_embed_spatial.detach(), _central(state["pos_embed_spatial"]), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("where", ["top level", "inside the Namespace"])
+def test_other_pickled_objects_are_refused_without_running(tmp_path, where):
+    marker = tmp_path / "payload-ran"
+    payload = _Payload(f"touch {marker}")
+    args = _mae_st_args()
+    if where == "inside the Namespace":
+        args.hook = payload
+        content = {"model": mae_st_state(seed=6), "args": args}
+    else:
+        content = {"model": mae_st_state(seed=6), "args": args, "scaler": payload}
+    path = tmp_path / "evil.pth"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match="evil.pth.*refused"):
         load_mae_st(path, build_mae("tiny", **SMALL))
+    assert not marker.exists()
 
 
 class _CompiledLike(torch.nn.Module):

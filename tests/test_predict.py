@@ -95,23 +95,35 @@ def predicted(raw, checkpoint, tmp_path_factory):
 # --- item 1: predict = ingest + eval ------------------------------------------------------------
 
 
-def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, tmp_path):
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def ingested(raw, tmp_path_factory) -> Path:
+    """`raw` through `vctmae ingest` at predict's default levels."""
+    data = tmp_path_factory.mktemp("predict-ingested")
     geometry = GeometryConfig(levels=parse_levels(MODEL_LEVELS))
     run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1), progress=False)
-    shards = tuple(str(p) for p in sorted(data.glob("*.tar")))
+    return data
+
+
+def eval_predictions(checkpoint: Path, data: Path, out: Path, **fields):
+    """`vctmae eval` of the shards under `data`: its predictions.csv, read back."""
     run_eval(
         EvalConfig(
             checkpoint=checkpoint,
-            shards=shards,
-            out=tmp_path / "eval",
+            shards=tuple(str(p) for p in sorted(data.glob("*.tar"))),
+            out=out,
             multiview=6,
             loader=LoaderOptions(workers=0),
             device="cpu",
             progress=False,
+            **fields,
         )
     )
-    expected = read_predictions(tmp_path / "eval" / "predictions.csv")
+    return read_predictions(out / "predictions.csv")
+
+
+def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, ingested, tmp_path):
+    data = ingested
+    expected = eval_predictions(checkpoint, data, tmp_path / "eval")
     got = read_predictions(predicted.out / "predictions.csv")
     assert len(got.keys) >= 10
     assert sorted(got.keys) == expected.keys
@@ -133,6 +145,25 @@ def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, tmp_path):
         _, _, cut = cut_scan(case, config(checkpoint, tmp_path, src=raw), case.seg, segmented=False)
         for crop in cut.crops:
             assert np.array_equal(crop.array, store.crop(f"{scan.case}_{crop.level}"))
+
+
+def test_predict_in_mask_mode_with_logit_averaging_equals_eval(
+    raw, checkpoint, predicted, ingested, tmp_path
+):
+    """--frames mask reads each crop's mask box; predict and eval read the same one."""
+    fields = {"frames": "mask", "combine": "logits"}
+    expected = eval_predictions(checkpoint, ingested, tmp_path / "eval", **fields)
+    result = run_predict(
+        config(checkpoint, tmp_path / "report", src=raw, attention=False, **fields)
+    )
+    got = read_predictions(result.out / "predictions.csv")
+    assert sorted(got.keys) == expected.keys
+    order = np.argsort(got.keys)
+    np.testing.assert_allclose(got.probs[order], expected.probs, rtol=0, atol=1e-5)
+    # Mask mode's frames are not crop mode's: the options reached the model.
+    crop_mode = read_predictions(predicted.out / "predictions.csv")
+    assert crop_mode.keys == got.keys
+    assert np.abs(crop_mode.probs - got.probs).max() > 1e-4
 
 
 def test_dicom_series_gives_the_crops_and_probabilities_of_its_nifti(raw, checkpoint, tmp_path):

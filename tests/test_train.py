@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
+from vctmae.bench.shards import write_shards
 from vctmae.data import LoaderOptions
 from vctmae.train import (
     EvalConfig,
@@ -64,33 +63,21 @@ def easy_crop(rng: np.random.Generator, label: int) -> np.ndarray:
 def write_split(directory: Path, split: str, count: int, seed: int, shards: int = 1) -> list[Path]:
     """Labelled shards `{split}-00000N.tar` (+ rows appended to manifest.csv), alternating classes."""
     rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
+    per_shard = math.ceil(count / shards)
+    groups = [
+        [(f"{split}{i:03d}_L1", easy_crop(rng, i % 2), i % 2)
+         for i in range(s * per_shard, min(count, (s + 1) * per_shard))]
+        for s in range(shards)
+    ]  # fmt: skip
+    paths = write_shards(directory, split, groups)
     manifest = directory / "manifest.csv"
     new = not manifest.exists()
-    paths = []
     with manifest.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
             writer.writerow(["key", "class", "split", "shard"])
-        per_shard = math.ceil(count / shards)
-        for s in range(shards):
-            path = directory / f"{split}-{s:06d}.tar"
-            with tarfile.open(path, "w") as tar:
-                for i in range(s * per_shard, min(count, (s + 1) * per_shard)):
-                    label = i % 2
-                    key = f"{split}{i:03d}_L1"
-                    buffer = io.BytesIO()
-                    np.save(buffer, easy_crop(rng, label))
-                    for ext, data in (
-                        ("crop.npy", buffer.getvalue()),
-                        ("json", json.dumps({"key": key}).encode()),
-                        ("cls", str(label).encode()),
-                    ):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
-                    writer.writerow([key, label, split, path.name])
-            paths.append(path)
+        for path, group in zip(paths, groups, strict=True):
+            writer.writerows([key, label, split, path.name] for key, _, label in group)
     return paths
 
 
@@ -118,7 +105,7 @@ TEST_RUN = dict(
 
 def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
     """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
-    run = {**TEST_RUN, "mirror": True, **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
+    run = {**TEST_RUN, "flip": "frames", **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
     stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
     stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
     return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
-from test_data import write_shard  # noqa: E402
 from test_train import SMALL_MODEL, easy_crop, write_split  # noqa: E402
 
+from vctmae.bench.shards import write_shard  # noqa: E402
 from vctmae.cli import app  # noqa: E402
 from vctmae.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
 from vctmae.train.runlog import read_log  # noqa: E402
@@ -244,10 +244,13 @@ def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path
     # Output to a file, not a pipe: the killed run's orphaned loader workers (which exit by
     # themselves within seconds) would hold a pipe open.
     with (tmp_path / "killed.log").open("w") as log:
+        # The same number of threads as this process: fp32 sums split across threads round
+        # differently, and the run resumed here must continue the killed run's exact numbers.
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         killed = subprocess.run(
             [sys.executable, str(script), json.dumps(data["train"]), json.dumps(data["val"]),
              str(cut), json.dumps(SMALL_MODEL)],
-            stdout=log, stderr=subprocess.STDOUT, timeout=300,
+            stdout=log, stderr=subprocess.STDOUT, timeout=300, env=env,
         )  # fmt: skip
     output = (tmp_path / "killed.log").read_text()
     assert killed.returncode == -signal.SIGKILL, output[-2000:]

@@ -25,8 +25,13 @@ it samples, so a slice outside the extent is one it can never show.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: ingest (which never imports torch) and
+# the command line's option modules read this module's constants without paying for torch.
 
 # ----------------------------------------------------------------------------- constants
 
@@ -42,6 +47,8 @@ HU_MAX = 1000.0
 # What padding holds, in HU. The reference pads with 0 after scaling
 # (ResizeWithPadOrCropD mode="constant", transforms.py:195-199), i.e. −1000 HU.
 PAD_HU = -1000
+# The pad value after HU scaling: 0.0 (PAD_HU lies inside the window).
+PAD_SCALED = (PAD_HU - HU_MIN) / (HU_MAX - HU_MIN)
 # Rows kept on each side of the mask's box by the context cut: CropForegroundD
 # margin=(0, 16, 100), transforms.py:189-194 and src/pretraining/data.py:80-85.
 CONTEXT_MARGIN = 16
@@ -74,8 +81,72 @@ def check_mode(mode: str) -> str:
 
 
 def scale_hu(hu: torch.Tensor) -> torch.Tensor:
-    """HU (any dtype) → float32 in [0, 1]: clip to [HU_MIN, HU_MAX], then map linearly."""
-    return (hu.float().clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
+    """HU (any dtype) → a new float32 tensor in [0, 1]: clip to [HU_MIN, HU_MAX], map linearly.
+
+    Computed in place on the fresh float copy (a gathered clip is large; no temporaries).
+    """
+    scaled = hu.float()
+    if scaled is hu:
+        scaled = scaled.clone()
+    return scaled.clamp_(HU_MIN, HU_MAX).sub_(HU_MIN).div_(HU_MAX - HU_MIN)
+
+
+# ----------------------------------------------------------------------------- frame geometry
+
+
+def gather_slices(crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Slices crops[b, frames[b, k]] → (B, K, H, W), the crops' dtype (int16 stays int16).
+
+    crops: (B, S, H, W); frames: integer (B, K) sagittal slice indices. Advanced indexing copies
+    whole slices (a gather with an expanded index is several times slower on CPU).
+    """
+    import torch
+
+    if crops.dim() != 4:
+        raise ValueError(f"crops must be (B, S, H, W), got shape {tuple(crops.shape)}")
+    if frames.dim() != 2 or frames.shape[0] != crops.shape[0]:
+        raise ValueError(
+            f"frames must be (B, K) slice indices with B = {crops.shape[0]}, "
+            f"got shape {tuple(frames.shape)}"
+        )
+    rows = torch.arange(crops.shape[0], device=crops.device)[:, None]
+    return crops[rows, frames.to(crops.device, torch.long)]
+
+
+def pad_offset(size: int, frame_size: int) -> int:
+    """Where a `size`-wide slice starts inside a `frame_size`-wide frame: centred, the odd pixel
+    after (as MONAI's symmetric SpatialPad); 64 for 96 in 224 (Table 2 row 5)."""
+    if frame_size < size:
+        raise ValueError(f"frame size {frame_size} is smaller than the {size}-pixel slices")
+    return (frame_size - size) // 2
+
+
+def pad_frames(frames: torch.Tensor, frame_size: int, value: float) -> torch.Tensor:
+    """Pad the last two axes (H, W) of `frames` to frame_size × frame_size, centred, with `value`.
+
+    The paper's Table 2 row 5 ("original 16 × 224 × 224 video format by adding padding to the
+    96 × 96 slices"): the value is PAD_HU in HU, 0 after scaling. A no-op when they fit already.
+    """
+    import torch.nn.functional as F
+
+    height, width = frames.shape[-2:]
+    if (height, width) == (frame_size, frame_size):
+        return frames
+    top, left = pad_offset(height, frame_size), pad_offset(width, frame_size)
+    bottom, right = frame_size - height - top, frame_size - width - left
+    return F.pad(frames, (left, right, top, bottom), value=value)
+
+
+def flip_rows(frames: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """The reference's pretraining flip: reverse the rows (superior ↔ inferior) of every frame of
+    the samples whose flag is set. frames: (B, K, H, W), rows on dim 2; flags: bool (B,).
+
+    RandFlipD(spatial_axis=1, prob=0.5) on the (C, T, H, W) video, src/pretraining/data.py:97.
+    """
+    import torch
+
+    flags = torch.as_tensor(flags, device=frames.device).bool().reshape(-1, 1, 1, 1)
+    return torch.where(flags, frames.flip(2), frames)
 
 
 # ----------------------------------------------------------------------------- extents
@@ -89,25 +160,40 @@ def check_extent(extent: Sequence[int], size: int = CROP_SIZE) -> tuple[int, int
     return lo, hi
 
 
-def extent_from_bbox(bbox: Sequence[int], size: int = CROP_SIZE) -> tuple[int, int]:
-    """Inclusive sagittal extent (lo, hi) of a sample's mask from its JSON `bbox`.
+def extents_from_boxes(boxes: torch.Tensor | Sequence, size: int = CROP_SIZE) -> torch.Tensor:
+    """Inclusive sagittal extents (B, 2) from JSON `bbox` rows (B, 6), on the boxes' device.
 
-    `bbox` is half-open `(x0, x1, y0, y1, z0, z1)` in crop indices (ingest's
-    geometry), so the extent is (x0, x1 − 1). An empty box (no mask voxels in the
-    crop; ingest writes (0, 0, 0, 0, 0, 0)) gives the whole crop, FULL_EXTENT.
+    A `bbox` is half-open `(x0, x1, y0, y1, z0, z1)` in crop indices (ingest's geometry), so
+    the extent is (x0, x1 − 1). An empty box (no mask voxels in the crop; ingest writes all
+    zeros) gives the whole crop, FULL_EXTENT. No host–device sync.
     """
+    import torch
+
+    boxes = torch.as_tensor(boxes).long().reshape(-1, 6)
+    x0, x1 = boxes[:, 0], boxes[:, 1]
+    empty = x1 <= x0
+    lo = torch.where(empty, torch.zeros_like(x0), x0)
+    hi = torch.where(empty, torch.full_like(x1, size - 1), x1 - 1)
+    return torch.stack([lo, hi], dim=1)  # (B, 2)
+
+
+def extent_from_bbox(bbox: Sequence[int], size: int = CROP_SIZE) -> tuple[int, int]:
+    """Inclusive sagittal extent (lo, hi) of one sample's mask from its JSON `bbox`
+    (`extents_from_boxes`), checked to lie inside the crop."""
     if len(bbox) != 6:
         raise ValueError(f"bbox must be (x0, x1, y0, y1, z0, z1), got {list(bbox)}")
-    x0, x1 = int(bbox[0]), int(bbox[1])
-    if x1 == x0:
-        return (0, size - 1)
-    return check_extent((x0, x1 - 1), size)
+    if int(bbox[1]) < int(bbox[0]):
+        raise ValueError(f"bbox x1 < x0: {list(bbox)}")
+    lo, hi = extents_from_boxes([bbox], size)[0].tolist()
+    return check_extent((lo, hi), size)
 
 
 def _as_extents(
     extents: torch.Tensor | Sequence | None, batch: int, device: torch.device | str
 ) -> torch.Tensor:
     """Per-sample extents as int64 (B, 2); None = the whole crop for every sample."""
+    import torch
+
     if extents is None:
         return torch.tensor(FULL_EXTENT, device=device).expand(batch, 2)
     extents = torch.as_tensor(extents, device=device).long().reshape(-1, 2)
@@ -138,41 +224,55 @@ def _as_extents(
 # every index into [lo, hi].
 
 
-def _mask_positions(width: torch.Tensor) -> torch.Tensor:
-    """round(linspace(0, w − 1, NUM_FRAMES + 2))[1:−1] per sample: int64 (B,) → (B, NUM_FRAMES)."""
+def _mask_position(k, width):
+    """Point k (1..NUM_FRAMES) of round(linspace(0, w − 1, NUM_FRAMES + 2)), in exact integers.
+
+    `k` and `width` may be Python ints or int64 tensors (broadcast); `//` floors on both.
+    """
     divisions = NUM_FRAMES + 1
-    k = torch.arange(1, NUM_FRAMES + 1, device=width.device)  # (T,)
-    return (2 * k * (width[:, None] - 1) + divisions) // (2 * divisions)  # (B, T)
+    return (2 * k * (width - 1) + divisions) // (2 * divisions)
+
+
+def _mask_shift_range(width):
+    """(first shift, number of shifts) of one extent width, ints or int64 tensors alike.
+
+    The reference's range(−sd // 2, sd // 2) with sd the spacing of the first two frames; sd = 0
+    (where the reference raises) gives shift 0 alone.
+    """
+    spacing = _mask_position(2, width) - _mask_position(1, width)  # sd
+    low, high = (-spacing) // 2, spacing // 2
+    sound = spacing > 0
+    if isinstance(sound, bool):
+        return (low, high - low) if sound else (0, 1)
+    import torch
+
+    count = torch.where(sound, high - low, torch.ones_like(spacing))
+    return torch.where(sound, low, torch.zeros_like(low)), count
 
 
 def _shift_range(mode: str, extents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the first shift and the number of shifts: int64 (B,), (B,)."""
-    batch = extents.shape[0]
+    import torch
+
     if mode == "crop":
-        zeros = torch.zeros(batch, dtype=torch.long, device=extents.device)
+        zeros = torch.zeros(extents.shape[0], dtype=torch.long, device=extents.device)
         return zeros, torch.full_like(zeros, STRIDE)
-    width = extents[:, 1] - extents[:, 0] + 1
-    positions = _mask_positions(width)
-    spacing = positions[:, 1] - positions[:, 0]  # (B,) sd
-    low = torch.div(-spacing, 2, rounding_mode="floor")
-    high = torch.div(spacing, 2, rounding_mode="floor")
-    # sd = 0: the reference has no shift to offer (it raises); vctmae uses shift 0 alone.
-    count = torch.where(spacing > 0, high - low, torch.ones_like(spacing))
-    return torch.where(spacing > 0, low, torch.zeros_like(low)), count
-
-
-def _max_views() -> int:
-    widths = torch.arange(1, CROP_SIZE + 1)
-    extents = torch.stack([torch.zeros_like(widths), widths - 1], dim=1)
-    return max(STRIDE, int(_shift_range("mask", extents)[1].max()))
+    return _mask_shift_range(extents[:, 1] - extents[:, 0] + 1)
 
 
 # Most evaluation views any sample can have, in either mode (6: crop mode's six
 # offsets; in mask mode sd ≤ 6 for every extent within 96 slices).
-MAX_VIEWS = _max_views()
+MAX_VIEWS = max(STRIDE, *(_mask_shift_range(width)[1] for width in range(1, CROP_SIZE + 1)))
 
 
 # ----------------------------------------------------------------------------- batched forms
+
+
+def _mirrored(extents: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
+    """Extents (B, 2) of the sagittally mirrored crops (slice i ↔ size − 1 − i)."""
+    import torch
+
+    return torch.stack([size - 1 - extents[:, 1], size - 1 - extents[:, 0]], dim=1)
 
 
 def frame_index_tensor(
@@ -180,6 +280,7 @@ def frame_index_tensor(
     shifts: torch.Tensor | Sequence[int],
     extents: torch.Tensor | Sequence | None = None,
     *,
+    mirror: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Per-sample frame indices, int64 (B, NUM_FRAMES), in crop coordinates on `device`.
@@ -188,23 +289,57 @@ def frame_index_tensor(
     shifts: int (B,): crop mode, the offset o in 0..5; mask mode, the shift added
         to the unshifted frames (from `train_shifts` / `view_shifts`, 0 = none).
     extents: int (B, 2), the inclusive sagittal extent [lo, hi] of each sample's
-        mask (`extent_from_bbox`); ignored in crop mode; None = the whole crop.
+        mask (`extents_from_boxes`); ignored in crop mode; None = the whole crop.
+    mirror: bool (B,) or None: the samples to mirror left–right (`--flip frames`). A mirrored
+        sample's view is the one its reversed crop would give — frames counted from the other
+        side, extent mirrored too — expressed as indices into the crop as stored, so mirroring
+        costs no copy: crop[95 − i] of the stored crop is slice i of the reversed one.
     device: where the result lives; default the shifts' device.
     No host–device sync. Indices are clamped into [lo, hi] (crop mode: [0, 95]),
     so an out-of-range shift can never make a gather read outside the crop.
     """
+    import torch
+
     check_mode(mode)
     if device is None:
         device = shifts.device if isinstance(shifts, torch.Tensor) else "cpu"
     shifts = torch.as_tensor(shifts, device=device).long().reshape(-1)
     batch = shifts.shape[0]
+    flags = None if mirror is None else torch.as_tensor(mirror, device=device).bool().reshape(-1)
     if mode == "crop":
         frames = torch.arange(NUM_FRAMES, device=device) * STRIDE  # (T,)
-        return (shifts[:, None] + frames).clamp(0, CROP_SIZE - 1)  # (B, T)
-    extents = _as_extents(extents, batch, device)
-    lo, hi = extents[:, :1], extents[:, 1:]  # (B, 1) each
-    index = lo + _mask_positions(hi[:, 0] - lo[:, 0] + 1) + shifts[:, None]  # (B, T)
-    return torch.minimum(torch.maximum(index, lo), hi)
+        index = (shifts[:, None] + frames).clamp(0, CROP_SIZE - 1)  # (B, T)
+    else:
+        extents = _as_extents(extents, batch, device)
+        if flags is not None:
+            extents = torch.where(flags[:, None], _mirrored(extents), extents)
+        lo, hi = extents[:, :1], extents[:, 1:]  # (B, 1) each
+        k = torch.arange(1, NUM_FRAMES + 1, device=device)  # (T,)
+        index = lo + _mask_position(k, hi - lo + 1) + shifts[:, None]  # (B, T)
+        index = torch.minimum(torch.maximum(index, lo), hi)
+    if flags is not None:
+        index = torch.where(flags[:, None], CROP_SIZE - 1 - index, index)
+    return index
+
+
+def shifts_from_uniform(
+    mode: str, uniform: torch.Tensor, extents: torch.Tensor | Sequence | None = None
+) -> torch.Tensor:
+    """Training shifts int64 (B,) from uniform draws in [0, 1) (B,): each sample's
+    `train_shifts` entry number ⌊u · count⌋, so the shift is uniform over that list.
+
+    Lets a trainer draw its randomness on the host before it knows the batch (`uniform` from the
+    seeded generator) and turn it into shifts on the device, where the extents are, without a
+    sync. float64 keeps u · count < count; the clamp is belt and braces.
+    """
+    import torch
+
+    check_mode(mode)
+    uniform = torch.as_tensor(uniform)
+    extents = _as_extents(extents, uniform.shape[0], uniform.device)
+    low, count = _shift_range(mode, extents)
+    pick = torch.minimum((uniform.double() * count).long(), count - 1)
+    return low + pick
 
 
 def draw_train_shifts(
@@ -219,10 +354,13 @@ def draw_train_shifts(
 
     Crop mode draws `torch.randint(0, 6, (B,))` exactly as `vctmae.data.random_offsets`
     does (same generator, same numbers); it needs `batch_size` when `extents` is
-    None. Mask mode draws uniformly from [low, low + count) per sample (the
-    reference's numpy randint, high excluded, src/video_ct_transform.py:48).
+    None. Mask mode draws `torch.rand(B, dtype=float64)` and maps it with
+    `shifts_from_uniform` (the reference's numpy randint, high excluded,
+    src/video_ct_transform.py:48, has the same distribution).
     `generator`, when given, must live on `device` (as for torch.randint).
     """
+    import torch
+
     check_mode(mode)
     if extents is None and batch_size is None:
         raise ValueError("draw_train_shifts needs extents or batch_size")
@@ -232,12 +370,8 @@ def draw_train_shifts(
         batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
     if mode == "crop":
         return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)
-    extents = _as_extents(extents, batch_size, device)
-    low, count = _shift_range(mode, extents)
     uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
-    # float64 keeps uniform · count < count; the clamp is belt and braces.
-    pick = torch.minimum((uniform * count).long(), count - 1)
-    return low + pick
+    return shifts_from_uniform(mode, uniform, _as_extents(extents, batch_size, device))
 
 
 def view_shift_table(
@@ -254,6 +388,8 @@ def view_shift_table(
     valid: bool; average a sample's predictions over its valid views only.
     The fixed width MAX_VIEWS keeps shapes static and needs no host sync.
     """
+    import torch
+
     check_mode(mode)
     if extents is None and batch_size is None:
         raise ValueError("view_shift_table needs extents or batch_size")
@@ -275,8 +411,11 @@ def view_shift_table(
 def train_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
     """The shifts training draws from (uniformly): crop mode 0..5; mask mode range(−sd//2, sd//2)."""
     check_mode(mode)
-    low, count = _shift_range(mode, torch.tensor([check_extent(extent)]))
-    return list(range(int(low[0]), int(low[0] + count[0])))
+    if mode == "crop":
+        return list(range(STRIDE))
+    lo, hi = check_extent(extent)
+    low, count = _mask_shift_range(hi - lo + 1)
+    return list(range(low, low + count))
 
 
 def view_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
@@ -297,6 +436,8 @@ def frame_indices(mode: str, shift: int = 0, extent: Sequence[int] = FULL_EXTENT
     the inclusive extent [lo, hi] of width w = hi − lo + 1, clamped into [lo, hi];
     shift 0 is the unshifted frames (what the paper's text evaluates).
     """
+    import torch
+
     check_mode(mode)
     if mode == "crop" and not 0 <= int(shift) < STRIDE:
         raise ValueError(f"crop-mode offset must lie in 0..{STRIDE - 1}, got {shift}")
@@ -316,6 +457,8 @@ def context_rows(
     crop (CropForegroundD's allow_smaller=True, transforms.py:192). An empty box
     keeps every row.
     """
+    import torch
+
     boxes = torch.as_tensor(boxes).long().reshape(-1, 6)
     y0, y1 = boxes[:, 2], boxes[:, 3]
     empty = y1 <= y0
@@ -347,6 +490,8 @@ def context_cut(
     rows [(H − s) // 2, (H − s) // 2 + s), centred, the odd row at the end.
     `recentre=False` keeps them at their own rows instead (not the reference).
     """
+    import torch
+
     if crops.dim() != 4:
         raise ValueError(f"crops must be (B, N, H, W), got shape {tuple(crops.shape)}")
     batch, _, height, _ = crops.shape
@@ -362,5 +507,5 @@ def context_cut(
     source = source.clamp(0, height - 1)
     sample = torch.arange(batch, device=crops.device)[:, None]  # (B, 1)
     moved = crops.transpose(1, 2)[sample, source].transpose(1, 2)  # (B, N, H, W)
-    pad = torch.tensor(pad_hu, dtype=crops.dtype, device=crops.device)
-    return torch.where(inside[:, None, :, None], moved, pad)
+    # A Python scalar, not a new device tensor: no host-to-device copy (a CUDA graph captures it).
+    return torch.where(inside[:, None, :, None], moved, pad_hu)

@@ -16,11 +16,14 @@ from typing import Any
 def lazy_exports(
     package: str, exports: Mapping[str, str]
 ) -> tuple[Callable[[str], Any], list[str]]:
-    """(`__getattr__`, `__all__`) for `package`, whose name X lives in module `exports[X]`."""
+    """(`__getattr__`, `__all__`) for `package`, whose name X lives in module `exports[X]`: a
+    submodule of `package`, or a module named in full (`vctmae.clip`) whose name it re-exports."""
 
     def __getattr__(name: str) -> Any:
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        module = exports[name]
+        full = module if module.startswith("vctmae.") else f"{package}.{module}"
+        return getattr(importlib.import_module(full), name)
 
     return __getattr__, sorted(exports)

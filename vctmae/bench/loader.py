@@ -103,22 +103,18 @@ def write_dataset(
     """Shards in ingest's format, plus one .nii.gz and one .nii per crop. Returns their paths."""
     import nibabel as nib
 
-    shards, gz, raw = [], [], []
+    from vctmae.bench.shards import write_shards
+
+    groups = [
+        [
+            (f"crop{i:05d}_L1", crops[i], 0)
+            for i in range(start, min(start + shard_size, len(crops)))
+        ]
+        for start in range(0, len(crops), shard_size)
+    ]
+    shards = [str(path) for path in write_shards(root, "train", groups)]
+    gz, raw = [], []
     (root / "nifti").mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(crops), shard_size):
-        path = root / f"train-{start // shard_size:06d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(start, min(start + shard_size, len(crops))):
-                buffer = io.BytesIO()
-                np.save(buffer, crops[i])
-                for name, data in (
-                    (f"crop{i:05d}_L1.crop.npy", buffer.getvalue()),
-                    (f"crop{i:05d}_L1.cls", b"0"),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append(str(path))
     for i, crop in enumerate(crops):
         image = nib.Nifti1Image(crop, np.eye(4))
         gz.append(root / "nifti" / f"crop{i:05d}.nii.gz")

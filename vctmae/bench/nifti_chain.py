@@ -4,10 +4,16 @@ The paper's public code reads one NIfTI file per sample and runs a MONAI
 transform chain on it at every access. This module writes such a chain in plain
 numpy/nibabel so the benchmark measures the same *kind* of work without MONAI:
 load → scale HU to [0, 1] (clip) → crop to the voxels > 0 → pad to 96³ → 16
-sagittal frames at stride 6 → replicate to 3 channels → random flip. It is not
-the reference code's exact transform (that spreads its 16 frames over the
-vertebra mask's extent and cuts an in-plane context box); it is only a cost
-baseline and is never used for training.
+sagittal frames at stride 6 → replicate to 3 channels → random flip of the
+sagittal order.
+
+It is a cost baseline, not the paper code's data path, and never used for
+training. The paper code (docs/reference-code-notes.md §2–§5) also loads the
+vertebra's mask, cuts the volume to the mask's box (sagittal extent, ±16 rows,
+all columns, `CropForegroundD` with the mask as source — not to the voxels > 0),
+spreads its 16 frames over the mask's sagittal extent (`round(linspace)`, not
+stride 6), and in pretraining flips the rows of each frame (not the sagittal
+order); `vctmae.clip` implements those rules (`--frames mask`, `--flip rows`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vctmae.data.frames import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
+from vctmae.clip import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
 
 
 def reference_transform(volume: np.ndarray, rng: np.random.Generator, size: int = 96) -> np.ndarray:

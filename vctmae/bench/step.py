@@ -169,17 +169,15 @@ def measured_matmul_tflops(device: torch.device) -> float:
 
 
 def write_step_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
-    """Labelled training shards of random int16 crops (classes alternate) for timing steps."""
-    from vctmae.ingest.writers import ShardWriter, npy_bytes
+    """A labelled training shard of random int16 crops (classes alternate) for timing steps."""
+    from vctmae.bench.shards import write_shards
 
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(folder, "train", 1 << 40)
-    for i in range(count):
-        crop = rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16)
-        writer.write(f"step{i:05d}_L1", [("crop.npy", npy_bytes(crop)), ("cls", b"%d" % (i % 2))])
-    writer.close()
-    return [str(folder / name) for name in writer.names]
+    samples = (
+        (f"step{i:05d}_L1", rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16), i % 2)
+        for i in range(count)
+    )
+    return [str(path) for path in write_shards(folder, "train", [samples])]
 
 
 def build_trainer(case: StepCase, shards: Sequence[str], out: Path, device: str):

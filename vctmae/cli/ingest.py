@@ -101,6 +101,7 @@ def ingest(
 ) -> None:
     """Cut raw spine CTs into int16 vertebra crops: WebDataset shards + Zarr store + manifest."""
     with expected_failures(interrupted=INTERRUPTED):
+        from vctmae.clip import NUM_FRAMES, STRIDE
         from vctmae.errors import UsageError
         from vctmae.ingest.geometry import MIN_TRAINING_SIZE, GeometryConfig
         from vctmae.ingest.levels import parse_levels
@@ -113,8 +114,9 @@ def ingest(
             )
         if size < MIN_TRAINING_SIZE:
             raise UsageError(
-                f"--size {size} is too small to train on: the model samples 16 sagittal frames "
-                f"6 slices apart, which needs crops of at least {MIN_TRAINING_SIZE} voxels"
+                f"--size {size} is too small to train on: the model samples {NUM_FRAMES} sagittal "
+                f"frames {STRIDE} slices apart, which needs crops of at least {MIN_TRAINING_SIZE} "
+                "voxels"
             )
         config = IngestConfig(
             src=src,

@@ -54,6 +54,8 @@ class DeviceCache:
         self.stream = stream
         self.crops = torch.empty((count, *shape), dtype=torch.int16, device=device)
         self.labels = torch.from_numpy(stream.labels.astype(np.int64)).to(device)
+        # Each sample's JSON mask box (`Batch.boxes`, what `--frames mask` needs).
+        self.boxes = torch.from_numpy(stream.boxes.astype(np.int64)).to(device)
         buffer = torch.empty((_CHUNK, *shape), dtype=torch.int16, pin_memory=device.type == "cuda")
         files: dict[int, int] = {}
         try:
@@ -72,4 +74,5 @@ class DeviceCache:
 
         for ids in self.stream.plan(rank)[start:]:
             index = torch.from_numpy(ids).to(self.device, non_blocking=True)
-            yield Batch(self.crops[index], self.labels[index], [self.stream.keys[i] for i in ids])
+            keys = [self.stream.keys[i] for i in ids]
+            yield Batch(self.crops[index], self.labels[index], keys, self.boxes[index])

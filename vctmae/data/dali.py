@@ -10,22 +10,26 @@ its thread count.
 
 `frames_pipeline` is the same reader followed by the frame gather and HU scaling
 in the DALI graph (on the GPU when there is one) — identical to
-`sample_frames(crops, offsets)`. Two traps of DALI 2.4.0 shape it: strided
-slicing (`vol[o::6]`) silently returns consecutive rows for samples larger than
-~100k elements, so frames are gathered with `element_extract` on a slice; and
-`fn.random.uniform(range=[0, 6], dtype=INT32)` can return 6, so offsets are drawn
-with `values=`.
+`sample_frames(crops, offsets)`, or, given per-sample frame indices (B × 16, any
+rule of `vctmae.clip`, e.g. mask mode's), to gathering those slices. Two traps of
+DALI 2.4.0 shape it: strided slicing (`vol[o::6]`) silently returns consecutive
+rows for samples larger than ~100k elements, so each frame is taken by its own
+per-sample index (`vol[index_k]`); and `fn.random.uniform(range=[0, 6],
+dtype=INT32)` can return 6, so offsets are drawn with `values=`.
+
+Batches carry each sample's mask box (`Batch.boxes`) looked up by key in the
+loader's shard index, as the torch backend's do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vctmae.data.frames import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
+from vctmae.clip import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
 from vctmae.data.loader import Batch
 from vctmae.data.shards import CLASS_EXT, CROP_EXT, split_member_name
 from vctmae.errors import VctmaeError
@@ -150,6 +154,11 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
         auto_reset=False,
     )
     limit = dali_length(loader)
+    boxes_by_key = {
+        key: box
+        for index in loader.indexes
+        for key, box in zip(index.keys, index.boxes, strict=True)
+    }
     served = 0
     for outputs in iterator:
         data = outputs[0]
@@ -158,7 +167,8 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
         if len(data["crops"]) == 0:
             continue
         keys, labels = _keys_and_labels(data["info"], data["label"])
-        yield Batch(data["crops"], labels, keys)
+        boxes = torch.from_numpy(np.stack([boxes_by_key[key] for key in keys]))
+        yield Batch(data["crops"], labels, keys, boxes)
         served += 1
 
 
@@ -185,13 +195,20 @@ def frames_pipeline(
     num_threads: int = 2,
     device_id: int | None = None,
     offset: int | None = None,
+    frame_indices: Callable[[], Sequence[np.ndarray]] | None = None,
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = 256,
 ):
-    """A built DALI pipeline: outputs (crops int16, offsets int32, frames float32 (1, 16, 96, 96), label, info).
+    """A built DALI pipeline: outputs (crops int16, offsets int32 — or the frame indices —,
+    frames float32 (1, 16, H, W), label, info).
 
-    `offset` fixes every sample's offset (evaluation views); None draws one of 0..5 per sample.
+    Frames are gathered per sample at its own 16 slice indices:
+    - `frame_indices` given: a callable returning, per iteration, one int (16,) array per sample
+      of the batch (e.g. from `vctmae.clip.frame_index_tensor`); the second output is those
+      indices;
+    - else the paper's rule o + 6k, with `offset` fixing every sample's offset (evaluation
+      views) or None drawing one of 0..5 per sample; the second output is the offsets.
     """
     dali = _require_dali()
     from nvidia.dali import fn, types
@@ -207,23 +224,24 @@ def frames_pipeline(
             world_size=world_size,
             shuffle_buffer=shuffle_buffer,
         )
-        if offset is None:
-            offsets = fn.random.uniform(
-                values=list(range(STRIDE)), dtype=types.INT32, seed=seed + 1
-            )
+        if frame_indices is not None:
+            chosen = fn.external_source(source=frame_indices, batch=True, dtype=types.INT32)
+            per_frame = [chosen[k] for k in range(NUM_FRAMES)]
         else:
-            offsets = fn.constant(idata=[int(offset)], shape=[], dtype=types.INT32)
-        volume = crops.gpu() if device_id is not None else crops
-        span = volume[
-            offsets : offsets + (NUM_FRAMES - 1) * STRIDE + 1
-        ]  # (91, H, W), dynamic start
-        span = fn.reshape(span, layout="FHW")
-        frames = fn.element_extract(span, element_map=[STRIDE * k for k in range(NUM_FRAMES)])
-        frames = fn.stack(*frames)  # (16, H, W)
+            if offset is None:
+                chosen = fn.random.uniform(
+                    values=list(range(STRIDE)), dtype=types.INT32, seed=seed + 1
+                )
+            else:
+                chosen = fn.constant(idata=[int(offset)], shape=[], dtype=types.INT32)
+            per_frame = [chosen + STRIDE * k for k in range(NUM_FRAMES)]
+        volume = fn.reshape(crops.gpu() if device_id is not None else crops, layout="FHW")
+        # One per-sample index per frame (never a strided slice: see the module docstring).
+        frames = fn.stack(*[volume[index] for index in per_frame])  # (16, H, W)
         frames = fn.cast(frames, dtype=types.FLOAT)
         frames = (dali.math.clamp(frames, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
         frames = fn.expand_dims(frames, axes=[0])  # (1, 16, H, W)
-        return crops, offsets, frames, label, info
+        return crops, chosen, frames, label, info
 
     pipe = pipeline()
     pipe.build()

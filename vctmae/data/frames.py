@@ -1,20 +1,45 @@
 """Device-side video sampling: int16 crops → 16 sagittal frames in [0, 1] (SPEC §4).
 
-Everything here runs on whatever device the crops are on, so the loader only
-ever moves int16 crops to the GPU. The three RGB channels the video model
-expects are never materialised: the model folds them into its patch-embedding
-weights, so `sample_frames` returns one channel.
+The rules (which slices, which shifts, HU window, context cut, flips) are `vctmae.clip`'s; this
+module applies them to batches. Everything here runs on whatever device the crops are on, so the
+loader only ever moves int16 crops to the GPU. The three RGB channels the video model expects
+are never materialised: the model folds them into its patch-embedding weights, so
+`sample_frames` returns one channel.
+
+`FrameSampler` is what the trainers and evaluation use: it draws a micro-batch's frame
+randomness from the seeded CPU generator (`draw`) and turns it, with the batch's per-sample
+mask boxes, into the model's input (`model_input` for training, `view_input` for one
+evaluation view) — `--frames crop|mask` and `--flip rows|frames|none`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-CROP_SIZE = 96
-NUM_FRAMES = 16
-STRIDE = 6  # 96 / 16: the six offsets 0..5 give six views that tile the crop
-HU_MIN = -1000.0
-HU_MAX = 1000.0
+from vctmae import clip
+from vctmae.clip import CROP_SIZE, HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
+
+__all__ = [
+    "CROP_SIZE",
+    "FLIPS",
+    "HU_MAX",
+    "HU_MIN",
+    "NUM_FRAMES",
+    "STRIDE",
+    "FrameSampler",
+    "check_crop_shape",
+    "mirror",
+    "multiview_offsets",
+    "offset_frames",
+    "random_offsets",
+    "sample_frames",
+]
+
+# --flip: "rows" is the reference's pretraining flip (src/pretraining/data.py:97), "frames" a
+# left–right mirror of the sagittal order (vctmae's former --mirror), "none" neither.
+FLIPS: tuple[str, ...] = ("rows", "frames", "none")
 
 
 def sample_frames(
@@ -41,12 +66,8 @@ def sample_frames(
         grouped = crops.view(batch, num_frames, stride, *crops.shape[2:])  # (B, T, stride, H, W)
         frames = grouped[rows, :, offsets]  # (B, T, H, W)
     else:
-        frame_index = offsets[:, None] + stride * torch.arange(
-            num_frames, device=crops.device
-        )  # (B, T)
-        frames = crops[rows[:, None], frame_index]  # (B, T, H, W)
-    frames = frames.float().clamp_(HU_MIN, HU_MAX).add_(-HU_MIN).div_(HU_MAX - HU_MIN)
-    return frames.unsqueeze(1)  # (B, 1, T, H, W)
+        frames = clip.gather_slices(crops, offset_frames(offsets, num_frames, stride))
+    return clip.scale_hu(frames).unsqueeze(1)  # (B, 1, T, H, W)
 
 
 def check_crop_shape(
@@ -60,7 +81,8 @@ def check_crop_shape(
     """Refuse crops the video model cannot sample, before training or evaluation starts.
 
     The sagittal depth must hold `num_frames` frames `stride` apart, and each slice must be
-    `image_size` square (the model's input). Raises ShardError naming `where` (a shard).
+    square and fit the model's `image_size` frames (smaller slices are padded to it with
+    −1000 HU, `--frame-size`). Raises ShardError naming `where` (a shard).
     """
     from vctmae.data.shards import ShardError
 
@@ -73,11 +95,11 @@ def check_crop_shape(
             f"crops of shape {shape}: {num_frames} frames × stride {stride} do not fit {depth} "
             f"slices (at least {(num_frames - 1) * stride + 1} needed); ingest with --size {image_size}",
         )
-    if (height, width) != (image_size, image_size):
+    if height != width or height > image_size:
         raise ShardError(
             where,
             f"crops of shape {shape}: slices are {height}×{width}, the model expects "
-            f"{image_size}×{image_size}",
+            f"{image_size}×{image_size} (or square slices it pads to that size)",
         )
 
 
@@ -87,19 +109,22 @@ def offset_frames(
     """The paper's frame rule as per-sample slice indices: offsets (B,) → (B, num_frames) = o + stride·k.
 
     What the model takes (`model(crops, frames)`); `sample_frames(crops, offsets)` gathers the
-    same slices.
+    same slices. For the paper's geometry this is `vctmae.clip.frame_index_tensor("crop", offsets)`.
     """
     offsets = torch.as_tensor(offsets).long().reshape(-1)
+    if (num_frames, stride) == (NUM_FRAMES, STRIDE):
+        return clip.frame_index_tensor("crop", offsets)
     return offsets[:, None] + stride * torch.arange(num_frames, device=offsets.device)
 
 
 def multiview_offsets(views: int) -> list[int]:
     """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
-    if views == STRIDE:
-        return list(range(STRIDE))
+    offsets = clip.view_shifts("crop")
+    if views == len(offsets):
+        return offsets
     if views == 1:
-        return [STRIDE // 2]
-    raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
+        return [offsets[len(offsets) // 2]]
+    raise ValueError(f"views must be 1 or {len(offsets)}, got {views}")
 
 
 def random_offsets(
@@ -109,10 +134,138 @@ def random_offsets(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """One random training offset per sample, int64 (B,) uniform in [0, 6)."""
-    return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)
+    return clip.draw_train_shifts("crop", batch_size=batch_size, generator=generator, device=device)
 
 
 def mirror(crops: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    """Left–right mirror: reverse the sagittal order (axis 1 of (B, 96, 96, 96)) of crops[i] where flags[i]."""
+    """Left–right mirror: reverse the sagittal order (axis 1 of (B, 96, 96, 96)) of crops[i] where flags[i].
+
+    The trainers mirror through the frame indices instead (`clip.frame_index_tensor(mirror=…)`,
+    no copy of the crops); this copy is the plain statement of what that computes.
+    """
     flags = torch.as_tensor(flags, device=crops.device).bool().reshape(-1, 1, 1, 1)
     return torch.where(flags, crops.flip(1), crops)
+
+
+# ----------------------------------------------------------------------------- trainers' sampler
+
+
+def _needed_boxes(boxes: torch.Tensor | None, mode: str) -> torch.Tensor | None:
+    """The mask boxes (B, 6) mask mode needs; None in crop mode (which never reads them)."""
+    if mode == "crop":
+        return None
+    if boxes is None:
+        raise ValueError("--frames mask needs each sample's mask box (Batch.boxes); none came")
+    return boxes
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrameSampler:
+    """How a batch of crops becomes the model's input: the frame rule, and the flip augmentation.
+
+    mode: `clip.FRAME_MODES` — "crop" (the paper's text: o + 6k) or "mask" (the reference's
+        code: 16 frames over the mask's sagittal extent, plus its in-plane context cut).
+    flip: `FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
+        "frames" (reverse the sagittal order, p = 0.5) or "none".
+
+    The model takes (crops, frames): int16 (B, S, H, W) and slice indices (B, 16). Crop mode
+    without a row flip passes the stored crops and the o + 6k indices (mirroring through the
+    indices), exactly as before. When an in-plane step is needed — mask mode's context cut, the
+    row flip — the 16 int16 frames are gathered first, cut and flipped on the device (16 of 96
+    slices: cheap), and passed as (B, 16, H, W) with indices 0..15 (`_input`: this is where the
+    context cut happens). `boxes` are the batch's JSON mask boxes (B, 6), `Batch.boxes`.
+    """
+
+    mode: str = "crop"
+    flip: str = "none"
+
+    def __post_init__(self) -> None:
+        clip.check_mode(self.mode)
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {', '.join(FLIPS)}, got {self.flip!r}")
+
+    def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A micro-batch's frame randomness from the seeded CPU generator, in a fixed order.
+
+        Crop mode: "offsets" = torch.randint(0, 6) first, then "flip" = rand < 0.5 — the same
+        draws, in the same order, as the trainers made before `--frames`/`--flip` existed (the
+        former `--mirror` is `--flip frames`). Mask mode: "uniform" in [0, 1) instead of the
+        offsets, turned into each sample's shift on the device (`clip.shifts_from_uniform`).
+        """
+        if self.mode == "crop":
+            draws = {"offsets": random_offsets(size, generator=generator)}
+        else:
+            draws = {"uniform": torch.rand(size, generator=generator, dtype=torch.float64)}
+        if self.flip != "none":
+            draws["flip"] = torch.rand(size, generator=generator) < 0.5
+        return draws
+
+    def model_input(
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, draws: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, frames) for the model from a training batch and its `draw`s."""
+        boxes = _needed_boxes(boxes, self.mode)
+        if self.mode == "crop":
+            shifts = draws["offsets"]
+        else:
+            extents = clip.extents_from_boxes(boxes.to(crops.device))
+            shifts = clip.shifts_from_uniform("mask", draws["uniform"].to(crops.device), extents)
+        return self._input(crops, shifts, boxes, draws.get("flip"))
+
+    def view_input(
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, shifts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crops, frames) of one evaluation view: per-sample `shifts` (B,), no flip."""
+        return self._input(crops, shifts, _needed_boxes(boxes, self.mode), None)
+
+    def view_table(
+        self, crops: torch.Tensor, boxes: torch.Tensor | None, views: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's evaluation shifts (B, V) and which of them are real views (B, V).
+
+        views 6 (`--multiview 6`, the full ensemble): crop mode the six offsets; mask mode each
+        sample's own sd shifts (`clip.view_shift_table`, 3–6 of them). views 1: crop mode
+        offset 3 (the middle one); mask mode shift 0, the unshifted frames the paper's text
+        evaluates (the reference's no-ensemble evaluation draws a random training shift).
+        """
+        batch, device = crops.shape[0], crops.device
+        if views == 1:
+            single = multiview_offsets(1)[0] if self.mode == "crop" else 0
+            shifts = torch.full((batch, 1), single, dtype=torch.long, device=device)
+            return shifts, torch.ones_like(shifts, dtype=torch.bool)
+        if views != STRIDE:
+            raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
+        boxes = _needed_boxes(boxes, self.mode)
+        extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))
+        shifts, valid = clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
+        if self.mode == "crop":
+            # Six real views for every sample, one column each.
+            return shifts[:, :STRIDE], valid[:, :STRIDE]
+        return shifts, valid
+
+    def _input(
+        self,
+        crops: torch.Tensor,
+        shifts: torch.Tensor,
+        boxes: torch.Tensor | None,
+        flip: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = crops.device
+        shifts = shifts.to(device)
+        boxes = None if boxes is None else boxes.to(device)
+        extents = None if boxes is None else clip.extents_from_boxes(boxes)
+        flip = None if flip is None else flip.to(device)
+        mirror_flags = flip if self.flip == "frames" else None
+        frames = clip.frame_index_tensor(self.mode, shifts, extents, mirror=mirror_flags)
+        row_flip = flip is not None and self.flip == "rows"
+        if self.mode == "crop" and not row_flip:
+            return crops, frames
+        # The in-plane steps, on the device: gather the 16 int16 frames, then (mask mode) the
+        # context cut, then (rows) the flip — the reference's order (cut, pad back, flip).
+        clips = clip.gather_slices(crops, frames)  # (B, 16, H, W) int16
+        if self.mode == "mask":
+            clips = clip.context_cut(clips, boxes)
+        if row_flip:
+            clips = clip.flip_rows(clips, flip)
+        local = torch.arange(clips.shape[1], device=device).expand(clips.shape[0], -1)  # (B, 16)
+        return clips, local

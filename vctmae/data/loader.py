@@ -47,6 +47,7 @@ later step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -66,6 +67,7 @@ from vctmae.data.shards import (
     expand_shards,
     index_shards,
     read_crop,
+    select_levels,
     shard_label,
 )
 
@@ -74,23 +76,29 @@ _PREFETCH_FACTOR = 2  # batches each worker process reads ahead
 
 @dataclass(frozen=True)
 class Batch:
-    """int16 crops (B, 96, 96, 96), int64 labels (B,) (−1 = unlabeled) and the samples' keys."""
+    """int16 crops (B, 96, 96, 96), int64 labels (B,) (−1 = unlabeled), the samples' keys, and
+    their mask boxes: int64 (B, 6), each sample's JSON `bbox` (`ShardIndex.boxes`; what
+    `--frames mask` needs), or None where a source has none."""
 
     crops: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
+    boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def pin_memory(self, device: str | None = None) -> Batch:  # called by DataLoader's pin thread
-        return Batch(self.crops.pin_memory(), self.labels.pin_memory(), self.keys)
+        boxes = None if self.boxes is None else self.boxes.pin_memory()
+        return Batch(self.crops.pin_memory(), self.labels.pin_memory(), self.keys, boxes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        boxes = None if self.boxes is None else self.boxes.to(device, non_blocking=non_blocking)
         return Batch(
             self.crops.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.keys,
+            boxes,
         )
 
 
@@ -178,6 +186,7 @@ class _CropStream(IterableDataset):
         )
         self.offsets = np.concatenate([index.offsets for index in indexes])
         self.labels = np.concatenate([index.labels for index in indexes])
+        self.boxes = np.concatenate([index.boxes for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
         self.shape = indexes[0].shape
         self.batch_size = batch_size
@@ -251,18 +260,18 @@ class _CropStream(IterableDataset):
             for number in mine:
                 chunk = batches[number]
                 # numpy: a torch tensor would cross processes via its own shm file
-                labels = self.labels[chunk]
+                labels, boxes = self.labels[chunk], self.boxes[chunk]
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
                     slot = self.ring.acquire(worker)
                     self._read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
-                    yield _SlotBatch(worker, slot, labels, keys)
+                    yield _SlotBatch(worker, slot, labels, keys, boxes)
                 else:
                     crops = torch.empty(
                         (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
                     )
                     self._read_into(chunk, crops.numpy(), files)
-                    yield Batch(crops, torch.from_numpy(labels), keys)
+                    yield Batch(crops, torch.from_numpy(labels), keys, torch.from_numpy(boxes))
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -276,6 +285,7 @@ class _SlotBatch:
     slot: int
     labels: np.ndarray
     keys: list[str]
+    boxes: np.ndarray
 
 
 class _BatchRing:
@@ -366,7 +376,7 @@ class DevicePrefetcher:
                 moved = batch if batch.crops.device == self.device else batch.to(self.device)
                 if isinstance(item, _Leased):
                     if moved.crops.data_ptr() == batch.crops.data_ptr():
-                        moved = Batch(batch.crops.clone(), batch.labels, batch.keys)
+                        moved = dataclasses.replace(moved, crops=batch.crops.clone())
                     item.release()
                 yield moved
             return
@@ -404,6 +414,8 @@ class DevicePrefetcher:
                 # The tensors were allocated on the side stream but are used on the compute stream.
                 batch.crops.record_stream(compute)
                 batch.labels.record_stream(compute)
+                if batch.boxes is not None:
+                    batch.boxes.record_stream(compute)
                 launch()
                 yield batch
         finally:
@@ -459,6 +471,7 @@ class ShardLoader:
         skip_corrupt: bool = False,
         shuffle_buffer: int = 256,
         prefetch: int = 2,
+        levels: frozenset[str] | None = None,
         cache: str = "none",
     ):
         if backend not in BACKENDS:
@@ -478,6 +491,14 @@ class ShardLoader:
         self.prefetch = prefetch
         self.epoch = 0
         indexes, self.skipped = index_shards(self.shards, skip_corrupt=skip_corrupt)
+        # `--levels`: only the samples of these vertebra levels (their JSON's `level`).
+        indexes, self.dropped_levels = select_levels(indexes, levels)
+        if backend == "dali" and self.dropped_levels:
+            raise ShardError(
+                shard_label(self.shards),
+                f"the level filter leaves out {self.dropped_levels} samples, but the DALI "
+                "reader reads whole shards; use --loader torch, or --levels all",
+            )
         if not indexes:
             raise ShardError(
                 self.shards[0] if len(self.shards) == 1 else "<shards>", "no usable samples"
@@ -585,7 +606,9 @@ class ShardLoader:
         for item in workers:
             crops = ring.view(item.worker, item.slot, len(item.keys))
             yield _Leased(
-                Batch(crops, torch.from_numpy(item.labels), item.keys),
+                Batch(
+                    crops, torch.from_numpy(item.labels), item.keys, torch.from_numpy(item.boxes)
+                ),
                 functools.partial(ring.release, item.worker, item.slot),
             )
 

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 
 # Torch-free on purpose: the command line imports this module to build its options.
 BACKENDS = ("torch", "dali")
+# The reference code's finetuning levels: VerSe labels 8..25 = T1–T12 and L1–L6 (T13, label
+# 28, is out; src/finetuning/data.py:35, config/finetuning/data/default.yaml:9-10). Written as
+# a list because the range T1-L6 would take T13, which lies between T12 and L1.
+REFERENCE_LEVELS = "T1-T12,L1-L6"
+LEVELS_HELP = (
+    "Vertebra levels to use, by each sample's JSON `level`: all, or a list/ranges such as "
+    f"{REFERENCE_LEVELS} (the reference code's finetuning set, VerSe 8-25: T13 out). "
+    "Defaults: finetune and eval the reference set; pretrain all (the reference filters nothing)."
+)
 CACHES = ("none", "device")
 
 
@@ -26,6 +35,7 @@ class LoaderOptions:
 
     workers: int = flag(2, "Loader worker processes per training process.", resumable=True)
     backend: str = flag("torch", "Loader backend: torch | dali.", name="--loader")
+    levels: str = flag("all", LEVELS_HELP)
     cache: str = flag(
         "none",
         "none: stream the shards | device: load every crop into device memory once and "
@@ -42,6 +52,13 @@ class LoaderOptions:
             raise UsageError(f"--cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
         if self.cache == "device" and self.backend == "dali":
             raise UsageError("--cache device replaces the loader's reading: use --loader torch")
+        self.level_set()  # a bad --levels is a usage error now, not when the loader starts
+
+    def level_set(self) -> frozenset[str] | None:
+        """The levels `--levels` keeps, None for all (`vctmae.ingest.levels.parse_levels`)."""
+        from vctmae.ingest.levels import parse_levels
+
+        return None if self.levels.strip().lower() == "all" else parse_levels(self.levels)
 
     def build(
         self,
@@ -63,5 +80,6 @@ class LoaderOptions:
             num_workers=self.workers,
             device=device,
             backend=self.backend,
+            levels=self.level_set(),
             cache=self.cache,
         )

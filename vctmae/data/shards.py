@@ -1,14 +1,16 @@
 """Shard lists and shard indexes: which tar files, and where each crop's bytes lie in them.
 
 A shard is a WebDataset tar written by ingest: per sample `KEY.crop.npy` (int16,
-C order), `KEY.json`, and for labelled splits `KEY.cls` ("0"/"1"). A sample's key
+C order), `KEY.json` (metadata), and for labelled splits `KEY.cls` ("0"/"1"). A sample's key
 is its member path up to the first dot of the last path component, as
 WebDataset splits it: `a/x.crop.npy` and `b/x.crop.npy` are two samples, `a/x`
 and `b/x` (folders are never dropped). Before
 streaming, the loader indexes each shard once — it walks the tar headers and
 parses each `.npy` header — so that reading a crop later is a single `preadv`
 of its raw int16 bytes straight into the batch buffer (no intermediate bytes
-object, no decode copy). The index also gives exact sample counts, which the
+object, no decode copy). From each sample's JSON the index keeps the two fields
+the loader needs: the vertebra `level` (for `--levels`) and the mask's `bbox`
+(for `--frames mask`). The index also gives exact sample counts, which the
 rank/worker split needs to promise "every sample exactly once". Remote shards
 (any URL webdataset's gopen opens) are fetched once into a local cache first.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -29,10 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.errors import VctmaeError
 
-CROP_EXT = "crop.npy"
-CLASS_EXT = "cls"
+CROP_EXT = CROP_MEMBER
+CLASS_EXT = CLASS_MEMBER
+META_EXT = META_MEMBER
+# A sample whose JSON has no `bbox` gets this box (and no level: None): usable in crop mode and
+# with `--levels all`, refused by `--frames mask` and a level filter (`check_metadata`).
+NO_BOX = (-1, -1, -1, -1, -1, -1)
 _NPY_MAGIC = b"\x93NUMPY"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -175,6 +183,11 @@ class ShardIndex:
     offsets: np.ndarray  # int64 (n,): byte offset of the first int16 of each crop
     labels: np.ndarray  # int64 (n,): class, -1 when unlabeled
     shape: tuple[int, ...]
+    # int64 (n, 6): each sample's JSON `bbox` (half-open x0, x1, y0, y1, z0, z1 in crop
+    # indices; NO_BOX when its JSON has none)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), dtype=np.int64))
+    # each sample's JSON `level` (e.g. "L1"), None when its JSON has none
+    levels: list[str | None] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<path>: <problem>" per bad sample
     source: str = ""  # the URL a remote shard was fetched from ("" for local shards)
 
@@ -210,6 +223,7 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         raise ShardError(path, f"cannot open ({error.strerror or error})") from None
     crops: dict[str, tuple[int, int, str]] = {}  # key → (data offset, size, member name)
     classes: dict[str, tuple[int, int]] = {}
+    metas: dict[str, tuple[int, int]] = {}
     order: list[str] = []
     with handle:
         try:
@@ -228,6 +242,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                         crops[key] = (member.offset_data, member.size, member.name)
                     elif ext == CLASS_EXT:
                         classes[key] = (member.offset_data, member.size)
+                    elif ext == META_EXT:
+                        metas[key] = (member.offset_data, member.size)
         except tarfile.TarError as error:
             raise ShardError(path, f"not a readable tar archive ({error})") from None
         except OSError as error:
@@ -235,6 +251,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         keys: list[str] = []
         offsets: list[int] = []
         labels: list[int] = []
+        boxes: list[tuple[int, ...]] = []
+        levels: list[str | None] = []
         skipped: list[str] = []
         shape: tuple[int, ...] | None = None
         fd = handle.fileno()
@@ -268,6 +286,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})"
                         )
                     label = int(text)
+                box, level = NO_BOX, None
+                if key in metas:
+                    box, level = _read_metadata(path, fd, key, *metas[key])
             except ShardError as error:
                 if not skip_corrupt:
                     raise
@@ -277,14 +298,46 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
             keys.append(key)
             offsets.append(start + header_length)
             labels.append(label)
+            boxes.append(box)
+            levels.append(level)
     return ShardIndex(
         path=path,
         keys=keys,
         offsets=np.asarray(offsets, dtype=np.int64),
         labels=np.asarray(labels, dtype=np.int64),
         shape=shape or (),
+        boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 6),
+        levels=levels,
         skipped=skipped,
     )
+
+
+def _read_metadata(
+    path: str, fd: int, key: str, offset: int, size: int
+) -> tuple[tuple[int, ...], str | None]:
+    """(bbox, level) of one sample's JSON; NO_BOX / None for a field it does not have."""
+    name = f"{key}.{META_EXT}"
+    try:
+        meta = json.loads(os.pread(fd, size, offset))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardError(path, f"{name}: not JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(path, f"{name}: not a JSON object")
+    box: tuple[int, ...] = NO_BOX
+    if "bbox" in meta:
+        bbox = meta["bbox"]
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 6
+            or not all(isinstance(v, int) and 0 <= v for v in bbox)
+            or any(bbox[2 * i + 1] < bbox[2 * i] for i in range(3))
+        ):
+            raise ShardError(path, f"{name}: bbox {bbox!r} is not (x0, x1, y0, y1, z0, z1)")
+        box = tuple(bbox)
+    level = meta.get("level")
+    if level is not None and not isinstance(level, str):
+        raise ShardError(path, f"{name}: level {level!r} is not a name like L1")
+    return box, level
 
 
 def index_shards(
@@ -311,6 +364,60 @@ def index_shards(
             shape = index.shape
             indexes.append(index)
     return indexes, skipped
+
+
+def select_levels(
+    indexes: Sequence[ShardIndex], levels: frozenset[str] | None
+) -> tuple[list[ShardIndex], int]:
+    """Keep the samples whose JSON `level` is in `levels` (None: keep all); returns the indexes
+    with samples left, and how many samples were dropped.
+
+    A sample without a `level` in its JSON cannot be filtered: a ShardError naming it (pass
+    `--levels all` to use such shards).
+    """
+    if levels is None:
+        return list(indexes), 0
+    kept: list[ShardIndex] = []
+    dropped = 0
+    for index in indexes:
+        unknown = [
+            key for key, level in zip(index.keys, index.levels, strict=True) if level is None
+        ]
+        if unknown:
+            raise ShardError(
+                index.path,
+                f"{len(unknown)} sample(s) without a `level` in their JSON (e.g. {unknown[0]}); "
+                "the level filter cannot place them — pass --levels all",
+            )
+        rows = [i for i, level in enumerate(index.levels) if level in levels]
+        dropped += len(index) - len(rows)
+        if len(rows) == len(index):
+            kept.append(index)
+        elif rows:
+            kept.append(
+                replace(
+                    index,
+                    keys=[index.keys[i] for i in rows],
+                    offsets=index.offsets[rows],
+                    labels=index.labels[rows],
+                    boxes=index.boxes[rows],
+                    levels=[index.levels[i] for i in rows],
+                )
+            )
+    return kept, dropped
+
+
+def check_boxes(indexes: Sequence[ShardIndex], *, option: str = "--frames mask") -> None:
+    """Refuse shards with samples that have no mask `bbox` in their JSON (mask mode needs it)."""
+    for index in indexes:
+        missing = np.flatnonzero((index.boxes == -1).all(axis=1))
+        if missing.size:
+            raise ShardError(
+                index.path,
+                f"{missing.size} sample(s) without a mask `bbox` in their JSON "
+                f"(e.g. {index.keys[int(missing[0])]}); {option} needs ingest's metadata — "
+                "re-ingest, or use --frames crop",
+            )
 
 
 class ClassError(VctmaeError, ValueError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.clip import ZARR_CLASSES, ZARR_CROPS
 from vctmae.errors import VctmaeError
 
 
@@ -31,8 +32,8 @@ class ZarrCrops:
         self.path = Path(path)
         try:
             group = zarr.open_group(str(self.path), mode="r")
-            self._crops = group["crops"]
-            self._classes = np.asarray(group["classes"][:], dtype=np.int64)
+            self._crops = group[ZARR_CROPS]
+            self._classes = np.asarray(group[ZARR_CLASSES][:], dtype=np.int64)
             self.keys: list[str] = list(group.attrs["keys"])
         except (FileNotFoundError, KeyError, ValueError, TypeError) as error:
             # What zarr raises for a missing, foreign or damaged store (not found, no such

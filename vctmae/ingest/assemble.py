@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.errors import OutOfSpaceError
 from vctmae.ingest.discover import BadInput
 from vctmae.ingest.errors import IngestError
@@ -301,11 +302,11 @@ class Assembly:
             if split not in self._shards:
                 self._shards[split] = ShardWriter(self.staging, split, self.shard_size)
             members = [
-                ("crop.npy", npy_header(sample.crop.shape) + raw),
-                ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")),
+                (CROP_MEMBER, npy_header(sample.crop.shape) + raw),
+                (META_MEMBER, json.dumps(meta, ensure_ascii=False).encode("utf-8")),
             ]
             if sample.cls is not None:
-                members.append(("cls", str(sample.cls).encode("ascii")))
+                members.append((CLASS_MEMBER, str(sample.cls).encode("ascii")))
             shard = self._shards[split].write(sample.key, members)
         if self._zarr is not None:
             self._zarr.write(

@@ -311,6 +311,10 @@ class DaskExecutor:
                 "--executor dask needs dask.distributed: pip install 'vctmae[dask]'"
             ) from None
         self._cluster = None
+        # distributed's nannies set OMP_NUM_THREADS=1, PYTHONHASHSEED, … in *this* process's
+        # environment before spawning workers; `close` puts the environment back, so later
+        # subprocesses (and torch in this process) are not left single-threaded.
+        self._environment = dict(os.environ)
         if scheduler:
             try:
                 self._client = Client(scheduler, timeout="30s")
@@ -361,6 +365,8 @@ class DaskExecutor:
         self._client.close()
         if self._cluster is not None:
             self._cluster.close()
+        os.environ.clear()
+        os.environ.update(self._environment)
 
 
 def make_executor(

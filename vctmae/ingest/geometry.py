@@ -72,6 +72,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from vctmae.clip import NUM_FRAMES, STRIDE
 from vctmae.errors import UsageError
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
@@ -87,9 +88,8 @@ LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
 # VerSe's values stop at 28 (T13); its 26 and 27 are sacrum and coccyx, no vertebrae.
 LARGEST_VERSE_VALUE = max(VERSE)
 # The smallest `size` the training frame rule can sample: 16 frames `stride` 6 slices apart
-# (`vctmae.data.frames.NUM_FRAMES` × `STRIDE`, kept equal by a test; not imported, since
-# that module needs torch).
-MIN_TRAINING_SIZE = 16 * 6
+# (the clip rules' module imports torch only when a rule runs, not for its constants).
+MIN_TRAINING_SIZE = NUM_FRAMES * STRIDE
 
 # World (RAS+) directions of the crop axes before any alignment.
 LEFT_TO_RIGHT = np.array([1.0, 0.0, 0.0])

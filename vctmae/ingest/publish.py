@@ -38,13 +38,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vctmae.clip import ZARR_STORE
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.files import atomic_write
 from vctmae.ingest.writers import SHARD_NAME
 
 WORK = ".ingest-work"  # the work folder inside --out (a cache, see pipeline)
 MANIFEST = "manifest.csv"
-ZARR = "crops.zarr"
+ZARR = ZARR_STORE
 STAGING = "staging"  # inside WORK: where assembly writes the next set
 JOURNAL = "publish.json"  # inside WORK: present from the commit point until the set is in place
 PUBLISHED = "assembled.json"  # inside WORK: what the published set is (fingerprint, shards)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.clip import ZARR_CLASSES, ZARR_CROPS, ZARR_GRADES
 from vctmae.errors import UsageError
 from vctmae.ingest.files import out_of_space_as_error
 
@@ -254,7 +255,7 @@ class ZarrWriter:
         count, size = self.count, self.size
         with out_of_space_as_error(self.path):
             self.crops = self.group.create_array(
-                "crops",
+                ZARR_CROPS,
                 shape=(count, size, size, size),
                 chunks=(1, size, size, size),
                 dtype="int16",
@@ -266,10 +267,10 @@ class ZarrWriter:
                 dimension_names=("crop", "left_right", "superior_inferior", "anterior_posterior"),
             )
             if count:
-                (self._chunks / "c").rename(self.path / "crops" / "c")
+                (self._chunks / "c").rename(self.path / ZARR_CROPS / "c")
                 self._check[self._last[0]] = self._last[1]
             self._chunks.rmdir()
-            for name, values in (("classes", self._classes), ("grades", self._grades)):
+            for name, values in ((ZARR_CLASSES, self._classes), (ZARR_GRADES, self._grades)):
                 array = self.group.create_array(
                     name,
                     shape=(count,),

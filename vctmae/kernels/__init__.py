@@ -16,6 +16,7 @@ from vctmae.kernels.reference import (
     NUM_TOKENS,
     PATCH_DIM,
     gather_patches,
+    num_tokens,
     patch_embed_reference,
     sample_frames_reference,
     stride_frames,
@@ -28,6 +29,7 @@ __all__ = [
     "NUM_TOKENS",
     "PATCH_DIM",
     "gather_patches",
+    "num_tokens",
     "patch_embed",
     "patch_embed_reference",
     "resolve_backend",
@@ -61,17 +63,24 @@ def patch_embed(
     keep: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
     backend: str = "auto",
+    frame_size: int | None = None,
 ) -> torch.Tensor:
-    """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → patch tokens (B, 288, D), or (B, K, D) with keep.
+    """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → patch tokens (B, L, D), or (B, K, D) with keep.
 
     frames[b, k] is the sagittal slice of clip frame k (`stride_frames(offsets)` for the paper's
-    o + 6k); weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16) summed over input
-    channels and reshaped; token index = t*36 + row*6 + col; keep (B, K) holds
-    token indices; pos (288, D) is added when given. Differentiable w.r.t.
-    weight, bias and pos.
+    o + 6k, or any rule of `vctmae.clip`); weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16)
+    summed over input channels and reshaped; frames are `frame_size` square (96: L = 288 tokens,
+    t*36 + row*6 + col; 224: the slices padded centred with −1000 HU, L = 1568 tokens on an
+    8 × 14 × 14 grid; default: what `pos` is a table for, else the slices' own size); keep (B, K)
+    holds token indices; pos (L, D) is added when given. Differentiable w.r.t. weight, bias and
+    pos.
     """
     if resolve_backend(backend, crops.device) == "torch":
-        return patch_embed_reference(crops, frames, weight, bias, keep=keep, pos=pos)
+        return patch_embed_reference(
+            crops, frames, weight, bias, keep=keep, pos=pos, frame_size=frame_size
+        )
     from vctmae.kernels.triton_patch_embed import patch_embed_triton
 
-    return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos)
+    return patch_embed_triton(
+        crops, frames, weight, bias, keep=keep, pos=pos, frame_size=frame_size
+    )

@@ -32,8 +32,15 @@ class KernelVariant:
     num_stages: int
 
 
-def kernel_variants(dim: int = 1024, *, include_fp32: bool = False) -> list[KernelVariant]:
-    """The specialisations training uses (bf16 dots, with/without keep and pos).
+# Frame sizes the kernels are compiled for: the paper's 96² frames and Table 2 row 5's 224²
+# (the 96² slices padded); the crops are ingest's (96, 96, 96) either way.
+FRAME_SIZES = (96, 224)
+
+
+def kernel_variants(
+    dim: int = 1024, *, include_fp32: bool = False, frame_sizes: tuple[int, ...] = FRAME_SIZES
+) -> list[KernelVariant]:
+    """The specialisations training uses (bf16 dots, with/without keep and pos), per frame size.
 
     `include_fp32` adds the fp32-dot check path (slow to compile: ~30 s a kernel on 2 cores).
     """
@@ -43,13 +50,14 @@ def kernel_variants(dim: int = 1024, *, include_fp32: bool = False) -> list[Kern
     fwd_signature = {
         "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "weight_ptr": "*fp32",
         "bias_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32",
-        "dim": "i32", "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
+        "dim": "i32", "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr",
+        "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     }  # fmt: skip
     bwd_signature = {
         "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "grad_ptr": "*fp32",
         "partial_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32", "dim": "i32",
-        "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr", "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "BLOCKS_PER_SPLIT": "constexpr",
     }  # fmt: skip
     fwd_tiles = {"BLOCK_M": fwd_cfg.block_m, "BLOCK_N": fwd_cfg.block_n, "BLOCK_K": fwd_cfg.block_k}
@@ -59,28 +67,43 @@ def kernel_variants(dim: int = 1024, *, include_fp32: bool = False) -> list[Kern
         [(False, False, False)] if include_fp32 else []
     )
     grad_cases = [(True, True)] + ([(False, False)] if include_fp32 else [])
-    for keep, pos, bf16 in forward_cases:
-        variants.append(
-            KernelVariant(
-                name=f"forward keep={keep} pos={pos} dot={'bf16' if bf16 else 'fp32'}",
-                kernel="_patch_embed_fwd_kernel",
-                signature=fwd_signature,
-                constexprs={"HAS_KEEP": keep, "HAS_POS": pos, "DOT_BF16": bf16, **fwd_tiles},
-                num_warps=fwd_cfg.num_warps,
-                num_stages=fwd_cfg.num_stages,
+    for frame in frame_sizes:
+        geometry = {"SLICES": 96, "CROP": 96, "FRAME": frame}
+        for keep, pos, bf16 in forward_cases:
+            variants.append(
+                KernelVariant(
+                    name=f"forward frame={frame} keep={keep} pos={pos} "
+                    f"dot={'bf16' if bf16 else 'fp32'}",
+                    kernel="_patch_embed_fwd_kernel",
+                    signature=fwd_signature,
+                    constexprs={
+                        **geometry,
+                        "HAS_KEEP": keep,
+                        "HAS_POS": pos,
+                        "DOT_BF16": bf16,
+                        **fwd_tiles,
+                    },  # fmt: skip
+                    num_warps=fwd_cfg.num_warps,
+                    num_stages=fwd_cfg.num_stages,
+                )
             )
-        )
-    for keep, bf16 in grad_cases:
-        variants.append(
-            KernelVariant(
-                name=f"grad_weight keep={keep} dot={'bf16' if bf16 else 'fp32'}",
-                kernel="_patch_embed_grad_weight_kernel",
-                signature=bwd_signature,
-                constexprs={"HAS_KEEP": keep, "DOT_BF16": bf16, "BLOCKS_PER_SPLIT": 4, **bwd_tiles},
-                num_warps=bwd_cfg.num_warps,
-                num_stages=bwd_cfg.num_stages,
+        for keep, bf16 in grad_cases:
+            variants.append(
+                KernelVariant(
+                    name=f"grad_weight frame={frame} keep={keep} dot={'bf16' if bf16 else 'fp32'}",
+                    kernel="_patch_embed_grad_weight_kernel",
+                    signature=bwd_signature,
+                    constexprs={
+                        **geometry,
+                        "HAS_KEEP": keep,
+                        "DOT_BF16": bf16,
+                        "BLOCKS_PER_SPLIT": 4,
+                        **bwd_tiles,
+                    },  # fmt: skip
+                    num_warps=bwd_cfg.num_warps,
+                    num_stages=bwd_cfg.num_stages,
+                )
             )
-        )
     return variants
 
 

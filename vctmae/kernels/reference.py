@@ -2,62 +2,95 @@
 
 The reference spells out the semantics the Triton kernel must reproduce:
 the clip's 16 frames at the given sagittal slice indices → HU clip/scale →
-Conv3d with kernel = stride = (2, 16, 16) → tokens. It gathers the frames
-inline so the kernel package depends on nothing else.
+(padding to the frame size) → Conv3d with kernel = stride = (2, 16, 16) → tokens.
+The frame rules themselves (`o + 6k`, mask mode, HU window, padding) are `vctmae.clip`'s.
 
-Layout (one crop, video order): crop (S=96 sagittal, 96 rows S→I, 96 cols A→P);
-frame k of sample b = crop[frames[b, k]] for k in 0..15 (the paper's rule:
-frames[b, k] = o_b + 6k, `stride_frames`); token index t*36 + row*6 + col over the
-(8, 6, 6) grid of 2×16×16 tubes; patch vector index (u, p, q) row-major = u*256
-+ p*16 + q (frame within the tube, row, column), matching the Conv3d weight
-(D, 1, 2, 16, 16).reshape(D, 512).
+Layout (one crop, video order): crop (S sagittal slices, H rows S→I, W = H cols A→P),
+S = H = 96 for ingest's crops; frame k of sample b = crop[frames[b, k]] for k in 0..15
+(the paper's rule: frames[b, k] = o_b + 6k, `stride_frames`). Frames are F × F with
+F = the frame size: 96 (the paper's format, no padding) or 224 (Table 2 row 5: the
+96² slices padded centred with −1000 HU, i.e. 0 after scaling). Token index
+t·g² + row·g + col over the (8, g, g) grid of 2×16×16 tubes, g = F / 16 (6 or 14:
+288 or 1568 tokens); patch vector index (u, p, q) row-major = u*256 + p*16 + q (frame
+within the tube, row, column), matching the Conv3d weight (D, 1, 2, 16, 16).reshape(D, 512).
+
+The frame size follows `pos` when it is given (its L rows fix the grid), else the crops' own
+slice size, unless `frame_size` says otherwise.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-CROP_SIZE = 96
-NUM_FRAMES = 16
-FRAME_STRIDE = 6
+from vctmae import clip
+from vctmae.clip import CROP_SIZE, NUM_FRAMES, STRIDE
+
+FRAME_STRIDE = STRIDE
 TUBE = 2
 PATCH = 16
 GRID_T = NUM_FRAMES // TUBE  # 8
-GRID_HW = CROP_SIZE // PATCH  # 6
-NUM_TOKENS = GRID_T * GRID_HW * GRID_HW  # 288
+GRID_HW = CROP_SIZE // PATCH  # 6 for the paper's 96² frames
+NUM_TOKENS = GRID_T * GRID_HW * GRID_HW  # 288 for 96² frames
 PATCH_DIM = TUBE * PATCH * PATCH  # 512
-HU_MIN = -1000.0
-HU_MAX = 1000.0
+HU_MIN = clip.HU_MIN
+HU_MAX = clip.HU_MAX
 MAX_OFFSET = CROP_SIZE - FRAME_STRIDE * (NUM_FRAMES - 1)  # offsets in [0, 6)
 
 
+def num_tokens(frame_size: int) -> int:
+    """Patch tokens of one clip of F × F frames: 8 · (F / 16)² (288 for 96, 1568 for 224)."""
+    if frame_size % PATCH:
+        raise ValueError(f"frame size {frame_size} is not a multiple of the {PATCH}-pixel patch")
+    return GRID_T * (frame_size // PATCH) ** 2
+
+
+def frame_size_of(
+    crops: torch.Tensor, pos: torch.Tensor | None = None, frame_size: int | None = None
+) -> int:
+    """The frame size of a call: `frame_size` if given, else the one `pos` (L, D) is a table for,
+    else the crops' slice size."""
+    if frame_size is not None:
+        return int(frame_size)
+    if pos is not None:
+        side = math.isqrt(pos.shape[0] // GRID_T)
+        if GRID_T * side * side != pos.shape[0]:
+            raise ValueError(f"pos has {pos.shape[0]} rows, not 8 × a square token grid")
+        return side * PATCH
+    return int(crops.shape[-1])
+
+
 def stride_frames(offsets: torch.Tensor) -> torch.Tensor:
-    """The paper's frame rule as slice indices: offsets (B,) → (B, 16) = o + 6k."""
-    steps = FRAME_STRIDE * torch.arange(NUM_FRAMES, device=offsets.device)
-    return offsets.long()[:, None] + steps  # (B, 16)
+    """The paper's frame rule as slice indices: offsets (B,) → (B, 16) = o + 6k
+    (`vctmae.clip.frame_index_tensor("crop", offsets)`)."""
+    return clip.frame_index_tensor("crop", offsets)
 
 
-def sample_frames_reference(crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-    """int16 crops (B, 96, 96, 96) + slice indices (B, 16) → float32 clips (B, 1, 16, 96, 96) in [0, 1]."""
-    index = frames.to(device=crops.device, dtype=torch.long)  # (B, 16)
-    batch = torch.arange(crops.shape[0], device=crops.device)[:, None]
-    clips = crops[batch, index].float()  # (B, 16, 96, 96)
-    clips = (clips.clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
-    return clips.unsqueeze(1)  # (B, 1, 16, 96, 96)
+def sample_frames_reference(
+    crops: torch.Tensor, frames: torch.Tensor, frame_size: int | None = None
+) -> torch.Tensor:
+    """int16 crops (B, S, H, H) + slice indices (B, 16) → float32 clips (B, 1, 16, F, F) in [0, 1]
+    (F = `frame_size`, default H; larger frames are padded centred with 0 = −1000 HU)."""
+    clips = clip.scale_hu(clip.gather_slices(crops, frames))  # (B, 16, H, H)
+    size = crops.shape[-1] if frame_size is None else frame_size
+    clips = clip.pad_frames(clips, size, clip.PAD_SCALED)
+    return clips.unsqueeze(1)  # (B, 1, 16, F, F)
 
 
 def gather_patches(
-    crops: torch.Tensor, frames: torch.Tensor, keep: torch.Tensor | None = None
+    crops: torch.Tensor,
+    frames: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    frame_size: int | None = None,
 ) -> torch.Tensor:
-    """The patch vectors the kernel multiplies: (B, 288, 512), or (B, K, 512) with `keep`."""
-    frames = sample_frames_reference(crops, frames)[:, 0]  # (B, 16, 96, 96)
-    batch = frames.shape[0]
-    patches = frames.reshape(
-        batch, GRID_T, TUBE, GRID_HW, PATCH, GRID_HW, PATCH
-    )  # (B, t, u, r, p, c, q)
+    """The patch vectors the kernel multiplies: (B, L, 512), or (B, K, 512) with `keep`."""
+    clips = sample_frames_reference(crops, frames, frame_size)[:, 0]  # (B, 16, F, F)
+    batch, side = clips.shape[0], clips.shape[-1] // PATCH
+    patches = clips.reshape(batch, GRID_T, TUBE, side, PATCH, side, PATCH)  # (B, t, u, r, p, c, q)
     patches = patches.permute(0, 1, 3, 5, 2, 4, 6)  # (B, t, r, c, u, p, q)
-    patches = patches.reshape(batch, NUM_TOKENS, PATCH_DIM)  # (B, 288, 512)
+    patches = patches.reshape(batch, GRID_T * side * side, PATCH_DIM)  # (B, L, 512)
     if keep is not None:
         patches = patches.gather(
             1, keep.long()[:, :, None].expand(-1, -1, PATCH_DIM)
@@ -72,17 +105,20 @@ def patch_embed_reference(
     bias: torch.Tensor,
     keep: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
+    frame_size: int | None = None,
 ) -> torch.Tensor:
-    """Torch path: gather the frames + Conv3d → (B, 288, D), or (B, K, D) with `keep` (B, K) token
+    """Torch path: gather the frames + Conv3d → (B, L, D), or (B, K, D) with `keep` (B, K) token
     indices. `frames` (B, 16) are the clip's sagittal slice indices; `weight` is (D, 512), the
-    channel-summed Conv3d weight; `pos` (288, D) is added when given.
+    channel-summed Conv3d weight; `pos` (L, D) is added when given; L = 288 for 96² frames,
+    1568 for 224² (`frame_size_of`).
     """
     dim = weight.shape[0]
-    clips = sample_frames_reference(crops, frames)  # (B, 1, 16, 96, 96)
+    size = frame_size_of(crops, pos, frame_size)
+    clips = sample_frames_reference(crops, frames, size)  # (B, 1, 16, F, F)
     tokens = F.conv3d(
         clips, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH)
     )
-    tokens = tokens.flatten(2).transpose(1, 2)  # (B, 288, D)
+    tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D)
     if pos is not None:
         tokens = tokens + pos
     if keep is not None:

@@ -2,13 +2,21 @@
 
 Forward (`_patch_embed_fwd_kernel`): each program owns a (BLOCK_M tokens ×
 BLOCK_N channels) output tile. Tokens are rows r = b*K + j of the flattened
-(B, K) token list (K = 288, or the kept tokens when `keep` is given). For each
-BLOCK_K slice of the 512-long patch vector it gathers the int16 voxels straight
-from the crop at sagittal index frames[b, 2t + u] (the sample's 16 frame indices,
-e.g. o_b + 6k for the paper's rule), clips/scales HU, and feeds
+(B, K) token list (K = L = 8·g² tokens — 288 for 96² frames, 1568 for 224² —
+or the kept tokens when `keep` is given). For each BLOCK_K slice of the
+512-long patch vector it gathers the int16 voxels straight from the crop at
+sagittal index frames[b, 2t + u] (the sample's 16 frame indices, e.g. o_b + 6k
+for the paper's rule), clips/scales HU, and feeds
 the tile to `tl.dot` with the matching (BLOCK_K × BLOCK_N) slice of the
 channel-summed weight; bias (and the positional embedding of the token) are
 added in the epilogue. The frames and the patch matrix never exist in memory.
+
+Geometry as constexprs: the crops' depth SLICES and slice size CROP (96 and 96 for
+ingest's crops; 16 for the trainers' pre-gathered clips), and the frame size FRAME
+(96, or 224 for Table 2 row 5). A frame larger than the slice holds it centred,
+padded with −1000 HU (0 after scaling): those voxels are masked loads, never read.
+With FRAME == CROP the padding test is compiled out and the 96 path is the code it
+always was.
 
 Backward: grad_bias and grad_pos are reductions done in torch;
 grad_weight = Σ_r grad_out[r]ᵀ · patch[r] is a second kernel
@@ -37,17 +45,17 @@ import torch
 import triton
 import triton.language as tl
 
-# The kernels spell out these constants (96-voxel crops, 16 frames, HU window [-1000, 1000],
-# 2x16x16 tubes on an 8x6x6 grid) because tl.constexpr globals differ across Triton versions;
-# reference.py names them.
-from vctmae.kernels.reference import CROP_SIZE, NUM_FRAMES, NUM_TOKENS, PATCH_DIM
+# The kernels spell out the fixed constants (16 frames, HU window [-1000, 1000], 2x16x16 tubes)
+# because tl.constexpr globals differ across Triton versions; vctmae.clip and reference.py name
+# them. The crop and frame geometry arrive as constexpr arguments.
+from vctmae.kernels.reference import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
 def _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP: tl.constexpr):
-    """Row r of the flattened (B, K) token list → (batch index, token index in 0..287)."""
+    """Row r of the flattened (B, K) token list → (batch index, token index in 0..L−1)."""
     batch = rows // n_keep
     if HAS_KEEP:
         token = tl.load(keep_ptr + rows, mask=row_mask, other=0)
@@ -57,28 +65,48 @@ def _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP: tl.constexpr)
 
 
 @triton.jit
-def _patch_tile(crops_ptr, frames_ptr, batch, token, row_mask, k):
+def _patch_tile(
+    crops_ptr,
+    frames_ptr,
+    batch,
+    token,
+    row_mask,
+    k,
+    SLICES: tl.constexpr,
+    CROP: tl.constexpr,
+    FRAME: tl.constexpr,
+):
     """Gather a (BLOCK_M, BLOCK_K) tile of scaled patch values.
 
     batch/token: (BLOCK_M,) per row; frames_ptr: the (B, 16) sagittal slice of each
     clip frame; k: (BLOCK_K,) indices into the 512-long patch vector laid out
-    (u, p, q) = (frame in tube, row, column).
+    (u, p, q) = (frame in tube, row, column). crops are (B, SLICES, CROP, CROP); frames
+    FRAME × FRAME, the slice centred in them.
     """
-    t = token // 36
-    grid_row = (token % 36) // 6
-    grid_col = token % 6
+    GRID: tl.constexpr = FRAME // 16
+    PAD: tl.constexpr = (FRAME - CROP) // 2
+    t = token // (GRID * GRID)
+    grid_row = (token % (GRID * GRID)) // GRID
+    grid_col = token % GRID
     u = k // 256
     p = (k // 16) % 16
     q = k % 16
     # Clip frame 2t + u of sample b lies at sagittal slice frames[b, 2t + u].
     frame = 2 * t[:, None] + u[None, :]
     sagittal = tl.load(frames_ptr + batch[:, None] * 16 + frame, mask=row_mask[:, None], other=0)
-    row = 16 * grid_row[:, None] + p[None, :]
-    col = 16 * grid_col[:, None] + q[None, :]
+    row = 16 * grid_row[:, None] + p[None, :] - PAD
+    col = 16 * grid_col[:, None] + q[None, :] - PAD
     # Mask out-of-range slices too: an unmasked bad address crashes the interpreter.
-    mask = row_mask[:, None] & (sagittal >= 0) & (sagittal < 96)
-    address = batch.to(tl.int64)[:, None] * 884736 + sagittal * 9216 + row * 96 + col
-    hu = tl.load(crops_ptr + address, mask=mask, other=0).to(tl.float32)
+    mask = row_mask[:, None] & (sagittal >= 0) & (sagittal < SLICES)
+    if FRAME != CROP:
+        # The padding around the slice: masked loads that read the pad value.
+        mask = mask & (row >= 0) & (row < CROP) & (col >= 0) & (col < CROP)
+    address = (
+        batch.to(tl.int64)[:, None] * (SLICES * CROP * CROP) + sagittal * (CROP * CROP)
+        + row * CROP + col
+    )  # fmt: skip
+    # A padded voxel reads −1000 HU (vctmae.clip.PAD_HU), 0 after scaling.
+    hu = tl.load(crops_ptr + address, mask=mask, other=-1000).to(tl.float32)
     hu = tl.minimum(tl.maximum(hu, -1000.0), 1000.0)
     return (hu + 1000.0) / 2000.0
 
@@ -86,16 +114,19 @@ def _patch_tile(crops_ptr, frames_ptr, batch, token, row_mask, k):
 # num_rows/n_keep vary with batch and mask ratio; not specialising on them saves recompiles.
 @triton.jit(do_not_specialize=["num_rows", "n_keep"])
 def _patch_embed_fwd_kernel(
-    crops_ptr,  # int16 (B, 96, 96, 96)
+    crops_ptr,  # int16 (B, SLICES, CROP, CROP)
     frames_ptr,  # int32 (B, 16)
     keep_ptr,  # int32 (B, K) or unused
     weight_ptr,  # (D, 512)
     bias_ptr,  # (D,)
-    pos_ptr,  # (288, D) or unused
+    pos_ptr,  # (L, D) or unused
     out_ptr,  # (B, K, D)
     num_rows,  # B * K
     n_keep,  # K
     dim,  # D
+    SLICES: tl.constexpr,
+    CROP: tl.constexpr,
+    FRAME: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_POS: tl.constexpr,
     DOT_BF16: tl.constexpr,
@@ -115,7 +146,7 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, 512, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         patches = _patch_tile(
-            crops_ptr, frames_ptr, batch, token, row_mask, k
+            crops_ptr, frames_ptr, batch, token, row_mask, k, SLICES, CROP, FRAME
         )  # (BLOCK_M, BLOCK_K)
         w = tl.load(
             weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0
@@ -136,7 +167,7 @@ def _patch_embed_fwd_kernel(
 
 @triton.jit(do_not_specialize=["num_rows", "n_keep"])
 def _patch_embed_grad_weight_kernel(
-    crops_ptr,  # int16 (B, 96, 96, 96)
+    crops_ptr,  # int16 (B, SLICES, CROP, CROP)
     frames_ptr,  # int32 (B, 16)
     keep_ptr,  # int32 (B, K) or unused
     grad_ptr,  # (B, K, D) gradient of the output
@@ -144,6 +175,9 @@ def _patch_embed_grad_weight_kernel(
     num_rows,
     n_keep,
     dim,
+    SLICES: tl.constexpr,
+    CROP: tl.constexpr,
+    FRAME: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     DOT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -166,7 +200,7 @@ def _patch_embed_grad_weight_kernel(
         row_mask = rows < num_rows
         batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
         patches = _patch_tile(
-            crops_ptr, frames_ptr, batch, token, row_mask, k
+            crops_ptr, frames_ptr, batch, token, row_mask, k, SLICES, CROP, FRAME
         )  # (BLOCK_M, BLOCK_K)
         grad_t = tl.load(
             grad_ptr + rows.to(tl.int64)[None, :] * dim + cols[:, None],
@@ -226,10 +260,12 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
     return precision == "bf16"
 
 
-def _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16: bool) -> torch.Tensor:
+def _launch_forward(
+    crops, frames, keep, weight, bias, pos, dot_bf16: bool, frame_size: int
+) -> torch.Tensor:
     batch = crops.shape[0]
     dim = weight.shape[0]
-    n_keep = NUM_TOKENS if keep is None else keep.shape[1]
+    n_keep = num_tokens(frame_size) if keep is None else keep.shape[1]
     num_rows = batch * n_keep
     out = torch.empty(batch, n_keep, dim, device=crops.device, dtype=weight.dtype)
     if num_rows == 0:
@@ -247,6 +283,9 @@ def _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16: bool) -> t
         num_rows,
         n_keep,
         dim,
+        SLICES=crops.shape[1],
+        CROP=crops.shape[2],
+        FRAME=frame_size,
         HAS_KEEP=keep is not None,
         HAS_POS=pos is not None,
         DOT_BF16=dot_bf16,
@@ -259,7 +298,9 @@ def _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16: bool) -> t
     return out
 
 
-def _launch_grad_weight(crops, frames, keep, grad_out, dim: int, dot_bf16: bool) -> torch.Tensor:
+def _launch_grad_weight(
+    crops, frames, keep, grad_out, dim: int, dot_bf16: bool, frame_size: int
+) -> torch.Tensor:
     batch, n_keep = grad_out.shape[0], grad_out.shape[1]
     num_rows = batch * n_keep
     cfg = grad_weight_config(dim)
@@ -285,6 +326,9 @@ def _launch_grad_weight(crops, frames, keep, grad_out, dim: int, dot_bf16: bool)
         num_rows,
         n_keep,
         dim,
+        SLICES=crops.shape[1],
+        CROP=crops.shape[2],
+        FRAME=frame_size,
         HAS_KEEP=keep is not None,
         DOT_BF16=dot_bf16,
         BLOCK_M=cfg.block_m,
@@ -309,13 +353,14 @@ def _patch_embed_op(
     keep: torch.Tensor | None,
     pos: torch.Tensor | None,
     dot_bf16: bool,
+    frame_size: int,
 ) -> torch.Tensor:
-    return _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16)
+    return _launch_forward(crops, frames, keep, weight, bias, pos, dot_bf16, frame_size)
 
 
 @_patch_embed_op.register_fake
-def _patch_embed_fake(crops, frames, weight, bias, keep, pos, dot_bf16):
-    n_keep = NUM_TOKENS if keep is None else keep.shape[1]
+def _patch_embed_fake(crops, frames, weight, bias, keep, pos, dot_bf16, frame_size):
+    n_keep = num_tokens(frame_size) if keep is None else keep.shape[1]
     return weight.new_empty(crops.shape[0], n_keep, weight.shape[0])
 
 
@@ -326,19 +371,23 @@ def _grad_weight_op(
     keep: torch.Tensor | None,
     grad_out: torch.Tensor,
     dot_bf16: bool,
+    frame_size: int,
 ) -> torch.Tensor:
-    return _launch_grad_weight(crops, frames, keep, grad_out, grad_out.shape[-1], dot_bf16)
+    return _launch_grad_weight(
+        crops, frames, keep, grad_out, grad_out.shape[-1], dot_bf16, frame_size
+    )
 
 
 @_grad_weight_op.register_fake
-def _grad_weight_fake(crops, frames, keep, grad_out, dot_bf16):
+def _grad_weight_fake(crops, frames, keep, grad_out, dot_bf16, frame_size):
     return grad_out.new_empty(grad_out.shape[-1], PATCH_DIM, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    crops, frames, weight, bias, keep, pos, dot_bf16 = inputs
+    crops, frames, weight, bias, keep, pos, dot_bf16, frame_size = inputs
     ctx.save_for_backward(crops, frames, keep)
     ctx.dot_bf16 = dot_bf16
+    ctx.frame_size = frame_size
     ctx.dtypes = (weight.dtype, bias.dtype, None if pos is None else pos.dtype)
 
 
@@ -350,28 +399,38 @@ def _backward(ctx, grad_out):
     dim = grad_out.shape[-1]
     grad_weight = grad_bias = grad_pos = None
     if ctx.needs_input_grad[2]:
-        grad_weight = _grad_weight_op(crops, frames, keep, grad_out, ctx.dot_bf16).to(weight_dtype)
+        grad_weight = _grad_weight_op(
+            crops, frames, keep, grad_out, ctx.dot_bf16, ctx.frame_size
+        ).to(weight_dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = grad_out.float().sum((0, 1)).to(bias_dtype)
     if ctx.needs_input_grad[5]:
         flat = grad_out.float().reshape(-1, dim)
+        tokens = num_tokens(ctx.frame_size)
         if keep is None:
-            grad_pos = flat.reshape(-1, NUM_TOKENS, dim).sum(0)
+            grad_pos = flat.reshape(-1, tokens, dim).sum(0)
         else:
-            grad_pos = flat.new_zeros(NUM_TOKENS, dim).index_add_(0, keep.reshape(-1).long(), flat)
+            grad_pos = flat.new_zeros(tokens, dim).index_add_(0, keep.reshape(-1).long(), flat)
         grad_pos = grad_pos.to(pos_dtype)
-    return None, None, grad_weight, grad_bias, None, grad_pos, None
+    return None, None, grad_weight, grad_bias, None, grad_pos, None, None
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(crops, frames, weight, bias, keep, pos) -> None:
-    if crops.dtype != torch.int16 or crops.dim() != 4 or tuple(crops.shape[1:]) != (CROP_SIZE,) * 3:
+def _check_inputs(crops, frames, weight, bias, keep, pos, frame_size: int) -> None:
+    if crops.dtype != torch.int16 or crops.dim() != 4 or crops.shape[2] != crops.shape[3]:
         raise ValueError(
-            f"crops must be int16 (B, 96, 96, 96), got {crops.dtype} {tuple(crops.shape)}"
+            f"crops must be int16 (B, S, H, H), e.g. (B, 96, 96, 96), got {crops.dtype} "
+            f"{tuple(crops.shape)}"
         )
-    batch = crops.shape[0]
+    if frame_size % 16 or frame_size < crops.shape[2]:
+        raise ValueError(
+            f"frame size {frame_size} must be a multiple of 16 and hold the "
+            f"{crops.shape[2]}-pixel slices"
+        )
+    batch, slices = crops.shape[0], crops.shape[1]
+    tokens = num_tokens(frame_size)
     if frames.shape != (batch, NUM_FRAMES) or frames.dtype.is_floating_point:
         raise ValueError(
             f"frames must be integer (B, {NUM_FRAMES}) = ({batch}, {NUM_FRAMES}) slice indices, "
@@ -388,21 +447,17 @@ def _check_inputs(crops, frames, weight, bias, keep, pos) -> None:
         raise ValueError(
             f"keep must be integer (B, K) with B = {batch}, got {keep.dtype} {tuple(keep.shape)}"
         )
-    if pos is not None and pos.shape != (NUM_TOKENS, dim):
-        raise ValueError(f"pos must be ({NUM_TOKENS}, {dim}), got {tuple(pos.shape)}")
+    if pos is not None and pos.shape != (tokens, dim):
+        raise ValueError(f"pos must be ({tokens}, {dim}), got {tuple(pos.shape)}")
     devices = {t.device for t in (crops, frames, weight, bias, keep, pos) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     if not crops.is_cuda and not torch.compiler.is_compiling():
         # Only eagerly off-GPU: on CUDA this check would cost a host-device sync every step.
-        if batch and (int(frames.min()) < 0 or int(frames.max()) >= CROP_SIZE):
-            raise ValueError(f"frame indices must lie in [0, {CROP_SIZE})")
-        if (
-            keep is not None
-            and keep.numel()
-            and (int(keep.min()) < 0 or int(keep.max()) >= NUM_TOKENS)
-        ):
-            raise ValueError(f"keep indices must lie in [0, {NUM_TOKENS})")
+        if batch and (int(frames.min()) < 0 or int(frames.max()) >= slices):
+            raise ValueError(f"frame indices must lie in [0, {slices})")
+        if keep is not None and keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= tokens):
+            raise ValueError(f"keep indices must lie in [0, {tokens})")
 
 
 def patch_embed_triton(
@@ -414,14 +469,17 @@ def patch_embed_triton(
     pos: torch.Tensor | None = None,
     *,
     precision: str | None = None,
+    frame_size: int | None = None,
 ) -> torch.Tensor:
-    """Triton path of `vctmae.kernels.patch_embed`; `precision` 'bf16'|'fp32' overrides the dot operand type."""
+    """Triton path of `vctmae.kernels.patch_embed`; `precision` 'bf16'|'fp32' overrides the dot
+    operand type; the frame size follows `pos` unless given (`reference.frame_size_of`)."""
     if not crops.is_cuda and not INTERPRET:
         raise RuntimeError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vctmae.kernels "
             "is imported (CPU interpreter)"
         )
-    _check_inputs(crops, frames, weight, bias, keep, pos)
+    size = frame_size_of(crops, pos, frame_size)
+    _check_inputs(crops, frames, weight, bias, keep, pos, size)
     return _patch_embed_op(
         crops.contiguous(),
         frames.to(torch.int32).contiguous(),
@@ -430,4 +488,5 @@ def patch_embed_triton(
         None if keep is None else keep.to(torch.int32).contiguous(),
         None if pos is None else pos.contiguous(),
         _dot_bf16(crops.device, precision),
+        size,
     )

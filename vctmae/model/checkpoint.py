@@ -14,6 +14,7 @@ the previous file in place).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -124,13 +125,22 @@ def _looks_like_torch_file(path: Path) -> bool:
         return handle.read(4).startswith(_TORCH_MAGIC)
 
 
+# The classes, beyond tensors and plain values, that the published video checkpoints hold and
+# `weights_only` may rebuild: mae_st's training files (`util/misc.py: save_model`) store
+# {"model", "optimizer", "epoch", "scaler", "args"} with `args` an argparse.Namespace (a plain
+# attribute bag: rebuilding one runs no code of the file). PySlowFast's `.pyth` files
+# ({"epoch", "model_state", "optimizer_state", "cfg"}, cfg a YAML string) need nothing more.
+# Every other class stays refused.
+SAFE_GLOBALS = (argparse.Namespace,)
+
 # What decoding a damaged torch file raises: the zip reader (RuntimeError), an empty or cut file
 # (EOFError), or the weights-only unpickler running on bytes that are not a pickle (the rest).
 _DAMAGED = (RuntimeError, EOFError, KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
-    """`torch.load(weights_only=True)` of a file: tensors and plain values only, never pickled code.
+    """`torch.load(weights_only=True)` of a file: tensors and plain values (and the benign
+    `SAFE_GLOBALS`: mae_st's argparse.Namespace) only, never pickled code.
 
     A file holding other objects is refused in our own words (PyTorch's message suggests retrying
     with `weights_only=False`, which would run the file's code); an unreadable one is named.
@@ -142,7 +152,8 @@ def load_plain(path: str | Path, what: str = "PyTorch checkpoint") -> Any:
         raise CheckpointError(f"{path}: not a {what} (neither a zip archive nor a pickle)")
     try:
         # weights_only: a downloaded pickle can never run code here.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
         detail = f" ({blocked[0]})" if blocked else ""

@@ -13,7 +13,9 @@ patch embedding here is the plain torch one; `vctmae.train.speed` swaps in the f
 (same parameters, same tokens) — speed lives outside the model.
 
 Shapes for the paper's geometry: clip (B, 1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width
-D; token index = t·36 + row·6 + col.
+D; token index = t·36 + row·6 + col. With `img = 224` (Table 2 row 5, `--frame-size 224`) the
+96² slices are padded centred to 224² frames (−1000 HU) and the grid is 8×14×14 = 1568 tokens,
+the video weights' own positional table.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """int16 crops (B, 96, 96, 96), frame indices (B, 16), positions (1, L, D) and optionally
         kept token ids (B, K) → tokens (B, L, D), or (B, K, D) with `keep`."""
-        tokens = self.embed_clip(clip_frames(crops, frames)) + pos  # (B, L, D)
+        tokens = self.embed_clip(clip_frames(crops, frames, self.clip_shape[1])) + pos  # (B, L, D)
         return tokens if keep is None else gather_tokens(tokens, keep)
 
     def embed_clip(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,7 +406,7 @@ class MaskedAutoencoder(VideoViT):
         cfg = self.config
         indices = target_frame_indices(cfg.frames, cfg.pred_t_dim, frames.device)
         # (B, 1, pred_t_dim, H, W)
-        target_frames = self.normalize_input(clip_frames(crops, frames[:, indices]))
+        target_frames = self.normalize_input(clip_frames(crops, frames[:, indices], cfg.img))
         return patchify(
             target_frames, t_patch=cfg.t_pred_patch, patch=cfg.patch, channels=cfg.in_chans
         )

@@ -11,7 +11,14 @@ from pathlib import Path
 from vctmae.errors import UsageError
 from vctmae.flags import flag
 from vctmae.ingest.levels import SCHEMES, parse_levels
-from vctmae.train.config import DEVICES, SpeedOptions
+from vctmae.train.config import (
+    COMBINE,
+    COMBINE_HELP,
+    DEVICES,
+    FRAME_MODES,
+    FRAMES_HELP,
+    SpeedOptions,
+)
 
 # The levels the reference code finetunes on (VerSe 8-25: T1-T12, L1-L6; T13 is out): the
 # levels a model finetuned the paper's way has seen. A range T1-L6 would take T13 too.
@@ -65,7 +72,9 @@ class PredictConfig:
         "finetuning uses; others are listed as not assessed).",
     )
     label_scheme: str = flag("auto", "Label map scheme: auto, verse or totalseg.")
-    multiview: int = flag(6, "Views per vertebra averaged: 6 (together every slice) or 1.")
+    multiview: int = flag(6, "Views per vertebra averaged: 6 (the whole ensemble) or 1.")
+    frames: str = flag("crop", FRAMES_HELP + " Use the finetuning run's rule.")
+    combine: str = flag("probs", COMBINE_HELP)
     threshold: float | None = flag(
         None,
         "Decision threshold on P(fracture) (default: the validation-optimal one finetuning "
@@ -109,6 +118,12 @@ class PredictConfig:
             raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.frames not in FRAME_MODES:
+            raise UsageError(
+                f"--frames must be one of {', '.join(FRAME_MODES)}, got {self.frames!r}"
+            )
+        if self.combine not in COMBINE:
+            raise UsageError(f"--combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.label_scheme not in LABEL_SCHEMES:

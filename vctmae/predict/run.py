@@ -140,12 +140,17 @@ class Predictor:
             self.model, patch_embed=speed.patch_embed, compile=speed.compile, device=self.device
         )
         self.views, self.precision = config.multiview, speed.precision
+        self.frames, self.combine = config.frames, config.combine
         self.batch_size = config.batch_size
         self._pin = self.device.type == "cuda"
         self._torch = torch
 
-    def probabilities(self, crops: list[np.ndarray]) -> np.ndarray:
-        """P(fracture) of each int16 crop (float64, in order), `batch_size` crops at a time."""
+    def probabilities(self, crops: list[np.ndarray], boxes: list[tuple[int, ...]]) -> np.ndarray:
+        """P(fracture) of each int16 crop (float64, in order), `batch_size` crops at a time.
+
+        boxes: each crop's mask bounding box in crop indices (its JSON `bbox`, which
+        `--frames mask` reads).
+        """
         from vctmae.train.evaluate import multiview_probs
 
         torch = self._torch
@@ -155,6 +160,7 @@ class Predictor:
             if self._pin:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
+            batch_boxes = torch.tensor(boxes[start : start + self.batch_size], dtype=torch.int64)
             out.append(
                 multiview_probs(
                     self.module,
@@ -162,6 +168,9 @@ class Predictor:
                     views=self.views,
                     device=self.device,
                     precision=self.precision,
+                    frames=self.frames,
+                    boxes=batch_boxes.to(self.device),
+                    combine=self.combine,
                 )
             )
         if not out:
@@ -253,7 +262,9 @@ def predict_scan(
         return _failed(case, line, seconds), None, []
 
     model_started = time.perf_counter()
-    probs = predictor.probabilities([crop.array for crop in cut.crops])
+    probs = predictor.probabilities(
+        [crop.array for crop in cut.crops], [tuple(crop.bbox) for crop in cut.crops]
+    )
     seconds["model"] = time.perf_counter() - model_started
     vertebrae = []
     for crop, prob in zip(cut.crops, probs, strict=True):

@@ -24,6 +24,13 @@ from vctmae.errors import UsageError
 from vctmae.flags import config_fields, flag
 
 DEVICES = ("auto", "cpu", "cuda")
+# Frame rules and flips: `vctmae.clip.FRAME_MODES`, `vctmae.data.frames.FLIPS` (spelt here too:
+# this module must not import torch; a test keeps them equal).
+FRAME_MODES = ("crop", "mask")
+FLIPS = ("rows", "frames", "none")
+COMBINE = ("probs", "logits")
+# Frame sizes: the paper's 96² format, or the video format 224² (Table 2 row 5).
+FRAME_SIZES = (96, 224)
 PATCH_EMBED = ("auto", "torch", "triton")
 PRECISIONS = ("auto", "bf16", "fp32")
 POS_INIT = ("crop", "random", "interpolate")
@@ -34,6 +41,18 @@ SHARDS_HELP = (
 )
 DEVICE_HELP = (
     "auto (GPU when present), cpu or cuda; under torchrun each process takes its LOCAL_RANK GPU."
+)
+FRAMES_HELP = (
+    "Frame rule: crop (the paper's text: slices o + 6k of the whole crop; training offset o in "
+    "0..5, six evaluation views covering every slice) | mask (the paper's code: 16 frames spread "
+    "over the vertebra mask's own sagittal extent, lo + round(linspace(0, w-1, 18))[1:-1], "
+    "shifts range(-sd//2, sd//2) for training and as the evaluation views, and the in-plane "
+    "context cut: the mask's rows +-16, all columns, padded with -1000 HU). Mask mode needs "
+    "ingest's bbox metadata."
+)
+COMBINE_HELP = (
+    "How multi-view predictions combine: probs (mean of the views' softmax probabilities) | "
+    "logits (mean of the views' logits, then softmax: what the reference code does)."
 )
 
 
@@ -90,10 +109,25 @@ class RunOptions:
     pos_init: str = flag(
         "crop", "Positional embeddings from a video .pth --init: crop | random | interpolate."
     )
+    frame_size: int = flag(
+        96,
+        "Frame size: 96 (the paper's format: the 96² slices as they are, the video weights' "
+        "central 6×6 positions) | 224 (Table 2 row 5: the slices padded with -1000 HU to the "
+        "video format 224², the video weights' full 14×14 positional table, 1568 tokens; about "
+        "2× the finetuning time). eval uses the checkpoint's.",
+        name="--frame-size",
+    )
+    frames: str = flag("crop", FRAMES_HELP)
     accum_steps: int = flag(1, "Micro-batches per optimizer step.")
     grad_clip: float | None = flag(None, "Clip the gradient norm to this value.")
-    mirror: bool = flag(False, "Random left–right mirror augmentation.")
-    seed: int = flag(0, "Seed of data order, view offsets, mirror flags and masks.")
+    flip: str = flag(
+        "none",
+        "Flip augmentation, per sample with p = 0.5: rows (superior <-> inferior rows of every "
+        "frame: the reference code's pretraining flip; its finetuning flips nothing) | frames "
+        "(left <-> right: the sagittal order reversed; no counterpart in the reference; "
+        "formerly --mirror) | none.",
+    )
+    seed: int = flag(0, "Seed of data order, view shifts, flips and masks.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP, resumable=True)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -122,6 +156,13 @@ class RunOptions:
             raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
         _one_of(self.device, DEVICES, "--device")
         _one_of(self.pos_init, POS_INIT, "--pos-init")
+        _one_of(self.frames, FRAME_MODES, "--frames")
+        _one_of(self.flip, FLIPS, "--flip")
+        if self.frame_size not in FRAME_SIZES:
+            raise UsageError(
+                f"--frame-size must be one of {', '.join(map(str, FRAME_SIZES))}, "
+                f"got {self.frame_size}"
+            )
         if self.log_every < 1:
             raise UsageError(f"--log-every must be >= 1, got {self.log_every}")
         if self.checkpoint_every < 1:
@@ -133,9 +174,13 @@ class RunOptions:
 
         # The preset and overrides must make a model (checked before any data is read).
         try:
-            preset_config(self.model, **self.model_overrides)
+            preset_config(self.model, **self.model_fields())
         except (TypeError, ValueError) as error:
             raise UsageError(f"--model {self.model}: {error}") from None
+
+    def model_fields(self, **more: Any) -> dict[str, Any]:
+        """The preset's field overrides for this run: `model_overrides`, the frame size, `more`."""
+        return {"img": self.frame_size, **self.model_overrides, **more}
 
 
 def _check_schedule(config: Any) -> None:
@@ -162,6 +207,13 @@ class PretrainConfig:
         0.05, "AdamW weight decay (not on norms, biases, embeddings).", name="--weight-decay"
     )
     betas: tuple[float, float] = (0.9, 0.95)
+    norm_pix_loss: bool = flag(
+        False,
+        "Regress each target patch normalised by its own mean and variance (mae_st's "
+        "norm_pix_loss; mae_st's released Kinetics weights were trained with it; the reference "
+        "code has the switch, off).",
+        name="--norm-pix-loss",
+    )
     preview: bool = flag(
         True, "Write a reconstruction preview after each epoch.", negatable=True, resumable=True
     )
@@ -204,7 +256,12 @@ class FinetuneConfig:
     class_weights: str = flag(
         "inverse", "inverse (class frequency of the training shards' labels) | none."
     )
-    multiview: int = flag(6, "Views per crop in validation: 6 or 1.")
+    multiview: int = flag(
+        6,
+        "Views per crop in validation: 6 (the full ensemble: crop mode's six offsets; mask mode "
+        "each sample's own shifts) or 1 (crop: offset 3; mask: shift 0).",
+    )
+    combine: str = flag("probs", COMBINE_HELP)
     patience: int = flag(40, "Stop after this many epochs without a better validation F1.")
     dropout: float | None = flag(None, "Head dropout (default: the model preset's).")
 
@@ -216,6 +273,7 @@ class FinetuneConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.multiview not in (1, 6):
             raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+        _one_of(self.combine, COMBINE, "--combine")
         _one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
         if self.patience < 1:
             raise UsageError(f"--patience must be >= 1, got {self.patience}")
@@ -237,7 +295,14 @@ class EvalConfig:
     checkpoint: Path = flag(help="Classifier weights (.safetensors from finetune).")
     shards: tuple[str, ...] = flag(help=SHARDS_HELP, many=True)
     out: Path = flag(Path("report"), "Folder for predictions.csv, metrics.json, roc.png, pr.png.")
-    multiview: int = flag(6, "Views per crop: 6 (all offsets) or 1 (the middle one).")
+    frames: str = flag("crop", FRAMES_HELP + " Use the finetuning run's rule.")
+    multiview: int = flag(
+        6,
+        "Views per crop: 6 (the full ensemble: crop mode's six offsets, together every slice; "
+        "mask mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the "
+        "reference draws a random shift).",
+    )
+    combine: str = flag("probs", COMBINE_HELP)
     batch_size: int = flag(64, "Crops per forward pass per process.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP)
@@ -248,6 +313,8 @@ class EvalConfig:
         _check_shards(self.shards)
         if self.multiview not in (1, 6):
             raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+        _one_of(self.frames, FRAME_MODES, "--frames")
+        _one_of(self.combine, COMBINE, "--combine")
         _one_of(self.device, DEVICES, "--device")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")

@@ -1,11 +1,15 @@
 """Multi-view evaluation: one prediction per crop key, metrics, plots (SPEC §7).
 
-The prediction of a crop is the mean of the softmax over its views
-(`--multiview 6`: offsets 0..5, which together cover every sagittal slice once;
-`--multiview 1`: the middle offset 3). The predicted class is the argmax of that
-mean, i.e. fracture when its probability is >= 0.5. When finetuning recorded a
-validation-optimal threshold beside the checkpoint (`vctmae.train.threshold`),
-metrics.json also holds the metrics at that threshold (`at_validation_threshold`).
+The prediction of a crop combines its views (`--multiview 6`: crop mode's offsets
+0..5, which together cover every sagittal slice once, or in mask mode the sample's
+own 3–6 shifts; `--multiview 1`: the middle offset 3, mask mode shift 0):
+`--combine probs` (default) averages the views' softmax probabilities, `--combine
+logits` averages their logits and takes the softmax of the mean (the reference
+code). The predicted class is the argmax, i.e. fracture when its probability is
+>= 0.5.
+When finetuning recorded a validation-optimal threshold beside the checkpoint
+(`vctmae.train.threshold`), metrics.json also holds the metrics at that threshold
+(`at_validation_threshold`).
 """
 
 from __future__ import annotations
@@ -52,33 +56,66 @@ def multiview_probs(
     views: int,
     device: torch.device,
     precision: str = "auto",
+    frames: str = "crop",
+    boxes: torch.Tensor | None = None,
+    combine: str = "probs",
 ) -> torch.Tensor:
-    """P(fracture) of each crop (B,): the mean softmax over `views` view offsets (6 or 1)."""
-    from vctmae.data import multiview_offsets, offset_frames
+    """P(fracture) of each crop (B,) from its `views` views (6: the full ensemble; 1).
 
-    size = crops.shape[0]
-    offsets = multiview_offsets(views)
-    mean = torch.zeros(size, device=device)
-    for offset in offsets:
-        frames = offset_frames(torch.full((size,), offset, dtype=torch.long, device=device))
+    frames: the frame rule (`--frames`); mask mode needs the crops' JSON mask `boxes` (B, 6) and
+    gives each sample its own number of views (the table's `valid` mask leaves the padding out).
+    combine: "probs" — mean over a sample's views of softmax(logits)[1]; "logits" — softmax of
+    the mean logits (the reference, src/finetuning/model.py:70-73).
+    """
+    from vctmae.data.frames import FrameSampler
+
+    sampler = FrameSampler(mode=frames)
+    shifts, valid = sampler.view_table(crops, boxes, views)  # (B, V) each
+    weight = valid.to(torch.float32)  # (B, V): 1 for a real view, 0 for padding
+    total = None
+    for view in range(shifts.shape[1]):
+        view_crops, view_frames = sampler.view_input(crops, boxes, shifts[:, view])
         with autocast_context(device, precision):
-            logits = model(crops, frames)
-        mean += torch.softmax(logits.float(), dim=-1)[:, 1]
-    return mean / len(offsets)
+            logits = model(view_crops, view_frames)
+        logits = logits.float()
+        # (B,) probabilities or (B, C) logits of this view, zero where it is padding.
+        value = torch.softmax(logits, dim=-1)[:, 1] if combine == "probs" else logits
+        value = value * (weight[:, view] if value.dim() == 1 else weight[:, view, None])
+        total = value if total is None else total + value
+    count = weight.sum(1)  # (B,)
+    if combine == "probs":
+        return total / count
+    return torch.softmax(total / count[:, None], dim=-1)[:, 1]
 
 
 @torch.no_grad()
 def predict_local(
-    model: nn.Module, loader: Any, *, views: int, device: torch.device, precision: str = "auto"
+    model: nn.Module,
+    loader: Any,
+    *,
+    views: int,
+    device: torch.device,
+    precision: str = "auto",
+    frames: str = "crop",
+    combine: str = "probs",
 ) -> Predictions:
-    """This rank's predictions: mean softmax over `views` offsets per crop."""
+    """This rank's predictions: each crop's `views` views combined (`multiview_probs`)."""
     was_training = model.training
     model.eval()
     keys: list[str] = []
     labels, probs = [], []
     for batch in loader:
         probs.append(
-            multiview_probs(model, batch.crops, views=views, device=device, precision=precision)
+            multiview_probs(
+                model,
+                batch.crops,
+                views=views,
+                device=device,
+                precision=precision,
+                frames=frames,
+                boxes=batch.boxes,
+                combine=combine,
+            )
         )
         labels.append(batch.labels)
         keys.extend(batch.keys)
@@ -108,10 +145,25 @@ def merge_predictions(parts: list[Predictions]) -> Predictions:
 
 
 def predict(
-    model: nn.Module, loader: Any, *, views: int, device: torch.device, precision: str = "auto"
+    model: nn.Module,
+    loader: Any,
+    *,
+    views: int,
+    device: torch.device,
+    precision: str = "auto",
+    frames: str = "crop",
+    combine: str = "probs",
 ) -> Predictions:
     """Predictions of all ranks, gathered and deduplicated (identical on every rank)."""
-    local = predict_local(model, loader, views=views, device=device, precision=precision)
+    local = predict_local(
+        model,
+        loader,
+        views=views,
+        device=device,
+        precision=precision,
+        frames=frames,
+        combine=combine,
+    )
     return merge_predictions(distributed.gather_objects(local))
 
 
@@ -258,7 +310,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png."""
     from rich.console import Console
 
-    from vctmae.data import check_classes, check_crop_shape, expand_shards
+    from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
     from vctmae.model.checkpoint import load_classifier, write_atomically
 
     info = distributed.setup(config.device)
@@ -282,15 +334,24 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     )
     first = loader.indexes[0]
     check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+    if config.frames == "mask":
+        check_boxes(loader.indexes)
     predictions = predict(
-        module, loader, views=config.multiview, device=info.device, precision=speed.precision
+        module,
+        loader,
+        views=config.multiview,
+        device=info.device,
+        precision=speed.precision,
+        frames=config.frames,
+        combine=config.combine,
     )
     expected = expected_count(shards)
     if expected is not None and expected != len(predictions.keys):
         raise RuntimeError(
             f"{shards[0]}…: {len(predictions.keys)} predictions for {expected} crops in the shards"
         )
-    result: dict[str, Any] = {"predictions": len(predictions.keys), "multiview": config.multiview}
+    views = {"multiview": config.multiview, "frames": config.frames, "combine": config.combine}
+    result: dict[str, Any] = {"predictions": len(predictions.keys), **views}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_predictions(predictions, out / "predictions.csv")
@@ -311,7 +372,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 plot_curves(predictions.labels, predictions.probs, out)
         else:
             metrics = {"n": len(predictions.keys), "note": "unlabelled crops: predictions only"}
-        metrics.update(checkpoint=str(config.checkpoint), multiview=config.multiview)
+        metrics.update(checkpoint=str(config.checkpoint), **views)
         text = (json.dumps(metrics, indent=2) + "\n").encode()
         write_atomically(out / "metrics.json", lambda handle: handle.write(text))
         log = RunLog(out / "log.jsonl")

@@ -1,8 +1,9 @@
 """Fracture-classification finetuning: `run_finetune(FinetuneConfig)` (SPEC §7).
 
 The shared set-up is `vctmae.train.run.build_run`; this module adds the
-classifier objective (class-weighted cross-entropy at a random view offset),
-the label checks and the epoch hook (validation, best weights, early stopping).
+classifier objective (class-weighted cross-entropy at a random view shift,
+`--frames`, `--flip`), the label checks and the epoch hook (validation — `--multiview`,
+`--combine` —, best weights, early stopping).
 
 Every epoch ends with a multi-view validation pass; the classifier with the
 best validation F1 so far is written to `best.safetensors` (ties keep the
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files
 from vctmae.train import distributed
 from vctmae.train.config import FinetuneConfig
@@ -57,41 +59,33 @@ def class_weights(indexes: list[Any], num_classes: int = 2) -> list[float]:
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierObjective:
-    """Class-weighted cross-entropy of one micro-batch at a random view offset (and mirror flag)."""
+    """Class-weighted cross-entropy of one micro-batch at a random view shift (and flip flag);
+    crop mode draws as before `--frames`/`--flip` existed (`FrameSampler.draw`)."""
 
-    mirror: bool
+    sampler: FrameSampler
     class_weights: torch.Tensor  # (2,) on the training device
 
     def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        from vctmae.data import random_offsets
-
-        draws = {"offsets": random_offsets(size, generator=generator)}
-        if self.mirror:
-            draws["mirror"] = torch.rand(size, generator=generator) < 0.5
-        return draws
+        return self.sampler.draw(size, generator)
 
     def loss(self, module: nn.Module, batch: Any, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        from vctmae.data import mirror, offset_frames
-
-        crops = mirror(batch.crops, draws["mirror"]) if self.mirror else batch.crops
-        logits = module(crops, offset_frames(draws["offsets"]))
+        logits = module(*self.sampler.model_input(batch.crops, batch.boxes, draws))
         return nn.functional.cross_entropy(logits.float(), batch.labels, weight=self.class_weights)
 
 
 def finetune_trainer(config: FinetuneConfig) -> Trainer:
     """The trainer `run_finetune` runs (the step benchmark times its `train_step`)."""
-    from vctmae.data import check_classes, check_crop_shape, expand_shards
+    from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
     from vctmae.model import build_classifier
     from vctmae.train.evaluate import compute_metrics, predict
 
     options = config.run
-    overrides = dict(options.model_overrides)
-    if config.dropout is not None:
-        overrides["head_dropout"] = config.dropout
+    dropout = {} if config.dropout is None else {"head_dropout": config.dropout}
+    fields = options.model_fields(**dropout)
     run = build_run(
         config,
         name="finetune",
-        make_model=lambda: build_classifier(options.model, num_classes=2, **overrides),
+        make_model=lambda: build_classifier(options.model, num_classes=2, **fields),
     )
     model, info = run.model, run.info
     val_shards = expand_shards(list(config.val_shards)) if config.val_shards else []
@@ -104,16 +98,20 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
     )
     # Every label is known from the shard index: refuse unusable ones before the first step.
     check_classes(run.loader.indexes, role="training samples (--shards)")
+    if options.frames == "mask":
+        check_boxes(run.loader.indexes)
     if val_loader is not None:
         check_classes(val_loader.indexes, role="validation samples (--val-shards)")
         first = val_loader.indexes[0]
         check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+        if options.frames == "mask":
+            check_boxes(val_loader.indexes)
     if config.class_weights == "inverse":
         weights, weight_source = class_weights(run.loader.indexes), "shard labels"
     else:
         weights, weight_source = [1.0, 1.0], "none"
     objective = ClassifierObjective(
-        mirror=options.mirror,
+        sampler=FrameSampler(mode=options.frames, flip=options.flip),
         class_weights=torch.tensor(weights, dtype=torch.float32, device=info.device),
     )
     best_path = run.out / BEST
@@ -125,7 +123,14 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
                 run.writer.submit(write_best, model_files(model), best_path, None)
             state.best_epoch = epoch + 1
             return EpochEnd()
-        predictions = predict(model, val_loader, views=config.multiview, device=info.device)
+        predictions = predict(
+            model,
+            val_loader,
+            views=config.multiview,
+            device=info.device,
+            frames=options.frames,
+            combine=config.combine,
+        )
         metrics = compute_metrics(predictions.labels, predictions.probs)
         f1 = metrics["f1"]
         improved = state.best_metric is None or f1 > state.best_metric

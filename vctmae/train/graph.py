@@ -9,7 +9,7 @@ A graph replays fixed kernels on fixed memory, so everything the step reads or
 writes lives in buffers allocated once (`StaticStep`):
 
 - the micro-batches' crops and labels are copied into device slots;
-- the step's randomness (view offsets, mirror flags, mask noise — the
+- the step's randomness (view shifts, flip flags, mask noise — the
   objective's `draw`, from the same seeded CPU generator as the eager step, so
   the numbers and `--resume` stay exact) is written into one pinned staging
   buffer and sent to the device in one asynchronous copy;
@@ -86,7 +86,21 @@ class StaticStep:
         self.labels = torch.empty(
             (accum, *first.labels.shape), dtype=first.labels.dtype, device=device
         )
-        self.batches = [Batch(self.crops[i], self.labels[i], keys=[]) for i in range(accum)]
+        # The mask boxes too (`--frames mask` reads them in the step), when the batches have them.
+        self.boxes = (
+            None
+            if first.boxes is None
+            else torch.empty((accum, *first.boxes.shape), dtype=first.boxes.dtype, device=device)
+        )
+        self.batches = [
+            Batch(
+                self.crops[i],
+                self.labels[i],
+                keys=[],
+                boxes=None if self.boxes is None else self.boxes[i],
+            )
+            for i in range(accum)
+        ]
         layout, offset = [], 0
         for name, tensor in draws[0].items():
             nbytes = accum * tensor.numel() * tensor.element_size()
@@ -127,6 +141,8 @@ class StaticStep:
         for slot, batch in zip(self.batches, micro_batches, strict=True):
             slot.crops.copy_(batch.crops, non_blocking=True)
             slot.labels.copy_(batch.labels, non_blocking=True)
+            if slot.boxes is not None:
+                slot.boxes.copy_(batch.boxes, non_blocking=True)
         if self.copied is not None:
             # The previous step's copy must have left the pinned buffer before it is rewritten.
             self.copied.synchronize()

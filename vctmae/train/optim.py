@@ -1,4 +1,14 @@
-"""Optimizers of the two trainers (paper App. A.5)."""
+"""Optimizers of the two trainers (paper App. A.5).
+
+Pretraining: AdamW, β (0.9, 0.95), weight decay 0.05 on the weight matrices only — norms,
+biases, the positional embeddings and the cls/mask tokens undecayed (as the MAE repositories'
+`no_weight_decay` lists). The paper's public code differs here: it calls mae_st's
+`add_weight_decay` without a skip list, which exempts only 1-D tensors and `.bias` names, so
+its positional embeddings and cls/mask tokens (all >= 2-D) *are* decayed with 0.05.
+Finetuning: plain Adam with no weight decay on any parameter, as the public code
+(`torch.optim.Adam(model.parameters(), lr=1e-5)`; its model's `no_weight_decay()` set is
+never used). See docs/reference-code-notes.md §9.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,8 @@ import torch
 from torch import nn
 
 # Parameters whose name contains one of these never get weight decay: the
-# positional embeddings, the cls and mask tokens (as the MAE code's no_weight_decay list).
+# positional embeddings, the cls and mask tokens (as the MAE repositories' no_weight_decay
+# lists; the paper's public code decays them, see the module docstring).
 _EMBEDDING_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 

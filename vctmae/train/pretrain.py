@@ -1,8 +1,9 @@
 """MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)` (SPEC §7).
 
 The shared set-up is `vctmae.train.run.build_run`; this module adds the MAE
-objective (offsets, mirror flags and mask noise drawn per micro-batch; the
-masked-patch MSE) and its epoch hook (weights and a reconstruction preview).
+objective (frame shifts, flip flags and mask noise drawn per micro-batch —
+`--frames`, `--flip`; the masked-patch MSE, `--norm-pix-loss`) and its epoch hook
+(weights and a reconstruction preview).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files, write_model
 from vctmae.train import distributed
 from vctmae.train.config import PretrainConfig
@@ -31,43 +33,43 @@ class PretrainResult:
 
 @dataclass(frozen=True, kw_only=True)
 class MaeObjective:
-    """MAE loss of one micro-batch: a random view offset, mirror flag and mask per crop."""
+    """MAE loss of one micro-batch: a random view shift, flip flag and mask per crop.
+
+    Draws in this order from the run's generator: the sampler's (shift, then flip flag), then
+    the mask noise — in crop mode the same numbers in the same order as before `--frames` and
+    `--flip` existed (`--flip frames` is the former `--mirror`).
+    """
 
     mask_ratio: float
-    mirror: bool
+    sampler: FrameSampler
     num_tokens: int
 
     def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        from vctmae.data import random_offsets
-
-        draws = {"offsets": random_offsets(size, generator=generator)}
-        if self.mirror:
-            draws["mirror"] = torch.rand(size, generator=generator) < 0.5
+        draws = self.sampler.draw(size, generator)
         draws["noise"] = torch.rand(size, self.num_tokens, generator=generator)
         return draws
 
     def loss(self, module: nn.Module, batch: Any, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        from vctmae.data import mirror, offset_frames
-
-        crops = mirror(batch.crops, draws["mirror"]) if self.mirror else batch.crops
-        frames = offset_frames(draws["offsets"])
+        crops, frames = self.sampler.model_input(batch.crops, batch.boxes, draws)
         loss, _, _ = module(crops, frames, mask_ratio=self.mask_ratio, noise=draws["noise"])
         return loss
 
 
 def pretrain_trainer(config: PretrainConfig) -> Trainer:
     """The trainer `run_pretrain` runs (the step benchmark times its `train_step`)."""
+    from vctmae.data import check_boxes
     from vctmae.model import build_mae
 
     options = config.run
-    run = build_run(
-        config,
-        name="pretrain",
-        make_model=lambda: build_mae(options.model, **options.model_overrides),
-    )
+    fields = options.model_fields(norm_pix_loss=config.norm_pix_loss)
+    run = build_run(config, name="pretrain", make_model=lambda: build_mae(options.model, **fields))
     model, out = run.model, run.out
+    if options.frames == "mask":
+        check_boxes(run.loader.indexes)
     objective = MaeObjective(
-        mask_ratio=config.mask_ratio, mirror=options.mirror, num_tokens=model.config.num_tokens
+        mask_ratio=config.mask_ratio,
+        sampler=FrameSampler(mode=options.frames, flip=options.flip),
+        num_tokens=model.config.num_tokens,
     )
     preview_crop: list[torch.Tensor] = []
 

@@ -1,13 +1,18 @@
 """Per-iteration learning-rate schedule: linear warmup, then half-cosine decay.
 
-Both trainers of the paper's public code use this shape, evaluated at a
-fractional epoch every optimizer step:
+vctmae uses this shape in both trainers, evaluated every optimizer step:
 
     step < warmup:  lr = start + (peak - start) * step / warmup
     otherwise:      lr = end + (peak - end) * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))
 
-Pretraining: start 0, peak blr * effective_batch / 256, end 0, warmup 40 of 100 epochs.
-Finetuning: start 1e-8, peak 1e-5, end 1e-7, warmup 5 of 50 epochs.
+Pretraining: start 0, peak blr * effective_batch / 256, end 0, warmup 40 of 100 epochs —
+the paper's public code does the same (mae_st's `lr_sched.adjust_learning_rate` at the
+fractional epoch of every step, half-cosine from the end of warmup).
+Finetuning: start 1e-8, peak 1e-5, end 1e-7, warmup 5 of 50 epochs — the public code's
+values, but not its shape: it uses timm's CosineLRScheduler with `t_in_epochs=True`, so its
+learning rate changes once per epoch (constant within one: epoch 0 at 1e-8, epochs 1–4
+linear to 1e-5, epoch e >= 5 at 1e-7 + ½(1e-5 − 1e-7)(1 + cos(π e / 50)): the cosine counted
+from epoch 0, not from the end of warmup). See docs/reference-code-notes.md §8.
 """
 
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""Shards of given crops, written by ingest's own `ShardWriter`: for benchmarks and tests.
+
+Benchmarks and tests need shards of crops they make up (random volumes, easy
+boxes, odd labels); writing them through `vctmae.ingest.writers.ShardWriter`
+keeps them in exactly ingest's format (member names, `.npy` bytes, headers), so
+no second shard writer exists anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from vctmae.ingest.writers import ShardWriter, npy_bytes
+
+# A sample: (key, int16 crop, class or None for an unlabelled one).
+Sample = tuple[str, np.ndarray, int | None]
+_FIRST_SHARD = re.compile(r"^(?P<split>.+)-000000\.tar$")
+_NO_LIMIT = 1 << 62
+
+
+def sample_members(key: str, crop: np.ndarray, label: int | None) -> list[tuple[str, bytes]]:
+    """`KEY.crop.npy`, `KEY.json` (key and level — the key's last `_` part, as ingest names
+    keys) and, for a labelled sample, `KEY.cls`."""
+    meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
+    members = [("crop.npy", npy_bytes(crop)), ("json", json.dumps(meta).encode())]
+    if label is not None:
+        members.append(("cls", str(int(label)).encode()))
+    return members
+
+
+def write_shards(folder: Path, split: str, shards: Iterable[Iterable[Sample]]) -> list[Path]:
+    """`{split}-000000.tar`, `-000001.tar`, … under `folder`, one per group of samples."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, split, _NO_LIMIT)
+    for samples in shards:
+        for key, crop, label in samples:
+            writer.write(key, sample_members(key, crop, label))
+        # Closing ends this shard: the next sample opens the next one.
+        writer.close()
+    return [folder / name for name in writer.names]
+
+
+def write_shard(path: Path, samples: Iterable[Sample]) -> Path:
+    """One shard at `path`, which must be named like ingest's first shard (`{split}-000000.tar`)."""
+    path = Path(path)
+    match = _FIRST_SHARD.match(path.name)
+    if match is None:
+        raise ValueError(f"{path.name}: a first shard is named {{split}}-000000.tar")
+    [written] = write_shards(path.parent, match["split"], [samples])
+    return written
