@@ -6,7 +6,9 @@
 #   2. `vctmae bench step --recipe paper`: Trainer.train_step of both trainers, ViT-L, every
 #      speed mode at the paper's batches and 256, MFU against the datasheet and the measured
 #      matmul rate, and the projected wall time of the paper's whole recipe,
-#   3. `vctmae bench kernel` (Triton vs sample_frames + RGB Conv3d) and `vctmae bench loader`.
+#   3. `vctmae bench kernel` (Triton vs sample_frames + RGB Conv3d) and `vctmae bench loader`,
+#   4. `vctmae bench predict --preset large --device cuda`: s/scan of predict with ViT-L.
+# The timeouts add up to 570 s, under the 600 s of one device call; the targets first.
 # Writes $OUT/*-<card>.json (benchmarks/results/ when $OUT is unset) and a log beside them.
 #   bash benchmarks/gpu_check.sh            # everything
 #   bash benchmarks/gpu_check.sh --quick    # paper batches only, fewer steps
@@ -26,13 +28,15 @@ LOG="$OUT_DIR/gpu_check-$CARD.log"
   "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   status=0
   echo "== 1. CUDA tests"
-  timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -15
+  timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -15
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   echo "== 2. bench step"
-  timeout 420 "$PYTHON" -m vctmae bench step --recipe paper $QUICK --json "$OUT_DIR/step-$CARD.json" || status=1
+  timeout 280 "$PYTHON" -m vctmae bench step --recipe paper $QUICK --json "$OUT_DIR/step-$CARD.json" || status=1
   echo "== 3. bench kernel, bench loader"
-  timeout 120 "$PYTHON" -m vctmae bench kernel $QUICK --json "$OUT_DIR/kernel-$CARD.json" || status=1
-  timeout 120 "$PYTHON" -m vctmae bench loader --quick --no-dali --json "$OUT_DIR/loader-$CARD.json" || status=1
+  timeout 40 "$PYTHON" -m vctmae bench kernel $QUICK --json "$OUT_DIR/kernel-$CARD.json" || status=1
+  timeout 40 "$PYTHON" -m vctmae bench loader --quick --no-dali --json "$OUT_DIR/loader-$CARD.json" || status=1
+  echo "== 4. bench predict"
+  timeout 60 "$PYTHON" -m vctmae bench predict --quick --preset large --device cuda --json "$OUT_DIR/predict-$CARD.json" || status=1
   echo "gpu_check: exit $status"
   exit $status
 } 2>&1 | tee "$LOG"

@@ -1,4 +1,4 @@
-"""`vctmae bench {ingest,loader,step,kernel}`: every benchmark command, each calling one
+"""`vctmae bench {ingest,loader,step,kernel,predict}`: every benchmark command, each calling one
 module of `vctmae.bench`."""
 
 from __future__ import annotations
@@ -126,3 +126,31 @@ def bench_kernel(
             "no GPU present: timing the folded torch reference against the torch RGB path (Triton not timed)"
         )
     run_kernel_benchmark(json_path=json_path, quick=quick, dim=dim)
+
+
+@bench_app.command("predict")
+def bench_predict(
+    json_path: Path = typer.Option(
+        None,
+        "--json",
+        help="Where to write the JSON report (default benchmarks/results/predict.json, "
+        "predict-clinical.json with --clinical).",
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Two small phantoms: about a minute."),
+    scans: int = typer.Option(None, "--scans", help="Scans timed (default 6, quick 2)."),
+    clinical: bool = typer.Option(
+        False, "--clinical", help="Clinical-size phantoms (512 x 512 x ~330 voxels)."
+    ),
+    preset: str = typer.Option("tiny", "--preset", help="Model preset (random weights)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Seconds per scan of vctmae predict (crops in memory, model, attention, report) against ingest + eval of the same scans."""
+    from vctmae.bench.predict import PredictBenchConfig, quick_config, run_predict_bench
+    from vctmae.cli.app import expected_failures
+
+    with expected_failures():
+        changes = {"clinical": clinical, "preset": preset, "device": device}
+        if scans is not None:
+            changes["scans"] = scans
+        config = quick_config(**changes) if quick else PredictBenchConfig(**changes)
+        run_predict_bench(config, json_path=json_path)

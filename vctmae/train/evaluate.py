@@ -7,6 +7,9 @@ own 3–6 shifts; `--multiview 1`: the middle offset 3, mask mode shift 0):
 logits` averages their logits and takes the softmax of the mean (the reference
 code). The predicted class is the argmax, i.e. fracture when its probability is
 >= 0.5.
+When finetuning recorded a validation-optimal threshold beside the checkpoint
+(`vctmae.train.threshold`), metrics.json also holds the metrics at that threshold
+(`at_validation_threshold`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
 from vctmae.train.runlog import RunLog
 from vctmae.train.speed import apply_speedups
+from vctmae.train.threshold import read_threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,16 +167,19 @@ def predict(
     return merge_predictions(distributed.gather_objects(local))
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def compute_metrics(
+    labels: np.ndarray, probs: np.ndarray, *, threshold: float = 0.5
+) -> dict[str, Any]:
     """F1, accuracy, ROC-AUC, AP, sensitivity, specificity, confusion matrix (scikit-learn).
 
-    ROC-AUC and AP are None when the labels hold a single class.
+    A crop is called fractured when its probability is >= `threshold`. ROC-AUC and AP
+    (threshold-free) are None when the labels hold a single class.
     """
     from sklearn import metrics as sk
 
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    predicted = (probs >= 0.5).astype(np.int64)
+    predicted = (probs >= threshold).astype(np.int64)
     matrix = sk.confusion_matrix(labels, predicted, labels=[0, 1])
     (tn, fp), (fn, tp) = matrix
     both = len(np.unique(labels)) == 2
@@ -189,17 +196,26 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     }
 
 
+# predictions.csv's columns (`vctmae predict` writes these first, then its own).
+PREDICTION_COLUMNS = ("key", "label", "prob_fracture", "predicted")
+
+
+def prediction_row(key: str, label: int, prob: float, threshold: float = 0.5) -> list[Any]:
+    """One predictions.csv row in `PREDICTION_COLUMNS` order (label −1: unlabelled)."""
+    return [key, int(label), f"{prob:.8f}", int(prob >= threshold)]
+
+
 def write_predictions(predictions: Predictions, path: Path) -> Path:
     """predictions.csv, written atomically (a crash or full disk leaves no partial file)."""
     from vctmae.model.checkpoint import write_atomically
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["key", "label", "prob_fracture", "predicted"])
+    writer.writerow(PREDICTION_COLUMNS)
     for key, label, prob in zip(
         predictions.keys, predictions.labels, predictions.probs, strict=True
     ):
-        writer.writerow([key, int(label), f"{prob:.8f}", int(prob >= 0.5)])
+        writer.writerow(prediction_row(key, label, prob))
     data = text.getvalue().encode()
     return write_atomically(path, lambda handle: handle.write(data))
 
@@ -342,6 +358,16 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         labelled = bool(predictions.keys) and bool((predictions.labels >= 0).all())
         if labelled:
             metrics = compute_metrics(predictions.labels, predictions.probs)
+            # Also at the validation-optimal threshold finetuning recorded beside the weights.
+            recorded = read_threshold(config.checkpoint)
+            if recorded is not None:
+                metrics["at_validation_threshold"] = {
+                    "threshold": recorded.threshold,
+                    "threshold_epoch": recorded.epoch,
+                    **compute_metrics(
+                        predictions.labels, predictions.probs, threshold=recorded.threshold
+                    ),
+                }
             if metrics["roc_auc"] is not None:
                 plot_curves(predictions.labels, predictions.probs, out)
         else:
@@ -359,6 +385,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         log.write("metrics", **metrics)
         if labelled and config.progress:
             Console().print(metrics_table(metrics, title=f"eval --multiview {config.multiview}"))
+            if "at_validation_threshold" in metrics:
+                tuned = metrics["at_validation_threshold"]
+                title = f"at the validation-optimal threshold {tuned['threshold']:.4f}"
+                Console().print(metrics_table(tuned, title=title))
         result.update(metrics)
     distributed.barrier()
     return result

@@ -56,10 +56,37 @@ def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.
 
 
 @torch.no_grad()
+def attention_frames(
+    model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    """The frames of one view of an int16 crop (96, 96, 96) and the attention maps over them.
+
+    Returns `frames` (16, 96, 96) in [0, 1] and `maps` {"last layer", "rollout"}, each
+    (16, 96, 96) scaled to [0, 1]; one forward pass (`vctmae predict` draws these for
+    every vertebra, with probabilities it has already computed).
+    """
+    from vctmae.data import offset_frames, sample_frames
+    from vctmae.model import attention_maps
+
+    model.eval()
+    device = next(model.parameters()).device
+    crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
+    view = torch.full((1,), offset, dtype=torch.long, device=device)
+    clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
+    # Per layer (heads, N, N).
+    maps = [m[0].cpu() for m in attention_maps(model, crops, offset_frames(view))]
+    cfg = model.config
+    scores = token_scores(maps, cfg.grid)
+    return {
+        "frames": clip[0, 0].cpu(),  # (16, 96, 96)
+        "maps": {name: to_frames(s, cfg.t_patch, cfg.patch) for name, s in scores.items()},
+    }
+
+
+@torch.no_grad()
 def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -> dict[str, Any]:
     """Probabilities and frame-level attention maps of one int16 crop (96, 96, 96)."""
-    from vctmae.data import multiview_offsets, offset_frames, sample_frames
-    from vctmae.model import attention_maps
+    from vctmae.data import multiview_offsets, offset_frames
 
     model.eval()
     device = next(model.parameters()).device
@@ -71,15 +98,8 @@ def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -
         ]
         for o in views
     ]
-    view = torch.full((1,), offset, dtype=torch.long, device=device)
-    clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
-    # Per layer (heads, N, N).
-    maps = [m[0].cpu() for m in attention_maps(model, crops, offset_frames(view))]
-    cfg = model.config
-    scores = token_scores(maps, cfg.grid)
     return {
-        "frames": clip[0, 0].cpu(),  # (16, 96, 96)
-        "maps": {name: to_frames(s, cfg.t_patch, cfg.patch) for name, s in scores.items()},
+        **attention_frames(model, crop, offset=offset),
         "prob_view": float(probs[views.index(offset)]),
         "prob_multiview": float(torch.stack(probs).mean()),
     }

@@ -7,8 +7,9 @@ classifier objective (class-weighted cross-entropy at a random view shift,
 
 Every epoch ends with a multi-view validation pass; the classifier with the
 best validation F1 so far is written to `best.safetensors` (ties keep the
-earlier epoch), and the run stops early after `patience` epochs without a
-better F1.
+earlier epoch), with the validation-optimal F1 threshold beside it
+(`best.threshold.json`, `vctmae.train.threshold`), and the run stops early after
+`patience` epochs without a better F1.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch
 from torch import nn
 
 from vctmae.data.frames import FrameSampler
-from vctmae.model.checkpoint import model_files, write_model
+from vctmae.model.checkpoint import model_files
 from vctmae.train import distributed
 from vctmae.train.config import FinetuneConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
+from vctmae.train.threshold import validation_threshold, write_best
 
 BEST = "best.safetensors"
 
@@ -118,7 +120,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         if val_loader is None:
             # Without validation data the latest weights are the ones to use.
             if info.is_main:
-                run.writer.submit(write_model, model_files(model), best_path)
+                run.writer.submit(write_best, model_files(model), best_path, None)
             state.best_epoch = epoch + 1
             return EpochEnd()
         predictions = predict(
@@ -135,7 +137,14 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = f1, epoch + 1, 0
             if info.is_main:
-                run.writer.submit(write_model, model_files(model), best_path)
+                # The F1-optimal threshold of these validation predictions goes beside the weights.
+                threshold = validation_threshold(
+                    predictions.labels,
+                    predictions.probs,
+                    epoch=epoch + 1,
+                    multiview=config.multiview,
+                )
+                run.writer.submit(write_best, model_files(model), best_path, threshold)
         else:
             state.bad_epochs += 1
         scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}

@@ -1,0 +1,611 @@
+"""`vctmae predict` (issue 12): scans → per-vertebra fracture probabilities and a report.
+
+The model is a shrunken `tiny` classifier with random weights: what is checked
+is that predict computes what ingest + eval compute (keys, crops,
+probabilities), not that it diagnoses well. Phantoms come from
+`vctmae.ingest.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
+the TotalSegmentator stand-in from `test_ingest_scale.fake_totalsegmentator`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+from test_dicom import write_series
+from test_ingest_scale import fake_totalsegmentator
+from test_train import SMALL_MODEL, TEST_RUN, write_split
+from typer.testing import CliRunner
+
+from vctmae.data import LoaderOptions, ZarrCrops
+from vctmae.errors import UsageError
+from vctmae.ingest.discover import Case
+from vctmae.ingest.geometry import GeometryConfig
+from vctmae.ingest.levels import parse_levels
+from vctmae.ingest.nifti import load_ct, reorient
+from vctmae.ingest.pipeline import IngestConfig, run_ingest
+from vctmae.ingest.synth import write_phantoms
+from vctmae.model import build_classifier
+from vctmae.model.checkpoint import model_files, save_model
+from vctmae.predict import PredictConfig, run_predict
+from vctmae.predict.config import MODEL_LEVELS
+from vctmae.predict.run import cut_scan
+from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
+from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
+from vctmae.train.threshold import (
+    DecisionThreshold,
+    f1_optimal_threshold,
+    read_threshold,
+    threshold_path,
+    write_best,
+)
+
+EXTRA_COLUMNS = ["case", "level", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "threshold"]
+
+
+def config(checkpoint: Path, out: Path, **fields) -> PredictConfig:
+    return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cli(*args: str):
+    from vctmae.cli import app
+
+    return CliRunner().invoke(app, ["predict", *args])
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Two phantoms in ct/ + seg/ (one stored LAS, one ASL)."""
+    root = tmp_path_factory.mktemp("predict-raw")
+    write_phantoms(root / "raw", cases=2, seed=0)
+    return root / "raw"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random classifier (its probabilities vary from crop to crop)."""
+    torch.manual_seed(0)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    return save_model(model, tmp_path_factory.mktemp("model") / "classifier.safetensors")
+
+
+@pytest.fixture(scope="module")
+def predicted(raw, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return run_predict(config(checkpoint, out, src=raw, batch_size=5))
+
+
+# --- item 1: predict = ingest + eval ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ingested(raw, tmp_path_factory) -> Path:
+    """`raw` through `vctmae ingest` at predict's default levels."""
+    data = tmp_path_factory.mktemp("predict-ingested")
+    geometry = GeometryConfig(levels=parse_levels(MODEL_LEVELS))
+    run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1), progress=False)
+    return data
+
+
+def eval_predictions(checkpoint: Path, data: Path, out: Path, **fields):
+    """`vctmae eval` of the shards under `data`: its predictions.csv, read back."""
+    run_eval(
+        EvalConfig(
+            checkpoint=checkpoint,
+            shards=tuple(str(p) for p in sorted(data.glob("*.tar"))),
+            out=out,
+            multiview=6,
+            loader=LoaderOptions(workers=0),
+            device="cpu",
+            progress=False,
+            **fields,
+        )
+    )
+    return read_predictions(out / "predictions.csv")
+
+
+def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, ingested, tmp_path):
+    data = ingested
+    expected = eval_predictions(checkpoint, data, tmp_path / "eval")
+    got = read_predictions(predicted.out / "predictions.csv")
+    assert len(got.keys) >= 10
+    assert sorted(got.keys) == expected.keys
+    order = np.argsort(got.keys)
+    np.testing.assert_allclose(got.probs[order], expected.probs, rtol=0, atol=1e-5)
+    # The probabilities differ from crop to crop: the comparison is not between constants.
+    assert np.ptp(expected.probs) > 1e-3
+    # The crops predict cuts in memory are the bytes ingest stored.
+    store = ZarrCrops(data / "crops.zarr")
+    for scan in predicted.scans:
+        case = Case(
+            case=scan.case,
+            patient=scan.case,
+            ct=raw / scan.ct,
+            seg=raw / scan.seg,
+            ct_name=scan.ct,
+            seg_name=scan.seg,
+        )
+        _, _, cut = cut_scan(case, config(checkpoint, tmp_path, src=raw), case.seg, segmented=False)
+        for crop in cut.crops:
+            assert np.array_equal(crop.array, store.crop(f"{scan.case}_{crop.level}"))
+
+
+def test_predict_in_mask_mode_with_logit_averaging_equals_eval(
+    raw, checkpoint, predicted, ingested, tmp_path
+):
+    """--frames mask reads each crop's mask box; predict and eval read the same one."""
+    fields = {"frames": "mask", "combine": "logits"}
+    expected = eval_predictions(checkpoint, ingested, tmp_path / "eval", **fields)
+    result = run_predict(
+        config(checkpoint, tmp_path / "report", src=raw, attention=False, **fields)
+    )
+    got = read_predictions(result.out / "predictions.csv")
+    assert sorted(got.keys) == expected.keys
+    order = np.argsort(got.keys)
+    np.testing.assert_allclose(got.probs[order], expected.probs, rtol=0, atol=1e-5)
+    # Mask mode's frames are not crop mode's: the options reached the model.
+    crop_mode = read_predictions(predicted.out / "predictions.csv")
+    assert crop_mode.keys == got.keys
+    assert np.abs(crop_mode.probs - got.probs).max() > 1e-4
+
+
+def test_dicom_series_gives_the_crops_and_probabilities_of_its_nifti(raw, checkpoint, tmp_path):
+    nifti = raw / "ct" / "case000.nii.gz"
+    seg = raw / "seg" / "case000.nii.gz"
+    volume = load_ct(nifti)
+    assert volume.orientation != "LPS"
+    # A scanner's series: LPS, one int16 file per slice, intercept -1024, files out of order.
+    series = tmp_path / "dicom" / "case000"
+    write_series(series, reorient(volume, "LPS"), series="1.2.826.0.1.3680043.8.498.1")
+    runs = {}
+    for name, ct in (("nifti", nifti), ("dicom", series)):
+        runs[name] = run_predict(config(checkpoint, tmp_path / name, ct=ct, seg=seg))
+        assert [s.status for s in runs[name].scans] == ["ok"]
+    expected = read_predictions(runs["nifti"].out / "predictions.csv")
+    got = read_predictions(runs["dicom"].out / "predictions.csv")
+    assert got.keys == expected.keys and len(got.keys) >= 5
+    # Crops agree to 1 HU (rounding), so the probabilities agree closely.
+    np.testing.assert_allclose(got.probs, expected.probs, rtol=0, atol=1e-4)
+    summary = json.loads((runs["dicom"].out / "summary.json").read_text())
+    assert summary["scans"][0]["source_orientation"] == "LPS"
+
+    def crops(ct: Path) -> list[np.ndarray]:
+        case = Case(case="case000", patient="p", ct=ct, seg=seg, ct_name="", seg_name="")
+        return cut_scan(case, config(checkpoint, tmp_path, ct=ct, seg=seg), seg, segmented=False)[
+            2
+        ].crops
+
+    for a, b in zip(crops(series), crops(nifti), strict=True):
+        assert a.level == b.level
+        assert np.abs(a.array.astype(np.int32) - b.array.astype(np.int32)).max() <= 1
+
+
+def test_dicom_folder_with_two_series_reads_the_larger_or_the_one_asked_for(
+    raw, checkpoint, tmp_path
+):
+    seg = raw / "seg" / "case000.nii.gz"
+    volume = reorient(load_ct(raw / "ct" / "case000.nii.gz"), "LPS")
+    folder = tmp_path / "case000"
+    write_series(folder, volume, series="1.2.3.10")
+    # A second, smaller series (a scout-like cut-out) in the same folder.
+    from vctmae.ingest.nifti import Volume
+
+    part = Volume(path=volume.path, data=volume.data[:, :, :20], affine=volume.affine)
+    write_series(folder, part, series="1.2.3.20", seed=1)
+    chosen = run_predict(config(checkpoint, tmp_path / "largest", ct=folder, seg=seg))
+    assert chosen.scans[0].ok and len(chosen.scans[0].vertebrae) >= 5
+    # The small series does not match the label map's grid: a clear one-line failure.
+    asked = run_predict(
+        config(checkpoint, tmp_path / "asked", ct=folder, seg=seg, series="1.2.3.20")
+    )
+    [scan] = asked.scans
+    assert not scan.ok and "\n" not in scan.error and str(seg) in scan.error
+    unknown = run_predict(
+        config(checkpoint, tmp_path / "unknown", ct=folder, seg=seg, series="9.9")
+    )
+    assert "no series 9.9" in unknown.scans[0].error
+
+
+# --- item 2: the report ---------------------------------------------------------------------------
+
+
+class Links(HTMLParser):
+    """Every src= and href= of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.links.append(value)
+
+
+def links_of(page: Path) -> list[str]:
+    parser = Links()
+    parser.feed(page.read_text())
+    return parser.links
+
+
+def svg_texts(path: Path) -> str:
+    """The text of an SVG's <text> elements (matplotlib with svg.fonttype 'none')."""
+    return " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text()))
+
+
+def test_report_has_a_page_per_scan_every_picture_and_every_level(predicted):
+    out = predicted.out
+    rows = read_rows(out / "predictions.csv")
+    assert list(rows[0]) == [*PREDICTION_COLUMNS, *EXTRA_COLUMNS]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scans_ok"] == 2 and summary["scans_failed"] == 0
+    assert summary["run"]["threshold"]["source"] == "default"
+    assert summary["run"]["versions"]["torch"] == torch.__version__
+    index_links = links_of(out / "index.html")
+    for scan in summary["scans"]:
+        page = out / scan["page"]
+        assert page.is_file() and scan["page"] in index_links
+        for link in links_of(page):
+            if not link.startswith("#"):
+                assert (page.parent / link).resolve().is_file(), (page, link)
+        # The overview names every level predicted for this case, with its probability.
+        mine = [r for r in rows if r["case"] == scan["case"]]
+        assert len(mine) == scan["vertebrae_assessed"] >= 5
+        texts = svg_texts(page.parent / "overview.svg")
+        for row in mine:
+            assert f"{row['level']}  {float(row['prob_fracture']):.2f}" in texts
+            assert (page.parent / f"{row['level']}.png").stat().st_size > 10_000
+        for skipped in scan["not_assessed"]:
+            assert f"{skipped['level']}  not assessed" in texts
+        fractured = [r["level"] for r in mine if r["predicted"] == "1"]
+        assert scan["fractured_levels"] == fractured
+        assert set(scan["timings_s"]) >= {"read_and_crop", "model", "attention", "report"}
+    for link in index_links:
+        assert (out / link).is_file(), link
+
+
+def test_report_rows_follow_the_threshold(raw, checkpoint, predicted, tmp_path):
+    probs = sorted(float(r["prob_fracture"]) for r in read_rows(predicted.out / "predictions.csv"))
+    middle = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2
+    result = run_predict(
+        config(checkpoint, tmp_path, src=raw, threshold=middle, attention=False, levels="all")
+    )
+    rows = read_rows(tmp_path / "predictions.csv")
+    assert all(float(r["threshold"]) == pytest.approx(middle, abs=1e-6) for r in rows)
+    assert all((float(r["prob_fracture"]) >= middle) == (r["predicted"] == "1") for r in rows)
+    assert any(r["predicted"] == "1" for r in rows) and any(r["predicted"] == "0" for r in rows)
+    # levels=all assesses what T1-T12,L1-L6 left out, if anything; never fewer.
+    assert len(rows) >= len(probs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["threshold"] == {
+        "value": middle,
+        "source": "--threshold",
+        "detail": "given with --threshold",
+    }
+    page = (tmp_path / result.scans[0].page).read_text()
+    assert "Fracture suspected at" in page or "No fracture suspected" in page
+    assert not list(tmp_path.glob("*/*.png"))  # --no-attention draws no frames
+
+
+# --- item 3: the decision threshold ---------------------------------------------------------------
+
+
+def test_f1_optimal_threshold_is_the_best_of_every_cut():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        labels = rng.integers(0, 2, size=40)
+        labels[0] = 1
+        # Rounded: ties between probabilities must be cut together.
+        probs = np.round(np.clip(0.3 * labels + rng.normal(0.35, 0.2, size=40), 0, 1), 2)
+        threshold, f1 = f1_optimal_threshold(labels, probs)
+        best = max(sk.f1_score(labels, probs >= t) for t in np.unique(probs))
+        assert f1 == pytest.approx(best)
+        assert sk.f1_score(labels, probs >= threshold) == pytest.approx(best)
+        # Halfway between two validation probabilities (or at one, at the bottom).
+        assert threshold in probs or not np.any(np.isclose(probs, threshold, atol=1e-12))
+    assert f1_optimal_threshold(np.zeros(5, int), np.linspace(0, 1, 5)) is None
+    # A perfectly separated set is cut between its classes.
+    threshold, f1 = f1_optimal_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.9]))
+    assert f1 == 1.0 and threshold == pytest.approx(0.25)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A short finetuning run with validation data (so a threshold is recorded)."""
+    root = tmp_path_factory.mktemp("ft-threshold")
+    train = write_split(root / "data", "train", 24, seed=11)
+    val = write_split(root / "data", "val", 16, seed=12)
+    test = write_split(root / "data", "test", 12, seed=13)
+    run = RunOptions(shards=tuple(map(str, train)), out=root / "ft", **TEST_RUN)
+    result = run_finetune(
+        FinetuneConfig(
+            run=run,
+            val_shards=tuple(map(str, val)),
+            epochs=2,
+            warmup_epochs=1,
+            batch_size=8,
+            lr=1e-3,
+            multiview=1,
+        )
+    )
+    return result, [str(p) for p in val], [str(p) for p in test]
+
+
+def test_finetuning_records_the_validation_optimal_threshold(finetuned, tmp_path):
+    result, val, _ = finetuned
+    recorded = read_threshold(result.best_path)
+    assert recorded is not None and recorded.epoch == result.state.best_epoch
+    assert threshold_path(result.best_path).name == "best.threshold.json"
+    # The best checkpoint's own validation predictions give that threshold.
+    run_eval(
+        EvalConfig(
+            checkpoint=result.best_path,
+            shards=tuple(val),
+            out=tmp_path / "val",
+            multiview=recorded.multiview,
+            loader=LoaderOptions(workers=0),
+            device="cpu",
+            progress=False,
+        )
+    )
+    predictions = read_predictions(tmp_path / "val" / "predictions.csv")
+    threshold, f1 = f1_optimal_threshold(predictions.labels, predictions.probs)
+    assert recorded.threshold == pytest.approx(threshold, abs=1e-6)
+    assert recorded.f1 == pytest.approx(f1)
+    assert recorded.f1_at_half == pytest.approx(
+        sk.f1_score(predictions.labels, predictions.probs >= 0.5)
+    )
+    assert recorded.samples == 16 and recorded.positives == 8
+
+
+def test_eval_reports_metrics_at_half_and_at_the_recorded_threshold(finetuned, tmp_path):
+    result, _, test = finetuned
+    recorded = read_threshold(result.best_path)
+    metrics = run_eval(
+        EvalConfig(
+            checkpoint=result.best_path,
+            shards=tuple(test),
+            out=tmp_path,
+            multiview=6,
+            loader=LoaderOptions(workers=0),
+            device="cpu",
+            progress=False,
+        )
+    )
+    predictions = read_predictions(tmp_path / "predictions.csv")
+    labels, probs = predictions.labels, predictions.probs
+    tuned = json.loads((tmp_path / "metrics.json").read_text())["at_validation_threshold"]
+    assert tuned == metrics["at_validation_threshold"]
+    assert tuned["threshold"] == recorded.threshold and tuned["threshold_epoch"] == recorded.epoch
+    assert tuned["f1"] == pytest.approx(sk.f1_score(labels, probs >= recorded.threshold))
+    assert tuned["accuracy"] == pytest.approx(
+        sk.accuracy_score(labels, probs >= recorded.threshold)
+    )
+    assert metrics["f1"] == pytest.approx(sk.f1_score(labels, probs >= 0.5))
+    # Without a recorded threshold, only the metrics at 0.5.
+    threshold_path(result.best_path).rename(tmp_path / "kept.json")
+    try:
+        plain = run_eval(
+            EvalConfig(
+                checkpoint=result.best_path,
+                shards=tuple(test),
+                out=tmp_path / "plain",
+                multiview=1,
+                loader=LoaderOptions(workers=0),
+                device="cpu",
+                progress=False,
+            )
+        )
+    finally:
+        (tmp_path / "kept.json").rename(threshold_path(result.best_path))
+    assert "at_validation_threshold" not in plain
+
+
+def test_predict_decides_at_the_recorded_threshold_unless_told(finetuned, raw, tmp_path):
+    result, _, _ = finetuned
+    recorded = read_threshold(result.best_path)
+    ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
+    chosen = run_predict(config(result.best_path, tmp_path / "a", ct=ct, seg=seg, attention=False))
+    assert chosen.threshold.value == recorded.threshold and chosen.threshold.source == "validation"
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["run"]["threshold"]["value"] == recorded.threshold
+    assert f"epoch {recorded.epoch}" in summary["run"]["threshold"]["detail"]
+    rows = read_rows(tmp_path / "a" / "predictions.csv")
+    assert all(
+        (float(r["prob_fracture"]) >= recorded.threshold) == (r["predicted"] == "1") for r in rows
+    )
+    told = run_predict(
+        config(result.best_path, tmp_path / "b", ct=ct, seg=seg, attention=False, threshold=0.9)
+    )
+    assert told.threshold.value == 0.9 and told.threshold.source == "--threshold"
+
+
+def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
+    import vctmae.train.threshold as module
+
+    files = model_files(build_classifier("tiny", num_classes=2, **SMALL_MODEL))
+    path = tmp_path / "best.safetensors"
+    first = DecisionThreshold(
+        threshold=0.3, f1=0.8, f1_at_half=0.7, epoch=1, multiview=1, samples=10, positives=5
+    )
+    write_best(files, path, first)
+    assert read_threshold(path) == first
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    original = module.write_model
+    module.write_model = full_disk
+    try:
+        with pytest.raises(OSError):
+            write_best(files, path, DecisionThreshold(**{**first.__dict__, "epoch": 2}))
+    finally:
+        module.write_model = original
+    # The old weights stay, without a threshold (readers decide at 0.5 and say so).
+    assert path.is_file() and read_threshold(path) is None
+    threshold_path(path).write_text("{not json")
+    with pytest.raises(Exception, match="best.threshold.json: unreadable decision threshold"):
+        read_threshold(path)
+
+
+# --- item 7: a bad scan is reported and the rest go on ----------------------------------------------
+
+
+def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp_path):
+    src = tmp_path / "src"
+    (src / "ct").mkdir(parents=True)
+    (src / "seg").mkdir()
+    for case in ("case000", "case001"):
+        (src / "ct" / f"{case}.nii.gz").symlink_to(raw / "ct" / f"{case}.nii.gz")
+        (src / "seg" / f"{case}.nii.gz").symlink_to(raw / "seg" / f"{case}.nii.gz")
+    (src / "ct" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (src / "seg" / "broken.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
+    (src / "ct" / "alone.nii.gz").symlink_to(raw / "ct" / "case000.nii.gz")
+    # A DICOM series with a slice missing.
+    files = write_series(
+        src / "ct" / "gappy", reorient(load_ct(raw / "ct" / "case001.nii.gz"), "LPS")
+    )
+    files[len(files) // 2].unlink()
+    (src / "seg" / "gappy.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
+    out = tmp_path / "out"
+    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+                 "--device", "cpu", "--no-attention")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 4, result.output
+    assert any("ct/broken.nii.gz" in line for line in lines)
+    assert any("ct/alone.nii.gz: no label map seg/alone.nii.gz" in line for line in lines)
+    assert any("gappy" in line and "uneven slice spacing" in line for line in lines)
+    assert "3 scan(s) failed" in lines[-1]
+    assert "Traceback" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scans_ok"] == 2 and summary["scans_failed"] == 3
+    status = {scan["case"]: scan["status"] for scan in summary["scans"]}
+    assert status == {
+        "alone": "failed",
+        "broken": "failed",
+        "case000": "ok",
+        "case001": "ok",
+        "gappy": "failed",
+    }
+    # Every scan has a page, the failed ones saying why.
+    for scan in summary["scans"]:
+        page = (out / scan["page"]).read_text()
+        if scan["status"] == "failed":
+            assert "Not assessed:" in page
+    index = (out / "index.html").read_text()
+    assert index.count("failed:") == 3
+
+
+def test_progress_bar_counts_scans(raw, checkpoint, tmp_path):
+    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+                 "--seg", str(raw / "seg" / "case000.nii.gz"), "--out", str(tmp_path),
+                 "--device", "cpu", "--no-attention", "--multiview", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1/1 scans" in result.output
+    assert "1/1 scans ok" in result.output and "index.html" in result.output
+
+
+def test_usage_errors_are_one_line_before_any_work(raw, checkpoint, tmp_path):
+    ct, seg = str(raw / "ct" / "case000.nii.gz"), str(raw / "seg" / "case000.nii.gz")
+    base = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    cases = [
+        ([*base, "--ct", ct], "no label map: give --seg, or --segment"),
+        ([*base, "--ct", ct, "--seg", seg, "--src", str(raw)], "not both"),
+        ([*base], "give --src"),
+        ([*base, "--ct", ct, "--seg", seg, "--threshold", "1.5"], "--threshold must lie in [0, 1]"),
+        ([*base, "--ct", ct, "--seg", seg, "--levels", "X9"], "--levels"),
+        ([*base, "--ct", ct, "--seg", seg, "--multiview", "3"], "--multiview must be 1 or 6"),
+        ([*base, "--ct", str(tmp_path / "none.nii.gz"), "--seg", seg], "--ct does not exist"),
+    ]
+    for args, message in cases:
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        [line] = error_lines(result.output)
+        assert message in line, (message, line)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UsageError):
+        PredictConfig(checkpoint=checkpoint, ct=Path(ct), seg=Path(seg), batch_size=0)
+
+
+# --- TotalSegmentator (--segment) -------------------------------------------------------------------
+
+
+def test_segment_without_totalsegmentator_says_what_to_install(
+    raw, checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # as if not installed
+    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+                 "--segment", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    [line] = error_lines(result.output)
+    assert "pip install 'vctmae[totalseg]'" in line
+    assert not (tmp_path / "index.html").exists()
+
+
+def test_segment_without_weights_says_to_set_totalseg_home_dir(
+    raw, checkpoint, tmp_path, monkeypatch
+):
+    fake = fake_totalsegmentator(
+        tmp_path / "fake",
+        "raise ConnectionError(\"Max retries exceeded (Failed to resolve 'github.com')\")\n",
+    )
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
+    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "weights"))
+    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+                 "--segment", "--out", str(tmp_path / "out"), "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    [line] = error_lines(result.output)
+    assert "TOTALSEG_HOME_DIR" in line and str(tmp_path / "weights") in line
+    assert not list((tmp_path / "out").rglob("*.nii.gz"))
+
+
+def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
+    real_ct_dir, checkpoint, tmp_path, monkeypatch
+):
+    calls = tmp_path / "calls.txt"
+    fake = fake_totalsegmentator(
+        tmp_path / "fake",
+        f"""
+        import shutil
+        assert ml and task == "total" and "vertebrae_L1" in roi_subset
+        open({str(calls)!r}, "a").write(input + "\\n")
+        shutil.copyfile({str(real_ct_dir / "seg.nii.gz")!r}, output)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
+    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
+    ct = real_ct_dir / "ct.nii.gz"
+    made = run_predict(config(checkpoint, tmp_path / "made", ct=ct, segment=True))
+    run_predict(config(checkpoint, tmp_path / "given", ct=ct, seg=real_ct_dir / "seg.nii.gz"))
+    [scan] = made.scans
+    assert scan.ok and scan.segmented and scan.scheme == "totalseg"
+    kept = tmp_path / "made" / "ct" / "vertebrae-totalseg.nii.gz"
+    assert kept.read_bytes() == (real_ct_dir / "seg.nii.gz").read_bytes()
+    a = read_predictions(tmp_path / "made" / "predictions.csv")
+    b = read_predictions(tmp_path / "given" / "predictions.csv")
+    assert a.keys == b.keys == ["ct_L1"] and np.array_equal(a.probs, b.probs)
+    assert "made by TotalSegmentator" in (tmp_path / "made" / "ct" / "report.html").read_text()
+    # A second run reuses the kept label map: TotalSegmentator runs once.
+    run_predict(config(checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False))
+    assert calls.read_text().count("\n") == 1

@@ -1,0 +1,183 @@
+"""`vctmae bench predict`: seconds per scan of `vctmae predict`, against ingest + eval of the
+same scans in the same run (SPEC §9, §10).
+
+Inputs: spine phantoms with their label maps (`vctmae.ingest.synth.write_phantoms`;
+`--clinical`: clinical-size ones, 512 × 512 × ~330 voxels), so no segmentation is
+timed. The model: a randomly initialised classifier of the chosen preset (`tiny` on
+the CPU; its speed does not depend on its weights).
+
+Measured, after one untimed warm-up scan (model load, first kernels):
+1. `predict` — `run_predict` as the command runs it: read, crops in memory, model
+   (`--multiview`), attention maps, pictures and pages; s/scan, and the mean of
+   each stage from its summary.json.
+2. `predict_no_attention` — the same with `--no-attention` (no attention maps and
+   frame pictures; the overview and pages still drawn).
+3. `ingest_eval` — the baseline, what a user did before predict existed:
+   `run_ingest` (one worker, as predict is one process) into shards + Zarr, then
+   `run_eval` of the checkpoint on those shards (same views, same device).
+Ratios `predict_over_ingest_eval` are of seconds per scan (below 1: predict is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vctmae.bench.report import Result, write_report
+from vctmae.errors import UsageError
+
+STAGES = ("read_and_crop", "model", "attention", "report", "total")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictBenchConfig:
+    """What the predict benchmark runs."""
+
+    scans: int = 6
+    clinical: bool = False
+    preset: str = "tiny"
+    device: str = "cpu"
+    multiview: int = 6
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scans < 1:
+            raise UsageError(f"--scans must be >= 1, got {self.scans}")
+        if self.multiview not in (1, 6):
+            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+
+
+def quick_config(**changes) -> PredictBenchConfig:
+    """Two small phantoms: about a minute on a 2-core machine."""
+    return PredictBenchConfig(**{"scans": 2, **changes})
+
+
+def _timed(run) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = run()
+    return time.perf_counter() - started, value
+
+
+def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = None) -> Path:
+    """Run the benchmark (module docstring); writes and returns the JSON report."""
+    import torch
+
+    from vctmae.data import LoaderOptions
+    from vctmae.ingest.pipeline import IngestConfig, run_ingest
+    from vctmae.ingest.synth import write_phantoms
+    from vctmae.model import build_classifier
+    from vctmae.model.checkpoint import save_model
+    from vctmae.predict import PredictConfig, run_predict
+    from vctmae.predict.config import MODEL_LEVELS
+    from vctmae.predict.report import SUMMARY
+    from vctmae.train import EvalConfig, run_eval
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="vctmae-bench-predict-") as tmp:
+        root = Path(tmp)
+        # One more phantom than timed: the warm-up scan.
+        write_phantoms(
+            root / "raw", cases=config.scans + 1, seed=config.seed, clinical=config.clinical
+        )
+        warm = root / "warm"
+        (warm / "ct").mkdir(parents=True)
+        (warm / "seg").mkdir()
+        first = sorted((root / "raw" / "ct").iterdir())[0]
+        for folder in ("ct", "seg"):
+            (root / "raw" / folder / first.name).rename(warm / folder / first.name)
+        torch.manual_seed(config.seed)
+        checkpoint = save_model(
+            build_classifier(config.preset, num_classes=2), root / "model.safetensors"
+        )
+
+        def predict(out: Path, src: Path, **changes) -> dict:
+            run_predict(
+                PredictConfig(
+                    checkpoint=checkpoint,
+                    src=src,
+                    out=out,
+                    device=config.device,
+                    multiview=config.multiview,
+                    batch_size=config.batch_size,
+                    progress=False,
+                    **changes,
+                )
+            )
+            return json.loads((out / SUMMARY).read_text())
+
+        predict(root / "warm-report", warm)
+        results: list[Result] = []
+        per_scan: dict[str, float] = {}
+        for name, changes in (("predict", {}), ("predict_no_attention", {"attention": False})):
+            seconds, summary = _timed(
+                lambda c=changes, n=name: predict(root / n, root / "raw", **c)
+            )
+            if summary["scans_ok"] != config.scans:
+                raise RuntimeError(f"{name}: {summary['scans_failed']} phantom scan(s) failed")
+            per_scan[name] = seconds / config.scans
+            results.append(Result(name=f"{name}_s_per_scan", value=per_scan[name], unit="s/scan"))
+            for stage in STAGES:
+                times = [scan["timings_s"].get(stage, 0.0) for scan in summary["scans"]]
+                results.append(
+                    Result(
+                        name=f"{name}_{stage}_mean", value=sum(times) / len(times), unit="s/scan"
+                    )
+                )
+            vertebrae = summary["vertebrae_assessed"]
+
+        from vctmae.ingest.geometry import GeometryConfig
+        from vctmae.ingest.levels import parse_levels
+
+        def ingest_and_eval() -> None:
+            data = root / "data"
+            geometry = GeometryConfig(levels=parse_levels(MODEL_LEVELS))
+            run_ingest(
+                IngestConfig(src=root / "raw", out=data, geometry=geometry, workers=1),
+                progress=False,
+            )
+            run_eval(
+                EvalConfig(
+                    checkpoint=checkpoint,
+                    shards=tuple(str(p) for p in sorted(data.glob("*.tar"))),
+                    out=root / "eval",
+                    multiview=config.multiview,
+                    batch_size=config.batch_size,
+                    loader=LoaderOptions(workers=0),
+                    device=config.device,
+                    progress=False,
+                )
+            )
+
+        seconds, _ = _timed(ingest_and_eval)
+        per_scan["ingest_eval"] = seconds / config.scans
+        results.append(
+            Result(name="ingest_eval_s_per_scan", value=per_scan["ingest_eval"], unit="s/scan")
+        )
+        results.append(Result(name="vertebrae_per_scan", value=vertebrae / config.scans, unit=""))
+    ratios = {
+        "predict_over_ingest_eval": per_scan["predict"] / per_scan["ingest_eval"],
+        "predict_no_attention_over_ingest_eval": per_scan["predict_no_attention"]
+        / per_scan["ingest_eval"],
+    }
+    name = "predict-clinical" if config.clinical else "predict"
+    return write_report(
+        name,
+        results,
+        ratios,
+        json_path=json_path,
+        config={
+            **asdict(config),
+            "torch_threads": torch.get_num_threads(),
+            # Other work on the machine slows every contender alike, the ratios less.
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+            "segmentation": "not timed: the phantoms come with their label maps",
+            "not_measured": None
+            if (config.preset, config.device) == ("large", "cuda")
+            else "ViT-L on a GPU: vctmae bench predict --preset large --device cuda",
+        },
+    )

@@ -1,0 +1,33 @@
+"""`vctmae predict`: its options are `PredictConfig`'s flagged fields (declared there once)."""
+
+from __future__ import annotations
+
+import typer
+
+from vctmae.cli.app import app, expected_failures
+from vctmae.cli.options import config_command
+from vctmae.predict.config import PredictConfig
+
+
+@config_command(app, PredictConfig)
+def predict(config: PredictConfig) -> None:
+    """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
+    from vctmae.predict import run_predict
+
+    interrupted = f"predict stopped; the report under {config.out} covers the scans finished so far"
+    with expected_failures(interrupted=interrupted):
+        result = run_predict(config)
+    ok = len(result.scans) - len(result.failed)
+    typer.echo(
+        f"{ok}/{len(result.scans)} scans ok, {result.vertebrae} vertebrae assessed, fracture "
+        f"suspected at {result.fractured} (threshold {result.threshold.value:.4f}, "
+        f"{result.threshold.source}) → {result.out / 'index.html'}",
+        err=True,
+    )
+    if result.failed:
+        typer.secho(
+            f"error: {len(result.failed)} scan(s) failed; see {result.out / 'summary.json'}",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1)

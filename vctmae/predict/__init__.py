@@ -1,0 +1,18 @@
+"""vctmae.predict: a patient's CT (NIfTI or DICOM) → per-vertebra fracture report (SPEC §10).
+
+Entry point: `run_predict(PredictConfig(...))`. It uses ingest's discovery,
+reader and geometry and the trainer's multi-view probabilities and attention
+maps, so it lives beside both (train never imports ingest). The public names
+load their module on first use, so the command line reads the config without
+importing torch.
+"""
+
+from vctmae.lazy import lazy_exports
+
+_EXPORTS = {
+    "PredictConfig": "config",
+    "PredictResult": "run",
+    "run_predict": "run",
+}
+
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,138 @@
+"""`PredictConfig`: one `vctmae predict` run, each command-line option declared once here.
+
+Torch-free (the command line imports it to build its options).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vctmae.errors import UsageError
+from vctmae.flags import flag
+from vctmae.ingest.levels import SCHEMES, parse_levels
+from vctmae.train.config import (
+    COMBINE,
+    COMBINE_HELP,
+    DEVICES,
+    FRAME_MODES,
+    FRAMES_HELP,
+    SpeedOptions,
+)
+
+# The levels the reference code finetunes on (VerSe 8-25: T1-T12, L1-L6; T13 is out): the
+# levels a model finetuned the paper's way has seen. A range T1-L6 would take T13 too.
+MODEL_LEVELS = "T1-T12,L1-L6"
+# `vctmae.ingest.geometry.LABEL_SCHEMES`, spelt here so that building the command line does not
+# import scipy.
+LABEL_SCHEMES = ("auto", *SCHEMES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig:
+    """Which scans, which model, how to decide, where the report goes."""
+
+    checkpoint: Path = flag(
+        help="Classifier weights (.safetensors from finetune); the best.threshold.json finetuning "
+        "wrote beside them sets the decision threshold."
+    )
+    out: Path = flag(
+        Path("report"),
+        "Report folder: index.html, CASE/report.html, predictions.csv, summary.json.",
+    )
+    src: Path | None = flag(
+        None,
+        "Folder of scans, found as ingest finds them: ct/NAME.nii[.gz] (or a DICOM series "
+        "folder ct/NAME/) + seg/NAME.nii[.gz], VerSe X_ct.nii.gz + X_seg-vert_msk.nii.gz "
+        "(beside it or under derivatives/).",
+    )
+    pairs: Path | None = flag(
+        None, "pairs.csv: ct,seg[,case,patient,series] for any other layout (like ingest)."
+    )
+    ct: Path | None = flag(None, "One scan: a NIfTI file or a DICOM series folder.")
+    seg: Path | None = flag(
+        None,
+        "The vertebra label map of --ct (NIfTI, VerSe or TotalSegmentator values); "
+        "without it, --segment.",
+    )
+    series: str | None = flag(
+        None,
+        "SeriesInstanceUID to read from DICOM series folders (default: the CT series with the "
+        "most slices).",
+    )
+    segment: bool = flag(
+        False,
+        "Scans without a label map: make one with TotalSegmentator (pip install "
+        "'vctmae\\[totalseg]'; its weights must be available offline, TOTALSEG_HOME_DIR); kept "
+        "as CASE/vertebrae-totalseg.nii.gz and reused by a later run.",
+    )
+    levels: str = flag(
+        MODEL_LEVELS,
+        "Vertebra levels to assess: all, or a list/ranges (default: the levels the reference "
+        "finetuning uses; others are listed as not assessed).",
+    )
+    label_scheme: str = flag("auto", "Label map scheme: auto, verse or totalseg.")
+    multiview: int = flag(6, "Views per vertebra averaged: 6 (the whole ensemble) or 1.")
+    frames: str = flag("crop", FRAMES_HELP + " Use the finetuning run's rule.")
+    combine: str = flag("probs", COMBINE_HELP)
+    threshold: float | None = flag(
+        None,
+        "Decision threshold on P(fracture) (default: the validation-optimal one finetuning "
+        "recorded beside --checkpoint, else 0.5).",
+    )
+    batch_size: int = flag(16, "Crops per forward pass.")
+    device: str = flag("auto", "auto (GPU when present), cpu or cuda.")
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    attention: bool = flag(
+        True,
+        "Draw each vertebra's attention over its frames (one more forward pass per vertebra).",
+        negatable=True,
+    )
+    progress: bool = flag(True, "Show the progress bar.", negatable=True)
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "out", "src", "pairs", "ct", "seg"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.ct is not None and (self.src is not None or self.pairs is not None):
+            raise UsageError("give either --ct (one scan) or --src/--pairs (a folder), not both")
+        if self.ct is None and self.src is None and self.pairs is None:
+            raise UsageError("give --src (a folder of scans), --pairs (a csv) or --ct (one scan)")
+        if self.seg is not None and self.ct is None:
+            raise UsageError("--seg is the label map of --ct; with --src the label maps are found")
+        if self.ct is not None and self.seg is None and not self.segment:
+            raise UsageError(
+                f"{self.ct}: no label map: give --seg, or --segment to make one with "
+                "TotalSegmentator"
+            )
+        for name in ("checkpoint", "src", "pairs", "ct", "seg"):
+            value = getattr(self, name)
+            if value is not None and not value.exists():
+                raise UsageError(f"{value}: --{name} does not exist")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"{self.out}: --out names a file; give a folder for the report")
+        if self.multiview not in (1, 6):
+            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.frames not in FRAME_MODES:
+            raise UsageError(
+                f"--frames must be one of {', '.join(FRAME_MODES)}, got {self.frames!r}"
+            )
+        if self.combine not in COMBINE:
+            raise UsageError(f"--combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
+        if self.device not in DEVICES:
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.label_scheme not in LABEL_SCHEMES:
+            raise UsageError(
+                f"--label-scheme must be one of {', '.join(LABEL_SCHEMES)}, "
+                f"got {self.label_scheme!r}"
+            )
+        self.level_set()  # a bad --levels is a usage error now
+
+    def level_set(self) -> frozenset[str] | None:
+        """The levels `--levels` keeps; None for all."""
+        return None if self.levels.strip().lower() == "all" else parse_levels(self.levels)

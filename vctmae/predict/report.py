@@ -1,0 +1,444 @@
+"""The report `vctmae predict` writes under `--out` (SPEC §10).
+
+    index.html          every scan: levels assessed, fractures suspected, a thumbnail, a link
+    CASE/report.html    one scan: the verdict, the sagittal overview, one row per vertebra
+    CASE/overview.svg   the overview (`vctmae.predict.pictures.overview_svg`)
+    CASE/LEVEL.png      a vertebra's 16 frames and its attention (`vertebra_png`)
+    predictions.csv     eval's columns (key, label, prob_fracture, predicted), then case,
+                        level, centroid_x/y/z_mm (world, RAS+), threshold
+    summary.json        per scan: vertebrae, fractured levels, timings; the checkpoint,
+                        threshold, versions and machine
+
+Plain HTML with its style inline and its pictures beside it: it opens from a
+folder, a USB stick or a zip with no network. Every file is written under a
+temporary name and renamed (`write_atomically`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vctmae.model.checkpoint import write_atomically
+from vctmae.predict.config import PredictConfig
+from vctmae.predict.pictures import SLAB_MM, probability_hex
+from vctmae.predict.results import ScanResult, Threshold, VertebraResult
+
+PAGE = "report.html"
+OVERVIEW = "overview.svg"
+INDEX = "index.html"
+PREDICTIONS = "predictions.csv"
+SUMMARY = "summary.json"
+CENTROID_COLUMNS = ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+DISCLAIMER = (
+    "Research software: a model's estimate from the CT and its vertebra label map, not a "
+    "diagnosis. Check every level on the images."
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFacts:
+    """What every page and summary.json say about the run itself."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    model: dict[str, Any]  # the checkpoint's model config (preset fields)
+    threshold: Threshold
+    multiview: int
+    levels: str
+    device: str
+    crop_size: int
+    spacing_mm: float
+    shown_slices: tuple[int, ...]  # the crop slices of the frames the pictures draw
+    started: str  # ISO time
+    versions: dict[str, str]
+    git_commit: str | None
+    machine: dict[str, Any]
+
+    @classmethod
+    def of(cls, config: PredictConfig, threshold: Threshold, *, device: str) -> RunFacts:
+        import torch
+
+        from vctmae.data import offset_frames
+        from vctmae.ingest.geometry import GeometryConfig
+        from vctmae.model.checkpoint import read_model_config
+        from vctmae.predict.run import SHOWN_OFFSET, file_digest
+        from vctmae.provenance import git_commit, machine_info, versions
+
+        _, model = read_model_config(config.checkpoint)
+        geometry = GeometryConfig()
+        return cls(
+            checkpoint=str(Path(config.checkpoint).resolve()),
+            checkpoint_sha256=file_digest(config.checkpoint),
+            model=model.to_dict(),
+            threshold=threshold,
+            multiview=config.multiview,
+            levels=config.levels,
+            device=device,
+            crop_size=geometry.size,
+            spacing_mm=geometry.spacing,
+            shown_slices=tuple(offset_frames(torch.tensor([SHOWN_OFFSET]))[0].tolist()),
+            started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            versions=versions(),
+            git_commit=git_commit(),
+            machine=machine_info(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["threshold"] = self.threshold.to_json()
+        out["shown_slices"] = list(self.shown_slices)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One scan.
+
+
+def write_scan(
+    scan: ScanResult,
+    volumes,
+    attention: list[dict[str, Any]],
+    out: Path,
+    run: RunFacts,
+) -> ScanResult:
+    """Write a scan's pictures and page under `out/CASE/`; returns the scan with their names."""
+    from vctmae.predict.pictures import overview_svg, vertebra_png
+
+    folder = out / scan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    overview = None
+    if scan.ok:
+        vertebrae = []
+        shown = attention or [None] * len(scan.vertebrae)
+        for vertebra, seen in zip(scan.vertebrae, shown, strict=True):
+            if seen is not None:
+                name = f"{vertebra.level}.png"
+                vertebra_png(
+                    seen["frames"],
+                    seen["maps"]["rollout"],
+                    folder / name,
+                    slices=run.shown_slices,
+                    centre=(run.crop_size - 1) / 2,
+                    spacing=run.spacing_mm,
+                    box=vertebra.bbox,
+                )
+                vertebra = dataclasses.replace(vertebra, picture=name)
+            vertebrae.append(vertebra)
+        scan = dataclasses.replace(scan, vertebrae=tuple(vertebrae))
+        ct, labels, label_values = volumes
+        overview_svg(
+            ct,
+            labels,
+            scan.vertebrae,
+            label_values,
+            scan.not_assessed,
+            run.threshold.value,
+            folder / OVERVIEW,
+            title=f"{scan.case}: sagittal plane through the spine's midline",
+        )
+        overview = f"{scan.folder}/{OVERVIEW}"
+    scan = dataclasses.replace(scan, page=f"{scan.folder}/{PAGE}", overview=overview)
+    text = scan_page(scan, run).encode("utf-8")
+    write_atomically(folder / PAGE, lambda handle: handle.write(text))
+    return scan
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's files.
+
+
+def write_run(scans: list[ScanResult], out: Path, run: RunFacts, *, seconds: float) -> None:
+    """predictions.csv, summary.json and index.html for the scans done so far."""
+    table = predictions_csv(scans, run.threshold.value).encode("utf-8")
+    write_atomically(out / PREDICTIONS, lambda handle: handle.write(table))
+    summary = {
+        "run": run.to_json(),
+        "scans_seen": len(scans),
+        "scans_ok": sum(scan.ok for scan in scans),
+        "scans_failed": sum(not scan.ok for scan in scans),
+        "vertebrae_assessed": sum(len(scan.vertebrae) for scan in scans),
+        "vertebrae_fractured": sum(len(scan.fractured) for scan in scans),
+        "seconds": round(seconds, 3),
+        "scans": [scan.to_json() for scan in scans],
+    }
+    text = (json.dumps(summary, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomically(out / SUMMARY, lambda handle: handle.write(text))
+    page = index_page(scans, run).encode("utf-8")
+    write_atomically(out / INDEX, lambda handle: handle.write(page))
+
+
+def predictions_csv(scans: list[ScanResult], threshold: float) -> str:
+    """predictions.csv: eval's columns first (label −1: unknown), then this run's."""
+    from vctmae.train.evaluate import PREDICTION_COLUMNS, prediction_row
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*PREDICTION_COLUMNS, "case", "level", *CENTROID_COLUMNS, "threshold"])
+    for scan in scans:
+        for vertebra in scan.vertebrae:
+            writer.writerow(
+                [
+                    *prediction_row(vertebra.key, -1, vertebra.prob_fracture, threshold),
+                    scan.case,
+                    vertebra.level,
+                    *(f"{v:.4f}" for v in vertebra.centroid),
+                    f"{threshold:.6f}",
+                ]
+            )
+    return text.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML.
+
+STYLE = """
+:root { color-scheme: light; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       color: #1d1d1f; margin: 0; background: #f6f6f4; }
+main { max-width: 1500px; margin: 0 auto; padding: 18px 28px 40px; }
+h1 { font-size: 24px; margin: 4px 0 2px; }
+h2 { font-size: 18px; margin: 26px 0 8px; border-bottom: 1px solid #d0d0cc; padding-bottom: 3px; }
+a { color: #0b5cad; }
+.note { background: #fff4d6; border: 1px solid #e5cf8a; padding: 6px 10px; border-radius: 4px;
+        font-size: 13px; }
+.verdict { font-size: 18px; margin: 12px 0; padding: 10px 14px; border-radius: 6px;
+           background: #fff; border-left: 6px solid #8a8a8a; }
+.verdict.fracture { border-left-color: #b40426; }
+.verdict.clear { border-left-color: #3b4cc0; }
+.verdict.failed { border-left-color: #b40426; background: #fdecec; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; font-size: 13px;
+           margin: 8px 0; }
+dl.facts dt { color: #666; }
+dl.facts dd { margin: 0; overflow-wrap: anywhere; }
+.overview { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
+.overview img { max-height: 760px; max-width: 100%; background: #000; border-radius: 4px; }
+.legend { max-width: 380px; font-size: 13px; }
+table { border-collapse: collapse; background: #fff; width: 100%; }
+th, td { border-bottom: 1px solid #e2e2de; padding: 6px 8px; text-align: left;
+         vertical-align: middle; }
+th { background: #ecece8; font-size: 13px; position: sticky; top: 0; }
+td.vertebra { width: 10em; vertical-align: top; }
+td.vertebra > div { margin: 4px 0; }
+.level { font-size: 26px; font-weight: 700; }
+.prob { font-size: 17px; font-weight: 600; padding: 2px 8px; border-radius: 4px;
+        display: inline-block; white-space: nowrap; }
+td.frames img { width: 100%; min-width: 760px; display: block; }
+.num { font-variant-numeric: tabular-nums; white-space: nowrap; font-size: 12px; color: #555; }
+.flag { font-weight: 700; color: #b40426; }
+.muted { color: #777; }
+.thumb { height: 150px; background: #000; border-radius: 3px; }
+footer { margin-top: 30px; font-size: 12px; color: #777; }
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n"
+        f"{body}\n</main>\n</body>\n</html>\n"
+    )
+
+
+def _prob_badge(vertebra: VertebraResult, threshold: float, label: str = "P = ") -> str:
+    colour = probability_hex(vertebra.prob_fracture, threshold)
+    return (
+        f'<span class="prob" style="background:{colour}">{label}{vertebra.prob_fracture:.2f}</span>'
+    )
+
+
+def _levels_text(vertebrae: tuple[VertebraResult, ...]) -> str:
+    if not vertebrae:
+        return "none"
+    if len(vertebrae) == 1:
+        return vertebrae[0].level
+    return f"{vertebrae[0].level}–{vertebrae[-1].level}"
+
+
+def _verdict(scan: ScanResult, threshold: float) -> tuple[str, str]:
+    """(css class, sentence) of a scan's result."""
+    if not scan.ok:
+        return "failed", f"Not assessed: {_e(scan.error)}"
+    if not scan.vertebrae:
+        return "", "No vertebra could be assessed (see the list below)."
+    levels = _levels_text(scan.vertebrae)
+    if scan.fractured:
+        found = ", ".join(
+            f"<b>{_e(v.level)}</b> (P = {v.prob_fracture:.2f})" for v in scan.fractured
+        )
+        return "fracture", (
+            f"Fracture suspected at {found} — {len(scan.vertebrae)} vertebrae assessed "
+            f"({_e(levels)}) at threshold {threshold:.2f}."
+        )
+    highest = max(scan.vertebrae, key=lambda v: v.prob_fracture)
+    return "clear", (
+        f"No fracture suspected at the {len(scan.vertebrae)} vertebrae assessed "
+        f"({_e(levels)}); highest P = {highest.prob_fracture:.2f} at {_e(highest.level)}, "
+        f"threshold {threshold:.2f}."
+    )
+
+
+def _facts(scan: ScanResult, run: RunFacts) -> str:
+    seg = f"{scan.seg} (made by TotalSegmentator)" if scan.segmented else scan.seg
+    spacing = (
+        " × ".join(f"{v:.2f}" for v in scan.source_spacing) + " mm" if scan.source_spacing else "—"
+    )
+    model = run.model
+    rows = [
+        ("CT", scan.ct + (f" (series {scan.series})" if scan.series else "")),
+        ("Label map", seg or "—"),
+        ("Voxels", f"{spacing}, stored {scan.source_orientation or '—'}"),
+        ("Levels assessed", f"{run.levels} (labels read as {scan.scheme or '—'})"),
+        ("Threshold", f"{run.threshold.value:.4f}: {run.threshold.detail}"),
+        (
+            "Model",
+            f"{run.checkpoint} (ViT {model.get('embed_dim')}-d × {model.get('depth')} layers; "
+            f"sha256 {run.checkpoint_sha256[:12]}…), mean of {run.multiview} view(s) per vertebra",
+        ),
+    ]
+    cells = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
+    return f'<dl class="facts">{cells}</dl>'
+
+
+def scan_page(scan: ScanResult, run: RunFacts) -> str:
+    """CASE/report.html: verdict, facts, overview, one row per vertebra, what was not assessed."""
+    threshold = run.threshold.value
+    kind, sentence = _verdict(scan, threshold)
+    parts = [
+        '<p><a href="../index.html">← all scans</a></p>',
+        f"<h1>Vertebral fracture report — {_e(scan.case)}</h1>",
+        f'<p class="note">{_e(DISCLAIMER)}</p>',
+        f'<p class="verdict {kind}">{sentence}</p>',
+        _facts(scan, run),
+    ]
+    if scan.ok and scan.overview:
+        parts.append(
+            "<h2>Overview</h2>"
+            '<div class="overview">'
+            f'<img src="{_e(OVERVIEW)}" alt="Sagittal overview of {_e(scan.case)} with each '
+            "vertebra's level and fracture probability\">"
+            '<div class="legend"><p>The sagittal plane through the middle of the spine (bone '
+            "window; head up, the patient's front on the left). Each assessed vertebra is "
+            "tinted by its probability of fracture: <b>blue</b> below the threshold (no "
+            "fracture called), <b>white</b> near it, <b>red</b> above it (fracture suspected, "
+            "marked FRACTURE?). Grey: in the label map but not assessed (reason in the "
+            "label). A vertebra away from the midline (scoliosis) shows its tint only where "
+            f"it lies within {SLAB_MM:.0f} mm of the plane.</p></div></div>"
+        )
+    if scan.ok and scan.vertebrae:
+        rows = []
+        for vertebra in scan.vertebrae:
+            call = (
+                '<span class="flag">fracture suspected</span>'
+                if vertebra.predicted
+                else '<span class="muted">no fracture</span>'
+            )
+            picture = (
+                f'<img src="{_e(vertebra.picture)}" alt="{_e(vertebra.level)}: sagittal frames '
+                'and attention" loading="lazy">'
+                if vertebra.picture
+                else '<span class="muted">(not drawn: --no-attention)</span>'
+            )
+            x, y, z = vertebra.centroid
+            rows.append(
+                f'<tr id="{_e(vertebra.level)}"><td class="vertebra">'
+                f'<div class="level">{_e(vertebra.level)}</div>'
+                f"<div>{_prob_badge(vertebra, threshold)}</div><div>{call}</div>"
+                f'<div class="num">centre (mm)<br>x {x:.1f} (R)<br>y {y:.1f} (A)<br>'
+                f"z {z:.1f} (S)</div></td>"
+                f'<td class="frames">{picture}</td></tr>'
+            )
+        parts.append(
+            "<h2>Vertebrae</h2>"
+            "<p>Per vertebra: the 16 sagittal slices the model sees (6 mm apart, from the "
+            "patient's left to the right, in mm from the vertebra's centre; each 96 mm square, "
+            "the spine's axis vertical, the front on the left; bone window), each with, below "
+            "it, the model's attention (rollout over all layers; bright = the regions its "
+            "decision drew on most). P(fracture) is the mean over "
+            f"{run.multiview} view(s) of the vertebra.</p>"
+            "<table><thead><tr><th>Vertebra</th>"
+            "<th>What the model saw (CT rows) and where it looked (attention rows)</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        )
+    if scan.not_assessed:
+        items = "".join(f"<li><b>{_e(n.level)}</b>: {_e(n.reason)}</li>" for n in scan.not_assessed)
+        parts.append(f"<h2>Not assessed</h2><ul>{items}</ul>")
+    parts.append(_footer(run))
+    return _page(f"{scan.case} — vertebral fracture report", "\n".join(parts))
+
+
+def _footer(run: RunFacts) -> str:
+    commit = f", commit {run.git_commit[:12]}" if run.git_commit else ""
+    return (
+        f"<footer>vctmae {_e(run.versions.get('vctmae', '?'))}{_e(commit)}, torch "
+        f"{_e(run.versions.get('torch', '?'))}, on {_e(run.device)}; run started "
+        f"{_e(run.started)}. {_e(DISCLAIMER)}</footer>"
+    )
+
+
+def index_page(scans: list[ScanResult], run: RunFacts) -> str:
+    """index.html: one row per scan, linking to its page."""
+    threshold = run.threshold.value
+    rows = []
+    for scan in scans:
+        link = f'<a href="{_e(scan.page)}">{_e(scan.case)}</a>' if scan.page else _e(scan.case)
+        if not scan.ok:
+            rows.append(
+                f'<tr><td>{link}</td><td colspan="4" class="flag">failed: {_e(scan.error)}'
+                "</td><td></td></tr>"
+            )
+            continue
+        fractured = (
+            ", ".join(f"{_e(v.level)} ({v.prob_fracture:.2f})" for v in scan.fractured)
+            if scan.fractured
+            else '<span class="muted">none</span>'
+        )
+        highest = max(scan.vertebrae, key=lambda v: v.prob_fracture, default=None)
+        highest_cell = (
+            f"<td>{_prob_badge(highest, threshold, '')} at {_e(highest.level)}</td>"
+            if highest
+            else "<td>—</td>"
+        )
+        skipped = ", ".join(
+            f"{_e(n.level)} ({_e(n.reason.split(':')[0])})" for n in scan.not_assessed
+        )
+        thumb = (
+            f'<a href="{_e(scan.page)}"><img class="thumb" src="{_e(scan.overview)}" '
+            f'alt="overview of {_e(scan.case)}" loading="lazy"></a>'
+            if scan.overview
+            else ""
+        )
+        rows.append(
+            f"<tr><td>{link}</td><td>{len(scan.vertebrae)} ({_e(_levels_text(scan.vertebrae))})"
+            f'</td><td class="{"flag" if scan.fractured else ""}">{fractured}</td>'
+            f'{highest_cell}<td class="muted">{skipped or "—"}</td><td>{thumb}</td></tr>'
+        )
+    failed = sum(not scan.ok for scan in scans)
+    suspected = sum(bool(scan.fractured) for scan in scans)
+    body = "\n".join(
+        [
+            "<h1>Vertebral fracture reports</h1>",
+            f'<p class="note">{_e(DISCLAIMER)}</p>',
+            f'<p class="verdict">{len(scans)} scan(s): fracture suspected in {suspected}, '
+            f"failed {failed}. Threshold {threshold:.4f} — {_e(run.threshold.detail)}.</p>",
+            "<table><thead><tr><th>Scan</th><th>Vertebrae assessed</th>"
+            "<th>Fracture suspected at (P)</th><th>Highest P</th><th>Not assessed</th>"
+            "<th>Overview</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
+            f'<p>Per-vertebra numbers: <a href="{PREDICTIONS}">{PREDICTIONS}</a>; the run: '
+            f'<a href="{SUMMARY}">{SUMMARY}</a>.</p>',
+            _footer(run),
+        ]
+    )
+    return _page("Vertebral fracture reports", body)

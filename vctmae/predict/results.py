@@ -1,0 +1,121 @@
+"""What `vctmae predict` found, as typed records: one per vertebra, one per scan, the threshold.
+
+These travel from the run (`vctmae.predict.run`) to the report writers
+(`vctmae.predict.report`) and into `summary.json` (`to_json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vctmae.ingest.assemble import sample_key
+
+
+def case_folder(case_id: str) -> str:
+    """The report folder of a case: its id as crop keys spell it (`sample_key`: every
+    character outside [A-Za-z0-9_-] becomes "-"), so `CASE/` and the keys `CASE_L1` agree."""
+    return sample_key(case_id, "").removesuffix("_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Threshold:
+    """The decision threshold of a run and where it came from."""
+
+    value: float
+    source: str  # "--threshold" | "validation" | "default"
+    detail: str  # one sentence for the report, e.g. "validation-optimal F1 (epoch 7, F1 0.81)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "source": self.source, "detail": self.detail}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VertebraResult:
+    """One assessed vertebra."""
+
+    key: str  # `{case}_{level}`, the key ingest gives its crop
+    level: str
+    prob_fracture: float  # multi-view mean of the softmax probability of "fracture"
+    predicted: bool  # prob_fracture >= the run's threshold
+    centroid: tuple[float, float, float]  # world mm, RAS+ (NIfTI convention)
+    tangent: tuple[float, float, float]  # the crop's superior → inferior axis, RAS+
+    inside_fraction: float  # of the crop lying inside the scan
+    # The vertebra mask's box in crop indices, half-open (x0, x1, y0, y1, z0, z1).
+    bbox: tuple[int, int, int, int, int, int]
+    picture: str | None = None  # frames + attention PNG, relative to the case folder
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "level": self.level,
+            "prob_fracture": self.prob_fracture,
+            "predicted": int(self.predicted),
+            "centroid_mm": list(self.centroid),
+            "tangent": list(self.tangent),
+            "inside_fraction": self.inside_fraction,
+            "bbox": list(self.bbox),
+            "picture": self.picture,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotAssessed:
+    """A vertebra of the label map without a prediction, and why (ingest's skip reason)."""
+
+    level: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"level": self.level, "reason": self.reason}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanResult:
+    """One scan: its vertebrae, or why it failed; timings in seconds by stage."""
+
+    case: str
+    folder: str  # `case_folder(case)`: CASE/ under --out
+    ct: str
+    seg: str  # the label map used ("" when the scan failed before one was found)
+    status: str  # "ok" | "failed"
+    error: str | None = None  # the one-line reason, when failed
+    segmented: bool = False  # the label map was made by TotalSegmentator
+    series: str | None = None
+    source_orientation: str | None = None
+    source_spacing: tuple[float, float, float] | None = None
+    scheme: str | None = None
+    vertebrae: tuple[VertebraResult, ...] = ()
+    not_assessed: tuple[NotAssessed, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+    page: str | None = None  # CASE/report.html, relative to --out
+    overview: str | None = None  # the overview picture, relative to --out
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def fractured(self) -> tuple[VertebraResult, ...]:
+        return tuple(v for v in self.vertebrae if v.predicted)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case": self.case,
+            "folder": self.folder,
+            "status": self.status,
+            "error": self.error,
+            "ct": self.ct,
+            "seg": self.seg,
+            "segmented": self.segmented,
+            "series": self.series,
+            "source_orientation": self.source_orientation,
+            "source_spacing_mm": list(self.source_spacing) if self.source_spacing else None,
+            "label_scheme": self.scheme,
+            "vertebrae_assessed": len(self.vertebrae),
+            "fractured_levels": [v.level for v in self.fractured],
+            "vertebrae": [v.to_json() for v in self.vertebrae],
+            "not_assessed": [v.to_json() for v in self.not_assessed],
+            "timings_s": {k: round(v, 3) for k, v in self.seconds.items()},
+            "page": self.page,
+        }
