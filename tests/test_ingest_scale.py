@@ -338,8 +338,20 @@ def test_verse_rawdata_and_derivatives_are_paired_without_a_pairs_file(real_ct_d
 # --- issue 12 item 3: --segment ------------------------------------------------------------------
 
 
-def fake_totalsegmentator(folder: Path, body: str) -> Path:
-    """A `totalsegmentator` package whose `python_api.totalsegmentator` runs `body`."""
+TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")
+
+
+def use_totalsegmentator(monkeypatch, body: str | None, folder: Path | None = None) -> None:
+    """For one test: TotalSegmentator not installed (`body` None), or a stand-in package in
+    `folder` whose `python_api.totalsegmentator` runs `body`.
+
+    Both module names go back to what they were when the test ends, whatever it imported
+    (a stand-in left in `sys.modules` would answer a later test's import).
+    """
+    for name in TOTALSEG_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # None: "import fails"
+    if body is None:
+        return
     package = folder / "totalsegmentator"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -347,7 +359,9 @@ def fake_totalsegmentator(folder: Path, body: str) -> Path:
         "def totalsegmentator(input, output, ml=False, task='total', roi_subset=None, "
         "fast=False, quiet=False, **options):\n" + textwrap.indent(textwrap.dedent(body), "    ")
     )
-    return folder
+    monkeypatch.syspath_prepend(str(folder))
+    for name in TOTALSEG_MODULES:
+        del sys.modules[name]  # importable now; setitem above restores the original at teardown
 
 
 @pytest.fixture
@@ -358,7 +372,7 @@ def unlabelled(real_ct_dir, tmp_path) -> Path:
 
 
 def test_segment_without_totalsegmentator_says_what_to_install(unlabelled, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # as if not installed
+    use_totalsegmentator(monkeypatch, None)
     out = str(tmp_path / "out")
     result = cli("--src", str(unlabelled), "--out", out)
     assert result.exit_code == 1 and "no label map seg/scan.nii.gz" in result.output
@@ -372,14 +386,12 @@ def test_segment_without_weights_offline_says_to_set_totalseg_home_dir(
     unlabelled, tmp_path, monkeypatch
 ):
     # What the real package's weight download raises without a network: a ConnectionError.
-    fake = fake_totalsegmentator(
-        tmp_path / "fake",
+    use_totalsegmentator(
+        monkeypatch,
         "raise ConnectionError(\"HTTPSConnectionPool(host='github.com', port=443): Max retries\\n"
         " exceeded (Failed to resolve 'github.com')\")\n",
+        tmp_path / "fake",
     )
-    monkeypatch.syspath_prepend(str(fake))
-    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
-    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "weights"))
     out = tmp_path / "out"
     result = cli("--src", str(unlabelled), "--out", str(out), "--segment", "--workers", "1")
@@ -393,17 +405,15 @@ def test_segment_without_weights_offline_says_to_set_totalseg_home_dir(
 def test_segment_uses_the_label_map_totalsegmentator_writes(
     unlabelled, real_ct_dir, tmp_path, monkeypatch
 ):
-    fake = fake_totalsegmentator(
-        tmp_path / "fake",
+    use_totalsegmentator(
+        monkeypatch,
         f"""
         import shutil
         assert ml and task == "total" and "vertebrae_L1" in roi_subset, (ml, task, roi_subset)
         shutil.copyfile({str(real_ct_dir / "seg.nii.gz")!r}, output)
         """,
+        tmp_path / "fake",
     )
-    monkeypatch.syspath_prepend(str(fake))
-    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
-    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
     out = tmp_path / "out"
     report = run_ingest(IngestConfig(src=unlabelled, out=out, segment=True), progress=False)
     assert report["cases_ok"] == 1 and report["vertebrae_written"] == 1

@@ -4,7 +4,7 @@ The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
 probabilities), not that it diagnoses well. Phantoms come from
 `vctmae.ingest.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
-the TotalSegmentator stand-in from `test_ingest_scale.fake_totalsegmentator`.
+the TotalSegmentator stand-in from `test_ingest_scale.use_totalsegmentator`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 from sklearn import metrics as sk
 from test_dicom import write_series
-from test_ingest_scale import fake_totalsegmentator
+from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL, TEST_RUN, write_split
 from typer.testing import CliRunner
 
@@ -551,7 +550,7 @@ def test_usage_errors_are_one_line_before_any_work(raw, checkpoint, tmp_path):
 def test_segment_without_totalsegmentator_says_what_to_install(
     raw, checkpoint, tmp_path, monkeypatch
 ):
-    monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # as if not installed
+    use_totalsegmentator(monkeypatch, None)
     result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--segment", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
     assert result.exit_code == 1, result.output
@@ -563,13 +562,11 @@ def test_segment_without_totalsegmentator_says_what_to_install(
 def test_segment_without_weights_says_to_set_totalseg_home_dir(
     raw, checkpoint, tmp_path, monkeypatch
 ):
-    fake = fake_totalsegmentator(
-        tmp_path / "fake",
+    use_totalsegmentator(
+        monkeypatch,
         "raise ConnectionError(\"Max retries exceeded (Failed to resolve 'github.com')\")\n",
+        tmp_path / "fake",
     )
-    monkeypatch.syspath_prepend(str(fake))
-    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
-    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "weights"))
     result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--segment", "--out", str(tmp_path / "out"), "--device", "cpu")  # fmt: skip
@@ -583,18 +580,16 @@ def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
     real_ct_dir, checkpoint, tmp_path, monkeypatch
 ):
     calls = tmp_path / "calls.txt"
-    fake = fake_totalsegmentator(
-        tmp_path / "fake",
+    use_totalsegmentator(
+        monkeypatch,
         f"""
         import shutil
         assert ml and task == "total" and "vertebrae_L1" in roi_subset
         open({str(calls)!r}, "a").write(input + "\\n")
         shutil.copyfile({str(real_ct_dir / "seg.nii.gz")!r}, output)
         """,
+        tmp_path / "fake",
     )
-    monkeypatch.syspath_prepend(str(fake))
-    monkeypatch.delitem(sys.modules, "totalsegmentator", raising=False)
-    monkeypatch.delitem(sys.modules, "totalsegmentator.python_api", raising=False)
     ct = real_ct_dir / "ct.nii.gz"
     made = run_predict(config(checkpoint, tmp_path / "made", ct=ct, segment=True))
     run_predict(config(checkpoint, tmp_path / "given", ct=ct, seg=real_ct_dir / "seg.nii.gz"))

@@ -66,6 +66,7 @@ from vctmae.ingest.records import (
 )
 from vctmae.ingest.segment import require_segmenter
 from vctmae.ingest.writers import parse_size
+from vctmae.progress import error_line, progress_bar
 
 REPORT = "ingest-report.json"
 # Finished cases that may wait in memory, crops included, for an earlier case to finish.
@@ -182,37 +183,8 @@ def output_lock(out: Path):
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------
-# Progress display.
-
-
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
-def _error_line(progress, line: str) -> None:
-    progress.console.print(
-        f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True
-    )
+    return progress_bar("{task.description:<8}", "{task.fields[rate]}", enabled=enabled)
 
 
 # ---------------------------------------------------------------------------
@@ -332,7 +304,7 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
     if not jobs:
         with _progress(progress) as bar:
             for item in bad:
-                _error_line(bar, item.line())
+                error_line(bar, item.line())
             result = _assemble_finished(
                 [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
             )
@@ -348,7 +320,7 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
         try:
             with _progress(progress) as bar:
                 for item in bad:
-                    _error_line(bar, item.line())
+                    error_line(bar, item.line())
                 result, seconds = _extract_and_assemble(
                     jobs, resumed, records, executor, settings, config.force, bar
                 )
@@ -383,7 +355,7 @@ def _extract_and_assemble(
     assembly = Assembly(
         **settings,
         write=True,
-        report=lambda line: _error_line(bar, line),
+        report=lambda line: error_line(bar, line),
         advance=lambda samples: bar.advance(assemble_task, samples),
     )
     order = _Order(assembly=assembly, records=records)
@@ -397,7 +369,7 @@ def _extract_and_assemble(
         record = extracted.record
         crops += len(record.crops)
         if not record.ok:
-            _error_line(bar, record.error)
+            error_line(bar, record.error)
         elapsed = time.perf_counter() - started
         bar.update(extract_task, advance=1, rate=f"{crops / max(elapsed, 1e-9):.1f} crops/s")
         order.put(extracted.index, record, extracted.crops)
@@ -434,14 +406,14 @@ def _assemble_finished(
     ):
         for failure in planned.failed:
             if failure["stage"] in ("labels", "keys"):
-                _error_line(bar, failure["reason"])
+                error_line(bar, failure["reason"])
         planned.shards, planned.assembly = published.get("shards", []), "up to date"
         return planned
     task = bar.add_task("assemble", total=planned.samples, rate="")
     assembly = Assembly(
         **settings,
         write=True,
-        report=lambda line: _error_line(bar, line),
+        report=lambda line: error_line(bar, line),
         advance=lambda samples: bar.advance(task, samples),
     )
     try:
@@ -593,10 +565,10 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
     )
     with _progress(progress) as bar:
         for item in bad:
-            _error_line(bar, item.line())
+            error_line(bar, item.line())
         for record, _ in entries:
             if not record.ok:
-                _error_line(bar, record.error)
+                error_line(bar, record.error)
         result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
     report = _report(

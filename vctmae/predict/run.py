@@ -52,6 +52,7 @@ from vctmae.predict.results import (
     VertebraResult,
     case_folder,
 )
+from vctmae.progress import error_line, progress_bar
 
 SEGMENTATION = "vertebrae-totalseg.nii.gz"  # in CASE/: the label map --segment made
 # The view whose frames and attention the report draws: the middle one (--multiview 1's).
@@ -305,33 +306,7 @@ def predict_scan(
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("predict"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("scans"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[scan]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
-def _error_line(progress, line: str) -> None:
-    progress.console.print(
-        f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True
-    )
+    return progress_bar("predict", "scans", "{task.fields[scan]}", enabled=enabled)
 
 
 def run_predict(config: PredictConfig) -> PredictResult:
@@ -368,7 +343,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     with _progress(config.progress) as bar:
         task = bar.add_task("predict", total=len(cases) + len(bad), scan="")
         for item in bad:
-            _error_line(bar, item.line())
+            error_line(bar, item.line())
             scans.append(
                 report.write_scan(_failed(item, item.line(), {}), None, [], config.out, run)
             )
@@ -381,7 +356,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
                     f"{case.ct_name}: case id {case.case!r} gives the report folder {folder}/, "
                     f"as {folders[folder]!r} does; rename one of them"
                 )
-                _error_line(bar, line)
+                error_line(bar, line)
                 # No page: the folder is the other case's.
                 scans.append(_failed(case, line, {}))
                 bar.advance(task)
@@ -390,7 +365,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             started = time.perf_counter()
             scan, volumes, attention = predict_scan(case, config, predictor, threshold)
             if not scan.ok:
-                _error_line(bar, scan.error)
+                error_line(bar, scan.error)
             report_started = time.perf_counter()
             scan = report.write_scan(scan, volumes, attention, config.out, run)
             finished = time.perf_counter()
