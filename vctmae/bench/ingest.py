@@ -44,11 +44,8 @@ import numpy as np
 from scipy import ndimage
 
 from vctmae.bench.report import Result, write_report
-from vctmae.ingest import geometry
+from vctmae.ingest import geometry, sampling
 from vctmae.ingest.geometry import (
-    AIR_HU,
-    INT16_MAX,
-    INT16_MIN,
     LARGEST_VERTEBRA_VALUE,
     SAMPLING_ORIENTATION,
     SCHEMES,
@@ -59,6 +56,7 @@ from vctmae.ingest.geometry import (
     VertebraCrop,
 )
 from vctmae.ingest.nifti import Volume, check_same_grid, reorient
+from vctmae.ingest.sampling import AIR_HU, INT16_MAX, INT16_MIN
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PAPER_CASES = 3446
@@ -114,7 +112,7 @@ def _old_cut(ct: Volume, labels: Volume, vertebra, tangent, config: GeometryConf
     to_voxel = np.linalg.inv(ct.affine) @ geometry.crop_affine(
         vertebra.centroid_world, tangent, config.spacing, config.size
     )
-    coords = geometry._crop_coordinates(to_voxel, config)
+    coords = sampling.crop_coordinates(to_voxel, config.size)
     shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
     inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
     hu = ndimage.map_coordinates(ct.data, coords, order=1, mode="nearest", output=np.float32)

@@ -3,7 +3,7 @@
 Everything happens in world coordinates (NIfTI RAS+ mm: +x towards the
 patient's Right, +y Anterior, +z Superior), so the result does not depend on
 how a file stores its axes. Each crop is sampled directly from the source
-voxels on a grid defined in world mm (`scipy.ndimage.map_coordinates`): the
+voxels on a grid defined in world mm (`vctmae.ingest.sampling`): the
 isotropic resampling, the rotation that aligns the crop with the spine and the
 cropping are one step, and memory stays flat however large the scan is.
 
@@ -12,11 +12,11 @@ the CT is sampled in its stored dtype (int16, usually), and scl_slope/scl_inter
 are applied to the interpolated values — linear interpolation commutes with
 them; the label map is read once as stored, its voxel counts and bounding boxes
 taken in memory order. Both are seen along the crop's own axis order
-(`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop copies
-only the small block of source voxels it reads into that order before
-sampling, so the arithmetic — and every crop byte — is what sampling a fully
-reoriented float copy gave (`vctmae.bench.ingest` keeps that old chain as its
-baseline; the tests compare the two).
+(`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
+is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
+one compiled loop), so every crop byte is what sampling a fully reoriented
+float copy gave (`vctmae.bench.ingest` keeps that old chain as its baseline;
+the tests compare the two).
 
 Video order of a crop (SPEC §2):
     axis 0 = patient's left → right   (world +x)
@@ -77,10 +77,9 @@ from vctmae.errors import UsageError
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
 from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
+from vctmae.ingest.sampling import sample_ct, sample_labels
 from vctmae.ingest.source import read_ct, read_label_map
 
-AIR_HU = -1024
-INT16_MIN, INT16_MAX = -32768, 32767
 ALIGNMENTS = ("auto", "spline", "axis")
 LABEL_SCHEMES = ("auto", *SCHEMES)
 SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
@@ -438,22 +437,6 @@ def crop_affine(centroid_world, tangent, spacing: float, size: int) -> np.ndarra
     return affine
 
 
-def _crop_coordinates(to_voxel: np.ndarray, config: GeometryConfig) -> np.ndarray:
-    """Source voxel coordinates (3, size, size, size) of every crop voxel."""
-    linear, offset = to_voxel[:3, :3], to_voxel[:3, 3]
-    index = np.arange(config.size, dtype=np.float64)
-    # coords[c] = offset[c] + Σ_k linear[c, k] · index_k, built by broadcasting.
-    coords = np.empty((3, config.size, config.size, config.size), dtype=np.float64)
-    for c in range(3):
-        coords[c] = (
-            offset[c]
-            + linear[c, 0] * index[:, None, None]
-            + linear[c, 1] * index[None, :, None]
-            + linear[c, 2] * index[None, None, :]
-        )
-    return coords
-
-
 def _mask_window(
     box: tuple[slice, slice, slice], to_voxel: np.ndarray, size: int
 ) -> tuple[slice, slice, slice]:
@@ -481,45 +464,6 @@ def _mask_bbox(
     return (a.start, a.stop, b.start, b.stop, c.start, c.stop)
 
 
-def _source_block(
-    coords: np.ndarray, shape: tuple[int, ...], reach: int
-) -> tuple[tuple[slice, ...], np.ndarray]:
-    """The block of source voxels that sampling at `coords` (3, …) reads, and its first index.
-
-    Linear interpolation reads index ⌊c⌋ and ⌊c⌋ + 1 (`reach` = 2), nearest-neighbour
-    ⌊c + ½⌋ (`reach` = 2 covers it too); coordinates outside the volume are clamped to
-    its border voxels ('nearest' mode), which the block then includes. Shifting the
-    coordinates by the block's first index is exact in floating point (an integer no
-    larger than the coordinate), so sampling the block gives the bits sampling the whole
-    volume gave.
-    """
-    low = np.floor(coords.reshape(3, -1).min(axis=1)).astype(np.int64)
-    high = np.floor(coords.reshape(3, -1).max(axis=1)).astype(np.int64) + reach
-    first = np.clip(low, 0, np.array(shape) - 1)
-    last = np.clip(high, first + 1, np.array(shape))
-    return tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True)), first
-
-
-def _sample(
-    volume: Volume, coords: np.ndarray, *, order: int, output, in_place: bool = False
-) -> np.ndarray:
-    """`map_coordinates` of `volume.data` at `coords`, reading only the block it needs.
-
-    `in_place`: shift `coords` themselves to the block (they are not needed afterwards).
-    """
-    block, first = _source_block(coords, volume.data.shape, reach=2)
-    # Into the sampling order (C-contiguous), as the whole reoriented volume once was: first
-    # a copy in the stored memory order (long runs), then the small block is reordered —
-    # twice as fast as gathering it across the large volume in sampling order.
-    voxels = np.ascontiguousarray(np.array(volume.data[block], order="K"))
-    shift = first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
-    if in_place:
-        coords -= shift
-    else:
-        coords = coords - shift
-    return ndimage.map_coordinates(voxels, coords, order=order, mode="nearest", output=output)
-
-
 def cut_crop(
     ct: Volume, labels: Volume, vertebra: _Vertebra, tangent: np.ndarray, config: GeometryConfig
 ) -> VertebraCrop:
@@ -534,24 +478,11 @@ def cut_crop(
     to_voxel = np.linalg.inv(ct.affine) @ crop_affine(
         vertebra.centroid_world, tangent, config.spacing, config.size
     )
-    coords = _crop_coordinates(to_voxel, config)
-    shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
-    # A voxel is inside the scan when it falls within the source voxels' extent.
-    inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
+    array, inside = sample_ct(
+        ct.data, to_voxel, config.size, ct.slope, ct.intercept, scaled=ct.scaled
+    )
     window = _mask_window(vertebra.box, to_voxel, config.size)
-    window_coords = coords[(slice(None), *window)]
-    if window_coords.size:
-        label = _sample(labels, window_coords, order=0, output=labels.data.dtype)
-    else:
-        label = np.zeros(window_coords.shape[1:], dtype=labels.data.dtype)
-    # The labels are sampled: the CT may shift the coordinates themselves.
-    if ct.scaled:
-        raw = _sample(ct, coords, order=1, output=np.float64, in_place=True)
-        hu = (raw * ct.slope + ct.intercept).astype(np.float32)
-    else:
-        hu = _sample(ct, coords, order=1, output=np.float32, in_place=True)
-    hu[~inside] = AIR_HU
-    array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
+    label = sample_labels(labels.data, to_voxel, config.size, window)
     mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,

@@ -1,0 +1,204 @@
+"""Sampling one crop from the source voxels: CT trilinear, labels nearest-neighbour.
+
+A crop voxel (i, j, k) reads the source at coordinates
+    c = to_voxel[:3, 3] + to_voxel[:3, 0]·i + to_voxel[:3, 1]·j + to_voxel[:3, 2]·k
+(`to_voxel`: crop index → source voxel index, the composed affine of `geometry.cut_crop`).
+
+The rule is `scipy.ndimage.map_coordinates(…, order=1 or 0, mode="nearest")` at those
+coordinates, and that is the reference (`reference_ct`, `reference_labels`; also what runs
+where numba is missing). The default path computes the same numbers voxel by voxel in one
+compiled loop (numba), without the (3, 96, 96, 96) coordinate array, the block copy and
+the float temporaries, and 2–3× faster per crop. It reproduces scipy's arithmetic
+operation for operation, so the crops are bit-identical (tested):
+- coordinates summed left to right, as numpy broadcasting sums them;
+- linear weights as scipy's spline weights of order 1: w0 = 1 − (c − ⌊c⌋), w1 = 1 − w0;
+- the 8 neighbours in C order (last axis fastest), each value times w_axis0 · w_axis1 ·
+  w_axis2 in that order, added to a running sum from 0.0; indices outside the volume are
+  clamped to its border ("nearest"); nearest-neighbour reads index ⌊c + ½⌋;
+- then as `cut_crop` did: scaled sources (slope, intercept) scaled in float64 and cast to
+  float32 (unscaled: the float64 sum cast to float32), voxels outside the scan (a
+  coordinate beyond the source voxels' extent by more than half a voxel) set to −1024 HU,
+  rounded half to even, clipped to int16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+try:
+    import numba
+except ImportError:  # a core dependency; without it the reference path is used (slower)
+    numba = None
+
+# Crop voxels outside the scan: air.
+AIR_HU = -1024
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+def crop_coordinates(to_voxel: np.ndarray, size: int) -> np.ndarray:
+    """Source voxel coordinates (3, size, size, size) of every crop voxel (the reference's)."""
+    linear, offset = to_voxel[:3, :3], to_voxel[:3, 3]
+    index = np.arange(size, dtype=np.float64)
+    coords = np.empty((3, size, size, size), dtype=np.float64)
+    for c in range(3):
+        coords[c] = (
+            offset[c]
+            + linear[c, 0] * index[:, None, None]
+            + linear[c, 1] * index[None, :, None]
+            + linear[c, 2] * index[None, None, :]
+        )
+    return coords
+
+
+def _inside(coords: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Crop voxels within the source voxels' extent (half a voxel beyond the outer centres)."""
+    extent = np.array(shape, dtype=np.float64).reshape(3, *([1] * (coords.ndim - 1)))
+    return np.all((coords >= -0.5) & (coords <= extent - 0.5), axis=0)
+
+
+def _block(coords: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The block of source voxels sampling at `coords` reads (⌊c⌋ and ⌊c⌋ + 1, clamped) and
+    its first index; shifting coordinates by an integer no larger than them is exact."""
+    low = np.floor(coords.reshape(3, -1).min(axis=1)).astype(np.int64)
+    high = np.floor(coords.reshape(3, -1).max(axis=1)).astype(np.int64) + 2
+    first = np.clip(low, 0, np.array(shape) - 1)
+    last = np.clip(high, first + 1, np.array(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True)), first
+
+
+def _map(data: np.ndarray, coords: np.ndarray, order: int, output) -> np.ndarray:
+    """`map_coordinates` of `data` at `coords`, on the small block they read (same bits)."""
+    block, first = _block(coords, data.shape)
+    # A copy in stored order first (long runs), then into C order: faster than gathering the
+    # block across the large volume in sampling order.
+    voxels = np.ascontiguousarray(np.array(data[block], order="K"))
+    shifted = coords - first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
+    return ndimage.map_coordinates(voxels, shifted, order=order, mode="nearest", output=output)
+
+
+def reference_ct(
+    data: np.ndarray, to_voxel: np.ndarray, size: int, slope: float, intercept: float, scaled: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CT crop (int16, HU) and its inside-the-scan mask, through scipy."""
+    coords = crop_coordinates(to_voxel, size)
+    inside = _inside(coords, data.shape)
+    if scaled:
+        hu = (_map(data, coords, 1, np.float64) * slope + intercept).astype(np.float32)
+    else:
+        hu = _map(data, coords, 1, np.float32)
+    hu[~inside] = AIR_HU
+    return np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16), inside
+
+
+def reference_labels(
+    data: np.ndarray, to_voxel: np.ndarray, size: int, window: tuple[slice, slice, slice]
+) -> np.ndarray:
+    """The label values at the crop voxels of `window` (nearest neighbour), through scipy."""
+    coords = crop_coordinates(to_voxel, size)[(slice(None), *window)]
+    if not coords[0].size:
+        return np.zeros(coords.shape[1:], dtype=data.dtype)
+    return _map(data, coords, 0, data.dtype)
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True)
+    def _ct_kernel(data, to_voxel, scaled, slope, intercept, out, inside):
+        nx, ny, nz = data.shape
+        size = out.shape[0]
+        m = to_voxel
+        for i in range(size):
+            for j in range(size):
+                for k in range(size):
+                    fi, fj, fk = float(i), float(j), float(k)
+                    c0 = m[0, 3] + m[0, 0] * fi
+                    c0 = c0 + m[0, 1] * fj
+                    c0 = c0 + m[0, 2] * fk
+                    c1 = m[1, 3] + m[1, 0] * fi
+                    c1 = c1 + m[1, 1] * fj
+                    c1 = c1 + m[1, 2] * fk
+                    c2 = m[2, 3] + m[2, 0] * fi
+                    c2 = c2 + m[2, 1] * fj
+                    c2 = c2 + m[2, 2] * fk
+                    within = (
+                        -0.5 <= c0 <= nx - 0.5 and -0.5 <= c1 <= ny - 0.5 and -0.5 <= c2 <= nz - 0.5
+                    )
+                    f0, f1, f2 = np.floor(c0), np.floor(c1), np.floor(c2)
+                    w00 = 1.0 - (c0 - f0)
+                    w01 = 1.0 - w00
+                    w10 = 1.0 - (c1 - f1)
+                    w11 = 1.0 - w10
+                    w20 = 1.0 - (c2 - f2)
+                    w21 = 1.0 - w20
+                    a0, a1, a2 = int(f0), int(f1), int(f2)
+                    x0, x1 = min(max(a0, 0), nx - 1), min(max(a0 + 1, 0), nx - 1)
+                    y0, y1 = min(max(a1, 0), ny - 1), min(max(a1 + 1, 0), ny - 1)
+                    z0, z1 = min(max(a2, 0), nz - 1), min(max(a2 + 1, 0), nz - 1)
+                    t = 0.0
+                    t += float(data[x0, y0, z0]) * w00 * w10 * w20
+                    t += float(data[x0, y0, z1]) * w00 * w10 * w21
+                    t += float(data[x0, y1, z0]) * w00 * w11 * w20
+                    t += float(data[x0, y1, z1]) * w00 * w11 * w21
+                    t += float(data[x1, y0, z0]) * w01 * w10 * w20
+                    t += float(data[x1, y0, z1]) * w01 * w10 * w21
+                    t += float(data[x1, y1, z0]) * w01 * w11 * w20
+                    t += float(data[x1, y1, z1]) * w01 * w11 * w21
+                    if scaled:
+                        value = np.float32(t * slope + intercept)
+                    else:
+                        value = np.float32(t)
+                    if not within:
+                        value = np.float32(AIR_HU)
+                    value = np.rint(value)
+                    value = min(max(value, np.float32(INT16_MIN)), np.float32(INT16_MAX))
+                    out[i, j, k] = np.int16(value)
+                    inside[i, j, k] = within
+
+    @numba.njit(cache=True, nogil=True)
+    def _label_kernel(data, to_voxel, start, out):
+        nx, ny, nz = data.shape
+        m = to_voxel
+        for di in range(out.shape[0]):
+            for dj in range(out.shape[1]):
+                for dk in range(out.shape[2]):
+                    fi, fj, fk = float(start[0] + di), float(start[1] + dj), float(start[2] + dk)
+                    c0 = m[0, 3] + m[0, 0] * fi
+                    c0 = c0 + m[0, 1] * fj
+                    c0 = c0 + m[0, 2] * fk
+                    c1 = m[1, 3] + m[1, 0] * fi
+                    c1 = c1 + m[1, 1] * fj
+                    c1 = c1 + m[1, 2] * fk
+                    c2 = m[2, 3] + m[2, 0] * fi
+                    c2 = c2 + m[2, 1] * fj
+                    c2 = c2 + m[2, 2] * fk
+                    x = min(max(int(np.floor(c0 + 0.5)), 0), nx - 1)
+                    y = min(max(int(np.floor(c1 + 0.5)), 0), ny - 1)
+                    z = min(max(int(np.floor(c2 + 0.5)), 0), nz - 1)
+                    out[di, dj, dk] = data[x, y, z]
+
+
+def sample_ct(
+    data: np.ndarray, to_voxel: np.ndarray, size: int, slope: float, intercept: float, scaled: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CT crop (int16, HU, size³) and its inside-the-scan mask (bool, size³)."""
+    if numba is None:
+        return reference_ct(data, to_voxel, size, slope, intercept, scaled)
+    out = np.empty((size, size, size), dtype=np.int16)
+    inside = np.empty((size, size, size), dtype=np.bool_)
+    matrix = np.ascontiguousarray(to_voxel, dtype=np.float64)
+    _ct_kernel(data, matrix, bool(scaled), float(slope), float(intercept), out, inside)
+    return out, inside
+
+
+def sample_labels(
+    data: np.ndarray, to_voxel: np.ndarray, size: int, window: tuple[slice, slice, slice]
+) -> np.ndarray:
+    """The label values at the crop voxels of `window` (nearest neighbour)."""
+    if numba is None:
+        return reference_labels(data, to_voxel, size, window)
+    out = np.empty(tuple(w.stop - w.start for w in window), dtype=data.dtype)
+    if out.size:
+        start = np.array([w.start for w in window], dtype=np.int64)
+        _label_kernel(data, np.ascontiguousarray(to_voxel, dtype=np.float64), start, out)
+    return out
