@@ -23,6 +23,17 @@ import torch
 from vctmae.train.config import ExplainConfig
 
 
+def refuse_volume(model: Any, who: str) -> None:
+    """The pictures here are drawn over a video model's 16 frames; a 3-D model has none."""
+    if model.volume:
+        from vctmae.errors import UsageError
+
+        raise UsageError(
+            f"{who}: attention pictures are drawn over a video model's 16 frames; this is "
+            f"{model.describe()} (in predict, pass --no-attention)"
+        )
+
+
 def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
     """Attention rollout of one sample: maps are per layer (heads, N, N) → (N, N)."""
     tokens = maps[0].shape[-1]
@@ -146,6 +157,7 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
     from vctmae.model.checkpoint import load_classifier
 
     model = load_classifier(config.checkpoint)
+    refuse_volume(model.config, str(config.checkpoint))
     if not Path(config.zarr).exists():
         raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
     store = ZarrCrops(config.zarr)
