@@ -272,8 +272,9 @@ def test_the_three_commands_run_and_eval_is_one_view(shards, small_mae3d, tmp_pa
     probs = {}
     for views in (6, 1):
         out = tmp_path / f"eval{views}"
-        result = cli("eval", "--checkpoint", best, "--shards", *shards["val"], "--multiview",
-                     views, "--workers", 0, "--device", "cpu", "--no-progress", "--out", out)  # fmt: skip
+        result = cli("eval", "--checkpoint", best, "--shards", *shards["val"],
+                     "--multiview", views, "--workers", 0, "--device", "cpu", "--no-progress",
+                     "--out", out)  # fmt: skip
         assert result.exit_code == 0, result.output
         probs[views] = (out / "predictions.csv").read_text()
     assert probs[6] == probs[1]
@@ -346,3 +347,20 @@ def test_the_3d_model_keeps_its_torch_patch_embedding():
     assert model.patch_embed is embed
     with pytest.raises(UsageError, match="--patch-embed triton"):
         install_patch_embed(model, "triton", torch.device("cuda"))
+
+
+def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
+    from vctmae.ingest.synth import write_phantoms
+    from vctmae.predict import PredictConfig, run_predict
+
+    write_phantoms(tmp_path / "raw", cases=1, seed=3)
+    torch.manual_seed(4)
+    weights = save_model(build_classifier("mae3d-tiny", **SMALL_MODEL), tmp_path / "c.safetensors")
+    base = dict(checkpoint=weights, src=tmp_path / "raw", device="cpu", progress=False)
+    with pytest.raises(UsageError, match=r"c\.safetensors: attention pictures .*--no-attention"):
+        run_predict(PredictConfig(out=tmp_path / "refused", **base))
+    assert not (tmp_path / "refused").exists()
+    result = run_predict(PredictConfig(out=tmp_path / "report", attention=False, **base))
+    [scan] = result.scans
+    probs = [v.prob_fracture for v in scan.vertebrae]
+    assert scan.ok and probs and all(0.0 < p < 1.0 for p in probs)
