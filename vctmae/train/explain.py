@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vctmae.model.config import ModelConfig
 from vctmae.train.config import ExplainConfig
 
 
-def refuse_volume(model: Any, who: str) -> None:
+def refuse_volume(model: ModelConfig, who: str) -> None:
     """The pictures here are drawn over a video model's 16 frames; a 3-D model has none."""
     if model.volume:
         from vctmae.errors import UsageError

@@ -140,7 +140,7 @@ def write_preview(
 
     was_training = model.training
     model.eval()
-    # The middle view, as --multiview 1.
+    # The middle view, as --multiview 1 (a 3-D model reads the whole crop and ignores it).
     frames = offset_frames(torch.tensor(multiview_offsets(1), device=crop.device))
     tokens = model.config.num_tokens
     noise = torch.rand(1, tokens, generator=torch.Generator().manual_seed(seed)).to(crop.device)
