@@ -364,3 +364,24 @@ def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
     [scan] = result.scans
     probs = [v.prob_fracture for v in scan.vertebrae]
     assert scan.ok and probs and all(0.0 < p < 1.0 for p in probs)
+
+
+def test_the_preview_follows_the_models_token_grid(tmp_path):
+    """One picture column per token layer: the 3-D model's six, a 224² video model's 8 × 14 × 14
+    grid (a fixed 8 × 6 × 6 grid could not draw Table 2 row 5's previews)."""
+    from PIL import Image
+
+    from vctmae.train.pretrain import write_preview
+
+    crop = random_crops(1, seed=9)
+    sizes = {}
+    for name, model in {
+        "mae3d": build_mae("mae3d-tiny", **SMALL_MODEL),
+        "video224": build_mae("tiny", **SMALL_MODEL, img=224),
+    }.items():
+        path = write_preview(
+            model, crop, tmp_path / f"{name}.png", mask_ratio=0.75, seed=0, title=name
+        )
+        sizes[name] = Image.open(path).size
+    # Columns are 1.6 inches wide at 80 dpi: 6 for the 3-D model, 8 for the video model.
+    assert sizes["mae3d"][0] == round(1.6 * 6 * 80) and sizes["video224"][0] == round(1.6 * 8 * 80)
