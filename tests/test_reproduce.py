@@ -3,9 +3,10 @@
 The commands run through the command line in this process (as `vctmae …` would), on tiny
 synthetic phantoms, with a few options appended to each to make it a one-epoch smoke run of
 the shrunken `tiny` model on the CPU (the document's own flags come first, so a flag it sets
-is still set: these only add sizes and speed settings it does not name). The Kinetics-700
-file is a random-initialised stand-in in mae_st's PySlowFast layout, 224² (14 × 14 positions),
-written here.
+is still set: these only add sizes and speed settings it does not name). A command that names
+a 3-D preset (`--model mae3d-…`, Table 3's 3D MAE rows) runs the shrunken `mae3d-tiny`
+instead. The Kinetics-700 file is a random-initialised stand-in in mae_st's PySlowFast layout,
+224² (14 × 14 positions), written here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_model_reference import mae_st_state, to_pyslowfast  # noqa: E402
 from test_train_faults import cli, shrink  # noqa: E402
 
+from vctmae.train.runlog import read_log  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reproduce.md"
 
@@ -35,6 +38,29 @@ SMOKE = {
                  "--workers", "0", "--device", "cpu", "--no-progress"],
     "eval": ["--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress"],
 }  # fmt: skip
+
+
+def smoke_command(command: list[str]) -> list[str]:
+    """The arguments a document command runs with here: its own, then `SMOKE`'s; a 3-D preset
+    (`--model mae3d-…`) becomes the shrunken `mae3d-tiny`, a video one stays `tiny`."""
+    args, smoke = list(command[1:]), list(SMOKE[command[1]])
+    if "--model" in args:
+        at = args.index("--model") + 1
+        assert args[at].startswith("mae3d-"), args  # the document names only the 3-D presets
+        args[at] = "mae3d-tiny"
+        at = smoke.index("--model")
+        del smoke[at : at + 2]
+    return [*args, *smoke]
+
+
+def shrink_mae3d(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model mae3d-tiny` builds the 3-D model at the shrunken test widths."""
+    from test_train import SMALL_MODEL
+
+    from vctmae.model import config as model_config
+
+    small = model_config.preset_config("mae3d-tiny", **SMALL_MODEL)
+    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", lambda: small)
 
 
 def document_commands(text: str) -> list[list[str]]:
@@ -81,18 +107,20 @@ def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
         "Row 5",
         "Row 6",
         'Table 3, "Video-CT MAE, −"',
+        'Table 3, "3D MAE, vertebrae"',
+        'Table 3, "3D MAE, −"',
     ]:
         assert f"### {heading}" in text, heading
-    assert stages.count("eval") >= 8 and stages.count("finetune") >= 7
+    assert stages.count("eval") >= 10 and stages.count("finetune") >= 9
 
     write_phantoms(tmp_path / "raw-unlabeled", cases=4, seed=1)
     (tmp_path / "raw-unlabeled" / "labels.csv").unlink()  # an unlabelled set
     write_phantoms(tmp_path / "raw-labeled", cases=10, seed=2, fracture_rate=0.5)
     kinetics_stand_in(tmp_path / "k700_400ep_rep4_mr9_16x4.pyth")
     shrink(monkeypatch)
+    shrink_mae3d(monkeypatch)
     for command in commands:
-        stage = command[1]
-        result = cli(*command[1:], *SMOKE[stage])
+        result = cli(*smoke_command(command))
         assert result.exit_code == 0, (command, result.output, result.exception)
     runs = tmp_path / "runs"
     for row in (
@@ -104,6 +132,8 @@ def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
         "row5",
         "row6",
         "table3-scratch",
+        "mae3d",
+        "mae3d-scratch",
         "reference",
     ):
         assert (runs / row / "eval" / "metrics.json").is_file(), row
@@ -112,6 +142,12 @@ def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
 
     _, config = read_model_config(runs / "row5" / "finetune" / "best.safetensors")
     assert config.img == 224 and config.num_tokens == 1568
+    # The 3D MAE rows trained the 3-D model, pretraining at the paper's mask ratio 0.75.
+    for row in ("mae3d", "mae3d-scratch"):
+        _, config = read_model_config(runs / row / "finetune" / "best.safetensors")
+        assert config.volume and config.num_tokens == 216, row
+    pretrain_start = read_log(runs / "mae3d" / "pretrain" / "log.jsonl")[0]
+    assert pretrain_start["config"]["mask_ratio"] == 0.75
 
 
 def document_commands_with(

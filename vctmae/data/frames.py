@@ -9,7 +9,8 @@ are never materialised: the model folds them into its patch-embedding weights, s
 `FrameSampler` is what the trainers and evaluation use: it draws a micro-batch's frame
 randomness from the seeded CPU generator (`draw`) and turns it, with the batch's per-sample
 mask boxes, into the model's input (`model_input` for training, `view_input` for one
-evaluation view) — `--frames crop|mask` and `--flip rows|frames|none`.
+evaluation view) — `--frames crop|mask` and `--flip rows|frames|none`. For a 3-D model
+(`volume=True`) it passes the whole crops, flipped along the chosen axis, and no frames.
 """
 
 from __future__ import annotations
@@ -77,17 +78,27 @@ def check_crop_shape(
     image_size: int = CROP_SIZE,
     num_frames: int = NUM_FRAMES,
     stride: int = STRIDE,
+    volume: bool = False,
 ) -> None:
-    """Refuse crops the video model cannot sample, before training or evaluation starts.
+    """Refuse crops the model cannot read, before training or evaluation starts.
 
-    The sagittal depth must hold `num_frames` frames `stride` apart, and each slice must be
-    square and fit the model's `image_size` frames (smaller slices are padded to it with
-    −1000 HU, `--frame-size`). Raises ShardError naming `where` (a shard).
+    Video model: the sagittal depth must hold `num_frames` frames `stride` apart, and each slice
+    must be square and fit the model's `image_size` frames (smaller slices are padded to it with
+    −1000 HU, `--frame-size`). 3-D model (`volume`): the crop must be the cube image_size³ it
+    reads whole. Raises ShardError naming `where` (a shard).
     """
     from vctmae.data.shards import ShardError
 
     if len(shape) != 3:
         raise ShardError(where, f"crops of shape {shape}; expected (depth, height, width)")
+    if volume:
+        if tuple(shape) != (image_size,) * 3:
+            raise ShardError(
+                where,
+                f"crops of shape {shape}: the 3-D model reads the whole crop and expects "
+                f"{(image_size,) * 3}; ingest with --size {image_size}",
+            )
+        return
     depth, height, width = shape
     if (num_frames - 1) * stride >= depth:
         raise ShardError(
@@ -140,8 +151,9 @@ def random_offsets(
 def mirror(crops: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
     """Left–right mirror: reverse the sagittal order (axis 1 of (B, 96, 96, 96)) of crops[i] where flags[i].
 
-    The trainers mirror through the frame indices instead (`clip.frame_index_tensor(mirror=…)`,
-    no copy of the crops); this copy is the plain statement of what that computes.
+    The trainers mirror a video model's input through the frame indices instead
+    (`clip.frame_index_tensor(mirror=…)`, no copy of the crops); this copy is the plain statement
+    of what that computes, and the 3-D model's `--flip frames` (`FrameSampler`).
     """
     flags = torch.as_tensor(flags, device=crops.device).bool().reshape(-1, 1, 1, 1)
     return torch.where(flags, crops.flip(1), crops)
@@ -168,6 +180,10 @@ class FrameSampler:
     flip: `FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
         "frames" (reverse the sagittal order, p = 0.5) or "none".
 
+    volume: the model is a 3-D one (`ModelConfig.volume`), which reads the whole crop: no views
+        to draw, `flip` reverses the crop's rows or its sagittal order, and the frames it is
+        handed are an empty (B, 0) index (it uses none); only mode "crop" (the default).
+
     The model takes (crops, frames): int16 (B, S, H, W) and slice indices (B, 16). Crop mode
     without a row flip passes the stored crops and the o + 6k indices (mirroring through the
     indices), exactly as before. When an in-plane step is needed — mask mode's context cut, the
@@ -178,11 +194,16 @@ class FrameSampler:
 
     mode: str = "crop"
     flip: str = "none"
+    volume: bool = False
 
     def __post_init__(self) -> None:
         clip.check_mode(self.mode)
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {', '.join(FLIPS)}, got {self.flip!r}")
+        if self.volume and self.mode != "crop":
+            raise ValueError(
+                f"a 3-D model reads the whole crop; frame rule {self.mode!r} is unused"
+            )
 
     def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A micro-batch's frame randomness from the seeded CPU generator, in a fixed order.
@@ -191,8 +212,11 @@ class FrameSampler:
         draws, in the same order, as the trainers made before `--frames`/`--flip` existed (the
         former `--mirror` is `--flip frames`). Mask mode: "uniform" in [0, 1) instead of the
         offsets, turned into each sample's shift on the device (`clip.shifts_from_uniform`).
+        A 3-D model: the flip flag only (nothing when `flip` is "none").
         """
-        if self.mode == "crop":
+        if self.volume:
+            draws = {}
+        elif self.mode == "crop":
             draws = {"offsets": random_offsets(size, generator=generator)}
         else:
             draws = {"uniform": torch.rand(size, generator=generator, dtype=torch.float64)}
@@ -204,6 +228,8 @@ class FrameSampler:
         self, crops: torch.Tensor, boxes: torch.Tensor | None, draws: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, frames) for the model from a training batch and its `draw`s."""
+        if self.volume:
+            return self._volume_input(crops, draws.get("flip"))
         boxes = _needed_boxes(boxes, self.mode)
         if self.mode == "crop":
             shifts = draws["offsets"]
@@ -216,6 +242,8 @@ class FrameSampler:
         self, crops: torch.Tensor, boxes: torch.Tensor | None, shifts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(crops, frames) of one evaluation view: per-sample `shifts` (B,), no flip."""
+        if self.volume:
+            return self._volume_input(crops, None)
         return self._input(crops, shifts, _needed_boxes(boxes, self.mode), None)
 
     def view_table(
@@ -227,9 +255,10 @@ class FrameSampler:
         sample's own sd shifts (`clip.view_shift_table`, 3–6 of them). views 1: crop mode
         offset 3 (the middle one); mask mode shift 0, the unshifted frames the paper's text
         evaluates (the reference's no-ensemble evaluation draws a random training shift).
+        A 3-D model sees the whole crop: one view whatever `views` asks (no test-time flips).
         """
         batch, device = crops.shape[0], crops.device
-        if views == 1:
+        if views == 1 or self.volume:
             single = multiview_offsets(1)[0] if self.mode == "crop" else 0
             shifts = torch.full((batch, 1), single, dtype=torch.long, device=device)
             return shifts, torch.ones_like(shifts, dtype=torch.bool)
@@ -242,6 +271,17 @@ class FrameSampler:
             # Six real views for every sample, one column each.
             return shifts[:, :STRIDE], valid[:, :STRIDE]
         return shifts, valid
+
+    def _volume_input(
+        self, crops: torch.Tensor, flip: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3-D model's input: the whole crops, flipped where `flip` says, and no frames."""
+        if flip is not None:
+            flip = flip.to(crops.device)
+            # A crop batch (B, S, H, W) has its rows on dim 2, as a batch of frames: flip_rows
+            # reverses superior ↔ inferior; mirror the sagittal order (dim 1).
+            crops = clip.flip_rows(crops, flip) if self.flip == "rows" else mirror(crops, flip)
+        return crops, torch.zeros((crops.shape[0], 0), dtype=torch.long, device=crops.device)
 
     def _input(
         self,

@@ -1,4 +1,5 @@
-"""vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export (SPEC §5)."""
+"""vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export (SPEC §5);
+the 3-D MAE baseline of the paper's Table 3 (presets `mae3d-*`)."""
 
 from vctmae.model.checkpoint import (
     CheckpointError,
@@ -12,6 +13,8 @@ from vctmae.model.checkpoint import (
 from vctmae.model.config import (
     PRESETS,
     ModelConfig,
+    mae3d_base,
+    mae3d_tiny,
     preset_config,
     vit_base,
     vit_large,
@@ -40,6 +43,8 @@ __all__ = [
     "load_mae_st",
     "load_model",
     "load_weights",
+    "mae3d_base",
+    "mae3d_tiny",
     "save_model",
     "PRESETS",
     "Masking",

@@ -419,6 +419,13 @@ def load_mae_st(
     """
     if pos_init not in POS_INITS:
         raise ValueError(f"pos_init must be one of {POS_INITS}, got {pos_init!r}")
+    if model.config.volume:
+        where = f"{source}: " if isinstance(source, str | Path) else ""
+        raise CheckpointError(
+            f"{where}a video checkpoint (mae_st / PySlowFast, 2×16×16 tubes of RGB frames) "
+            f"cannot initialise {model.config.describe()}; the 3-D MAE starts from random "
+            "weights or from its own pretraining's model.safetensors"
+        )
     state = fuse_qkv(rename_pyslowfast(read_state(source)))
     state, cropped, reinitialized = convert_positions(state, model, pos_init)
     with torch.no_grad():
@@ -450,9 +457,10 @@ def load_init(model: VideoViT, path: str | Path, pos_init: PosInit = "crop") -> 
     """Starting weights for training (`--init`): a vctmae `.safetensors` or a video `.pth`.
 
     A `.safetensors` file (e.g. pretraining's `model.safetensors` for a classifier) must supply
-    every weight but the head, in the same shapes, and come from a model that normalises its
-    input the same way (its config beside it says); anything else is refused. A `.pth` is an
-    mae_st / PySlowFast Kinetics checkpoint (`load_mae_st`, positional tables by `pos_init`).
+    every weight but the head, in the same shapes, and come from a model that reads the same
+    input (clip or volume) normalised the same way (its config beside it says); anything else is
+    refused. A `.pth` is an mae_st / PySlowFast Kinetics checkpoint (`load_mae_st`, positional
+    tables by `pos_init`), which a volume model refuses.
     """
     path = Path(path)
     if not path.is_file():
@@ -462,6 +470,11 @@ def load_init(model: VideoViT, path: str | Path, pos_init: PosInit = "crop") -> 
     if config_path(path).is_file():
         _, source = read_model_config(path)
         ours = model.config
+        if source.volume != ours.volume:
+            raise CheckpointError(
+                f"{path}: weights of {source.describe()} cannot initialise "
+                f"{ours.describe()}; use the --model preset of the run that wrote them"
+            )
         if (source.input_mean, source.input_std) != (ours.input_mean, ours.input_std):
             raise CheckpointError(
                 f"{path}: pretrained on inputs normalised with mean {source.input_mean}, "

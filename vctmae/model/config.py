@@ -1,7 +1,9 @@
 """Model configuration: one frozen dataclass and the named presets.
 
 The geometry defaults are the paper's (16 frames × 96² pixels, tubes of 2×16×16 → 8×6×6 = 288
-tokens); the presets only change widths and depths.
+tokens); the video presets only change widths and depths. The `mae3d-*` presets are the
+paper's Table 3 "3D MAE" baseline: `input_kind="volume"`, the whole 96³ crop in 16³ cubes
+(6×6×6 = 216 tokens), one channel, fixed 3-D sin-cos positions, no video weights.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# What the model reads from an int16 crop: "clip" — 16 of its sagittal slices, chosen by the
+# frame indices (the video ViT); "volume" — the whole crop, frame indices unused (the 3-D MAE).
+INPUT_KINDS = ("clip", "volume")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of the video ViT, its MAE decoder and its classification head."""
+    """Architecture of the ViT, its MAE decoder and its classification head.
+
+    A volume model (`input_kind="volume"`) reuses the clip geometry fields for the whole crop:
+    `frames` is the sagittal depth (96), `t_patch` = `patch` the cube side (16), `in_chans` 1,
+    and `pred_t_dim` = `frames` (the decoder predicts every voxel of a cube).
+    """
 
     embed_dim: int
     depth: int
@@ -45,6 +56,7 @@ class ModelConfig:
     # embedding (weight / std, bias − mean/std · Σweight), so it costs nothing at run time.
     input_mean: float = 0.0
     input_std: float = 1.0
+    input_kind: str = "clip"
 
     def __post_init__(self) -> None:
         positive = {
@@ -93,6 +105,47 @@ class ModelConfig:
             )
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.head_dropout < 1.0:
             raise ValueError("drop_path and head_dropout must lie in [0, 1)")
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(
+                f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {self.input_kind!r}"
+            )
+        if self.volume:
+            self._check_volume()
+
+    def _check_volume(self) -> None:
+        """A volume model reads a cube in cubic patches, one channel, and predicts whole cubes;
+        its sin-cos positions split each width into three even parts (`vit.sincos_positions`)."""
+        rules = {
+            "frames == img (a cube)": self.frames == self.img,
+            "t_patch == patch (cubic patches)": self.t_patch == self.patch,
+            "in_chans == 1": self.in_chans == 1,
+            "pred_t_dim == frames (whole cubes predicted)": self.pred_t_dim == self.frames,
+            "no decoder_cls": not self.decoder_cls,
+            "embed_dim and decoder_embed_dim even and >= 6 (sin-cos positions)": all(
+                width % 2 == 0 and width >= 6 for width in (self.embed_dim, self.decoder_embed_dim)
+            ),
+        }
+        broken = [rule for rule, holds in rules.items() if not holds]
+        if broken:
+            raise ValueError(f"a volume model needs {'; '.join(broken)}")
+
+    @property
+    def volume(self) -> bool:
+        """Whether the model reads the whole crop (the 3-D MAE) rather than a clip of frames."""
+        return self.input_kind == "volume"
+
+    def describe(self) -> str:
+        """The model's input geometry in words, for messages that must name two models."""
+        tokens = self.num_tokens
+        if self.volume:
+            return (
+                f"a 3-D model ({self.frames}×{self.img}×{self.img} volume, {self.patch}³ cubes → "
+                f"{tokens} tokens)"
+            )
+        return (
+            f"a video model ({self.frames} frames of {self.img}², "
+            f"{self.t_patch}×{self.patch}×{self.patch} tubes → {tokens} tokens)"
+        )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -189,11 +242,56 @@ def vit_tiny() -> ModelConfig:
     )
 
 
+# The 3-D MAE's geometry: the whole 96³ crop, cubes of 16³ → 6×6×6 = 216 tokens, one channel
+# (no RGB replication: nothing video-pretrained to match), whole cubes predicted.
+VOLUME_GEOMETRY: dict[str, Any] = {
+    "input_kind": "volume",
+    "frames": 96,
+    "img": 96,
+    "t_patch": 16,
+    "patch": 16,
+    "in_chans": 1,
+    "pred_t_dim": 96,
+}
+
+
+def mae3d_base() -> ModelConfig:
+    """Table 3's "3D MAE" (paper App. B.2.4): MAE (He et al. 2022) with 3-D patches and positions,
+    a ViT-B/16³ encoder (86M parameters) and MAE's own decoder (512 wide, 8 blocks, 16 heads)."""
+    return ModelConfig(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+        **VOLUME_GEOMETRY,
+    )
+
+
+def mae3d_tiny() -> ModelConfig:
+    """The 3-D MAE at `tiny`'s widths and input normalisation, for CPU demos and tests."""
+    tiny = vit_tiny()
+    return ModelConfig(
+        embed_dim=tiny.embed_dim,
+        depth=tiny.depth,
+        num_heads=tiny.num_heads,
+        decoder_embed_dim=tiny.decoder_embed_dim,
+        decoder_depth=tiny.decoder_depth,
+        decoder_num_heads=tiny.decoder_num_heads,
+        input_mean=tiny.input_mean,
+        input_std=tiny.input_std,
+        **VOLUME_GEOMETRY,
+    )
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "large": vit_large,
     "base": vit_base,
     "small": vit_small,
     "tiny": vit_tiny,
+    "mae3d-base": mae3d_base,
+    "mae3d-tiny": mae3d_tiny,
 }
 
 

@@ -16,6 +16,13 @@ Shapes for the paper's geometry: clip (B, 1, 16, 96, 96) → 8×6×6 = L = 288 p
 D; token index = t·36 + row·6 + col. With `img = 224` (Table 2 row 5, `--frame-size 224`) the
 96² slices are padded centred to 224² frames (−1000 HU) and the grid is 8×14×14 = 1568 tokens,
 the video weights' own positional table.
+
+The 3-D MAE baseline (Table 3, `ModelConfig.input_kind = "volume"`, presets `mae3d-*`) is the
+same encoder, decoder and head on another input step: its patch embedding (`VolumePatchEmbed`)
+reads the whole crop (B, 1, 96, 96, 96) — the frame indices are accepted and not used — in 16³
+cubes → 6×6×6 = 216 tokens (token index = s·36 + row·6 + col, s along the sagittal axis), and
+its positions are one fixed 3-D sin-cos table (`sincos_positions`), as MAE's own fixed 2-D
+sin-cos tables (He et al. 2022), which the paper kept (App. B.2.4).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vctmae.model.config import ModelConfig, preset_config
-from vctmae.model.crops import clip_frames
+from vctmae.model.crops import clip_frames, volume_voxels
 from vctmae.model.masking import draw_noise, gather_tokens, random_masking
 
 LAYER_NORM_EPS = 1e-6
@@ -167,8 +174,12 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """int16 crops (B, 96, 96, 96), frame indices (B, 16), positions (1, L, D) and optionally
         kept token ids (B, K) → tokens (B, L, D), or (B, K, D) with `keep`."""
-        tokens = self.embed_clip(clip_frames(crops, frames, self.clip_shape[1])) + pos  # (B, L, D)
+        tokens = self.embed_clip(self.read(crops, frames)) + pos  # (B, L, D)
         return tokens if keep is None else gather_tokens(tokens, keep)
+
+    def read(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The model's input step: the clip (B, 1, 16, F, F) in [0, 1] the frame indices select."""
+        return clip_frames(crops, frames, self.clip_shape[1])
 
     def embed_clip(self, x: torch.Tensor) -> torch.Tensor:
         """A clip (B, 1 or in_chans, 16, 96, 96) in [0, 1] → tokens without positions (B, L, D)."""
@@ -188,15 +199,50 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, t*h*w, D)
 
 
+class VolumePatchEmbed(PatchEmbed):
+    """The 3-D model's patch embedding: the whole crop through `Conv3d(1, D, 16³, stride 16³)`.
+
+    Its input step reads the crop whole (`volume_voxels`, the frames' HU rule); the frame
+    indices are accepted, so that every model is called `model(crops, frames)`, and not used.
+    Everything else (normalisation folded into the kernel, `embed_clip`) is `PatchEmbed`'s.
+    """
+
+    def read(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """int16 crops (B, 96, 96, 96) → the volume (B, 1, 96, 96, 96) in [0, 1]; `frames` unused."""
+        return volume_voxels(crops)
+
+
+def sincos_positions(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """Fixed 3-D sin-cos positions (1, t·h·w, dim) of a token grid (t, h, w), in token order.
+
+    The width is split into three even parts, one per axis (2·⌊dim/6⌋, 2·⌊dim/6⌋ and the rest:
+    256 each for 768, 170/170/172 for 512); a part of width n encodes its axis index p as MAE's
+    1-D table does: sin(p·ω_k) for k < n/2, then cos(p·ω_k), with ω_k = 10000^(−2k/n).
+    """
+    side = 2 * (dim // 6)
+    widths = (side, side, dim - 2 * side)
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    parts = []
+    for width, index in zip(widths, axes, strict=True):
+        half = width // 2
+        omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)  # (n/2,)
+        angles = index.reshape(-1, 1) * omega  # (L, n/2)
+        parts += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(parts, dim=1).float()[None]  # (1, L, dim)
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoder shared by the MAE and the classifier
 
 
 class VideoViT(nn.Module):
-    """Patch embedding, cls token, separable positional embeddings and the encoder blocks.
+    """Patch embedding, cls token, positional embeddings and the encoder blocks.
 
-    `norm` is the encoder's last LayerNorm; the MAE applies it to every token, the classifier (as
-    mae_st's models_vit) to the pooled feature.
+    Positions: a video model has mae_st's learned separable tables (`pos_embed_spatial`,
+    `pos_embed_temporal`, `pos_embed_class`); a volume model one fixed 3-D sin-cos table
+    `pos_embed` (a buffer computed from the grid: nothing to learn, save or load) and a cls
+    token without a position (MAE's zero row). `norm` is the encoder's last LayerNorm; the MAE
+    applies it to every token, the classifier (as mae_st's models_vit) to the pooled feature.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -204,11 +250,15 @@ class VideoViT(nn.Module):
         self.config = config
         t, h, w = config.grid
         dim = config.embed_dim
-        self.patch_embed = PatchEmbed(config)
+        self.patch_embed = VolumePatchEmbed(config) if config.volume else PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, dim))
-        self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, dim))
-        self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim))
+        if config.volume:
+            positions = sincos_positions(config.grid, dim)  # (1, L, D)
+            self.register_buffer("pos_embed", positions, persistent=False)
+        else:
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, dim))
+            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, dim))
+            self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, dim))
         last = max(config.depth - 1, 1)
         rates = [config.drop_path * i / last for i in range(config.depth)]  # 0 … drop_path
         self.blocks = nn.ModuleList(
@@ -218,7 +268,10 @@ class VideoViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def patch_pos_embed(self) -> torch.Tensor:
-        """Positional embedding of every patch token (1, L, D): spatial[s] + temporal[t] at t·h·w + s."""
+        """Positional embedding of every patch token (1, L, D): spatial[s] + temporal[t] at t·h·w + s
+        (a volume model: its fixed table)."""
+        if self.config.volume:
+            return self.pos_embed
         t = self.config.grid[0]
         spatial = self.pos_embed_spatial.repeat(1, t, 1)  # (1, t*h*w, D)
         temporal = self.pos_embed_temporal.repeat_interleave(self.pos_embed_spatial.shape[1], dim=1)
@@ -241,7 +294,8 @@ class VideoViT(nn.Module):
 
     def with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend the cls token (with its positional embedding): (B, N, D) → (B, 1+N, D)."""
-        cls = (self.cls_token + self.pos_embed_class).expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+        cls = self.cls_token if self.config.volume else self.cls_token + self.pos_embed_class
+        cls = cls.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, tokens], dim=1)
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,13 +304,14 @@ class VideoViT(nn.Module):
         return x
 
     def init_weights(self) -> None:
-        """mae_st's initialisation: xavier-uniform linears (q, k, v each), truncated-normal positions."""
-        for parameter in (
-            self.cls_token,
-            self.pos_embed_spatial,
-            self.pos_embed_temporal,
-            self.pos_embed_class,
-        ):
+        """mae_st's initialisation: xavier-uniform linears (q, k, v each), truncated-normal
+        positions (a volume model's are fixed) and cls token."""
+        learned = (
+            ()
+            if self.config.volume
+            else (self.pos_embed_spatial, self.pos_embed_temporal, self.pos_embed_class)
+        )
+        for parameter in (self.cls_token, *learned):
             nn.init.trunc_normal_(parameter, std=0.02)
         self.apply(_init_linear_and_norm)
         conv = self.patch_embed.proj.weight
@@ -330,10 +385,15 @@ class MaskedAutoencoder(VideoViT):
         if config.decoder_cls:
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # One full table (the Video-CT paper code's layout; mae_st's separable decoder tables and
-        # PySlowFast's table with a cls row are converted into it on import).
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, config.num_tokens + int(config.decoder_cls), decoder_dim)
-        )
+        # PySlowFast's table with a cls row are converted into it on import). A volume model's is
+        # fixed 3-D sin-cos, as its encoder's (and MAE's decoder table).
+        if config.volume:
+            positions = sincos_positions(config.grid, decoder_dim)  # (1, L, Dd)
+            self.register_buffer("decoder_pos_embed", positions, persistent=False)
+        else:
+            self.decoder_pos_embed = nn.Parameter(
+                torch.zeros(1, config.num_tokens + int(config.decoder_cls), decoder_dim)
+            )
         self.decoder_blocks = nn.ModuleList(
             Block(
                 decoder_dim,
@@ -347,7 +407,8 @@ class MaskedAutoencoder(VideoViT):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=LAYER_NORM_EPS)
         self.decoder_pred = nn.Linear(decoder_dim, config.pred_dim)
         self.init_weights()
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        if not config.volume:
+            nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- encoder ---------------------------------------------------------------------------------
@@ -402,11 +463,15 @@ class MaskedAutoencoder(VideoViT):
 
     def target(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Regression target (B, L, pred_dim): the clip's frames linspace(0, T−1, pred_t_dim),
-        normalised as the encoder's input (mae_st regresses the normalised pixels)."""
+        normalised as the encoder's input (mae_st regresses the normalised pixels); a volume
+        model's: every voxel of each cube (B, 216, 4096)."""
         cfg = self.config
-        indices = target_frame_indices(cfg.frames, cfg.pred_t_dim, frames.device)
-        # (B, 1, pred_t_dim, H, W)
-        target_frames = self.normalize_input(clip_frames(crops, frames[:, indices], cfg.img))
+        if cfg.volume:
+            voxels = volume_voxels(crops)  # (B, 1, 96, 96, 96)
+        else:
+            indices = target_frame_indices(cfg.frames, cfg.pred_t_dim, frames.device)
+            voxels = clip_frames(crops, frames[:, indices], cfg.img)  # (B, 1, pred_t_dim, H, W)
+        target_frames = self.normalize_input(voxels)
         return patchify(
             target_frames, t_patch=cfg.t_pred_patch, patch=cfg.patch, channels=cfg.in_chans
         )
@@ -472,7 +537,7 @@ class VideoClassifier(VideoViT):
 
 
 def build_mae(preset: str | ModelConfig = "large", **overrides) -> MaskedAutoencoder:
-    """MAE from a preset name (large/base/small/tiny) with field overrides, or from a config."""
+    """MAE from a preset name (`config.PRESETS`) with field overrides, or from a config."""
     config = preset if isinstance(preset, ModelConfig) else preset_config(preset, **overrides)
     return MaskedAutoencoder(config)
 

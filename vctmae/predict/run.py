@@ -131,11 +131,16 @@ class Predictor:
         import torch
 
         from vctmae.model.checkpoint import load_classifier
+        from vctmae.train.config import refuse_frame_options
         from vctmae.train.distributed import resolve_device
+        from vctmae.train.explain import refuse_volume
         from vctmae.train.speed import apply_speedups
 
         self.device = resolve_device(config.device)
         self.model = load_classifier(config.checkpoint).to(self.device).eval()
+        refuse_frame_options(self.model.config, str(config.checkpoint), frames=config.frames)
+        if config.attention:
+            refuse_volume(self.model.config, str(config.checkpoint))
         speed = config.speed
         self.module = apply_speedups(
             self.model, patch_embed=speed.patch_embed, compile=speed.compile, device=self.device

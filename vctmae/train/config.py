@@ -17,11 +17,14 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
 from vctmae.flags import config_fields, flag
+
+if TYPE_CHECKING:
+    from vctmae.model.config import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 # Frame rules and flips: `vctmae.clip.FRAME_MODES`, `vctmae.data.frames.FLIPS` (spelt here too:
@@ -71,13 +74,36 @@ def _check_shards(shards: tuple[str, ...], option: str = "--shards") -> None:
         raise UsageError(f"{option}: give at least one shard path, glob or brace pattern")
 
 
+def refuse_frame_options(
+    model: ModelConfig, who: str, *, frames: str, frame_size: int | None = None
+) -> None:
+    """A 3-D model (`ModelConfig.volume`, the `mae3d-*` presets) reads the whole crop: refuse the
+    flags that choose or pad frames for it (`who` names the model: a preset or a checkpoint)."""
+    if not model.volume:
+        return
+    if frames != "crop":
+        raise UsageError(
+            f"--frames {frames}: {who} is {model.describe()}, which reads the whole crop; "
+            "frame rules are for video models"
+        )
+    if frame_size is not None and frame_size != model.img:
+        raise UsageError(
+            f"--frame-size {frame_size}: {who} is {model.describe()}, which reads the "
+            f"{model.img}³ crop as it is; frame sizes are for video models"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpeedOptions:
     """How the model is computed: kernels, compilation, number format (`vctmae.train.speed`)."""
 
     compile: bool = flag(False, "torch.compile the model.", resumable=True)
     patch_embed: str = flag(
-        "auto", "Patch embedding: auto | torch | triton.", name="--patch-embed", resumable=True
+        "auto",
+        "Patch embedding: auto | torch | triton (the fused kernel gathers video frames: a 3-D "
+        "model always takes torch, and refuses triton).",
+        name="--patch-embed",
+        resumable=True,
     )
     precision: str = flag(
         "auto", "Number format: auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."
@@ -98,7 +124,12 @@ class RunOptions:
         "finetuning: best.safetensors), log.",
         resumable=True,
     )
-    model: str = flag("large", "Model preset: large | base | small | tiny.")
+    model: str = flag(
+        "large",
+        "Model preset: large | base | small | tiny (video ViTs) | mae3d-base | mae3d-tiny (Table "
+        "3's 3D MAE baseline: the whole 96³ crop in 16³ cubes, 216 tokens, fixed 3-D sin-cos "
+        "positions; no video weights, --frames and --frame-size stay at their defaults).",
+    )
     # Field overrides of the preset, e.g. {"depth": 2} (Python only: tests, sweeps).
     model_overrides: dict[str, Any] = field(default_factory=dict)
     init: Path | None = flag(
@@ -125,7 +156,7 @@ class RunOptions:
         "Flip augmentation, per sample with p = 0.5: rows (superior <-> inferior rows of every "
         "frame: the reference code's pretraining flip; its finetuning flips nothing) | frames "
         "(left <-> right: the sagittal order reversed; no counterpart in the reference; "
-        "formerly --mirror) | none.",
+        "formerly --mirror) | none. A 3-D model: the same axes of the whole crop.",
     )
     seed: int = flag(0, "Seed of data order, view shifts, flips and masks.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
@@ -173,6 +204,13 @@ class RunOptions:
         from vctmae.model.config import preset_config
 
         # The preset and overrides must make a model (checked before any data is read).
+        try:
+            preset = preset_config(self.model, **self.model_overrides)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--model {self.model}: {error}") from None
+        refuse_frame_options(
+            preset, f"--model {self.model}", frames=self.frames, frame_size=self.frame_size
+        )
         try:
             preset_config(self.model, **self.model_fields())
         except (TypeError, ValueError) as error:
@@ -259,7 +297,8 @@ class FinetuneConfig:
     multiview: int = flag(
         6,
         "Views per crop in validation: 6 (the full ensemble: crop mode's six offsets; mask mode "
-        "each sample's own shifts) or 1 (crop: offset 3; mask: shift 0).",
+        "each sample's own shifts) or 1 (crop: offset 3; mask: shift 0). A 3-D model sees the "
+        "whole crop: one view either way.",
     )
     combine: str = flag("probs", COMBINE_HELP)
     patience: int = flag(40, "Stop after this many epochs without a better validation F1.")
@@ -300,7 +339,7 @@ class EvalConfig:
         6,
         "Views per crop: 6 (the full ensemble: crop mode's six offsets, together every slice; "
         "mask mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the "
-        "reference draws a random shift).",
+        "reference draws a random shift). A 3-D model sees the whole crop: one view either way.",
     )
     combine: str = flag("probs", COMBINE_HELP)
     batch_size: int = flag(64, "Crops per forward pass per process.")

@@ -6,7 +6,7 @@ own 3–6 shifts; `--multiview 1`: the middle offset 3, mask mode shift 0):
 `--combine probs` (default) averages the views' softmax probabilities, `--combine
 logits` averages their logits and takes the softmax of the mean (the reference
 code). The predicted class is the argmax, i.e. fracture when its probability is
->= 0.5.
+>= 0.5. A 3-D model (`mae3d-*`) sees each crop whole, in one view, whatever `--multiview`.
 When finetuning recorded a validation-optimal threshold beside the checkpoint
 (`vctmae.train.threshold`), metrics.json also holds the metrics at that threshold
 (`at_validation_threshold`).
@@ -68,8 +68,10 @@ def multiview_probs(
     the mean logits (the reference, src/finetuning/model.py:70-73).
     """
     from vctmae.data.frames import FrameSampler
+    from vctmae.model.checkpoint import unwrap
 
-    sampler = FrameSampler(mode=frames)
+    # A 3-D model reads the whole crop: one view (`FrameSampler.view_table`).
+    sampler = FrameSampler(mode=frames, volume=unwrap(model).config.volume)
     shifts, valid = sampler.view_table(crops, boxes, views)  # (B, V) each
     weight = valid.to(torch.float32)  # (B, V): 1 for a real view, 0 for padding
     total = None
@@ -312,10 +314,12 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
     from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
     from vctmae.model.checkpoint import load_classifier, write_atomically
+    from vctmae.train.config import refuse_frame_options
 
     info = distributed.setup(config.device)
     out = Path(config.out)
     model = load_classifier(config.checkpoint).to(info.device)
+    refuse_frame_options(model.config, str(config.checkpoint), frames=config.frames)
     speed = config.speed
     module = apply_speedups(
         model, patch_embed=speed.patch_embed, compile=speed.compile, device=info.device
@@ -333,7 +337,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         allow_unlabelled=unlabelled_only,
     )
     first = loader.indexes[0]
-    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+    check_crop_shape(
+        first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
+    )
     if config.frames == "mask":
         check_boxes(loader.indexes)
     predictions = predict(

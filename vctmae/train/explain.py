@@ -20,7 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from vctmae.model.config import ModelConfig
 from vctmae.train.config import ExplainConfig
+
+
+def refuse_volume(model: ModelConfig, who: str) -> None:
+    """The pictures here are drawn over a video model's 16 frames; a 3-D model has none."""
+    if model.volume:
+        from vctmae.errors import UsageError
+
+        raise UsageError(
+            f"{who}: attention pictures are drawn over a video model's 16 frames; this is "
+            f"{model.describe()} (in predict, pass --no-attention)"
+        )
 
 
 def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -146,6 +158,7 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
     from vctmae.model.checkpoint import load_classifier
 
     model = load_classifier(config.checkpoint)
+    refuse_volume(model.config, str(config.checkpoint))
     if not Path(config.zarr).exists():
         raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
     store = ZarrCrops(config.zarr)

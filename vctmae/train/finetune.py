@@ -103,7 +103,9 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
     if val_loader is not None:
         check_classes(val_loader.indexes, role="validation samples (--val-shards)")
         first = val_loader.indexes[0]
-        check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+        check_crop_shape(
+            first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
+        )
         if options.frames == "mask":
             check_boxes(val_loader.indexes)
     if config.class_weights == "inverse":
@@ -111,7 +113,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
     else:
         weights, weight_source = [1.0, 1.0], "none"
     objective = ClassifierObjective(
-        sampler=FrameSampler(mode=options.frames, flip=options.flip),
+        sampler=FrameSampler(mode=options.frames, flip=options.flip, volume=model.config.volume),
         class_weights=torch.tensor(weights, dtype=torch.float32, device=info.device),
     )
     best_path = run.out / BEST

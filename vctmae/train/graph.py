@@ -62,6 +62,10 @@ def capture_blocker(options: Any, info: Any) -> str | None:
         return "graphs are single-process here; under torchrun (DDP) the step runs eagerly"
     if options.loader.backend == "dali":
         return "the DALI loader owns its own device buffers; the step runs eagerly"
+    from vctmae.model.config import preset_config
+
+    if preset_config(options.model, **options.model_fields()).volume:
+        return "the 3-D model's step has not been checked under capture; it runs eagerly"
     return None
 
 

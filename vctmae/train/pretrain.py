@@ -68,7 +68,7 @@ def pretrain_trainer(config: PretrainConfig) -> Trainer:
         check_boxes(run.loader.indexes)
     objective = MaeObjective(
         mask_ratio=config.mask_ratio,
-        sampler=FrameSampler(mode=options.frames, flip=options.flip),
+        sampler=FrameSampler(mode=options.frames, flip=options.flip, volume=model.config.volume),
         num_tokens=model.config.num_tokens,
     )
     preview_crop: list[torch.Tensor] = []
@@ -140,7 +140,7 @@ def write_preview(
 
     was_training = model.training
     model.eval()
-    # The middle view, as --multiview 1.
+    # The middle view, as --multiview 1 (a 3-D model reads the whole crop and ignores it).
     frames = offset_frames(torch.tensor(multiview_offsets(1), device=crop.device))
     tokens = model.config.num_tokens
     noise = torch.rand(1, tokens, generator=torch.Generator().manual_seed(seed)).to(crop.device)
@@ -150,5 +150,11 @@ def write_preview(
         model.unpatchify(model.target(crop, frames))[0].float().mean(0)
     )
     recon = model.denormalize_input(model.unpatchify(pred.float())[0].mean(0))  # (8, 96, 96)
+    config = model.config
+    if config.volume:
+        # A 3-D model reconstructs the whole (96, 96, 96) crop: show the sagittal slice through
+        # the middle of each of its six layers of cubes, (6, 96, 96).
+        shown = torch.arange(config.t_patch // 2, config.frames, config.t_patch)
+        target, recon = target[shown], recon[shown]
     model.train(was_training)
-    return save_preview(target, recon, mask[0], path, title=title)
+    return save_preview(target, recon, mask[0], path, title=title, grid=config.grid)

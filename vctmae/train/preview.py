@@ -2,7 +2,8 @@
 
 Rows: the 8 target frames (mae_st's `linspace(0, T−1, pred_t_dim)`), the
 visible patches only, and the reconstruction with the visible patches pasted
-back (the model's own `unpatchify` turns token predictions into frames).
+back (the model's own `unpatchify` turns token predictions into frames). For
+the 3-D model: one sagittal slice through each of its six layers of cubes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ PATCH = 16
 
 
 def save_preview(
-    target: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor, path: Path, *, title: str
+    target: torch.Tensor,
+    recon: torch.Tensor,
+    mask: torch.Tensor,
+    path: Path,
+    *,
+    title: str,
+    grid: tuple[int, int, int] = GRID,
 ) -> Path:
-    """target, recon (8, 96, 96) target frames and their reconstruction; mask (L,) 1 = masked."""
+    """target, recon (t, 96, 96): one image per token layer of the `grid` (t, h, w) (the 8 target
+    frames; the 3-D model's six slices) and their reconstruction; mask (L,) 1 = masked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     target, recon = target.float().cpu(), recon.float().cpu()
-    t, h, w = GRID
+    t, h, w = grid
     token_mask = mask.reshape(t, h, w).float().cpu()
     pixel_mask = token_mask.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)  # (8, 96, 96)
     visible = torch.where(pixel_mask.bool(), torch.full_like(target, 0.5), target)

@@ -105,7 +105,9 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
     torch.manual_seed(run.seed)
     model = make_model().to(info.device)
     first = loader.indexes[0]
-    check_crop_shape(first.shape, where=first.path, image_size=model.config.img)
+    check_crop_shape(
+        first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
+    )
     init_report = load_init(model, run.init, run.pos_init) if run.init is not None else None
     peak = config.peak_lr(info.world_size)
     per_epoch = steps_per_epoch(len(loader), run.accum_steps, run.max_steps_per_epoch)

@@ -5,7 +5,8 @@ The model's own patch embedding is the plain torch one (gather frames → Conv3d
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
 keys, checkpoints and optimizer parameters are unchanged) and gives the same
 tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
-DDP wrapping is `vctmae.train.run.wrap_for_training`.
+DDP wrapping is `vctmae.train.run.wrap_for_training`. The kernel gathers video frames; a 3-D
+model (`VolumePatchEmbed`, which reads the whole crop) keeps its torch patch embedding.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from vctmae.errors import UsageError
-from vctmae.model.vit import PatchEmbed
+from vctmae.model.vit import PatchEmbed, VolumePatchEmbed
 
 
 class TritonPatchEmbed(PatchEmbed):
@@ -58,7 +59,18 @@ def _sharing(kind: type[PatchEmbed], embed: PatchEmbed) -> PatchEmbed:
 
 
 def install_patch_embed(model: nn.Module, choice: str, device: torch.device) -> str:
-    """Give `model` the chosen patch embedding (in place); returns 'torch' or 'triton'."""
+    """Give `model` the chosen patch embedding (in place); returns 'torch' or 'triton'.
+
+    A 3-D model keeps its own (torch) patch embedding: 'auto' means torch for it, and 'triton'
+    is refused.
+    """
+    if isinstance(model.patch_embed, VolumePatchEmbed):
+        if choice == "triton":
+            raise UsageError(
+                f"--patch-embed triton: the Triton kernel gathers video frames; this is "
+                f"{model.config.describe()}, which reads the whole crop — use auto or torch"
+            )
+        return "torch"
     resolved = resolve_patch_embed(choice, torch.device(device))
     kind = TritonPatchEmbed if resolved == "triton" else PatchEmbed
     if type(model.patch_embed) is not kind:
