@@ -103,6 +103,13 @@ def reference_labels(
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _coordinate(m, axis, fi, fj, fk):
+        """Source coordinate `axis` of crop voxel (fi, fj, fk), summed as `crop_coordinates`."""
+        c = m[axis, 3] + m[axis, 0] * fi
+        c = c + m[axis, 1] * fj
+        return c + m[axis, 2] * fk
+
     @numba.njit(cache=True, nogil=True)
     def _ct_kernel(data, to_voxel, scaled, slope, intercept, out, inside):
         nx, ny, nz = data.shape
@@ -112,15 +119,9 @@ if numba is not None:
             for j in range(size):
                 for k in range(size):
                     fi, fj, fk = float(i), float(j), float(k)
-                    c0 = m[0, 3] + m[0, 0] * fi
-                    c0 = c0 + m[0, 1] * fj
-                    c0 = c0 + m[0, 2] * fk
-                    c1 = m[1, 3] + m[1, 0] * fi
-                    c1 = c1 + m[1, 1] * fj
-                    c1 = c1 + m[1, 2] * fk
-                    c2 = m[2, 3] + m[2, 0] * fi
-                    c2 = c2 + m[2, 1] * fj
-                    c2 = c2 + m[2, 2] * fk
+                    c0 = _coordinate(m, 0, fi, fj, fk)
+                    c1 = _coordinate(m, 1, fi, fj, fk)
+                    c2 = _coordinate(m, 2, fi, fj, fk)
                     within = (
                         -0.5 <= c0 <= nx - 0.5 and -0.5 <= c1 <= ny - 0.5 and -0.5 <= c2 <= nz - 0.5
                     )
@@ -163,15 +164,9 @@ if numba is not None:
             for dj in range(out.shape[1]):
                 for dk in range(out.shape[2]):
                     fi, fj, fk = float(start[0] + di), float(start[1] + dj), float(start[2] + dk)
-                    c0 = m[0, 3] + m[0, 0] * fi
-                    c0 = c0 + m[0, 1] * fj
-                    c0 = c0 + m[0, 2] * fk
-                    c1 = m[1, 3] + m[1, 0] * fi
-                    c1 = c1 + m[1, 1] * fj
-                    c1 = c1 + m[1, 2] * fk
-                    c2 = m[2, 3] + m[2, 0] * fi
-                    c2 = c2 + m[2, 1] * fj
-                    c2 = c2 + m[2, 2] * fk
+                    c0 = _coordinate(m, 0, fi, fj, fk)
+                    c1 = _coordinate(m, 1, fi, fj, fk)
+                    c2 = _coordinate(m, 2, fi, fj, fk)
                     x = min(max(int(np.floor(c0 + 0.5)), 0), nx - 1)
                     y = min(max(int(np.floor(c1 + 0.5)), 0), ny - 1)
                     z = min(max(int(np.floor(c2 + 0.5)), 0), nz - 1)
