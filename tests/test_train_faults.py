@@ -472,6 +472,21 @@ def test_resume_refuses_a_changed_setting(data, stopped_run, tmp_path, flag, val
     assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
 
 
+def test_resume_refuses_another_number_of_processes(data, stopped_run, tmp_path):
+    """A run saved by 2 processes (its state says so) resumed by 1: other ranks would get other
+    shards and batches, and the global batch and steps per epoch would change."""
+    run = copy_run(stopped_run, tmp_path)
+    newest = run / "checkpoints" / "epoch-0002.state.pt"
+    state = torch.load(newest, weights_only=True)
+    assert state["world_size"] == 1
+    state["world_size"] = 2
+    state["generators"] = state["generators"] * 2
+    torch.save(state, newest)
+    result = cli(*pretrain_args(data["train"], run, "--resume"))
+    one_line_error(result, 2, str(newest), "saved by 2", "resume with 2")
+    assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
+
+
 def test_resume_refuses_other_shards(data, stopped_run, tmp_path):
     run = copy_run(stopped_run, tmp_path)
     result = cli(*pretrain_args(data["train"] + data["val"], run, "--resume"))

@@ -26,6 +26,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vctmae.errors import VctmaeError
+from vctmae.errors import UsageError, VctmaeError
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
@@ -195,6 +196,7 @@ class Trainer:
             try:
                 saved = checkpoint.load_state(files.state)
                 check_resume_config(saved["fingerprint"], self.fingerprint, where=files.state)
+                self._check_world_size(saved, files.state)
                 load_weights(self.model, files.weights, strict=True)
             except CheckpointError as error:
                 first_error = first_error or error
@@ -210,6 +212,18 @@ class Trainer:
         if first_error is not None:
             raise first_error
         return None
+
+    def _check_world_size(self, saved: dict[str, Any], where: Path) -> None:
+        """Refuse another number of processes: it deals the shards and batches to other ranks
+        (another data order), changes the global batch and the steps per epoch (another
+        schedule), and has no per-rank random streams to continue from."""
+        if saved["world_size"] != self.info.world_size:
+            raise UsageError(
+                f"{where}: --resume with {self.info.world_size} process(es), but the run was "
+                f"saved by {saved['world_size']}: that changes its data order and schedule — "
+                f"resume with {saved['world_size']} (torchrun --nproc_per_node), or start a "
+                "new run in another --out"
+            )
 
     def resume(self) -> bool:
         """Restore the last readable checkpoint of `config.out`; False when there is none."""
@@ -231,13 +245,7 @@ class Trainer:
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        if saved["world_size"] == self.info.world_size:
-            self.generator.set_state(saved["generators"][self.info.rank])
-        else:
-            # A different world size cannot replay the same per-rank streams.
-            self.generator.manual_seed(
-                self.options.seed * 1000 + self.info.rank + 7919 * self.state.epoch
-            )
+        self.generator.set_state(saved["generators"][self.info.rank])
         self.log.write(
             "resume", epoch=self.state.epoch, step=self.state.step, checkpoint=str(files.weights)
         )
