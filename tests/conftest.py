@@ -36,3 +36,16 @@ def real_ct_dir() -> Path:
     if os.environ.get("VCTMAE_REQUIRE_REAL_CT") == "1":
         pytest.fail(f"{reason}; VCTMAE_REQUIRE_REAL_CT=1 forbids skipping it")
     pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` (run by benchmarks/gpu_check.sh as `pytest -m cuda`) skip, saying
+    why, where torch sees no GPU: the one rule for every CUDA-only test."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

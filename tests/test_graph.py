@@ -133,11 +133,8 @@ def test_forward_backward_compiles_as_one_graph(shards, tmp_path, monkeypatch):
 
 # -- on a GPU -----------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
     """Capture + replay against the eager step, in fp32 (bf16 would blur the comparison)."""
 
@@ -161,7 +158,6 @@ def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_graph_resume_is_exact(shards, tmp_path, monkeypatch):
     """A graph-captured run interrupted after its first epoch and resumed ends where an
     uninterrupted graph-captured run ends (MAE: all randomness from the CPU generator)."""

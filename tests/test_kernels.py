@@ -381,7 +381,6 @@ def test_backend_selection_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "keep,pos,frame_size", [(None, False, 96), (57, True, 96), (313, True, 224), (None, True, 224)]
 )
@@ -414,7 +413,6 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool, frame_size: in
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch,dim,keep", [(8, 1024, 57), (3, 200, 17), (2, 64, None)])
 def test_cuda_fp32_dots_match_reference(batch: int, dim: int, keep: int | None) -> None:
     """fp32 dots on the GPU: the indexing exact to fp32 rounding (ragged tiles: D = 200, 3×17 rows)."""

@@ -558,10 +558,8 @@ def test_drop_path_is_active_only_in_training():
 # ----------------------------------------------------------------------------------------------
 # On a GPU (skipped cleanly without one)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-@cuda
+@pytest.mark.cuda
 def test_cuda_triton_route_matches_torch_route_in_bf16():
     pytest.importorskip("triton")
     device = torch.device("cuda")
@@ -588,7 +586,7 @@ def test_cuda_triton_route_matches_torch_route_in_bf16():
     torch.testing.assert_close(kernel[3], reference[3], rtol=5e-2, atol=5e-2)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_training_step_through_the_kernel_has_finite_gradients():
     pytest.importorskip("triton")
     device = torch.device("cuda")

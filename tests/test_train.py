@@ -531,7 +531,6 @@ run_eval(EvalConfig(checkpoint=result.best_path, shards=tuple(test), out=out / "
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_trainers_run_through_their_entry_points(easy_data, tmp_path):
     """Pretrain → finetune → eval on the GPU with the defaults there (bf16, Triton, fused Adam)."""
     pre = run_pretrain(
