@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import stop_before_epoch
 
 from vctmae.bench.step import write_step_shards
 from vctmae.data import LoaderOptions
@@ -163,7 +164,6 @@ def test_cuda_graph_resume_is_exact(shards, tmp_path, monkeypatch):
     uninterrupted graph-captured run ends (MAE: all randomness from the CPU generator)."""
     from safetensors.torch import load_file
 
-    from vctmae.data import ShardLoader
     from vctmae.train.pretrain import run_pretrain
 
     def config(out, resume=False):
@@ -173,17 +173,9 @@ def test_cuda_graph_resume_is_exact(shards, tmp_path, monkeypatch):
         return PretrainConfig(run=run, epochs=2, warmup_epochs=0, batch_size=4, preview=False)
 
     full = run_pretrain(config(tmp_path / "full"))
-    original = ShardLoader.set_epoch
-
-    def stop_at_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated interruption")
-        original(self, epoch)
-
-    monkeypatch.setattr(ShardLoader, "set_epoch", stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_before_epoch(patch, 1)
         run_pretrain(config(tmp_path / "cut"))
-    monkeypatch.setattr(ShardLoader, "set_epoch", original)
     resumed = run_pretrain(config(tmp_path / "cut", resume=True))
     assert resumed.state.step == full.state.step
     a, b = load_file(str(full.model_path)), load_file(str(resumed.model_path))

@@ -4,9 +4,7 @@ a full disk, a kill at every step of publishing, and one clear line per expected
 from __future__ import annotations
 
 import builtins
-import csv
 import errno
-import hashlib
 import json
 import os
 import re
@@ -22,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_ingest import read_manifest, tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
@@ -41,24 +40,6 @@ def phantoms(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("phantoms")
     write_phantoms(src, cases=3, seed=5, fracture_rate=0.4)
     return src
-
-
-def tree_bytes(out: Path) -> dict[str, str]:
-    """sha256 of every published output file (the work folder and the run's report excluded)."""
-    found = {}
-    for folder, dirs, names in os.walk(out):
-        dirs[:] = [d for d in dirs if d != ".ingest-work"]
-        for name in names:
-            path = Path(folder) / name
-            rel = path.relative_to(out).as_posix()
-            if rel != "ingest-report.json":
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def read_manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def cli(*args: str):

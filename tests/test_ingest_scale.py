@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_ingest import tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
@@ -41,19 +41,6 @@ from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
 from vctmae.ingest.synth import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tree_bytes(out: Path) -> dict[str, str]:
-    """sha256 of every published output file (the work folder and the run's report excluded)."""
-    found = {}
-    for folder, dirs, names in os.walk(out):
-        dirs[:] = [d for d in dirs if d != ".ingest-work"]
-        for name in names:
-            path = Path(folder) / name
-            rel = path.relative_to(out).as_posix()
-            if rel != "ingest-report.json":
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
 def link_case(src: Path, name: str, ct: Path, seg: Path | None) -> None:

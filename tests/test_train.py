@@ -200,24 +200,29 @@ def test_scalars_and_previews_also_go_to_tensorboard(easy_data, tmp_path):
     assert [e.step for e in events.Images("preview")] == [2, 4]
 
 
-def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatch):
+def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
+    """Ctrl-C when epoch `stop` (0-based) is about to start."""
     from vctmae.data import ShardLoader
+
+    original = ShardLoader.set_epoch
+
+    def interrupting(self, epoch):
+        if epoch == stop:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    patch.setattr(ShardLoader, "set_epoch", interrupting)
+
+
+def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatch):
 
     fast = {"max_steps_per_epoch": 2, "preview": False}
     full = run_pretrain(pretrain_config(easy_data["train"], tmp_path / "full", **fast))
 
-    original = ShardLoader.set_epoch
-
-    def crash_at_third_epoch(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        original(self, epoch)
-
-    monkeypatch.setattr(ShardLoader, "set_epoch", crash_at_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_before_epoch(patch, 2)
         run_pretrain(pretrain_config(easy_data["train"], tmp_path / "cut", **fast))
     assert json.loads((tmp_path / "cut/checkpoints/last.json").read_text())["epoch"] == 2
-    monkeypatch.setattr(ShardLoader, "set_epoch", original)
     resumed = run_pretrain(
         pretrain_config(easy_data["train"], tmp_path / "cut", resume=True, **fast)
     )
@@ -237,23 +242,14 @@ def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatc
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(easy_data, tmp_path, monkeypatch):
-    from vctmae.data import ShardLoader
     from vctmae.model import MaskedAutoencoder
 
     out = tmp_path / "nan"
     fast = {"max_steps_per_epoch": 2, "preview": False}
     # A 2-epoch run stopped after its first epoch (--resume refuses a changed --epochs).
-    original = ShardLoader.set_epoch
-
-    def stop_at_second_epoch(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated interruption")
-        original(self, epoch)
-
-    monkeypatch.setattr(ShardLoader, "set_epoch", stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_before_epoch(patch, 1)
         run_pretrain(pretrain_config(easy_data["train"], out, epochs=2, warmup_epochs=0, **fast))
-    monkeypatch.setattr(ShardLoader, "set_epoch", original)
     weights, _ = latest_checkpoint(out)
     before = weights_of(weights)
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
-from test_train import SMALL_MODEL, easy_crop, write_split  # noqa: E402
+from test_train import SMALL_MODEL, easy_crop, stop_before_epoch, write_split  # noqa: E402
 
 from vctmae.bench.shards import write_shard  # noqa: E402
 from vctmae.cli import app  # noqa: E402
@@ -100,20 +100,6 @@ def data(tmp_path_factory) -> dict[str, list[str]]:
         "seven": [str(seven)],
         "thin": [str(thin)],
     }
-
-
-def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
-    """Ctrl-C when epoch `stop` (0-based) is about to start."""
-    from vctmae.data import ShardLoader
-
-    original = ShardLoader.set_epoch
-
-    def interrupting(self, epoch):
-        if epoch == stop:
-            raise KeyboardInterrupt
-        original(self, epoch)
-
-    patch.setattr(ShardLoader, "set_epoch", interrupting)
 
 
 def stopped_pretraining(data, root: Path, completed: int) -> Path:
