@@ -188,6 +188,21 @@ def extent_from_bbox(bbox: Sequence[int], size: int = CROP_SIZE) -> tuple[int, i
     return check_extent((lo, hi), size)
 
 
+def _batch_and_device(
+    name: str, extents, batch_size: int | None, device
+) -> tuple[int, torch.device | str]:
+    """The batch size and device of a call given `extents` or `batch_size` (and maybe `device`)."""
+    import torch
+
+    if extents is None and batch_size is None:
+        raise ValueError(f"{name} needs extents or batch_size")
+    if device is None:
+        device = extents.device if isinstance(extents, torch.Tensor) else "cpu"
+    if batch_size is None:
+        batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
+    return batch_size, device
+
+
 def _as_extents(
     extents: torch.Tensor | Sequence | None, batch: int, device: torch.device | str
 ) -> torch.Tensor:
@@ -362,12 +377,7 @@ def draw_train_shifts(
     import torch
 
     check_mode(mode)
-    if extents is None and batch_size is None:
-        raise ValueError("draw_train_shifts needs extents or batch_size")
-    if device is None:
-        device = extents.device if isinstance(extents, torch.Tensor) else "cpu"
-    if batch_size is None:
-        batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
+    batch_size, device = _batch_and_device("draw_train_shifts", extents, batch_size, device)
     if mode == "crop":
         return torch.randint(0, STRIDE, (batch_size,), generator=generator, device=device)
     uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
@@ -391,12 +401,7 @@ def view_shift_table(
     import torch
 
     check_mode(mode)
-    if extents is None and batch_size is None:
-        raise ValueError("view_shift_table needs extents or batch_size")
-    if device is None:
-        device = extents.device if isinstance(extents, torch.Tensor) else "cpu"
-    if batch_size is None:
-        batch_size = torch.as_tensor(extents).reshape(-1, 2).shape[0]
+    batch_size, device = _batch_and_device("view_shift_table", extents, batch_size, device)
     extents = _as_extents(extents, batch_size, device)
     low, count = _shift_range(mode, extents)
     view = torch.arange(MAX_VIEWS, device=device)  # (V,)

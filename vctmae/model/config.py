@@ -169,11 +169,6 @@ class ModelConfig:
         """Values predicted per token: t_pred_patch · patch² · in_chans."""
         return self.t_pred_patch * self.patch**2 * self.in_chans
 
-    @property
-    def patch_volume(self) -> int:
-        """Voxels per one-channel tube (t_patch · patch²; 512 for 2×16×16)."""
-        return self.t_patch * self.patch**2
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
