@@ -24,6 +24,7 @@ from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL, TEST_RUN, write_split
 from typer.testing import CliRunner
 
+from vctmae.clip import REFERENCE_LEVELS
 from vctmae.data import LoaderOptions, ZarrCrops
 from vctmae.errors import UsageError
 from vctmae.ingest.discover import Case
@@ -35,7 +36,6 @@ from vctmae.ingest.synth import write_phantoms
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
 from vctmae.predict import PredictConfig, run_predict
-from vctmae.predict.config import MODEL_LEVELS
 from vctmae.predict.run import cut_scan
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
@@ -47,6 +47,8 @@ from vctmae.train.threshold import (
     write_best,
 )
 
+# The levels a checkpoint without a recorded clip rule is assessed on.
+LEVELS = parse_levels(REFERENCE_LEVELS)
 EXTRA_COLUMNS = ["case", "level", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "threshold"]
 
 
@@ -98,7 +100,7 @@ def predicted(raw, checkpoint, tmp_path_factory):
 def ingested(raw, tmp_path_factory) -> Path:
     """`raw` through `vctmae ingest` at predict's default levels."""
     data = tmp_path_factory.mktemp("predict-ingested")
-    geometry = GeometryConfig(levels=parse_levels(MODEL_LEVELS))
+    geometry = GeometryConfig(levels=parse_levels(REFERENCE_LEVELS))
     run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1), progress=False)
     return data
 
@@ -141,7 +143,9 @@ def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, ingested, t
             ct_name=scan.ct,
             seg_name=scan.seg,
         )
-        _, _, cut = cut_scan(case, config(checkpoint, tmp_path, src=raw), case.seg, segmented=False)
+        _, _, cut = cut_scan(
+            case, config(checkpoint, tmp_path, src=raw), case.seg, levels=LEVELS, segmented=False
+        )
         for crop in cut.crops:
             assert np.array_equal(crop.array, store.crop(f"{scan.case}_{crop.level}"))
 
@@ -187,9 +191,9 @@ def test_dicom_series_gives_the_crops_and_probabilities_of_its_nifti(raw, checkp
 
     def crops(ct: Path) -> list[np.ndarray]:
         case = Case(case="case000", patient="p", ct=ct, seg=seg, ct_name="", seg_name="")
-        return cut_scan(case, config(checkpoint, tmp_path, ct=ct, seg=seg), seg, segmented=False)[
-            2
-        ].crops
+        return cut_scan(
+            case, config(checkpoint, tmp_path, ct=ct, seg=seg), seg, levels=LEVELS, segmented=False
+        )[2].crops
 
     for a, b in zip(crops(series), crops(nifti), strict=True):
         assert a.level == b.level
@@ -382,12 +386,13 @@ def test_eval_reports_metrics_at_half_and_at_the_recorded_threshold(finetuned, t
             checkpoint=result.best_path,
             shards=tuple(test),
             out=tmp_path,
-            multiview=6,
             loader=LoaderOptions(workers=0),
             device="cpu",
             progress=False,
         )
     )
+    # The checkpoint's own rule: finetuning validated on one view.
+    assert metrics["multiview"] == recorded.multiview == 1
     predictions = read_predictions(tmp_path / "predictions.csv")
     labels, probs = predictions.labels, predictions.probs
     tuned = json.loads((tmp_path / "metrics.json").read_text())["at_validation_threshold"]
@@ -415,6 +420,20 @@ def test_eval_reports_metrics_at_half_and_at_the_recorded_threshold(finetuned, t
     finally:
         (tmp_path / "kept.json").rename(threshold_path(result.best_path))
     assert "at_validation_threshold" not in plain
+    # Six views give other probabilities: the one-view threshold does not hold for them.
+    six = run_eval(
+        EvalConfig(
+            checkpoint=result.best_path,
+            shards=tuple(test),
+            out=tmp_path / "six",
+            multiview=6,
+            loader=LoaderOptions(workers=0),
+            device="cpu",
+            progress=False,
+        )
+    )
+    assert "at_validation_threshold" not in six
+    assert "--multiview 1" in six["validation_threshold_unused"]
 
 
 def test_predict_decides_at_the_recorded_threshold_unless_told(finetuned, raw, tmp_path):
@@ -442,8 +461,9 @@ def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
     files = model_files(build_classifier("tiny", num_classes=2, **SMALL_MODEL))
     path = tmp_path / "best.safetensors"
     first = DecisionThreshold(
-        threshold=0.3, f1=0.8, f1_at_half=0.7, epoch=1, multiview=1, samples=10, positives=5
-    )
+        threshold=0.3, f1=0.8, f1_at_half=0.7, epoch=1, samples=10, positives=5,
+        frames="crop", multiview=1, combine="probs",
+    )  # fmt: skip
     write_best(files, path, first)
     assert read_threshold(path) == first
 
@@ -602,5 +622,7 @@ def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
     assert a.keys == b.keys == ["ct_L1"] and np.array_equal(a.probs, b.probs)
     assert "made by TotalSegmentator" in (tmp_path / "made" / "ct" / "report.html").read_text()
     # A second run reuses the kept label map: TotalSegmentator runs once.
-    run_predict(config(checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False))
+    run_predict(
+        config(checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False, replace=True)
+    )
     assert calls.read_text().count("\n") == 1

@@ -374,6 +374,7 @@ def test_compute_metrics_handles_a_single_class():
 def test_explain_writes_the_attention_picture(finetuned, tmp_path):
     import zarr
 
+    from vctmae.clip import ClipRule
     from vctmae.model import load_model
     from vctmae.train.config import ExplainConfig
     from vctmae.train.explain import explain_crop, rollout
@@ -392,8 +393,9 @@ def test_explain_writes_the_attention_picture(finetuned, tmp_path):
     store.attrs.update(keys=["a_L1", "b_L2"], splits=["test", "test"], levels=["L1", "L2"])
 
     model = load_model(finetuned.best_path)
-    result = explain_crop(model, crops[0])
+    result = explain_crop(model, crops[0], ClipRule())
     assert result["frames"].shape == (16, 96, 96)
+    assert result["slices"] == tuple(3 + 6 * k for k in range(16))  # the middle view, offset 3
     for heat in result["maps"].values():
         assert heat.shape == (16, 96, 96) and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
     picture = tmp_path / "x.png"

@@ -25,7 +25,8 @@ it samples, so a slice outside the extent is one it can never show.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +69,122 @@ ZARR_STORE = "crops.zarr"
 ZARR_CROPS = "crops"
 ZARR_CLASSES = "classes"
 ZARR_GRADES = "grades"
+
+
+# How a classifier's views of one crop make its prediction: "probs" averages the views' softmax
+# probabilities, "logits" their logits before one softmax (the reference code's way).
+COMBINE_MODES: tuple[str, ...] = ("probs", "logits")
+# Views per crop at evaluation: the middle view alone, or the full ensemble (crop mode's six
+# offsets, which together cover every slice; mask mode each sample's own shifts).
+VIEW_COUNTS: tuple[int, ...] = (1, STRIDE)
+# The levels the reference code finetunes on: VerSe 8-25, T1-T12 and L1-L6. A list, because the
+# range T1-L6 would also take T13, which lies between T12 and L1.
+REFERENCE_LEVELS = "T1-T12,L1-L6"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipRule:
+    """How a classifier turns a vertebra crop into its decision, beyond the model's own config.
+
+    Finetuning records the rule it validated with in the classifier's description
+    (`vctmae.model.checkpoint`), so that eval, explain and predict apply the same one by
+    default. The frame size and the input normalisation belong to the model's config, which
+    travels beside the weights too.
+
+    frames: `FRAME_MODES`, which slices make the 16 frames.
+    multiview: `VIEW_COUNTS`, views per crop whose predictions are combined.
+    combine: `COMBINE_MODES`, how the views' predictions combine.
+    levels: the vertebra levels the model was trained on ("all", or a list/ranges).
+    """
+
+    frames: str = "crop"
+    multiview: int = STRIDE
+    combine: str = "probs"
+    levels: str = REFERENCE_LEVELS
+
+    # The fields a probability depends on (a decision threshold holds only for these).
+    PROBABILITY_FIELDS = ("frames", "multiview", "combine")
+
+    def __post_init__(self) -> None:
+        for name, kind in (("frames", str), ("combine", str), ("levels", str)):
+            if type(getattr(self, name)) is not kind:
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if type(self.multiview) is not int:
+            raise ValueError(f"multiview must be an integer, got {self.multiview!r}")
+        check_mode(self.frames)
+        if self.multiview not in VIEW_COUNTS:
+            raise ValueError(f"multiview must be 1 or {STRIDE}, got {self.multiview}")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(
+                f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ClipRule:
+        """The rule stored by `to_json`; ValueError for a missing, unknown or ill-typed field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a clip rule must be a JSON object, got {data!r}")
+        expected = set(asdict(cls()))
+        if set(data) != expected:
+            raise ValueError(
+                f"a clip rule has the fields {', '.join(sorted(expected))}, got "
+                f"{', '.join(sorted(data)) or 'none'}"
+            )
+        return cls(**data)
+
+    def describe(self) -> str:
+        views = "1 view" if self.multiview == 1 else f"{self.multiview} views"
+        return f"--frames {self.frames}, {views} (--combine {self.combine}), levels {self.levels}"
+
+    def same_probabilities(self, other: ClipRule) -> bool:
+        """Whether both rules give every crop the same probability (levels aside)."""
+        return all(getattr(self, f) == getattr(other, f) for f in self.PROBABILITY_FIELDS)
+
+
+def resolve_rule(
+    recorded: ClipRule | None,
+    *,
+    who: str,
+    frames: str | None = None,
+    multiview: int | None = None,
+    combine: str | None = None,
+    levels: str | None = None,
+) -> tuple[ClipRule, list[str]]:
+    """The rule a command applies to `who`'s model (a checkpoint), and the lines to say about it.
+
+    Each option left None takes the recorded rule's value; one given explicitly is used even
+    where it differs from the recorded rule, and the difference is said in one line. A model
+    without a recorded rule gets the default rule, said in one line.
+    """
+    base = recorded if recorded is not None else ClipRule()
+    asked = {"frames": frames, "multiview": multiview, "combine": combine, "levels": levels}
+    chosen = {name: value for name, value in asked.items() if value is not None}
+    rule = ClipRule(**{**base.to_json(), **chosen})
+    lines = []
+    if recorded is None:
+        lines.append(
+            f"{who} records no clip rule (it was not written by vctmae finetune); using "
+            f"{ClipRule().describe()} unless flags say otherwise"
+        )
+    else:
+        for name, value in chosen.items():
+            if value != getattr(recorded, name):
+                flag = "--" + name
+                lines.append(
+                    f"{flag} {value}: the model in {who} was trained and validated with "
+                    f"{flag} {getattr(recorded, name)}; using {value} as asked"
+                )
+    return rule, lines
+
+
+def middle_shift(mode: str) -> int:
+    """The shift of the single middle view (`--multiview 1`): crop mode offset 3, mask mode 0
+    (the unshifted frames over the vertebra's extent)."""
+    check_mode(mode)
+    return STRIDE // 2 if mode == "crop" else 0
 
 
 def check_mode(mode: str) -> str:

@@ -67,13 +67,13 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     """Run the benchmark (module docstring); writes and returns the JSON report."""
     import torch
 
+    from vctmae.clip import REFERENCE_LEVELS
     from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.ingest.synth import write_phantoms
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
     from vctmae.predict import PredictConfig, run_predict
-    from vctmae.predict.config import MODEL_LEVELS
     from vctmae.predict.report import SUMMARY
     from vctmae.train import EvalConfig, run_eval
 
@@ -135,7 +135,7 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
 
         def ingest_and_eval() -> None:
             data = root / "data"
-            geometry = GeometryConfig(levels=parse_levels(MODEL_LEVELS))
+            geometry = GeometryConfig(levels=parse_levels(REFERENCE_LEVELS))
             run_ingest(
                 IngestConfig(src=root / "raw", out=data, geometry=geometry, workers=1),
                 progress=False,

@@ -14,7 +14,6 @@ import typer
 
 from vctmae.cli.app import app, expected_failures
 from vctmae.cli.options import config_command
-from vctmae.data.options import REFERENCE_LEVELS
 from vctmae.train.config import (
     EvalConfig,
     ExplainConfig,
@@ -41,11 +40,7 @@ def pretrain(config: PretrainConfig) -> None:
     typer.echo(f"pretraining done: {result.state.epoch} epochs, weights {result.model_path}")
 
 
-# Finetuning and evaluation use the reference code's levels unless told otherwise (SPEC §7);
-# pretraining, like the reference's, every crop it is given.
-@config_command(
-    app, FinetuneConfig, defaults={"--out": Path("runs/finetune"), "--levels": REFERENCE_LEVELS}
-)
+@config_command(app, FinetuneConfig, defaults={"--out": Path("runs/finetune")})
 def finetune(config: FinetuneConfig) -> None:
     """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
     from vctmae.train import run_finetune
@@ -61,7 +56,7 @@ def finetune(config: FinetuneConfig) -> None:
     typer.echo(f"finetuning done: {result.state.epoch} epochs{note}; weights {result.best_path}")
 
 
-@config_command(app, EvalConfig, name="eval", defaults={"--levels": REFERENCE_LEVELS})
+@config_command(app, EvalConfig, name="eval")
 def evaluate(config: EvalConfig) -> None:
     """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
     from vctmae.train import run_eval

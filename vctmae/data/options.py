@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vctmae.clip import REFERENCE_LEVELS
 from vctmae.errors import UsageError
 from vctmae.flags import flag
 
@@ -16,14 +17,11 @@ if TYPE_CHECKING:
 
 # Torch-free on purpose: the command line imports this module to build its options.
 BACKENDS = ("torch", "dali")
-# The reference code's finetuning levels: VerSe labels 8..25 = T1–T12 and L1–L6 (T13, label
-# 28, is out; src/finetuning/data.py:35, config/finetuning/data/default.yaml:9-10). Written as
-# a list because the range T1-L6 would take T13, which lies between T12 and L1.
-REFERENCE_LEVELS = "T1-T12,L1-L6"
 LEVELS_HELP = (
     "Vertebra levels to use, by each sample's JSON `level`: all, or a list/ranges such as "
-    f"{REFERENCE_LEVELS} (the reference code's finetuning set, VerSe 8-25: T13 out). "
-    "Defaults: finetune and eval the reference set; pretrain all (the reference filters nothing)."
+    f"{REFERENCE_LEVELS}. Default: pretrain all (the reference filters nothing); finetune "
+    f"{REFERENCE_LEVELS}, the reference's finetuning set (VerSe 8-25, T13 out); eval the levels "
+    "the checkpoint was finetuned on."
 )
 CACHES = ("none", "device")
 
@@ -35,7 +33,8 @@ class LoaderOptions:
 
     workers: int = flag(2, "Loader worker processes per training process.", resumable=True)
     backend: str = flag("torch", "Loader backend: torch | dali.", name="--loader")
-    levels: str = flag("all", LEVELS_HELP)
+    # None: the command's default (`LEVELS_HELP`); the loader itself then keeps every level.
+    levels: str | None = flag(None, LEVELS_HELP)
     cache: str = flag(
         "none",
         "none: stream the shards | device: load every crop into device memory once and "
@@ -58,7 +57,9 @@ class LoaderOptions:
         """The levels `--levels` keeps, None for all (`vctmae.ingest.levels.parse_levels`)."""
         from vctmae.ingest.levels import parse_levels
 
-        return None if self.levels.strip().lower() == "all" else parse_levels(self.levels)
+        if self.levels is None or self.levels.strip().lower() == "all":
+            return None
+        return parse_levels(self.levels)
 
     def build(
         self,

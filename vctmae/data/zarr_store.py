@@ -35,6 +35,7 @@ class ZarrCrops:
             self._crops = group[ZARR_CROPS]
             self._classes = np.asarray(group[ZARR_CLASSES][:], dtype=np.int64)
             self.keys: list[str] = list(group.attrs["keys"])
+            self._bboxes = group.attrs.get("bboxes")
         except (FileNotFoundError, KeyError, ValueError, TypeError) as error:
             # What zarr raises for a missing, foreign or damaged store (not found, no such
             # array or attribute, unreadable metadata).
@@ -62,6 +63,15 @@ class ZarrCrops:
     def crop(self, key: str) -> np.ndarray:
         """The int16 (96, 96, 96) crop in video order."""
         return np.asarray(self._crops[self._index(key)], dtype=np.int16)
+
+    def bbox(self, key: str) -> tuple[int, ...]:
+        """The crop's vertebra mask box in crop indices (x0, x1, y0, y1, z0, z1), half-open."""
+        if self._bboxes is None:
+            raise ZarrStoreError(
+                f"{self.path}: the store records no mask boxes (--frames mask needs them); "
+                "ingest the data again with this vctmae"
+            )
+        return tuple(int(v) for v in self._bboxes[self._index(key)])
 
     def label(self, key: str) -> int:
         """Class of the crop (−1 when unlabeled)."""

@@ -319,6 +319,7 @@ class Assembly:
                 patient=meta["patient"],
                 cls=sample.cls,
                 grade=sample.grade,
+                bbox=meta["bbox"],
             )
         self._manifest.write(
             {

@@ -208,6 +208,8 @@ class ZarrWriter:
         self._attrs: dict[str, list[str]] = {
             k: [] for k in ("keys", "splits", "levels", "cases", "patients")
         }
+        # Each crop's vertebra mask box in crop indices (what `--frames mask` reads).
+        self._bboxes: list[list[int]] = []
         self._check: dict[int, bytes] = {}
 
     @property
@@ -226,6 +228,7 @@ class ZarrWriter:
         patient: str,
         cls: int | None,
         grade: int | None,
+        bbox: list[int],
     ) -> None:
         """Store crop `index` from its `encode_crop` bytes."""
         if index != self.count:
@@ -240,6 +243,7 @@ class ZarrWriter:
         self._last = (index, encoded)
         self._classes.append(-1 if cls is None else cls)
         self._grades.append(-1 if grade is None else grade)
+        self._bboxes.append([int(v) for v in bbox])
         for name, value in (
             ("keys", key),
             ("splits", split),
@@ -280,7 +284,7 @@ class ZarrWriter:
                 )
                 if count:
                     array[:] = np.array(values, dtype=np.int8)
-            self.group.attrs.update(self._attrs)
+            self.group.attrs.update({**self._attrs, "bboxes": self._bboxes})
         for index, encoded in self._check.items():
             expected = decode_crop(encoded, self.crops.shape[1:])
             if not np.array_equal(self.crops[index], expected):

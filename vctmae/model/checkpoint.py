@@ -15,6 +15,7 @@ the previous file in place).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
+from vctmae.clip import ClipRule
 from vctmae.errors import VctmaeError, is_out_of_space, out_of_space
 from vctmae.model.config import ModelConfig
 from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
@@ -38,7 +40,10 @@ from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
 PosInit = Literal["crop", "random", "interpolate"]
 POS_INITS = ("crop", "random", "interpolate")
 FORMAT = "vctmae-model"
-FORMAT_VERSION = 1
+# 2: the weights file's metadata holds the sha256 of the description beside it, and a
+# classifier's description may hold the clip rule it was trained with. 1: neither.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 
 
 class CheckpointError(VctmaeError, ValueError):
@@ -525,61 +530,130 @@ class ModelFiles:
     description: dict[str, object]
 
 
-def model_files(model: VideoViT) -> ModelFiles:
+def model_files(model: VideoViT, *, clip: ClipRule | None = None) -> ModelFiles:
     """A copy of `model`'s weights on the CPU and its description, ready to write (also from
-    another thread while training goes on: nothing here refers to the live parameters)."""
+    another thread while training goes on: nothing here refers to the live parameters).
+
+    clip: the rule a classifier was trained and validated with, recorded in its description so
+    that eval, explain and predict apply it by default.
+    """
     model = unwrap(model)
     tensors = {
         key: value.detach().to("cpu", copy=True).contiguous()
         for key, value in model.state_dict().items()
     }
-    description = {
+    description: dict[str, object] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": model_kind(model),
         "config": model.config.to_dict(),
     }
+    if clip is not None:
+        description["clip"] = clip.to_json()
     return ModelFiles(tensors=tensors, description=description)
+
+
+def description_digest(description: Mapping[str, object]) -> str:
+    """sha256 of a model description in a canonical JSON form (sorted keys, no spaces)."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The weights file's metadata key that pairs it with its description.
+DIGEST_KEY = "description_sha256"
 
 
 def write_model(files: ModelFiles, path: str | Path) -> Path:
     """Write weights (safetensors at `path`) and config (`config_path(path)`), each atomically
-    (config first, then weights): a crash or a full disk never leaves a half-written file."""
+    (config first, then weights): a crash or a full disk never leaves a half-written file.
+
+    The weights' metadata holds the digest of the description, so a description edited or
+    swapped afterwards is refused when the weights are loaded (`read_model_description`).
+    """
     path = Path(path)
     text = (json.dumps(files.description, indent=2) + "\n").encode()
     write_atomically(config_path(path), lambda handle: handle.write(text))
-    data = serialize_safetensors(files.tensors, metadata={"format": FORMAT})
+    metadata = {"format": FORMAT, DIGEST_KEY: description_digest(files.description)}
+    data = serialize_safetensors(files.tensors, metadata=metadata)
     write_atomically(path, lambda handle: handle.write(data))
     return path
 
 
-def save_model(model: VideoViT, path: str | Path) -> Path:
+def save_model(model: VideoViT, path: str | Path, *, clip: ClipRule | None = None) -> Path:
     """Write the weights as safetensors at `path` and the config at `config_path(path)`."""
-    return write_model(model_files(model), path)
+    return write_model(model_files(model, clip=clip), path)
 
 
 KINDS = ("mae", "classifier")
 
 
-def read_model_config(path: str | Path) -> tuple[str, ModelConfig]:
-    """(kind, config) recorded beside a weights file; a missing or damaged one is named."""
+@dataclass(frozen=True, kw_only=True)
+class ModelDescription:
+    """What the JSON beside a weights file says: the model kind, its config, and (classifiers
+    from finetuning) the clip rule it was trained with."""
+
+    kind: str
+    config: ModelConfig
+    clip: ClipRule | None = None
+
+
+def _weights_digest(path: Path) -> str | None:
+    """The description digest in a weights file's metadata (None when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({error}); truncated or not weights"
+        ) from None
+    return metadata.get(DIGEST_KEY)
+
+
+def read_model_description(path: str | Path) -> ModelDescription:
+    """The description recorded beside a weights file; a missing, damaged, unknown or edited one
+    (its digest no longer that of the weights' metadata) is a CheckpointError naming it."""
+    path = Path(path)
     description_path = config_path(path)
     if not description_path.is_file():
-        raise CheckpointError(f"{description_path}: config file missing beside {Path(path).name}")
+        raise CheckpointError(f"{description_path}: config file missing beside {path.name}")
     try:
         description = json.loads(description_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{description_path}: not a {FORMAT} config ({error})") from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise CheckpointError(f"{description_path}: not a {FORMAT} config")
+    version = description.get("version")
+    if type(version) is not int or version not in FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"{description_path}: format version {version!r} is not one this vctmae reads "
+            f"({', '.join(map(str, FORMAT_VERSIONS))}); a newer vctmae wrote it?"
+        )
+    if version >= 2 and path.is_file():
+        recorded = _weights_digest(path)
+        if recorded != description_digest(description):
+            raise CheckpointError(
+                f"{description_path}: does not describe the weights in {path.name} (its digest "
+                "differs from the one the weights were saved with): edited or from another "
+                "model; use the description written with the weights"
+            )
     kind = description.get("kind")
     if kind not in KINDS:
         raise CheckpointError(f"{description_path}: unknown model kind {kind!r}")
     try:
         config = ModelConfig.from_dict(description.get("config", {}))
+        clip = description.get("clip")
+        rule = None if clip is None else ClipRule.from_json(clip)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{description_path}: {error}") from None
-    return kind, config
+    return ModelDescription(kind=kind, config=config, clip=rule)
+
+
+def read_model_config(path: str | Path) -> tuple[str, ModelConfig]:
+    """(kind, config) recorded beside a weights file (`read_model_description`)."""
+    description = read_model_description(path)
+    return description.kind, description.config
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> VideoViT:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -174,11 +175,27 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """The config `to_dict` wrote; ValueError for an unknown or ill-typed field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a model config must be a JSON object, got {values!r}")
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        for name, value in values.items():
+            if not _has_type(value, hints[name]):
+                raise ValueError(
+                    f"ModelConfig.{name} must be of type {hints[name].__name__}, got {value!r}"
+                )
         return cls(**values)
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    """Whether a JSON value is of a config field's type (an int is a float; a bool is neither)."""
+    if kind is float:
+        return type(value) in (int, float)
+    return type(value) is kind
 
 
 def vit_large() -> ModelConfig:

@@ -12,17 +12,15 @@ from vctmae.errors import UsageError
 from vctmae.flags import flag
 from vctmae.ingest.levels import SCHEMES, parse_levels
 from vctmae.train.config import (
-    COMBINE,
     COMBINE_HELP,
     DEVICES,
-    FRAME_MODES,
     FRAMES_HELP,
+    MULTIVIEW_HELP,
+    RULE_DEFAULT,
     SpeedOptions,
+    check_rule_options,
 )
 
-# The levels the reference code finetunes on (VerSe 8-25: T1-T12, L1-L6; T13 is out): the
-# levels a model finetuned the paper's way has seen. A range T1-L6 would take T13 too.
-MODEL_LEVELS = "T1-T12,L1-L6"
 # `vctmae.ingest.geometry.LABEL_SCHEMES`, spelt here so that building the command line does not
 # import scipy.
 LABEL_SCHEMES = ("auto", *SCHEMES)
@@ -66,15 +64,15 @@ class PredictConfig:
         "'vctmae\\[totalseg]'; its weights must be available offline, TOTALSEG_HOME_DIR); kept "
         "as CASE/vertebrae-totalseg.nii.gz and reused by a later run.",
     )
-    levels: str = flag(
-        MODEL_LEVELS,
-        "Vertebra levels to assess: all, or a list/ranges (default: the levels the reference "
-        "finetuning uses; others are listed as not assessed).",
+    levels: str | None = flag(
+        None,
+        "Vertebra levels to assess: all, or a list/ranges (default: the levels the checkpoint was "
+        "finetuned on; others are listed as not assessed).",
     )
     label_scheme: str = flag("auto", "Label map scheme: auto, verse or totalseg.")
-    multiview: int = flag(6, "Views per vertebra averaged: 6 (the whole ensemble) or 1.")
-    frames: str = flag("crop", FRAMES_HELP + " Use the finetuning run's rule.")
-    combine: str = flag("probs", COMBINE_HELP)
+    multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
+    frames: str | None = flag(None, FRAMES_HELP + RULE_DEFAULT)
+    combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
     threshold: float | None = flag(
         None,
         "Decision threshold on P(fracture) (default: the validation-optimal one finetuning "
@@ -89,6 +87,12 @@ class PredictConfig:
         negatable=True,
     )
     progress: bool = flag(True, "Show the progress bar.", negatable=True)
+    replace: bool = flag(
+        False,
+        "Replace the report of an earlier run in --out (its pages, pictures, CSV and summary are "
+        "removed first; TotalSegmentator label maps kept there stay). Without it such an --out is "
+        "refused.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("checkpoint", "out", "src", "pairs", "ct", "seg"):
@@ -112,18 +116,11 @@ class PredictConfig:
                 raise UsageError(f"{value}: --{name} does not exist")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"{self.out}: --out names a file; give a folder for the report")
-        if self.multiview not in (1, 6):
-            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.frames not in FRAME_MODES:
-            raise UsageError(
-                f"--frames must be one of {', '.join(FRAME_MODES)}, got {self.frames!r}"
-            )
-        if self.combine not in COMBINE:
-            raise UsageError(f"--combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
+        check_rule_options(self.frames, self.multiview, self.combine)
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.label_scheme not in LABEL_SCHEMES:
@@ -131,8 +128,10 @@ class PredictConfig:
                 f"--label-scheme must be one of {', '.join(LABEL_SCHEMES)}, "
                 f"got {self.label_scheme!r}"
             )
-        self.level_set()  # a bad --levels is a usage error now
+        if self.levels is not None:
+            level_set(self.levels)  # a bad --levels is a usage error now
 
-    def level_set(self) -> frozenset[str] | None:
-        """The levels `--levels` keeps; None for all."""
-        return None if self.levels.strip().lower() == "all" else parse_levels(self.levels)
+
+def level_set(levels: str) -> frozenset[str] | None:
+    """The levels a `--levels` value keeps; None for all."""
+    return None if levels.strip().lower() == "all" else parse_levels(levels)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vctmae.clip import ClipRule
 from vctmae.model.checkpoint import write_atomically
 from vctmae.predict.config import PredictConfig
 from vctmae.predict.pictures import SLAB_MM, probability_hex
@@ -47,54 +48,54 @@ DISCLAIMER = (
 class RunFacts:
     """What every page and summary.json say about the run itself."""
 
-    checkpoint: str
+    checkpoint: str  # as given on the command line
+    checkpoint_path: str  # absolute, so that a report read elsewhere still names the file
     checkpoint_sha256: str
     model: dict[str, Any]  # the checkpoint's model config (preset fields)
     threshold: Threshold
-    multiview: int
-    levels: str
+    rule: dict[str, Any]  # the clip rule applied: frames, multiview, combine, levels
     device: str
     crop_size: int
     spacing_mm: float
-    shown_slices: tuple[int, ...]  # the crop slices of the frames the pictures draw
     started: str  # ISO time
     versions: dict[str, str]
     git_commit: str | None
     machine: dict[str, Any]
 
     @classmethod
-    def of(cls, config: PredictConfig, threshold: Threshold, *, device: str) -> RunFacts:
-        import torch
-
-        from vctmae.data import offset_frames
+    def of(
+        cls, config: PredictConfig, threshold: Threshold, rule: ClipRule, *, device: str
+    ) -> RunFacts:
         from vctmae.ingest.geometry import GeometryConfig
         from vctmae.model.checkpoint import read_model_config
-        from vctmae.predict.run import SHOWN_OFFSET, file_digest
+        from vctmae.predict.run import file_digest
         from vctmae.provenance import git_commit, machine_info, versions
 
         _, model = read_model_config(config.checkpoint)
         geometry = GeometryConfig()
         return cls(
-            checkpoint=str(Path(config.checkpoint).resolve()),
+            checkpoint=str(config.checkpoint),
+            checkpoint_path=str(Path(config.checkpoint).resolve()),
             checkpoint_sha256=file_digest(config.checkpoint),
             model=model.to_dict(),
             threshold=threshold,
-            multiview=config.multiview,
-            levels=config.levels,
+            rule=rule.to_json(),
             device=device,
             crop_size=geometry.size,
             spacing_mm=geometry.spacing,
-            shown_slices=tuple(offset_frames(torch.tensor([SHOWN_OFFSET]))[0].tolist()),
             started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             versions=versions(),
             git_commit=git_commit(),
             machine=machine_info(),
         )
 
+    @property
+    def multiview(self) -> int:
+        return self.rule["multiview"]
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["threshold"] = self.threshold.to_json()
-        out["shown_slices"] = list(self.shown_slices)
         return out
 
 
@@ -125,7 +126,7 @@ def write_scan(
                     seen["frames"],
                     seen["maps"]["rollout"],
                     folder / name,
-                    slices=run.shown_slices,
+                    slices=seen["slices"],
                     centre=(run.crop_size - 1) / 2,
                     spacing=run.spacing_mm,
                     box=vertebra.bbox,
@@ -142,7 +143,8 @@ def write_scan(
             scan.not_assessed,
             run.threshold.value,
             folder / OVERVIEW,
-            title=f"{scan.case}: sagittal plane through the spine's midline",
+            # The case id is the page's heading, in HTML: ids in any script show there.
+            title="Sagittal plane through the spine's midline",
         )
         overview = f"{scan.folder}/{OVERVIEW}"
     scan = dataclasses.replace(scan, page=f"{scan.folder}/{PAGE}", overview=overview)
@@ -300,12 +302,13 @@ def _facts(scan: ScanResult, run: RunFacts) -> str:
         ("CT", scan.ct + (f" (series {scan.series})" if scan.series else "")),
         ("Label map", seg or "—"),
         ("Voxels", f"{spacing}, stored {scan.source_orientation or '—'}"),
-        ("Levels assessed", f"{run.levels} (labels read as {scan.scheme or '—'})"),
+        ("Levels assessed", f"{run.rule['levels']} (labels read as {scan.scheme or '—'})"),
         ("Threshold", f"{run.threshold.value:.4f}: {run.threshold.detail}"),
         (
             "Model",
             f"{run.checkpoint} (ViT {model.get('embed_dim')}-d × {model.get('depth')} layers; "
-            f"sha256 {run.checkpoint_sha256[:12]}…), mean of {run.multiview} view(s) per vertebra",
+            f"sha256 {run.checkpoint_sha256[:12]}…); --frames {run.rule['frames']}, "
+            f"{run.multiview} view(s) per vertebra combined by --combine {run.rule['combine']}",
         ),
     ]
     cells = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)

@@ -6,16 +6,29 @@ These travel from the run (`vctmae.predict.run`) to the report writers
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from vctmae.ingest.assemble import sample_key
 
+# Longest report folder name: far below the 255 bytes file systems allow, so that the folder and
+# the temporary names of the files written in it always fit.
+MAX_FOLDER = 96
+
 
 def case_folder(case_id: str) -> str:
     """The report folder of a case: its id as crop keys spell it (`sample_key`: every
-    character outside [A-Za-z0-9_-] becomes "-"), so `CASE/` and the keys `CASE_L1` agree."""
-    return sample_key(case_id, "").removesuffix("_")
+    character outside [A-Za-z0-9_-] becomes "-"), so `CASE/` and the keys `CASE_L1` agree.
+
+    An id too long for a file name is cut, and a digest of the whole id keeps distinct ids
+    apart; the full id stays in the pages, predictions.csv and summary.json.
+    """
+    folder = sample_key(case_id, "").removesuffix("_")
+    if len(folder) <= MAX_FOLDER:
+        return folder
+    digest = hashlib.sha256(case_id.encode("utf-8")).hexdigest()[:16]
+    return f"{folder[: MAX_FOLDER - len(digest) - 1]}-{digest}"
 
 
 @dataclass(frozen=True, kw_only=True)

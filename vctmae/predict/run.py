@@ -37,14 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from vctmae.errors import VctmaeError
+from vctmae.clip import ClipRule
+from vctmae.errors import UsageError, VctmaeError
 from vctmae.ingest.assemble import sample_key
 from vctmae.ingest.discover import BadInput, Case, discover_cases, nifti_stem
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import CaseCrops, GeometryConfig
 from vctmae.ingest.levels import SCHEMES
 from vctmae.ingest.nifti import Volume
-from vctmae.predict.config import PredictConfig
+from vctmae.predict.config import PredictConfig, level_set
 from vctmae.predict.results import (
     NotAssessed,
     ScanResult,
@@ -55,8 +56,6 @@ from vctmae.predict.results import (
 from vctmae.progress import error_line, progress_bar
 
 SEGMENTATION = "vertebrae-totalseg.nii.gz"  # in CASE/: the label map --segment made
-# The view whose frames and attention the report draws: the middle one (--multiview 1's).
-SHOWN_OFFSET = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,30 +97,13 @@ def find_scans(config: PredictConfig) -> tuple[list[Case], list[BadInput]]:
     )
 
 
-def choose_threshold(config: PredictConfig) -> Threshold:
-    """`--threshold`, else the validation-optimal one beside the checkpoint, else 0.5."""
-    from vctmae.train.threshold import DEFAULT_THRESHOLD, read_threshold, threshold_path
+def choose_threshold(config: PredictConfig, rule: ClipRule) -> Threshold:
+    """`--threshold`, else the validation-optimal one beside the checkpoint when it was measured
+    under `rule`, else 0.5 (`vctmae.train.threshold.choose_threshold`)."""
+    from vctmae.train.threshold import choose_threshold as choose
 
-    if config.threshold is not None:
-        return Threshold(
-            value=config.threshold, source="--threshold", detail="given with --threshold"
-        )
-    recorded = read_threshold(config.checkpoint)
-    if recorded is None:
-        return Threshold(
-            value=DEFAULT_THRESHOLD,
-            source="default",
-            detail=f"the default: no {threshold_path(config.checkpoint).name} beside the "
-            "checkpoint (finetuning without validation data, or an older run)",
-        )
-    views = "1 view" if recorded.multiview == 1 else f"{recorded.multiview} views"
-    return Threshold(
-        value=recorded.threshold,
-        source="validation",
-        detail=f"the validation-optimal F1 threshold finetuning recorded (epoch {recorded.epoch}; "
-        f"{recorded.samples} validation vertebrae, {recorded.positives} fractured, {views}; "
-        f"F1 {recorded.f1:.3f} there vs {recorded.f1_at_half:.3f} at 0.5)",
-    )
+    choice = choose(config.checkpoint, rule, config.threshold)
+    return Threshold(value=choice.value, source=choice.source, detail=choice.detail)
 
 
 class Predictor:
@@ -130,23 +112,36 @@ class Predictor:
     def __init__(self, config: PredictConfig) -> None:
         import torch
 
-        from vctmae.model.checkpoint import load_classifier
+        from vctmae.clip import resolve_rule
+        from vctmae.model.checkpoint import load_classifier, read_model_description
         from vctmae.train.config import refuse_frame_options
         from vctmae.train.distributed import resolve_device
         from vctmae.train.explain import refuse_volume
+        from vctmae.train.runlog import warn
         from vctmae.train.speed import apply_speedups
 
         self.device = resolve_device(config.device)
         self.model = load_classifier(config.checkpoint).to(self.device).eval()
-        refuse_frame_options(self.model.config, str(config.checkpoint), frames=config.frames)
+        # The clip rule the model was finetuned with, unless a flag says otherwise.
+        self.rule, lines = resolve_rule(
+            read_model_description(config.checkpoint).clip,
+            who=str(config.checkpoint),
+            frames=config.frames,
+            multiview=config.multiview,
+            combine=config.combine,
+            levels=config.levels,
+        )
+        for line in lines:
+            warn(line)
+        self.levels = level_set(self.rule.levels)
+        refuse_frame_options(self.model.config, str(config.checkpoint), frames=self.rule.frames)
         if config.attention:
             refuse_volume(self.model.config, str(config.checkpoint))
         speed = config.speed
         self.module = apply_speedups(
             self.model, patch_embed=speed.patch_embed, compile=speed.compile, device=self.device
         )
-        self.views, self.precision = config.multiview, speed.precision
-        self.frames, self.combine = config.frames, config.combine
+        self.precision = speed.precision
         self.batch_size = config.batch_size
         self._pin = self.device.type == "cuda"
         self._torch = torch
@@ -171,12 +166,12 @@ class Predictor:
                 multiview_probs(
                     self.module,
                     batch,
-                    views=self.views,
+                    views=self.rule.multiview,
                     device=self.device,
                     precision=self.precision,
-                    frames=self.frames,
+                    frames=self.rule.frames,
                     boxes=batch_boxes.to(self.device),
-                    combine=self.combine,
+                    combine=self.rule.combine,
                 )
             )
         if not out:
@@ -184,13 +179,15 @@ class Predictor:
         # One host-device sync per scan, here.
         return torch.cat(out).double().cpu().numpy()
 
-    def attention(self, crop: np.ndarray) -> dict[str, Any]:
-        """The shown view's frames and attention maps (`vctmae.train.explain.attention_frames`)."""
+    def attention(self, crop: np.ndarray, bbox: tuple[int, ...]) -> dict[str, Any]:
+        """The frames, crop slices and attention maps of the middle view under the model's frame
+        rule (`vctmae.train.explain.attention_frames`)."""
         from vctmae.train.explain import attention_frames
 
-        result = attention_frames(self.model, crop, offset=SHOWN_OFFSET)
+        result = attention_frames(self.model, crop, frames=self.rule.frames, bbox=bbox)
         return {
             "frames": result["frames"].numpy(),
+            "slices": result["slices"],
             "maps": {name: heat.numpy() for name, heat in result["maps"].items()},
         }
 
@@ -204,16 +201,23 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _geometry(config: PredictConfig, segmented: bool) -> GeometryConfig:
+def _geometry(
+    config: PredictConfig, levels: frozenset[str] | None, segmented: bool
+) -> GeometryConfig:
     scheme = config.label_scheme
     if segmented and scheme == "auto":
         # TotalSegmentator's values, even for a map holding only L4 (28) and L5 (27).
         scheme = "totalseg"
-    return GeometryConfig(levels=config.level_set(), label_scheme=scheme)
+    return GeometryConfig(levels=levels, label_scheme=scheme)
 
 
 def cut_scan(
-    case: Case, config: PredictConfig, seg: Path, *, segmented: bool
+    case: Case,
+    config: PredictConfig,
+    seg: Path,
+    *,
+    levels: frozenset[str] | None,
+    segmented: bool,
 ) -> tuple[Volume, Volume, CaseCrops]:
     """Read the scan and its label map and cut its crops in memory — ingest's reader and
     geometry, the crops `vctmae ingest` writes for it. Raises `IngestError` for a bad scan."""
@@ -222,7 +226,7 @@ def cut_scan(
 
     ct = read_ct(case.ct, series_uid=case.series or config.series)
     labels = read_label_map(seg)
-    return ct, labels, crops_from_volumes(ct, labels, _geometry(config, segmented))
+    return ct, labels, crops_from_volumes(ct, labels, _geometry(config, levels, segmented))
 
 
 def _failed(case: Case | BadInput, line: str, seconds: dict[str, float]) -> ScanResult:
@@ -257,7 +261,7 @@ def predict_scan(
                 segment_vertebrae(case.ct, seg)
             seconds["segment"] = time.perf_counter() - started
         cut_started = time.perf_counter()
-        ct, labels, cut = cut_scan(case, config, seg, segmented=segmented)
+        ct, labels, cut = cut_scan(case, config, seg, levels=predictor.levels, segmented=segmented)
         seconds["read_and_crop"] = time.perf_counter() - cut_started
     except IngestError as error:
         return _failed(case, str(error), seconds), None, []
@@ -289,7 +293,7 @@ def predict_scan(
     attention = []
     if config.attention:
         attention_started = time.perf_counter()
-        attention = [predictor.attention(crop.array) for crop in cut.crops]
+        attention = [predictor.attention(crop.array, tuple(crop.bbox)) for crop in cut.crops]
         seconds["attention"] = time.perf_counter() - attention_started
     label_values = {name: value for value, name in SCHEMES[cut.scheme].items()}
     result = ScanResult(
@@ -314,6 +318,54 @@ def _progress(enabled: bool):
     return progress_bar("predict", "scans", "{task.fields[scan]}", enabled=enabled)
 
 
+def _report_files(out: Path) -> list[Path]:
+    """The files of an earlier predict report in `out`: its index, CSV and summary, and each
+    case folder's page, overview and pictures (not the TotalSegmentator label maps kept there)."""
+    from vctmae.predict.report import INDEX, OVERVIEW, PAGE, PREDICTIONS, SUMMARY
+
+    found = [out / name for name in (INDEX, PREDICTIONS, SUMMARY) if (out / name).is_file()]
+    for folder in sorted(path for path in out.iterdir() if path.is_dir()):
+        if (folder / PAGE).is_file():
+            found += [folder / PAGE, *folder.glob(OVERVIEW), *folder.glob("*.png")]
+    return found
+
+
+def prepare_out(config: PredictConfig) -> None:
+    """Refuse an --out that holds another run's report, or (`--replace`) remove that report, so
+    that no page outlives its run. Other files, and the TotalSegmentator label maps an earlier
+    `--segment` kept, stay."""
+    out = config.out
+    if not out.is_dir():
+        return
+    earlier = _report_files(out)
+    if not earlier:
+        return
+    if not config.replace:
+        raise UsageError(
+            f"{out}: holds the report of an earlier predict run ({len(earlier)} files, e.g. "
+            f"{earlier[0].relative_to(out)}); pass --replace to replace it, or choose another --out"
+        )
+    for path in earlier:
+        path.unlink()
+    for folder in {path.parent for path in earlier if path.parent != out}:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _write_scan(report, scan, volumes, attention, out: Path, run) -> ScanResult:
+    """`report.write_scan`, a scan whose files cannot be written failing alone (a full disk
+    stops the run: every later scan would fail the same way)."""
+    from vctmae.errors import is_out_of_space
+
+    try:
+        return report.write_scan(scan, volumes, attention, out, run)
+    except OSError as error:
+        if is_out_of_space(error):
+            raise
+        line = f"{scan.ct}: cannot write its report under {out / scan.folder} ({error})"
+        return dataclasses.replace(scan, status="failed", error=line, vertebrae=(), page=None)
+
+
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict every scan of `config` and write the report under `config.out` (module doc)."""
     from vctmae.errors import is_out_of_space, out_of_space
@@ -321,6 +373,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     from vctmae.predict import report
 
     run_started = time.perf_counter()
+    prepare_out(config)
     cases, bad = find_scans(config)
     if not cases and not bad:
         raise IngestError(
@@ -333,15 +386,15 @@ def run_predict(config: PredictConfig) -> PredictResult:
         for case in cases
     ):
         require_segmenter()
-    threshold = choose_threshold(config)
     predictor = Predictor(config)
+    threshold = choose_threshold(config, predictor.rule)
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         if is_out_of_space(error):
             raise out_of_space(config.out) from None
         raise IngestError(config.out, f"cannot create the report folder ({error})") from None
-    run = report.RunFacts.of(config, threshold, device=str(predictor.device))
+    run = report.RunFacts.of(config, threshold, predictor.rule, device=str(predictor.device))
 
     scans: list[ScanResult] = []
     folders: dict[str, str] = {}
@@ -349,9 +402,8 @@ def run_predict(config: PredictConfig) -> PredictResult:
         task = bar.add_task("predict", total=len(cases) + len(bad), scan="")
         for item in bad:
             error_line(bar, item.line())
-            scans.append(
-                report.write_scan(_failed(item, item.line(), {}), None, [], config.out, run)
-            )
+            failed = _failed(item, item.line(), {})
+            scans.append(_write_scan(report, failed, None, [], config.out, run))
             bar.advance(task)
         for case in cases:
             bar.update(task, scan=case.case)
@@ -372,11 +424,12 @@ def run_predict(config: PredictConfig) -> PredictResult:
             if not scan.ok:
                 error_line(bar, scan.error)
             report_started = time.perf_counter()
-            scan = report.write_scan(scan, volumes, attention, config.out, run)
+            written = _write_scan(report, scan, volumes, attention, config.out, run)
+            if scan.ok and not written.ok:
+                error_line(bar, written.error)
             finished = time.perf_counter()
             seconds = {"report": finished - report_started, "total": finished - started}
-            scan = dataclasses.replace(scan, seconds={**scan.seconds, **seconds})
-            scans.append(scan)
+            scans.append(dataclasses.replace(written, seconds={**written.seconds, **seconds}))
             del volumes, attention
             # The run's files after every scan: a stopped run leaves a whole report of the
             # scans done so far.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from vctmae.clip import COMBINE_MODES, FRAME_MODES, REFERENCE_LEVELS, VIEW_COUNTS
 from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
 from vctmae.flags import config_fields, flag
@@ -27,11 +28,10 @@ if TYPE_CHECKING:
     from vctmae.model.config import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-# Frame rules and flips: `vctmae.clip.FRAME_MODES`, `vctmae.data.frames.FLIPS` (spelt here too:
-# this module must not import torch; a test keeps them equal).
-FRAME_MODES = ("crop", "mask")
+# Frame rules and flips: `vctmae.data.frames.FLIPS` is spelt here too (this module must not
+# import torch; a test keeps them equal).
 FLIPS = ("rows", "frames", "none")
-COMBINE = ("probs", "logits")
+COMBINE = COMBINE_MODES
 # Frame sizes: the paper's 96² format, or the video format 224² (Table 2 row 5).
 FRAME_SIZES = (96, 224)
 PATCH_EMBED = ("auto", "torch", "triton")
@@ -52,6 +52,11 @@ FRAMES_HELP = (
     "shifts range(-sd//2, sd//2) for training and as the evaluation views, and the in-plane "
     "context cut: the mask's rows +-16, all columns, padded with -1000 HU). Mask mode needs "
     "ingest's bbox metadata."
+)
+MULTIVIEW_HELP = (
+    "Views per crop: 6 (the full ensemble: crop mode's six offsets, together every slice; mask "
+    "mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the reference "
+    "draws a random shift). A 3-D model sees the whole crop: one view either way."
 )
 COMBINE_HELP = (
     "How multi-view predictions combine: probs (mean of the views' softmax probabilities) | "
@@ -260,6 +265,10 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check_schedule(self)
+        if self.run.loader.levels is None:
+            # Pretraining, like the reference's, uses every crop it is given.
+            loader = dataclasses.replace(self.run.loader, levels="all")
+            object.__setattr__(self, "run", dataclasses.replace(self.run, loader=loader))
         if not 0.0 < self.mask_ratio < 1.0:
             raise UsageError(f"--mask-ratio must lie in (0, 1), got {self.mask_ratio}")
         if self.blr <= 0:
@@ -294,12 +303,7 @@ class FinetuneConfig:
     class_weights: str = flag(
         "inverse", "inverse (class frequency of the training shards' labels) | none."
     )
-    multiview: int = flag(
-        6,
-        "Views per crop in validation: 6 (the full ensemble: crop mode's six offsets; mask mode "
-        "each sample's own shifts) or 1 (crop: offset 3; mask: shift 0). A 3-D model sees the "
-        "whole crop: one view either way.",
-    )
+    multiview: int = flag(6, MULTIVIEW_HELP + " Used by the validation; recorded as the model's.")
     combine: str = flag("probs", COMBINE_HELP)
     patience: int = flag(40, "Stop after this many epochs without a better validation F1.")
     dropout: float | None = flag(None, "Head dropout (default: the model preset's).")
@@ -310,10 +314,12 @@ class FinetuneConfig:
         _check_schedule(self)
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.multiview not in (1, 6):
-            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
-        _one_of(self.combine, COMBINE, "--combine")
+        check_rule_options(None, self.multiview, self.combine)
         _one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
+        if self.run.loader.levels is None:
+            # The levels the reference finetunes on, whether built here or on the command line.
+            loader = dataclasses.replace(self.run.loader, levels=REFERENCE_LEVELS)
+            object.__setattr__(self, "run", dataclasses.replace(self.run, loader=loader))
         if self.patience < 1:
             raise UsageError(f"--patience must be >= 1, got {self.patience}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -327,6 +333,20 @@ class FinetuneConfig:
         return self.warmup_start_lr
 
 
+# How eval, explain and predict say that an option defaults to the checkpoint's clip rule.
+RULE_DEFAULT = " Default: the rule the checkpoint was finetuned with."
+
+
+def check_rule_options(frames: str | None, multiview: int | None, combine: str | None) -> None:
+    """The clip-rule options of eval, explain and predict (None: the checkpoint's)."""
+    if frames is not None:
+        _one_of(frames, FRAME_MODES, "--frames")
+    if multiview is not None and multiview not in VIEW_COUNTS:
+        raise UsageError(f"--multiview must be 1 or 6, got {multiview}")
+    if combine is not None:
+        _one_of(combine, COMBINE, "--combine")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Multi-view evaluation of a finetuned classifier."""
@@ -334,14 +354,9 @@ class EvalConfig:
     checkpoint: Path = flag(help="Classifier weights (.safetensors from finetune).")
     shards: tuple[str, ...] = flag(help=SHARDS_HELP, many=True)
     out: Path = flag(Path("report"), "Folder for predictions.csv, metrics.json, roc.png, pr.png.")
-    frames: str = flag("crop", FRAMES_HELP + " Use the finetuning run's rule.")
-    multiview: int = flag(
-        6,
-        "Views per crop: 6 (the full ensemble: crop mode's six offsets, together every slice; "
-        "mask mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the "
-        "reference draws a random shift). A 3-D model sees the whole crop: one view either way.",
-    )
-    combine: str = flag("probs", COMBINE_HELP)
+    frames: str | None = flag(None, FRAMES_HELP + RULE_DEFAULT)
+    multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
+    combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
     batch_size: int = flag(64, "Crops per forward pass per process.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     device: str = flag("auto", DEVICE_HELP)
@@ -350,10 +365,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_shards(self.shards)
-        if self.multiview not in (1, 6):
-            raise UsageError(f"--multiview must be 1 or 6, got {self.multiview}")
-        _one_of(self.frames, FRAME_MODES, "--frames")
-        _one_of(self.combine, COMBINE, "--combine")
+        check_rule_options(self.frames, self.multiview, self.combine)
         _one_of(self.device, DEVICES, "--device")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -368,12 +380,18 @@ class ExplainConfig:
     zarr: Path = flag(help="Zarr store written by ingest (crops.zarr).")
     key: str = flag(help="Crop key, e.g. case-0003_L1 (see manifest.csv).")
     out: Path = flag(Path("explain.png"), "PNG to write.")
-    offset: int = flag(3, "Which of the six views (0–5) to draw.")
+    offset: int | None = flag(
+        None,
+        "The view to draw: crop mode its offset 0-5, mask mode its shift (default: the middle "
+        "view, offset 3 or shift 0).",
+    )
+    frames: str | None = flag(None, FRAMES_HELP + RULE_DEFAULT)
+    multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
+    combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
     device: str = flag("cpu", "cpu or cuda.")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.offset < 6:
-            raise UsageError(f"--offset must lie in [0, 6), got {self.offset}")
+        check_rule_options(self.frames, self.multiview, self.combine)
         _one_of(self.device, DEVICES, "--device")
         if Path(self.out).is_dir():
             raise UsageError(f"{self.out}: --out names a folder; give the PNG file to write")

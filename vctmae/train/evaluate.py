@@ -15,6 +15,7 @@ When finetuning recorded a validation-optimal threshold beside the checkpoint
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections import Counter
@@ -26,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from vctmae.clip import ClipRule, resolve_rule
 from vctmae.errors import VctmaeError
 from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
-from vctmae.train.runlog import RunLog
+from vctmae.train.runlog import RunLog, warn
 from vctmae.train.speed import apply_speedups
-from vctmae.train.threshold import read_threshold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,33 +300,49 @@ def metrics_table(metrics: dict[str, Any], title: str = "evaluation"):
     return table
 
 
-def expected_count(shards: list[str]) -> int | None:
-    from vctmae.data import count_samples
-
-    try:
-        return count_samples(shards)
-    except Exception:  # noqa: BLE001 - remote shards may not be countable; the dedupe check still runs
-        return None
+def eval_rule(config: EvalConfig, recorded: ClipRule | None, *, say: bool) -> ClipRule:
+    """The clip rule eval applies: the checkpoint's, with the options given explicitly (each one
+    that differs from the checkpoint's said in one line)."""
+    rule, lines = resolve_rule(
+        recorded,
+        who=str(config.checkpoint),
+        frames=config.frames,
+        multiview=config.multiview,
+        combine=config.combine,
+        levels=config.loader.levels,
+    )
+    if say:
+        for line in lines:
+            warn(line)
+    return rule
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
-    """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png."""
+    """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png.
+
+    The frames, views, combination and levels are the clip rule the checkpoint was finetuned
+    with unless the options say otherwise (`eval_rule`); the crops of other levels are left
+    out, and how many is said.
+    """
     from rich.console import Console
 
     from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
-    from vctmae.model.checkpoint import load_classifier, write_atomically
+    from vctmae.model.checkpoint import load_classifier, read_model_description, write_atomically
     from vctmae.train.config import refuse_frame_options
+    from vctmae.train.threshold import choose_threshold
 
     info = distributed.setup(config.device)
     out = Path(config.out)
     model = load_classifier(config.checkpoint).to(info.device)
-    refuse_frame_options(model.config, str(config.checkpoint), frames=config.frames)
+    rule = eval_rule(config, read_model_description(config.checkpoint).clip, say=info.is_main)
+    loader_options = dataclasses.replace(config.loader, levels=rule.levels)
+    refuse_frame_options(model.config, str(config.checkpoint), frames=rule.frames)
     speed = config.speed
     module = apply_speedups(
         model, patch_embed=speed.patch_embed, compile=speed.compile, device=info.device
     )
     shards = expand_shards(list(config.shards))
-    loader = config.loader.build(
+    loader = loader_options.build(
         shards, batch_size=config.batch_size, training=False, device=info.device
     )
     # Checked from the shard index before anything is predicted or written: metrics need every
@@ -340,23 +357,34 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     check_crop_shape(
         first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
     )
-    if config.frames == "mask":
+    if rule.frames == "mask":
         check_boxes(loader.indexes)
+    if loader.dropped_levels and info.is_main:
+        warn(
+            f"--levels {rule.levels}: {loader.dropped_levels} crop(s) of other levels left out; "
+            f"{loader.num_samples} evaluated"
+        )
     predictions = predict(
         module,
         loader,
-        views=config.multiview,
+        views=rule.multiview,
         device=info.device,
         precision=speed.precision,
-        frames=config.frames,
-        combine=config.combine,
+        frames=rule.frames,
+        combine=rule.combine,
     )
-    expected = expected_count(shards)
-    if expected is not None and expected != len(predictions.keys):
+    if len(predictions.keys) != loader.num_samples:
         raise RuntimeError(
-            f"{shards[0]}…: {len(predictions.keys)} predictions for {expected} crops in the shards"
+            f"{shards[0]}…: {len(predictions.keys)} predictions for the {loader.num_samples} "
+            "crops the shards hold at the selected levels"
         )
-    views = {"multiview": config.multiview, "frames": config.frames, "combine": config.combine}
+    views = {
+        "multiview": rule.multiview,
+        "frames": rule.frames,
+        "combine": rule.combine,
+        "levels": rule.levels,
+        "left_out_by_levels": loader.dropped_levels,
+    }
     result: dict[str, Any] = {"predictions": len(predictions.keys), **views}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -364,16 +392,19 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         labelled = bool(predictions.keys) and bool((predictions.labels >= 0).all())
         if labelled:
             metrics = compute_metrics(predictions.labels, predictions.probs)
-            # Also at the validation-optimal threshold finetuning recorded beside the weights.
-            recorded = read_threshold(config.checkpoint)
-            if recorded is not None:
+            # Also at the validation-optimal threshold finetuning recorded beside the weights,
+            # when it holds for the probabilities of this rule.
+            choice = choose_threshold(Path(config.checkpoint), rule)
+            if choice.record is not None:
                 metrics["at_validation_threshold"] = {
-                    "threshold": recorded.threshold,
-                    "threshold_epoch": recorded.epoch,
+                    "threshold": choice.value,
+                    "threshold_epoch": choice.record.epoch,
                     **compute_metrics(
-                        predictions.labels, predictions.probs, threshold=recorded.threshold
+                        predictions.labels, predictions.probs, threshold=choice.value
                     ),
                 }
+            else:
+                metrics["validation_threshold_unused"] = choice.detail
             if metrics["roc_auc"] is not None:
                 plot_curves(predictions.labels, predictions.probs, out)
         else:
@@ -390,7 +421,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         )
         log.write("metrics", **metrics)
         if labelled and config.progress:
-            Console().print(metrics_table(metrics, title=f"eval --multiview {config.multiview}"))
+            Console().print(metrics_table(metrics, title=f"eval --multiview {rule.multiview}"))
             if "at_validation_threshold" in metrics:
                 tuned = metrics["at_validation_threshold"]
                 title = f"at the validation-optimal threshold {tuned['threshold']:.4f}"

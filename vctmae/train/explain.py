@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vctmae.clip import ClipRule
 from vctmae.model.config import ModelConfig
 from vctmae.train.config import ExplainConfig
 
@@ -69,51 +70,85 @@ def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.
 
 @torch.no_grad()
 def attention_frames(
-    model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3
-) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+    model: torch.nn.Module,
+    crop: np.ndarray,
+    *,
+    frames: str = "crop",
+    shift: int | None = None,
+    bbox: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """The frames of one view of an int16 crop (96, 96, 96) and the attention maps over them.
 
-    Returns `frames` (16, 96, 96) in [0, 1] and `maps` {"last layer", "rollout"}, each
-    (16, 96, 96) scaled to [0, 1]; one forward pass (`vctmae predict` draws these for
-    every vertebra, with probabilities it has already computed).
+    The view is the one the model is evaluated on under the frame rule `frames` (crop or mask
+    mode, with its in-plane context cut): `shift` (default the middle view,
+    `clip.middle_shift`); mask mode needs the crop's mask `bbox` (its JSON `bbox`).
+    Returns `frames` (16, H, W) in [0, 1], `slices` (the crop's sagittal slice of each frame)
+    and `maps` {"last layer", "rollout"}, each (16, H, W) scaled to [0, 1]; one forward pass
+    (`vctmae predict` draws these for every vertebra, with probabilities it has already
+    computed).
     """
-    from vctmae.data import offset_frames, sample_frames
+    from vctmae import clip
+    from vctmae.data.frames import FrameSampler
     from vctmae.model import attention_maps
 
     model.eval()
     device = next(model.parameters()).device
     crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
-    view = torch.full((1,), offset, dtype=torch.long, device=device)
-    clip = sample_frames(crops, view)  # (1, 1, 16, 96, 96)
+    boxes = None if bbox is None else torch.tensor([list(bbox)], dtype=torch.long, device=device)
+    shift = clip.middle_shift(frames) if shift is None else shift
+    shifts = torch.full((1,), shift, dtype=torch.long, device=device)
+    view_crops, view_frames = FrameSampler(mode=frames).view_input(crops, boxes, shifts)
+    shown = clip.scale_hu(clip.gather_slices(view_crops, view_frames))  # (1, 16, H, W)
+    extents = None if boxes is None else clip.extents_from_boxes(boxes)
+    slices = clip.frame_index_tensor(frames, shifts, extents)[0]  # (16,) in the crop
     # Per layer (heads, N, N).
-    maps = [m[0].cpu() for m in attention_maps(model, crops, offset_frames(view))]
+    maps = [m[0].cpu() for m in attention_maps(model, view_crops, view_frames)]
     cfg = model.config
     scores = token_scores(maps, cfg.grid)
     return {
-        "frames": clip[0, 0].cpu(),  # (16, 96, 96)
+        "frames": shown[0].cpu(),  # (16, H, W)
+        "slices": tuple(int(i) for i in slices.tolist()),
         "maps": {name: to_frames(s, cfg.t_patch, cfg.patch) for name, s in scores.items()},
     }
 
 
 @torch.no_grad()
-def explain_crop(model: torch.nn.Module, crop: np.ndarray, *, offset: int = 3) -> dict[str, Any]:
-    """Probabilities and frame-level attention maps of one int16 crop (96, 96, 96)."""
-    from vctmae.data import multiview_offsets, offset_frames
+def explain_crop(
+    model: torch.nn.Module,
+    crop: np.ndarray,
+    rule: ClipRule,
+    *,
+    shift: int | None = None,
+    bbox: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Attention maps of one int16 crop (96, 96, 96) over the frames of one view (`shift`,
+    default the middle one), its probability under the rule (`prob_multiview`: the rule's views
+    combined) and that of the shown view alone (`prob_view`)."""
+    from vctmae import clip
+    from vctmae.data.frames import FrameSampler
+    from vctmae.train.evaluate import multiview_probs
 
     model.eval()
     device = next(model.parameters()).device
     crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
-    views = multiview_offsets(6)
-    probs = [
-        torch.softmax(model(crops, offset_frames(torch.tensor([o], device=device))).float(), -1)[
-            0, 1
-        ]
-        for o in views
-    ]
+    boxes = None if bbox is None else torch.tensor([list(bbox)], dtype=torch.long, device=device)
+    combined = multiview_probs(
+        model,
+        crops,
+        views=rule.multiview,
+        device=device,
+        precision="fp32",
+        frames=rule.frames,
+        boxes=boxes,
+        combine=rule.combine,
+    )
+    shift = clip.middle_shift(rule.frames) if shift is None else shift
+    shifts = torch.full((1,), shift, dtype=torch.long, device=device)
+    logits = model(*FrameSampler(mode=rule.frames).view_input(crops, boxes, shifts))
     return {
-        **attention_frames(model, crop, offset=offset),
-        "prob_view": float(probs[views.index(offset)]),
-        "prob_multiview": float(torch.stack(probs).mean()),
+        **attention_frames(model, crop, frames=rule.frames, shift=shift, bbox=bbox),
+        "prob_view": float(torch.softmax(logits.float(), -1)[0, 1]),
+        "prob_multiview": float(combined[0]),
     }
 
 
@@ -152,13 +187,30 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
 
 
 def run_explain(config: ExplainConfig) -> dict[str, Any]:
-    """Write the attention picture of `config.key`; returns its probabilities and path."""
+    """Write the attention picture of `config.key`; returns its probabilities and path.
+
+    The frames, views and combination are the clip rule the checkpoint was finetuned with
+    unless the options say otherwise (each difference said in one line).
+    """
+    from vctmae import clip
+    from vctmae.clip import resolve_rule
     from vctmae.data import ZarrCrops
     from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
-    from vctmae.model.checkpoint import load_classifier
+    from vctmae.errors import UsageError
+    from vctmae.model.checkpoint import load_classifier, read_model_description
+    from vctmae.train.runlog import warn
 
     model = load_classifier(config.checkpoint)
     refuse_volume(model.config, str(config.checkpoint))
+    rule, lines = resolve_rule(
+        read_model_description(config.checkpoint).clip,
+        who=str(config.checkpoint),
+        frames=config.frames,
+        multiview=config.multiview,
+        combine=config.combine,
+    )
+    for line in lines:
+        warn(line)
     if not Path(config.zarr).exists():
         raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
     store = ZarrCrops(config.zarr)
@@ -166,13 +218,23 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
         raise MissingKeyError(
             f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)"
         )
+    bbox = store.bbox(config.key) if rule.frames == "mask" else None
+    extent = clip.FULL_EXTENT if bbox is None else clip.extent_from_bbox(bbox)
+    shifts = clip.view_shifts(rule.frames, extent)
+    shift = clip.middle_shift(rule.frames) if config.offset is None else config.offset
+    if shift not in shifts:
+        raise UsageError(
+            f"--offset {shift}: the views of {config.key} under --frames {rule.frames} are "
+            f"{', '.join(map(str, shifts))}"
+        )
     model = model.to(torch.device(config.device))
-    result = explain_crop(model, store.crop(config.key), offset=config.offset)
+    result = explain_crop(model, store.crop(config.key), rule, shift=shift, bbox=bbox)
     label = store.label(config.key)
     truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")
+    views = "1 view" if rule.multiview == 1 else f"{rule.multiview} views"
     title = (
-        f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} (6 views), "
-        f"{result['prob_view']:.3f} (shown view, offset {config.offset})"
+        f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} ({views}, "
+        f"--frames {rule.frames}), {result['prob_view']:.3f} (shown view, shift {shift})"
     )
     save_explanation(result, config.out, title=title)
     return {

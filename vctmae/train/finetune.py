@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vctmae.clip import ClipRule
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files
 from vctmae.train import distributed
@@ -117,21 +118,30 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         class_weights=torch.tensor(weights, dtype=torch.float32, device=info.device),
     )
     best_path = run.out / BEST
+    # The rule the classifier is validated with travels in its weights' description, so that
+    # eval, explain and predict apply the same one.
+    rule = ClipRule(
+        frames=options.frames,
+        multiview=config.multiview,
+        combine=config.combine,
+        levels=options.loader.levels,
+    )
 
     def epoch_end(epoch: int, mean_loss: float, state: TrainState) -> EpochEnd:
         if val_loader is None:
             # Without validation data the latest weights are the ones to use.
             if info.is_main:
-                run.writer.submit(write_best, model_files(model), best_path, None)
+                run.writer.submit(write_best, model_files(model, clip=rule), best_path, None)
             state.best_epoch = epoch + 1
             return EpochEnd()
         predictions = predict(
             model,
             val_loader,
-            views=config.multiview,
+            views=rule.multiview,
             device=info.device,
-            frames=options.frames,
-            combine=config.combine,
+            precision=options.speed.precision,
+            frames=rule.frames,
+            combine=rule.combine,
         )
         metrics = compute_metrics(predictions.labels, predictions.probs)
         f1 = metrics["f1"]
@@ -141,12 +151,9 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
             if info.is_main:
                 # The F1-optimal threshold of these validation predictions goes beside the weights.
                 threshold = validation_threshold(
-                    predictions.labels,
-                    predictions.probs,
-                    epoch=epoch + 1,
-                    multiview=config.multiview,
+                    predictions.labels, predictions.probs, epoch=epoch + 1, rule=rule
                 )
-                run.writer.submit(write_best, model_files(model), best_path, threshold)
+                run.writer.submit(write_best, model_files(model, clip=rule), best_path, threshold)
         else:
             state.bad_epochs += 1
         scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}
@@ -156,6 +163,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         run,
         objective,
         epoch_end,
+        clip_rule=rule,
         log_fields={
             "class_weights": weights,
             "class_weight_source": weight_source,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vctmae.clip import ClipRule
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.train import checkpoint
@@ -127,8 +128,11 @@ class Trainer:
         epoch_end: EpochHook | None = None,
         *,
         log_fields: dict[str, Any] | None = None,
+        clip_rule: ClipRule | None = None,
     ) -> None:
         self.run = run
+        # A classifier's clip rule, recorded with every checkpoint of its weights.
+        self.clip_rule = clip_rule
         # Extra fields of the run's start record (e.g. the class weights).
         self.log_fields = dict(log_fields or {})
         self.name = run.name
@@ -178,7 +182,7 @@ class Trainer:
             self.run.writer.submit(
                 checkpoint.save_checkpoint,
                 self.run_dir,
-                model=model_files(self.model),
+                model=model_files(self.model, clip=self.clip_rule),
                 state=checkpoint.cpu_copy(state),
                 epoch=self.state.epoch,
             )

@@ -19,6 +19,7 @@ belongs to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from vctmae.clip import ClipRule
 from vctmae.model.checkpoint import CheckpointError, ModelFiles, write_atomically, write_model
 
 THRESHOLD_SUFFIX = ".threshold.json"
@@ -40,24 +42,48 @@ class DecisionThreshold:
     f1: float  # validation F1 at `threshold`
     f1_at_half: float  # validation F1 at 0.5, for comparison
     epoch: int  # the finetuning epoch whose weights these are (1-based)
-    multiview: int  # views per crop of the validation predictions
     samples: int  # validation crops
     positives: int  # of which fractured
+    # The clip rule of the validation predictions: the threshold holds only for probabilities
+    # computed the same way (`ClipRule.same_probabilities`).
+    frames: str
+    multiview: int
+    combine: str
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "f1", "f1_at_half"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        for name, low in (("epoch", 1), ("samples", 1), ("positives", 1)):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.positives > self.samples:
+            raise ValueError(f"positives {self.positives} exceed samples {self.samples}")
+        self.rule()  # frames, multiview and combine must make a rule
+
+    def rule(self) -> ClipRule:
+        """The clip rule the threshold was measured with (its levels are not recorded)."""
+        return ClipRule(frames=self.frames, multiview=self.multiview, combine=self.combine)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "vctmae-decision-threshold", **asdict(self)}
+        return {"kind": KIND, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DecisionThreshold:
-        return cls(
-            threshold=float(data["threshold"]),
-            f1=float(data["f1"]),
-            f1_at_half=float(data["f1_at_half"]),
-            epoch=int(data["epoch"]),
-            multiview=int(data["multiview"]),
-            samples=int(data["samples"]),
-            positives=int(data["positives"]),
-        )
+    def from_json(cls, data: Any) -> DecisionThreshold:
+        """The record `to_json` wrote; ValueError for a missing, unknown or ill-typed field."""
+        if not isinstance(data, dict) or data.get("kind") != KIND:
+            raise ValueError("not a vctmae decision threshold")
+        fields = {key: value for key, value in data.items() if key != "kind"}
+        expected = {f.name for f in dataclasses.fields(cls)}
+        if set(fields) != expected:
+            missing, unknown = sorted(expected - set(fields)), sorted(set(fields) - expected)
+            raise ValueError(f"fields missing {missing or 'none'}, unknown {unknown or 'none'}")
+        return cls(**fields)
+
+
+KIND = "vctmae-decision-threshold"
 
 
 def threshold_path(weights: str | Path) -> Path:
@@ -102,7 +128,7 @@ def f1_optimal_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, 
 
 
 def validation_threshold(
-    labels: np.ndarray, probs: np.ndarray, *, epoch: int, multiview: int
+    labels: np.ndarray, probs: np.ndarray, *, epoch: int, rule: ClipRule
 ) -> DecisionThreshold | None:
     """The record `write_best` keeps for a checkpoint validated with these predictions."""
     from vctmae.train.evaluate import compute_metrics
@@ -116,9 +142,11 @@ def validation_threshold(
         f1=f1,
         f1_at_half=compute_metrics(labels, probs)["f1"],
         epoch=epoch,
-        multiview=multiview,
         samples=int(np.asarray(labels).size),
         positives=int((np.asarray(labels) == 1).sum()),
+        frames=rule.frames,
+        multiview=rule.multiview,
+        combine=rule.combine,
     )
 
 
@@ -139,15 +167,55 @@ def read_threshold(weights: str | Path) -> DecisionThreshold | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        if data.get("kind") != "vctmae-decision-threshold":
-            raise ValueError("not a vctmae decision threshold")
-        record = DecisionThreshold.from_json(data)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return DecisionThreshold.from_json(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
         raise CheckpointError(
-            f"{path}: unreadable decision threshold ({type(error).__name__}: {error}); "
-            "delete it to decide at 0.5, or give --threshold"
+            f"{path}: unreadable decision threshold ({error}); delete it to decide at 0.5, "
+            "or give --threshold"
         ) from None
-    if not 0.0 <= record.threshold <= 1.0:
-        raise CheckpointError(f"{path}: threshold {record.threshold} outside [0, 1]")
-    return record
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThresholdChoice:
+    """The threshold a command decides with, where it came from, and why (one line)."""
+
+    value: float
+    source: str  # "--threshold" | "validation" | "default"
+    detail: str
+    record: DecisionThreshold | None = None
+
+
+def choose_threshold(weights: Path, rule: ClipRule, given: float | None = None) -> ThresholdChoice:
+    """`given` (`--threshold`); else the validation-optimal threshold recorded beside `weights`
+    when it was measured with probabilities computed by `rule`; else 0.5, saying why."""
+    if given is not None:
+        return ThresholdChoice(value=given, source="--threshold", detail="given with --threshold")
+    recorded = read_threshold(weights)
+    if recorded is None:
+        return ThresholdChoice(
+            value=DEFAULT_THRESHOLD,
+            source="default",
+            detail=f"the default: no {threshold_path(weights).name} beside the checkpoint "
+            "(finetuning without validation data)",
+        )
+    if not recorded.rule().same_probabilities(rule):
+        return ThresholdChoice(
+            value=DEFAULT_THRESHOLD,
+            source="default",
+            detail=f"the default: the threshold in {threshold_path(weights).name} was measured "
+            f"with {_probability_rule(recorded.rule())}, this run computes probabilities with "
+            f"{_probability_rule(rule)}",
+        )
+    views = "1 view" if recorded.multiview == 1 else f"{recorded.multiview} views"
+    return ThresholdChoice(
+        value=recorded.threshold,
+        source="validation",
+        detail=f"the validation-optimal F1 threshold finetuning recorded (epoch {recorded.epoch}; "
+        f"{recorded.samples} validation vertebrae, {recorded.positives} fractured, {views}; "
+        f"F1 {recorded.f1:.3f} there vs {recorded.f1_at_half:.3f} at 0.5)",
+        record=recorded,
+    )
+
+
+def _probability_rule(rule: ClipRule) -> str:
+    return f"--frames {rule.frames} --multiview {rule.multiview} --combine {rule.combine}"
