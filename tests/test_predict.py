@@ -24,7 +24,7 @@ from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL, TEST_RUN, write_split
 from typer.testing import CliRunner
 
-from vctmae.clip import REFERENCE_LEVELS
+from vctmae.clip import REFERENCE_LEVELS, ClipRule
 from vctmae.data import LoaderOptions, ZarrCrops
 from vctmae.errors import UsageError
 from vctmae.ingest.discover import Case
@@ -107,16 +107,15 @@ def ingested(raw, tmp_path_factory) -> Path:
 
 def eval_predictions(checkpoint: Path, data: Path, out: Path, **fields):
     """`vctmae eval` of the shards under `data`: its predictions.csv, read back."""
+    settings = {"multiview": 6, "loader": LoaderOptions(workers=0), **fields}
     run_eval(
         EvalConfig(
             checkpoint=checkpoint,
             shards=tuple(str(p) for p in sorted(data.glob("*.tar"))),
             out=out,
-            multiview=6,
-            loader=LoaderOptions(workers=0),
             device="cpu",
             progress=False,
-            **fields,
+            **settings,
         )
     )
     return read_predictions(out / "predictions.csv")
@@ -626,3 +625,245 @@ def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
         config(checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False, replace=True)
     )
     assert calls.read_text().count("\n") == 1
+
+
+# --- the rule a model was trained with, and what eval, explain and predict do with it ---------------
+
+
+def mask_model(folder: Path, rule: ClipRule) -> Path:
+    """A small random classifier saved with `rule` as the rule it was finetuned with."""
+    torch.manual_seed(3)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    return save_model(model, folder / "best.safetensors", clip=rule)
+
+
+def test_eval_evaluates_exactly_the_selected_levels_and_says_how_many_it_left_out(
+    checkpoint, ingested, tmp_path
+):
+    manifest = read_rows(ingested / "manifest.csv")
+    kept = sorted(row["key"] for row in manifest if row["level"] in ("L1", "L2"))
+    assert 0 < len(kept) < len(manifest)
+    shards = sorted(str(p) for p in ingested.glob("*.tar"))
+    from vctmae.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--checkpoint", str(checkpoint), "--shards", *shards, "--levels", "L1,L2",
+         "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{len(manifest) - len(kept)} crop(s) of other levels left out" in result.output
+    predictions = read_predictions(tmp_path / "predictions.csv")
+    assert predictions.keys == kept
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["left_out_by_levels"] == len(manifest) - len(kept)
+    assert metrics["levels"] == "L1,L2"
+
+
+def test_eval_applies_the_checkpoints_rule_and_says_when_a_flag_differs(ingested, tmp_path):
+    rule = ClipRule(frames="mask", multiview=6, combine="logits", levels="T9-L5")
+    weights = mask_model(tmp_path, rule)
+    default = eval_predictions(weights, ingested, tmp_path / "default", multiview=None)
+    levels = {key.rsplit("_", 1)[1] for key in default.keys}
+    assert levels <= set(parse_levels("T9-L5")) and levels
+    metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert (metrics["frames"], metrics["combine"], metrics["multiview"]) == ("mask", "logits", 6)
+    explicit = eval_predictions(
+        weights, ingested, tmp_path / "explicit", frames="mask", combine="logits",
+        loader=LoaderOptions(workers=0, levels="T9-L5"),
+    )  # fmt: skip
+    assert explicit.keys == default.keys
+    np.testing.assert_array_equal(explicit.probs, default.probs)
+    # Another rule, asked for explicitly, is used — and said.
+    from vctmae.clip import resolve_rule
+
+    crop_mode, lines = resolve_rule(rule, who="w", frames="crop")
+    assert crop_mode.frames == "crop" and len(lines) == 1 and "--frames mask" in lines[0]
+    other = eval_predictions(weights, ingested, tmp_path / "crop", frames="crop", multiview=None)
+    assert other.keys == default.keys
+    assert np.abs(other.probs - default.probs).max() > 1e-4
+
+
+def test_predict_and_its_pictures_follow_the_checkpoints_frame_rule(raw, ingested, tmp_path):
+    rule = ClipRule(frames="mask", multiview=6, combine="probs", levels=REFERENCE_LEVELS)
+    weights = mask_model(tmp_path, rule)
+    result = run_predict(config(weights, tmp_path / "report", src=raw))
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["run"]["rule"] == rule.to_json()
+    # The same probabilities as eval under the same (recorded) rule.
+    expected = eval_predictions(weights, ingested, tmp_path / "eval", multiview=None)
+    got = read_predictions(tmp_path / "report" / "predictions.csv")
+    order = np.argsort(got.keys)
+    assert [got.keys[i] for i in order] == expected.keys
+    np.testing.assert_allclose(got.probs[order], expected.probs, rtol=0, atol=1e-5)
+    # The pictures show the mask-mode frames of the middle view: over the vertebra's own extent.
+    from vctmae import clip
+    from vctmae.predict.run import Predictor
+
+    predictor = Predictor(config(weights, tmp_path / "unused", src=raw))
+    case = Case(case="case000", patient="case000", ct=raw / "ct" / "case000.nii.gz",
+                seg=raw / "seg" / "case000.nii.gz", ct_name="ct", seg_name="seg")  # fmt: skip
+    _, _, cut = cut_scan(case, config(weights, tmp_path / "x", src=raw), case.seg,
+                         levels=LEVELS, segmented=False)  # fmt: skip
+    crop = cut.crops[0]
+    shown = predictor.attention(crop.array, tuple(crop.bbox))
+    extent = clip.extent_from_bbox(crop.bbox)
+    assert shown["slices"] == tuple(clip.frame_indices("mask", 0, extent))
+    assert shown["slices"] != tuple(3 + 6 * k for k in range(16))
+    assert result.vertebrae == len(expected.keys)
+
+
+def test_a_threshold_holds_only_for_the_rule_it_was_measured_with(raw, tmp_path):
+    rule = ClipRule(frames="crop", multiview=6, combine="probs")
+    weights = mask_model(tmp_path, rule)
+    record = DecisionThreshold(
+        threshold=0.37, f1=0.8, f1_at_half=0.7, epoch=2, samples=10, positives=5,
+        frames="crop", multiview=6, combine="probs",
+    )  # fmt: skip
+    threshold_path(weights).write_text(json.dumps(record.to_json()))
+    ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
+    same = run_predict(config(weights, tmp_path / "a", ct=ct, seg=seg, attention=False))
+    assert (same.threshold.value, same.threshold.source) == (0.37, "validation")
+    for name, changes in (("b", {"multiview": 1}), ("c", {"combine": "logits"})):
+        other = run_predict(
+            config(weights, tmp_path / name, ct=ct, seg=seg, attention=False, **changes)
+        )
+        assert (other.threshold.value, other.threshold.source) == (0.5, "default")
+        assert "measured with --frames crop --multiview 6 --combine probs" in other.threshold.detail
+
+
+# --- checkpoints and threshold files that no longer say what they hold -------------------------------
+
+
+def test_an_edited_model_description_is_refused(tmp_path):
+    from vctmae.model.checkpoint import CheckpointError, config_path, load_classifier
+
+    weights = mask_model(tmp_path, ClipRule())
+    description = json.loads(config_path(weights).read_text())
+    load_classifier(weights)  # as written: loads
+    for edit in (
+        {"config": {**description["config"], "num_heads": 4}},
+        {"config": {**description["config"], "input_std": 2.0}},
+        {"config": {**description["config"], "input_mean": 0.25}},
+        {"clip": {**description["clip"], "frames": "mask"}},
+    ):
+        config_path(weights).write_text(json.dumps({**description, **edit}))
+        with pytest.raises(CheckpointError, match="does not describe the weights"):
+            load_classifier(weights)
+    config_path(weights).write_text(json.dumps({**description, "version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_classifier(weights)
+    # A version-1 description (no digest) is still read, but every field must have its type.
+    old = {**description, "version": 1, "config": {**description["config"], "num_heads": "2"}}
+    config_path(weights).write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="num_heads must be of type int"):
+        load_classifier(weights)
+    old["config"]["num_heads"] = True
+    config_path(weights).write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="num_heads must be of type int"):
+        load_classifier(weights)
+
+
+def test_an_ill_typed_threshold_file_is_refused(tmp_path):
+    from vctmae.model.checkpoint import CheckpointError
+
+    weights = mask_model(tmp_path, ClipRule())
+    good = DecisionThreshold(
+        threshold=0.4, f1=0.8, f1_at_half=0.7, epoch=2, samples=10, positives=5,
+        frames="crop", multiview=6, combine="probs",
+    ).to_json()  # fmt: skip
+    for change in ({"threshold": True}, {"multiview": 0}, {"epoch": "2"}, {"threshold": 1.5},
+                   {"combine": "mean"}, {"extra": 1}):  # fmt: skip
+        threshold_path(weights).write_text(json.dumps({**good, **change}))
+        with pytest.raises(CheckpointError, match="unreadable decision threshold"):
+            read_threshold(weights)
+    missing = {key: value for key, value in good.items() if key != "frames"}
+    threshold_path(weights).write_text(json.dumps(missing))
+    with pytest.raises(CheckpointError, match="missing"):
+        read_threshold(weights)
+
+
+# --- report folders, reused --out, interruptions ---------------------------------------------------
+
+
+def test_a_long_case_id_gets_a_short_folder_and_keeps_its_name(raw, checkpoint, tmp_path):
+    from vctmae.predict.results import MAX_FOLDER, case_folder
+
+    long_id = "patient-" + "x" * 292
+    other = "patient-" + "x" * 291 + "y"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "ct,seg,case\n"
+        f"{raw / 'ct' / 'case000.nii.gz'},{raw / 'seg' / 'case000.nii.gz'},{long_id}\n"
+        f"{raw / 'ct' / 'case001.nii.gz'},{raw / 'seg' / 'case001.nii.gz'},{other}\n"
+    )
+    result = run_predict(config(checkpoint, tmp_path / "out", pairs=pairs, attention=False))
+    assert not result.failed
+    folders = [case_folder(long_id), case_folder(other)]
+    assert len(set(folders)) == 2 and all(len(folder) <= MAX_FOLDER for folder in folders)
+    for folder in folders:
+        assert (tmp_path / "out" / folder / "report.html").is_file()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [scan["case"] for scan in summary["scans"]] == [long_id, other]
+    rows = read_rows(tmp_path / "out" / "predictions.csv")
+    assert {row["case"] for row in rows} == {long_id, other}
+    assert long_id in (tmp_path / "out" / folders[0] / "report.html").read_text()
+
+
+def test_a_reused_out_is_refused_unless_replaced_and_no_page_outlives_its_run(
+    raw, checkpoint, tmp_path
+):
+    out = tmp_path / "report"
+    run_predict(config(checkpoint, out, src=raw, attention=False))
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"case000", "case001"}
+    ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
+    result = cli("--checkpoint", str(checkpoint), "--ct", str(ct), "--seg", str(seg),
+                 "--out", str(out), "--device", "cpu", "--no-progress")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result.output)
+    assert "earlier predict run" in line and "--replace" in line
+    (out / "notes.txt").write_text("kept")
+    run_predict(config(checkpoint, out, ct=ct, seg=seg, attention=False, replace=True))
+    # Only the new run's case remains; a file of the user's stays.
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"case001"}
+    assert (out / "notes.txt").read_text() == "kept"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [scan["case"] for scan in summary["scans"]] == ["case001"]
+
+
+def test_summary_names_the_checkpoint_as_given_and_absolute(raw, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(checkpoint.parent)
+    ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
+    run_predict(config(Path(checkpoint.name), tmp_path / "r", ct=ct, seg=seg, attention=False))
+    facts = json.loads((tmp_path / "r" / "summary.json").read_text())["run"]
+    assert facts["checkpoint"] == checkpoint.name
+    assert facts["checkpoint_path"] == str(checkpoint.resolve())
+
+
+def test_ctrl_c_before_the_first_scan_says_no_report_exists(raw, checkpoint, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vctmae.predict.run.predict_scan", interrupt)
+    result = cli("--checkpoint", str(checkpoint), "--src", str(raw), "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--no-progress")  # fmt: skip
+    assert result.exit_code == 130
+    assert "no report was written" in result.output
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_case_ids_in_any_script_draw_without_font_warnings(raw, checkpoint, tmp_path):
+    import warnings
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        f"ct,seg,case\n{raw / 'ct' / 'case000.nii.gz'},{raw / 'seg' / 'case000.nii.gz'},患者一号\n",
+        encoding="utf-8",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_predict(config(checkpoint, tmp_path / "out", pairs=pairs, attention=False))
+    assert not result.failed
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    page = (tmp_path / "out" / result.scans[0].folder / "report.html").read_text(encoding="utf-8")
+    assert "患者一号" in page

@@ -2,7 +2,7 @@
 commands report expected failures."""
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -22,12 +22,13 @@ app.add_typer(bench_app, name="bench")
 
 
 @contextlib.contextmanager
-def expected_failures(interrupted: str | None = None) -> Iterator[None]:
+def expected_failures(interrupted: str | Callable[[], str] | None = None) -> Iterator[None]:
     """Turn an expected failure (`vctmae.errors.VctmaeError`) into one red line and its exit code.
 
     Everything else propagates with its traceback: a bug, an out-of-memory or a
     NCCL failure must show where it happened. `interrupted` is what Ctrl-C
-    prints (what was kept, how to resume); it then exits 130.
+    prints (what was kept, how to resume), or a function that tells it at that moment; it then
+    exits 130.
     """
     from vctmae.errors import VctmaeError
 
@@ -39,5 +40,6 @@ def expected_failures(interrupted: str | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        typer.secho(f"interrupted: {interrupted}", fg="yellow", err=True)
+        said = interrupted() if callable(interrupted) else interrupted
+        typer.secho(f"interrupted: {said}", fg="yellow", err=True)
         raise typer.Exit(130) from None

@@ -13,8 +13,17 @@ from vctmae.predict.config import PredictConfig
 def predict(config: PredictConfig) -> None:
     """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
     from vctmae.predict import run_predict
+    from vctmae.predict.report import SUMMARY
 
-    interrupted = f"predict stopped; the report under {config.out} covers the scans finished so far"
+    def interrupted() -> str:
+        # An earlier run's report is refused or removed before the first scan: a summary here
+        # is this run's.
+        if (config.out / SUMMARY).is_file():
+            return (
+                f"predict stopped; the report under {config.out} covers the scans finished so far"
+            )
+        return "predict stopped before its first scan was done; no report was written"
+
     with expected_failures(interrupted=interrupted):
         result = run_predict(config)
     ok = len(result.scans) - len(result.failed)
