@@ -867,3 +867,36 @@ def test_case_ids_in_any_script_draw_without_font_warnings(raw, checkpoint, tmp_
     assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
     page = (tmp_path / "out" / result.scans[0].folder / "report.html").read_text(encoding="utf-8")
     assert "患者一号" in page
+
+
+def test_explain_draws_the_view_of_the_checkpoints_rule(ingested, tmp_path):
+    from vctmae import clip
+    from vctmae.train.config import ExplainConfig
+    from vctmae.train.explain import run_explain
+
+    rule = ClipRule(frames="mask", multiview=6, combine="probs", levels=REFERENCE_LEVELS)
+    weights = mask_model(tmp_path, rule)
+    expected = eval_predictions(weights, ingested, tmp_path / "eval", multiview=None)
+    key = expected.keys[0]
+    store = ZarrCrops(ingested / "crops.zarr")
+    extent = clip.extent_from_bbox(store.bbox(key))
+    summary = run_explain(
+        ExplainConfig(
+            checkpoint=weights, zarr=ingested / "crops.zarr", key=key, out=tmp_path / "x.png"
+        )  # fmt: skip
+    )
+    assert summary["prob_multiview"] == pytest.approx(expected.probs[0], abs=1e-5)
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+    # A shift outside the vertebra's views is refused, naming them.
+    views = clip.view_shifts("mask", extent)
+    with pytest.raises(UsageError, match="--offset 40"):
+        run_explain(
+            ExplainConfig(
+                checkpoint=weights,
+                zarr=ingested / "crops.zarr",
+                key=key,
+                out=tmp_path / "y.png",
+                offset=40,
+            )  # fmt: skip
+        )
+    assert 40 not in views

@@ -39,6 +39,7 @@ from vctmae.train import (
     run_pretrain,
 )
 from vctmae.train.checkpoint import latest_checkpoint
+from vctmae.train.config import SpeedOptions
 from vctmae.train.evaluate import compute_metrics, read_predictions
 from vctmae.train.runlog import read_log
 
@@ -552,3 +553,22 @@ def test_cuda_trainers_run_through_their_entry_points(easy_data, tmp_path):
                    progress=False)
     )  # fmt: skip
     assert metrics["n"] == 16 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_finetune_validates_at_its_own_precision(easy_data, tmp_path, monkeypatch):
+    """Validation computes at the run's --precision (an fp32 run never validates in bf16)."""
+    import vctmae.train.evaluate as evaluate
+
+    seen = []
+    original = evaluate.predict
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict", recording)
+    speed = SpeedOptions(precision="bf16")
+    run = RunOptions(shards=tuple(easy_data["train"]), out=tmp_path, **{**TEST_RUN, "speed": speed})
+    run_finetune(FinetuneConfig(run=run, val_shards=tuple(easy_data["val"]), epochs=1,
+                                warmup_epochs=0, batch_size=8, lr=1e-3, multiview=1))  # fmt: skip
+    assert seen == ["bf16"]
