@@ -327,6 +327,11 @@ def test_load_model_refuses_weights_that_do_not_match_the_config(tmp_path):
     description = json.loads((tmp_path / "m.json").read_text())
     description["config"]["depth"] = 3
     (tmp_path / "m.json").write_text(json.dumps(description))
+    # The description no longer has the digest the weights were saved with.
+    with pytest.raises(CheckpointError, match="does not describe the weights in m.safetensors"):
+        load_model(path)
+    # A description without a digest (format 1) is checked by the strict load, key by key.
+    (tmp_path / "m.json").write_text(json.dumps({**description, "version": 1}))
     with pytest.raises(CheckpointError, match="blocks.2"):
         load_model(path)
     (tmp_path / "m.json").unlink()
@@ -342,7 +347,8 @@ def test_a_checkpoint_from_before_input_normalisation_loads_as_identity(tmp_path
     description = json.loads((tmp_path / "old.json").read_text())
     for name in ("input_mean", "input_std"):
         del description["config"][name]
-    (tmp_path / "old.json").write_text(json.dumps(description))
+    # Such configs were format 1, whose weights hold no digest of the description.
+    (tmp_path / "old.json").write_text(json.dumps({**description, "version": 1}))
     loaded = load_model(path)
     assert (loaded.config.input_mean, loaded.config.input_std) == (0.0, 1.0)
     assert loaded.config.embed_dim == classifier.config.embed_dim
