@@ -439,7 +439,9 @@ def test_every_new_flag_is_on_the_commands_with_help():
         assert "the reference code's pretraining flip" in text
         assert "--mirror" not in text.replace("formerly --mirror", "")
     assert "--norm-pix-loss" in pretrain and "--norm-pix-loss" not in finetune
+    for text in (pretrain, finetune, evaluate):
+        # One help text says each command's default levels.
+        assert "Default: pretrain all" in text and "finetune T1-T12,L1-L6" in text
     for text in (finetune, evaluate):
         assert "--combine" in text and "what the reference code does" in text
-        assert "[default: T1-T12,L1-L6]" in text
-    assert "--frames" in evaluate and "[default: all]" in pretrain
+    assert "--frames" in evaluate and "the rule the checkpoint was finetuned with" in evaluate

@@ -194,6 +194,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
             zarr=data / "crops.zarr",
             key=key,
             out=out / "report" / "explain.png",
+            multiview=config.test_multiview,
         )
     )
     timings["explain"] = time.perf_counter() - stage_start
