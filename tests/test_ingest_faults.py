@@ -111,6 +111,57 @@ def test_vertebrae_lost_to_a_wrong_scheme_fail_the_case(phantoms, tmp_path):
     assert report["vertebrae_written"] == 0
 
 
+# --- a scan that cannot be read is named and counted, never dropped ---------------------------
+
+
+def write_unreadable_dicom_folders(src: Path, phantoms: Path) -> dict[str, str]:
+    """Folders in `src/ct/` holding no readable DICOM series, each with its label map in
+    `src/seg/`: case → what its failure line must say."""
+    from test_dicom import small_volume, write_series
+
+    seg = phantoms / "seg" / "case001.nii.gz"
+    (src / "ct" / "junk").mkdir(parents=True)
+    (src / "ct" / "junk" / "IM0001").write_bytes(b"not a DICOM file" * 20)
+    (src / "ct" / "junk" / "notes.txt").write_text("scanner notes\n")
+    # A series whose files lost the 128-byte preamble and the DICM prefix.
+    for path in write_series(src / "ct" / "bare", small_volume()):
+        path.write_bytes(path.read_bytes()[132:])
+    (src / "ct" / "empty").mkdir()
+    for case in ("junk", "bare", "empty"):
+        (src / "seg" / f"{case}.nii.gz").symlink_to(seg)
+    return {
+        "junk": "no readable DICOM series in this folder (2 file(s)",
+        "bare": "no readable DICOM series in this folder (6 file(s)",
+        "empty": "empty folder in ct/",
+    }
+
+
+def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(phantoms, tmp_path):
+    src = tmp_path / "raw"
+    link_case(src, "good", phantoms / "ct" / "case000.nii.gz", phantoms / "seg/case000.nii.gz")
+    expected = {
+        case: (f"ct/{case}", words)
+        for case, words in write_unreadable_dicom_folders(src, phantoms).items()
+    }
+    (src / "seg" / "orphan.nii.gz").symlink_to(phantoms / "seg" / "case001.nii.gz")
+    expected["orphan"] = ("seg/orphan.nii.gz", "no CT ct/orphan.nii.gz or DICOM folder ct/orphan/")
+    (src / "verse").mkdir()
+    (src / "verse" / "sub-7_seg-vert_msk.nii.gz").symlink_to(phantoms / "seg/case002.nii.gz")
+    expected["sub-7"] = ("verse/sub-7_seg-vert_msk.nii.gz", "no CT sub-7_ct.nii.gz")
+    out = tmp_path / "out"
+    result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "ingest-report.json").read_text())
+    failed = {f["case"]: f["reason"] for f in report["failed"]}
+    assert set(failed) == set(expected), failed
+    lines = error_lines(result.output)
+    for case, (path, words) in expected.items():
+        assert f"{path}: " in failed[case] and words in failed[case], (case, failed[case])
+        assert sum(failed[case] in line for line in lines) == 1, (case, lines)
+    assert report["cases_ok"] == 1 and report["cases_seen"] == 1 + len(expected)
+    assert f"1/{1 + len(expected)} cases ok" in result.output
+
+
 # --- item 4: crop keys are one flat name -------------------------------------------------------
 
 

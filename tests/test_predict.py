@@ -513,6 +513,32 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
     assert index.count("failed:") == 3
 
 
+def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
+    raw, checkpoint, tmp_path
+):
+    from test_ingest_faults import write_unreadable_dicom_folders
+
+    src = tmp_path / "src"
+    (src / "ct").mkdir(parents=True)
+    (src / "seg").mkdir()
+    (src / "ct" / "case000.nii.gz").symlink_to(raw / "ct" / "case000.nii.gz")
+    (src / "seg" / "case000.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
+    unreadable = write_unreadable_dicom_folders(src, raw)
+    (src / "seg" / "orphan.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
+    out = tmp_path / "out"
+    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+                 "--device", "cpu", "--no-attention")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output)
+    for case, words in unreadable.items():
+        assert sum(f"ct/{case}: " in line and words in line for line in lines) == 1, lines
+    assert sum("seg/orphan.nii.gz: no CT ct/orphan.nii.gz" in line for line in lines) == 1
+    assert "4 scan(s) failed" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scans_ok"] == 1 and summary["scans_failed"] == 4
+    assert {scan["case"] for scan in summary["scans"]} == {"case000", "orphan", *unreadable}
+
+
 def test_progress_bar_counts_scans(raw, checkpoint, tmp_path):
     result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--seg", str(raw / "seg" / "case000.nii.gz"), "--out", str(tmp_path),
