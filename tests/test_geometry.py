@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +22,8 @@ from vctmae.ingest.geometry import (
     spine_tangents,
 )
 from vctmae.ingest.levels import VERSE_LABEL
+from vctmae.ingest.nifti import Volume
+from vctmae.ingest.source import read_ct
 from vctmae.ingest.synth import make_phantom, phantom_images
 
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values
@@ -604,7 +607,7 @@ def test_bad_shapes_affines_and_values(tmp_path, small_pair):
         "affine": (
             good_ct,
             write("segshift", seg_data, ct.affine + np.pad([[0.0, 0, 0, 0.5]], ((2, 1), (0, 0)))),
-            "affine differs",
+            "voxel centres lie up to 0.5 mm apart",
         ),
         "empty": (good_ct, write("segempty", np.zeros_like(seg_data)), "no vertebra labels"),
         "organs only": (
@@ -625,6 +628,36 @@ def test_bad_shapes_affines_and_values(tmp_path, small_pair):
         culprit = seg_path if ct_path == good_ct else ct_path
         assert error.value.path == culprit, label
         assert words in error.value.problem, (label, error.value.problem)
+
+
+def test_a_jittered_dicom_series_is_measured_against_its_label_map_in_world_space(tmp_path):
+    from test_dicom import FLIP_XY, write_series
+
+    ct, seg = spine_phantom(straight_spine(count=1), ["L1"], margin=20)
+    stored = reorient(ct, "LPS")
+    volume = Volume(path=Path("ct"), data=np.asanyarray(stored.dataobj), affine=stored.affine)
+    lps = FLIP_XY @ volume.affine
+    count = volume.data.shape[2]
+    # Every slice up to 5 % of the slice step off its place along the stack.
+    jitter = np.random.default_rng(3).uniform(-0.05, 0.05, count)
+    positions = lps[:3, 3] + np.outer(np.arange(count) + jitter, lps[:3, 2])
+    series = tmp_path / "series"
+    write_series(series, volume, positions=positions)
+    seg_path = tmp_path / "seg.nii.gz"
+    nib.save(seg, seg_path)  # stored RAS: other axes than the series
+    read = read_ct(series)
+    # Expected: each corner voxel of the CT against the label map's voxel nearest to it.
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in read.data.shape])).reshape(3, -1).T
+    world = nib.affines.apply_affine(read.affine, corners)
+    nearest = np.rint(nib.affines.apply_affine(np.linalg.inv(seg.affine), world))
+    expected = np.linalg.norm(nib.affines.apply_affine(seg.affine, nearest) - world, axis=1).max()
+    assert 0.001 < expected <= 0.05 + 1e-6  # 1 mm slices, each at most 0.05 mm off
+    with pytest.raises(IngestError) as error:
+        extract_crops(series, seg_path)
+    assert error.value.path == seg_path
+    match = re.search(r"voxel centres lie up to ([0-9.e-]+) mm apart", error.value.problem)
+    assert match, error.value.problem
+    assert float(match.group(1)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_ingest_error_pickles_and_formats(tmp_path):

@@ -525,24 +525,9 @@ def extract_crops(
     return crops_from_volumes(ct, labels, config)
 
 
-def _check_grids(ct: Volume, labels: Volume) -> None:
-    """CT and label map must describe the same voxels — stored along the same axes, or along
-    others (a DICOM series, stored LPS, beside a NIfTI map stored RAS): only the grid counts."""
-    try:
-        check_same_grid(ct, labels)
-    except IngestError as stored_differently:
-        try:
-            check_same_grid(
-                oriented_view(ct, SAMPLING_ORIENTATION),
-                oriented_view(labels, SAMPLING_ORIENTATION),
-            )
-        except IngestError:
-            raise stored_differently from None
-
-
 def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> CaseCrops:
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
-    _check_grids(ct, labels)
+    check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
     # Counts and boxes from the stored map in memory order; then both volumes are seen
     # along the sampling order (views, no copy).
