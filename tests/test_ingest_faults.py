@@ -609,6 +609,12 @@ def test_sigkill_between_the_renames_is_completed_by_the_next_run(publish_sets, 
     assert not (out / "crops.zarr").exists() and publish.interrupted_publish(out) is not None
     result = cli("ingest", *flags, "--shard-size", "1GiB", "--workers", "1")
     assert result.exit_code == 0, result.output
+    # The run says, in one line, that it found a half-published set and completed it.
+    [note] = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert note == (
+        f"note: {out}: an ingest was interrupted while publishing its outputs; "
+        "completed them before this run"
+    )
     assert tree_bytes(out) == publish_sets["new_tree"]
     report = json.loads((out / "ingest-report.json").read_text())
     assert report["assembly"] == "up to date"

@@ -25,8 +25,8 @@ journal makes those renames a single step:
 So after any kill and the next `vctmae ingest` into the folder, the folder is
 either the complete old set (killed before the commit) or the complete new set
 (killed after it). Between such a kill and that next run the folder may hold a
-mix; `interrupted_publish(OUT)` says so in one line, for any command that opens
-the folder and wants to refuse it. `ingest-report.json` is not part of the set:
+mix; `interrupted_publish(OUT)` says so in one line (the next ingest prints it
+as it completes the set). `ingest-report.json` is not part of the set:
 it describes a run and is rewritten after every run's publish.
 """
 
@@ -86,10 +86,7 @@ def finish_publish(out: Path) -> bool:
 def interrupted_publish(out: Path) -> str | None:
     """One line saying that `out` holds a half-published set, or None when it does not."""
     if (Path(out) / WORK / JOURNAL).exists():
-        return (
-            f"{out}: an ingest was interrupted while publishing its outputs; run the same "
-            "`vctmae ingest` again to finish it"
-        )
+        return f"{out}: an ingest was interrupted while publishing its outputs"
     return None
 
 
