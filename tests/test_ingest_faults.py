@@ -162,6 +162,32 @@ def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(phant
     assert f"1/{1 + len(expected)} cases ok" in result.output
 
 
+def test_a_label_set_both_schemes_read_fails_its_case_naming_the_choice(phantoms, tmp_path):
+    # case000's VerSe T12 (19) and L1 (20) with a T13 (28) block: TotalSegmentator's L4 too.
+    seg = nib.load(phantoms / "seg" / "case000.nii.gz")
+    data = np.asanyarray(seg.dataobj).copy()
+    assert not data[2:14, 2:14, 2:14].any() and {19, 20} <= set(np.unique(data).tolist())
+    data[2:14, 2:14, 2:14] = 28
+    edited = tmp_path / "edited" / "t13.nii.gz"
+    edited.parent.mkdir()
+    nib.save(nib.Nifti1Image(data, seg.affine, seg.header), edited)
+    src = tmp_path / "raw"
+    link_case(src, "clean", phantoms / "ct" / "case000.nii.gz", phantoms / "seg/case000.nii.gz")
+    link_case(src, "t13", phantoms / "ct" / "case000.nii.gz", edited)
+    out = tmp_path / "out"
+    result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "ingest-report.json").read_text())
+    [failure] = report["failed"]
+    assert (
+        failure["case"] == "t13"
+        and "seg/t13.nii.gz: label scheme is ambiguous" in failure["reason"]
+    )
+    assert "--label-scheme verse or --label-scheme totalseg" in failure["reason"]
+    assert sum(failure["reason"] in line for line in error_lines(result.output)) == 1
+    assert report["cases_ok"] == 1 and {r["case"] for r in read_manifest(out)} == {"clean"}
+
+
 # --- item 4: crop keys are one flat name -------------------------------------------------------
 
 
