@@ -478,7 +478,7 @@ def test_fragment_and_truncated_rules(tmp_path):
 def test_label_scheme_detection_rule():
     assert detect_label_scheme({20, 21, 22}) == "verse"
     # T1, T12, T13 in VerSe; TotalSegmentator's L4 among two organs: both read, so neither.
-    with pytest.raises(LabelSchemeError, match="ambiguous.*T1, T12, T13 in VerSe, L4"):
+    with pytest.raises(LabelSchemeError, match="ambiguous.*T1, T12, T13 in VerSe, but L4"):
         detect_label_scheme({8, 19, 28})
     assert (
         detect_label_scheme({1, 5, 18, 30, 31, 32, 33, 52, 117}) == "totalseg"
@@ -503,6 +503,9 @@ def test_label_scheme_is_decided_from_the_whole_label_set():
     assert detect_label_scheme({28: 40_000.0, 21: 300_000.0}) == "totalseg"  # L4 + bladder
     # A coccyx (27) without a sacrum (26), a sacrum without L5 or L6 are no VerSe map.
     assert detect_label_scheme({20, 21, 27}) == detect_label_scheme({20, 26, 27}) == "totalseg"
+    # A lone L6 (25) is no VerSe map, nor a TotalSegmentator one (its sacrum): neither fits.
+    with pytest.raises(LabelSchemeError, match=r"either scheme supports.*25 \(L6\) without 24"):
+        detect_label_scheme({25})
     # Values above 50 are a vertebra in no scheme: never evidence, whatever their size.
     assert detect_label_scheme({**eight_verse, 100: 30_000.0}, min_volume_mm3=1000) == "verse"
     # Nothing reaches the evidence threshold: every label counts.
@@ -564,7 +567,7 @@ def test_a_verse_t13_beside_an_unused_value_is_ambiguous_and_named(tmp_path):
     assert error.value.path == paths[1]
     problem = error.value.problem
     assert "values 19, 20, 28 are T12, L1, T13 in VerSe" in problem
-    assert "L4 (the rest organs) in TotalSegmentator" in problem
+    assert "but L4 beside organs in TotalSegmentator" in problem
     assert "--label-scheme verse or --label-scheme totalseg" in problem
     assert "100: 1728 voxels" in problem
     told = extract_crops(*paths, GeometryConfig(size=32, label_scheme="verse"))

@@ -210,7 +210,7 @@ def _values_named(values: Collection[int], names: Mapping[int, str]) -> str:
     return ", ".join(f"{v} ({names[v]})" if v in names else str(v) for v in sorted(values))
 
 
-def scheme_misfits(
+def _scheme_misfits(
     present: Mapping[int, float] | Collection[int], *, min_volume_mm3: float = 0.0
 ) -> tuple[set[int], dict[str, str | None]]:
     """The evidence of a label set, and why each scheme does not fit it (None: it fits).
@@ -254,7 +254,7 @@ def detect_label_scheme(
     Raises `LabelSchemeError` (one line naming the values and `--label-scheme`) when
     the set supports both schemes, neither, or is a binary mask of 1s.
     """
-    evidence, misfit = scheme_misfits(present, min_volume_mm3=min_volume_mm3)
+    evidence, misfit = _scheme_misfits(present, min_volume_mm3=min_volume_mm3)
     fitting = [scheme for scheme, reason in misfit.items() if reason is None]
     if not evidence:
         raise LabelSchemeError(
@@ -268,17 +268,18 @@ def detect_label_scheme(
         )
     if len(fitting) == 1:
         return fitting[0]
+    values = ", ".join(str(value) for value in sorted(evidence))
     if fitting:
         as_verse = ", ".join(VERSE[v] for v in sorted(evidence & VERSE.keys()))
         as_totalseg = ", ".join(TOTALSEG[v] for v in sorted(evidence & TOTALSEG.keys()))
         raise LabelSchemeError(
-            f"label scheme is ambiguous: values {_values_named(evidence, {})} are {as_verse} "
-            f"in VerSe, {as_totalseg} (the rest organs) in TotalSegmentator; give "
-            "--label-scheme verse or --label-scheme totalseg"
+            f"label scheme is ambiguous: values {values} are {as_verse} in VerSe, but "
+            f"{as_totalseg} beside organs in TotalSegmentator; give --label-scheme verse or "
+            "--label-scheme totalseg"
         )
     raise LabelSchemeError(
-        f"label map holds no vertebra labels either scheme supports (values "
-        f"{_values_named(evidence, {}) or 'none'}: {misfit['verse']}; {misfit['totalseg']}); "
+        f"label map holds no vertebra labels either scheme supports (values {values}: "
+        f"{misfit['verse']}; {misfit['totalseg']}); "
         "give --label-scheme verse or --label-scheme totalseg if you know its scheme"
     )
 
