@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 import vctmae.cli.synth  # noqa: F401
 from vctmae.cli.app import app
+from vctmae.data.shards import ShardError, expand_shards
 from vctmae.errors import UsageError
 from vctmae.ingest import files, publish, writers
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
@@ -633,6 +634,13 @@ def test_sigkill_between_the_renames_is_completed_by_the_next_run(publish_sets, 
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()
     # The window of the issue: new shards, the old manifest, no crops.zarr — and a journal.
     assert not (out / "crops.zarr").exists() and publish.interrupted_publish(out) is not None
+    # Training and eval refuse the half-published folder's shards, in one line.
+    with pytest.raises(ShardError) as refused:
+        expand_shards(str(out / "*.tar"))
+    assert str(refused.value) == (
+        f"{out}: an ingest was interrupted while publishing its outputs; run the same "
+        "`vctmae ingest` again to finish it"
+    )
     result = cli("ingest", *flags, "--shard-size", "1GiB", "--workers", "1")
     assert result.exit_code == 0, result.output
     # The run says, in one line, that it found a half-published set and completed it.
@@ -644,3 +652,4 @@ def test_sigkill_between_the_renames_is_completed_by_the_next_run(publish_sets, 
     assert tree_bytes(out) == publish_sets["new_tree"]
     report = json.loads((out / "ingest-report.json").read_text())
     assert report["assembly"] == "up to date"
+    assert expand_shards(str(out / "*.tar")) == sorted(str(p) for p in out.glob("*.tar"))
