@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -15,12 +16,15 @@ from nibabel.processing import resample_from_to
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
     GeometryConfig,
+    LabelSchemeError,
     crop_affine,
     detect_label_scheme,
     extract_crops,
     spine_tangents,
 )
 from vctmae.ingest.levels import VERSE_LABEL
+from vctmae.ingest.nifti import Volume
+from vctmae.ingest.source import read_ct
 from vctmae.ingest.synth import make_phantom, phantom_images
 
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values
@@ -473,7 +477,9 @@ def test_fragment_and_truncated_rules(tmp_path):
 
 def test_label_scheme_detection_rule():
     assert detect_label_scheme({20, 21, 22}) == "verse"
-    assert detect_label_scheme({8, 19, 28}) == "verse"  # T1, T12, T13
+    # T1, T12, T13 in VerSe; TotalSegmentator's L4 among two organs: both read, so neither.
+    with pytest.raises(LabelSchemeError, match="ambiguous.*T1, T12, T13 in VerSe, but L4"):
+        detect_label_scheme({8, 19, 28})
     assert (
         detect_label_scheme({1, 5, 18, 30, 31, 32, 33, 52, 117}) == "totalseg"
     )  # organs + vertebrae
@@ -487,12 +493,21 @@ def test_label_scheme_is_decided_from_the_whole_label_set():
     assert detect_label_scheme({**eight_verse, 35: 1.0}, min_volume_mm3=1000) == "verse"
     # … a vertebra-sized mask of one is.
     assert detect_label_scheme({**eight_verse, 35: 30_000.0}, min_volume_mm3=1000) == "totalseg"
-    # VerSe's sacrum (26) and coccyx (27) beside VerSe vertebrae keep the map VerSe.
-    assert detect_label_scheme({22, 23, 24, 26, 27}) == "verse"
+    # VerSe's sacrum (26) and coccyx (27) below L5 read as VerSe, and 27 as TotalSegmentator's
+    # L5 beside organs and S1: the set supports both schemes, so it names no level.
+    for ambiguous in ({22, 23, 24, 26, 27}, {19, 28}, {28, 20}):
+        with pytest.raises(LabelSchemeError, match="--label-scheme verse or --label-scheme"):
+            detect_label_scheme(ambiguous)
     # VerSe's T13 (28) lies between T12 (19) and L1 (20); a lone 28 is TotalSegmentator's L4.
     assert detect_label_scheme({28}) == "totalseg"
     assert detect_label_scheme({28: 40_000.0, 21: 300_000.0}) == "totalseg"  # L4 + bladder
-    assert detect_label_scheme({19, 28}) == detect_label_scheme({28, 20}) == "verse"
+    # A coccyx (27) without a sacrum (26), a sacrum without L5 or L6 are no VerSe map.
+    assert detect_label_scheme({20, 21, 27}) == detect_label_scheme({20, 26, 27}) == "totalseg"
+    # A lone L6 (25) is no VerSe map, nor a TotalSegmentator one (its sacrum): neither fits.
+    with pytest.raises(LabelSchemeError, match=r"either scheme supports.*25 \(L6\) without 24"):
+        detect_label_scheme({25})
+    # Values above 50 are a vertebra in no scheme: never evidence, whatever their size.
+    assert detect_label_scheme({**eight_verse, 100: 30_000.0}, min_volume_mm3=1000) == "verse"
     # Nothing reaches the evidence threshold: every label counts.
     assert detect_label_scheme({35: 1.0, 20: 2.0}, min_volume_mm3=1000) == "totalseg"
 
@@ -509,6 +524,75 @@ def test_a_stray_voxel_and_a_lone_28_on_phantom_maps(tmp_path):
     ct, seg = spine_phantom(straight_spine(count=1), ["T13"], margin=30)  # value 28 alone
     case = extract_crops(*save_pair(tmp_path / "lone", ct, seg), GeometryConfig(size=32))
     assert case.scheme == "totalseg" and [c.level for c in case.crops] == ["L4"]
+
+
+def relabel(seg: nib.Nifti1Image, values: dict[int, int]) -> nib.Nifti1Image:
+    """`seg` with its label values replaced as `values` says (all at once)."""
+    data = np.asanyarray(seg.dataobj)
+    out = data.copy()
+    for old, new in values.items():
+        out[data == old] = new
+    return nib.Nifti1Image(out, seg.affine)
+
+
+def with_blob(
+    seg: nib.Nifti1Image, world: np.ndarray, value: int, half: int = 6
+) -> nib.Nifti1Image:
+    """`seg` with a cube of `value`, (2·half)³ voxels, centred at `world` (RAS mm)."""
+    data = np.asanyarray(seg.dataobj).copy()
+    centre = np.rint(nib.affines.apply_affine(np.linalg.inv(seg.affine), world)).astype(int)
+    box = tuple(slice(c - half, c + half) for c in centre)
+    assert not data[box].any()  # clear of the vertebrae
+    data[box] = value
+    return nib.Nifti1Image(data, seg.affine)
+
+
+def test_a_totalsegmentator_sacrum_s1_and_l5_are_not_verse_l6(tmp_path):
+    # TotalSegmentator's L5 (27) above S1 (26) above the sacrum (25): VerSe would call the
+    # sacrum "L6" — an L6 without an L5 — and miss L5.
+    ct, seg = spine_phantom(straight_spine(count=3), ["L3", "L4", "L5"], margin=30)
+    seg = relabel(seg, {VERSE_LABEL["L3"]: 27, VERSE_LABEL["L4"]: 26, VERSE_LABEL["L5"]: 25})
+    case = extract_crops(*save_pair(tmp_path, ct, seg), GeometryConfig(size=32))
+    assert case.scheme == "totalseg" and [c.level for c in case.crops] == ["L5"]
+    assert sorted(case.other_labels) == [25, 26] and not case.skipped
+
+
+def test_a_verse_t13_beside_an_unused_value_is_ambiguous_and_named(tmp_path):
+    centres = straight_spine(count=3)
+    ct, seg = spine_phantom(centres, ["T12", "T13", "L1"], margin=40)
+    seg = with_blob(seg, centres[0] + [25.0, 0, 0], 100)  # 1728 mm³ of a value no scheme uses
+    paths = save_pair(tmp_path, ct, seg)
+    with pytest.raises(IngestError) as error:
+        extract_crops(*paths, GeometryConfig(size=32))
+    assert error.value.path == paths[1]
+    problem = error.value.problem
+    assert "values 19, 20, 28 are T12, L1, T13 in VerSe" in problem
+    assert "but L4 beside organs in TotalSegmentator" in problem
+    assert "--label-scheme verse or --label-scheme totalseg" in problem
+    assert "100: 1728 voxels" in problem
+    told = extract_crops(*paths, GeometryConfig(size=32, label_scheme="verse"))
+    assert [c.level for c in told.crops] == ["T12", "T13", "L1"]
+    assert told.other_labels == {100: 1728}
+
+
+def test_a_verse_map_beside_an_unused_value_stays_verse(tmp_path):
+    centres = straight_spine(count=3)
+    ct, seg = spine_phantom(centres, ["T12", "L1", "L2"], margin=40)
+    seg = with_blob(seg, centres[0] + [25.0, 0, 0], 100)
+    case = extract_crops(*save_pair(tmp_path, ct, seg), GeometryConfig(size=32))
+    assert case.scheme == "verse" and [c.level for c in case.crops] == ["T12", "L1", "L2"]
+    assert case.other_labels == {100: 1728} and not case.skipped
+
+
+def test_a_binary_mask_is_no_c1(tmp_path):
+    ct, seg = spine_phantom(straight_spine(count=3), ["L1", "L2", "L3"], margin=30)
+    mask = nib.Nifti1Image((np.asanyarray(seg.dataobj) > 0).astype(np.uint8), seg.affine)
+    paths = save_pair(tmp_path, ct, mask)
+    with pytest.raises(IngestError) as error:
+        extract_crops(*paths, GeometryConfig(size=32))
+    assert error.value.path == paths[1]
+    assert "only the value 1: a binary mask names no vertebra" in error.value.problem
+    assert "--label-scheme verse" in error.value.problem
 
 
 def test_forced_scheme_and_levels_on_a_totalseg_map(real_ct):
@@ -604,7 +688,7 @@ def test_bad_shapes_affines_and_values(tmp_path, small_pair):
         "affine": (
             good_ct,
             write("segshift", seg_data, ct.affine + np.pad([[0.0, 0, 0, 0.5]], ((2, 1), (0, 0)))),
-            "affine differs",
+            "voxel centres lie up to 0.5 mm apart",
         ),
         "empty": (good_ct, write("segempty", np.zeros_like(seg_data)), "no vertebra labels"),
         "organs only": (
@@ -625,6 +709,36 @@ def test_bad_shapes_affines_and_values(tmp_path, small_pair):
         culprit = seg_path if ct_path == good_ct else ct_path
         assert error.value.path == culprit, label
         assert words in error.value.problem, (label, error.value.problem)
+
+
+def test_a_jittered_dicom_series_is_measured_against_its_label_map_in_world_space(tmp_path):
+    from test_dicom import FLIP_XY, write_series
+
+    ct, seg = spine_phantom(straight_spine(count=1), ["L1"], margin=20)
+    stored = reorient(ct, "LPS")
+    volume = Volume(path=Path("ct"), data=np.asanyarray(stored.dataobj), affine=stored.affine)
+    lps = FLIP_XY @ volume.affine
+    count = volume.data.shape[2]
+    # Every slice up to 5 % of the slice step off its place along the stack.
+    jitter = np.random.default_rng(3).uniform(-0.05, 0.05, count)
+    positions = lps[:3, 3] + np.outer(np.arange(count) + jitter, lps[:3, 2])
+    series = tmp_path / "series"
+    write_series(series, volume, positions=positions)
+    seg_path = tmp_path / "seg.nii.gz"
+    nib.save(seg, seg_path)  # stored RAS: other axes than the series
+    read = read_ct(series)
+    # Expected: each corner voxel of the CT against the label map's voxel nearest to it.
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in read.data.shape])).reshape(3, -1).T
+    world = nib.affines.apply_affine(read.affine, corners)
+    nearest = np.rint(nib.affines.apply_affine(np.linalg.inv(seg.affine), world))
+    expected = np.linalg.norm(nib.affines.apply_affine(seg.affine, nearest) - world, axis=1).max()
+    assert 0.001 < expected <= 0.05 + 1e-6  # 1 mm slices, each at most 0.05 mm off
+    with pytest.raises(IngestError) as error:
+        extract_crops(series, seg_path)
+    assert error.value.path == seg_path
+    match = re.search(r"voxel centres lie up to ([0-9.e-]+) mm apart", error.value.problem)
+    assert match, error.value.problem
+    assert float(match.group(1)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_ingest_error_pickles_and_formats(tmp_path):

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 import vctmae.cli.synth  # noqa: F401
 from vctmae.cli.app import app
+from vctmae.data.shards import ShardError, expand_shards
 from vctmae.errors import UsageError
 from vctmae.ingest import files, publish, writers
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
@@ -109,6 +110,83 @@ def test_vertebrae_lost_to_a_wrong_scheme_fail_the_case(phantoms, tmp_path):
     assert "no totalseg vertebra to crop" in failure["reason"]
     assert "(35 (T9): 1 voxel)" in failure["reason"] and "--label-scheme" in failure["reason"]
     assert report["vertebrae_written"] == 0
+
+
+# --- a scan that cannot be read is named and counted, never dropped ---------------------------
+
+
+def write_unreadable_dicom_folders(src: Path, phantoms: Path) -> dict[str, str]:
+    """Folders in `src/ct/` holding no readable DICOM series, each with its label map in
+    `src/seg/`: case → what its failure line must say."""
+    from test_dicom import small_volume, write_series
+
+    seg = phantoms / "seg" / "case001.nii.gz"
+    (src / "ct" / "junk").mkdir(parents=True)
+    (src / "ct" / "junk" / "IM0001").write_bytes(b"not a DICOM file" * 20)
+    (src / "ct" / "junk" / "notes.txt").write_text("scanner notes\n")
+    # A series whose files lost the 128-byte preamble and the DICM prefix.
+    for path in write_series(src / "ct" / "bare", small_volume()):
+        path.write_bytes(path.read_bytes()[132:])
+    (src / "ct" / "empty").mkdir()
+    for case in ("junk", "bare", "empty"):
+        (src / "seg" / f"{case}.nii.gz").symlink_to(seg)
+    return {
+        "junk": "no readable DICOM series in this folder (2 file(s)",
+        "bare": "no readable DICOM series in this folder (6 file(s)",
+        "empty": "empty folder in ct/",
+    }
+
+
+def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(phantoms, tmp_path):
+    src = tmp_path / "raw"
+    link_case(src, "good", phantoms / "ct" / "case000.nii.gz", phantoms / "seg/case000.nii.gz")
+    expected = {
+        case: (f"ct/{case}", words)
+        for case, words in write_unreadable_dicom_folders(src, phantoms).items()
+    }
+    (src / "seg" / "orphan.nii.gz").symlink_to(phantoms / "seg" / "case001.nii.gz")
+    expected["orphan"] = ("seg/orphan.nii.gz", "no CT ct/orphan.nii.gz or DICOM folder ct/orphan/")
+    (src / "verse").mkdir()
+    (src / "verse" / "sub-7_seg-vert_msk.nii.gz").symlink_to(phantoms / "seg/case002.nii.gz")
+    expected["sub-7"] = ("verse/sub-7_seg-vert_msk.nii.gz", "no CT sub-7_ct.nii.gz")
+    out = tmp_path / "out"
+    result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "ingest-report.json").read_text())
+    failed = {f["case"]: f["reason"] for f in report["failed"]}
+    assert set(failed) == set(expected), failed
+    lines = error_lines(result.output)
+    for case, (path, words) in expected.items():
+        assert f"{path}: " in failed[case] and words in failed[case], (case, failed[case])
+        assert sum(failed[case] in line for line in lines) == 1, (case, lines)
+    assert report["cases_ok"] == 1 and report["cases_seen"] == 1 + len(expected)
+    assert f"1/{1 + len(expected)} cases ok" in result.output
+
+
+def test_a_label_set_both_schemes_read_fails_its_case_naming_the_choice(phantoms, tmp_path):
+    # case000's VerSe T12 (19) and L1 (20) with a T13 (28) block: TotalSegmentator's L4 too.
+    seg = nib.load(phantoms / "seg" / "case000.nii.gz")
+    data = np.asanyarray(seg.dataobj).copy()
+    assert not data[2:14, 2:14, 2:14].any() and {19, 20} <= set(np.unique(data).tolist())
+    data[2:14, 2:14, 2:14] = 28
+    edited = tmp_path / "edited" / "t13.nii.gz"
+    edited.parent.mkdir()
+    nib.save(nib.Nifti1Image(data, seg.affine, seg.header), edited)
+    src = tmp_path / "raw"
+    link_case(src, "clean", phantoms / "ct" / "case000.nii.gz", phantoms / "seg/case000.nii.gz")
+    link_case(src, "t13", phantoms / "ct" / "case000.nii.gz", edited)
+    out = tmp_path / "out"
+    result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "ingest-report.json").read_text())
+    [failure] = report["failed"]
+    assert (
+        failure["case"] == "t13"
+        and "seg/t13.nii.gz: label scheme is ambiguous" in failure["reason"]
+    )
+    assert "--label-scheme verse or --label-scheme totalseg" in failure["reason"]
+    assert sum(failure["reason"] in line for line in error_lines(result.output)) == 1
+    assert report["cases_ok"] == 1 and {r["case"] for r in read_manifest(out)} == {"clean"}
 
 
 # --- item 4: crop keys are one flat name -------------------------------------------------------
@@ -556,8 +634,22 @@ def test_sigkill_between_the_renames_is_completed_by_the_next_run(publish_sets, 
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()
     # The window of the issue: new shards, the old manifest, no crops.zarr — and a journal.
     assert not (out / "crops.zarr").exists() and publish.interrupted_publish(out) is not None
+    # Training and eval refuse the half-published folder's shards, in one line.
+    with pytest.raises(ShardError) as refused:
+        expand_shards(str(out / "*.tar"))
+    assert str(refused.value) == (
+        f"{out}: an ingest was interrupted while publishing its outputs; run the same "
+        "`vctmae ingest` again to finish it"
+    )
     result = cli("ingest", *flags, "--shard-size", "1GiB", "--workers", "1")
     assert result.exit_code == 0, result.output
+    # The run says, in one line, that it found a half-published set and completed it.
+    [note] = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert note == (
+        f"note: {out}: an ingest was interrupted while publishing its outputs; "
+        "completed them before this run"
+    )
     assert tree_bytes(out) == publish_sets["new_tree"]
     report = json.loads((out / "ingest-report.json").read_text())
     assert report["assembly"] == "up to date"
+    assert expand_shards(str(out / "*.tar")) == sorted(str(p) for p in out.glob("*.tar"))

@@ -29,7 +29,7 @@ from vctmae.data import LoaderOptions, ZarrCrops
 from vctmae.errors import UsageError
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
-from vctmae.ingest.levels import parse_levels
+from vctmae.ingest.levels import VERSE, parse_levels
 from vctmae.ingest.nifti import load_ct, reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.ingest.synth import write_phantoms
@@ -530,6 +530,59 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
             assert "Not assessed:" in page
     index = (out / "index.html").read_text()
     assert index.count("failed:") == 3
+
+
+def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
+    raw, checkpoint, tmp_path
+):
+    from test_ingest_faults import write_unreadable_dicom_folders
+
+    src = tmp_path / "src"
+    (src / "ct").mkdir(parents=True)
+    (src / "seg").mkdir()
+    (src / "ct" / "case000.nii.gz").symlink_to(raw / "ct" / "case000.nii.gz")
+    (src / "seg" / "case000.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
+    unreadable = write_unreadable_dicom_folders(src, raw)
+    (src / "seg" / "orphan.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
+    out = tmp_path / "out"
+    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+                 "--device", "cpu", "--no-attention")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    lines = error_lines(result.output)
+    for case, words in unreadable.items():
+        assert sum(f"ct/{case}: " in line and words in line for line in lines) == 1, lines
+    assert sum("seg/orphan.nii.gz: no CT ct/orphan.nii.gz" in line for line in lines) == 1
+    assert "4 scan(s) failed" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scans_ok"] == 1 and summary["scans_failed"] == 4
+    assert {scan["case"] for scan in summary["scans"]} == {"case000", "orphan", *unreadable}
+
+
+def test_every_vertebra_label_is_assessed_or_listed_beside_a_value_no_scheme_uses(
+    raw, checkpoint, tmp_path
+):
+    import nibabel as nib
+
+    seg = nib.load(raw / "seg" / "case000.nii.gz")
+    data = np.asanyarray(seg.dataobj).copy()
+    assert not data[2:16, 2:16, 2:16].any()
+    data[2:16, 2:16, 2:16] = 100  # a blob of a value that is a vertebra in no scheme
+    edited = tmp_path / "blob.nii.gz"
+    nib.save(nib.Nifti1Image(data, seg.affine, seg.header), edited)
+    out = tmp_path / "out"
+    result = run_predict(
+        config(checkpoint, out, ct=raw / "ct" / "case000.nii.gz", seg=edited, levels="L1",
+               multiview=1, attention=False)
+    )  # fmt: skip
+    [scan] = json.loads((out / "summary.json").read_text())["scans"]
+    assert scan["status"] == "ok" and scan["label_scheme"] == "verse", scan
+    in_map = {VERSE[value] for value in np.unique(data).tolist() if value in VERSE}
+    assessed = [v["level"] for v in scan["vertebrae"]]
+    listed = {n["level"]: n["reason"] for n in scan["not_assessed"]}
+    assert assessed == ["L1"] and len(in_map) >= 4
+    assert set(listed) == in_map - {"L1"}
+    assert set(listed.values()) == {"level outside --levels"}
+    assert len(result.scans[0].vertebrae) == 1
 
 
 def test_progress_bar_counts_scans(raw, checkpoint, tmp_path):

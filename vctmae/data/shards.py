@@ -137,7 +137,22 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 found.extend(matches)
             else:
                 found.append(pattern)
-    return list(dict.fromkeys(found))
+    shards = list(dict.fromkeys(found))
+    refuse_half_published(shards)
+    return shards
+
+
+def refuse_half_published(shards: Sequence[str]) -> None:
+    """Raise `ShardError` for shards in a folder an ingest was interrupted while publishing
+    into: it may hold part of the old set and part of the new one until ingest runs again."""
+    from vctmae.ingest.publish import INTERRUPTED, interrupted_publish
+
+    folders = (os.path.dirname(os.path.abspath(s)) for s in shards if not _is_url(s))
+    for folder in dict.fromkeys(folders):
+        if interrupted_publish(Path(folder)) is not None:
+            raise ShardError(
+                folder, f"{INTERRUPTED}; run the same `vctmae ingest` again to finish it"
+            )
 
 
 # ----------------------------------------------------------------------------- .npy decoding

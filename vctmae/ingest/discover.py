@@ -14,10 +14,12 @@ The layouts, all found recursively under `--src`:
   (`series`: the SeriesInstanceUID to read there).
 
 Case id = NAME / X (or the csv's `case`); patient = the csv's `patient`, else the
-case id. Problems (a file in `ct/` that is not NIfTI, a CT without its label map,
-the same case id twice) are returned as `BadInput`s, never raised, so the run
-can go on with the good cases. With `missing_seg_ok` (ingest `--segment`) a CT
-without a label map is a case with `seg=None`, to be segmented.
+case id. Problems (a file in `ct/` that is not NIfTI, a folder in `ct/` holding
+no readable DICOM series, a CT without its label map, a label map without its
+CT, the same case id twice) are returned as `BadInput`s, never raised, so the
+run can go on with the good cases and counts the bad ones as failed. With
+`missing_seg_ok` (ingest `--segment`) a CT without a label map is a case with
+`seg=None`, to be segmented.
 """
 
 from __future__ import annotations
@@ -95,14 +97,46 @@ def _walk(src: Path, skip: set[Path]):
         yield here, set(dirs), sorted(f for f in files if not f.startswith("."))
 
 
-def _verse_derivative(folder: Path, name: str) -> Path | None:
-    """Where VerSe's official layout keeps the label map `name` of a CT in `folder`:
-    the same place under the `derivatives/` beside the nearest `rawdata/` above it."""
+def _verse_counterpart(folder: Path, name: str, *, source: str, target: str) -> Path | None:
+    """Where VerSe's official layout keeps file `name` of the other tree: `folder`'s place
+    under the `target` folder (e.g. `derivatives/`) beside the nearest `source` folder
+    (e.g. `rawdata/`) above it; None when `folder` is not under a `source` folder."""
     parts = folder.parts
-    if VERSE_RAW not in parts:
+    if source not in parts:
         return None
-    at = len(parts) - 1 - parts[::-1].index(VERSE_RAW)
-    return Path(*parts[:at], VERSE_DERIVED, *parts[at + 1 :]) / name
+    at = len(parts) - 1 - parts[::-1].index(source)
+    return Path(*parts[:at], target, *parts[at + 1 :]) / name
+
+
+def _verse_derivative(folder: Path, name: str) -> Path | None:
+    """Where VerSe's official layout keeps the label map `name` of a CT in `folder`."""
+    return _verse_counterpart(folder, name, source=VERSE_RAW, target=VERSE_DERIVED)
+
+
+def _verse_raw_ct(folder: Path, case_id: str) -> Path | None:
+    """The CT of label map `case_id` in a `derivatives/` `folder`, when it is under `rawdata/`."""
+    for suffix in NIFTI_SUFFIXES:
+        ct = _verse_counterpart(
+            folder, f"{case_id}{VERSE_CT}{suffix}", source=VERSE_DERIVED, target=VERSE_RAW
+        )
+        if ct is not None and ct.is_file():
+            return ct
+    return None
+
+
+def _not_a_series(folder: Path) -> str:
+    """Why a folder in `ct/` is no DICOM series (`is_dicom_series_folder` said so)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        return f"cannot list this DICOM folder ({error.strerror or error})"
+    if not entries:
+        return "empty folder in ct/: no DICOM series to read"
+    files = sum(1 for entry in entries if entry.is_file())
+    return (
+        f"no readable DICOM series in this folder ({files} file(s), "
+        f"{len(entries) - files} folder(s); no DICOM image file with the DICM preamble)"
+    )
 
 
 def _case(
@@ -158,23 +192,43 @@ def scan_folder(
                     no_seg(case_id, ct_path, f"no label map {case_id}{VERSE_SEG}.nii.gz {where}")
                     continue
                 cases.append(_case(case_id, ct_path, seg_path, src))
+            elif stem.endswith(VERSE_SEG) and folder.name not in ("ct", "seg"):
+                # A VerSe label map whose CT is neither beside it nor under rawdata/.
+                case_id = stem[: -len(VERSE_SEG)]
+                if case_id + VERSE_CT in stems or _verse_raw_ct(folder, case_id) is not None:
+                    continue
+                bad.append(
+                    BadInput(
+                        case=case_id,
+                        path=_display(folder / name, src),
+                        problem=f"no CT {case_id}{VERSE_CT}.nii.gz for this label map",
+                    )
+                )
         # ct/ + seg/ layout; a folder in ct/ may be a DICOM series.
-        if "ct" in dirs:
+        if "ct" in dirs or "seg" in dirs:
             ct_dir, seg_dir = folder / "ct", folder / "seg"
             seg_stems: dict[str, Path] = {}
             if seg_dir.is_dir():
                 for f in sorted(os.listdir(seg_dir)):
                     stem = nifti_stem(f)
-                    if stem is not None:
+                    if stem is not None and not f.startswith("."):
                         seg_stems.setdefault(stem, seg_dir / f)
-            for f in sorted(os.listdir(ct_dir)):
+            ct_names = sorted(os.listdir(ct_dir)) if ct_dir.is_dir() else []
+            with_ct: set[str] = set()  # stems of the label maps a CT in ct/ claims
+            for f in ct_names:
                 path = ct_dir / f
                 if f.startswith("."):
                     continue
                 if path.is_dir():
-                    if not is_dicom_series_folder(path):
-                        continue
                     stem = f
+                    if not is_dicom_series_folder(path):
+                        with_ct.add(stem)  # the case fails here, not again for its label map
+                        bad.append(
+                            BadInput(
+                                case=stem, path=_display(path, src), problem=_not_a_series(path)
+                            )
+                        )
+                        continue
                 else:
                     stem = nifti_stem(f)
                 if stem is None:
@@ -186,11 +240,23 @@ def scan_folder(
                         )
                     )
                     continue
+                with_ct.add(stem)
                 seg = seg_stems.get(stem)
                 if seg is None:
                     no_seg(stem, path, f"no label map seg/{stem}.nii.gz for this CT")
                     continue
                 cases.append(_case(stem, path, seg, src))
+            for stem, seg in seg_stems.items():
+                if stem in with_ct:
+                    continue
+                bad.append(
+                    BadInput(
+                        case=stem,
+                        path=_display(seg, src),
+                        problem=f"no CT ct/{stem}.nii.gz or DICOM folder ct/{stem}/ for this "
+                        "label map",
+                    )
+                )
     return cases, bad
 
 

@@ -37,22 +37,26 @@ Skip rules, first match wins: level outside `levels`; fragment (mask volume
 (mask touches the first or last index of any storage axis).
 
 Label scheme auto-detection (`label_scheme="auto"`, `detect_label_scheme`) is
-decided from the whole label set, never from any one value. Only labels whose
-mask reaches `min_fragment_mm3` count as evidence — a stray voxel or a speck can
-neither become a crop nor decide the scheme (all labels count when none is that
-large). The map is TotalSegmentator v2 when its evidence
-1. holds vertebrae of TotalSegmentator but none of VerSe (e.g. only 26 S1 and
-   27 L5, which VerSe uses for sacrum and coccyx), or
-2. holds a value VerSe never uses: above 28 (TotalSegmentator's vertebrae
-   reach 50 and its organs, vessels, muscles and ribs 117), or
-3. holds 28 without 19 or 20: VerSe's 28 is T13, which only exists between
-   T12 (19) and L1 (20), so a lone 28 is TotalSegmentator's L4 — the case that
-   once needed an explicit `label_scheme="totalseg"`.
-Otherwise it is VerSe. A real TotalSegmentator map always holds values above
-28 (muscles, vessels, other vertebrae), so rule 3 only matters for maps cut
-down to a few vertebrae; the one map these rules still read as VerSe is a
-cut-down TotalSegmentator map holding L4 (28) beside organ 19 or 20 and
-nothing above 28 — give `label_scheme="totalseg"` for that one.
+decided from the whole label set, never from any one value, and names a level
+only under a scheme the set supports and the other does not. Evidence: the
+labels whose mask reaches `min_fragment_mm3` (a stray voxel or a speck can
+neither become a crop nor decide the scheme; all labels count when none is that
+large), of values 1–50 — a value above 50 is a vertebra in no scheme (an organ,
+a muscle, a stray blob): it is reported, never used to pick a scheme.
+- VerSe is supported when the evidence holds a VerSe vertebra (1–25, 28), no
+  value VerSe never uses (29–50: TotalSegmentator's vertebrae above L4), and
+  each of VerSe's labels that only exists beside another has that neighbour
+  somewhere in the map: T13 (28) beside T12 (19) or L1 (20), L6 (25) below
+  L5 (24), the sacrum (26) below L5 or L6, the coccyx (27) below the sacrum.
+- TotalSegmentator v2 is supported when the evidence holds one of its
+  vertebrae (27 L5 … 50 C1); its 1–26 are organs, sacrum and S1.
+One scheme supported: that one. Both (e.g. T12, T13 and L1 of VerSe, which
+TotalSegmentator reads as two organs and L4): the case fails, naming the values
+and `--label-scheme verse|totalseg`. Neither: the case fails, saying why each
+scheme does not fit. A map holding only the value 1 is a binary mask, not
+VerSe's C1: it fails the same way. A real TotalSegmentator map holds vertebrae
+above L4 (29–50), a real VerSe map values 1–25, so only maps cut down to a few
+vertebrae around T13, L4 or L5 need `--label-scheme`.
 
 Labels that are no vertebra in the chosen scheme are returned with their voxel
 counts (`CaseCrops.other_labels`, listed in the ingest report). A case fails
@@ -73,9 +77,18 @@ import numpy as np
 from scipy import ndimage
 
 from vctmae.clip import NUM_FRAMES, STRIDE
-from vctmae.errors import UsageError
+from vctmae.errors import UsageError, VctmaeError
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
+from vctmae.ingest.levels import (
+    LEVELS,
+    SCHEMES,
+    TOTALSEG,
+    VERSE,
+    VERSE_COCCYX,
+    VERSE_LABEL,
+    VERSE_SACRUM,
+    level_index,
+)
 from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
 from vctmae.ingest.sampling import sample_ct, sample_labels
 from vctmae.ingest.source import read_ct, read_label_map
@@ -178,26 +191,97 @@ class _Vertebra:
     box: tuple[slice, slice, slice]  # the mask's bounding box in the label volume
 
 
-def detect_label_scheme(
+class LabelSchemeError(VctmaeError, ValueError):
+    """The label set supports both schemes, or neither (the case's map is named by the caller)."""
+
+
+# VerSe labels that only exist beside another one: label → the labels one of which must be there.
+VERSE_NEIGHBOURS: dict[int, tuple[int, ...]] = {
+    VERSE_LABEL["T13"]: (VERSE_LABEL["T12"], VERSE_LABEL["L1"]),
+    VERSE_LABEL["L6"]: (VERSE_LABEL["L5"],),
+    VERSE_SACRUM: (VERSE_LABEL["L5"], VERSE_LABEL["L6"]),
+    VERSE_COCCYX: (VERSE_SACRUM,),
+}
+VERSE_NAMES: dict[int, str] = {**VERSE, VERSE_SACRUM: "sacrum", VERSE_COCCYX: "coccyx"}
+
+
+def _values_named(values: Collection[int], names: Mapping[int, str]) -> str:
+    """'19 (T12), 28 (T13)' — values with their names in a scheme."""
+    return ", ".join(f"{v} ({names[v]})" if v in names else str(v) for v in sorted(values))
+
+
+def _scheme_misfits(
     present: Mapping[int, float] | Collection[int], *, min_volume_mm3: float = 0.0
-) -> str:
-    """The label scheme of a map, decided from its whole label set (rule in the module docstring).
+) -> tuple[set[int], dict[str, str | None]]:
+    """The evidence of a label set, and why each scheme does not fit it (None: it fits).
 
     `present` maps each label value to its mask volume in mm³ (labels under
     `min_volume_mm3` are no evidence unless nothing is larger); a plain set of
-    values counts every value as evidence.
+    values counts every value as evidence. Rule in the module docstring.
     """
     volumes = present if isinstance(present, Mapping) else dict.fromkeys(present, np.inf)
-    labelled = {value for value in volumes if value > 0}
+    labelled = {value for value in volumes if 0 < value <= LARGEST_VERTEBRA_VALUE}
     evidence = {value for value in labelled if volumes[value] >= min_volume_mm3} or labelled
-    if evidence & TOTALSEG.keys() and not evidence & VERSE.keys():
-        return "totalseg"
-    if any(value > LARGEST_VERSE_VALUE for value in evidence):
-        return "totalseg"
-    t13_neighbours = {VERSE_LABEL["T12"], VERSE_LABEL["L1"]}
-    if VERSE_LABEL["T13"] in evidence and not evidence & t13_neighbours:
-        return "totalseg"
-    return "verse"
+    verse = evidence & VERSE.keys()
+    foreign = {value for value in evidence if value > LARGEST_VERSE_VALUE}
+    lonely = {
+        value
+        for value, neighbours in VERSE_NEIGHBOURS.items()
+        if value in evidence and not labelled.intersection(neighbours)
+    }
+    misfit: dict[str, str | None] = {"verse": None, "totalseg": None}
+    if not verse:
+        misfit["verse"] = "no VerSe vertebra value (1–25, 28)"
+    elif foreign:
+        misfit["verse"] = f"VerSe never uses {_values_named(foreign, TOTALSEG)}"
+    elif lonely:
+        needed = "; ".join(
+            f"{_values_named({value}, VERSE_NAMES)} without "
+            + " or ".join(_values_named({n}, VERSE_NAMES) for n in VERSE_NEIGHBOURS[value])
+            for value in sorted(lonely)
+        )
+        misfit["verse"] = f"VerSe's {needed}"
+    if not evidence & TOTALSEG.keys():
+        misfit["totalseg"] = "no TotalSegmentator vertebra value (27–50)"
+    return evidence, misfit
+
+
+def detect_label_scheme(
+    present: Mapping[int, float] | Collection[int], *, min_volume_mm3: float = 0.0
+) -> str:
+    """The one label scheme the whole label set supports (rule in the module docstring).
+
+    Raises `LabelSchemeError` (one line naming the values and `--label-scheme`) when
+    the set supports both schemes, neither, or is a binary mask of 1s.
+    """
+    evidence, misfit = _scheme_misfits(present, min_volume_mm3=min_volume_mm3)
+    fitting = [scheme for scheme, reason in misfit.items() if reason is None]
+    if not evidence:
+        raise LabelSchemeError(
+            f"label map holds no vertebra labels (no value 1–{LARGEST_VERTEBRA_VALUE})"
+        )
+    if evidence == {1}:
+        raise LabelSchemeError(
+            "label map holds only the value 1: a binary mask names no vertebra; label each "
+            "vertebra (VerSe or TotalSegmentator values), or give --label-scheme verse if it "
+            "is VerSe's C1 alone"
+        )
+    if len(fitting) == 1:
+        return fitting[0]
+    values = ", ".join(str(value) for value in sorted(evidence))
+    if fitting:
+        as_verse = ", ".join(VERSE[v] for v in sorted(evidence & VERSE.keys()))
+        as_totalseg = ", ".join(TOTALSEG[v] for v in sorted(evidence & TOTALSEG.keys()))
+        raise LabelSchemeError(
+            f"label scheme is ambiguous: values {values} are {as_verse} in VerSe, but "
+            f"{as_totalseg} beside organs in TotalSegmentator; give --label-scheme verse or "
+            "--label-scheme totalseg"
+        )
+    raise LabelSchemeError(
+        f"label map holds no vertebra labels either scheme supports (values {values}: "
+        f"{misfit['verse']}; {misfit['totalseg']}); "
+        "give --label-scheme verse or --label-scheme totalseg if you know its scheme"
+    )
 
 
 def memory_order(data: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -525,24 +609,9 @@ def extract_crops(
     return crops_from_volumes(ct, labels, config)
 
 
-def _check_grids(ct: Volume, labels: Volume) -> None:
-    """CT and label map must describe the same voxels — stored along the same axes, or along
-    others (a DICOM series, stored LPS, beside a NIfTI map stored RAS): only the grid counts."""
-    try:
-        check_same_grid(ct, labels)
-    except IngestError as stored_differently:
-        try:
-            check_same_grid(
-                oriented_view(ct, SAMPLING_ORIENTATION),
-                oriented_view(labels, SAMPLING_ORIENTATION),
-            )
-        except IngestError:
-            raise stored_differently from None
-
-
 def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> CaseCrops:
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
-    _check_grids(ct, labels)
+    check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
     # Counts and boxes from the stored map in memory order; then both volumes are seen
     # along the sampling order (views, no copy).
@@ -556,7 +625,12 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
 
     if config.label_scheme == "auto":
         volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
-        scheme = detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)
+        try:
+            scheme = detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)
+        except LabelSchemeError as error:
+            others = {value: n for value, n in counts.items() if value > LARGEST_VERTEBRA_VALUE}
+            found = f" (also {_values_text(others)}: no vertebra in any scheme)" if others else ""
+            raise IngestError(labels.path, f"{error}{found}") from None
     else:
         scheme = config.label_scheme
     names = SCHEMES[scheme]

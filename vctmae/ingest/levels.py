@@ -30,6 +30,9 @@ TOTALSEG: dict[int, str] = {
     **{32 - i: f"L{i}" for i in range(1, 6)},
 }
 
+# VerSe's sacrum and coccyx: labelled, but no vertebra level.
+VERSE_SACRUM, VERSE_COCCYX = 26, 27
+
 SCHEMES: dict[str, dict[int, str]] = {"verse": VERSE, "totalseg": TOTALSEG}
 
 VERSE_LABEL: dict[str, int] = {name: value for value, name in VERSE.items()}

@@ -22,6 +22,7 @@ without isal, the standard `gzip` module does the same job.
 from __future__ import annotations
 
 import gzip
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -281,19 +282,38 @@ def load_labels(path: str | Path) -> Volume:
 
 
 def check_same_grid(ct: Volume, labels: Volume) -> None:
-    """CT and label map must describe the same voxels in the same place."""
-    if ct.data.shape != labels.data.shape:
+    """CT and label map must describe the same voxels in the same place.
+
+    They may store them along different axes (a DICOM series, stored LPS, beside a
+    NIfTI map stored RAS): the label map is seen along the CT's axes, then the
+    world positions of corresponding voxel centres are compared (`grid_distance_mm`).
+    """
+    seen = oriented_view(labels, ct.orientation)
+    if seen.data.shape != ct.data.shape:
+        along = ""
+        if seen is not labels:
+            along = f", {seen.data.shape} along the CT's {ct.orientation} axes"
         raise IngestError(
             labels.path,
-            f"shape {labels.data.shape} differs from the CT's {ct.data.shape} ({ct.path})",
+            f"shape {labels.data.shape} (stored {labels.orientation}{along}) differs from "
+            f"the CT's {ct.data.shape} ({ct.path})",
         )
-    difference = float(np.max(np.abs(ct.affine - labels.affine)))
-    if difference > AFFINE_TOLERANCE_MM:
+    distance = grid_distance_mm(ct, seen)
+    if distance > AFFINE_TOLERANCE_MM:
         raise IngestError(
             labels.path,
-            f"affine differs from the CT's ({ct.path}) by up to {difference:.4g} mm "
-            f"(tolerance {AFFINE_TOLERANCE_MM} mm)",
+            f"affine differs from the CT's ({ct.path}): corresponding voxel centres lie up to "
+            f"{distance:.4g} mm apart (tolerance {AFFINE_TOLERANCE_MM} mm)",
         )
+
+
+def grid_distance_mm(a: Volume, b: Volume) -> float:
+    """Largest world distance between the centres of voxel (i, j, k) of `a` and of `b`, two
+    grids of one shape. Affines are linear, so it is reached at a corner of the grid."""
+    corners = np.array(list(itertools.product(*((0, n - 1) for n in a.data.shape))), float)
+    world_a = corners @ a.affine[:3, :3].T + a.affine[:3, 3]
+    world_b = corners @ b.affine[:3, :3].T + b.affine[:3, 3]
+    return float(np.max(np.linalg.norm(world_a - world_b, axis=1)))
 
 
 def oriented_view(volume: Volume, codes: str) -> Volume:

@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from vctmae.ingest.extract import EXECUTORS, Extracted, ExtractJob, finished_rec
 from vctmae.ingest.files import TEMPORARY, atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
-from vctmae.ingest.publish import WORK, ZARR, finish_publish
+from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
     geometry_from_settings,
@@ -199,10 +200,13 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     pairs csv, output folder or work file), `OutOfSpaceError` (disk full; earlier
     outputs and finished cases are kept). Bad cases do not raise — they are
     listed in the report's `failed`. A publish that a killed run left half done
-    is completed first (`vctmae.ingest.publish`).
+    is completed first (`vctmae.ingest.publish`), saying so in one line on stderr.
     """
     with output_lock(config.out) as lock:
-        finish_publish(config.out)
+        interrupted = interrupted_publish(config.out)
+        if interrupted is not None:
+            finish_publish(config.out)
+            print(f"note: {interrupted}; completed them before this run", file=sys.stderr)
         if config.merge:
             return _run_merge(config, progress)
         return _run_ingest(config, progress, lock)

@@ -25,8 +25,9 @@ journal makes those renames a single step:
 So after any kill and the next `vctmae ingest` into the folder, the folder is
 either the complete old set (killed before the commit) or the complete new set
 (killed after it). Between such a kill and that next run the folder may hold a
-mix; `interrupted_publish(OUT)` says so in one line, for any command that opens
-the folder and wants to refuse it. `ingest-report.json` is not part of the set:
+mix; `interrupted_publish(OUT)` says so in one line: the next ingest prints it
+as it completes the set, and the shard readers of training and eval refuse
+such a folder with it. `ingest-report.json` is not part of the set:
 it describes a run and is rewritten after every run's publish.
 """
 
@@ -50,6 +51,7 @@ STAGING = "staging"  # inside WORK: where assembly writes the next set
 JOURNAL = "publish.json"  # inside WORK: present from the commit point until the set is in place
 PUBLISHED = "assembled.json"  # inside WORK: what the published set is (fingerprint, shards)
 OLD_ZARR = f"old-{ZARR}"  # inside WORK: the replaced Zarr store, until it is deleted
+INTERRUPTED = "an ingest was interrupted while publishing its outputs"
 
 
 def _after_step(step: str) -> None:
@@ -86,10 +88,7 @@ def finish_publish(out: Path) -> bool:
 def interrupted_publish(out: Path) -> str | None:
     """One line saying that `out` holds a half-published set, or None when it does not."""
     if (Path(out) / WORK / JOURNAL).exists():
-        return (
-            f"{out}: an ingest was interrupted while publishing its outputs; run the same "
-            "`vctmae ingest` again to finish it"
-        )
+        return f"{out}: {INTERRUPTED}"
     return None
 
 

@@ -26,8 +26,9 @@ from vctmae.ingest.files import atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 
 # Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded;
-# 3: typed records, the DICOM series of a folder CT recorded.
-RECORD_VERSION = 3
+# 3: typed records, the DICOM series of a folder CT recorded; 4: a level is named only under
+# the one scheme the label set supports (an ambiguous set fails its case).
+RECORD_VERSION = 4
 
 
 def geometry_settings(geometry: GeometryConfig) -> dict[str, Any]:
