@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +37,9 @@ from nibabel.orientations import (
 )
 
 from vctmae.ingest.errors import IngestError
+
+if TYPE_CHECKING:
+    from vctmae.ingest.dicom import DicomSeries
 
 try:
     from isal import igzip as _fast_gzip
@@ -61,6 +65,9 @@ class Volume:
     affine: np.ndarray  # (4, 4) float64
     slope: float = 1.0
     intercept: float = 0.0
+    # A CT read from a DICOM series: its files and grid (None for NIfTI), for writing DICOM
+    # objects that belong to the same study and lie on the same grid.
+    dicom: DicomSeries | None = None
 
     @property
     def scaled(self) -> bool:

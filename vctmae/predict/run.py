@@ -319,6 +319,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     from vctmae.errors import is_out_of_space, out_of_space
     from vctmae.ingest.segment import require_segmenter
     from vctmae.predict import report
+    from vctmae.predict.dicom_out import write_dicom_objects
 
     run_started = time.perf_counter()
     cases, bad = find_scans(config)
@@ -369,6 +370,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             folders[folder] = case.case
             started = time.perf_counter()
             scan, volumes, attention = predict_scan(case, config, predictor, threshold)
+            scan = write_dicom_objects(scan, volumes, config.out, run, enabled=config.dicom_out)
             if not scan.ok:
                 error_line(bar, scan.error)
             report_started = time.perf_counter()
