@@ -30,7 +30,6 @@ the SR's segment references require); yes/no are SNOMED CT's.
 from __future__ import annotations
 
 import dataclasses
-import io
 import platform
 import time
 from pathlib import Path
@@ -52,6 +51,9 @@ SR_SERIES_NUMBER = 9902
 MANUFACTURER = "vctmae"
 MODEL_NAME = "vctmae vertebral fracture classifier"
 SCHEME = "99VCTMAE"
+# Grids whose voxel centres coincide to this fraction of a voxel (any value under 0.5 gives
+# nearest neighbour's result) are indexed, not resampled.
+GRID_TOLERANCE = 0.1
 # Patient and study attributes (type 2: present, perhaps empty) that highdicom copies from the
 # source headers and refuses to do without; an anonymised export often lacks some.
 PATIENT_AND_STUDY = (
@@ -67,6 +69,19 @@ PATIENT_AND_STUDY = (
 )
 NIFTI_NOTE = "NIfTI input: no DICOM study to add a SEG and SR to"
 NO_VERTEBRA_NOTE = "no vertebra assessed: no DICOM SEG or SR"
+
+
+def _private_scheme():
+    """The coding scheme identification of 99VCTMAE, declared in each object that uses it."""
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+
+    return [
+        CodingSchemeIdentificationItem(
+            designator=SCHEME,
+            name="vctmae private codes",
+            responsible_organization="vctmae",
+        )
+    ]
 
 
 def _codes():
@@ -102,16 +117,55 @@ def segment_numbers(series: DicomSeries, labels: Volume, values: list[int]) -> n
         numbered[data == value] = number
     # CT voxel (column, row, slice) → world → label-map voxel.
     to_labels = np.linalg.inv(labels.affine) @ series.affine
-    on_ct = affine_transform(
-        numbered,
-        to_labels[:3, :3],
-        offset=to_labels[:3, 3],
-        output_shape=series.shape,
-        order=0,
-        mode="constant",
-        cval=0,
-    )
+    on_ct = _on_voxel_centres(numbered, to_labels, series.shape)
+    if on_ct is None:
+        on_ct = affine_transform(
+            numbered,
+            to_labels[:3, :3],
+            offset=to_labels[:3, 3],
+            output_shape=series.shape,
+            order=0,
+            mode="constant",
+            cval=0,
+        )
     return on_ct.transpose(2, 1, 0)
+
+
+def _on_voxel_centres(
+    numbered: np.ndarray, to_labels: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray | None:
+    """`numbered` on the CT grid by indexing when each CT voxel centre lies on a label-map voxel
+    centre (the grids differ by axis order, flips and a whole-voxel shift: predict's case);
+    None otherwise. Voxels outside the label map are 0. The nearest-neighbour resampling's
+    result exactly, ~6x faster on a clinical CT."""
+    steps = np.rint(to_labels[:3, :3])
+    offsets = np.rint(to_labels[:3, 3])
+    if not (
+        np.array_equal(np.abs(steps).sum(axis=0), [1, 1, 1])
+        and np.array_equal(np.abs(steps).sum(axis=1), [1, 1, 1])
+    ):
+        return None
+    # How far the exact label-map coordinates stray from the whole-voxel ones: largest at a
+    # corner of the CT grid, the difference being affine. Under half a voxel, rounding the
+    # exact ones (nearest neighbour) gives the whole-voxel ones.
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], indexing="ij")).reshape(3, -1)
+    exact = to_labels[:3, :3] @ corners + to_labels[:3, 3:]
+    whole = steps @ corners + offsets[:, None]
+    if np.abs(exact - whole).max() > GRID_TOLERANCE:
+        return None
+    # Label axis a follows CT axis ct_axis[a], forwards or backwards.
+    ct_axis = np.abs(steps).argmax(axis=1)
+    indices, inside = [], []
+    for axis in range(3):
+        index = steps[axis, ct_axis[axis]] * np.arange(shape[ct_axis[axis]]) + offsets[axis]
+        index = index.astype(np.int64)
+        inside.append((index >= 0) & (index < numbered.shape[axis]))
+        indices.append(np.clip(index, 0, numbered.shape[axis] - 1))
+    taken = numbered[np.ix_(*indices)]
+    for axis, valid in enumerate(inside):
+        taken[(slice(None),) * axis + (~valid,)] = 0
+    # Label-axis order → CT-axis order.
+    return taken.transpose(np.argsort(ct_axis))
 
 
 def source_headers(series: DicomSeries) -> list:
@@ -190,6 +244,7 @@ def build_seg(scan: ScanResult, ct: Volume, labels: Volume, label_values: dict[s
         series_description=SERIES_DESCRIPTION,
         content_label="VERTEBRAE",
         content_description="Assessed vertebrae, labelled by level",
+        coding_schemes=_private_scheme(),
     ), headers
 
 
@@ -280,15 +335,13 @@ def build_sr(scan: ScanResult, seg, headers: list, run):
         software_versions=version,
         series_description=SERIES_DESCRIPTION,
         is_complete=True,
+        coding_schemes=_private_scheme(),
     )
 
 
 def _save(dataset, path: Path) -> None:
     """Write a DICOM dataset atomically (a crash leaves the old file or none, never half)."""
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    write_atomically(path, lambda handle: handle.write(data))
+    write_atomically(path, lambda handle: dataset.save_as(handle, enforce_file_format=True))
 
 
 def write_dicom_objects(
