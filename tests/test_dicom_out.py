@@ -25,6 +25,7 @@ import pydicom
 import pytest
 import torch
 from test_dicom import FLIP_XY, small_volume, write_series
+from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL
 from typer.testing import CliRunner
 
@@ -195,6 +196,10 @@ def test_seg_holds_the_assessed_vertebrae_on_the_source_grid(predicted, source, 
     assert [s.SegmentLabel for s in segments] == levels
     for segment in segments:
         assert code_of(segment.SegmentedPropertyTypeCodeSequence[0]) == ("51282000", "SCT")
+        # The given label map, resampled by vctmae (not TotalSegmentator's: see below).
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert segment.SegmentAlgorithmType == "AUTOMATIC" and algorithm.AlgorithmName == "vctmae"
+        assert f"{case}.nii.gz" in algorithm.AlgorithmParameters
     uids = [h.SOPInstanceUID for h in headers]
     masks = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, segment_numbers=list(range(1, len(levels) + 1))
@@ -378,3 +383,30 @@ def test_no_dicom_out_writes_none_for_a_dicom_series(source, checkpoint, tmp_pat
     assert (out / "lps" / "report.html").is_file() and not list(out.rglob("*.dcm"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scans"][0]["dicom"] == [] and summary["scans"][0]["dicom_note"] is None
+
+
+def test_a_label_map_made_by_totalsegmentator_is_credited_to_it(
+    real_ct_dir, checkpoint, tmp_path, monkeypatch
+):
+    """--segment on a DICOM series: the SEG's segments name TotalSegmentator as their algorithm."""
+    use_totalsegmentator(
+        monkeypatch,
+        f"""
+        import shutil
+        shutil.copyfile({str(real_ct_dir / "seg.nii.gz")!r}, output)
+        """,
+        tmp_path / "fake",
+    )
+    series = tmp_path / "ct"
+    write_series(series, reorient(load_ct(real_ct_dir / "ct.nii.gz"), "LPS"), series="1.2.3.9")
+    config = PredictConfig(
+        checkpoint=checkpoint, out=tmp_path / "out", ct=series, segment=True, device="cpu",
+        progress=False, attention=False,
+    )  # fmt: skip
+    (scan,) = run_predict(config).scans
+    assert scan.ok and scan.segmented and scan.vertebrae
+    seg = pydicom.dcmread(tmp_path / "out" / "ct" / SEG_FILE)
+    for segment in seg.SegmentSequence:
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == "TotalSegmentator"
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
