@@ -2,9 +2,9 @@
 
 For a CT read from a DICOM series, `write_dicom_objects` writes beside the case's page:
 
-    CASE/vertebrae.seg.dcm   DICOM Segmentation (BINARY) on the CT's own grid: one frame per
-                             source slice a vertebra touches, one segment per assessed
-                             vertebra, labelled with its level ("L1"), property SCT Vertebra
+    CASE/vertebrae.seg.dcm   DICOM Segmentation (BINARY) on the CT's own grid: one segment
+                             per assessed vertebra, labelled with its level ("L1"), property
+                             SCT Vertebra; a frame for each source slice a segment touches
     CASE/fractures.sr.dcm    Comprehensive 3D SR, TID 1500 Measurement Report: per assessed
                              vertebra a TID 1411 group tracked by its level, with the
                              probability of fracture, the decision threshold, whether a
