@@ -96,7 +96,7 @@ def write_series(
         dataset.SOPInstanceUID = instance
         dataset.StudyInstanceUID = study
         dataset.SeriesInstanceUID = series
-        dataset.FrameOfReferenceUID = study
+        dataset.FrameOfReferenceUID = _uid("frame of reference", folder)
         dataset.Modality = modality
         dataset.SeriesDescription = "test series"
         dataset.PatientID = "PHANTOM"

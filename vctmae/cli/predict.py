@@ -13,6 +13,7 @@ from vctmae.predict.config import PredictConfig
 def predict(config: PredictConfig) -> None:
     """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
     from vctmae.predict import run_predict
+    from vctmae.predict.dicom_out import not_written_line
     from vctmae.predict.report import SUMMARY
 
     def interrupted() -> str:
@@ -33,6 +34,10 @@ def predict(config: PredictConfig) -> None:
         f"{result.threshold.source}) → {result.out / 'index.html'}",
         err=True,
     )
+    if config.dicom_out:
+        line = not_written_line(result.scans)
+        if line:
+            typer.echo(f"note: --dicom-out: {line}", err=True)
     if result.failed:
         typer.secho(
             f"error: {len(result.failed)} scan(s) failed; see {result.out / 'summary.json'}",

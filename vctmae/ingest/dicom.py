@@ -3,6 +3,8 @@
 `load_dicom_ct(folder)` returns float32 HU voxels and a voxel → world affine in
 the NIfTI RAS+ convention, so the geometry code uses a DICOM scan unchanged.
 `is_dicom_series_folder(path)` is the cheap test discovery uses to spot one.
+The volume carries its `DicomSeries` (the slice files in position order and the
+grid), from which predict writes its DICOM SEG and SR into the source study.
 
 Library: pydicom (pure Python, no dependencies, a 2.4 MB wheel, 15 MB
 installed), not SimpleITK's series reader (a 53 MB binary wheel, 264 MB
@@ -86,6 +88,36 @@ HEADER_TAGS = (
     "ImagePositionPatient",
     "PixelSpacing",
 )
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """The series a DICOM CT volume was read from: what writing DICOM objects on its grid needs.
+
+    Slice k of the volume is `files[k]`; voxel (i, j, k) = (column, row, slice) lies at
+    `affine @ (i, j, k, 1)` (NIfTI RAS+ mm), so the grid stays known even if the volume is
+    later reoriented.
+    """
+
+    folder: Path
+    uid: str
+    files: tuple[Path, ...]  # in slice-position order
+    affine: np.ndarray  # (4, 4) voxel (column, row, slice) → world, RAS+
+    shape: tuple[int, int, int]  # (columns, rows, slices)
+
+    def headers(self) -> list[pydicom.Dataset]:
+        """Every slice's header (no pixel data) in slice order; `IngestError` if one is unreadable."""
+        headers = []
+        for path in self.files:
+            try:
+                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except MemoryError:
+                raise
+            except Exception as error:  # the file changed or vanished since it was read
+                raise IngestError(
+                    self.folder, f"{path.name}: unreadable DICOM file ({_detail(error)})"
+                ) from None
+        return headers
 
 
 @dataclass(frozen=True)
@@ -408,7 +440,15 @@ def load_dicom_ct(folder: str | Path, series_uid: str | None = None) -> Volume:
     hu = _read_pixels(folder, slices)
     # (slice, row, column) → voxel (i, j, k) = (column, row, slice): a view, no copy.
     data = hu.transpose(2, 1, 0)
-    return Volume(path=folder, data=data, affine=LPS_TO_RAS @ affine_lps)
+    affine = LPS_TO_RAS @ affine_lps
+    source = DicomSeries(
+        folder=folder,
+        uid=series.uid,
+        files=tuple(s.path for s in slices),
+        affine=affine,
+        shape=data.shape,
+    )
+    return Volume(path=folder, data=data, affine=affine, dicom=source)
 
 
 def is_dicom_series_folder(path: str | Path) -> bool:

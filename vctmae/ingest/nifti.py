@@ -25,6 +25,7 @@ import gzip
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +38,9 @@ from nibabel.orientations import (
 )
 
 from vctmae.ingest.errors import IngestError
+
+if TYPE_CHECKING:
+    from vctmae.ingest.dicom import DicomSeries
 
 try:
     from isal import igzip as _fast_gzip
@@ -62,6 +66,9 @@ class Volume:
     affine: np.ndarray  # (4, 4) float64
     slope: float = 1.0
     intercept: float = 0.0
+    # A CT read from a DICOM series: its files and grid (None for NIfTI), for writing DICOM
+    # objects that belong to the same study and lie on the same grid.
+    dicom: DicomSeries | None = None
 
     @property
     def scaled(self) -> bool:

@@ -86,6 +86,13 @@ class PredictConfig:
         "Draw each vertebra's attention over its frames (one more forward pass per vertebra).",
         negatable=True,
     )
+    dicom_out: bool | None = flag(
+        None,
+        "Also write CASE/vertebrae.seg.dcm (DICOM SEG of the assessed vertebrae) and "
+        "CASE/fractures.sr.dcm (DICOM SR of the findings) into the study of a DICOM series "
+        "(default: on for DICOM input; NIfTI input has no study, so none).",
+        negatable=True,
+    )
     progress: bool = flag(True, "Show the progress bar.", negatable=True)
     replace: bool = flag(
         False,

@@ -4,6 +4,8 @@
     CASE/report.html    one scan: the verdict, the sagittal overview, one row per vertebra
     CASE/overview.svg   the overview (`vctmae.predict.pictures.overview_svg`)
     CASE/LEVEL.png      a vertebra's 16 frames and its attention (`vertebra_png`)
+    CASE/*.dcm          for a DICOM series: the vertebrae as DICOM SEG and the findings as
+                        DICOM SR, in the CT's study (`vctmae.predict.dicom_out`)
     predictions.csv     eval's columns (key, label, prob_fracture, predicted), then case,
                         level, centroid_x/y/z_mm (world, RAS+), threshold
     summary.json        per scan: vertebrae, fractured levels, timings; the checkpoint,
@@ -311,6 +313,14 @@ def _facts(scan: ScanResult, run: RunFacts) -> str:
             f"{run.multiview} view(s) per vertebra combined by --combine {run.rule['combine']}",
         ),
     ]
+    if scan.dicom:
+        names = ", ".join(Path(path).name for path in scan.dicom)
+        rows.append(
+            (
+                "DICOM",
+                f"{names}: the assessed vertebrae (SEG) and the findings (SR), in the CT's study",
+            )
+        )
     cells = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
     return f'<dl class="facts">{cells}</dl>'
 

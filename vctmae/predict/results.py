@@ -103,6 +103,9 @@ class ScanResult:
     seconds: dict[str, float] = field(default_factory=dict)
     page: str | None = None  # CASE/report.html, relative to --out
     overview: str | None = None  # the overview picture, relative to --out
+    # The DICOM SEG and SR written into the CT's study, relative to --out; or why there are none.
+    dicom: tuple[str, ...] = ()
+    dicom_note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -131,4 +134,6 @@ class ScanResult:
             "not_assessed": [v.to_json() for v in self.not_assessed],
             "timings_s": {k: round(v, 3) for k, v in self.seconds.items()},
             "page": self.page,
+            "dicom": list(self.dicom),
+            "dicom_note": self.dicom_note,
         }

@@ -321,12 +321,14 @@ def _progress(enabled: bool):
 def _report_files(out: Path) -> list[Path]:
     """The files of an earlier predict report in `out`: its index, CSV and summary, and each
     case folder's page, overview and pictures (not the TotalSegmentator label maps kept there)."""
+    from vctmae.predict.dicom_out import SEG_FILE, SR_FILE
     from vctmae.predict.report import INDEX, OVERVIEW, PAGE, PREDICTIONS, SUMMARY
 
     found = [out / name for name in (INDEX, PREDICTIONS, SUMMARY) if (out / name).is_file()]
     for folder in sorted(path for path in out.iterdir() if path.is_dir()):
         if (folder / PAGE).is_file():
-            found += [folder / PAGE, *folder.glob(OVERVIEW), *folder.glob("*.png")]
+            written = [folder / name for name in (PAGE, OVERVIEW, SEG_FILE, SR_FILE)]
+            found += [path for path in written if path.is_file()] + sorted(folder.glob("*.png"))
     return found
 
 
@@ -371,6 +373,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     from vctmae.errors import is_out_of_space, out_of_space
     from vctmae.ingest.segment import require_segmenter
     from vctmae.predict import report
+    from vctmae.predict.dicom_out import write_dicom_objects
 
     run_started = time.perf_counter()
     prepare_out(config)
@@ -421,6 +424,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             folders[folder] = case.case
             started = time.perf_counter()
             scan, volumes, attention = predict_scan(case, config, predictor, threshold)
+            scan = write_dicom_objects(scan, volumes, config.out, run, enabled=config.dicom_out)
             if not scan.ok:
                 error_line(bar, scan.error)
             report_started = time.perf_counter()
