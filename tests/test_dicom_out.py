@@ -284,14 +284,15 @@ def test_an_sr_that_cannot_be_written_leaves_no_seg(
 ):
     import vctmae.predict.dicom_out as dicom_out
     from vctmae.predict import report
-    from vctmae.predict.run import choose_threshold, cut_scan, find_scans
+    from vctmae.predict.run import Predictor, choose_threshold, cut_scan, find_scans
 
     config = PredictConfig(
         checkpoint=checkpoint, out=tmp_path, src=source, device="cpu", progress=False
     )
     (case,) = [c for c in find_scans(config)[0] if c.case == "lps"]
-    ct, labels, cut = cut_scan(case, config, case.seg, segmented=False)
-    run = report.RunFacts.of(config, choose_threshold(config), device="cpu")
+    rule = Predictor(config).rule
+    ct, labels, cut = cut_scan(case, config, case.seg, levels=None, segmented=False)
+    run = report.RunFacts.of(config, choose_threshold(config, rule), rule, device="cpu")
 
     def refuse(*args, **kwargs):
         raise ValueError("no room in the SR")
