@@ -506,3 +506,37 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert resumes[-1]["epoch"] == 1  # epochs 2 and 3 were trained again
     epochs = [r["epoch"] for r in read_log(run / "log.jsonl") if r["event"] == "epoch"]
     assert epochs == [1, 2, 2, 3]
+
+
+# ----------------------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "needle"),
+    [
+        ("finetune", "--warmup-lr", -1, "--warmup-lr must be a finite number at least 0"),
+        ("finetune", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.001"),
+        ("finetune", "--lr", "nan", "--lr must be a finite number positive, got nan"),
+        ("finetune", "--grad-clip", "nan", "--grad-clip must be a finite number positive"),
+        ("pretrain", "--seed", -1, "--seed must lie in [0, 4294967295], got -1"),
+        ("pretrain", "--blr", "inf", "--blr must be a finite number positive, got inf"),
+        ("pretrain", "--weight-decay", "nan", "--weight-decay must be a finite number"),
+        ("pretrain", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.0015625"),
+    ],
+)
+def test_unusable_numbers_are_usage_errors(data, tmp_path, command, flag, value, needle):
+    """Each value once ran (a climbing loss, a schedule that rises) or ended in a traceback."""
+    out = tmp_path / "run"
+    make = pretrain_args if command == "pretrain" else lambda s, o, *e: finetune_args(s, [], o, *e)
+    one_line_error(cli(*make(data["train"], out, flag, value)), 2, needle)
+    assert not (out / "log.jsonl").exists()
+
+
+def test_a_class_too_large_for_the_index_names_shard_and_member(data, tmp_path):
+    rng = np.random.default_rng(8)
+    shard = tmp_path / "huge-000000.tar"
+    huge = 99999999999999999999999
+    write_shard(shard, [(f"h{i}_L1", easy_crop(rng, 1), huge if i == 3 else i % 2) for i in range(8)])  # fmt: skip
+    needles = (str(shard), f"h3_L1.cls: class {huge} is out of range")
+    one_line_error(cli(*pretrain_args([str(shard)], tmp_path / "pre")), 1, *needles)
+    one_line_error(cli(*finetune_args([str(shard)], [], tmp_path / "ft")), 1, *needles)

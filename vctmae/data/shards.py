@@ -42,6 +42,7 @@ META_EXT = META_MEMBER
 # with `--levels all`, refused by `--frames mask` and a level filter (`check_metadata`).
 NO_BOX = (-1, -1, -1, -1, -1, -1)
 _NPY_MAGIC = b"\x93NUMPY"
+_INT64 = np.iinfo(np.int64)  # the index's label array holds each .cls value
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -286,6 +287,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})"
                         )
                     label = int(text)
+                    if not _INT64.min <= label <= _INT64.max:
+                        raise ShardError(path, f"{key}.{CLASS_EXT}: class {text} is out of range")
                 box, level = NO_BOX, None
                 if key in metas:
                     box, level = _read_metadata(path, fd, key, *metas[key])
