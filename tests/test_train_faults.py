@@ -240,15 +240,19 @@ def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path
         )  # fmt: skip
     output = (tmp_path / "killed.log").read_text()
     assert killed.returncode == -signal.SIGKILL, output[-2000:]
-    assert json.loads((cut / "checkpoints" / "last.json").read_text())["epoch"] == 1
+    assert json.loads((cut / "checkpoints" / "finetune" / "last.json").read_text())["epoch"] == 1
 
     resumed = run_finetune(config(cut, resume=True))
     full = run_finetune(config(tmp_path / "full"))
     assert resumed.state.step == full.state.step and resumed.state.epoch == full.state.epoch == 2
-    a, b = (load_file(str(latest_checkpoint(run)[0])) for run in (tmp_path / "full", cut))
+    a, b = (
+        load_file(str(latest_checkpoint(run, "finetune")[0])) for run in (tmp_path / "full", cut)
+    )
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the full run"
-    state_a, state_b = (load_state(latest_checkpoint(run)[1]) for run in (tmp_path / "full", cut))
+    state_a, state_b = (
+        load_state(latest_checkpoint(run, "finetune")[1]) for run in (tmp_path / "full", cut)
+    )
     assert torch.equal(state_a["torch_rng"], state_b["torch_rng"])
     assert torch.equal(state_a["generators"][0], state_b["generators"][0])
     moments = state_a["optimizer"]["state"][0]["exp_avg"]
@@ -306,17 +310,17 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     one_line_error(
         result,
         1,
-        f"no space left on device writing {run / 'checkpoints' / 'epoch-0003.state.pt'}",
+        f"no space left on device writing {run / 'checkpoints' / 'pretrain' / 'epoch-0003.state.pt'}",
         "earlier outputs are intact",
     )
-    checkpoints = run / "checkpoints"
+    checkpoints = run / "checkpoints" / "pretrain"
     assert not list(checkpoints.glob(".tmp-*"))
-    weights, state = latest_checkpoint(run)
+    weights, state = latest_checkpoint(run, "pretrain")
     assert weights.name == "epoch-0002.safetensors" and load_state(state)["epoch"] == 2
     # Space again: the run continues from the intact epoch-2 checkpoint.
     finished = cli(*pretrain_args(data["train"], run, "--resume"))
     assert finished.exit_code == 0, finished.output
-    assert latest_checkpoint(run)[0].name == "epoch-0003.safetensors"
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0003.safetensors"
 
 
 def test_out_naming_a_file_is_a_usage_error(data, classifier_file, tmp_path):
@@ -347,7 +351,7 @@ def test_damaged_init_file_is_named(data, mae_file, tmp_path, damage):
 def test_damaged_resume_files_are_named(data, first_epoch_run, tmp_path, damage):
     """A run with one checkpoint (no previous one to fall back to) whose files are damaged."""
     run = copy_run(first_epoch_run, tmp_path)
-    checkpoints = run / "checkpoints"
+    checkpoints = run / "checkpoints" / "pretrain"
     marker = tmp_path / "payload-ran"
     target = {
         "weights": checkpoints / "epoch-0001.safetensors",
@@ -433,9 +437,12 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(data, tmp_path, monkeypatch)
     out = tmp_path / "ft"
     result = cli(*finetune_args(data["train"], data["val"], out, "--epochs", 2))
     assert result.exit_code == 130, result.output
-    assert f"checkpoints of completed epochs are kept in {out / 'checkpoints'}" in result.output
+    assert (
+        f"checkpoints of completed epochs are kept in {out / 'checkpoints' / 'finetune'}"
+        in result.output
+    )
     assert "--resume" in result.output and "Traceback" not in result.output
-    assert latest_checkpoint(out)[0].name == "epoch-0001.safetensors"
+    assert latest_checkpoint(out, "finetune")[0].name == "epoch-0001.safetensors"
 
 
 def test_pretraining_ctrl_c_message(data, tmp_path, monkeypatch):
@@ -454,15 +461,17 @@ def test_pretraining_ctrl_c_message(data, tmp_path, monkeypatch):
 def test_resume_refuses_a_changed_setting(data, stopped_run, tmp_path, flag, value):
     run = copy_run(stopped_run, tmp_path)
     result = cli(*pretrain_args(data["train"], run, "--resume", flag, value))
-    one_line_error(result, 2, str(run / "checkpoints" / "epoch-0002.state.pt"), f"{flag} ")
-    assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
+    one_line_error(
+        result, 2, str(run / "checkpoints" / "pretrain" / "epoch-0002.state.pt"), f"{flag} "
+    )
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0002.safetensors"
 
 
 def test_resume_refuses_another_number_of_processes(data, stopped_run, tmp_path):
     """A run saved by 2 processes (its state says so) resumed by 1: other ranks would get other
     shards and batches, and the global batch and steps per epoch would change."""
     run = copy_run(stopped_run, tmp_path)
-    newest = run / "checkpoints" / "epoch-0002.state.pt"
+    newest = run / "checkpoints" / "pretrain" / "epoch-0002.state.pt"
     state = torch.load(newest, weights_only=True)
     assert state["world_size"] == 1
     state["world_size"] = 2
@@ -470,7 +479,7 @@ def test_resume_refuses_another_number_of_processes(data, stopped_run, tmp_path)
     torch.save(state, newest)
     result = cli(*pretrain_args(data["train"], run, "--resume"))
     one_line_error(result, 2, str(newest), "saved by 2", "resume with 2")
-    assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0002.safetensors"
 
 
 def test_resume_refuses_other_shards(data, stopped_run, tmp_path):
@@ -486,7 +495,7 @@ def test_resume_accepts_harmless_changes_and_keeps_two_checkpoints(data, stopped
     args = pretrain_args([pattern], run, "--resume", "--workers", 1, "--log-every", 1, "--progress")
     result = cli(*args)
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (run / "checkpoints").glob("epoch-*.safetensors"))
+    names = sorted(p.name for p in (run / "checkpoints" / "pretrain").glob("epoch-*.safetensors"))
     assert names == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
 
 
@@ -495,7 +504,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     data, stopped_run, tmp_path, damaged
 ):
     run = copy_run(stopped_run, tmp_path)
-    newest = run / "checkpoints" / damaged
+    newest = run / "checkpoints" / "pretrain" / damaged
     newest.write_bytes(newest.read_bytes()[:200])
     result = cli(*pretrain_args(data["train"], run, "--resume"))
     assert result.exit_code == 0, result.output
@@ -540,3 +549,82 @@ def test_a_class_too_large_for_the_index_names_shard_and_member(data, tmp_path):
     needles = (str(shard), f"h3_L1.cls: class {huge} is out of range")
     one_line_error(cli(*pretrain_args([str(shard)], tmp_path / "pre")), 1, *needles)
     one_line_error(cli(*finetune_args([str(shard)], [], tmp_path / "ft")), 1, *needles)
+
+
+# ----------------------------------------------------------------------------- one run per --out
+
+HOLD_AND_DIE = r"""
+import os, signal, sys
+from vctmae.outlock import hold_output
+
+with hold_output(sys.argv[1], "pretrain"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "predict"])
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(
+    data, classifier_file, tmp_path, command
+):
+    from vctmae.outlock import LOCK_NAME, hold_output
+
+    out = tmp_path / "run"
+    for scan in ("ct.nii.gz", "seg.nii.gz"):
+        (tmp_path / scan).write_bytes(b"never read: the lock is taken first")
+    args = {
+        "pretrain": pretrain_args(data["train"], out),
+        "finetune": finetune_args(data["train"], [], out),
+        "eval": ["eval", "--checkpoint", classifier_file, "--shards", *data["val"],
+                 "--workers", 0, "--device", "cpu", "--out", out],
+        "predict": ["predict", "--checkpoint", classifier_file, "--ct", tmp_path / "ct.nii.gz",
+                    "--seg", tmp_path / "seg.nii.gz", "--out", out],
+    }[command]  # fmt: skip
+    with hold_output(out, "pretrain"):  # as a run in another process holds it
+        result = cli(*args)
+        one_line_error(
+            result, 1, str(out), f"`vctmae pretrain` (pid {os.getpid()}) is writing here"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert not out.exists()  # the holder wrote nothing: no folder is left behind
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_saying_so(data, tmp_path):
+    from vctmae.outlock import LOCK_NAME
+
+    out = tmp_path / "pre"
+    script = tmp_path / "hold_and_die.py"
+    script.write_text(HOLD_AND_DIE)
+    killed = subprocess.Popen([sys.executable, str(script), str(out)], stderr=subprocess.PIPE)
+    _, stderr = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert (out / LOCK_NAME).read_text() == f"{killed.pid} pretrain\n"
+    result = cli(*pretrain_args(data["train"], out, "--epochs", 1, "--warmup-epochs", 0))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {out}: taking over the lock of `vctmae pretrain` (pid {killed.pid}), "
+        "which ended without releasing it"
+    ]
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_pretraining_and_finetuning_in_one_folder_keep_their_own_checkpoints(data, tmp_path):
+    """Each run kind prunes and resumes only its own checkpoints."""
+    out = tmp_path / "both"
+    result = cli(*finetune_args(data["train"], [], out, "--epochs", 2, "--warmup-epochs", 1))
+    assert result.exit_code == 0, result.output
+    finetuned = {p.name: p.read_bytes() for p in (out / "checkpoints" / "finetune").iterdir()}
+    result = cli(*pretrain_args(data["train"], out))  # 3 epochs: prunes its epoch 1
+    assert result.exit_code == 0, result.output
+    pretrained = sorted(p.name for p in (out / "checkpoints" / "pretrain").glob("*.safetensors"))
+    assert pretrained == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
+    assert {
+        p.name: p.read_bytes() for p in (out / "checkpoints" / "finetune").iterdir()
+    } == finetuned
+    assert latest_checkpoint(out, "finetune")[0].name == "epoch-0002.safetensors"
+    # Finetuning resumes from its own checkpoint (a pretraining state would be refused).
+    args = finetune_args(data["train"], [], out, "--epochs", 2, "--warmup-epochs", 1, "--resume")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    resumes = [r for r in read_log(out / "log.jsonl") if r["event"] == "resume"]
+    assert [r["epoch"] for r in resumes] == [2] and "finetune" in resumes[0]["checkpoint"]

@@ -12,10 +12,11 @@ from vctmae.predict.config import PredictConfig
 @config_command(app, PredictConfig)
 def predict(config: PredictConfig) -> None:
     """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
+    from vctmae.outlock import hold_output
     from vctmae.predict import run_predict
 
     interrupted = f"predict stopped; the report under {config.out} covers the scans finished so far"
-    with expected_failures(interrupted=interrupted):
+    with expected_failures(interrupted=interrupted), hold_output(config.out, "predict"):
         result = run_predict(config)
     ok = len(result.scans) - len(result.failed)
     typer.echo(

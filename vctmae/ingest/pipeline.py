@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vctmae.errors import UsageError, is_out_of_space, out_of_space
+from vctmae.errors import UsageError
 from vctmae.ingest.assemble import FORMATS, Assembly, AssemblyResult, outputs_present
 from vctmae.ingest.assemble import published_set as read_published_set
 from vctmae.ingest.discover import BadInput, Case, discover_cases
@@ -66,6 +66,7 @@ from vctmae.ingest.records import (
 )
 from vctmae.ingest.segment import require_segmenter
 from vctmae.ingest.writers import parse_size
+from vctmae.outlock import hold_output, make_output_folder
 from vctmae.progress import error_line, progress_bar
 
 REPORT = "ingest-report.json"
@@ -147,40 +148,18 @@ def default_workers() -> int:
 
 
 def _make_out(out: Path) -> None:
-    """Create `out` and its work folder; an `--out` that cannot be a folder is a usage error."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
-    try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"{out}: --out cannot be created: part of its path is a file") from None
-    except PermissionError:
-        raise IngestError(out, "cannot create the output folder (permission denied)") from None
-    except OSError as error:
-        if is_out_of_space(error):
-            raise out_of_space(out) from None
-        raise
+    """Create `out` and its work folder."""
+    make_output_folder(out)
+    make_output_folder(out / WORK)
 
 
 @contextmanager
 def output_lock(out: Path):
-    """Hold the lock on `out` (flock; freed on exit); yields its file descriptor, which
-    forked workers close. A second ingest writing into the same `out` is refused."""
-    import fcntl
-
+    """Hold the lock on `out` (`vctmae.outlock`: freed on exit); yields its file descriptor,
+    which forked workers close. A second run writing into the same `out` is refused."""
     _make_out(out)
-    fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise IngestError(
-            out, "another `vctmae ingest` is writing here; wait for it or use another --out"
-        ) from None
-    try:
+    with hold_output(out, "ingest") as fd:
         yield fd
-    finally:
-        os.close(fd)
 
 
 def _progress(enabled: bool):

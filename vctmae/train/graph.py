@@ -234,7 +234,7 @@ class StaticStep:
 
     def _fall_back(self, error: Exception) -> None:
         """Undo what the failed capture or replay changed; run eagerly from now on, saying why."""
-        from vctmae.train.runlog import warn
+        from vctmae.progress import warn
 
         trainer = self.trainer
         self.capture, self.graph = False, None

@@ -36,12 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
+from vctmae.progress import warn
 from vctmae.train import checkpoint
 from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
 from vctmae.train.distributed import any_true, barrier, gather_objects
 from vctmae.train.graph import StaticStep
 from vctmae.train.run import Run
-from vctmae.train.runlog import training_progress, warn
+from vctmae.train.runlog import training_progress
 from vctmae.train.schedule import set_lr
 
 
@@ -178,6 +179,7 @@ class Trainer:
             self.run.writer.submit(
                 checkpoint.save_checkpoint,
                 self.run_dir,
+                kind=self.name,
                 model=model_files(self.model),
                 state=checkpoint.cpu_copy(state),
                 epoch=self.state.epoch,
@@ -190,7 +192,7 @@ class Trainer:
         A newest pair that cannot be read falls back to the previous one with a warning; a
         config that changed what the run computes is refused outright (no fallback).
         """
-        candidates = checkpoint.checkpoint_candidates(self.run_dir)
+        candidates = checkpoint.checkpoint_candidates(self.run_dir, self.name)
         first_error: CheckpointError | None = None
         for files in candidates:
             try:
@@ -274,7 +276,7 @@ class Trainer:
         if bool(any_true(flag).item()):
             # The checkpoint a pending write is about to make current is the last good one.
             self.run.writer.wait(raise_errors=False)
-            found = checkpoint.latest_checkpoint(self.run_dir)
+            found = checkpoint.latest_checkpoint(self.run_dir, self.name)
             kept = (
                 f"last good checkpoint kept: {found[0]}"
                 if found
