@@ -53,10 +53,10 @@ def test_checkpoints_are_written_while_the_next_epoch_trains(tmp_path, monkeypat
     writer_threads: set[str] = set()
     original_save = checkpoint.save_checkpoint
 
-    def slow_save(run_dir, *, model, state, epoch):
+    def slow_save(run_dir, *, epoch, **files):
         writer_threads.add(threading.current_thread().name)
         time.sleep(1.5)
-        pointer = original_save(run_dir, model=model, state=state, epoch=epoch)
+        pointer = original_save(run_dir, epoch=epoch, **files)
         written[epoch] = time.perf_counter()
         return pointer
 

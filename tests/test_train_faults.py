@@ -628,3 +628,39 @@ def test_pretraining_and_finetuning_in_one_folder_keep_their_own_checkpoints(dat
     assert result.exit_code == 0, result.output
     resumes = [r for r in read_log(out / "log.jsonl") if r["event"] == "resume"]
     assert [r["epoch"] for r in resumes] == [2] and "finetune" in resumes[0]["checkpoint"]
+
+
+# ----------------------------------------------------------------------------- changed inputs
+
+
+@pytest.mark.parametrize("change", ["fewer crops", "relabelled"])
+def test_resume_refuses_a_shard_changed_under_its_name(tmp_path, change):
+    """The run's settings are unchanged (same paths), but a shard's contents are not."""
+    shards = [str(p) for p in write_split(tmp_path / "data", "train", 16, seed=1, shards=2)]
+    out = tmp_path / "pre"
+    with pytest.MonkeyPatch.context() as patch:
+        shrink(patch)
+        stop_before_epoch(patch, 1)
+        assert cli(*pretrain_args(shards, out)).exit_code == 130
+    rng = np.random.default_rng(4)
+    if change == "fewer crops":
+        samples = [(f"new{i:03d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(5)]
+        needle = "crops 8 → 5"
+    else:  # the same keys and bytes but every class flipped: only the index digest differs
+        samples = [(f"train{i:03d}_L1", easy_crop(rng, i % 2), 1 - i % 2) for i in range(8)]
+        needle = "same size, another index"
+    Path(shards[0]).unlink()
+    write_shard(Path(shards[0]), samples)
+    result = cli(*pretrain_args(shards, out, "--resume"))
+    one_line_error(result, 1, shards[0], "changed since the run was saved", needle)
+    assert latest_checkpoint(out, "pretrain")[0].name == "epoch-0001.safetensors"
+
+
+def test_a_shard_listed_twice_is_refused(data, classifier_file, tmp_path):
+    shard = Path(data["train"][0])
+    again = f"{shard.parent}/./{shard.name}"
+    needles = (again, "listed twice in the shard list", f"(also as {shard})")
+    one_line_error(cli(*pretrain_args([str(shard), again], tmp_path / "pre")), 1, *needles)
+    result = cli("eval", "--checkpoint", classifier_file, "--shards", shard, again, "--workers",
+                 0, "--device", "cpu", "--out", tmp_path / "report")  # fmt: skip
+    one_line_error(result, 1, *needles)

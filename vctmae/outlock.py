@@ -9,10 +9,10 @@ itself is removed on a normal exit. A file still holding a pid when the lock
 is taken was left by a run that died (kill -9, power loss): it is taken over,
 saying so.
 
-Forked worker processes inherit the lock's file descriptor and with it the
-lock: a command whose workers may outlive it closes the descriptor in them
-(ingest passes it to its pool), or relies on them exiting with it (the
-training loader's workers do within seconds).
+A forked process (ingest's workers, the training loader's) would inherit the
+lock's file descriptor and with it the lock, and keep it after a kill -9 of
+its parent until it notices: every held lock is closed in a child right after
+fork, so only the process that took it ever holds it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ from vctmae.errors import UsageError, VctmaeError, is_out_of_space, out_of_space
 from vctmae.progress import warn
 
 LOCK_NAME = ".vctmae.lock"
+_HELD: set[int] = set()  # the file descriptors of the locks this process holds
+
+
+def _close_held_locks() -> None:
+    """In a forked child: let go of the parent's locks (the parent keeps them)."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 class OutputLockedError(VctmaeError):
@@ -34,30 +45,34 @@ class OutputLockedError(VctmaeError):
 
 
 @contextmanager
-def hold_output(out: Path, command: str, *, say: Callable[[str], None] = warn) -> Iterator[int]:
-    """Hold the lock on `out` (created if missing) while the block runs; yields its file
-    descriptor. Raises `OutputLockedError` when another run holds it; `say` tells of a lock
-    taken over from a run that died. Under torchrun only rank 0 (the RANK variable) takes it:
-    the other processes of the run write nothing of their own there."""
+def hold_output(out: Path, command: str, *, say: Callable[[str], None] = warn) -> Iterator[None]:
+    """Hold the lock on `out` (created if missing) while the block runs.
+
+    Raises `OutputLockedError` when another run holds it; `say` tells of a lock taken over
+    from a run that died. Under torchrun only rank 0 (the RANK variable) takes it: the other
+    processes of the run write nothing of their own there.
+    """
     if os.environ.get("RANK", "0") != "0":
         # A torchrun process other than rank 0: its run's rank 0 holds the lock.
-        yield -1
+        yield
         return
     out = Path(out)
     created = not out.exists()
     make_output_folder(out)
     path = out / LOCK_NAME
     fd = _lock(path, out)
+    _HELD.add(fd)
     try:
         left = _holder(fd)
         if left:
             say(f"{out}: taking over the lock of {left}, which ended without releasing it")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
-        yield fd
+        yield
     finally:
         # Removed while still locked, so the next run never sees this run's pid.
         path.unlink(missing_ok=True)
+        _HELD.discard(fd)
         os.close(fd)
         if created and not any(out.iterdir()):
             out.rmdir()  # a run that wrote nothing leaves no folder behind

@@ -121,9 +121,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     """Shard paths from a path, a glob, a brace pattern, or a sequence of any of these.
 
     A sequence is what an unquoted shell glob expands to; a quoted glob or brace
-    pattern is expanded here. Globs are sorted (as a shell sorts them); duplicates
-    are dropped so no shard is read twice. A glob matching nothing is an error;
-    a plain path that does not exist is reported when the shard is opened.
+    pattern is expanded here. Globs are sorted (as a shell sorts them). A shard
+    named twice — by the same path, by overlapping patterns, or spelt two ways
+    (`data/x.tar ./data/x.tar`, a link) — is refused: it would be read twice.
+    A glob matching nothing is an error; a plain path that does not exist is
+    reported when the shard is opened.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -138,7 +140,14 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 found.extend(matches)
             else:
                 found.append(pattern)
-    return list(dict.fromkeys(found))
+    first: dict[str, str] = {}  # the file a path names → the path that named it first
+    for path in found:
+        same = path if _is_url(path) else os.path.realpath(path)
+        if same in first:
+            also = "" if first[same] == path else f" (also as {first[same]})"
+            raise ShardError(path, f"listed twice in the shard list{also}; list each shard once")
+        first[same] = path
+    return found
 
 
 # ----------------------------------------------------------------------------- .npy decoding
@@ -194,6 +203,21 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def shard_identity(index: ShardIndex) -> dict[str, int | str]:
+    """What tells a shard apart from another under the same name: its size in bytes, its
+    number of crops and a digest of its index (keys, crop offsets, classes, boxes, levels).
+    Cheap: the index is already in memory; no crop bytes are read."""
+    digest = hashlib.sha256("\n".join(index.keys).encode())
+    for array in (index.offsets, index.labels, index.boxes):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    digest.update(json.dumps(index.levels).encode())
+    return {
+        "bytes": os.path.getsize(index.path),
+        "crops": len(index),
+        "index_sha256": digest.hexdigest(),
+    }
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -155,11 +155,11 @@ def _make_out(out: Path) -> None:
 
 @contextmanager
 def output_lock(out: Path):
-    """Hold the lock on `out` (`vctmae.outlock`: freed on exit); yields its file descriptor,
-    which forked workers close. A second run writing into the same `out` is refused."""
+    """Hold the lock on `out` (`vctmae.outlock`: freed on exit, never held by forked workers).
+    A second run writing into the same `out` is refused."""
     _make_out(out)
-    with hold_output(out, "ingest") as fd:
-        yield fd
+    with hold_output(out, "ingest"):
+        yield
 
 
 def _progress(enabled: bool):
@@ -180,11 +180,11 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     listed in the report's `failed`. A publish that a killed run left half done
     is completed first (`vctmae.ingest.publish`).
     """
-    with output_lock(config.out) as lock:
+    with output_lock(config.out):
         finish_publish(config.out)
         if config.merge:
             return _run_merge(config, progress)
-        return _run_ingest(config, progress, lock)
+        return _run_ingest(config, progress)
 
 
 @dataclass(kw_only=True)
@@ -210,7 +210,7 @@ class _Order:
         self.seconds += time.perf_counter() - started
 
 
-def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, Any]:
+def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out = config.out
     work = out / WORK
@@ -292,9 +292,7 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
         timings["assemble"] = extracted - discovered
     else:
         # Start the workers before the progress display starts its refresh thread (fork + threads).
-        executor = make_executor(
-            config.executor, workers, scheduler=config.scheduler, close_in_workers=(lock,)
-        )
+        executor = make_executor(config.executor, workers, scheduler=config.scheduler)
         counts["workers"] = executor.workers
         try:
             with _progress(progress) as bar:

@@ -427,7 +427,8 @@ def config_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def _absolute(spec: str) -> str:
+def absolute_shard(spec: str) -> str:
+    """How a run's settings and state name a shard: its URL, or its absolute path."""
     return spec if "://" in spec or spec.startswith("pipe:") else os.path.abspath(spec)
 
 
@@ -443,7 +444,7 @@ def resume_fingerprint(config: Any) -> dict[str, Any]:
             continue
         value = _plain(leaf.value(config))
         if leaf.flag is not None and leaf.flag.many and value:
-            value = [_absolute(path) for path in expand_shards(value)]
+            value = [absolute_shard(path) for path in expand_shards(value)]
         elif leaf.path[-1] == "init" and value is not None:
             value = os.path.abspath(value)
         values[leaf.name] = value

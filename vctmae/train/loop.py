@@ -15,8 +15,9 @@ logging steps and at the end of an epoch (the deliberate syncs are marked).
 Checkpoints are written at epoch boundaries, so a resumed run restarts the
 interrupted epoch from its beginning with the same data order and RNG state.
 `--resume` refuses settings that would change what the run computes (see
-`config.check_resume_config`) and falls back, with a warning, to the previous
-checkpoint when the newest cannot be read.
+`config.check_resume_config`) and shards changed under their names (each
+shard's identity is saved with the training state: `shard_identity`), and falls
+back, with a warning, to the previous checkpoint when the newest cannot be read.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vctmae.data.shards import ShardError, shard_identity
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.progress import warn
 from vctmae.train import checkpoint
-from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
+from vctmae.train.config import (
+    absolute_shard,
+    check_resume_config,
+    config_dict,
+    resume_fingerprint,
+)
 from vctmae.train.distributed import any_true, barrier, gather_objects
 from vctmae.train.graph import StaticStep
 from vctmae.train.run import Run
@@ -147,8 +154,13 @@ class Trainer:
         # Per-rank stream of training randomness (offsets, mirror, mask noise).
         self.generator = torch.Generator().manual_seed(self.options.seed * 1000 + self.info.rank)
         self.run_dir = run.out
-        # What --resume compares: the settings that decide data order, schedule and model.
+        # What --resume compares: the settings that decide data order, schedule and model, and
+        # the shards' contents (by absolute path, as the fingerprint names them).
         self.fingerprint = resume_fingerprint(run.config)
+        self.shard_identities = {
+            absolute_shard(index.source or index.path): shard_identity(index)
+            for index in run.loader.indexes
+        }
         # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
         self.static: StaticStep | None = None
         if run.graph_blocker is None:
@@ -168,6 +180,7 @@ class Trainer:
             world_size=self.info.world_size,
             config=config_dict(self.run.config),
             fingerprint=self.fingerprint,
+            shards=self.shard_identities,
         )
         return state
 
@@ -199,6 +212,7 @@ class Trainer:
                 saved = checkpoint.load_state(files.state)
                 check_resume_config(saved["fingerprint"], self.fingerprint, where=files.state)
                 self._check_world_size(saved, files.state)
+                self._check_shards(saved)
                 load_weights(self.model, files.weights, strict=True)
             except CheckpointError as error:
                 first_error = first_error or error
@@ -225,6 +239,38 @@ class Trainer:
                 f"saved by {saved['world_size']}: that changes its data order and schedule — "
                 f"resume with {saved['world_size']} (torchrun --nproc_per_node), or start a "
                 "new run in another --out"
+            )
+
+    def _check_shards(self, saved: dict[str, Any]) -> None:
+        """Refuse a shard whose contents changed under its name since the run was saved: other
+        crops, another number of steps, another data order (the settings are equal)."""
+        named = [index.source or index.path for index in self.run.loader.indexes]
+        paths = {absolute_shard(path): path for path in named}
+        # A state saved without shard identities cannot be compared: taken as it is.
+        before = saved.get("shards", self.shard_identities)
+        for key in sorted(set(before) | set(self.shard_identities)):
+            old, new = before.get(key), self.shard_identities.get(key)
+            if old == new:
+                continue
+            if old is None or new is None:
+                change = (
+                    "had no usable crops when the run was saved"
+                    if old is None
+                    else "has no usable crops now"
+                )
+            else:
+                change = (
+                    ", ".join(
+                        f"{name} {old[name]} → {new[name]}"
+                        for name in ("crops", "bytes")
+                        if old[name] != new[name]
+                    )
+                    or "same size, another index (other keys, classes or metadata)"
+                )
+            raise ShardError(
+                paths.get(key, key),
+                f"changed since the run was saved ({change}); --resume continues a run on the "
+                "shards it was trained on — restore them, or start a new run in another --out",
             )
 
     def resume(self) -> bool:
