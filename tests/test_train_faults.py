@@ -608,6 +608,20 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_saying_so(data, tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    """The other processes of a torchrun job run while their rank 0 holds the folder."""
+    from vctmae.outlock import LOCK_NAME, OutputLockedError, hold_output
+
+    out = tmp_path / "run"
+    with hold_output(out, "pretrain"):  # rank 0 of the job
+        monkeypatch.setenv("RANK", "1")
+        with hold_output(out, "pretrain"):
+            assert (out / LOCK_NAME).read_text() == f"{os.getpid()} pretrain\n"
+        monkeypatch.setenv("RANK", "0")  # another job's rank 0 is refused
+        with pytest.raises(OutputLockedError), hold_output(out, "pretrain"):
+            pass
+
+
 def test_pretraining_and_finetuning_in_one_folder_keep_their_own_checkpoints(data, tmp_path):
     """Each run kind prunes and resumes only its own checkpoints."""
     out = tmp_path / "both"
