@@ -523,13 +523,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
 @pytest.mark.parametrize(
     ("command", "flag", "value", "needle"),
     [
-        ("finetune", "--warmup-lr", -1, "--warmup-lr must be a finite number at least 0"),
+        ("finetune", "--warmup-lr", -1, "--warmup-lr must be a finite number >= 0, got -1"),
         ("finetune", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.001"),
-        ("finetune", "--lr", "nan", "--lr must be a finite number positive, got nan"),
-        ("finetune", "--grad-clip", "nan", "--grad-clip must be a finite number positive"),
+        ("finetune", "--lr", "nan", "--lr must be a finite positive number, got nan"),
+        ("finetune", "--grad-clip", "nan", "--grad-clip must be a finite positive number, got nan"),
         ("pretrain", "--seed", -1, "--seed must lie in [0, 4294967295], got -1"),
-        ("pretrain", "--blr", "inf", "--blr must be a finite number positive, got inf"),
-        ("pretrain", "--weight-decay", "nan", "--weight-decay must be a finite number"),
+        ("pretrain", "--blr", "inf", "--blr must be a finite positive number, got inf"),
+        (
+            "pretrain",
+            "--weight-decay",
+            "nan",
+            "--weight-decay must be a finite number >= 0, got nan",
+        ),
         ("pretrain", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.0015625"),
     ],
 )

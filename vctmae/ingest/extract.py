@@ -201,10 +201,10 @@ PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still
 def _worker_started(parent: int) -> None:
     """Worker initializer: die with the main process.
 
-    A worker outliving a killed main process would run on forever, hold its
-    stdout open (`vctmae ingest … | cat` would never return) and keep the output
-    folder's lock. On Linux the kernel kills the worker the moment the main
-    process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
+    A worker outliving a killed main process would run on forever and hold its
+    stdout open (`vctmae ingest … | cat` would never return); the output
+    folder's lock it lets go at fork (`vctmae.outlock`). On Linux the kernel
+    kills the worker the moment the main process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
     thread, which lives as long as the process). Everywhere, and as a backstop, a
     thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
     """

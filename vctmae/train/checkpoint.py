@@ -5,9 +5,9 @@ Layout under a run directory, in one folder per run kind (`checkpoints/pretrain/
 never resume from, or prune, each other's checkpoints):
 
     checkpoints/KIND/epoch-0007.safetensors (+ epoch-0007.json model config)   weights
-    checkpoints/KIND/epoch-0007.state.pt                                         training state
-    checkpoints/KIND/epoch-0006.*                                                the one before
-    checkpoints/KIND/last.json                                  which pairs are current
+    checkpoints/KIND/epoch-0007.state.pt                                   training state
+    checkpoints/KIND/epoch-0006.*                                          the one before
+    checkpoints/KIND/last.json                                             which pairs are current
 
 Every file of an epoch is written under a temporary name and renamed; the
 pointer `last.json` (naming the newest pair and the previous one) is replaced

@@ -73,8 +73,8 @@ MAX_SEED = 2**32 - 1
 def _check_number(value: float, option: str, *, positive: bool = False) -> None:
     """A rate, weight or bound: a finite number, at least 0 (`positive`: above 0)."""
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        what = "positive" if positive else "at least 0"
-        raise UsageError(f"{option} must be a finite number {what}, got {value}")
+        what = "a finite positive number" if positive else "a finite number >= 0"
+        raise UsageError(f"{option} must be {what}, got {value}")
 
 
 def _check_out_folder(out: Path) -> None:
