@@ -675,6 +675,22 @@ def test_resume_refuses_a_shard_changed_under_its_name(tmp_path, change):
     assert latest_checkpoint(out, "pretrain")[0].name == "epoch-0001.safetensors"
 
 
+def test_resume_refuses_a_validation_shard_changed_under_its_name(data, tmp_path):
+    """Validation decides the best epoch and early stopping: its shards are compared too."""
+    val = tmp_path / "val" / "val-000000.tar"
+    rng = np.random.default_rng(6)
+    write_shard(val, [(f"v{i:02d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(8)])
+    out = tmp_path / "ft"
+    args = finetune_args(data["train"], [str(val)], out, "--epochs", 2)
+    with pytest.MonkeyPatch.context() as patch:
+        shrink(patch)
+        stop_before_epoch(patch, 1)
+        assert cli(*args).exit_code == 130
+    val.unlink()
+    write_shard(val, [(f"v{i:02d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(6)])
+    one_line_error(cli(*args, "--resume"), 1, str(val), "changed since the run", "crops 8 → 6")
+
+
 def test_a_shard_listed_twice_is_refused(data, classifier_file, tmp_path):
     shard = Path(data["train"][0])
     again = f"{shard.parent}/./{shard.name}"

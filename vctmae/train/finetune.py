@@ -162,6 +162,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
             "class_weight_source": weight_source,
             "val_shards": len(val_shards),
         },
+        other_shards=val_loader.indexes if val_loader is not None else (),
     )
 
 

@@ -125,7 +125,8 @@ class Trainer:
     """Runs the epochs of a `Run` with an `Objective`; see the module docstring.
 
     `epoch_end(epoch, mean_loss, state)` runs after each epoch (validation, best weights,
-    previews) and may ask to stop early.
+    previews) and may ask to stop early. `other_shards`: the indexes of shards the run reads
+    besides its training shards (validation), whose contents `--resume` compares too.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class Trainer:
         epoch_end: EpochHook | None = None,
         *,
         log_fields: dict[str, Any] | None = None,
+        other_shards: Sequence[Any] = (),
     ) -> None:
         self.run = run
         # Extra fields of the run's start record (e.g. the class weights).
@@ -157,9 +159,10 @@ class Trainer:
         # What --resume compares: the settings that decide data order, schedule and model, and
         # the shards' contents (by absolute path, as the fingerprint names them).
         self.fingerprint = resume_fingerprint(run.config)
+        self.shard_indexes = [*run.loader.indexes, *other_shards]
         self.shard_identities = {
             absolute_shard(index.source or index.path): shard_identity(index)
-            for index in run.loader.indexes
+            for index in self.shard_indexes
         }
         # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
         self.static: StaticStep | None = None
@@ -244,7 +247,7 @@ class Trainer:
     def _check_shards(self, saved: dict[str, Any]) -> None:
         """Refuse a shard whose contents changed under its name since the run was saved: other
         crops, another number of steps, another data order (the settings are equal)."""
-        named = [index.source or index.path for index in self.run.loader.indexes]
+        named = [index.source or index.path for index in self.shard_indexes]
         paths = {absolute_shard(path): path for path in named}
         # A state saved without shard identities cannot be compared: taken as it is.
         before = saved.get("shards", self.shard_identities)
