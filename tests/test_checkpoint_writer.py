@@ -35,9 +35,9 @@ def test_checkpoint_every_two_epochs_and_after_the_last(tmp_path):
     shards = write_step_shards(tmp_path / "shards", 8)
     out = tmp_path / "run"
     run_pretrain(config(shards, out, checkpoint_every=2))
-    names = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.state.pt"))
+    names = sorted(p.name for p in (out / "checkpoints" / "pretrain").glob("epoch-*.state.pt"))
     assert names == ["epoch-0002.state.pt", "epoch-0003.state.pt"]
-    pointer = json.loads((out / "checkpoints" / "last.json").read_text())
+    pointer = json.loads((out / "checkpoints" / "pretrain" / "last.json").read_text())
     assert pointer["epoch"] == 3 and [e["epoch"] for e in pointer["previous"]] == [2]
     assert [r["epoch"] for r in read_log(out / "log.jsonl") if r["event"] == "epoch"] == [1, 2, 3]
 
@@ -53,10 +53,10 @@ def test_checkpoints_are_written_while_the_next_epoch_trains(tmp_path, monkeypat
     writer_threads: set[str] = set()
     original_save = checkpoint.save_checkpoint
 
-    def slow_save(run_dir, *, model, state, epoch):
+    def slow_save(run_dir, *, epoch, **files):
         writer_threads.add(threading.current_thread().name)
         time.sleep(1.5)
-        pointer = original_save(run_dir, model=model, state=state, epoch=epoch)
+        pointer = original_save(run_dir, epoch=epoch, **files)
         written[epoch] = time.perf_counter()
         return pointer
 
@@ -74,4 +74,9 @@ def test_checkpoints_are_written_while_the_next_epoch_trains(tmp_path, monkeypat
     assert sorted(written) == [1, 2, 3]
     # Epoch 2 (index 1) began before the epoch-1 checkpoint was on disk.
     assert started[1] < written[1]
-    assert json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["epoch"] == 3
+    assert (
+        json.loads((tmp_path / "run" / "checkpoints" / "pretrain" / "last.json").read_text())[
+            "epoch"
+        ]
+        == 3
+    )

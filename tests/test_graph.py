@@ -132,6 +132,48 @@ def test_forward_backward_compiles_as_one_graph(shards, tmp_path, monkeypatch):
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+class _BrokenReplay:
+    """A captured graph whose replay fails, as a replay of an unusable capture would."""
+
+    def replay(self) -> None:
+        raise RuntimeError("CUDA error: operation failed during replay")
+
+
+@pytest.mark.parametrize("failing", ["capture", "replay"])
+def test_a_failed_capture_falls_back_to_the_eager_step(
+    shards, tmp_path, monkeypatch, capsys, failing
+):
+    """Capture (after its warm-up steps) or the first replay raises: the run goes on with the
+    eager step, says why once (stderr and the log), and trains exactly as an eager run."""
+    from vctmae.train.runlog import read_log
+
+    def make(name):
+        run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+        )
+
+    def capture(warm_up, body, device):
+        warm_up()  # the warm-up changes the weights: the fallback must undo it
+        if failing == "capture":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return _BrokenReplay()
+
+    eager, static = trainers(make, monkeypatch)
+    static.static.capture = True  # as on CUDA, with the seam below standing in for the capture
+    monkeypatch.setattr("vctmae.train.graph.capture_graph", capture)
+    losses = run_steps(eager, 4, 1), run_steps(static, 4, 1)
+    assert not static.static.capture and static.static.graph is None
+    assert_same_training(eager, static, *losses)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "--cuda-graph" in line]
+    assert "capturing the training step failed (RuntimeError: CUDA error" in line
+    assert line.endswith("it runs eagerly")
+    static.log.close()
+    records = read_log(tmp_path / "static" / "log.jsonl")
+    [record] = [r for r in records if r["event"] == "cuda_graph_fallback"]
+    assert record["step"] == 0 and "RuntimeError: CUDA error" in record["message"]
+
+
 # -- on a GPU -----------------------------------------------------------------------------------
 
 

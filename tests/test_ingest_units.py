@@ -249,14 +249,18 @@ def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path, real_ct_di
 
 
 def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
+    import os
+
     from vctmae.ingest.pipeline import output_lock
+    from vctmae.outlock import OutputLockedError
 
     src = tmp_path / "raw"
     for kind in ("ct", "seg"):
         (src / kind).mkdir(parents=True)
         (src / kind / "a.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
     with output_lock(tmp_path / "out"):  # as a run in another process would hold it
-        with pytest.raises(ValueError, match="another `vctmae ingest` is writing here"):
+        held = rf"`vctmae ingest` \(pid {os.getpid()}\) is writing here"
+        with pytest.raises(OutputLockedError, match=held):
             run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
     assert (
         run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)[

@@ -223,7 +223,7 @@ def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatc
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         stop_before_epoch(patch, 2)
         run_pretrain(pretrain_config(easy_data["train"], tmp_path / "cut", **fast))
-    assert json.loads((tmp_path / "cut/checkpoints/last.json").read_text())["epoch"] == 2
+    assert json.loads((tmp_path / "cut/checkpoints/pretrain/last.json").read_text())["epoch"] == 2
     resumed = run_pretrain(
         pretrain_config(easy_data["train"], tmp_path / "cut", resume=True, **fast)
     )
@@ -235,8 +235,8 @@ def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatc
         "resumed weights differ from the uninterrupted run"
     )
     # Also the optimizer moments and RNG streams: the final training states agree.
-    state_a = torch.load(latest_checkpoint(tmp_path / "full")[1], weights_only=True)
-    state_b = torch.load(latest_checkpoint(tmp_path / "cut")[1], weights_only=True)
+    state_a = torch.load(latest_checkpoint(tmp_path / "full", "pretrain")[1], weights_only=True)
+    state_b = torch.load(latest_checkpoint(tmp_path / "cut", "pretrain")[1], weights_only=True)
     assert torch.equal(state_a["generators"][0], state_b["generators"][0])
     moments_a = state_a["optimizer"]["state"][0]["exp_avg"]
     assert torch.equal(moments_a, state_b["optimizer"]["state"][0]["exp_avg"])
@@ -251,7 +251,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(easy_data, tmp_path,
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         stop_before_epoch(patch, 1)
         run_pretrain(pretrain_config(easy_data["train"], out, epochs=2, warmup_epochs=0, **fast))
-    weights, _ = latest_checkpoint(out)
+    weights, _ = latest_checkpoint(out, "pretrain")
     before = weights_of(weights)
 
     clean = MaskedAutoencoder.forward_loss
@@ -266,7 +266,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(easy_data, tmp_path,
         )
     message = str(caught.value)
     assert "NaN/inf" in message and "epoch 2" in message and str(weights) in message
-    assert latest_checkpoint(out)[0] == weights
+    assert latest_checkpoint(out, "pretrain")[0] == weights
     after = weights_of(weights)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(r["event"] == "nonfinite_loss" for r in read_log(out / "log.jsonl"))

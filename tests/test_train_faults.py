@@ -240,15 +240,19 @@ def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path
         )  # fmt: skip
     output = (tmp_path / "killed.log").read_text()
     assert killed.returncode == -signal.SIGKILL, output[-2000:]
-    assert json.loads((cut / "checkpoints" / "last.json").read_text())["epoch"] == 1
+    assert json.loads((cut / "checkpoints" / "finetune" / "last.json").read_text())["epoch"] == 1
 
     resumed = run_finetune(config(cut, resume=True))
     full = run_finetune(config(tmp_path / "full"))
     assert resumed.state.step == full.state.step and resumed.state.epoch == full.state.epoch == 2
-    a, b = (load_file(str(latest_checkpoint(run)[0])) for run in (tmp_path / "full", cut))
+    a, b = (
+        load_file(str(latest_checkpoint(run, "finetune")[0])) for run in (tmp_path / "full", cut)
+    )
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the full run"
-    state_a, state_b = (load_state(latest_checkpoint(run)[1]) for run in (tmp_path / "full", cut))
+    state_a, state_b = (
+        load_state(latest_checkpoint(run, "finetune")[1]) for run in (tmp_path / "full", cut)
+    )
     assert torch.equal(state_a["torch_rng"], state_b["torch_rng"])
     assert torch.equal(state_a["generators"][0], state_b["generators"][0])
     moments = state_a["optimizer"]["state"][0]["exp_avg"]
@@ -306,17 +310,17 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     one_line_error(
         result,
         1,
-        f"no space left on device writing {run / 'checkpoints' / 'epoch-0003.state.pt'}",
+        f"no space left on device writing {run / 'checkpoints' / 'pretrain' / 'epoch-0003.state.pt'}",
         "earlier outputs are intact",
     )
-    checkpoints = run / "checkpoints"
+    checkpoints = run / "checkpoints" / "pretrain"
     assert not list(checkpoints.glob(".tmp-*"))
-    weights, state = latest_checkpoint(run)
+    weights, state = latest_checkpoint(run, "pretrain")
     assert weights.name == "epoch-0002.safetensors" and load_state(state)["epoch"] == 2
     # Space again: the run continues from the intact epoch-2 checkpoint.
     finished = cli(*pretrain_args(data["train"], run, "--resume"))
     assert finished.exit_code == 0, finished.output
-    assert latest_checkpoint(run)[0].name == "epoch-0003.safetensors"
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0003.safetensors"
 
 
 def test_out_naming_a_file_is_a_usage_error(data, classifier_file, tmp_path):
@@ -347,7 +351,7 @@ def test_damaged_init_file_is_named(data, mae_file, tmp_path, damage):
 def test_damaged_resume_files_are_named(data, first_epoch_run, tmp_path, damage):
     """A run with one checkpoint (no previous one to fall back to) whose files are damaged."""
     run = copy_run(first_epoch_run, tmp_path)
-    checkpoints = run / "checkpoints"
+    checkpoints = run / "checkpoints" / "pretrain"
     marker = tmp_path / "payload-ran"
     target = {
         "weights": checkpoints / "epoch-0001.safetensors",
@@ -433,9 +437,12 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(data, tmp_path, monkeypatch)
     out = tmp_path / "ft"
     result = cli(*finetune_args(data["train"], data["val"], out, "--epochs", 2))
     assert result.exit_code == 130, result.output
-    assert f"checkpoints of completed epochs are kept in {out / 'checkpoints'}" in result.output
+    assert (
+        f"checkpoints of completed epochs are kept in {out / 'checkpoints' / 'finetune'}"
+        in result.output
+    )
     assert "--resume" in result.output and "Traceback" not in result.output
-    assert latest_checkpoint(out)[0].name == "epoch-0001.safetensors"
+    assert latest_checkpoint(out, "finetune")[0].name == "epoch-0001.safetensors"
 
 
 def test_pretraining_ctrl_c_message(data, tmp_path, monkeypatch):
@@ -454,15 +461,17 @@ def test_pretraining_ctrl_c_message(data, tmp_path, monkeypatch):
 def test_resume_refuses_a_changed_setting(data, stopped_run, tmp_path, flag, value):
     run = copy_run(stopped_run, tmp_path)
     result = cli(*pretrain_args(data["train"], run, "--resume", flag, value))
-    one_line_error(result, 2, str(run / "checkpoints" / "epoch-0002.state.pt"), f"{flag} ")
-    assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
+    one_line_error(
+        result, 2, str(run / "checkpoints" / "pretrain" / "epoch-0002.state.pt"), f"{flag} "
+    )
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0002.safetensors"
 
 
 def test_resume_refuses_another_number_of_processes(data, stopped_run, tmp_path):
     """A run saved by 2 processes (its state says so) resumed by 1: other ranks would get other
     shards and batches, and the global batch and steps per epoch would change."""
     run = copy_run(stopped_run, tmp_path)
-    newest = run / "checkpoints" / "epoch-0002.state.pt"
+    newest = run / "checkpoints" / "pretrain" / "epoch-0002.state.pt"
     state = torch.load(newest, weights_only=True)
     assert state["world_size"] == 1
     state["world_size"] = 2
@@ -470,7 +479,7 @@ def test_resume_refuses_another_number_of_processes(data, stopped_run, tmp_path)
     torch.save(state, newest)
     result = cli(*pretrain_args(data["train"], run, "--resume"))
     one_line_error(result, 2, str(newest), "saved by 2", "resume with 2")
-    assert latest_checkpoint(run)[0].name == "epoch-0002.safetensors"
+    assert latest_checkpoint(run, "pretrain")[0].name == "epoch-0002.safetensors"
 
 
 def test_resume_refuses_other_shards(data, stopped_run, tmp_path):
@@ -486,7 +495,7 @@ def test_resume_accepts_harmless_changes_and_keeps_two_checkpoints(data, stopped
     args = pretrain_args([pattern], run, "--resume", "--workers", 1, "--log-every", 1, "--progress")
     result = cli(*args)
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (run / "checkpoints").glob("epoch-*.safetensors"))
+    names = sorted(p.name for p in (run / "checkpoints" / "pretrain").glob("epoch-*.safetensors"))
     assert names == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
 
 
@@ -495,7 +504,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     data, stopped_run, tmp_path, damaged
 ):
     run = copy_run(stopped_run, tmp_path)
-    newest = run / "checkpoints" / damaged
+    newest = run / "checkpoints" / "pretrain" / damaged
     newest.write_bytes(newest.read_bytes()[:200])
     result = cli(*pretrain_args(data["train"], run, "--resume"))
     assert result.exit_code == 0, result.output
@@ -506,3 +515,187 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert resumes[-1]["epoch"] == 1  # epochs 2 and 3 were trained again
     epochs = [r["epoch"] for r in read_log(run / "log.jsonl") if r["event"] == "epoch"]
     assert epochs == [1, 2, 2, 3]
+
+
+# ----------------------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "needle"),
+    [
+        ("finetune", "--warmup-lr", -1, "--warmup-lr must be a finite number >= 0, got -1"),
+        ("finetune", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.001"),
+        ("finetune", "--lr", "nan", "--lr must be a finite positive number, got nan"),
+        ("finetune", "--grad-clip", "nan", "--grad-clip must be a finite positive number, got nan"),
+        ("pretrain", "--seed", -1, "--seed must lie in [0, 4294967295], got -1"),
+        ("pretrain", "--blr", "inf", "--blr must be a finite positive number, got inf"),
+        (
+            "pretrain",
+            "--weight-decay",
+            "nan",
+            "--weight-decay must be a finite number >= 0, got nan",
+        ),
+        ("pretrain", "--min-lr", 0.01, "--min-lr 0.01 is above the peak learning rate 0.0015625"),
+    ],
+)
+def test_unusable_numbers_are_usage_errors(data, tmp_path, command, flag, value, needle):
+    """Each value once ran (a climbing loss, a schedule that rises) or ended in a traceback."""
+    out = tmp_path / "run"
+    make = pretrain_args if command == "pretrain" else lambda s, o, *e: finetune_args(s, [], o, *e)
+    one_line_error(cli(*make(data["train"], out, flag, value)), 2, needle)
+    assert not (out / "log.jsonl").exists()
+
+
+def test_a_class_too_large_for_the_index_names_shard_and_member(data, tmp_path):
+    rng = np.random.default_rng(8)
+    shard = tmp_path / "huge-000000.tar"
+    huge = 99999999999999999999999
+    write_shard(shard, [(f"h{i}_L1", easy_crop(rng, 1), huge if i == 3 else i % 2) for i in range(8)])  # fmt: skip
+    needles = (str(shard), f"h3_L1.cls: class {huge} is out of range")
+    one_line_error(cli(*pretrain_args([str(shard)], tmp_path / "pre")), 1, *needles)
+    one_line_error(cli(*finetune_args([str(shard)], [], tmp_path / "ft")), 1, *needles)
+
+
+# ----------------------------------------------------------------------------- one run per --out
+
+HOLD_AND_DIE = r"""
+import os, signal, sys
+from vctmae.outlock import hold_output
+
+with hold_output(sys.argv[1], "pretrain"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "predict"])
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(
+    data, classifier_file, tmp_path, command
+):
+    from vctmae.outlock import LOCK_NAME, hold_output
+
+    out = tmp_path / "run"
+    for scan in ("ct.nii.gz", "seg.nii.gz"):
+        (tmp_path / scan).write_bytes(b"never read: the lock is taken first")
+    args = {
+        "pretrain": pretrain_args(data["train"], out),
+        "finetune": finetune_args(data["train"], [], out),
+        "eval": ["eval", "--checkpoint", classifier_file, "--shards", *data["val"],
+                 "--workers", 0, "--device", "cpu", "--out", out],
+        "predict": ["predict", "--checkpoint", classifier_file, "--ct", tmp_path / "ct.nii.gz",
+                    "--seg", tmp_path / "seg.nii.gz", "--out", out],
+    }[command]  # fmt: skip
+    with hold_output(out, "pretrain"):  # as a run in another process holds it
+        result = cli(*args)
+        one_line_error(
+            result, 1, str(out), f"`vctmae pretrain` (pid {os.getpid()}) is writing here"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert not out.exists()  # the holder wrote nothing: no folder is left behind
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_saying_so(data, tmp_path):
+    from vctmae.outlock import LOCK_NAME
+
+    out = tmp_path / "pre"
+    script = tmp_path / "hold_and_die.py"
+    script.write_text(HOLD_AND_DIE)
+    killed = subprocess.Popen([sys.executable, str(script), str(out)], stderr=subprocess.PIPE)
+    _, stderr = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert (out / LOCK_NAME).read_text() == f"{killed.pid} pretrain\n"
+    result = cli(*pretrain_args(data["train"], out, "--epochs", 1, "--warmup-epochs", 0))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {out}: taking over the lock of `vctmae pretrain` (pid {killed.pid}), "
+        "which ended without releasing it"
+    ]
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    """The other processes of a torchrun job run while their rank 0 holds the folder."""
+    from vctmae.outlock import LOCK_NAME, OutputLockedError, hold_output
+
+    out = tmp_path / "run"
+    with hold_output(out, "pretrain"):  # rank 0 of the job
+        monkeypatch.setenv("RANK", "1")
+        with hold_output(out, "pretrain"):
+            assert (out / LOCK_NAME).read_text() == f"{os.getpid()} pretrain\n"
+        monkeypatch.setenv("RANK", "0")  # another job's rank 0 is refused
+        with pytest.raises(OutputLockedError), hold_output(out, "pretrain"):
+            pass
+
+
+def test_pretraining_and_finetuning_in_one_folder_keep_their_own_checkpoints(data, tmp_path):
+    """Each run kind prunes and resumes only its own checkpoints."""
+    out = tmp_path / "both"
+    result = cli(*finetune_args(data["train"], [], out, "--epochs", 2, "--warmup-epochs", 1))
+    assert result.exit_code == 0, result.output
+    finetuned = {p.name: p.read_bytes() for p in (out / "checkpoints" / "finetune").iterdir()}
+    result = cli(*pretrain_args(data["train"], out))  # 3 epochs: prunes its epoch 1
+    assert result.exit_code == 0, result.output
+    pretrained = sorted(p.name for p in (out / "checkpoints" / "pretrain").glob("*.safetensors"))
+    assert pretrained == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
+    assert {
+        p.name: p.read_bytes() for p in (out / "checkpoints" / "finetune").iterdir()
+    } == finetuned
+    assert latest_checkpoint(out, "finetune")[0].name == "epoch-0002.safetensors"
+    # Finetuning resumes from its own checkpoint (a pretraining state would be refused).
+    args = finetune_args(data["train"], [], out, "--epochs", 2, "--warmup-epochs", 1, "--resume")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    resumes = [r for r in read_log(out / "log.jsonl") if r["event"] == "resume"]
+    assert [r["epoch"] for r in resumes] == [2] and "finetune" in resumes[0]["checkpoint"]
+
+
+# ----------------------------------------------------------------------------- changed inputs
+
+
+@pytest.mark.parametrize("change", ["fewer crops", "relabelled"])
+def test_resume_refuses_a_shard_changed_under_its_name(tmp_path, change):
+    """The run's settings are unchanged (same paths), but a shard's contents are not."""
+    shards = [str(p) for p in write_split(tmp_path / "data", "train", 16, seed=1, shards=2)]
+    out = tmp_path / "pre"
+    with pytest.MonkeyPatch.context() as patch:
+        shrink(patch)
+        stop_before_epoch(patch, 1)
+        assert cli(*pretrain_args(shards, out)).exit_code == 130
+    rng = np.random.default_rng(4)
+    if change == "fewer crops":
+        samples = [(f"new{i:03d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(5)]
+        needle = "crops 8 → 5"
+    else:  # the same keys and bytes but every class flipped: only the index digest differs
+        samples = [(f"train{i:03d}_L1", easy_crop(rng, i % 2), 1 - i % 2) for i in range(8)]
+        needle = "same size, another index"
+    Path(shards[0]).unlink()
+    write_shard(Path(shards[0]), samples)
+    result = cli(*pretrain_args(shards, out, "--resume"))
+    one_line_error(result, 1, shards[0], "changed since the run was saved", needle)
+    assert latest_checkpoint(out, "pretrain")[0].name == "epoch-0001.safetensors"
+
+
+def test_resume_refuses_a_validation_shard_changed_under_its_name(data, tmp_path):
+    """Validation decides the best epoch and early stopping: its shards are compared too."""
+    val = tmp_path / "val" / "val-000000.tar"
+    rng = np.random.default_rng(6)
+    write_shard(val, [(f"v{i:02d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(8)])
+    out = tmp_path / "ft"
+    args = finetune_args(data["train"], [str(val)], out, "--epochs", 2)
+    with pytest.MonkeyPatch.context() as patch:
+        shrink(patch)
+        stop_before_epoch(patch, 1)
+        assert cli(*args).exit_code == 130
+    val.unlink()
+    write_shard(val, [(f"v{i:02d}_L1", easy_crop(rng, i % 2), i % 2) for i in range(6)])
+    one_line_error(cli(*args, "--resume"), 1, str(val), "changed since the run", "crops 8 → 6")
+
+
+def test_a_shard_listed_twice_is_refused(data, classifier_file, tmp_path):
+    shard = Path(data["train"][0])
+    again = f"{shard.parent}/./{shard.name}"
+    needles = (again, "listed twice in the shard list", f"(also as {shard})")
+    one_line_error(cli(*pretrain_args([str(shard), again], tmp_path / "pre")), 1, *needles)
+    result = cli("eval", "--checkpoint", classifier_file, "--shards", shard, again, "--workers",
+                 0, "--device", "cpu", "--out", tmp_path / "report")  # fmt: skip
+    one_line_error(result, 1, *needles)

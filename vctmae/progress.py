@@ -1,4 +1,5 @@
-"""The progress bar of the long commands (ingest, predict): one layout, on stderr.
+"""What the long commands show on stderr: the progress bar (ingest, predict: one layout), error
+and warning lines.
 
 `rich` is imported when a bar is made, so that importing a command stays cheap.
 """
@@ -38,3 +39,11 @@ def progress_bar(description: str, *fields: str, enabled: bool = True) -> Any:
 def error_line(bar: Any, line: str) -> None:
     """One red `error: …` line above the bar (the bar keeps its place)."""
     bar.console.print(f"[bold red]error[/]: {line}", markup=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One yellow `warning: …` line on stderr (something the user should know, not an error)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)

@@ -305,7 +305,9 @@ def checkpoint_seconds(preset: str, out: Path) -> float:
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
     start = time.perf_counter()
-    save_checkpoint(out, model=model, state={"optimizer": optimizer.state_dict()}, epoch=1)
+    save_checkpoint(
+        out, kind="pretrain", model=model, state={"optimizer": optimizer.state_dict()}, epoch=1
+    )
     return time.perf_counter() - start
 
 

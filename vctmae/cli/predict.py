@@ -12,6 +12,7 @@ from vctmae.predict.config import PredictConfig
 @config_command(app, PredictConfig)
 def predict(config: PredictConfig) -> None:
     """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
+    from vctmae.outlock import hold_output
     from vctmae.predict import run_predict
     from vctmae.predict.dicom_out import not_written_line
     from vctmae.predict.report import SUMMARY
@@ -25,7 +26,7 @@ def predict(config: PredictConfig) -> None:
             )
         return "predict stopped before its first scan was done; no report was written"
 
-    with expected_failures(interrupted=interrupted):
+    with expected_failures(interrupted=interrupted), hold_output(config.out, "predict"):
         result = run_predict(config)
     ok = len(result.scans) - len(result.failed)
     typer.echo(

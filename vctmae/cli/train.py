@@ -22,11 +22,13 @@ from vctmae.train.config import (
 )
 
 
-def _kept(out: Path, command: str) -> str:
+def _kept(out: Path, kind: str, command: str) -> str:
     """What Ctrl-C in a training command keeps, and how to continue."""
+    from vctmae.train.checkpoint import checkpoint_folder
+
     return (
         f"{command} stopped; the checkpoints of completed epochs are kept in "
-        f"{out / 'checkpoints'} — run the same command with --resume to continue"
+        f"{checkpoint_folder(out, kind)} — run the same command with --resume to continue"
     )
 
 
@@ -35,7 +37,7 @@ def pretrain(config: PretrainConfig) -> None:
     """MAE pretraining of the video ViT on vertebra crops (paper defaults)."""
     from vctmae.train import run_pretrain
 
-    with expected_failures(interrupted=_kept(config.run.out, "pretraining")):
+    with expected_failures(interrupted=_kept(config.run.out, "pretrain", "pretraining")):
         result = run_pretrain(config)
     typer.echo(f"pretraining done: {result.state.epoch} epochs, weights {result.model_path}")
 
@@ -45,7 +47,7 @@ def finetune(config: FinetuneConfig) -> None:
     """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
     from vctmae.train import run_finetune
 
-    with expected_failures(interrupted=_kept(config.run.out, "finetuning")):
+    with expected_failures(interrupted=_kept(config.run.out, "finetune", "finetuning")):
         result = run_finetune(config)
     best = result.state.best_metric
     note = (
@@ -59,9 +61,11 @@ def finetune(config: FinetuneConfig) -> None:
 @config_command(app, EvalConfig, name="eval")
 def evaluate(config: EvalConfig) -> None:
     """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
+    from vctmae.outlock import hold_output
     from vctmae.train import run_eval
 
-    with expected_failures(interrupted=f"evaluation stopped; nothing was written to {config.out}"):
+    interrupted = f"evaluation stopped; nothing was written to {config.out}"
+    with expected_failures(interrupted=interrupted), hold_output(config.out, "eval"):
         run_eval(config)
     typer.echo(f"wrote {config.out / 'predictions.csv'} and {config.out / 'metrics.json'}")
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "check_classes": "shards",
     "count_samples": "shards",
     "expand_shards": "shards",
+    "shard_identity": "shards",
     "shard_label": "shards",
     "FLIPS": "frames",
     "FrameSampler": "frames",

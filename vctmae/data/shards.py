@@ -42,6 +42,7 @@ META_EXT = META_MEMBER
 # with `--levels all`, refused by `--frames mask` and a level filter (`check_metadata`).
 NO_BOX = (-1, -1, -1, -1, -1, -1)
 _NPY_MAGIC = b"\x93NUMPY"
+_INT64 = np.iinfo(np.int64)  # the index's label array holds each .cls value
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -120,9 +121,11 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     """Shard paths from a path, a glob, a brace pattern, or a sequence of any of these.
 
     A sequence is what an unquoted shell glob expands to; a quoted glob or brace
-    pattern is expanded here. Globs are sorted (as a shell sorts them); duplicates
-    are dropped so no shard is read twice. A glob matching nothing is an error;
-    a plain path that does not exist is reported when the shard is opened.
+    pattern is expanded here. Globs are sorted (as a shell sorts them). A shard
+    named twice — by the same path, by overlapping patterns, or spelt two ways
+    (`data/x.tar ./data/x.tar`, a link) — is refused: it would be read twice.
+    A glob matching nothing is an error; a plain path that does not exist is
+    reported when the shard is opened.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -137,9 +140,15 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 found.extend(matches)
             else:
                 found.append(pattern)
-    shards = list(dict.fromkeys(found))
-    refuse_half_published(shards)
-    return shards
+    first: dict[str, str] = {}  # the file a path names → the path that named it first
+    for path in found:
+        same = path if _is_url(path) else os.path.realpath(path)
+        if same in first:
+            also = "" if first[same] == path else f" (also as {first[same]})"
+            raise ShardError(path, f"listed twice in the shard list{also}; list each shard once")
+        first[same] = path
+    refuse_half_published(found)
+    return found
 
 
 def refuse_half_published(shards: Sequence[str]) -> None:
@@ -208,6 +217,21 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def shard_identity(index: ShardIndex) -> dict[str, int | str]:
+    """What tells a shard apart from another under the same name: its size in bytes, its
+    number of crops and a digest of its index (keys, crop offsets, classes, boxes, levels).
+    Cheap: the index is already in memory; no crop bytes are read."""
+    digest = hashlib.sha256("\n".join(index.keys).encode())
+    for array in (index.offsets, index.labels, index.boxes):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    digest.update(json.dumps(index.levels).encode())
+    return {
+        "bytes": os.path.getsize(index.path),
+        "crops": len(index),
+        "index_sha256": digest.hexdigest(),
+    }
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -301,6 +325,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})"
                         )
                     label = int(text)
+                    if not _INT64.min <= label <= _INT64.max:
+                        raise ShardError(path, f"{key}.{CLASS_EXT}: class {text} is out of range")
                 box, level = NO_BOX, None
                 if key in metas:
                     box, level = _read_metadata(path, fd, key, *metas[key])

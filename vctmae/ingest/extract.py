@@ -198,18 +198,16 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still alive
 
 
-def _worker_started(parent: int, inherited_fds: tuple[int, ...]) -> None:
-    """Worker initializer: close the main process's lock and die with the main process.
+def _worker_started(parent: int) -> None:
+    """Worker initializer: die with the main process.
 
-    A worker outliving a killed main process would run on forever, hold its
-    stdout open (`vctmae ingest … | cat` would never return) and keep the output
-    folder's lock. On Linux the kernel kills the worker the moment the main
-    process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
+    A worker outliving a killed main process would run on forever and hold its
+    stdout open (`vctmae ingest … | cat` would never return); the output
+    folder's lock it lets go at fork (`vctmae.outlock`). On Linux the kernel
+    kills the worker the moment the main process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
     thread, which lives as long as the process). Everywhere, and as a backstop, a
     thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
     """
-    for fd in inherited_fds:
-        os.close(fd)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -230,15 +228,13 @@ def _exit_when_orphaned(parent: int) -> None:
 class ProcessPool:
     """Extract in `workers` forked processes on this machine.
 
-    `close_in_workers`: file descriptors the workers must not keep (the output
-    folder's lock). A worker that dies breaks the pool: the cases then in flight
+    A worker that dies breaks the pool: the cases then in flight
     are rerun one at a time in fresh single-worker pools, so only the case that
     killed its worker is marked failed.
     """
 
-    def __init__(self, workers: int, close_in_workers: tuple[int, ...] = ()) -> None:
+    def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._close = close_in_workers
         # Start the workers now, before any display thread runs (fork + threads).
         self._pool = self._new(workers)
 
@@ -251,7 +247,7 @@ class ProcessPool:
             workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_worker_started,
-            initargs=(os.getpid(), self._close),
+            initargs=(os.getpid(),),
         )
         pool.submit(int).result()
         return pool
@@ -369,12 +365,10 @@ class DaskExecutor:
         os.environ.update(self._environment)
 
 
-def make_executor(
-    kind: str, workers: int, *, scheduler: str | None = None, close_in_workers: tuple[int, ...] = ()
-):
+def make_executor(kind: str, workers: int, *, scheduler: str | None = None):
     """The executor for `--executor KIND` (process: in this process when `workers` is 1)."""
     if kind == "dask":
         return DaskExecutor(workers, scheduler)
     if workers <= 1:
         return InProcess()
-    return ProcessPool(workers, close_in_workers)
+    return ProcessPool(workers)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vctmae.errors import UsageError, is_out_of_space, out_of_space
+from vctmae.errors import UsageError
 from vctmae.ingest.assemble import FORMATS, Assembly, AssemblyResult, outputs_present
 from vctmae.ingest.assemble import published_set as read_published_set
 from vctmae.ingest.discover import BadInput, Case, discover_cases
@@ -67,6 +67,7 @@ from vctmae.ingest.records import (
 )
 from vctmae.ingest.segment import require_segmenter
 from vctmae.ingest.writers import parse_size
+from vctmae.outlock import hold_output, make_output_folder
 from vctmae.progress import error_line, progress_bar
 
 REPORT = "ingest-report.json"
@@ -148,40 +149,18 @@ def default_workers() -> int:
 
 
 def _make_out(out: Path) -> None:
-    """Create `out` and its work folder; an `--out` that cannot be a folder is a usage error."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
-    try:
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"{out}: --out cannot be created: part of its path is a file") from None
-    except PermissionError:
-        raise IngestError(out, "cannot create the output folder (permission denied)") from None
-    except OSError as error:
-        if is_out_of_space(error):
-            raise out_of_space(out) from None
-        raise
+    """Create `out` and its work folder."""
+    make_output_folder(out)
+    make_output_folder(out / WORK)
 
 
 @contextmanager
 def output_lock(out: Path):
-    """Hold the lock on `out` (flock; freed on exit); yields its file descriptor, which
-    forked workers close. A second ingest writing into the same `out` is refused."""
-    import fcntl
-
+    """Hold the lock on `out` (`vctmae.outlock`: freed on exit, never held by forked workers).
+    A second run writing into the same `out` is refused."""
     _make_out(out)
-    fd = os.open(out / WORK / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise IngestError(
-            out, "another `vctmae ingest` is writing here; wait for it or use another --out"
-        ) from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+    with hold_output(out, "ingest"):
+        yield
 
 
 def _progress(enabled: bool):
@@ -202,14 +181,14 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
     listed in the report's `failed`. A publish that a killed run left half done
     is completed first (`vctmae.ingest.publish`), saying so in one line on stderr.
     """
-    with output_lock(config.out) as lock:
+    with output_lock(config.out):
         interrupted = interrupted_publish(config.out)
         if interrupted is not None:
             finish_publish(config.out)
             print(f"note: {interrupted}; completed them before this run", file=sys.stderr)
         if config.merge:
             return _run_merge(config, progress)
-        return _run_ingest(config, progress, lock)
+        return _run_ingest(config, progress)
 
 
 @dataclass(kw_only=True)
@@ -235,7 +214,7 @@ class _Order:
         self.seconds += time.perf_counter() - started
 
 
-def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, Any]:
+def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     out = config.out
     work = out / WORK
@@ -317,9 +296,7 @@ def _run_ingest(config: IngestConfig, progress: bool, lock: int) -> dict[str, An
         timings["assemble"] = extracted - discovered
     else:
         # Start the workers before the progress display starts its refresh thread (fork + threads).
-        executor = make_executor(
-            config.executor, workers, scheduler=config.scheduler, close_in_workers=(lock,)
-        )
+        executor = make_executor(config.executor, workers, scheduler=config.scheduler)
         counts["workers"] = executor.workers
         try:
             with _progress(progress) as bar:

@@ -114,10 +114,10 @@ class Predictor:
 
         from vctmae.clip import resolve_rule
         from vctmae.model.checkpoint import load_classifier, read_model_description
+        from vctmae.progress import warn
         from vctmae.train.config import refuse_frame_options
         from vctmae.train.distributed import resolve_device
         from vctmae.train.explain import refuse_volume
-        from vctmae.train.runlog import warn
         from vctmae.train.speed import apply_speedups
 
         self.device = resolve_device(config.device)

@@ -1,11 +1,13 @@
 """Atomic, resumable checkpoints; the last two are kept.
 
-Layout under a run directory:
+Layout under a run directory, in one folder per run kind (`checkpoints/pretrain/`,
+`checkpoints/finetune/`: a pretraining and a finetuning into one run directory
+never resume from, or prune, each other's checkpoints):
 
-    checkpoints/epoch-0007.safetensors (+ epoch-0007.json model config)   weights
-    checkpoints/epoch-0007.state.pt                                         training state
-    checkpoints/epoch-0006.*                                                the one before
-    checkpoints/last.json                                                   which pairs are current
+    checkpoints/KIND/epoch-0007.safetensors (+ epoch-0007.json model config)   weights
+    checkpoints/KIND/epoch-0007.state.pt                                   training state
+    checkpoints/KIND/epoch-0006.*                                          the one before
+    checkpoints/KIND/last.json                                             which pairs are current
 
 Every file of an epoch is written under a temporary name and renamed; the
 pointer `last.json` (naming the newest pair and the previous one) is replaced
@@ -56,14 +58,25 @@ def _entry(files: CheckpointFiles) -> dict[str, Any]:
     return {"epoch": files.epoch, "weights": files.weights.name, "state": files.state.name}
 
 
+def checkpoint_folder(run_dir: Path, kind: str) -> Path:
+    """Where the checkpoints of one run kind ("pretrain", "finetune") live in a run directory."""
+    return Path(run_dir) / CHECKPOINT_DIR / kind
+
+
 def save_checkpoint(
-    run_dir: Path, *, model: nn.Module | ModelFiles, state: dict[str, Any], epoch: int
+    run_dir: Path,
+    *,
+    kind: str,
+    model: nn.Module | ModelFiles,
+    state: dict[str, Any],
+    epoch: int,
 ) -> Path:
     """Write the epoch's weights and training state, then flip the pointer. Returns the pointer.
 
-    `model` may be a `ModelFiles` snapshot (what the background writer passes).
+    `model` may be a `ModelFiles` snapshot (what the background writer passes). Only `kind`'s
+    older checkpoints are deleted.
     """
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    ckpt_dir = checkpoint_folder(run_dir, kind)
     name = f"epoch-{epoch:04d}"
     files = model if isinstance(model, ModelFiles) else model_files(model)
     weights = write_model(files, ckpt_dir / f"{name}.safetensors")
@@ -86,8 +99,9 @@ def save_checkpoint(
 
 def _current_entries(ckpt_dir: Path) -> list[CheckpointFiles]:
     """What the pointer names, newest first; [] when there is no usable pointer."""
+    pointer = ckpt_dir / POINTER
     try:
-        return checkpoint_candidates(ckpt_dir.parent)
+        return _read_pointer(pointer) if pointer.exists() else []
     except CheckpointError:
         return []
 
@@ -116,26 +130,26 @@ def _read_pointer(pointer: Path) -> list[CheckpointFiles]:
 def _plain_name(name: object) -> str:
     """A file name inside checkpoints/ (no folders: the pointer cannot point elsewhere)."""
     if not isinstance(name, str) or not name or Path(name).name != name:
-        raise ValueError(f"{name!r} is not a file name in checkpoints/")
+        raise ValueError(f"{name!r} is not a file name in its checkpoint folder")
     return name
 
 
-def checkpoint_candidates(run_dir: Path) -> list[CheckpointFiles]:
-    """The checkpoints the pointer names, newest first ([] when the run has none)."""
-    pointer = Path(run_dir) / CHECKPOINT_DIR / POINTER
+def checkpoint_candidates(run_dir: Path, kind: str) -> list[CheckpointFiles]:
+    """The checkpoints of `kind` the pointer names, newest first ([] when the run has none)."""
+    pointer = checkpoint_folder(run_dir, kind) / POINTER
     return _read_pointer(pointer) if pointer.exists() else []
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, Path] | None:
-    """(weights, state) of the newest checkpoint, or None when the run has none."""
-    candidates = checkpoint_candidates(run_dir)
+def latest_checkpoint(run_dir: Path, kind: str) -> tuple[Path, Path] | None:
+    """(weights, state) of the newest checkpoint of `kind`, or None when the run has none."""
+    candidates = checkpoint_candidates(run_dir, kind)
     if not candidates:
         return None
     newest = candidates[0]
     for path in (newest.weights, newest.state):
         if not path.exists():
             raise CheckpointError(
-                f"{path}: named by {Path(run_dir) / CHECKPOINT_DIR / POINTER} but missing"
+                f"{path}: named by {checkpoint_folder(run_dir, kind) / POINTER} but missing"
             )
     return newest.weights, newest.state
 

@@ -14,6 +14,7 @@ optimiser, schedule and loss settings on top.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,18 @@ COMBINE_HELP = (
 def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
     if value not in allowed:
         raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# Seeds are used as given by numpy and torch generators (which take 64-bit seeds, and the per-rank
+# stream multiplies the seed by 1000): the usual 32-bit range leaves room for both.
+MAX_SEED = 2**32 - 1
+
+
+def _check_number(value: float, option: str, *, positive: bool = False) -> None:
+    """A rate, weight or bound: a finite number, at least 0 (`positive`: above 0)."""
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        what = "a finite positive number" if positive else "a finite number >= 0"
+        raise UsageError(f"{option} must be {what}, got {value}")
 
 
 def _check_out_folder(out: Path) -> None:
@@ -188,8 +201,10 @@ class RunOptions:
         _check_shards(self.shards)
         if self.accum_steps < 1:
             raise UsageError(f"--accum-steps must be >= 1, got {self.accum_steps}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.grad_clip is not None:
+            _check_number(self.grad_clip, "--grad-clip", positive=True)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must lie in [0, {MAX_SEED}], got {self.seed}")
         _one_of(self.device, DEVICES, "--device")
         _one_of(self.pos_init, POS_INIT, "--pos-init")
         _one_of(self.frames, FRAME_MODES, "--frames")
@@ -235,6 +250,16 @@ def _check_schedule(config: Any) -> None:
         raise UsageError(f"--warmup-epochs must lie in [0, --epochs], got {config.warmup_epochs}")
 
 
+def check_min_lr(min_lr: float, peak_lr: float, peak: str) -> None:
+    """The cosine schedule falls from the peak learning rate to --min-lr: refuse a rising one
+    (`peak` says where the peak comes from)."""
+    if min_lr > peak_lr:
+        raise UsageError(
+            f"--min-lr {min_lr:g} is above the peak learning rate {peak_lr:g} ({peak}); the "
+            "schedule would rise instead of decay — lower --min-lr"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """MAE pretraining on unlabelled crops (paper App. A.5)."""
@@ -271,8 +296,9 @@ class PretrainConfig:
             object.__setattr__(self, "run", dataclasses.replace(self.run, loader=loader))
         if not 0.0 < self.mask_ratio < 1.0:
             raise UsageError(f"--mask-ratio must lie in (0, 1), got {self.mask_ratio}")
-        if self.blr <= 0:
-            raise UsageError(f"--blr must be positive, got {self.blr}")
+        _check_number(self.blr, "--blr", positive=True)
+        _check_number(self.min_lr, "--min-lr")
+        _check_number(self.weight_decay, "--weight-decay")
 
     def peak_lr(self, world_size: int) -> float:
         """The MAE scaling rule: lr = blr × effective batch / 256."""
@@ -312,8 +338,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_schedule(self)
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
+        _check_number(self.lr, "--lr", positive=True)
+        _check_number(self.warmup_start_lr, "--warmup-lr")
+        _check_number(self.min_lr, "--min-lr")
+        check_min_lr(self.min_lr, self.lr, "--lr")
         check_rule_options(None, self.multiview, self.combine)
         _one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
         if self.run.loader.levels is None:
@@ -417,7 +445,8 @@ def config_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def _absolute(spec: str) -> str:
+def absolute_shard(spec: str) -> str:
+    """How a run's settings and state name a shard: its URL, or its absolute path."""
     return spec if "://" in spec or spec.startswith("pipe:") else os.path.abspath(spec)
 
 
@@ -433,7 +462,7 @@ def resume_fingerprint(config: Any) -> dict[str, Any]:
             continue
         value = _plain(leaf.value(config))
         if leaf.flag is not None and leaf.flag.many and value:
-            value = [_absolute(path) for path in expand_shards(value)]
+            value = [absolute_shard(path) for path in expand_shards(value)]
         elif leaf.path[-1] == "init" and value is not None:
             value = os.path.abspath(value)
         values[leaf.name] = value

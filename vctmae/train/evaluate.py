@@ -29,10 +29,11 @@ from torch import nn
 
 from vctmae.clip import ClipRule, resolve_rule
 from vctmae.errors import VctmaeError
+from vctmae.progress import warn
 from vctmae.train import distributed
 from vctmae.train.config import EvalConfig, config_dict
 from vctmae.train.loop import autocast_context
-from vctmae.train.runlog import RunLog, warn
+from vctmae.train.runlog import RunLog
 from vctmae.train.speed import apply_speedups
 
 

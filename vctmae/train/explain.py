@@ -198,7 +198,7 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
     from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
     from vctmae.errors import UsageError
     from vctmae.model.checkpoint import load_classifier, read_model_description
-    from vctmae.train.runlog import warn
+    from vctmae.progress import warn
 
     model = load_classifier(config.checkpoint)
     refuse_volume(model.config, str(config.checkpoint))

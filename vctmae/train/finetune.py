@@ -26,6 +26,7 @@ from torch import nn
 from vctmae.clip import ClipRule
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files
+from vctmae.outlock import hold_output
 from vctmae.train import distributed
 from vctmae.train.config import FinetuneConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
@@ -169,27 +170,29 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
             "class_weight_source": weight_source,
             "val_shards": len(val_shards),
         },
+        other_shards=val_loader.indexes if val_loader is not None else (),
     )
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Finetune a classifier; writes checkpoints, `best.safetensors` and `log.jsonl` under `config.run.out`."""
-    trainer = finetune_trainer(config)
-    trainer.start()
-    state = trainer.fit()
-    run = trainer.run
-    run.log.write(
-        "end",
-        epoch=state.epoch,
-        step=state.step,
-        best_epoch=state.best_epoch,
-        best_val_f1=state.best_metric,
-    )
-    run.log.close()
-    distributed.barrier()
-    return FinetuneResult(
-        best_path=run.out / BEST,
-        log_path=run.out / "log.jsonl",
-        state=state,
-        class_weights=trainer.log_fields["class_weights"],
-    )
+    with hold_output(config.run.out, "finetune"):
+        trainer = finetune_trainer(config)
+        trainer.start()
+        state = trainer.fit()
+        run = trainer.run
+        run.log.write(
+            "end",
+            epoch=state.epoch,
+            step=state.step,
+            best_epoch=state.best_epoch,
+            best_val_f1=state.best_metric,
+        )
+        run.log.close()
+        distributed.barrier()
+        return FinetuneResult(
+            best_path=run.out / BEST,
+            log_path=run.out / "log.jsonl",
+            state=state,
+            class_weights=trainer.log_fields["class_weights"],
+        )

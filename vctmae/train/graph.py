@@ -26,11 +26,15 @@ are saved before and restored after. Graphs are single-process here: with DDP
 
 Without capture (`capture=False`, on a CPU) the same static step runs eagerly;
 that is how the CPU tests show it computes what the eager `Trainer.train_step`
-computes.
+computes. That is also where a run goes when capture or the first replay raises:
+the weights, optimizer state and RNG go back to the snapshot taken before the
+warm-up, the step runs eagerly from then on, and the run says why in one line
+(printed and logged). A failed capture never stops a run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +82,9 @@ class StaticStep:
         self.device = trainer.info.device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape_key: tuple | None = None
+        # What the step changes, as it was before the warm-up: kept until the first replay of
+        # a new graph has run, so that a failed capture or replay can be undone.
+        self._before: dict[str, Any] | None = None
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -190,33 +197,71 @@ class StaticStep:
         trainer = self.trainer
         self.load(micro_batches)
         set_lr(trainer.optimizer, trainer.schedule(trainer.state.step))
-        if not self.capture:
-            self._body()
-            trainer.optimizer.zero_grad(set_to_none=True)
-        else:
-            if self.graph is None:
-                self._record()
-            self.graph.replay()
+        if self.capture:
+            try:
+                self._replay()
+                return self.loss_sum.clone()
+            except Exception as error:  # noqa: BLE001 - any failure of capture: run eagerly
+                self._fall_back(error)
+        self._body()
+        trainer.optimizer.zero_grad(set_to_none=True)
         return self.loss_sum.clone()
 
     # -- capture -------------------------------------------------------------------------------
 
-    def _record(self) -> None:
-        """Warm up, restore what the warm-up changed, then capture `_body` into a CUDA graph."""
+    def _replay(self) -> None:
+        """Replay the graph, capturing it first when there is none for these shapes."""
         trainer = self.trainer
-        saved = _snapshot(trainer.model, trainer.optimizer)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._body()
-                trainer.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        _restore(trainer.model, trainer.optimizer, saved)
-        self.graph = torch.cuda.CUDAGraph()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self._before = _snapshot(trainer.model, trainer.optimizer)
+        self.graph = capture_graph(self._warm_up, self._body, self.device)
+        self.graph.replay()
+        if self.device.type == "cuda":
+            # Deliberate sync, once per capture: a replay that fails says so here.
+            torch.cuda.current_stream(self.device).synchronize()
+        self._before = None
+
+    def _warm_up(self) -> None:
+        """The eager steps capture needs first; what they changed is then put back."""
+        trainer = self.trainer
+        for _ in range(WARMUP_STEPS):
             self._body()
+            trainer.optimizer.zero_grad(set_to_none=True)
+        _restore(trainer.model, trainer.optimizer, self._before)
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def _fall_back(self, error: Exception) -> None:
+        """Undo what the failed capture or replay changed; run eagerly from now on, saying why."""
+        from vctmae.progress import warn
+
+        trainer = self.trainer
+        self.capture, self.graph = False, None
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if self._before is not None:
+            _restore(trainer.model, trainer.optimizer, self._before)
+            self._before = None
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        message = f"--cuda-graph: capturing the training step failed ({reason}); it runs eagerly"
+        if trainer.info.is_main:
+            warn(message)
+        trainer.log.write("cuda_graph_fallback", step=trainer.state.step, message=message)
+
+
+def capture_graph(
+    warm_up: Callable[[], None], body: Callable[[], None], device: torch.device
+) -> torch.cuda.CUDAGraph:
+    """`warm_up()` on a side stream (as CUDA requires), then `body()` captured into a graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warm_up()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
 
 
 def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

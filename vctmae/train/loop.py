@@ -15,8 +15,9 @@ logging steps and at the end of an epoch (the deliberate syncs are marked).
 Checkpoints are written at epoch boundaries, so a resumed run restarts the
 interrupted epoch from its beginning with the same data order and RNG state.
 `--resume` refuses settings that would change what the run computes (see
-`config.check_resume_config`) and falls back, with a warning, to the previous
-checkpoint when the newest cannot be read.
+`config.check_resume_config`) and shards changed under their names (each
+shard's identity is saved with the training state: `shard_identity`), and falls
+back, with a warning, to the previous checkpoint when the newest cannot be read.
 """
 
 from __future__ import annotations
@@ -35,14 +36,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.clip import ClipRule
+from vctmae.data.shards import ShardError, shard_identity
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
+from vctmae.progress import warn
 from vctmae.train import checkpoint
-from vctmae.train.config import check_resume_config, config_dict, resume_fingerprint
+from vctmae.train.config import (
+    absolute_shard,
+    check_resume_config,
+    config_dict,
+    resume_fingerprint,
+)
 from vctmae.train.distributed import any_true, barrier, gather_objects
 from vctmae.train.graph import StaticStep
 from vctmae.train.run import Run
-from vctmae.train.runlog import training_progress, warn
+from vctmae.train.runlog import training_progress
 from vctmae.train.schedule import set_lr
 
 
@@ -118,7 +126,8 @@ class Trainer:
     """Runs the epochs of a `Run` with an `Objective`; see the module docstring.
 
     `epoch_end(epoch, mean_loss, state)` runs after each epoch (validation, best weights,
-    previews) and may ask to stop early.
+    previews) and may ask to stop early. `other_shards`: the indexes of shards the run reads
+    besides its training shards (validation), whose contents `--resume` compares too.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class Trainer:
         *,
         log_fields: dict[str, Any] | None = None,
         clip_rule: ClipRule | None = None,
+        other_shards: Sequence[Any] = (),
     ) -> None:
         self.run = run
         # A classifier's clip rule, recorded with every checkpoint of its weights.
@@ -150,8 +160,14 @@ class Trainer:
         # Per-rank stream of training randomness (offsets, mirror, mask noise).
         self.generator = torch.Generator().manual_seed(self.options.seed * 1000 + self.info.rank)
         self.run_dir = run.out
-        # What --resume compares: the settings that decide data order, schedule and model.
+        # What --resume compares: the settings that decide data order, schedule and model, and
+        # the shards' contents (by absolute path, as the fingerprint names them).
         self.fingerprint = resume_fingerprint(run.config)
+        self.shard_indexes = [*run.loader.indexes, *other_shards]
+        self.shard_identities = {
+            absolute_shard(index.source or index.path): shard_identity(index)
+            for index in self.shard_indexes
+        }
         # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
         self.static: StaticStep | None = None
         if run.graph_blocker is None:
@@ -171,6 +187,7 @@ class Trainer:
             world_size=self.info.world_size,
             config=config_dict(self.run.config),
             fingerprint=self.fingerprint,
+            shards=self.shard_identities,
         )
         return state
 
@@ -182,6 +199,7 @@ class Trainer:
             self.run.writer.submit(
                 checkpoint.save_checkpoint,
                 self.run_dir,
+                kind=self.name,
                 model=model_files(self.model, clip=self.clip_rule),
                 state=checkpoint.cpu_copy(state),
                 epoch=self.state.epoch,
@@ -194,13 +212,14 @@ class Trainer:
         A newest pair that cannot be read falls back to the previous one with a warning; a
         config that changed what the run computes is refused outright (no fallback).
         """
-        candidates = checkpoint.checkpoint_candidates(self.run_dir)
+        candidates = checkpoint.checkpoint_candidates(self.run_dir, self.name)
         first_error: CheckpointError | None = None
         for files in candidates:
             try:
                 saved = checkpoint.load_state(files.state)
                 check_resume_config(saved["fingerprint"], self.fingerprint, where=files.state)
                 self._check_world_size(saved, files.state)
+                self._check_shards(saved)
                 load_weights(self.model, files.weights, strict=True)
             except CheckpointError as error:
                 first_error = first_error or error
@@ -227,6 +246,38 @@ class Trainer:
                 f"saved by {saved['world_size']}: that changes its data order and schedule — "
                 f"resume with {saved['world_size']} (torchrun --nproc_per_node), or start a "
                 "new run in another --out"
+            )
+
+    def _check_shards(self, saved: dict[str, Any]) -> None:
+        """Refuse a shard whose contents changed under its name since the run was saved: other
+        crops, another number of steps, another data order (the settings are equal)."""
+        named = [index.source or index.path for index in self.shard_indexes]
+        paths = {absolute_shard(path): path for path in named}
+        # A state saved without shard identities cannot be compared: taken as it is.
+        before = saved.get("shards", self.shard_identities)
+        for key in sorted(set(before) | set(self.shard_identities)):
+            old, new = before.get(key), self.shard_identities.get(key)
+            if old == new:
+                continue
+            if old is None or new is None:
+                change = (
+                    "had no usable crops when the run was saved"
+                    if old is None
+                    else "has no usable crops now"
+                )
+            else:
+                change = (
+                    ", ".join(
+                        f"{name} {old[name]} → {new[name]}"
+                        for name in ("crops", "bytes")
+                        if old[name] != new[name]
+                    )
+                    or "same size, another index (other keys, classes or metadata)"
+                )
+            raise ShardError(
+                paths.get(key, key),
+                f"changed since the run was saved ({change}); --resume continues a run on the "
+                "shards it was trained on — restore them, or start a new run in another --out",
             )
 
     def resume(self) -> bool:
@@ -278,7 +329,7 @@ class Trainer:
         if bool(any_true(flag).item()):
             # The checkpoint a pending write is about to make current is the last good one.
             self.run.writer.wait(raise_errors=False)
-            found = checkpoint.latest_checkpoint(self.run_dir)
+            found = checkpoint.latest_checkpoint(self.run_dir, self.name)
             kept = (
                 f"last good checkpoint kept: {found[0]}"
                 if found

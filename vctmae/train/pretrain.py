@@ -17,6 +17,7 @@ from torch import nn
 
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files, write_model
+from vctmae.outlock import hold_output
 from vctmae.train import distributed
 from vctmae.train.config import PretrainConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
@@ -96,19 +97,20 @@ def pretrain_trainer(config: PretrainConfig) -> Trainer:
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain an MAE; writes checkpoints, `model.safetensors`, previews and `log.jsonl` under `config.run.out`."""
-    trainer = pretrain_trainer(config)
-    trainer.start()
-    state = trainer.fit()
-    run = trainer.run
-    run.log.write("end", epoch=state.epoch, step=state.step)
-    run.log.close()
-    distributed.barrier()
-    return PretrainResult(
-        model_path=run.out / "model.safetensors",
-        log_path=run.out / "log.jsonl",
-        state=state,
-        peak_lr=run.schedule.peak_lr,
-    )
+    with hold_output(config.run.out, "pretrain"):
+        trainer = pretrain_trainer(config)
+        trainer.start()
+        state = trainer.fit()
+        run = trainer.run
+        run.log.write("end", epoch=state.epoch, step=state.step)
+        run.log.close()
+        distributed.barrier()
+        return PretrainResult(
+            model_path=run.out / "model.safetensors",
+            log_path=run.out / "log.jsonl",
+            state=state,
+            peak_lr=run.schedule.peak_lr,
+        )
 
 
 def first_crop(loader: Any) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vctmae.train import distributed
 from vctmae.train.checkpoint import BackgroundWriter
-from vctmae.train.config import RunOptions, SpeedOptions
+from vctmae.train.config import RunOptions, SpeedOptions, check_min_lr
 from vctmae.train.distributed import DistInfo
 from vctmae.train.graph import capture_blocker
 from vctmae.train.optim import build_optimizer
@@ -97,6 +97,9 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
 
     run = config.run
     info = distributed.setup(run.device)
+    peak = config.peak_lr(info.world_size)
+    # Pretraining's peak follows from --blr and the run's size, known only now.
+    check_min_lr(config.min_lr, peak, "--blr × batch × processes × accum / 256")
     log = RunLog(Path(run.out) / "log.jsonl", enabled=info.is_main)
     shards = expand_shards(list(run.shards))
     loader = run.loader.build(
@@ -109,7 +112,6 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
         first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
     )
     init_report = load_init(model, run.init, run.pos_init) if run.init is not None else None
-    peak = config.peak_lr(info.world_size)
     per_epoch = steps_per_epoch(len(loader), run.accum_steps, run.max_steps_per_epoch)
     if per_epoch < 1:
         raise ShardError(

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vctmae.errors import is_out_of_space, out_of_space
@@ -94,11 +93,6 @@ def _summary_writer(folder: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(folder))
-
-
-def warn(message: str) -> None:
-    """One yellow `warning: …` line on stderr (something the user should know, not an error)."""
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
