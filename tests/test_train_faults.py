@@ -699,3 +699,10 @@ def test_a_shard_listed_twice_is_refused(data, classifier_file, tmp_path):
     result = cli("eval", "--checkpoint", classifier_file, "--shards", shard, again, "--workers",
                  0, "--device", "cpu", "--out", tmp_path / "report")  # fmt: skip
     one_line_error(result, 1, *needles)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(data, tmp_path):
+    args = pretrain_args(data["train"], tmp_path / "new", "--resume", "--epochs", 1)
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "--resume: no pretrain checkpoint" in " ".join(result.output.split())

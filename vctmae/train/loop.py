@@ -308,8 +308,14 @@ class Trainer:
 
     def start(self) -> None:
         """Resume when asked and a checkpoint exists; otherwise log the run's start record."""
-        if self.options.resume and self.resume():
-            return
+        if self.options.resume:
+            if self.resume():
+                return
+            if self.info.is_main:
+                warn(
+                    f"--resume: no {self.name} checkpoint under {self.run_dir}; starting the run "
+                    "from its first epoch"
+                )
         run = self.run
         self.log.start(
             command=self.name,
