@@ -15,8 +15,7 @@ pytest.importorskip("nvidia.dali")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from test_data import make_shards  # noqa: E402
 
-from vctmae.data import ShardLoader, sample_frames  # noqa: E402
-from vctmae.data.dali import frames_pipeline  # noqa: E402
+from vctmae.data import ShardLoader  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +80,6 @@ def test_dali_training_ranks_agree_on_batch_count(shards):
     assert len(set(keys)) == len(keys) and set(keys) <= truth.keys()
 
 
-@pytest.mark.parametrize("offset", [None, 0, 5])
-def test_dali_frames_equal_sample_frames(shards, offset):
-    pattern, truth = shards
-    import glob
-
-    pipe = frames_pipeline(sorted(glob.glob(pattern)), batch_size=4, offset=offset, seed=7)
-    drawn = []
-    for _ in range(3):
-        crops, offsets, frames, _, _ = (out.as_array() for out in pipe.run())
-        offsets = torch.from_numpy(offsets).long()
-        drawn.extend(offsets.tolist())
-        expected = sample_frames(torch.from_numpy(crops), offsets)
-        torch.testing.assert_close(torch.from_numpy(frames), expected, rtol=0, atol=0)
-    assert set(drawn) <= set(range(6))
-    if offset is not None:
-        assert set(drawn) == {offset}
-
-
 def test_dali_keys_keep_member_folders(tmp_path):
     """DALI names samples as the torch backend does: whole member paths, never basenames."""
     from vctmae.bench.shards import write_shard
@@ -125,32 +106,3 @@ def test_dali_keys_keep_member_folders(tmp_path):
         assert (
             torch.equal(crop, by_backend["torch"][key][0]) and label == by_backend["torch"][key][1]
         )
-
-
-def test_dali_frames_at_per_sample_indices(shards):
-    """Any per-sample frame indices (here mask mode's over random extents, and random sorted
-    slices) gather in the DALI graph exactly what indexing the crops gives."""
-    import glob
-
-    from vctmae import clip
-
-    pattern, _ = shards
-    rng = np.random.default_rng()
-    batches = []
-    for _ in range(3):
-        widths = rng.integers(14, 97, size=4)
-        lows = [int(rng.integers(0, 97 - w)) for w in widths]
-        extents = torch.tensor([(lo, lo + int(w) - 1) for lo, w in zip(lows, widths, strict=True)])
-        mask = clip.frame_index_tensor("mask", torch.from_numpy(rng.integers(-2, 2, 4)), extents)
-        batches.append([row.numpy().astype(np.int32) for row in mask])
-    batches.append([np.sort(rng.choice(96, 16, replace=False)).astype(np.int32) for _ in range(4)])
-    feed = iter(batches)
-    pipe = frames_pipeline(
-        sorted(glob.glob(pattern)), batch_size=4, frame_indices=lambda: next(feed)
-    )
-    for expected_indices in batches:
-        crops, indices, frames, _, _ = (out.as_array() for out in pipe.run())
-        assert np.array_equal(indices, np.stack(expected_indices))
-        rows = torch.arange(4)[:, None]
-        expected = clip.scale_hu(torch.from_numpy(crops)[rows, torch.from_numpy(indices).long()])
-        torch.testing.assert_close(torch.from_numpy(frames)[:, 0], expected, rtol=0, atol=0)

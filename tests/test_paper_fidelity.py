@@ -402,13 +402,6 @@ def test_frame_size_224_pads_the_slices_and_keeps_the_video_table(tmp_path):
 # ----------------------------------------------------------------------------- flags
 
 
-def test_config_and_clip_name_the_same_rules():
-    from vctmae.data.frames import FLIPS
-    from vctmae.train import config
-
-    assert config.FRAME_MODES == clip.FRAME_MODES and config.FLIPS == FLIPS
-
-
 def test_norm_pix_loss_reaches_the_pretraining_model(labelled, tmp_path):
     from vctmae.train.pretrain import pretrain_trainer
 

@@ -55,6 +55,10 @@ PAD_SCALED = (PAD_HU - HU_MIN) / (HU_MAX - HU_MIN)
 CONTEXT_MARGIN = 16
 
 FRAME_MODES: tuple[str, ...] = ("crop", "mask")
+# The flip augmentations (`--flip`): "rows" reverses every frame's rows, superior <-> inferior
+# (the reference's pretraining flip, src/pretraining/data.py:97); "frames" mirrors the sagittal
+# order left <-> right; "none" neither.
+FLIPS: tuple[str, ...] = ("rows", "frames", "none")
 # The whole crop as an inclusive sagittal extent: what mask mode falls back to
 # when a sample has no mask voxels (the reference's own mask-less path,
 # CenterSpatialCropD then the same linspace rule, transforms.py:201-203).
@@ -252,6 +256,30 @@ def pad_frames(frames: torch.Tensor, frame_size: int, value: float) -> torch.Ten
     top, left = pad_offset(height, frame_size), pad_offset(width, frame_size)
     bottom, right = frame_size - height - top, frame_size - width - left
     return F.pad(frames, (left, right, top, bottom), value=value)
+
+
+def clip_frames(
+    crops: torch.Tensor, frames: torch.Tensor, frame_size: int | None = None
+) -> torch.Tensor:
+    """The model's input frames: crops[b, frames[b, k]], HU-scaled, padded → float (B, 1, K, F, F).
+
+    crops: int16 HU (B, S, H, H); frames: integer (B, K) sagittal slice indices (from
+    `frame_index_tensor`); F = `frame_size` (default H: no padding). Values lie in [0, 1], the
+    padding at PAD_SCALED. The one gather + HU window + pad that the model, the kernels'
+    torch reference and the data helpers share.
+    """
+    scaled = scale_hu(gather_slices(crops, frames))  # (B, K, H, H)
+    if frame_size is not None:
+        scaled = pad_frames(scaled, frame_size, PAD_SCALED)  # (B, K, F, F)
+    return scaled.unsqueeze(1)  # (B, 1, K, F, F)
+
+
+def volume_voxels(crops: torch.Tensor) -> torch.Tensor:
+    """The whole crops as a 3-D model's input: int16 (B, S, H, W) → float (B, 1, S, H, W) in
+    [0, 1], by the same HU window as the frames."""
+    if crops.dim() != 4:
+        raise ValueError(f"crops must be (B, S, H, W), got shape {tuple(crops.shape)}")
+    return scale_hu(crops).unsqueeze(1)  # (B, 1, S, H, W)
 
 
 def flip_rows(frames: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:

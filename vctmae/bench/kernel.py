@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vctmae.kernels import patch_embed, stride_frames
-from vctmae.kernels.reference import NUM_TOKENS, sample_frames_reference
+from vctmae.clip import clip_frames, frame_index_tensor
+from vctmae.kernels import patch_embed
+from vctmae.kernels.reference import NUM_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +78,7 @@ class Problem:
         crops = torch.randint(
             -1500, 1500, (shape.batch, 96, 96, 96), dtype=torch.int16, device=device
         )
-        frames = stride_frames(torch.randint(0, 6, (shape.batch,), device=device))
+        frames = frame_index_tensor("crop", torch.randint(0, 6, (shape.batch,), device=device))
         keep = None
         if shape.keep is not None:
             noise = torch.rand(shape.batch, NUM_TOKENS, device=device)
@@ -90,7 +91,7 @@ class Problem:
         """Baseline: sample_frames + RGB floats + Conv3d (bf16 autocast on a GPU, as training)."""
         device = self.crops.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            clip = sample_frames_reference(self.crops, self.frames).expand(-1, 3, -1, -1, -1)
+            clip = clip_frames(self.crops, self.frames).expand(-1, 3, -1, -1, -1)
             tokens = self.conv(clip).flatten(2).transpose(1, 2) + self.pos  # (B, 288, D)
             if self.keep is not None:
                 tokens = tokens.gather(1, self.keep[:, :, None].expand(-1, -1, tokens.shape[-1]))

@@ -1,4 +1,4 @@
-"""vctmae.data — streaming loader: shards → int16 device batches → video frames (SPEC §4).
+"""vctmae.data — streaming loader: shards → int16 device batches → video frames.
 
 The public names load their module on first use (PEP 562), so importing
 `vctmae.data.options` for the command line does not import torch.
@@ -18,7 +18,6 @@ _EXPORTS = {
     "expand_shards": "shards",
     "shard_identity": "shards",
     "shard_label": "shards",
-    "FLIPS": "frames",
     "FrameSampler": "frames",
     "check_boxes": "shards",
     "select_levels": "shards",
@@ -28,7 +27,7 @@ _EXPORTS = {
     "offset_frames": "frames",
     "random_offsets": "frames",
     "sample_frames": "frames",
-    # The frame API (the clip rules of `vctmae.clip`, SPEC §4).
+    # The frame API: the clip rules of `vctmae.clip`.
     "FRAME_MODES": "vctmae.clip",
     "MAX_VIEWS": "vctmae.clip",
     "context_cut": "vctmae.clip",

@@ -1,4 +1,4 @@
-"""Device-side video sampling: int16 crops → 16 sagittal frames in [0, 1] (SPEC §4).
+"""Device-side video sampling: int16 crops → 16 sagittal frames in [0, 1].
 
 The rules (which slices, which shifts, HU window, context cut, flips) are `vctmae.clip`'s; this
 module applies them to batches. Everything here runs on whatever device the crops are on, so the
@@ -20,15 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from vctmae import clip
-from vctmae.clip import CROP_SIZE, HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
+from vctmae.clip import CROP_SIZE, FLIPS, NUM_FRAMES, STRIDE
 
 __all__ = [
-    "CROP_SIZE",
-    "FLIPS",
-    "HU_MAX",
-    "HU_MIN",
-    "NUM_FRAMES",
-    "STRIDE",
     "FrameSampler",
     "check_crop_shape",
     "mirror",
@@ -38,37 +32,13 @@ __all__ = [
     "sample_frames",
 ]
 
-# --flip: "rows" is the reference's pretraining flip (src/pretraining/data.py:97), "frames" a
-# left–right mirror of the sagittal order (vctmae's former --mirror), "none" neither.
-FLIPS: tuple[str, ...] = ("rows", "frames", "none")
+def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The paper's frames `crop[o + 6k]`, k < 16, as the model's input: float32 (B, 1, 16, H, W).
 
-
-def sample_frames(
-    crops: torch.Tensor, offsets: torch.Tensor, num_frames: int = NUM_FRAMES, stride: int = STRIDE
-) -> torch.Tensor:
-    """Frames `crop[o + stride*k]`, k < num_frames, HU clipped to [-1000, 1000] and mapped to [0, 1].
-
-    crops: int16 (B, 96, 96, 96) in video order (axis 0 = sagittal slice).
-    offsets: integer (B,), each in [0, stride).
-    Returns float32 (B, 1, num_frames, 96, 96) on the crops' device.
+    crops: int16 (B, 96, H, W) in video order (axis 0 = sagittal slice); offsets: integer (B,),
+    each in [0, 6).
     """
-    if crops.dim() != 4:
-        raise ValueError(f"crops must be (B, D, H, W), got shape {tuple(crops.shape)}")
-    batch = crops.shape[0]
-    offsets = torch.as_tensor(offsets, device=crops.device).long().reshape(-1)
-    if offsets.numel() != batch:
-        raise ValueError(f"{offsets.numel()} offsets for {batch} crops")
-    depth = crops.shape[1]
-    if (num_frames - 1) * stride >= depth:
-        raise ValueError(f"{num_frames} frames × stride {stride} do not fit {depth} slices")
-    rows = torch.arange(batch, device=crops.device)
-    if num_frames * stride == depth:
-        # Slice o + stride·k is element [k, o] of the (num_frames, stride) view: one gather per sample.
-        grouped = crops.view(batch, num_frames, stride, *crops.shape[2:])  # (B, T, stride, H, W)
-        frames = grouped[rows, :, offsets]  # (B, T, H, W)
-    else:
-        frames = clip.gather_slices(crops, offset_frames(offsets, num_frames, stride))
-    return clip.scale_hu(frames).unsqueeze(1)  # (B, 1, T, H, W)
+    return clip.clip_frames(crops, offset_frames(offsets.to(crops.device)))
 
 
 def check_crop_shape(
@@ -114,28 +84,20 @@ def check_crop_shape(
         )
 
 
-def offset_frames(
-    offsets: torch.Tensor, num_frames: int = NUM_FRAMES, stride: int = STRIDE
-) -> torch.Tensor:
-    """The paper's frame rule as per-sample slice indices: offsets (B,) → (B, num_frames) = o + stride·k.
+def offset_frames(offsets: torch.Tensor) -> torch.Tensor:
+    """The paper's frame rule as per-sample slice indices: offsets (B,) → (B, 16) = o + 6k.
 
     What the model takes (`model(crops, frames)`); `sample_frames(crops, offsets)` gathers the
-    same slices. For the paper's geometry this is `vctmae.clip.frame_index_tensor("crop", offsets)`.
+    same slices.
     """
-    offsets = torch.as_tensor(offsets).long().reshape(-1)
-    if (num_frames, stride) == (NUM_FRAMES, STRIDE):
-        return clip.frame_index_tensor("crop", offsets)
-    return offsets[:, None] + stride * torch.arange(num_frames, device=offsets.device)
+    return clip.frame_index_tensor("crop", offsets)
 
 
 def multiview_offsets(views: int) -> list[int]:
     """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
-    offsets = clip.view_shifts("crop")
-    if views == len(offsets):
-        return offsets
-    if views == 1:
-        return [offsets[len(offsets) // 2]]
-    raise ValueError(f"views must be 1 or {len(offsets)}, got {views}")
+    if views not in clip.VIEW_COUNTS:
+        raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
+    return clip.view_shifts("crop") if views == STRIDE else [clip.middle_shift("crop")]
 
 
 def random_offsets(
@@ -177,7 +139,7 @@ class FrameSampler:
 
     mode: `clip.FRAME_MODES` — "crop" (the paper's text: o + 6k) or "mask" (the reference's
         code: 16 frames over the mask's sagittal extent, plus its in-plane context cut).
-    flip: `FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
+    flip: `clip.FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
         "frames" (reverse the sagittal order, p = 0.5) or "none".
 
     volume: the model is a 3-D one (`ModelConfig.volume`), which reads the whole crop: no views
@@ -186,7 +148,7 @@ class FrameSampler:
 
     The model takes (crops, frames): int16 (B, S, H, W) and slice indices (B, 16). Crop mode
     without a row flip passes the stored crops and the o + 6k indices (mirroring through the
-    indices), exactly as before. When an in-plane step is needed — mask mode's context cut, the
+    indices). When an in-plane step is needed — mask mode's context cut, the
     row flip — the 16 int16 frames are gathered first, cut and flipped on the device (16 of 96
     slices: cheap), and passed as (B, 16, H, W) with indices 0..15 (`_input`: this is where the
     context cut happens). `boxes` are the batch's JSON mask boxes (B, 6), `Batch.boxes`.
@@ -208,9 +170,8 @@ class FrameSampler:
     def draw(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A micro-batch's frame randomness from the seeded CPU generator, in a fixed order.
 
-        Crop mode: "offsets" = torch.randint(0, 6) first, then "flip" = rand < 0.5 — the same
-        draws, in the same order, as the trainers made before `--frames`/`--flip` existed (the
-        former `--mirror` is `--flip frames`). Mask mode: "uniform" in [0, 1) instead of the
+        Crop mode: "offsets" = torch.randint(0, 6) first, then "flip" = rand < 0.5; the order is
+        fixed so that a seed gives the same draws in every run. Mask mode: "uniform" in [0, 1) instead of the
         offsets, turned into each sample's shift on the device (`clip.shifts_from_uniform`).
         A 3-D model: the flip flag only (nothing when `flip` is "none").
         """
@@ -259,10 +220,10 @@ class FrameSampler:
         """
         batch, device = crops.shape[0], crops.device
         if views == 1 or self.volume:
-            single = multiview_offsets(1)[0] if self.mode == "crop" else 0
+            single = clip.middle_shift(self.mode)
             shifts = torch.full((batch, 1), single, dtype=torch.long, device=device)
             return shifts, torch.ones_like(shifts, dtype=torch.bool)
-        if views != STRIDE:
+        if views not in clip.VIEW_COUNTS:
             raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
         boxes = _needed_boxes(boxes, self.mode)
         extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))

@@ -1,4 +1,4 @@
-"""vctmae.kernels — fused Triton patch embedding with a plain-torch reference (SPEC §6).
+"""vctmae.kernels — fused Triton patch embedding with a plain-torch reference.
 
 `patch_embed` picks the backend: Triton on CUDA tensors (when triton is
 installed), the torch reference elsewhere. `backend="triton"` on CPU tensors
@@ -15,11 +15,8 @@ import torch
 from vctmae.kernels.reference import (
     NUM_TOKENS,
     PATCH_DIM,
-    gather_patches,
     num_tokens,
     patch_embed_reference,
-    sample_frames_reference,
-    stride_frames,
 )
 
 BACKENDS = ("auto", "torch", "triton")
@@ -28,13 +25,10 @@ __all__ = [
     "BACKENDS",
     "NUM_TOKENS",
     "PATCH_DIM",
-    "gather_patches",
     "num_tokens",
     "patch_embed",
     "patch_embed_reference",
     "resolve_backend",
-    "sample_frames_reference",
-    "stride_frames",
     "triton_available",
 ]
 
@@ -67,9 +61,9 @@ def patch_embed(
 ) -> torch.Tensor:
     """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → patch tokens (B, L, D), or (B, K, D) with keep.
 
-    frames[b, k] is the sagittal slice of clip frame k (`stride_frames(offsets)` for the paper's
-    o + 6k, or any rule of `vctmae.clip`); weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16)
-    summed over input channels and reshaped; frames are `frame_size` square (96: L = 288 tokens,
+    frames[b, k] is the sagittal slice of clip frame k (from `vctmae.clip.frame_index_tensor`);
+    weight (D, 512) is the Conv3d weight (D, 3, 2, 16, 16) summed over input channels and
+    reshaped; frames are `frame_size` square (96: L = 288 tokens,
     t*36 + row*6 + col; 224: the slices padded centred with −1000 HU, L = 1568 tokens on an
     8 × 14 × 14 grid; default: what `pos` is a table for, else the slices' own size); keep (B, K)
     holds token indices; pos (L, D) is added when given. Differentiable w.r.t. weight, bias and

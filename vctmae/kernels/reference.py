@@ -1,4 +1,4 @@
-"""Plain-torch reference of the fused patch embedding (SPEC §6).
+"""Plain-torch reference of the fused patch embedding.
 
 The reference spells out the semantics the Triton kernel must reproduce:
 the clip's 16 frames at the given sagittal slice indices → HU clip/scale →
@@ -7,8 +7,8 @@ The frame rules themselves (`o + 6k`, mask mode, HU window, padding) are `vctmae
 
 Layout (one crop, video order): crop (S sagittal slices, H rows S→I, W = H cols A→P),
 S = H = 96 for ingest's crops; frame k of sample b = crop[frames[b, k]] for k in 0..15
-(the paper's rule: frames[b, k] = o_b + 6k, `stride_frames`). Frames are F × F with
-F = the frame size: 96 (the paper's format, no padding) or 224 (Table 2 row 5: the
+(the paper's rule: frames[b, k] = o_b + 6k, `vctmae.clip.frame_index_tensor`). Frames are
+F × F with F = the frame size: 96 (the paper's format, no padding) or 224 (Table 2 row 5: the
 96² slices padded centred with −1000 HU, i.e. 0 after scaling). Token index
 t·g² + row·g + col over the (8, g, g) grid of 2×16×16 tubes, g = F / 16 (6 or 14:
 288 or 1568 tokens); patch vector index (u, p, q) row-major = u*256 + p*16 + q (frame
@@ -25,19 +25,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vctmae import clip
-from vctmae.clip import CROP_SIZE, NUM_FRAMES, STRIDE
+from vctmae.clip import CROP_SIZE, NUM_FRAMES, clip_frames
 
-FRAME_STRIDE = STRIDE
 TUBE = 2
 PATCH = 16
 GRID_T = NUM_FRAMES // TUBE  # 8
 GRID_HW = CROP_SIZE // PATCH  # 6 for the paper's 96² frames
 NUM_TOKENS = GRID_T * GRID_HW * GRID_HW  # 288 for 96² frames
 PATCH_DIM = TUBE * PATCH * PATCH  # 512
-HU_MIN = clip.HU_MIN
-HU_MAX = clip.HU_MAX
-MAX_OFFSET = CROP_SIZE - FRAME_STRIDE * (NUM_FRAMES - 1)  # offsets in [0, 6)
 
 
 def num_tokens(frame_size: int) -> int:
@@ -62,42 +57,6 @@ def frame_size_of(
     return int(crops.shape[-1])
 
 
-def stride_frames(offsets: torch.Tensor) -> torch.Tensor:
-    """The paper's frame rule as slice indices: offsets (B,) → (B, 16) = o + 6k
-    (`vctmae.clip.frame_index_tensor("crop", offsets)`)."""
-    return clip.frame_index_tensor("crop", offsets)
-
-
-def sample_frames_reference(
-    crops: torch.Tensor, frames: torch.Tensor, frame_size: int | None = None
-) -> torch.Tensor:
-    """int16 crops (B, S, H, H) + slice indices (B, 16) → float32 clips (B, 1, 16, F, F) in [0, 1]
-    (F = `frame_size`, default H; larger frames are padded centred with 0 = −1000 HU)."""
-    clips = clip.scale_hu(clip.gather_slices(crops, frames))  # (B, 16, H, H)
-    size = crops.shape[-1] if frame_size is None else frame_size
-    clips = clip.pad_frames(clips, size, clip.PAD_SCALED)
-    return clips.unsqueeze(1)  # (B, 1, 16, F, F)
-
-
-def gather_patches(
-    crops: torch.Tensor,
-    frames: torch.Tensor,
-    keep: torch.Tensor | None = None,
-    frame_size: int | None = None,
-) -> torch.Tensor:
-    """The patch vectors the kernel multiplies: (B, L, 512), or (B, K, 512) with `keep`."""
-    clips = sample_frames_reference(crops, frames, frame_size)[:, 0]  # (B, 16, F, F)
-    batch, side = clips.shape[0], clips.shape[-1] // PATCH
-    patches = clips.reshape(batch, GRID_T, TUBE, side, PATCH, side, PATCH)  # (B, t, u, r, p, c, q)
-    patches = patches.permute(0, 1, 3, 5, 2, 4, 6)  # (B, t, r, c, u, p, q)
-    patches = patches.reshape(batch, GRID_T * side * side, PATCH_DIM)  # (B, L, 512)
-    if keep is not None:
-        patches = patches.gather(
-            1, keep.long()[:, :, None].expand(-1, -1, PATCH_DIM)
-        )  # (B, K, 512)
-    return patches
-
-
 def patch_embed_reference(
     crops: torch.Tensor,
     frames: torch.Tensor,
@@ -114,7 +73,7 @@ def patch_embed_reference(
     """
     dim = weight.shape[0]
     size = frame_size_of(crops, pos, frame_size)
-    clips = sample_frames_reference(crops, frames, size)  # (B, 1, 16, F, F)
+    clips = clip_frames(crops, frames, size)  # (B, 1, 16, F, F)
     tokens = F.conv3d(
         clips, weight.reshape(dim, 1, TUBE, PATCH, PATCH), bias, stride=(TUBE, PATCH, PATCH)
     )

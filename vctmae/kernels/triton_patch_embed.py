@@ -1,4 +1,4 @@
-"""Fused Triton patch embedding: int16 crops → patch tokens in one kernel (SPEC §6).
+"""Fused Triton patch embedding: int16 crops → patch tokens in one kernel.
 
 Forward (`_patch_embed_fwd_kernel`): each program owns a (BLOCK_M tokens ×
 BLOCK_N channels) output tile. Tokens are rows r = b*K + j of the flattened
@@ -45,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-# The kernels spell out the fixed constants (16 frames, HU window [-1000, 1000], 2x16x16 tubes)
-# because tl.constexpr globals differ across Triton versions; vctmae.clip and reference.py name
-# them. The crop and frame geometry arrive as constexpr arguments.
+# The kernels spell out the fixed geometry (16 frames, 2x16x16 tubes) because tl.constexpr
+# globals differ across Triton versions; reference.py names it. The HU window, the pad value and
+# the crop and frame geometry arrive as constexpr arguments, the HU ones from vctmae.clip.
+from vctmae.clip import HU_MAX, HU_MIN, PAD_HU
 from vctmae.kernels.reference import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -75,13 +76,17 @@ def _patch_tile(
     SLICES: tl.constexpr,
     CROP: tl.constexpr,
     FRAME: tl.constexpr,
+    HU_MIN: tl.constexpr,
+    HU_MAX: tl.constexpr,
+    PAD_HU: tl.constexpr,
 ):
     """Gather a (BLOCK_M, BLOCK_K) tile of scaled patch values.
 
     batch/token: (BLOCK_M,) per row; frames_ptr: the (B, 16) sagittal slice of each
     clip frame; k: (BLOCK_K,) indices into the 512-long patch vector laid out
     (u, p, q) = (frame in tube, row, column). crops are (B, SLICES, CROP, CROP); frames
-    FRAME × FRAME, the slice centred in them.
+    FRAME × FRAME, the slice centred in them, the rest PAD_HU. HU values are clipped to
+    [HU_MIN, HU_MAX] and mapped linearly to [0, 1].
     """
     GRID: tl.constexpr = FRAME // 16
     PAD: tl.constexpr = (FRAME - CROP) // 2
@@ -105,10 +110,10 @@ def _patch_tile(
         batch.to(tl.int64)[:, None] * (SLICES * CROP * CROP) + sagittal * (CROP * CROP)
         + row * CROP + col
     )  # fmt: skip
-    # A padded voxel reads −1000 HU (vctmae.clip.PAD_HU), 0 after scaling.
-    hu = tl.load(crops_ptr + address, mask=mask, other=-1000).to(tl.float32)
-    hu = tl.minimum(tl.maximum(hu, -1000.0), 1000.0)
-    return (hu + 1000.0) / 2000.0
+    # A padded voxel reads PAD_HU.
+    hu = tl.load(crops_ptr + address, mask=mask, other=PAD_HU).to(tl.float32)
+    hu = tl.minimum(tl.maximum(hu, HU_MIN), HU_MAX)
+    return (hu - HU_MIN) / (HU_MAX - HU_MIN)
 
 
 # num_rows/n_keep vary with batch and mask ratio; not specialising on them saves recompiles.
@@ -127,6 +132,9 @@ def _patch_embed_fwd_kernel(
     SLICES: tl.constexpr,
     CROP: tl.constexpr,
     FRAME: tl.constexpr,
+    HU_MIN: tl.constexpr,
+    HU_MAX: tl.constexpr,
+    PAD_HU: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     HAS_POS: tl.constexpr,
     DOT_BF16: tl.constexpr,
@@ -146,7 +154,18 @@ def _patch_embed_fwd_kernel(
     for k0 in range(0, 512, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         patches = _patch_tile(
-            crops_ptr, frames_ptr, batch, token, row_mask, k, SLICES, CROP, FRAME
+            crops_ptr,
+            frames_ptr,
+            batch,
+            token,
+            row_mask,
+            k,
+            SLICES,
+            CROP,
+            FRAME,
+            HU_MIN,
+            HU_MAX,
+            PAD_HU,
         )  # (BLOCK_M, BLOCK_K)
         w = tl.load(
             weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0
@@ -178,6 +197,9 @@ def _patch_embed_grad_weight_kernel(
     SLICES: tl.constexpr,
     CROP: tl.constexpr,
     FRAME: tl.constexpr,
+    HU_MIN: tl.constexpr,
+    HU_MAX: tl.constexpr,
+    PAD_HU: tl.constexpr,
     HAS_KEEP: tl.constexpr,
     DOT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -200,7 +222,18 @@ def _patch_embed_grad_weight_kernel(
         row_mask = rows < num_rows
         batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
         patches = _patch_tile(
-            crops_ptr, frames_ptr, batch, token, row_mask, k, SLICES, CROP, FRAME
+            crops_ptr,
+            frames_ptr,
+            batch,
+            token,
+            row_mask,
+            k,
+            SLICES,
+            CROP,
+            FRAME,
+            HU_MIN,
+            HU_MAX,
+            PAD_HU,
         )  # (BLOCK_M, BLOCK_K)
         grad_t = tl.load(
             grad_ptr + rows.to(tl.int64)[None, :] * dim + cols[:, None],
@@ -286,6 +319,9 @@ def _launch_forward(
         SLICES=crops.shape[1],
         CROP=crops.shape[2],
         FRAME=frame_size,
+        HU_MIN=HU_MIN,
+        HU_MAX=HU_MAX,
+        PAD_HU=PAD_HU,
         HAS_KEEP=keep is not None,
         HAS_POS=pos is not None,
         DOT_BF16=dot_bf16,
@@ -329,6 +365,9 @@ def _launch_grad_weight(
         SLICES=crops.shape[1],
         CROP=crops.shape[2],
         FRAME=frame_size,
+        HU_MIN=HU_MIN,
+        HU_MAX=HU_MAX,
+        PAD_HU=PAD_HU,
         HAS_KEEP=keep is not None,
         DOT_BF16=dot_bf16,
         BLOCK_M=cfg.block_m,

@@ -21,7 +21,6 @@ from vctmae.model.config import (
     vit_small,
     vit_tiny,
 )
-from vctmae.model.crops import clip_frames
 from vctmae.model.explain import attention_maps
 from vctmae.model.masking import Masking, random_masking, visible_count
 from vctmae.model.vit import (
@@ -54,7 +53,6 @@ __all__ = [
     "VideoViT",
     "build_classifier",
     "build_mae",
-    "clip_frames",
     "patchify",
     "preset_config",
     "random_masking",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vctmae.clip import COMBINE_MODES, FRAME_MODES, REFERENCE_LEVELS, VIEW_COUNTS
+from vctmae.clip import COMBINE_MODES, FLIPS, FRAME_MODES, REFERENCE_LEVELS, VIEW_COUNTS
 from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
 from vctmae.flags import config_fields, flag
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from vctmae.model.config import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
-# Frame rules and flips: `vctmae.data.frames.FLIPS` is spelt here too (this module must not
-# import torch; a test keeps them equal).
-FLIPS = ("rows", "frames", "none")
 COMBINE = COMBINE_MODES
 # Frame sizes: the paper's 96² format, or the video format 224² (Table 2 row 5).
 FRAME_SIZES = (96, 224)
