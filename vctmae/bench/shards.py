@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.ingest.writers import ShardWriter, npy_bytes
 
 # A sample: (key, int16 crop, class or None for an unlabelled one).
@@ -27,9 +28,9 @@ def sample_members(key: str, crop: np.ndarray, label: int | None) -> list[tuple[
     """`KEY.crop.npy`, `KEY.json` (key and level — the key's last `_` part, as ingest names
     keys) and, for a labelled sample, `KEY.cls`."""
     meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
-    members = [("crop.npy", npy_bytes(crop)), ("json", json.dumps(meta).encode())]
+    members = [(CROP_MEMBER, npy_bytes(crop)), (META_MEMBER, json.dumps(meta).encode())]
     if label is not None:
-        members.append(("cls", str(int(label)).encode()))
+        members.append((CLASS_MEMBER, str(int(label)).encode()))
     return members
 
 

@@ -7,7 +7,7 @@ The public names load their module on first use (PEP 562), so importing
 from vctmae.lazy import lazy_exports
 
 _EXPORTS = {
-    "Batch": "loader",
+    "Batch": "batch",
     "DevicePrefetcher": "loader",
     "ShardLoader": "loader",
     "LoaderOptions": "options",

@@ -1,21 +1,13 @@
 """DALI backend (optional `[dali]` extra): DALI's webdataset reader + numpy decoder, same Batch out.
 
-`dali_batches(loader)` serves a ShardLoader with `backend="dali"`: the reader
+`dali_batches` serves a ShardLoader with `backend="dali"`: the reader
 splits samples across ranks (`shard_id=rank`, `num_shards=world_size`,
 `stick_to_shard` so evaluation sees each sample exactly once across ranks),
 decodes the `.npy` crops to int16 (CPU operator), and on a GPU moves them to the
 device inside the graph. The pipeline is rebuilt per epoch so the shuffle is
-reseeded from (seed, epoch). DALI does its own threading, so `num_workers` is
-its thread count.
-
-`frames_pipeline` is the same reader followed by the frame gather and HU scaling
-in the DALI graph (on the GPU when there is one) — identical to
-`sample_frames(crops, offsets)`, or, given per-sample frame indices (B × 16, any
-rule of `vctmae.clip`, e.g. mask mode's), to gathering those slices. Two traps of
-DALI 2.4.0 shape it: strided slicing (`vol[o::6]`) silently returns consecutive
-rows for samples larger than ~100k elements, so each frame is taken by its own
-per-sample index (`vol[index_k]`); and `fn.random.uniform(range=[0, 6],
-dtype=INT32)` can return 6, so offsets are drawn with `values=`.
+reseeded from (seed, epoch). DALI does its own threading, so the loader's worker
+count is its thread count. Frames are made from the crops afterwards, as for the torch
+backend.
 
 Batches carry each sample's mask box (`Batch.boxes`) looked up by key in the
 loader's shard index, as the torch backend's do.
@@ -23,19 +15,15 @@ loader's shard index, as the torch backend's do.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vctmae.clip import HU_MAX, HU_MIN, NUM_FRAMES, STRIDE
-from vctmae.data.loader import Batch
-from vctmae.data.shards import CLASS_EXT, CROP_EXT, split_member_name
+from vctmae.clip import CLASS_MEMBER, CROP_MEMBER
+from vctmae.data.batch import Batch
+from vctmae.data.shards import ShardIndex, split_member_name
 from vctmae.errors import VctmaeError
-
-if TYPE_CHECKING:
-    from vctmae.data.loader import ShardLoader
 
 # source_info ("<tar>:<offset>:<member>") padded to a fixed width so batches are dense
 _INFO_BYTES = 512
@@ -77,7 +65,7 @@ def _reader(
 ):
     crop, label = fn.readers.webdataset(
         paths=list(shards),
-        ext=[CROP_EXT, CLASS_EXT],
+        ext=[CROP_MEMBER, CLASS_MEMBER],
         missing_component_behavior="empty",
         name="reader",
         shard_id=rank,
@@ -117,35 +105,50 @@ def _keys_and_labels(info: torch.Tensor, label: torch.Tensor) -> tuple[list[str]
     return keys, torch.tensor(labels, dtype=torch.int64)
 
 
-def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
-    """Batches for `loader` (a ShardLoader with backend='dali'), as the torch backend yields them."""
+def dali_batches(
+    indexes: Sequence[ShardIndex],
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    threads: int,
+    prefetch: int,
+    shuffle_buffer: int,
+    device: torch.device,
+    batches: int,
+) -> Iterator[Batch]:
+    """This rank's `batches` batches of one epoch over the shards of `indexes`, on `device`, as
+    the torch backend yields them (`dali_length` gives their number)."""
     dali = _require_dali()
     from nvidia.dali import fn
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    device_id = _device_id(loader.device)
+    device_id = _device_id(device)
 
     @dali.pipeline_def(
-        batch_size=loader.batch_size,
-        num_threads=max(1, loader.num_workers),
+        batch_size=batch_size,
+        num_threads=threads,
         device_id=device_id,
-        prefetch_queue_depth=max(2, loader.prefetch),
+        prefetch_queue_depth=max(2, prefetch),
     )
     def pipeline():
         crops, label, info = _reader(
             fn,
-            [index.path for index in loader.indexes],
-            training=loader.training,
-            seed=_epoch_seed(loader.seed, loader.epoch),
-            rank=loader.rank,
-            world_size=loader.world_size,
-            shuffle_buffer=loader._stream.shuffle_buffer,
+            [index.path for index in indexes],
+            training=training,
+            seed=_epoch_seed(seed, epoch),
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=shuffle_buffer,
         )
         return (crops.gpu() if device_id is not None else crops), label, info
 
     pipe = pipeline()
     pipe.build()
-    policy = LastBatchPolicy.DROP if loader.training else LastBatchPolicy.PARTIAL
+    policy = LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL
     iterator = DALIGenericIterator(
         pipe,
         ["crops", "label", "info"],
@@ -153,16 +156,13 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
         last_batch_policy=policy,
         auto_reset=False,
     )
-    limit = dali_length(loader)
     boxes_by_key = {
-        key: box
-        for index in loader.indexes
-        for key, box in zip(index.keys, index.boxes, strict=True)
+        key: box for index in indexes for key, box in zip(index.keys, index.boxes, strict=True)
     }
     served = 0
     for outputs in iterator:
         data = outputs[0]
-        if served == limit:
+        if served == batches:
             break
         if len(data["crops"]) == 0:
             continue
@@ -172,77 +172,12 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
         served += 1
 
 
-def dali_length(loader: ShardLoader) -> int:
+def dali_length(
+    num_samples: int, *, rank: int, world_size: int, batch_size: int, training: bool
+) -> int:
     """Batches per epoch on this rank: DALI splits samples contiguously by rank, not by worker."""
-    total, ranks, rank, batch = (
-        loader.num_samples,
-        loader.world_size,
-        loader.rank,
-        loader.batch_size,
-    )
-    if loader.training:
-        return total // ranks // batch  # the smallest rank's count, so all ranks agree (drop_last)
-    mine = (rank + 1) * total // ranks - rank * total // ranks
-    return -(-mine // batch)
-
-
-def frames_pipeline(
-    shards: Sequence[str],
-    *,
-    batch_size: int,
-    training: bool = False,
-    seed: int = 0,
-    num_threads: int = 2,
-    device_id: int | None = None,
-    offset: int | None = None,
-    frame_indices: Callable[[], Sequence[np.ndarray]] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle_buffer: int = 256,
-):
-    """A built DALI pipeline: outputs (crops int16, offsets int32 — or the frame indices —,
-    frames float32 (1, 16, H, W), label, info).
-
-    Frames are gathered per sample at its own 16 slice indices:
-    - `frame_indices` given: a callable returning, per iteration, one int (16,) array per sample
-      of the batch (e.g. from `vctmae.clip.frame_index_tensor`); the second output is those
-      indices;
-    - else the paper's rule o + 6k, with `offset` fixing every sample's offset (evaluation
-      views) or None drawing one of 0..5 per sample; the second output is the offsets.
-    """
-    dali = _require_dali()
-    from nvidia.dali import fn, types
-
-    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id)
-    def pipeline():
-        crops, label, info = _reader(
-            fn,
-            shards,
-            training=training,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            shuffle_buffer=shuffle_buffer,
-        )
-        if frame_indices is not None:
-            chosen = fn.external_source(source=frame_indices, batch=True, dtype=types.INT32)
-            per_frame = [chosen[k] for k in range(NUM_FRAMES)]
-        else:
-            if offset is None:
-                chosen = fn.random.uniform(
-                    values=list(range(STRIDE)), dtype=types.INT32, seed=seed + 1
-                )
-            else:
-                chosen = fn.constant(idata=[int(offset)], shape=[], dtype=types.INT32)
-            per_frame = [chosen + STRIDE * k for k in range(NUM_FRAMES)]
-        volume = fn.reshape(crops.gpu() if device_id is not None else crops, layout="FHW")
-        # One per-sample index per frame (never a strided slice: see the module docstring).
-        frames = fn.stack(*[volume[index] for index in per_frame])  # (16, H, W)
-        frames = fn.cast(frames, dtype=types.FLOAT)
-        frames = (dali.math.clamp(frames, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
-        frames = fn.expand_dims(frames, axes=[0])  # (1, 16, H, W)
-        return crops, chosen, frames, label, info
-
-    pipe = pipeline()
-    pipe.build()
-    return pipe
+    if training:
+        # The smallest rank's count, so all ranks agree (drop_last).
+        return num_samples // world_size // batch_size
+    mine = (rank + 1) * num_samples // world_size - rank * num_samples // world_size
+    return -(-mine // batch_size)

@@ -32,6 +32,7 @@ __all__ = [
     "sample_frames",
 ]
 
+
 def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The paper's frames `crop[o + 6k]`, k < 16, as the model's input: float32 (B, 1, 16, H, W).
 

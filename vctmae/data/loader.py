@@ -1,4 +1,4 @@
-"""Streaming loader: shards → int16 batches in worker processes → pinned → device (SPEC §4).
+"""Streaming loader: shards → int16 batches in worker processes → pinned → device.
 
 Chain: shard list → index (tar + .npy headers, once) → epoch plan (shard order,
 rank/worker split) → buffer shuffle → batches of int16 crops read straight from
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vctmae.data.options import BACKENDS
+from vctmae.data.batch import BACKENDS, CACHES, Batch
 from vctmae.data.shards import (
     ShardError,
     ShardIndex,
@@ -72,34 +72,6 @@ from vctmae.data.shards import (
 )
 
 _PREFETCH_FACTOR = 2  # batches each worker process reads ahead
-
-
-@dataclass(frozen=True)
-class Batch:
-    """int16 crops (B, 96, 96, 96), int64 labels (B,) (−1 = unlabeled), the samples' keys, and
-    their mask boxes: int64 (B, 6), each sample's JSON `bbox` (`ShardIndex.boxes`; what
-    `--frames mask` needs), or None where a source has none."""
-
-    crops: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-    boxes: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def pin_memory(self, device: str | None = None) -> Batch:  # called by DataLoader's pin thread
-        boxes = None if self.boxes is None else self.boxes.pin_memory()
-        return Batch(self.crops.pin_memory(), self.labels.pin_memory(), self.keys, boxes)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        boxes = None if self.boxes is None else self.boxes.to(device, non_blocking=non_blocking)
-        return Batch(
-            self.crops.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.keys,
-            boxes,
-        )
 
 
 # ----------------------------------------------------------------------------- epoch plan
@@ -236,7 +208,9 @@ class _CropStream(IterableDataset):
         )
         return -(-len(parts[rank]) // self.batch_size)
 
-    def _read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
+    def read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
+        """Read the crops of samples `chunk` into the int16 array `out`, opening shards into
+        `files` (shard number → file descriptor; the caller closes them)."""
         for row, sample in enumerate(chunk):
             shard = int(self.shard_of[sample])
             if shard not in files:
@@ -264,13 +238,13 @@ class _CropStream(IterableDataset):
                 keys = [self.keys[i] for i in chunk]
                 if self.ring is not None and info is not None:
                     slot = self.ring.acquire(worker)
-                    self._read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
+                    self.read_into(chunk, self.ring.crops[worker, slot].numpy(), files)
                     yield _SlotBatch(worker, slot, labels, keys, boxes)
                 else:
                     crops = torch.empty(
                         (len(chunk), *self.shape), dtype=torch.int16, pin_memory=self.pin
                     )
-                    self._read_into(chunk, crops.numpy(), files)
+                    self.read_into(chunk, crops.numpy(), files)
                     yield Batch(crops, torch.from_numpy(labels), keys, torch.from_numpy(boxes))
         finally:
             for fd in files.values():
@@ -528,7 +502,13 @@ class ShardLoader:
             from vctmae.data.dali import _require_dali, dali_length
 
             _require_dali()  # a clear one-line error now, not at the first iteration
-            self._length = dali_length(self)
+            self._length = dali_length(
+                self.num_samples,
+                rank=self.rank,
+                world_size=self.world_size,
+                batch_size=batch_size,
+                training=training,
+            )
         self._workers: DataLoader | None = None
         self._served = 0  # batches of the current epoch handed out (for state_dict)
         self._resume = False
@@ -541,9 +521,18 @@ class ShardLoader:
                 )
             from vctmae.data.cache import DeviceCache
 
-            self._cache = DeviceCache(self._stream, self.device, where=shard_label(self.shards))
-        elif cache != "none":
-            raise ValueError(f"cache must be 'none' or 'device', got {cache!r}")
+            stream = self._stream
+            self._cache = DeviceCache(
+                keys=stream.keys,
+                labels=stream.labels,
+                boxes=stream.boxes,
+                shape=stream.shape,
+                read_into=stream.read_into,
+                device=self.device,
+                where=shard_label(self.shards),
+            )
+        elif cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
 
     def close(self) -> None:
         """Stop the worker processes and free the batch ring (garbage collection does it too)."""
@@ -578,7 +567,20 @@ class ShardLoader:
         if self.backend == "dali":
             from vctmae.data.dali import dali_batches
 
-            return dali_batches(self)
+            return dali_batches(
+                self.indexes,
+                batch_size=self.batch_size,
+                training=self.training,
+                seed=self.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                threads=max(1, self.num_workers),
+                prefetch=self.prefetch,
+                shuffle_buffer=self._stream.shuffle_buffer,
+                device=self.device,
+                batches=self._length,
+            )
         if self.num_workers == 0:
             return iter(self._stream)
         if self._workers is None:  # persistent: worker start-up is paid once, not every epoch
@@ -619,7 +621,8 @@ class ShardLoader:
             self._stream.start.zero_()
             self._served = 0
         if self._cache is not None:
-            batches: Iterable[Batch] = self._cache.batches(self.rank, int(self._stream.start))
+            plan = self._stream.plan(self.rank)[int(self._stream.start) :]
+            batches: Iterable[Batch] = self._cache.batches(plan)
         else:
             batches = DevicePrefetcher(self._host_batches(), self.device, depth=self.prefetch)
         for batch in batches:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vctmae.clip import REFERENCE_LEVELS
+from vctmae.data.batch import BACKENDS, CACHES
 from vctmae.errors import UsageError
 from vctmae.flags import flag
 
@@ -16,14 +17,12 @@ if TYPE_CHECKING:
     from vctmae.data.loader import ShardLoader
 
 # Torch-free on purpose: the command line imports this module to build its options.
-BACKENDS = ("torch", "dali")
 LEVELS_HELP = (
     "Vertebra levels to use, by each sample's JSON `level`: all, or a list/ranges such as "
     f"{REFERENCE_LEVELS}. Default: pretrain all (the reference filters nothing); finetune "
     f"{REFERENCE_LEVELS}, the reference's finetuning set (VerSe 8-25, T13 out); eval the levels "
     "the checkpoint was finetuned on."
 )
-CACHES = ("none", "device")
 
 
 @dataclass(frozen=True, kw_only=True)

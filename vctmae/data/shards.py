@@ -35,9 +35,6 @@ import numpy as np
 from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.errors import VctmaeError
 
-CROP_EXT = CROP_MEMBER
-CLASS_EXT = CLASS_MEMBER
-META_EXT = META_MEMBER
 # A sample whose JSON has no `bbox` gets this box (and no level: None): usable in crop mode and
 # with `--levels all`, refused by `--frames mask` and a level filter (`check_metadata`).
 NO_BOX = (-1, -1, -1, -1, -1, -1)
@@ -277,11 +274,11 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                     key, ext = split_member_name(member.name)
                     if key not in crops and key not in classes:
                         order.append(key)
-                    if ext == CROP_EXT:
+                    if ext == CROP_MEMBER:
                         crops[key] = (member.offset_data, member.size, member.name)
-                    elif ext == CLASS_EXT:
+                    elif ext == CLASS_MEMBER:
                         classes[key] = (member.offset_data, member.size)
-                    elif ext == META_EXT:
+                    elif ext == META_MEMBER:
                         metas[key] = (member.offset_data, member.size)
         except tarfile.TarError as error:
             raise ShardError(path, f"not a readable tar archive ({error})") from None
@@ -298,7 +295,7 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         for key in order:
             try:
                 if key not in crops:
-                    raise ShardError(path, f"sample {key} has no .{CROP_EXT}")
+                    raise ShardError(path, f"sample {key} has no .{CROP_MEMBER}")
                 start, length, name = crops[key]
                 head = os.pread(fd, min(length, 4096), start)
                 try:
@@ -322,11 +319,13 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                     )
                     if not text.lstrip("-").isdigit():
                         raise ShardError(
-                            path, f"{key}.{CLASS_EXT}: not an integer class ({text!r})"
+                            path, f"{key}.{CLASS_MEMBER}: not an integer class ({text!r})"
                         )
                     label = int(text)
                     if not _INT64.min <= label <= _INT64.max:
-                        raise ShardError(path, f"{key}.{CLASS_EXT}: class {text} is out of range")
+                        raise ShardError(
+                            path, f"{key}.{CLASS_MEMBER}: class {text} is out of range"
+                        )
                 box, level = NO_BOX, None
                 if key in metas:
                     box, level = _read_metadata(path, fd, key, *metas[key])
@@ -357,7 +356,7 @@ def _read_metadata(
     path: str, fd: int, key: str, offset: int, size: int
 ) -> tuple[tuple[int, ...], str | None]:
     """(bbox, level) of one sample's JSON; NO_BOX / None for a field it does not have."""
-    name = f"{key}.{META_EXT}"
+    name = f"{key}.{META_MEMBER}"
     try:
         meta = json.loads(os.pread(fd, size, offset))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -525,6 +524,6 @@ def iter_raw(shards: Sequence[str]):
     for path in shards:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                if member.isfile() and member.name.endswith("." + CROP_EXT):
+                if member.isfile() and member.name.endswith("." + CROP_MEMBER):
                     data = tar.extractfile(member).read()
                     yield split_member_name(member.name)[0], decode_npy(data)

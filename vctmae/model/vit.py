@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vctmae.model.config import ModelConfig, preset_config
 from vctmae.clip import clip_frames, volume_voxels
+from vctmae.model.config import ModelConfig, preset_config
 from vctmae.model.masking import draw_noise, gather_tokens, random_masking
 
 LAYER_NORM_EPS = 1e-6
