@@ -1,11 +1,11 @@
 """The clip rules, defined once: how an int16 vertebra crop becomes the 16 frames the model sees.
 
-A leaf module (torch and the standard library only, nothing from vctmae) so that
-`data`, `model`, `kernels` and the DALI backend can all import it. Crop layout
-(SPEC §2): axis 0 = sagittal slice, left → right (the frame axis); axis 1 =
+A leaf module (torch and the standard library only, nothing from vctmae; torch only inside the
+functions) so that ingest, the command line, `data`, `model` and `kernels` can all import it.
+Crop layout: axis 0 = sagittal slice, left → right (the frame axis); axis 1 =
 superior → inferior (frame rows); axis 2 = anterior → posterior (frame columns).
 
-Two frame rules (`--frames`, SPEC §4):
+Two frame rules (`--frames`):
 
 - ``"crop"`` (the paper's text, §3 "Slice Sampling"): 16 equidistant sagittal
   slices with stride 6 = 96 / 16, frames ``crop[o + 6k]``, k = 0..15. Training
@@ -64,7 +64,7 @@ FLIPS: tuple[str, ...] = ("rows", "frames", "none")
 # CenterSpatialCropD then the same linspace rule, transforms.py:201-203).
 FULL_EXTENT: tuple[int, int] = (0, CROP_SIZE - 1)
 
-# WebDataset shard members of one sample: KEY.crop.npy, KEY.json, KEY.cls (SPEC §2).
+# WebDataset shard members of one sample: KEY.crop.npy, KEY.json, KEY.cls.
 CROP_MEMBER = "crop.npy"
 META_MEMBER = "json"
 CLASS_MEMBER = "cls"

@@ -27,21 +27,7 @@ _EXPORTS = {
     "offset_frames": "frames",
     "random_offsets": "frames",
     "sample_frames": "frames",
-    # The frame API: the clip rules of `vctmae.clip`.
-    "FRAME_MODES": "vctmae.clip",
-    "MAX_VIEWS": "vctmae.clip",
-    "context_cut": "vctmae.clip",
-    "draw_train_shifts": "vctmae.clip",
-    "extent_from_bbox": "vctmae.clip",
-    "extents_from_boxes": "vctmae.clip",
-    "frame_index_tensor": "vctmae.clip",
-    "frame_indices": "vctmae.clip",
-    "shifts_from_uniform": "vctmae.clip",
-    "train_shifts": "vctmae.clip",
-    "view_shift_table": "vctmae.clip",
-    "view_shifts": "vctmae.clip",
     "ZarrCrops": "zarr_store",
-    "read_manifest": "zarr_store",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

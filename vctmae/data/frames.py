@@ -47,13 +47,11 @@ def check_crop_shape(
     *,
     where: str,
     image_size: int = CROP_SIZE,
-    num_frames: int = NUM_FRAMES,
-    stride: int = STRIDE,
     volume: bool = False,
 ) -> None:
     """Refuse crops the model cannot read, before training or evaluation starts.
 
-    Video model: the sagittal depth must hold `num_frames` frames `stride` apart, and each slice
+    Video model: the sagittal depth must hold NUM_FRAMES frames STRIDE apart, and each slice
     must be square and fit the model's `image_size` frames (smaller slices are padded to it with
     −1000 HU, `--frame-size`). 3-D model (`volume`): the crop must be the cube image_size³ it
     reads whole. Raises ShardError naming `where` (a shard).
@@ -71,11 +69,12 @@ def check_crop_shape(
             )
         return
     depth, height, width = shape
-    if (num_frames - 1) * stride >= depth:
+    needed = (NUM_FRAMES - 1) * STRIDE + 1
+    if depth < needed:
         raise ShardError(
             where,
-            f"crops of shape {shape}: {num_frames} frames × stride {stride} do not fit {depth} "
-            f"slices (at least {(num_frames - 1) * stride + 1} needed); ingest with --size {image_size}",
+            f"crops of shape {shape}: {NUM_FRAMES} frames × stride {STRIDE} do not fit {depth} "
+            f"slices (at least {needed} needed); ingest with --size {image_size}",
         )
     if height != width or height > image_size:
         raise ShardError(
