@@ -39,7 +39,7 @@ def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     crops: int16 (B, 96, H, W) in video order (axis 0 = sagittal slice); offsets: integer (B,),
     each in [0, 6).
     """
-    return clip.clip_frames(crops, offset_frames(offsets.to(crops.device)))
+    return clip.clip_frames(crops, clip.frame_index_tensor("crop", offsets, device=crops.device))
 
 
 def check_crop_shape(

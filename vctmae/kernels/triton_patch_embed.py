@@ -153,20 +153,11 @@ def _patch_embed_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, 512, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
+        # A (BLOCK_M, BLOCK_K) tile of scaled patch values.
         patches = _patch_tile(
-            crops_ptr,
-            frames_ptr,
-            batch,
-            token,
-            row_mask,
-            k,
-            SLICES,
-            CROP,
-            FRAME,
-            HU_MIN,
-            HU_MAX,
-            PAD_HU,
-        )  # (BLOCK_M, BLOCK_K)
+            crops_ptr, frames_ptr, batch, token, row_mask, k,
+            SLICES, CROP, FRAME, HU_MIN, HU_MAX, PAD_HU,
+        )  # fmt: skip
         w = tl.load(
             weight_ptr + cols[None, :] * 512 + k[:, None], mask=col_mask[None, :], other=0.0
         )
@@ -221,20 +212,11 @@ def _patch_embed_grad_weight_kernel(
         rows = start + block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
         batch, token = _token_coordinates(keep_ptr, rows, row_mask, n_keep, HAS_KEEP)
+        # A (BLOCK_M, BLOCK_K) tile of scaled patch values.
         patches = _patch_tile(
-            crops_ptr,
-            frames_ptr,
-            batch,
-            token,
-            row_mask,
-            k,
-            SLICES,
-            CROP,
-            FRAME,
-            HU_MIN,
-            HU_MAX,
-            PAD_HU,
-        )  # (BLOCK_M, BLOCK_K)
+            crops_ptr, frames_ptr, batch, token, row_mask, k,
+            SLICES, CROP, FRAME, HU_MIN, HU_MAX, PAD_HU,
+        )  # fmt: skip
         grad_t = tl.load(
             grad_ptr + rows.to(tl.int64)[None, :] * dim + cols[:, None],
             mask=row_mask[None, :] & col_mask[:, None],
