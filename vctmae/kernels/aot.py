@@ -44,20 +44,26 @@ def kernel_variants(
 
     `include_fp32` adds the fp32-dot check path (slow to compile: ~30 s a kernel on 2 cores).
     """
-    from vctmae.kernels.triton_patch_embed import forward_config, grad_weight_config
+    from vctmae.kernels.triton_patch_embed import (
+        HU_CONSTEXPRS,
+        forward_config,
+        grad_weight_config,
+    )
 
     fwd_cfg, bwd_cfg = forward_config(dim), grad_weight_config(dim)
     fwd_signature = {
         "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "weight_ptr": "*fp32",
         "bias_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32",
         "dim": "i32", "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr",
-        "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
+        "HU_MIN": "constexpr", "HU_MAX": "constexpr", "PAD_HU": "constexpr", "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
     }  # fmt: skip
     bwd_signature = {
         "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "grad_ptr": "*fp32",
         "partial_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32", "dim": "i32",
-        "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr", "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+        "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr", "HU_MIN": "constexpr",
+        "HU_MAX": "constexpr", "PAD_HU": "constexpr", "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "BLOCKS_PER_SPLIT": "constexpr",
     }  # fmt: skip
     fwd_tiles = {"BLOCK_M": fwd_cfg.block_m, "BLOCK_N": fwd_cfg.block_n, "BLOCK_K": fwd_cfg.block_k}
@@ -68,7 +74,7 @@ def kernel_variants(
     )
     grad_cases = [(True, True)] + ([(False, False)] if include_fp32 else [])
     for frame in frame_sizes:
-        geometry = {"SLICES": 96, "CROP": 96, "FRAME": frame}
+        geometry = {"SLICES": 96, "CROP": 96, "FRAME": frame, **HU_CONSTEXPRS}
         for keep, pos, bf16 in forward_cases:
             variants.append(
                 KernelVariant(

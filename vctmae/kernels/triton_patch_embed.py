@@ -52,6 +52,8 @@ from vctmae.clip import HU_MAX, HU_MIN, PAD_HU
 from vctmae.kernels.reference import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The constexpr arguments that carry the clip's HU window and pad value into both kernels.
+HU_CONSTEXPRS = {"HU_MIN": HU_MIN, "HU_MAX": HU_MAX, "PAD_HU": PAD_HU}
 
 
 @triton.jit
@@ -301,9 +303,7 @@ def _launch_forward(
         SLICES=crops.shape[1],
         CROP=crops.shape[2],
         FRAME=frame_size,
-        HU_MIN=HU_MIN,
-        HU_MAX=HU_MAX,
-        PAD_HU=PAD_HU,
+        **HU_CONSTEXPRS,
         HAS_KEEP=keep is not None,
         HAS_POS=pos is not None,
         DOT_BF16=dot_bf16,
@@ -347,9 +347,7 @@ def _launch_grad_weight(
         SLICES=crops.shape[1],
         CROP=crops.shape[2],
         FRAME=frame_size,
-        HU_MIN=HU_MIN,
-        HU_MAX=HU_MAX,
-        PAD_HU=PAD_HU,
+        **HU_CONSTEXPRS,
         HAS_KEEP=keep is not None,
         DOT_BF16=dot_bf16,
         BLOCK_M=cfg.block_m,
