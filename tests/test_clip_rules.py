@@ -9,6 +9,9 @@ calls them.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +279,15 @@ def test_scale_hu_window():
     torch.testing.assert_close(clip.scale_hu(hu), torch.from_numpy(expected).float())
     # the pad value maps to 0, as the reference's constant-0 padding after scaling
     assert float(clip.scale_hu(torch.tensor(clip.PAD_HU))) == 0.0
+
+
+def test_the_rules_and_the_loader_options_import_without_torch():
+    """The command line and ingest read the clip rules, the loader options and the training
+    config without paying for torch: none of these modules imports it at import time."""
+    code = (
+        "import sys\n"
+        "import vctmae.clip, vctmae.data.batch, vctmae.data.options, vctmae.train.config\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'torch'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
