@@ -226,7 +226,7 @@ def vertebra_png(
     """
     from matplotlib import colormaps
 
-    from vctmae.data.frames import HU_MAX, HU_MIN
+    from vctmae.clip import HU_MAX, HU_MIN
 
     plt = _matplotlib()
     count, height, width = frames.shape
