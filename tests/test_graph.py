@@ -20,6 +20,7 @@ from vctmae.bench.step import write_step_shards
 from vctmae.data import LoaderOptions
 from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import finetune_trainer
+from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer
 
 SMALL_MODEL = {
@@ -131,6 +132,57 @@ def test_forward_backward_compiles_as_one_graph(shards, tmp_path):
         torch.compile(trainer.forward_backward, fullgraph=True, backend="aot_eager")(batches, draws)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@dataclasses.dataclass
+class _Sample:
+    values: torch.Tensor
+    flags: torch.Tensor
+    name: str
+    weight: torch.Tensor | None = None
+
+
+def test_graphed_step_gives_the_step_static_copies_of_its_arguments():
+    """The wrapper on its own: nested lists, dicts and dataclasses of tensors of several dtypes
+    reach the step as copies with the same values, in buffers kept while the shapes stay and
+    made anew when they change; the step's own function is what runs."""
+    seen = []
+
+    def step(samples, extras):
+        seen.append((samples, extras))
+        total = sum((s.values.double() * s.flags + s.weight[:, None]).sum() for s in samples)
+        return total + extras["noise"].sum()
+
+    model = torch.nn.Linear(2, 2)
+    graphed = GraphedStep(
+        step, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        device=torch.device("cpu"), capture=False, on_fallback=pytest.fail,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+
+    def arguments(size):
+        samples = [
+            _Sample(
+                torch.randint(-999, 999, (size, 3), dtype=torch.int16, generator=generator),
+                torch.rand(size, 3, generator=generator) < 0.5,
+                name=f"sample {i}",
+                weight=torch.randn(size, generator=generator),
+            )
+            for i in range(2)
+        ]
+        return samples, {"noise": torch.rand(size, 7, generator=generator, dtype=torch.float64)}
+
+    buffers = []
+    for size in (4, 4, 5):
+        given = arguments(size)
+        assert torch.equal(graphed(*given), step(*given))
+        copies = seen[-2]
+        assert [s.name for s in copies[0]] == [s.name for s in given[0]]
+        for copy, original in zip(tensors_in(copies), tensors_in(given), strict=True):
+            assert torch.equal(copy, original) and copy.dtype == original.dtype
+            assert copy.data_ptr() != original.data_ptr()
+        buffers.append([copy.data_ptr() for copy in tensors_in(copies)])
+    assert buffers[0] == buffers[1] and buffers[1] != buffers[2]
 
 
 class _BrokenReplay:

@@ -1,4 +1,4 @@
-"""`vctmae bench step`: the trainers' own `Trainer.train_step`, timed (SPEC §9, §11).
+"""`vctmae bench step`: the trainers' own `Trainer.train_step`, timed.
 
 Each case builds the trainer exactly as `vctmae pretrain` / `vctmae finetune`
 do (`pretrain_trainer` / `finetune_trainer` on shards written for the run) and

@@ -288,15 +288,8 @@ class Trainer:
             return False
         files, saved = found
         self.run.optimizer.load_state_dict(saved["optimizer"])
-        for key in (
-            "step",
-            "epoch",
-            "best_metric",
-            "best_epoch",
-            "bad_epochs",
-            "stopped_early",
-            "history",
-        ):
+        # The progress fields `_state_dict` saved: those of `TrainState`.
+        for key in asdict(self.state):
             setattr(self.state, key, saved[key])
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"] and torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)` (SPEC §7).
+"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)`.
 
 The shared set-up is `vctmae.train.run.build_run`; this module adds the MAE
 objective (frame shifts, flip flags and mask noise drawn per micro-batch —
@@ -37,8 +37,7 @@ class MaeObjective:
     """MAE loss of one micro-batch: a random view shift, flip flag and mask per crop.
 
     Draws in this order from the run's generator: the sampler's (shift, then flip flag), then
-    the mask noise — in crop mode the same numbers in the same order as before `--frames` and
-    `--flip` existed (`--flip frames` is the former `--mirror`).
+    the mask noise.
     """
 
     mask_ratio: float
