@@ -422,6 +422,13 @@ class Trainer:
         self.run.writer.close()
         return self.state
 
+    def finish(self, **fields: Any) -> None:
+        """Log the run's end record (its epoch, step and `fields`), close the log, wait for
+        every rank."""
+        self.run.log.write("end", epoch=self.state.epoch, step=self.state.step, **fields)
+        self.run.log.close()
+        barrier()
+
     def _epochs(self) -> None:
         run = self.run
         options = run.options

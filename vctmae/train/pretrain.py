@@ -18,7 +18,6 @@ from torch import nn
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files, write_model
 from vctmae.outlock import hold_output
-from vctmae.train import distributed
 from vctmae.train.config import PretrainConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
@@ -100,10 +99,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         trainer = pretrain_trainer(config)
         trainer.start()
         state = trainer.fit()
+        trainer.finish()
         run = trainer.run
-        run.log.write("end", epoch=state.epoch, step=state.step)
-        run.log.close()
-        distributed.barrier()
         return PretrainResult(
             model_path=run.out / "model.safetensors",
             log_path=run.out / "log.jsonl",
