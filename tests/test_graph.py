@@ -1,9 +1,9 @@
-"""The capture-ready training step (vctmae.train.graph) against the eager `Trainer.train_step`.
+"""The training step wrapped for capture (vctmae.train.graph) against the eager `Trainer.train_step`.
 
-On the CPU the static step runs without capture: static device slots, randomness
-staged through one buffer, the learning rate in a tensor, the fused optimizer —
-everything a CUDA graph replays except the replay itself. It must compute what
-the eager step computes. The CUDA tests (capture + replay, resume) skip without
+On the CPU the wrapped step runs without capture: static copies of its arguments,
+the CPU tensors staged through one buffer, the learning rate in a tensor, the
+fused optimizer — everything a CUDA graph replays except the replay itself. It
+must compute what the eager step computes. The CUDA tests (capture + replay, resume) skip without
 a GPU and run in benchmarks/gpu_check.sh.
 """
 
@@ -20,6 +20,7 @@ from vctmae.bench.step import write_step_shards
 from vctmae.data import LoaderOptions
 from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import finetune_trainer
+from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer
 
 SMALL_MODEL = {
@@ -57,16 +58,16 @@ def trainers(make, monkeypatch):
     monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
     static = make("static")
     monkeypatch.undo()
-    assert eager.static is None and static.static is not None and not static.static.capture
-    assert isinstance(static.optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert eager.graphed is None and static.graphed is not None and not static.graphed.capture
+    assert isinstance(static.run.optimizer.param_groups[0]["lr"], torch.Tensor)
     return eager, static
 
 
 def run_steps(trainer, steps: int, accum: int) -> list[float]:
     # Dropout draws from torch's global RNG: both runs start from the same state.
     torch.manual_seed(11)
-    trainer.model.train()
-    batches = iter(trainer.loader)
+    trainer.run.model.train()
+    batches = iter(trainer.run.loader)
     losses = []
     for _ in range(steps):
         micro = [next(batches) for _ in range(accum)]
@@ -76,7 +77,9 @@ def run_steps(trainer, steps: int, accum: int) -> list[float]:
 
 def assert_same_training(eager, static, losses_eager, losses_static) -> None:
     assert losses_static == pytest.approx(losses_eager, rel=RTOL)
-    pairs = zip(eager.model.state_dict().items(), static.model.state_dict().values(), strict=True)
+    pairs = zip(
+        eager.run.model.state_dict().items(), static.run.model.state_dict().values(), strict=True
+    )
     for (name, a), b in pairs:
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=name)
     # The same randomness was drawn: both generators stand at the same place.
@@ -106,30 +109,80 @@ def test_static_finetuning_step_with_accumulation_equals_the_eager_step(
 
     eager, static = trainers(make, monkeypatch)
     # Head dropout on: its masks come from torch's global RNG, in the same order in both steps.
-    assert eager.model.config.head_dropout > 0
+    assert eager.run.model.config.head_dropout > 0
     assert_same_training(eager, static, run_steps(eager, 3, 2), run_steps(static, 3, 2))
 
 
-def test_forward_backward_compiles_as_one_graph(shards, tmp_path, monkeypatch):
-    """The captured part of the step traces with torch.compile(fullgraph=True), backward
-    included: nothing in it syncs to the host or branches on data. (The optimizer step is the
-    fused kernel; torch.optim's Python `step` always graph-breaks, so it is not compiled.)"""
+def test_forward_backward_compiles_as_one_graph(shards, tmp_path):
+    """The captured step's forward and backward trace with torch.compile(fullgraph=True):
+    nothing in them syncs to the host or branches on data. (The optimizer step is the fused
+    kernel; torch.optim's Python `step` always graph-breaks, so it is not compiled.)"""
     import torch._dynamo
 
-    monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
     run = run_options(shards, tmp_path / "compiled", flip="frames")
     trainer = pretrain_trainer(PretrainConfig(run=run, epochs=1, warmup_epochs=0, batch_size=4))
-    trainer.model.train()
-    static = trainer.static
-    static.load([next(iter(trainer.loader))])
-    static.forward_backward()
-    eager = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
-    trainer.model.zero_grad(set_to_none=True)
+    model = trainer.run.model.train()
+    batches = [next(iter(trainer.run.loader))]
+    draws = [trainer.objective.draw(len(batches[0]), trainer.generator)]
+    trainer.forward_backward(batches, draws)
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        torch.compile(static.forward_backward, fullgraph=True, backend="aot_eager")()
-    for name, param in trainer.model.named_parameters():
+        torch.compile(trainer.forward_backward, fullgraph=True, backend="aot_eager")(batches, draws)
+    for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@dataclasses.dataclass
+class _Sample:
+    values: torch.Tensor
+    flags: torch.Tensor
+    name: str
+    weight: torch.Tensor | None = None
+
+
+def test_graphed_step_gives_the_step_static_copies_of_its_arguments():
+    """The wrapper on its own: nested lists, dicts and dataclasses of tensors of several dtypes
+    reach the step as copies with the same values, in buffers kept while the shapes stay and
+    made anew when they change; the step's own function is what runs."""
+    seen = []
+
+    def step(samples, extras):
+        seen.append((samples, extras))
+        total = sum((s.values.double() * s.flags + s.weight[:, None]).sum() for s in samples)
+        return total + extras["noise"].sum()
+
+    model = torch.nn.Linear(2, 2)
+    graphed = GraphedStep(
+        step, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        device=torch.device("cpu"), capture=False, on_fallback=pytest.fail,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+
+    def arguments(size):
+        samples = [
+            _Sample(
+                torch.randint(-999, 999, (size, 3), dtype=torch.int16, generator=generator),
+                torch.rand(size, 3, generator=generator) < 0.5,
+                name=f"sample {i}",
+                weight=torch.randn(size, generator=generator),
+            )
+            for i in range(2)
+        ]
+        return samples, {"noise": torch.rand(size, 7, generator=generator, dtype=torch.float64)}
+
+    buffers = []
+    for size in (4, 4, 5):
+        given = arguments(size)
+        assert torch.equal(graphed(*given), step(*given))
+        copies = seen[-2]
+        assert [s.name for s in copies[0]] == [s.name for s in given[0]]
+        for copy, original in zip(tensors_in(copies), tensors_in(given), strict=True):
+            assert torch.equal(copy, original) and copy.dtype == original.dtype
+            assert copy.data_ptr() != original.data_ptr()
+        buffers.append([copy.data_ptr() for copy in tensors_in(copies)])
+    assert buffers[0] == buffers[1] and buffers[1] != buffers[2]
 
 
 class _BrokenReplay:
@@ -160,15 +213,15 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
         return _BrokenReplay()
 
     eager, static = trainers(make, monkeypatch)
-    static.static.capture = True  # as on CUDA, with the seam below standing in for the capture
+    static.graphed.capture = True  # as on CUDA, with the seam below standing in for the capture
     monkeypatch.setattr("vctmae.train.graph.capture_graph", capture)
     losses = run_steps(eager, 4, 1), run_steps(static, 4, 1)
-    assert not static.static.capture and static.static.graph is None
+    assert not static.graphed.capture and static.graphed.graph is None
     assert_same_training(eager, static, *losses)
     [line] = [line for line in capsys.readouterr().err.splitlines() if "--cuda-graph" in line]
     assert "capturing the training step failed (RuntimeError: CUDA error" in line
     assert line.endswith("it runs eagerly")
-    static.log.close()
+    static.run.log.close()
     records = read_log(tmp_path / "static" / "log.jsonl")
     [record] = [r for r in records if r["event"] == "cuda_graph_fallback"]
     assert record["step"] == 0 and "RuntimeError: CUDA error" in record["message"]
@@ -190,13 +243,13 @@ def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
             PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
         )
 
-    eager, graphed = make("eager", False), make("graphed", True)
-    assert eager.static is None and graphed.static is not None and graphed.static.capture
-    losses = run_steps(eager, 5, 1), run_steps(graphed, 5, 1)
-    assert graphed.static.graph is not None
+    eager, captured = make("eager", False), make("graphed", True)
+    assert eager.graphed is None and captured.graphed is not None and captured.graphed.capture
+    losses = run_steps(eager, 5, 1), run_steps(captured, 5, 1)
+    assert captured.graphed.graph is not None
     # TF32 and kernel choices may differ between eager and captured launches: a looser bound.
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+    for a, b in zip(eager.run.model.parameters(), captured.run.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
 
 

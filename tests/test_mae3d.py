@@ -329,7 +329,7 @@ def test_frame_flags_triton_and_thin_crops_are_refused_in_one_line(shards, small
 
 def test_cuda_graph_capture_falls_back_for_a_3d_model_with_its_reason(shards, tmp_path):
     from vctmae.train.config import RunOptions
-    from vctmae.train.graph import capture_blocker
+    from vctmae.train.run import capture_blocker
 
     cuda = SimpleNamespace(device=torch.device("cuda"), enabled=False)
     video = RunOptions(shards=tuple(shards["train"]), out=tmp_path, model="tiny")

@@ -119,7 +119,7 @@ def final_weights(trainer) -> dict[str, torch.Tensor]:
     trainer.start()
     trainer.fit()
     trainer.run.log.close()
-    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_crop_mode_training_is_bit_identical_to_the_former_objectives(labelled, 
 
     new = final_weights(pretrainer(tmp_path / "new"))
     former = pretrainer(tmp_path / "former")
-    former.objective = FormerMaeObjective(0.8, former.model.config.num_tokens)
+    former.objective = FormerMaeObjective(0.8, former.run.model.config.num_tokens)
     old = final_weights(former)
     assert new.keys() == old.keys()
     assert all(torch.equal(new[k], old[k]) for k in new), "crop-mode pretraining changed"
@@ -306,12 +306,12 @@ def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
 
     eager, static = trainers(make, monkeypatch)
     assert_same_training(eager, static, run_steps(eager, 3, 1), run_steps(static, 3, 1))
-    steps = static.static
-    steps.load([next(iter(static.loader))])
-    assert steps.batches[0].boxes is not None
+    batches, _ = static.graphed.static_args
+    assert batches[0].boxes is not None
     torch._dynamo.reset()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
-        torch.compile(steps.forward_backward, fullgraph=True, backend="aot_eager")()
+        compiled = torch.compile(static.forward_backward, fullgraph=True, backend="aot_eager")
+        compiled(*static.graphed.static_args)
 
 
 # ----------------------------------------------------------------------------- shards: boxes, levels
@@ -407,10 +407,10 @@ def test_norm_pix_loss_reaches_the_pretraining_model(labelled, tmp_path):
     trainer = pretrain_trainer(
         pretrain_config(labelled, tmp_path / "n", norm_pix_loss=True, preview=False)
     )
-    assert trainer.model.config.norm_pix_loss is True
+    assert trainer.run.model.config.norm_pix_loss is True
     trainer.run.log.close()
     plain = pretrain_trainer(pretrain_config(labelled, tmp_path / "p", preview=False))
-    assert plain.model.config.norm_pix_loss is False
+    assert plain.run.model.config.norm_pix_loss is False
     plain.run.log.close()
 
 

@@ -177,6 +177,8 @@ def test_pretraining_lowers_the_loss_and_logs_its_schedule(easy_data, tmp_path):
     )
     steps = [r for r in records if r["event"] == "step"]
     assert steps and all(r["lr"] == pytest.approx(schedule(r["step"] - 1)) for r in steps)
+    end = records[-1]
+    assert end["event"] == "end" and (end["epoch"], end["step"]) == (4, 4 * per_epoch)
     assert sorted(p.name for p in (out / "previews").iterdir())[-1] == "epoch-0004.png"
     assert (out / "model.safetensors").exists() and (out / "model.json").exists()
 
@@ -313,6 +315,12 @@ def test_finetuning_refuses_a_pretraining_file_with_another_input_normalisation(
 def test_finetuning_beats_chance_on_held_out_crops(easy_data, finetuned, tmp_path):
     assert finetuned.class_weights == [1.0, 1.0]  # balanced training split, read from manifest.csv
     assert finetuned.best_path.exists() and finetuned.state.best_metric is not None
+    end = read_log(finetuned.log_path)[-1]
+    assert end["event"] == "end" and end["epoch"] == finetuned.state.epoch
+    assert (end["best_epoch"], end["best_val_f1"]) == (
+        finetuned.state.best_epoch,
+        finetuned.state.best_metric,
+    )
     metrics = run_eval(
         EvalConfig(
             checkpoint=finetuned.best_path,

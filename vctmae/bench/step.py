@@ -1,4 +1,4 @@
-"""`vctmae bench step`: the trainers' own `Trainer.train_step`, timed (SPEC §9, §11).
+"""`vctmae bench step`: the trainers' own `Trainer.train_step`, timed.
 
 Each case builds the trainer exactly as `vctmae pretrain` / `vctmae finetune`
 do (`pretrain_trainer` / `finetune_trainer` on shards written for the run) and
@@ -210,13 +210,13 @@ def time_case(
 ) -> dict[str, Any]:
     """Median ms/step (and spread) of `Trainer.train_step` for one case."""
     trainer = build_trainer(case, shards, out, device)
-    dev = trainer.info.device
+    dev = trainer.run.info.device
     batches = []
-    for batch in trainer.loader:
+    for batch in trainer.run.loader:
         batches.append(batch)
         if len(batches) == min(steps, 4):
             break
-    trainer.model.train()
+    trainer.run.model.train()
     # Warm-up: compilation, autotuning, allocator growth stay outside the timed rounds.
     for i in range(3 if "compiled" in case.mode else 2):
         trainer.train_step([batches[i % len(batches)]])
@@ -231,7 +231,7 @@ def time_case(
     if not torch.isfinite(metrics.loss_sum).item():
         raise RuntimeError(f"{case.name}: non-finite loss")
     median = statistics.median(rounds)
-    flops = training_flops_per_sample(trainer.model, case.kind)
+    flops = training_flops_per_sample(trainer.run.model, case.kind)
     result = {
         "case": dataclasses.asdict(case),
         "ms_per_step": median,

@@ -27,7 +27,6 @@ from vctmae.clip import ClipRule
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files
 from vctmae.outlock import hold_output
-from vctmae.train import distributed
 from vctmae.train.config import FinetuneConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
@@ -180,16 +179,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         trainer = finetune_trainer(config)
         trainer.start()
         state = trainer.fit()
+        trainer.finish(best_epoch=state.best_epoch, best_val_f1=state.best_metric)
         run = trainer.run
-        run.log.write(
-            "end",
-            epoch=state.epoch,
-            step=state.step,
-            best_epoch=state.best_epoch,
-            best_val_f1=state.best_metric,
-        )
-        run.log.close()
-        distributed.barrier()
         return FinetuneResult(
             best_path=run.out / BEST,
             log_path=run.out / "log.jsonl",

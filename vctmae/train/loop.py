@@ -1,14 +1,16 @@
 """The training step and the epoch loop both trainers share.
 
 `Trainer.train_step(micro_batches)` is one optimizer step — the unit that the
-benchmarks time and that compiles and graph-captures: for each micro-batch the
-objective's randomness (drawn from the seeded per-rank generator), forward,
-backward (DDP's `no_sync` on all but the last), then the learning rate of the
-per-iteration schedule, optional gradient clipping, the optimizer step. It
-returns the step's losses as a device tensor. `Trainer.fit` is the epoch loop
-around it: the progress bar, the JSONL log (mean loss of each logging window,
-across ranks), a NaN/inf guard, the epoch hook and an atomic checkpoint after
-every epoch that `--resume` continues from exactly.
+benchmarks time: the objective's randomness for each micro-batch (drawn from the
+seeded per-rank generator), the learning rate of the per-iteration schedule, then
+`Trainer.step_body`, the device's work, written once: forward and backward of
+each micro-batch (DDP's `no_sync` on all but the last), optional gradient
+clipping, the optimizer step. The body runs as it is, or wrapped by
+`vctmae.train.graph.GraphedStep`, which captures it in a CUDA graph. It returns
+the step's losses as a device tensor. `Trainer.fit` is the epoch loop around it:
+the progress bar, the JSONL log (mean loss of each logging window, across ranks),
+a NaN/inf guard, the epoch hook and an atomic checkpoint after every epoch that
+`--resume` continues from exactly.
 
 Losses and the NaN flag stay on the device; the host reads them only on
 logging steps and at the end of an epoch (the deliberate syncs are marked).
@@ -48,7 +50,7 @@ from vctmae.train.config import (
     resume_fingerprint,
 )
 from vctmae.train.distributed import any_true, barrier, gather_objects
-from vctmae.train.graph import StaticStep
+from vctmae.train.graph import GraphedStep
 from vctmae.train.run import Run
 from vctmae.train.runlog import training_progress
 from vctmae.train.schedule import set_lr
@@ -141,25 +143,16 @@ class Trainer:
         other_shards: Sequence[Any] = (),
     ) -> None:
         self.run = run
+        self.objective = objective
+        self.epoch_end = epoch_end
         # A classifier's clip rule, recorded with every checkpoint of its weights.
         self.clip_rule = clip_rule
         # Extra fields of the run's start record (e.g. the class weights).
         self.log_fields = dict(log_fields or {})
-        self.name = run.name
-        self.options = run.config.run
-        self.info = run.info
-        self.model = run.model
-        self.module = run.module
-        self.optimizer = run.optimizer
-        self.schedule = run.schedule
-        self.loader = run.loader
-        self.log = run.log
-        self.objective = objective
-        self.epoch_end = epoch_end
         self.state = TrainState()
+        info = run.info
         # Per-rank stream of training randomness (offsets, mirror, mask noise).
-        self.generator = torch.Generator().manual_seed(self.options.seed * 1000 + self.info.rank)
-        self.run_dir = run.out
+        self.generator = torch.Generator().manual_seed(run.options.seed * 1000 + info.rank)
         # What --resume compares: the settings that decide data order, schedule and model, and
         # the shards' contents (by absolute path, as the fingerprint names them).
         self.fingerprint = resume_fingerprint(run.config)
@@ -168,11 +161,18 @@ class Trainer:
             absolute_shard(index.source or index.path): shard_identity(index)
             for index in self.shard_indexes
         }
-        # The step on static buffers, graph-captured on CUDA (`vctmae.train.graph`).
-        self.static: StaticStep | None = None
+        # `step_body` on static buffers, graph-captured on CUDA (None: it runs as it is).
+        self.graphed: GraphedStep | None = None
         if run.graph_blocker is None:
-            self.static = StaticStep(self, capture=self.info.device.type == "cuda")
-        elif self.options.cuda_graph and self.info.device.type == "cuda" and self.info.is_main:
+            self.graphed = GraphedStep(
+                self.step_body,
+                model=run.model,
+                optimizer=run.optimizer,
+                device=info.device,
+                capture=info.device.type == "cuda",
+                on_fallback=self._capture_failed,
+            )
+        elif run.options.cuda_graph and info.device.type == "cuda" and info.is_main:
             warn(f"--cuda-graph: {run.graph_blocker}")
 
     # -- checkpoints ---------------------------------------------------------------
@@ -180,11 +180,11 @@ class Trainer:
         generator_states = gather_objects(self.generator.get_state())
         state = asdict(self.state)
         state.update(
-            optimizer=self.optimizer.state_dict(),
+            optimizer=self.run.optimizer.state_dict(),
             torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             generators=generator_states,
-            world_size=self.info.world_size,
+            world_size=self.run.info.world_size,
             config=config_dict(self.run.config),
             fingerprint=self.fingerprint,
             shards=self.shard_identities,
@@ -194,13 +194,14 @@ class Trainer:
     def _save(self) -> None:
         """Checkpoint this epoch: the state is gathered now (a collective), written in the
         background by `run.writer` while the next epoch trains."""
+        run = self.run
         state = self._state_dict()  # collective: every rank takes part
-        if self.info.is_main:
-            self.run.writer.submit(
+        if run.info.is_main:
+            run.writer.submit(
                 checkpoint.save_checkpoint,
-                self.run_dir,
-                kind=self.name,
-                model=model_files(self.model, clip=self.clip_rule),
+                run.out,
+                kind=run.name,
+                model=model_files(run.model, clip=self.clip_rule),
                 state=checkpoint.cpu_copy(state),
                 epoch=self.state.epoch,
             )
@@ -212,7 +213,7 @@ class Trainer:
         A newest pair that cannot be read falls back to the previous one with a warning; a
         config that changed what the run computes is refused outright (no fallback).
         """
-        candidates = checkpoint.checkpoint_candidates(self.run_dir, self.name)
+        candidates = checkpoint.checkpoint_candidates(self.run.out, self.run.name)
         first_error: CheckpointError | None = None
         for files in candidates:
             try:
@@ -220,17 +221,17 @@ class Trainer:
                 check_resume_config(saved["fingerprint"], self.fingerprint, where=files.state)
                 self._check_world_size(saved, files.state)
                 self._check_shards(saved)
-                load_weights(self.model, files.weights, strict=True)
+                load_weights(self.run.model, files.weights, strict=True)
             except CheckpointError as error:
                 first_error = first_error or error
                 continue
-            if first_error is not None and self.info.is_main:
+            if first_error is not None and self.run.info.is_main:
                 message = (
                     f"{first_error}; resuming from the previous checkpoint "
                     f"{files.weights.name} (epoch {files.epoch}) instead"
                 )
                 warn(message)
-                self.log.write("checkpoint_fallback", message=message, epoch=files.epoch)
+                self.run.log.write("checkpoint_fallback", message=message, epoch=files.epoch)
             return files, saved
         if first_error is not None:
             raise first_error
@@ -240,9 +241,9 @@ class Trainer:
         """Refuse another number of processes: it deals the shards and batches to other ranks
         (another data order), changes the global batch and the steps per epoch (another
         schedule), and has no per-rank random streams to continue from."""
-        if saved["world_size"] != self.info.world_size:
+        if saved["world_size"] != self.run.info.world_size:
             raise UsageError(
-                f"{where}: --resume with {self.info.world_size} process(es), but the run was "
+                f"{where}: --resume with {self.run.info.world_size} process(es), but the run was "
                 f"saved by {saved['world_size']}: that changes its data order and schedule — "
                 f"resume with {saved['world_size']} (torchrun --nproc_per_node), or start a "
                 "new run in another --out"
@@ -286,42 +287,35 @@ class Trainer:
         if found is None:
             return False
         files, saved = found
-        self.optimizer.load_state_dict(saved["optimizer"])
-        for key in (
-            "step",
-            "epoch",
-            "best_metric",
-            "best_epoch",
-            "bad_epochs",
-            "stopped_early",
-            "history",
-        ):
+        self.run.optimizer.load_state_dict(saved["optimizer"])
+        # The progress fields `_state_dict` saved: those of `TrainState`.
+        for key in asdict(self.state):
             setattr(self.state, key, saved[key])
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        self.generator.set_state(saved["generators"][self.info.rank])
-        self.log.write(
+        self.generator.set_state(saved["generators"][self.run.info.rank])
+        self.run.log.write(
             "resume", epoch=self.state.epoch, step=self.state.step, checkpoint=str(files.weights)
         )
         return True
 
     def start(self) -> None:
         """Resume when asked and a checkpoint exists; otherwise log the run's start record."""
-        if self.options.resume:
+        run = self.run
+        if run.options.resume:
             if self.resume():
                 return
-            if self.info.is_main:
+            if run.info.is_main:
                 warn(
-                    f"--resume: no {self.name} checkpoint under {self.run_dir}; starting the run "
+                    f"--resume: no {run.name} checkpoint under {run.out}; starting the run "
                     "from its first epoch"
                 )
-        run = self.run
-        self.log.start(
-            command=self.name,
+        run.log.start(
+            command=run.name,
             config=config_dict(run.config),
-            world_size=self.info.world_size,
-            device=str(self.info.device),
+            world_size=run.info.world_size,
+            device=str(run.info.device),
             steps_per_epoch=run.steps_per_epoch,
             shards=len(run.shards),
             init=str(run.init_report) if run.init_report is not None else None,
@@ -331,53 +325,83 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def _raise_if_nonfinite(self, flag: torch.Tensor, epoch: int) -> None:
+        run = self.run
         # Deliberate sync (logging steps and epoch ends only).
         if bool(any_true(flag).item()):
             # The checkpoint a pending write is about to make current is the last good one.
-            self.run.writer.wait(raise_errors=False)
-            found = checkpoint.latest_checkpoint(self.run_dir, self.name)
+            run.writer.wait(raise_errors=False)
+            found = checkpoint.latest_checkpoint(run.out, run.name)
             kept = (
                 f"last good checkpoint kept: {found[0]}"
                 if found
                 else "no checkpoint had been written yet"
             )
             message = (
-                f"{self.name}: loss became NaN/inf in epoch {epoch + 1} (by optimizer step {self.state.step}); "
+                f"{run.name}: loss became NaN/inf in epoch {epoch + 1} (by optimizer step {self.state.step}); "
                 f"stopped without saving — {kept}. Try a lower learning rate or --grad-clip."
             )
-            self.log.write("nonfinite_loss", epoch=epoch, step=self.state.step, message=message)
+            run.log.write("nonfinite_loss", epoch=epoch, step=self.state.step, message=message)
             raise NonFiniteLossError(message)
 
     def train_step(self, micro_batches: Sequence[Any]) -> StepMetrics:
-        """One optimizer step over `micro_batches` (gradient accumulation); no host sync."""
+        """One optimizer step over `micro_batches` (gradient accumulation); no host sync.
+
+        The step's randomness is drawn here, on the CPU, from the seeded per-rank generator (the
+        same numbers on any device and after `--resume`); the device's work is `step_body`.
+        """
+        micro_batches = list(micro_batches)
+        draws = [self.objective.draw(len(batch), self.generator) for batch in micro_batches]
+        set_lr(self.run.optimizer, self.run.schedule(self.state.step))
+        step = self.step_body if self.graphed is None else self.graphed
+        loss_sum = step(micro_batches, draws)
+        self.state.step += 1
         samples = sum(len(batch) for batch in micro_batches)
-        if self.static is not None:
-            loss_sum = self.static(list(micro_batches))
-            self.state.step += 1
-            return StepMetrics(loss_sum=loss_sum, micro_batches=len(micro_batches), samples=samples)
-        device = self.info.device
-        accum = len(micro_batches)
-        ddp = isinstance(self.module, DistributedDataParallel)
-        precision = self.options.speed.precision
+        return StepMetrics(loss_sum=loss_sum, micro_batches=len(micro_batches), samples=samples)
+
+    def step_body(
+        self, micro_batches: list[Any], draws: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The device's part of one optimizer step: `forward_backward`, gradient clipping, the
+        optimizer step. The eager step runs it as it is; `GraphedStep` captures it."""
+        run = self.run
+        loss_sum = self.forward_backward(micro_batches, draws)
+        if run.options.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.options.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def forward_backward(
+        self, micro_batches: list[Any], draws: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Forward and backward of every micro-batch; returns the sum of their losses (a device
+        scalar). Nothing here reads a value back to the host or branches on data (a CUDA graph
+        captures it; a test compiles it with `torch.compile(fullgraph=True)`)."""
+        run = self.run
+        device, accum = run.info.device, len(micro_batches)
+        ddp = isinstance(run.module, DistributedDataParallel)
         loss_sum = torch.zeros((), device=device)
-        for index, batch in enumerate(micro_batches):
+        for index, (batch, drawn) in enumerate(zip(micro_batches, draws, strict=True)):
             last = index == accum - 1
             # Only the last micro-batch's backward all-reduces the gradients across ranks.
-            sync = self.module.no_sync() if ddp and not last else contextlib.nullcontext()
+            sync = run.module.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
-                draws = self.objective.draw(len(batch), self.generator)
-                draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
-                with autocast_context(device, precision):
-                    loss = self.objective.loss(self.module, batch, draws)
+                drawn = {name: value.to(device, non_blocking=True) for name, value in drawn.items()}
+                # No weight-cast cache: a graph would replay a cast made once, and the weights
+                # change every step (a ViT casts each weight once per forward anyway).
+                with autocast_context(device, run.options.speed.precision, cache=False):
+                    loss = self.objective.loss(run.module, batch, drawn)
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
-        set_lr(self.optimizer, self.schedule(self.state.step))
-        if self.options.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        return StepMetrics(loss_sum=loss_sum, micro_batches=accum, samples=samples)
+        return loss_sum
+
+    def _capture_failed(self, error: Exception) -> None:
+        """Say once, on stderr and in the log, why the step runs eagerly from now on."""
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        message = f"--cuda-graph: capturing the training step failed ({reason}); it runs eagerly"
+        if self.run.info.is_main:
+            warn(message)
+        self.run.log.write("cuda_graph_fallback", step=self.state.step, message=message)
 
     def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
         """Mean of a per-rank sum over `count` micro-batches each, across ranks."""
@@ -385,7 +409,7 @@ class Trainer:
             total = total.clone()
             dist.all_reduce(total)
         # Deliberate sync: logging steps and epoch ends only.
-        return float(total.item()) / (count * self.info.world_size)
+        return float(total.item()) / (count * self.run.info.world_size)
 
     def fit(self) -> TrainState:
         """Train the remaining epochs; every write the run started is finished on return."""
@@ -398,37 +422,43 @@ class Trainer:
         self.run.writer.close()
         return self.state
 
+    def finish(self, **fields: Any) -> None:
+        """Log the run's end record (its epoch, step and `fields`), close the log, wait for
+        every rank."""
+        self.run.log.write("end", epoch=self.state.epoch, step=self.state.step, **fields)
+        self.run.log.close()
+        barrier()
+
     def _epochs(self) -> None:
-        options = self.options
-        epochs = self.run.config.epochs
-        per_epoch = self.run.steps_per_epoch
-        device = self.info.device
-        world = self.info.world_size
-        progress = training_progress(enabled=options.progress and self.info.is_main)
+        run = self.run
+        options = run.options
+        epochs, per_epoch = run.config.epochs, run.steps_per_epoch
+        device, world = run.info.device, run.info.world_size
+        progress = training_progress(enabled=options.progress and run.info.is_main)
         with progress:
             for epoch in range(self.state.epoch, epochs):
                 if self.state.stopped_early:
                     break
                 task = progress.add_task(
-                    f"{self.name} {epoch + 1}/{epochs}",
+                    f"{run.name} {epoch + 1}/{epochs}",
                     total=per_epoch,
                     rate=0.0,
                     loss="…",
-                    lr=self.schedule(self.state.step),
+                    lr=run.schedule(self.state.step),
                 )
-                self.loader.set_epoch(epoch)
-                self.model.train()
+                run.loader.set_epoch(epoch)
+                run.model.train()
                 epoch_loss = torch.zeros((), device=device)
                 window_loss = torch.zeros((), device=device)
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
                 micro = window_micro = steps = samples = 0
                 start = time.perf_counter()
-                batches = iter(self.loader)
+                batches = iter(run.loader)
                 while steps < per_epoch:
                     micro_batches = list(itertools.islice(batches, options.accum_steps))
                     if len(micro_batches) < options.accum_steps:
                         break
-                    lr = self.schedule(self.state.step)
+                    lr = run.schedule(self.state.step)
                     metrics = self.train_step(micro_batches)
                     nonfinite |= ~torch.isfinite(metrics.loss_sum)
                     epoch_loss += metrics.loss_sum
@@ -445,7 +475,7 @@ class Trainer:
                         window_loss.zero_()
                         window_micro = 0
                         progress.update(task, loss=f"{loss_value:.4f}")
-                        self.log.write(
+                        run.log.write(
                             "step",
                             epoch=epoch,
                             step=self.state.step,
@@ -455,7 +485,7 @@ class Trainer:
                         )
                 if steps == 0:
                     raise RuntimeError(
-                        f"{self.name}: epoch {epoch + 1} produced no optimizer step "
+                        f"{run.name}: epoch {epoch + 1} produced no optimizer step "
                         f"(fewer than batch_size × accum_steps samples on this rank?)"
                     )
                 self._raise_if_nonfinite(nonfinite, epoch)
@@ -463,7 +493,7 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.state.epoch = epoch + 1
                 # The previous epoch's writes are done before this epoch's hook writes again.
-                self.run.writer.wait()
+                run.writer.wait()
                 hook = (
                     self.epoch_end(epoch, mean_loss, self.state) if self.epoch_end else EpochEnd()
                 )
@@ -474,7 +504,7 @@ class Trainer:
                 last = epoch + 1 == epochs or self.state.stopped_early
                 if last or (epoch + 1) % options.checkpoint_every == 0:
                     self._save()
-                self.log.write(
+                run.log.write(
                     "epoch",
                     **record,
                     step=self.state.step,

@@ -1,4 +1,4 @@
-"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)` (SPEC §7).
+"""MAE pretraining on vertebra crops: `run_pretrain(PretrainConfig)`.
 
 The shared set-up is `vctmae.train.run.build_run`; this module adds the MAE
 objective (frame shifts, flip flags and mask noise drawn per micro-batch —
@@ -18,7 +18,6 @@ from torch import nn
 from vctmae.data.frames import FrameSampler
 from vctmae.model.checkpoint import model_files, write_model
 from vctmae.outlock import hold_output
-from vctmae.train import distributed
 from vctmae.train.config import PretrainConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
@@ -37,8 +36,7 @@ class MaeObjective:
     """MAE loss of one micro-batch: a random view shift, flip flag and mask per crop.
 
     Draws in this order from the run's generator: the sampler's (shift, then flip flag), then
-    the mask noise — in crop mode the same numbers in the same order as before `--frames` and
-    `--flip` existed (`--flip frames` is the former `--mirror`).
+    the mask noise.
     """
 
     mask_ratio: float
@@ -101,10 +99,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         trainer = pretrain_trainer(config)
         trainer.start()
         state = trainer.fit()
+        trainer.finish()
         run = trainer.run
-        run.log.write("end", epoch=state.epoch, step=state.step)
-        run.log.close()
-        distributed.barrier()
         return PretrainResult(
             model_path=run.out / "model.safetensors",
             log_path=run.out / "log.jsonl",

@@ -22,7 +22,6 @@ from vctmae.train import distributed
 from vctmae.train.checkpoint import BackgroundWriter
 from vctmae.train.config import RunOptions, SpeedOptions, check_min_lr
 from vctmae.train.distributed import DistInfo
-from vctmae.train.graph import capture_blocker
 from vctmae.train.optim import build_optimizer
 from vctmae.train.runlog import RunLog
 from vctmae.train.schedule import WarmupCosine
@@ -63,14 +62,33 @@ class Run:
     schedule: WarmupCosine
     steps_per_epoch: int
     init_report: Any
-    # Why the step is not graph-captured (None: it is; `vctmae.train.graph`).
+    # Why the step is not graph-captured (None: it is; `capture_blocker`).
     graph_blocker: str | None
     # Checkpoints and weights are written by this thread, off the training step.
     writer: BackgroundWriter
 
     @property
+    def options(self) -> RunOptions:
+        return self.config.run
+
+    @property
     def out(self) -> Path:
         return Path(self.config.run.out)
+
+
+def capture_blocker(options: RunOptions, info: DistInfo) -> str | None:
+    """Why this run's step cannot be graph-captured (None: it can; `vctmae.train.graph`)."""
+    if info.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if info.enabled:
+        return "graphs are single-process here; under torchrun (DDP) the step runs eagerly"
+    if options.loader.backend == "dali":
+        return "the DALI loader owns its own device buffers; the step runs eagerly"
+    from vctmae.model.config import preset_config
+
+    if preset_config(options.model, **options.model_fields()).volume:
+        return "the 3-D model's step has not been checked under capture; it runs eagerly"
+    return None
 
 
 def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
