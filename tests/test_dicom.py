@@ -31,7 +31,7 @@ from vctmae.ingest.dicom import is_dicom_series_folder, load_dicom_ct
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import GeometryConfig, extract_crops
 from vctmae.ingest.nifti import Volume, load_ct, load_labels, reorient
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import write_phantoms
 
 # DICOM's LPS patient frame ↔ NIfTI RAS+: negate x and y (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -32,7 +32,6 @@ from typer.testing import CliRunner
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
 from vctmae.ingest.nifti import Volume, load_ct, load_labels, reorient
-from vctmae.ingest.synth import write_phantoms
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import save_model
 from vctmae.predict import PredictConfig, run_predict
@@ -43,6 +42,7 @@ from vctmae.predict.dicom_out import (
     segment_numbers,
     write_dicom_objects,
 )
+from vctmae.synth import write_phantoms
 
 PROBABILITY = ("fx-prob", "99VCTMAE")
 THRESHOLD = ("fx-threshold", "99VCTMAE")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.cli.app import app
 from vctmae.ingest import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import write_phantoms
 
 PHANTOMS = 5
 SHARD_SIZE = "8MB"  # a few crops per shard, so shards roll over

@@ -30,7 +30,7 @@ from vctmae.data.shards import ShardError, expand_shards
 from vctmae.errors import UsageError
 from vctmae.ingest import files, publish, writers
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 FLAT_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.(crop\.npy|json|cls)")

@@ -38,7 +38,7 @@ from vctmae.ingest.geometry import (
 from vctmae.ingest.nifti import Volume, load_ct, read_nifti_ct, read_nifti_labels, reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import pytest
 
 from vctmae.data import LoaderOptions
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 
 NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}

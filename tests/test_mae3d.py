@@ -350,8 +350,8 @@ def test_the_3d_model_keeps_its_torch_patch_embedding():
 
 
 def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
-    from vctmae.ingest.synth import write_phantoms
     from vctmae.predict import PredictConfig, run_predict
+    from vctmae.synth import write_phantoms
 
     write_phantoms(tmp_path / "raw", cases=1, seed=3)
     torch.manual_seed(4)

@@ -3,7 +3,7 @@
 The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
 probabilities), not that it diagnoses well. Phantoms come from
-`vctmae.ingest.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
+`vctmae.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
 the TotalSegmentator stand-in from `test_ingest_scale.use_totalsegmentator`.
 """
 
@@ -32,11 +32,11 @@ from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
 from vctmae.ingest.nifti import load_ct, reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
 from vctmae.predict import PredictConfig, run_predict
 from vctmae.predict.run import cut_scan
+from vctmae.synth import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
 from vctmae.train.threshold import (

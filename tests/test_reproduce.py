@@ -92,7 +92,7 @@ def kinetics_stand_in(path: Path) -> None:
 
 
 def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
-    from vctmae.ingest.synth import write_phantoms
+    from vctmae.synth import write_phantoms
 
     text = DOC.read_text()
     commands = document_commands_with(text, tmp_path, monkeypatch)

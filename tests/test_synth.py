@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vctmae.ingest.levels import LEVELS, VERSE, VERSE_LABEL
-from vctmae.ingest.synth import build_planned, make_phantom, plan_cases, write_phantoms
+from vctmae.synth import build_planned, make_phantom, plan_cases, write_phantoms
 
 CASES = 6
 
@@ -320,7 +320,7 @@ def test_clinical_render_equals_the_whole_grid_render() -> None:
     the whole-grid renderer draws on the same grid — here a coarse one, to stay fast."""
     from dataclasses import replace
 
-    from vctmae.ingest import synth
+    from vctmae import synth
 
     anatomy = synth._draw_anatomy(synth._rng(4), 0.5, clinical=True)
     scan = synth._draw_scan(synth._rng(4, 1), anatomy, None, None, clinical=True)

@@ -80,7 +80,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     """Run every stage under `config.out`; returns the test metrics and timings."""
     from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
-    from vctmae.ingest.synth import write_phantoms
+    from vctmae.synth import write_phantoms
     from vctmae.train import (
         EvalConfig,
         ExplainConfig,

@@ -1,7 +1,7 @@
 """`vctmae bench predict`: seconds per scan of `vctmae predict`, against ingest + eval of the
 same scans in the same run (SPEC §9, §10).
 
-Inputs: spine phantoms with their label maps (`vctmae.ingest.synth.write_phantoms`;
+Inputs: spine phantoms with their label maps (`vctmae.synth.write_phantoms`;
 `--clinical`: clinical-size ones, 512 × 512 × ~330 voxels), so no segmentation is
 timed. The model: a randomly initialised classifier of the chosen preset (`tiny` on
 the CPU; its speed does not depend on its weights).
@@ -70,11 +70,11 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.clip import REFERENCE_LEVELS
     from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
-    from vctmae.ingest.synth import write_phantoms
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
     from vctmae.predict import PredictConfig, run_predict
     from vctmae.predict.report import SUMMARY
+    from vctmae.synth import write_phantoms
     from vctmae.train import EvalConfig, run_eval
 
     load_before = os.getloadavg()

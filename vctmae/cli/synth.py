@@ -31,7 +31,7 @@ def synth(
     with expected_failures(interrupted=interrupted):
         from rich.progress import Progress
 
-        from vctmae.ingest.synth import write_phantoms
+        from vctmae.synth import write_phantoms
 
         # write_phantoms checks every flag before it writes anything (UsageError: exit 2).
         with Progress(transient=False) as progress:
