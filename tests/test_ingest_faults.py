@@ -28,7 +28,8 @@ import vctmae.cli.synth  # noqa: F401
 from vctmae.cli.app import app
 from vctmae.data.shards import ShardError, expand_shards
 from vctmae.errors import UsageError
-from vctmae.ingest import files, publish, writers
+from vctmae import files
+from vctmae.ingest import publish, writers
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.synth import write_phantoms
 
@@ -383,8 +384,10 @@ def test_disk_full_while_extracting_is_one_line_and_keeps_earlier_outputs(
     result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
-    assert disk.failed and disk.failed[0].endswith(files.TEMPORARY + str(os.getpid()))
-    crops_file = disk.failed[0].rsplit(files.TEMPORARY, 1)[0]
+    # The crops file was being written under its temporary name when the disk filled.
+    failed = Path(disk.failed[0])
+    crops_file = failed.with_name(failed.name.removeprefix(f"{files.TEMPORARY}{os.getpid()}-"))
+    assert crops_file.suffix == ".crops" and failed == files.temporary_name(crops_file)
     assert (
         line == f"error: no space left on device writing {crops_file}; earlier outputs are intact"
     )
@@ -418,14 +421,12 @@ def test_disk_full_while_assembling_is_one_line_and_keeps_earlier_outputs(
 
 
 def test_disk_full_in_synth_is_one_line(tmp_path, monkeypatch):
-    real = Path.write_bytes
-
-    def fill(path, data):
-        if path.name.startswith(".case001"):
+    def fill(path, mode="r", *args, **kwargs):
+        if "case001" in Path(path).name and "w" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, data)
+        return _real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_bytes", fill)
+    monkeypatch.setattr(builtins, "open", fill)
     out = tmp_path / "raw"
     result = cli("synth", "--out", str(out), "--cases", "3")
     assert result.exit_code == 1, result.output
@@ -585,11 +586,11 @@ def test_a_kill_before_the_commit_point_leaves_the_old_set(
     shutil.copytree(publish_sets["old"], out)
     if where == "writing the journal":
 
-        def killed_journal(path, data, durable=False):
+        def killed_journal(path, data, *, durable=False):
             files.temporary_name(path).write_bytes(data[: len(data) // 2])
             raise Killed
 
-        monkeypatch.setattr(publish, "atomic_write", killed_journal)
+        monkeypatch.setattr(publish, "write_atomically", killed_journal)
     else:
         writes = []
 

@@ -301,7 +301,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
 ):
     """The disk fills while epoch 3's training state is written: one line, exit 1, no temporary
     file left, the epoch-2 checkpoint still current and loadable."""
-    import vctmae.model.checkpoint as weights_io
+    import vctmae.files as weights_io
 
     run = copy_run(stopped_run, tmp_path)
     with monkeypatch.context() as full:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy import ndimage
 
 from vctmae.errors import UsageError, VctmaeError
-from vctmae.ingest.files import out_of_space_as_error
+from vctmae.files import write_atomically
 from vctmae.ingest.levels import LEVELS, VERSE_LABEL
 
 # Storage axis orders cycled over cases: scanner-style (LPS), neurological (RAS),
@@ -763,28 +762,13 @@ def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(buffer.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all. The temporary name is hidden: a concurrent ingest
-    must not find it; a full disk is `OutOfSpaceError` naming `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with out_of_space_as_error(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-    except PermissionError:
-        raise VctmaeError(f"{path}: cannot write (permission denied)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
     """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically; returns both paths."""
     ct_image, seg_image = phantom_images(phantom)
     paths = []
     for folder, image in (("ct", ct_image), ("seg", seg_image)):
         path = Path(out) / folder / f"{phantom.case}.nii.gz"
-        _write_atomic(path, _nifti_gz_bytes(image))
+        write_atomically(path, _nifti_gz_bytes(image))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -808,7 +792,7 @@ def write_labels(path: Path, rows: Sequence[dict[str, str | int]]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(path)
-    _write_atomic(path, buffer.getvalue().encode())
+    write_atomically(path, buffer.getvalue().encode())
     return path
 
 

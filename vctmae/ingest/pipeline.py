@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from vctmae.errors import UsageError
+from vctmae.files import TEMPORARY, write_atomically
 from vctmae.ingest.assemble import FORMATS, Assembly, AssemblyResult, outputs_present
 from vctmae.ingest.assemble import published_set as read_published_set
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import EXECUTORS, Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.files import TEMPORARY, atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
@@ -317,7 +317,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     report = _report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
     )
-    atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomically(out / REPORT, _report_bytes(report))
     return report
 
 
@@ -441,16 +441,16 @@ def _write_run(config: IngestConfig, cases: list[Case], bad: list[BadInput], lab
         "bad": [dataclasses.asdict(b) for b in bad],
     }
     if labelled:
-        atomic_write(work / "labels.csv", config.labels.read_bytes())
+        write_atomically(work / "labels.csv", config.labels.read_bytes())
     else:
         (work / "labels.csv").unlink(missing_ok=True)
-    atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
+    write_atomically(work / "run.json", json.dumps(run, indent=1).encode())
 
 
 def _clean_work(work: Path) -> None:
     """Remove temporary files a killed run left in the work folder."""
     for folder in (work, work / "cases"):
-        for stale in folder.glob(f"*{TEMPORARY}*"):
+        for stale in folder.glob(f"{TEMPORARY}*"):
             stale.unlink(missing_ok=True)
 
 
@@ -566,10 +566,12 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         },
     )
     report["merged_from"] = [str(d) for d in config.merge]
-    atomic_write(
-        config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
-    )
+    write_atomically(config.out / REPORT, _report_bytes(report))
     return report
+
+
+def _report_bytes(report: dict[str, Any]) -> bytes:
+    return (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
 
 
 def _report(

@@ -21,7 +21,7 @@ import numpy as np
 
 from vctmae.clip import ZARR_CLASSES, ZARR_CROPS, ZARR_GRADES
 from vctmae.errors import UsageError
-from vctmae.ingest.files import out_of_space_as_error
+from vctmae.files import out_of_space_as_error
 
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK
