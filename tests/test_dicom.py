@@ -31,7 +31,8 @@ from vctmae.ingest.dicom import is_dicom_series_folder, load_dicom_ct
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import GeometryConfig, extract_crops
 from vctmae.ingest.nifti import Volume, load_ct, load_labels, reorient
-from vctmae.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 # DICOM's LPS patient frame ↔ NIfTI RAS+: negate x and y (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -159,7 +160,7 @@ def refusal(folder: Path, **kwargs) -> str:
 def phantom(tmp_path_factory) -> tuple[Volume, Path]:
     """A phantom NIfTI CT and the same scan written as a DICOM series (plus files to ignore)."""
     root = tmp_path_factory.mktemp("dicom-phantom")
-    write_phantoms(root / "raw", cases=1, seed=5)
+    write_phantoms(SynthConfig(out=root / "raw", cases=1, seed=5))
     nifti = load_ct(root / "raw" / "ct" / "case000.nii.gz")
     folder = root / "series"
     write_series(folder, reorient(nifti, "LPS"), series=_uid("phantom"))

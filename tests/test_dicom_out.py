@@ -42,7 +42,8 @@ from vctmae.predict.dicom_out import (
     segment_numbers,
     write_dicom_objects,
 )
-from vctmae.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 PROBABILITY = ("fx-prob", "99VCTMAE")
 THRESHOLD = ("fx-threshold", "99VCTMAE")
@@ -122,7 +123,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dicom-out-raw")
-    write_phantoms(root / "raw", cases=2, seed=0)
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
     return root / "raw"
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from vctmae.ingest import IngestConfig, run_ingest
 from vctmae.ingest.assemble import sample_key
+from vctmae.ingest.config import parse_part, parse_size
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.labels import LabelsError, assign_cases, hashed_splits, read_labels
-from vctmae.ingest.pipeline import parse_part
-from vctmae.ingest.writers import ShardWriter, parse_size
+from vctmae.ingest.writers import ShardWriter
 
 
 def touch(path: Path) -> Path:
@@ -188,11 +188,11 @@ def test_pairs_csv_and_wds_only_format(tmp_path, real_ct_dir):
     (tmp_path / "scans" / "a-mask.nii.gz").symlink_to(real_ct_dir / "seg.nii.gz")
     pairs.write_text("ct,seg,case,patient\nscans/a.nii.gz,scans/a-mask.nii.gz,abdomen,P42\n")
     out = tmp_path / "out"
-    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1), progress=False)
+    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1, progress=False))
     assert report["vertebrae_written"] == 1 and (out / "crops.zarr").exists()
     # Rerun as shards only: the now stale Zarr store is removed, manifest has no zarr index.
     report = run_ingest(
-        IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}), progress=False
+        IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}, progress=False)
     )
     assert report["cases_resumed"] == 1 and report["assembly"] == "written"
     assert not (out / "crops.zarr").exists()
@@ -229,7 +229,7 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch, real_ct_d
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
             (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
-    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2, progress=False))
     assert [f["case"] for f in report["failed"]] == ["boom"]
     assert "worker process died" in report["failed"][0]["reason"]
     assert "ct/boom.nii.gz" in report["failed"][0]["reason"]
@@ -242,7 +242,7 @@ def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path, real_ct_di
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
             (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
-    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))
     assert report["vertebrae_written"] == 1
     [failure] = report["failed"]
     assert failure["case"] == "scan.1" and "scan-1_L1 is already taken" in failure["reason"]
@@ -261,9 +261,9 @@ def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
     with output_lock(tmp_path / "out"):  # as a run in another process would hold it
         held = rf"`vctmae ingest` \(pid {os.getpid()}\) is writing here"
         with pytest.raises(OutputLockedError, match=held):
-            run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+            run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))
     assert (
-        run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)[
+        run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))[
             "cases_ok"
         ]
         == 1

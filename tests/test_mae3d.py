@@ -351,9 +351,10 @@ def test_the_3d_model_keeps_its_torch_patch_embedding():
 
 def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
     from vctmae.predict import PredictConfig, run_predict
-    from vctmae.synth import write_phantoms
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
 
-    write_phantoms(tmp_path / "raw", cases=1, seed=3)
+    write_phantoms(SynthConfig(out=tmp_path / "raw", cases=1, seed=3))
     torch.manual_seed(4)
     weights = save_model(build_classifier("mae3d-tiny", **SMALL_MODEL), tmp_path / "c.safetensors")
     base = dict(checkpoint=weights, src=tmp_path / "raw", device="cpu", progress=False)

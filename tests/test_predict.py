@@ -3,7 +3,7 @@
 The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
 probabilities), not that it diagnoses well. Phantoms come from
-`vctmae.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
+`vctmae.synth.phantoms.write_phantoms`, DICOM series from `test_dicom.write_series`,
 the TotalSegmentator stand-in from `test_ingest_scale.use_totalsegmentator`.
 """
 
@@ -36,7 +36,8 @@ from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
 from vctmae.predict import PredictConfig, run_predict
 from vctmae.predict.run import cut_scan
-from vctmae.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
 from vctmae.train.threshold import (
@@ -75,7 +76,7 @@ def error_lines(output: str) -> list[str]:
 def raw(tmp_path_factory) -> Path:
     """Two phantoms in ct/ + seg/ (one stored LAS, one ASL)."""
     root = tmp_path_factory.mktemp("predict-raw")
-    write_phantoms(root / "raw", cases=2, seed=0)
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
     return root / "raw"
 
 
@@ -101,7 +102,7 @@ def ingested(raw, tmp_path_factory) -> Path:
     """`raw` through `vctmae ingest` at predict's default levels."""
     data = tmp_path_factory.mktemp("predict-ingested")
     geometry = GeometryConfig(levels=parse_levels(REFERENCE_LEVELS))
-    run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1), progress=False)
+    run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1, progress=False))
     return data
 
 

@@ -49,8 +49,6 @@ from vctmae.ingest.records import (
 )
 from vctmae.ingest.writers import encode_crop
 
-EXECUTORS = ("process", "dask")
-
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractJob:
