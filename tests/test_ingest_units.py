@@ -268,3 +268,73 @@ def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
         ]
         == 1
     )
+
+
+def test_flags_build_the_config_python_builds_from_the_same_text(tmp_path, monkeypatch):
+    """Every `vctmae ingest` option lands on its `IngestConfig` field, and text options
+    (`--format`, `--part`, `--levels`, `--shard-size`) mean the same in Python."""
+    from typer.testing import CliRunner
+
+    from vctmae.cli import app
+    from vctmae.ingest import pipeline
+    from vctmae.ingest.config import GeometryConfig
+
+    seen = []
+
+    def run_ingest(config):
+        seen.append(config)
+        raise KeyboardInterrupt  # the config reached the run: stop there
+
+    monkeypatch.setattr(pipeline, "run_ingest", run_ingest)
+    flags = ["--src", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "wds",
+             "--part", "2/3", "--levels", "T12-L2", "--shard-size", "3MiB", "--size", "112",
+             "--spacing", "0.8", "--align", "axis", "--label-scheme", "verse",
+             "--keep-truncated", "--workers", "3", "--series", "1.2.3", "--segment", "--force",
+             "--no-progress"]  # fmt: skip
+    assert CliRunner().invoke(app, ["ingest", *flags]).exit_code == 130
+    text = IngestConfig(
+        src=tmp_path,
+        out=tmp_path / "o",
+        formats="wds",
+        part="2/3",
+        shard_size="3MiB",
+        geometry=GeometryConfig(
+            levels="T12-L2",
+            size=112,
+            spacing=0.8,
+            align="axis",
+            label_scheme="verse",
+            keep_truncated=True,
+        ),  # fmt: skip
+        workers=3,
+        series="1.2.3",
+        segment=True,
+        force=True,
+        progress=False,
+    )
+    parsed = IngestConfig(
+        src=tmp_path,
+        out=tmp_path / "o",
+        formats={"wds"},
+        part=(2, 3),
+        shard_size=3 * 2**20,
+        geometry=GeometryConfig(
+            levels=frozenset({"T12", "T13", "L1", "L2"}),
+            size=112,
+            spacing=0.8,
+            align="axis",
+            label_scheme="verse",
+            keep_truncated=True,
+        ),  # fmt: skip
+        workers=3,
+        series="1.2.3",
+        segment=True,
+        force=True,
+        progress=False,
+    )
+    assert seen == [text] == [parsed]
+    # Defaults: what a config built in Python without them holds.
+    seen.clear()
+    CliRunner().invoke(app, ["ingest", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert seen == [IngestConfig(src=tmp_path, out=tmp_path / "o")]
+    assert seen[0].formats == {"wds", "zarr"} and seen[0].shard_size == 2**30
