@@ -292,45 +292,24 @@ def test_flags_build_the_config_python_builds_from_the_same_text(tmp_path, monke
              "--keep-truncated", "--workers", "3", "--series", "1.2.3", "--segment", "--force",
              "--no-progress"]  # fmt: skip
     assert CliRunner().invoke(app, ["ingest", *flags]).exit_code == 130
+    same = dict(
+        src=tmp_path, out=tmp_path / "o", workers=3, series="1.2.3", segment=True, force=True,
+        progress=False,
+    )  # fmt: skip
+    geometry = dict(size=112, spacing=0.8, align="axis", label_scheme="verse", keep_truncated=True)
     text = IngestConfig(
-        src=tmp_path,
-        out=tmp_path / "o",
+        **same,
         formats="wds",
         part="2/3",
         shard_size="3MiB",
-        geometry=GeometryConfig(
-            levels="T12-L2",
-            size=112,
-            spacing=0.8,
-            align="axis",
-            label_scheme="verse",
-            keep_truncated=True,
-        ),  # fmt: skip
-        workers=3,
-        series="1.2.3",
-        segment=True,
-        force=True,
-        progress=False,
+        geometry=GeometryConfig(**geometry, levels="T12-L2"),
     )
     parsed = IngestConfig(
-        src=tmp_path,
-        out=tmp_path / "o",
+        **same,
         formats={"wds"},
         part=(2, 3),
         shard_size=3 * 2**20,
-        geometry=GeometryConfig(
-            levels=frozenset({"T12", "T13", "L1", "L2"}),
-            size=112,
-            spacing=0.8,
-            align="axis",
-            label_scheme="verse",
-            keep_truncated=True,
-        ),  # fmt: skip
-        workers=3,
-        series="1.2.3",
-        segment=True,
-        force=True,
-        progress=False,
+        geometry=GeometryConfig(**geometry, levels=frozenset({"T12", "T13", "L1", "L2"})),
     )
     assert seen == [text] == [parsed]
     # Defaults: what a config built in Python without them holds.

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import write_shard  # noqa: E402
 from test_model_reference import mae_st_state, random_crops  # noqa: E402
 from test_train import SMALL_MODEL, pretrain_config, write_split  # noqa: E402
 from test_train_faults import cli, one_line_error  # noqa: E402
 
-from vctmae.bench.shards import write_shard  # noqa: E402
 from vctmae.data.frames import FrameSampler, check_crop_shape  # noqa: E402
 from vctmae.data.shards import ShardError  # noqa: E402
 from vctmae.errors import UsageError  # noqa: E402

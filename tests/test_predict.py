@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_ct, read_predictions
 from sklearn import metrics as sk
 from test_dicom import write_series
 from test_ingest_scale import use_totalsegmentator
@@ -30,7 +31,7 @@ from vctmae.errors import UsageError
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
-from vctmae.ingest.nifti import load_ct, reorient
+from vctmae.ingest.nifti import reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
@@ -39,7 +40,7 @@ from vctmae.predict.run import cut_scan
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
-from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
+from vctmae.train.evaluate import PREDICTION_COLUMNS
 from vctmae.train.threshold import (
     DecisionThreshold,
     f1_optimal_threshold,

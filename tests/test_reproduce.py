@@ -21,10 +21,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import read_log  # noqa: E402
 from test_model_reference import mae_st_state, to_pyslowfast  # noqa: E402
 from test_train_faults import cli, shrink  # noqa: E402
-
-from vctmae.train.runlog import read_log  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reproduce.md"

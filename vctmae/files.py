@@ -33,7 +33,7 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{TEMPORARY}{os.getpid()}-{path.name}")
 
 
-def caused_by_full_disk(error: BaseException) -> bool:
+def _caused_by_full_disk(error: BaseException) -> bool:
     """Whether `error` or an error it was raised from is ENOSPC or EDQUOT (torch.save wraps the
     OSError of its file object in a RuntimeError)."""
     seen: BaseException | None = error
@@ -50,12 +50,12 @@ def out_of_space_as_error(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if caused_by_full_disk(error):
+        if _caused_by_full_disk(error):
             raise out_of_space(path) from error
         raise
 
 
-def sync_folder(folder: Path) -> None:
+def _sync_folder(folder: Path) -> None:
     """fsync a folder, so that a rename inside it survives a power cut (no-op where unsupported)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -96,5 +96,5 @@ def write_atomically(
     finally:
         tmp.unlink(missing_ok=True)
     if durable:
-        sync_folder(path.parent)
+        _sync_folder(path.parent)
     return path

@@ -42,7 +42,6 @@ _EXPORTS = {
     "view_shift_table": "vctmae.clip",
     "view_shifts": "vctmae.clip",
     "ZarrCrops": "zarr_store",
-    "read_manifest": "zarr_store",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

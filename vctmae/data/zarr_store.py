@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -76,10 +75,3 @@ class ZarrCrops:
     def label(self, key: str) -> int:
         """Class of the crop (−1 when unlabeled)."""
         return int(self._classes[self._index(key)])
-
-
-def read_manifest(out_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of ingest's `manifest.csv` as dicts (strings, as written)."""
-    path = Path(out_dir) / "manifest.csv"
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))

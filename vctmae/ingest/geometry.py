@@ -97,10 +97,9 @@ LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
 # VerSe's values stop at 28 (T13); its 26 and 27 are sacrum and coccyx, no vertebrae.
 LARGEST_VERSE_VALUE = max(VERSE)
 
-# World (RAS+) directions of the crop axes before any alignment.
+# World (RAS+) directions of crop axes 0 and 1 before any alignment (axis 2 completes the frame).
 LEFT_TO_RIGHT = np.array([1.0, 0.0, 0.0])
 SUPERIOR_TO_INFERIOR = np.array([0.0, 0.0, -1.0])
-ANTERIOR_TO_POSTERIOR = np.array([0.0, -1.0, 0.0])
 # Voxels are first stored in the crop's own axis order (Right, Inferior, Posterior):
 # sampling then walks memory in order, several times faster for the label map.
 SAMPLING_ORIENTATION = "RIP"

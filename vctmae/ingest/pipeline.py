@@ -56,7 +56,7 @@ from vctmae.ingest.config import GeometryConfig, IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.labels import assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -560,4 +560,4 @@ def _report(
     }
 
 
-__all__ = ["IngestConfig", "run_ingest", "UNLABELED", "CaseAssignment", "Labels"]
+__all__ = ["IngestConfig", "run_ingest"]

@@ -224,16 +224,6 @@ def write_predictions(predictions: Predictions, path: Path) -> Path:
     return write_atomically(path, lambda handle: handle.write(data))
 
 
-def read_predictions(path: Path) -> Predictions:
-    with Path(path).open() as f:
-        rows = list(csv.DictReader(f))
-    return Predictions(
-        keys=[r["key"] for r in rows],
-        labels=np.array([int(r["label"]) for r in rows], dtype=np.int64),
-        probs=np.array([float(r["prob_fracture"]) for r in rows]),
-    )
-
-
 def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
     """ROC and precision–recall curves as PNGs."""
     import matplotlib
