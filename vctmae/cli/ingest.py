@@ -6,6 +6,8 @@ import typer
 
 from vctmae.cli.app import app, expected_failures
 from vctmae.cli.options import config_command
+from vctmae.clip import NUM_FRAMES, STRIDE
+from vctmae.errors import UsageError
 from vctmae.ingest.config import MIN_TRAINING_SIZE, IngestConfig
 
 INTERRUPTED = "finished cases are kept; run the same command again to resume"
@@ -15,8 +17,6 @@ INTERRUPTED = "finished cases are kept; run the same command again to resume"
 def ingest(config: IngestConfig) -> None:
     """Cut raw spine CTs into int16 vertebra crops: WebDataset shards + Zarr store + manifest."""
     with expected_failures(interrupted=INTERRUPTED):
-        from vctmae.clip import NUM_FRAMES, STRIDE
-        from vctmae.errors import UsageError
         from vctmae.ingest import pipeline
 
         # Python callers may cut smaller crops (tests do); the command line writes crops the
