@@ -6,11 +6,12 @@ import json
 import threading
 import time
 
+from helpers import read_log
+
 from vctmae.bench.step import write_step_shards
 from vctmae.data import LoaderOptions
 from vctmae.train import PretrainConfig, RunOptions
 from vctmae.train.pretrain import run_pretrain
-from vctmae.train.runlog import read_log
 
 SMALL_MODEL = {
     "embed_dim": 32,

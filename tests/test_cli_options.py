@@ -101,3 +101,37 @@ def test_option_paths_follow_the_nesting():
     assert paths["--workers"] == ("inner", "workers")
     assert "--overrides" not in paths and len(paths) == 7
     assert dataclasses.fields(Outer)  # a plain dataclass: nothing generated on the class itself
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sized:
+    # The command line passes the text; the config parses it (as "1k" → 1024 here).
+    size: int | str = flag("1k", "A size.")
+    names: frozenset[str] | str | None = flag(None, "Comma-separated names.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, str):
+            object.__setattr__(self, "size", int(self.size.removesuffix("k")) * 1024)
+        if isinstance(self.names, str):
+            object.__setattr__(self, "names", frozenset(self.names.split(",")))
+
+
+def test_a_field_that_admits_text_is_read_as_text_and_parsed_by_its_config():
+    seen: list[Sized] = []
+    app = typer.Typer()
+
+    @config_command(app, Sized)
+    def go(config: Sized) -> None:
+        """Go."""
+        seen.append(config)
+
+    @app.command()
+    def other() -> None:
+        """A second command, so that `go` is invoked by name."""
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["go", "--size", "3k", "--names", "a,b"]).exit_code == 0
+    assert runner.invoke(app, ["go"]).exit_code == 0
+    assert seen == [Sized(size=3072, names=frozenset({"a", "b"})), Sized(size=1024)]
+    text = runner.invoke(app, ["go", "--help"], terminal_width=200).output
+    assert "[default: 1k]" in text

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_shard
 
-from vctmae.bench.shards import write_shard, write_shards
+from vctmae.bench.shards import write_shards
 from vctmae.data import (
     ShardError,
     ShardLoader,

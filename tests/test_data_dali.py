@@ -82,7 +82,7 @@ def test_dali_training_ranks_agree_on_batch_count(shards):
 
 def test_dali_keys_keep_member_folders(tmp_path):
     """DALI names samples as the torch backend does: whole member paths, never basenames."""
-    from vctmae.bench.shards import write_shard
+    from helpers import write_shard
 
     rng = np.random.default_rng()
     crops = rng.integers(-2000, 3000, size=(4, 96, 96, 96), dtype=np.int16)

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import load_ct, load_labels
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -30,8 +31,9 @@ from vctmae.errors import VctmaeError
 from vctmae.ingest.dicom import is_dicom_series_folder, load_dicom_ct
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import GeometryConfig, extract_crops
-from vctmae.ingest.nifti import Volume, load_ct, load_labels, reorient
-from vctmae.ingest.synth import write_phantoms
+from vctmae.ingest.nifti import Volume, reorient
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 # DICOM's LPS patient frame ↔ NIfTI RAS+: negate x and y (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -159,7 +161,7 @@ def refusal(folder: Path, **kwargs) -> str:
 def phantom(tmp_path_factory) -> tuple[Volume, Path]:
     """A phantom NIfTI CT and the same scan written as a DICOM series (plus files to ignore)."""
     root = tmp_path_factory.mktemp("dicom-phantom")
-    write_phantoms(root / "raw", cases=1, seed=5)
+    write_phantoms(SynthConfig(out=root / "raw", cases=1, seed=5))
     nifti = load_ct(root / "raw" / "ct" / "case000.nii.gz")
     folder = root / "series"
     write_series(folder, reorient(nifti, "LPS"), series=_uid("phantom"))

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from helpers import load_ct, load_labels
 from test_dicom import FLIP_XY, small_volume, write_series
 from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL
@@ -31,8 +32,7 @@ from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
-from vctmae.ingest.nifti import Volume, load_ct, load_labels, reorient
-from vctmae.ingest.synth import write_phantoms
+from vctmae.ingest.nifti import Volume, reorient
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import save_model
 from vctmae.predict import PredictConfig, run_predict
@@ -43,6 +43,8 @@ from vctmae.predict.dicom_out import (
     segment_numbers,
     write_dicom_objects,
 )
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 PROBABILITY = ("fx-prob", "99VCTMAE")
 THRESHOLD = ("fx-threshold", "99VCTMAE")
@@ -122,7 +124,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dicom-out-raw")
-    write_phantoms(root / "raw", cases=2, seed=0)
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
     return root / "raw"
 
 

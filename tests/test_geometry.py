@@ -25,7 +25,7 @@ from vctmae.ingest.geometry import (
 from vctmae.ingest.levels import VERSE_LABEL
 from vctmae.ingest.nifti import Volume
 from vctmae.ingest.source import read_ct
-from vctmae.ingest.synth import make_phantom, phantom_images
+from vctmae.synth.phantoms import make_phantom, phantom_images
 
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values
 

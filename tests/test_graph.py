@@ -198,7 +198,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
 ):
     """Capture (after its warm-up steps) or the first replay raises: the run goes on with the
     eager step, says why once (stderr and the log), and trains exactly as an eager run."""
-    from vctmae.train.runlog import read_log
+    from helpers import read_log
 
     def make(name):
         run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.cli.app import app
 from vctmae.ingest import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 PHANTOMS = 5
 SHARD_SIZE = "8MB"  # a few crops per shard, so shards roll over
@@ -59,19 +60,26 @@ def link_case(src: Path, name: str, ct: Path, seg: Path) -> None:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(src, cases=PHANTOMS, seed=3, fracture_rate=0.4)
+    write_phantoms(SynthConfig(out=src, cases=PHANTOMS, seed=3, fracture_rate=0.4))
     return src
 
 
 def phantom_config(src: Path, out: Path, **overrides) -> IngestConfig:
-    settings = dict(src=src, out=out, labels=src / "labels.csv", shard_size=SHARD_SIZE, workers=2)
+    settings = dict(
+        src=src,
+        out=out,
+        labels=src / "labels.csv",
+        shard_size=SHARD_SIZE,
+        workers=2,
+        progress=False,
+    )
     return IngestConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="session")
 def full_run(phantoms, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("full")
-    report = run_ingest(phantom_config(phantoms, out), progress=False)
+    report = run_ingest(phantom_config(phantoms, out))
     return out, report
 
 
@@ -87,7 +95,7 @@ def real_centroid(real_ct_dir: Path, label: int) -> np.ndarray:
 def test_real_ct_writes_only_l1_by_default(tmp_path, real_ct_dir):
     src = tmp_path / "raw"
     link_case(src, "abdomen.v1", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
-    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))
     assert (report["cases_ok"], report["cases_failed"], report["vertebrae_written"]) == (1, 0, 1)
     skipped = {s["level"]: s["reason"] for s in report["skipped"]}
     assert set(skipped) == {"T11", "T12", "L2"}
@@ -112,7 +120,7 @@ def test_real_ct_writes_only_l1_by_default(tmp_path, real_ct_dir):
     # --force extracts and assembles again, to the same bytes.
     before = tree_bytes(tmp_path / "out")
     forced = run_ingest(
-        IngestConfig(src=src, out=tmp_path / "out", workers=1, force=True), progress=False
+        IngestConfig(src=src, out=tmp_path / "out", workers=1, force=True, progress=False)
     )
     assert (forced["cases_extracted"], forced["cases_resumed"], forced["assembly"]) == (
         1,
@@ -240,12 +248,12 @@ def test_stock_readers_and_checksums(full_run):
 def test_rerun_is_up_to_date_and_worker_count_does_not_change_bytes(phantoms, full_run, tmp_path):
     out, _ = full_run
     before = tree_bytes(out)
-    again = run_ingest(phantom_config(phantoms, out), progress=False)
+    again = run_ingest(phantom_config(phantoms, out))
     assert again["cases_resumed"] == PHANTOMS and again["cases_extracted"] == 0
     assert tree_bytes(out) == before
     # A fresh run with one worker writes the same bytes as the run with two.
     single = tmp_path / "single"
-    run_ingest(phantom_config(phantoms, single, workers=1), progress=False)
+    run_ingest(phantom_config(phantoms, single, workers=1))
     assert tree_bytes(single) == before
 
 
@@ -285,7 +293,7 @@ def test_killed_run_resumes_to_identical_output(phantoms, full_run, tmp_path):
     # Nothing half-written.
     assert not list(out.glob("*.tar")) and not (out / "manifest.csv").exists()
 
-    report = run_ingest(phantom_config(phantoms, out), progress=False)
+    report = run_ingest(phantom_config(phantoms, out))
     assert report["cases_resumed"] == done and report["cases_extracted"] == PHANTOMS - done
     assert tree_bytes(out) == tree_bytes(full_run[0])
 
@@ -293,8 +301,7 @@ def test_killed_run_resumes_to_identical_output(phantoms, full_run, tmp_path):
 def test_parts_merge_to_the_full_run(phantoms, full_run, tmp_path):
     data = tmp_path / "data"
     reports = [
-        run_ingest(phantom_config(phantoms, data / f"part-{i}", part=(i, 2)), progress=False)
-        for i in (1, 2)
+        run_ingest(phantom_config(phantoms, data / f"part-{i}", part=(i, 2))) for i in (1, 2)
     ]
     assert sum(r["cases_seen"] for r in reports) == PHANTOMS
     assert all(r["cases_ok"] >= 2 for r in reports)

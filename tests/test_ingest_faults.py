@@ -25,12 +25,14 @@ from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 import vctmae.cli.synth  # noqa: F401
+from vctmae import files
 from vctmae.cli.app import app
 from vctmae.data.shards import ShardError, expand_shards
 from vctmae.errors import UsageError
-from vctmae.ingest import files, publish, writers
+from vctmae.ingest import publish, writers
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 FLAT_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.(crop\.npy|json|cls)")
@@ -39,7 +41,7 @@ FLAT_MEMBER = re.compile(r"[A-Za-z0-9_-]+\.(crop\.npy|json|cls)")
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(src, cases=3, seed=5, fracture_rate=0.4)
+    write_phantoms(SynthConfig(out=src, cases=3, seed=5, fracture_rate=0.4))
     return src
 
 
@@ -78,7 +80,7 @@ def test_a_stray_voxel_does_not_switch_a_verse_map_and_is_reported(phantoms, tmp
     link_case(src, "clean", phantoms / "ct" / "case000.nii.gz", phantoms / "seg/case000.nii.gz")
     link_case(src, "stray", phantoms / "ct" / "case000.nii.gz", stray)
     out = tmp_path / "out"
-    report = run_ingest(IngestConfig(src=src, out=out, workers=1), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=out, workers=1, progress=False))
     assert report["cases_failed"] == 0 and report["cases_ok"] == 2
     rows = read_manifest(out)
     crops = {
@@ -198,7 +200,7 @@ def test_hostile_case_ids_give_flat_member_names(phantoms, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("ct,seg,case\n" + "".join(f"{ct},{seg},{case}\n" for case in ids))
     out = tmp_path / "out"
-    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1), progress=False)
+    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1, progress=False))
     assert report["cases_failed"] == 0 and report["cases_ok"] == 3
     names, metas = [], []
     for shard in sorted(out.glob("*.tar")):
@@ -225,7 +227,7 @@ def test_case_ids_that_clash_after_mapping_fail_the_later_case(phantoms, tmp_pat
     ct, seg = phantoms / "ct" / "case001.nii.gz", phantoms / "seg" / "case001.nii.gz"
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"ct,seg,case\n{ct},{seg},a/b c\n{ct},{seg},a-b-c\n")
-    report = run_ingest(IngestConfig(pairs=pairs, out=tmp_path / "out", workers=1), progress=False)
+    report = run_ingest(IngestConfig(pairs=pairs, out=tmp_path / "out", workers=1, progress=False))
     [failure] = report["failed"]
     assert failure["case"] == "a/b c" and "is already taken by another case" in failure["reason"]
     assert {r["case"] for r in read_manifest(tmp_path / "out")} == {"a-b-c"}
@@ -360,7 +362,7 @@ def two_cases_done(phantoms, tmp_path_factory) -> tuple[Path, Path]:
         link_case(
             src, case, phantoms / "ct" / f"{case}.nii.gz", phantoms / "seg" / f"{case}.nii.gz"
         )
-    run_ingest(IngestConfig(src=src, out=root / "out", workers=1), progress=False)
+    run_ingest(IngestConfig(src=src, out=root / "out", workers=1, progress=False))
     return src, root / "out"
 
 
@@ -383,15 +385,17 @@ def test_disk_full_while_extracting_is_one_line_and_keeps_earlier_outputs(
     result = cli("ingest", "--src", str(src), "--out", str(out), "--workers", "1")
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
-    assert disk.failed and disk.failed[0].endswith(files.TEMPORARY + str(os.getpid()))
-    crops_file = disk.failed[0].rsplit(files.TEMPORARY, 1)[0]
+    # The crops file was being written under its temporary name when the disk filled.
+    failed = Path(disk.failed[0])
+    crops_file = failed.with_name(failed.name.removeprefix(f"{files.TEMPORARY}{os.getpid()}-"))
+    assert crops_file.suffix == ".crops" and failed == files.temporary_name(crops_file)
     assert (
         line == f"error: no space left on device writing {crops_file}; earlier outputs are intact"
     )
     assert tree_bytes(out) == before and no_temporary_files(out)
     assert sorted((out / ".ingest-work" / "cases").glob("*.json")) == finished
     monkeypatch.undo()
-    again = run_ingest(IngestConfig(src=src, out=out, workers=1), progress=False)
+    again = run_ingest(IngestConfig(src=src, out=out, workers=1, progress=False))
     assert (again["cases_resumed"], again["cases_extracted"], again["cases_ok"]) == (2, 1, 3)
 
 
@@ -418,14 +422,12 @@ def test_disk_full_while_assembling_is_one_line_and_keeps_earlier_outputs(
 
 
 def test_disk_full_in_synth_is_one_line(tmp_path, monkeypatch):
-    real = Path.write_bytes
-
-    def fill(path, data):
-        if path.name.startswith(".case001"):
+    def fill(path, mode="r", *args, **kwargs):
+        if "case001" in Path(path).name and "w" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path, data)
+        return _real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_bytes", fill)
+    monkeypatch.setattr(builtins, "open", fill)
     out = tmp_path / "raw"
     result = cli("synth", "--out", str(out), "--cases", "3")
     assert result.exit_code == 1, result.output
@@ -471,14 +473,14 @@ def test_flag_errors_exit_2_and_bugs_keep_their_traceback(phantoms, tmp_path, mo
 
     from vctmae.ingest import pipeline
 
-    def bug(config, progress=True):
+    def bug(config):
         raise RuntimeError("a bug somewhere")
 
     monkeypatch.setattr(pipeline, "run_ingest", bug)
     result = cli("ingest", "--src", str(phantoms), "--out", out)
     assert isinstance(result.exception, RuntimeError)  # not turned into one red line
 
-    def interrupted(config, progress=True):
+    def interrupted(config):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_ingest", interrupted)
@@ -502,7 +504,7 @@ def test_a_labels_file_with_only_a_header_is_an_error(phantoms, tmp_path):
 
 def test_a_size_the_frame_rule_cannot_sample_is_refused_up_front(phantoms, tmp_path):
     from vctmae.data.frames import NUM_FRAMES, STRIDE
-    from vctmae.ingest.geometry import MIN_TRAINING_SIZE
+    from vctmae.ingest.config import MIN_TRAINING_SIZE
 
     assert MIN_TRAINING_SIZE == NUM_FRAMES * STRIDE  # the rule ingest checks is the loader's
     out = tmp_path / "out"
@@ -528,8 +530,10 @@ def publish_sets(phantoms, two_cases_done, tmp_path_factory) -> dict:
     src, old = two_cases_done
     new = tmp_path_factory.mktemp("new") / "out"
     shutil.copytree(old, new)
-    new_config = dict(src=src, labels=phantoms / "labels.csv", shard_size="1GiB", workers=1)
-    run_ingest(IngestConfig(out=new, **new_config), progress=False)
+    new_config = dict(
+        src=src, labels=phantoms / "labels.csv", shard_size="1GiB", workers=1, progress=False
+    )
+    run_ingest(IngestConfig(out=new, **new_config))
     old_tree, new_tree = tree_bytes(old), tree_bytes(new)
     assert {p for p in old_tree if p.endswith(".tar")}.isdisjoint(
         p for p in new_tree if p.endswith(".tar")
@@ -556,7 +560,7 @@ def test_a_kill_at_any_step_of_publishing_leaves_the_old_or_the_new_set(
         monkeypatch.setattr(publish, "_after_step", after_step)
         config = IngestConfig(out=out, **publish_sets["config"])
         try:
-            run_ingest(config, progress=False)
+            run_ingest(config)
         except Killed:
             pass
         else:
@@ -570,7 +574,7 @@ def test_a_kill_at_any_step_of_publishing_leaves_the_old_or_the_new_set(
             assert publish.finish_publish(out)
         assert publish.interrupted_publish(out) is None
         assert tree_bytes(out) == publish_sets["new_tree"], calls[-1]
-        report = run_ingest(config, progress=False)
+        report = run_ingest(config)
         assert report["assembly"] == "up to date" and publish.interrupted_publish(out) is None
         assert tree_bytes(out) == publish_sets["new_tree"]
     assert steps_seen[0] == "journal written" and steps_seen[-1] == "journal removed"
@@ -585,11 +589,11 @@ def test_a_kill_before_the_commit_point_leaves_the_old_set(
     shutil.copytree(publish_sets["old"], out)
     if where == "writing the journal":
 
-        def killed_journal(path, data, durable=False):
+        def killed_journal(path, data, *, durable=False):
             files.temporary_name(path).write_bytes(data[: len(data) // 2])
             raise Killed
 
-        monkeypatch.setattr(publish, "atomic_write", killed_journal)
+        monkeypatch.setattr(publish, "write_atomically", killed_journal)
     else:
         writes = []
 
@@ -600,12 +604,12 @@ def test_a_kill_before_the_commit_point_leaves_the_old_set(
 
         monkeypatch.setattr(writers.ShardWriter, "write", killed_write)
     with pytest.raises(Killed):
-        run_ingest(IngestConfig(out=out, **publish_sets["config"]), progress=False)
+        run_ingest(IngestConfig(out=out, **publish_sets["config"]))
     monkeypatch.undo()
     assert tree_bytes(out) == publish_sets["old_tree"]
     assert publish.interrupted_publish(out) is None and not publish.finish_publish(out)
     assert tree_bytes(out) == publish_sets["old_tree"]
-    run_ingest(IngestConfig(out=out, **publish_sets["config"]), progress=False)
+    run_ingest(IngestConfig(out=out, **publish_sets["config"]))
     assert tree_bytes(out) == publish_sets["new_tree"]
 
 

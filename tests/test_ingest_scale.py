@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import load_ct
 from scipy import ndimage
 from test_ingest import tree_bytes
 from typer.testing import CliRunner
@@ -35,10 +36,11 @@ from vctmae.ingest.geometry import (
     label_census,
     memory_order,
 )
-from vctmae.ingest.nifti import Volume, load_ct, read_nifti_ct, read_nifti_labels, reorient
+from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels, reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def error_lines(output: str) -> list[str]:
 def phantoms(tmp_path_factory) -> Path:
     # Four cases: four storage orders, case003 stored uint16 with scl_inter −1024.
     src = tmp_path_factory.mktemp("phantoms")
-    write_phantoms(src, cases=4, seed=7, fracture_rate=0.4)
+    write_phantoms(SynthConfig(out=src, cases=4, seed=7, fracture_rate=0.4))
     return src
 
 
@@ -191,8 +193,10 @@ def test_case_record_json_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(phantoms, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "out"
-    config = IngestConfig(src=phantoms, out=out, labels=phantoms / "labels.csv", workers=2)
-    report = run_ingest(config, progress=False)
+    config = IngestConfig(
+        src=phantoms, out=out, labels=phantoms / "labels.csv", workers=2, progress=False
+    )
+    report = run_ingest(config)
     assert report["cases_ok"] == 4 and report["vertebrae_written"] > 10
     return out
 
@@ -209,20 +213,28 @@ def test_nothing_is_decoded_again_unless_read_back_and_bytes_never_change(
     real_decode = assemble.decode_crop
     monkeypatch.setattr(assemble, "decode_crop", counting_decode)
     out = tmp_path / "out"
-    config = IngestConfig(src=phantoms, out=out, labels=phantoms / "labels.csv", workers=1)
-    run_ingest(config, progress=False)
+    config = IngestConfig(
+        src=phantoms, out=out, labels=phantoms / "labels.csv", workers=1, progress=False
+    )
+    run_ingest(config)
     assert decoded == []  # every crop came from the worker that cut it
     assert tree_bytes(out) == tree_bytes(reference_run)
     # Resumed cases' crops are read back (and checked) from the work files, to the same bytes.
     again = run_ingest(
-        IngestConfig(src=phantoms, out=out, labels=phantoms / "labels.csv", force=False),
-        progress=False,
+        IngestConfig(
+            src=phantoms, out=out, labels=phantoms / "labels.csv", force=False, progress=False
+        )
     )
     assert again["assembly"] == "up to date" and decoded == []
     other = IngestConfig(
-        src=phantoms, out=out, labels=phantoms / "labels.csv", formats={"wds"}, workers=1
+        src=phantoms,
+        out=out,
+        labels=phantoms / "labels.csv",
+        formats={"wds"},
+        workers=1,
+        progress=False,
     )
-    report = run_ingest(other, progress=False)
+    report = run_ingest(other)
     assert report["cases_resumed"] == 4 and len(decoded) == report["vertebrae_written"]
 
 
@@ -232,8 +244,10 @@ def test_cases_waiting_for_an_earlier_one_give_the_same_bytes(
     # No finished case may wait in memory: every one is read back from its work file.
     monkeypatch.setattr(pipeline, "BUFFERED_CASES", 0)
     out = tmp_path / "out"
-    config = IngestConfig(src=phantoms, out=out, labels=phantoms / "labels.csv", workers=2)
-    report = run_ingest(config, progress=False)
+    config = IngestConfig(
+        src=phantoms, out=out, labels=phantoms / "labels.csv", workers=2, progress=False
+    )
+    report = run_ingest(config)
     assert report["assembly"] == "written" and report["cases_extracted"] == 4
     assert tree_bytes(out) == tree_bytes(reference_run)
 
@@ -248,7 +262,7 @@ def dicom_phantom(tmp_path_factory):
     from test_dicom import _uid, write_series
 
     root = tmp_path_factory.mktemp("dicom-ingest")
-    write_phantoms(root / "nifti", cases=1, seed=5)
+    write_phantoms(SynthConfig(out=root / "nifti", cases=1, seed=5))
     ct_path, seg_path = pair(root / "nifti", "case000")
     volume = reorient(load_ct(ct_path), "LPS")
     folder = root / "dicom" / "ct" / "scan1"
@@ -278,14 +292,14 @@ def test_a_dicom_series_folder_gives_the_crops_of_its_nifti(dicom_phantom, tmp_p
         # Integer HU both; a sampling point moved by float noise can flip one rounding.
         assert np.abs(a.array.astype(np.int32) - b.array).max() <= 1
     # End to end, and by pairs.csv: --series picks the series, a wrong one fails the case.
-    report = run_ingest(IngestConfig(src=root / "dicom", out=tmp_path / "a"), progress=False)
+    report = run_ingest(IngestConfig(src=root / "dicom", out=tmp_path / "a", progress=False))
     assert report["cases_ok"] == 1 and report["vertebrae_written"] == len(expected.crops)
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"ct,seg,case,series\n{cases[0].ct},{cases[0].seg},chosen,{uid}\n")
-    report = run_ingest(IngestConfig(pairs=pairs, out=tmp_path / "b"), progress=False)
+    report = run_ingest(IngestConfig(pairs=pairs, out=tmp_path / "b", progress=False))
     assert report["cases_ok"] == 1 and report["vertebrae_written"] == len(expected.crops)
     report = run_ingest(
-        IngestConfig(src=root / "dicom", out=tmp_path / "c", series="1.2.3.4"), progress=False
+        IngestConfig(src=root / "dicom", out=tmp_path / "c", series="1.2.3.4", progress=False)
     )
     [failure] = report["failed"]
     assert "no series 1.2.3.4" in failure["reason"] and "ct/scan1" in failure["reason"]
@@ -318,7 +332,7 @@ def test_verse_rawdata_and_derivatives_are_paired_without_a_pairs_file(real_ct_d
     )
     [lost] = bad
     assert lost.case == "sub-lost" and "derivatives/sub-lost/sub-lost_seg-vert_msk" in lost.problem
-    report = run_ingest(IngestConfig(src=tmp_path, out=tmp_path / "out"), progress=False)
+    report = run_ingest(IngestConfig(src=tmp_path, out=tmp_path / "out", progress=False))
     assert report["cases_ok"] == 3 and report["vertebrae_written"] == 3
 
 
@@ -402,7 +416,7 @@ def test_segment_uses_the_label_map_totalsegmentator_writes(
         tmp_path / "fake",
     )
     out = tmp_path / "out"
-    report = run_ingest(IngestConfig(src=unlabelled, out=out, segment=True), progress=False)
+    report = run_ingest(IngestConfig(src=unlabelled, out=out, segment=True, progress=False))
     assert report["cases_ok"] == 1 and report["vertebrae_written"] == 1
     made = out / ".ingest-work" / "segmentations"
     [label_map] = list(made.glob("*.nii.gz"))
@@ -410,10 +424,10 @@ def test_segment_uses_the_label_map_totalsegmentator_writes(
     # The same crop as with the label map given; a rerun resumes without segmenting again.
     given = tmp_path / "given"
     link_case(given, "scan", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
-    run_ingest(IngestConfig(src=given, out=tmp_path / "given-out"), progress=False)
+    run_ingest(IngestConfig(src=given, out=tmp_path / "given-out", progress=False))
     with open(out / "manifest.csv") as a, open(tmp_path / "given-out" / "manifest.csv") as b:
         assert [r.split(",")[-1] for r in a] == [r.split(",")[-1] for r in b]  # sha256s
-    again = run_ingest(IngestConfig(src=unlabelled, out=out, segment=True), progress=False)
+    again = run_ingest(IngestConfig(src=unlabelled, out=out, segment=True, progress=False))
     assert again["cases_resumed"] == 1 and again["assembly"] == "up to date"
 
 
@@ -436,8 +450,8 @@ def test_dask_local_cluster_writes_the_process_pools_bytes_and_resumes(small_cas
             out=tmp_path / "pool",
             workers=2,
             geometry=GeometryConfig(keep_truncated=True),
-        ),
-        progress=False,
+            progress=False,
+        )
     )
     config = IngestConfig(
         src=small_cases,
@@ -445,9 +459,10 @@ def test_dask_local_cluster_writes_the_process_pools_bytes_and_resumes(small_cas
         workers=2,
         executor="dask",
         geometry=GeometryConfig(keep_truncated=True),
+        progress=False,
     )
     environment = dict(os.environ)
-    report = run_ingest(config, progress=False)
+    report = run_ingest(config)
     # distributed sets OMP_NUM_THREADS=1 (and more) in this process while its cluster runs;
     # afterwards the environment is as it was (later subprocesses would run single-threaded).
     assert dict(os.environ) == environment
@@ -455,7 +470,7 @@ def test_dask_local_cluster_writes_the_process_pools_bytes_and_resumes(small_cas
     assert report["cases_ok"] == pool["cases_ok"] == 4
     assert report["vertebrae_written"] == pool["vertebrae_written"] == 16
     assert tree_bytes(tmp_path / "dask") == tree_bytes(tmp_path / "pool")
-    again = run_ingest(config, progress=False)
+    again = run_ingest(config)
     assert (again["cases_resumed"], again["cases_extracted"], again["assembly"]) == (
         4,
         0,
@@ -491,8 +506,7 @@ def test_a_dask_worker_that_dies_fails_only_its_case(small_cases, real_ct_dir, t
     }
     with dask.config.set(settings):
         report = run_ingest(
-            IngestConfig(src=src, out=tmp_path / "out", workers=2, executor="dask"),
-            progress=False,
+            IngestConfig(src=src, out=tmp_path / "out", workers=2, executor="dask", progress=False)
         )
     assert [f["case"] for f in report["failed"]] == ["boom"]
     assert "worker process died" in report["failed"][0]["reason"]

@@ -13,10 +13,10 @@ import pytest
 
 from vctmae.ingest import IngestConfig, run_ingest
 from vctmae.ingest.assemble import sample_key
+from vctmae.ingest.config import parse_part, parse_size
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.labels import LabelsError, assign_cases, hashed_splits, read_labels
-from vctmae.ingest.pipeline import parse_part
-from vctmae.ingest.writers import ShardWriter, parse_size
+from vctmae.ingest.writers import ShardWriter
 
 
 def touch(path: Path) -> Path:
@@ -188,11 +188,11 @@ def test_pairs_csv_and_wds_only_format(tmp_path, real_ct_dir):
     (tmp_path / "scans" / "a-mask.nii.gz").symlink_to(real_ct_dir / "seg.nii.gz")
     pairs.write_text("ct,seg,case,patient\nscans/a.nii.gz,scans/a-mask.nii.gz,abdomen,P42\n")
     out = tmp_path / "out"
-    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1), progress=False)
+    report = run_ingest(IngestConfig(pairs=pairs, out=out, workers=1, progress=False))
     assert report["vertebrae_written"] == 1 and (out / "crops.zarr").exists()
     # Rerun as shards only: the now stale Zarr store is removed, manifest has no zarr index.
     report = run_ingest(
-        IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}), progress=False
+        IngestConfig(pairs=pairs, out=out, workers=1, formats={"wds"}, progress=False)
     )
     assert report["cases_resumed"] == 1 and report["assembly"] == "written"
     assert not (out / "crops.zarr").exists()
@@ -229,7 +229,7 @@ def test_a_worker_that_dies_fails_only_its_case(tmp_path, monkeypatch, real_ct_d
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
             (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
-    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=2, progress=False))
     assert [f["case"] for f in report["failed"]] == ["boom"]
     assert "worker process died" in report["failed"][0]["reason"]
     assert "ct/boom.nii.gz" in report["failed"][0]["reason"]
@@ -242,7 +242,7 @@ def test_case_ids_that_collide_as_keys_fail_the_second_case(tmp_path, real_ct_di
         for kind in ("ct", "seg"):
             (src / kind).mkdir(parents=True, exist_ok=True)
             (src / kind / f"{name}.nii.gz").symlink_to(real_ct_dir / f"{kind}.nii.gz")
-    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+    report = run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))
     assert report["vertebrae_written"] == 1
     [failure] = report["failed"]
     assert failure["case"] == "scan.1" and "scan-1_L1 is already taken" in failure["reason"]
@@ -261,10 +261,59 @@ def test_a_second_ingest_into_the_same_out_is_refused(tmp_path, real_ct_dir):
     with output_lock(tmp_path / "out"):  # as a run in another process would hold it
         held = rf"`vctmae ingest` \(pid {os.getpid()}\) is writing here"
         with pytest.raises(OutputLockedError, match=held):
-            run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)
+            run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))
     assert (
-        run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1), progress=False)[
+        run_ingest(IngestConfig(src=src, out=tmp_path / "out", workers=1, progress=False))[
             "cases_ok"
         ]
         == 1
     )
+
+
+def test_flags_build_the_config_python_builds_from_the_same_text(tmp_path, monkeypatch):
+    """Every `vctmae ingest` option lands on its `IngestConfig` field, and text options
+    (`--format`, `--part`, `--levels`, `--shard-size`) mean the same in Python."""
+    from typer.testing import CliRunner
+
+    from vctmae.cli import app
+    from vctmae.ingest import pipeline
+    from vctmae.ingest.config import GeometryConfig
+
+    seen = []
+
+    def run_ingest(config):
+        seen.append(config)
+        raise KeyboardInterrupt  # the config reached the run: stop there
+
+    monkeypatch.setattr(pipeline, "run_ingest", run_ingest)
+    flags = ["--src", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "wds",
+             "--part", "2/3", "--levels", "T12-L2", "--shard-size", "3MiB", "--size", "112",
+             "--spacing", "0.8", "--align", "axis", "--label-scheme", "verse",
+             "--keep-truncated", "--workers", "3", "--series", "1.2.3", "--segment", "--force",
+             "--no-progress"]  # fmt: skip
+    assert CliRunner().invoke(app, ["ingest", *flags]).exit_code == 130
+    same = dict(
+        src=tmp_path, out=tmp_path / "o", workers=3, series="1.2.3", segment=True, force=True,
+        progress=False,
+    )  # fmt: skip
+    geometry = dict(size=112, spacing=0.8, align="axis", label_scheme="verse", keep_truncated=True)
+    text = IngestConfig(
+        **same,
+        formats="wds",
+        part="2/3",
+        shard_size="3MiB",
+        geometry=GeometryConfig(**geometry, levels="T12-L2"),
+    )
+    parsed = IngestConfig(
+        **same,
+        formats={"wds"},
+        part=(2, 3),
+        shard_size=3 * 2**20,
+        geometry=GeometryConfig(**geometry, levels=frozenset({"T12", "T13", "L1", "L2"})),
+    )
+    assert seen == [text] == [parsed]
+    # Defaults: what a config built in Python without them holds.
+    seen.clear()
+    CliRunner().invoke(app, ["ingest", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert seen == [IngestConfig(src=tmp_path, out=tmp_path / "o")]
+    assert seen[0].formats == {"wds", "zarr"} and seen[0].shard_size == 2**30

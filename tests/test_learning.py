@@ -17,7 +17,8 @@ import pytest
 
 from vctmae.data import LoaderOptions
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
 
 NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
@@ -26,10 +27,9 @@ NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, 
 @pytest.fixture(scope="module")
 def phantom_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
-    labels = write_phantoms(root / "raw", cases=60, seed=3, fracture_rate=0.5)
+    labels = write_phantoms(SynthConfig(out=root / "raw", cases=60, seed=3, fracture_rate=0.5))
     run_ingest(
-        IngestConfig(out=root / "data", src=root / "raw", labels=labels, workers=2),
-        progress=False,
+        IngestConfig(out=root / "data", src=root / "raw", labels=labels, workers=2, progress=False)
     )
     return {
         split: tuple(sorted(str(p) for p in (root / "data").glob(f"{split}-*.tar")))

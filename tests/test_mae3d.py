@@ -20,11 +20,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import write_shard  # noqa: E402
 from test_model_reference import mae_st_state, random_crops  # noqa: E402
 from test_train import SMALL_MODEL, pretrain_config, write_split  # noqa: E402
 from test_train_faults import cli, one_line_error  # noqa: E402
 
-from vctmae.bench.shards import write_shard  # noqa: E402
 from vctmae.data.frames import FrameSampler, check_crop_shape  # noqa: E402
 from vctmae.data.shards import ShardError  # noqa: E402
 from vctmae.errors import UsageError  # noqa: E402
@@ -350,10 +350,11 @@ def test_the_3d_model_keeps_its_torch_patch_embedding():
 
 
 def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
-    from vctmae.ingest.synth import write_phantoms
     from vctmae.predict import PredictConfig, run_predict
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
 
-    write_phantoms(tmp_path / "raw", cases=1, seed=3)
+    write_phantoms(SynthConfig(out=tmp_path / "raw", cases=1, seed=3))
     torch.manual_seed(4)
     weights = save_model(build_classifier("mae3d-tiny", **SMALL_MODEL), tmp_path / "c.safetensors")
     base = dict(checkpoint=weights, src=tmp_path / "raw", device="cpu", progress=False)

@@ -3,7 +3,7 @@
 The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
 probabilities), not that it diagnoses well. Phantoms come from
-`vctmae.ingest.synth.write_phantoms`, DICOM series from `test_dicom.write_series`,
+`vctmae.synth.phantoms.write_phantoms`, DICOM series from `test_dicom.write_series`,
 the TotalSegmentator stand-in from `test_ingest_scale.use_totalsegmentator`.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_ct, read_predictions
 from sklearn import metrics as sk
 from test_dicom import write_series
 from test_ingest_scale import use_totalsegmentator
@@ -30,15 +31,16 @@ from vctmae.errors import UsageError
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
-from vctmae.ingest.nifti import load_ct, reorient
+from vctmae.ingest.nifti import reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.synth import write_phantoms
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
 from vctmae.predict import PredictConfig, run_predict
 from vctmae.predict.run import cut_scan
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import write_phantoms
 from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
-from vctmae.train.evaluate import PREDICTION_COLUMNS, read_predictions
+from vctmae.train.evaluate import PREDICTION_COLUMNS
 from vctmae.train.threshold import (
     DecisionThreshold,
     f1_optimal_threshold,
@@ -75,7 +77,7 @@ def error_lines(output: str) -> list[str]:
 def raw(tmp_path_factory) -> Path:
     """Two phantoms in ct/ + seg/ (one stored LAS, one ASL)."""
     root = tmp_path_factory.mktemp("predict-raw")
-    write_phantoms(root / "raw", cases=2, seed=0)
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
     return root / "raw"
 
 
@@ -101,7 +103,7 @@ def ingested(raw, tmp_path_factory) -> Path:
     """`raw` through `vctmae ingest` at predict's default levels."""
     data = tmp_path_factory.mktemp("predict-ingested")
     geometry = GeometryConfig(levels=parse_levels(REFERENCE_LEVELS))
-    run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1), progress=False)
+    run_ingest(IngestConfig(src=raw, out=data, geometry=geometry, workers=1, progress=False))
     return data
 
 

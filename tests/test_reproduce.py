@@ -21,10 +21,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import read_log  # noqa: E402
 from test_model_reference import mae_st_state, to_pyslowfast  # noqa: E402
 from test_train_faults import cli, shrink  # noqa: E402
-
-from vctmae.train.runlog import read_log  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reproduce.md"
@@ -92,7 +91,8 @@ def kinetics_stand_in(path: Path) -> None:
 
 
 def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
-    from vctmae.ingest.synth import write_phantoms
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
 
     text = DOC.read_text()
     commands = document_commands_with(text, tmp_path, monkeypatch)
@@ -113,9 +113,9 @@ def test_every_command_of_reproduce_md_runs(tmp_path, monkeypatch):
         assert f"### {heading}" in text, heading
     assert stages.count("eval") >= 10 and stages.count("finetune") >= 9
 
-    write_phantoms(tmp_path / "raw-unlabeled", cases=4, seed=1)
+    write_phantoms(SynthConfig(out=tmp_path / "raw-unlabeled", cases=4, seed=1))
     (tmp_path / "raw-unlabeled" / "labels.csv").unlink()  # an unlabelled set
-    write_phantoms(tmp_path / "raw-labeled", cases=10, seed=2, fracture_rate=0.5)
+    write_phantoms(SynthConfig(out=tmp_path / "raw-labeled", cases=10, seed=2, fracture_rate=0.5))
     kinetics_stand_in(tmp_path / "k700_400ep_rep4_mr9_16x4.pyth")
     shrink(monkeypatch)
     shrink_mae3d(monkeypatch)

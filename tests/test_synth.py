@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vctmae.ingest.levels import LEVELS, VERSE, VERSE_LABEL
-from vctmae.ingest.synth import build_planned, make_phantom, plan_cases, write_phantoms
+from vctmae.synth import SynthConfig
+from vctmae.synth.phantoms import build_planned, make_phantom, plan_cases, write_phantoms
 
 CASES = 6
 
@@ -20,7 +21,7 @@ CASES = 6
 @pytest.fixture(scope="session")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "raw"
-    labels = write_phantoms(out, cases=CASES, seed=0, fracture_rate=0.5)
+    labels = write_phantoms(SynthConfig(out=out, cases=CASES, seed=0, fracture_rate=0.5))
     assert labels == out / "labels.csv"
     return out
 
@@ -36,7 +37,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def test_same_seed_writes_identical_bytes(written: Path, tmp_path: Path) -> None:
     again = tmp_path / "raw"
-    write_phantoms(again, cases=CASES, seed=0, fracture_rate=0.5)
+    write_phantoms(SynthConfig(out=again, cases=CASES, seed=0, fracture_rate=0.5))
     first, second = _files(written), _files(again)
     assert sorted(first) == sorted(second)
     assert len(first) == 2 * CASES + 1
@@ -46,7 +47,7 @@ def test_same_seed_writes_identical_bytes(written: Path, tmp_path: Path) -> None
 
 def test_different_seed_gives_different_cases(written: Path, tmp_path: Path) -> None:
     other = tmp_path / "raw"
-    write_phantoms(other, cases=2, seed=1, fracture_rate=0.5)
+    write_phantoms(SynthConfig(out=other, cases=2, seed=1, fracture_rate=0.5))
     for folder in ("ct", "seg"):
         assert (other / folder / "case000.nii.gz").read_bytes() != (
             written / folder / "case000.nii.gz"
@@ -289,7 +290,7 @@ def test_bad_arguments_raise() -> None:
 def test_refuses_folder_with_other_cases(written: Path) -> None:
     before = _files(written)
     with pytest.raises(FileExistsError, match="case001"):
-        write_phantoms(written, cases=1, seed=0)
+        write_phantoms(SynthConfig(out=written, cases=1, seed=0))
     assert _files(written) == before
 
 
@@ -320,7 +321,7 @@ def test_clinical_render_equals_the_whole_grid_render() -> None:
     the whole-grid renderer draws on the same grid — here a coarse one, to stay fast."""
     from dataclasses import replace
 
-    from vctmae.ingest import synth
+    from vctmae.synth import phantoms as synth
 
     anatomy = synth._draw_anatomy(synth._rng(4), 0.5, clinical=True)
     scan = synth._draw_scan(synth._rng(4, 1), anatomy, None, None, clinical=True)

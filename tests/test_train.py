@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import read_log, read_predictions
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
@@ -40,8 +41,7 @@ from vctmae.train import (
 )
 from vctmae.train.checkpoint import latest_checkpoint
 from vctmae.train.config import SpeedOptions
-from vctmae.train.evaluate import compute_metrics, read_predictions
-from vctmae.train.runlog import read_log
+from vctmae.train.evaluate import compute_metrics
 
 SMALL_MODEL = {
     "embed_dim": 48,

@@ -26,12 +26,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
+from helpers import read_log, write_shard  # noqa: E402
 from test_train import SMALL_MODEL, easy_crop, stop_before_epoch, write_split  # noqa: E402
 
-from vctmae.bench.shards import write_shard  # noqa: E402
 from vctmae.cli import app  # noqa: E402
 from vctmae.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
-from vctmae.train.runlog import read_log  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -301,7 +300,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
 ):
     """The disk fills while epoch 3's training state is written: one line, exit 1, no temporary
     file left, the epoch-2 checkpoint still current and loadable."""
-    import vctmae.model.checkpoint as weights_io
+    import vctmae.files as weights_io
 
     run = copy_run(stopped_run, tmp_path)
     with monkeypatch.context() as full:

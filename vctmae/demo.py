@@ -80,7 +80,8 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     """Run every stage under `config.out`; returns the test metrics and timings."""
     from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
-    from vctmae.ingest.synth import write_phantoms
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
     from vctmae.train import (
         EvalConfig,
         ExplainConfig,
@@ -101,15 +102,19 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     timings: dict[str, float] = {}
 
     labels = write_phantoms(
-        out / "raw", cases=config.cases, seed=config.seed, fracture_rate=config.fracture_rate
+        SynthConfig(
+            out=out / "raw",
+            cases=config.cases,
+            seed=config.seed,
+            fracture_rate=config.fracture_rate,
+        )
     )
     timings["synth"] = time.perf_counter() - stage_start
     stage_start = _stage(console, f"synth: {config.cases} phantoms", stage_start)
 
     data = out / "data"
     report = run_ingest(
-        IngestConfig(out=data, src=out / "raw", labels=labels, workers=config.workers),
-        progress=True,
+        IngestConfig(out=data, src=out / "raw", labels=labels, workers=config.workers)
     )
     timings["ingest"] = time.perf_counter() - stage_start
     stage_start = _stage(

@@ -276,10 +276,11 @@ def measure_ingest(src: Path, out: Path, workers: int, *extra: str) -> dict:
 
 def write_clinical_phantoms(root: Path, distinct: int, cases: int) -> Path:
     """`distinct` clinical phantoms linked as `cases` cases under `root` (ct/, seg/, labels.csv)."""
-    from vctmae.ingest.synth import write_phantoms
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
 
     store = root / "phantoms"
-    write_phantoms(store, cases=distinct, seed=0, clinical=True)
+    write_phantoms(SynthConfig(out=store, cases=distinct, seed=0, clinical=True))
     src = root / "raw"
     for kind in ("ct", "seg"):
         (src / kind).mkdir(parents=True)

@@ -1,7 +1,7 @@
 """`vctmae bench predict`: seconds per scan of `vctmae predict`, against ingest + eval of the
 same scans in the same run (SPEC §9, §10).
 
-Inputs: spine phantoms with their label maps (`vctmae.ingest.synth.write_phantoms`;
+Inputs: spine phantoms with their label maps (`vctmae.synth.phantoms.write_phantoms`;
 `--clinical`: clinical-size ones, 512 × 512 × ~330 voxels), so no segmentation is
 timed. The model: a randomly initialised classifier of the chosen preset (`tiny` on
 the CPU; its speed does not depend on its weights).
@@ -70,11 +70,12 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.clip import REFERENCE_LEVELS
     from vctmae.data import LoaderOptions
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
-    from vctmae.ingest.synth import write_phantoms
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
     from vctmae.predict import PredictConfig, run_predict
     from vctmae.predict.report import SUMMARY
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
     from vctmae.train import EvalConfig, run_eval
 
     load_before = os.getloadavg()
@@ -82,7 +83,9 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
         root = Path(tmp)
         # One more phantom than timed: the warm-up scan.
         write_phantoms(
-            root / "raw", cases=config.scans + 1, seed=config.seed, clinical=config.clinical
+            SynthConfig(
+                out=root / "raw", cases=config.scans + 1, seed=config.seed, clinical=config.clinical
+            )
         )
         warm = root / "warm"
         (warm / "ct").mkdir(parents=True)
@@ -137,8 +140,9 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
             data = root / "data"
             geometry = GeometryConfig(levels=parse_levels(REFERENCE_LEVELS))
             run_ingest(
-                IngestConfig(src=root / "raw", out=data, geometry=geometry, workers=1),
-                progress=False,
+                IngestConfig(
+                    src=root / "raw", out=data, geometry=geometry, workers=1, progress=False
+                )
             )
             run_eval(
                 EvalConfig(

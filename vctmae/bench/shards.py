@@ -9,7 +9,6 @@ no second shard writer exists anywhere.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from vctmae.ingest.writers import ShardWriter, npy_bytes
 
 # A sample: (key, int16 crop, class or None for an unlabelled one).
 Sample = tuple[str, np.ndarray, int | None]
-_FIRST_SHARD = re.compile(r"^(?P<split>.+)-000000\.tar$")
 _NO_LIMIT = 1 << 62
 
 
@@ -45,13 +43,3 @@ def write_shards(folder: Path, split: str, shards: Iterable[Iterable[Sample]]) -
         # Closing ends this shard: the next sample opens the next one.
         writer.close()
     return [folder / name for name in writer.names]
-
-
-def write_shard(path: Path, samples: Iterable[Sample]) -> Path:
-    """One shard at `path`, which must be named like ingest's first shard (`{split}-000000.tar`)."""
-    path = Path(path)
-    match = _FIRST_SHARD.match(path.name)
-    if match is None:
-        raise ValueError(f"{path.name}: a first shard is named {{split}}-000000.tar")
-    [written] = write_shards(path.parent, match["split"], [samples])
-    return written

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -72,11 +73,16 @@ class Option:
 
 
 def _cli_type(hint: Any) -> tuple[Any, bool]:
-    """The type typer parses for a field type; True when the value must become a tuple again."""
-    if typing.get_origin(hint) is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return list[args[0]], True
+    """The type typer parses for a field type; True when the value must become a tuple again.
+
+    A field whose type admits `str` among others (`frozenset[str] | str`, `int | str`) is read
+    as text: its config parses the text in `__post_init__` (e.g. "T1-L6", "1GiB").
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return list[args[0]], True
+    if origin in (typing.Union, types.UnionType) and str in args and len(args) > 1:
+        return (str | None if type(None) in args else str), False
     return hint, False
 
 

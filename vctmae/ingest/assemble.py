@@ -47,7 +47,6 @@ from vctmae.ingest.writers import (
     npy_header,
 )
 
-FORMATS = ("wds", "zarr")
 ASSEMBLY_VERSION = 1  # layout of the published outputs
 
 

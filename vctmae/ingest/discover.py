@@ -37,7 +37,6 @@ VERSE_CT = "_ct"
 VERSE_SEG = "_seg-vert_msk"
 # VerSe's official (BIDS-like) layout: images under rawdata/, label maps under derivatives/.
 VERSE_RAW, VERSE_DERIVED = "rawdata", "derivatives"
-WORK_DIR_NAME = ".ingest-work"
 
 
 @dataclass(frozen=True, kw_only=True)

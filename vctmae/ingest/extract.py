@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from vctmae.errors import VctmaeError
+from vctmae.files import write_atomically
 from vctmae.ingest.discover import Case
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.files import atomic_file
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.records import (
     CaseRecord,
@@ -48,8 +48,6 @@ from vctmae.ingest.records import (
     source_stats,
 )
 from vctmae.ingest.writers import encode_crop
-
-EXECUTORS = ("process", "dask")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,23 +111,22 @@ def extract_case(job: ExtractJob) -> Extracted:
         record = CaseRecord(**_base(job), status="failed", error=line)
         raw = ()
     else:
-        crops, chunks, offset = [], [], 0
-        with atomic_file(crops_file(job.record)) as file:
-            for crop in result.crops:
-                array = np.ascontiguousarray(crop.array, dtype="<i2")
-                data = array.tobytes()
-                packed = encode_crop(array)
-                file.write(packed)
-                crops.append(
-                    CropRecord.of_crop(
-                        crop,
-                        sha256=hashlib.sha256(data).hexdigest(),
-                        offset=offset,
-                        nbytes=len(packed),
-                    )
+        crops, chunks, packed, offset = [], [], [], 0
+        for crop in result.crops:
+            array = np.ascontiguousarray(crop.array, dtype="<i2")
+            data = array.tobytes()
+            packed.append(encode_crop(array))
+            crops.append(
+                CropRecord.of_crop(
+                    crop,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    offset=offset,
+                    nbytes=len(packed[-1]),
                 )
-                chunks.append(data)
-                offset += len(packed)
+            )
+            chunks.append(data)
+            offset += len(packed[-1])
+        write_atomically(crops_file(job.record), b"".join(packed))
         record = CaseRecord(
             **_base(job),
             status="ok",

@@ -76,11 +76,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from vctmae.clip import NUM_FRAMES, STRIDE
-from vctmae.errors import UsageError, VctmaeError
+from vctmae.errors import VctmaeError
+from vctmae.ingest.config import GeometryConfig
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import (
-    LEVELS,
     SCHEMES,
     TOTALSEG,
     VERSE,
@@ -93,56 +92,19 @@ from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, 
 from vctmae.ingest.sampling import sample_ct, sample_labels
 from vctmae.ingest.source import read_ct, read_label_map
 
-ALIGNMENTS = ("auto", "spline", "axis")
-LABEL_SCHEMES = ("auto", *SCHEMES)
 SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
 LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
 # VerSe's values stop at 28 (T13); its 26 and 27 are sacrum and coccyx, no vertebrae.
 LARGEST_VERSE_VALUE = max(VERSE)
-# The smallest `size` the training frame rule can sample: 16 frames `stride` 6 slices apart
-# (the clip rules' module imports torch only when a rule runs, not for its constants).
-MIN_TRAINING_SIZE = NUM_FRAMES * STRIDE
 
-# World (RAS+) directions of the crop axes before any alignment.
+# World (RAS+) directions of crop axes 0 and 1 before any alignment (axis 2 completes the frame).
 LEFT_TO_RIGHT = np.array([1.0, 0.0, 0.0])
 SUPERIOR_TO_INFERIOR = np.array([0.0, 0.0, -1.0])
-ANTERIOR_TO_POSTERIOR = np.array([0.0, -1.0, 0.0])
 # Voxels are first stored in the crop's own axis order (Right, Inferior, Posterior):
 # sampling then walks memory in order, several times faster for the label map.
 SAMPLING_ORIENTATION = "RIP"
 # Label voxels counted at a time (bincount makes a 64-bit copy of what it counts).
 COUNT_CHUNK_VOXELS = 1 << 22
-
-
-@dataclass(frozen=True, kw_only=True)
-class GeometryConfig:
-    """How crops are cut from a case."""
-
-    spacing: float = 1.0  # isotropic output voxel size, mm
-    size: int = 96  # crop edge, voxels
-    align: str = "auto"  # "spline" | "axis" | "auto" (spline when ≥ 3 vertebrae)
-    levels: frozenset[str] | None = None  # keep only these levels; None keeps all
-    label_scheme: str = "auto"  # "verse" | "totalseg" | "auto"
-    keep_truncated: bool = False  # write vertebrae whose mask touches the scan border
-    min_fragment_mm3: float = 1000.0  # smaller masks are skipped as fragments
-
-    def __post_init__(self) -> None:
-        if not (self.spacing > 0 and np.isfinite(self.spacing)):
-            raise UsageError(f"spacing must be a positive number of mm, got {self.spacing}")
-        if self.size < 1:
-            raise UsageError(f"size must be at least 1 voxel, got {self.size}")
-        if self.align not in ALIGNMENTS:
-            raise UsageError(f"align must be one of {', '.join(ALIGNMENTS)}, got {self.align!r}")
-        if self.label_scheme not in LABEL_SCHEMES:
-            raise UsageError(
-                f"label_scheme must be one of {', '.join(LABEL_SCHEMES)}, got {self.label_scheme!r}"
-            )
-        if self.levels is not None:
-            unknown = sorted(set(self.levels) - set(LEVELS))
-            if unknown:
-                raise UsageError(f"unknown levels {unknown}; expected names like T12, L1")
-        if self.min_fragment_mm3 < 0:
-            raise UsageError(f"min_fragment_mm3 must be ≥ 0, got {self.min_fragment_mm3}")
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,12 @@
 Every problem with the files becomes an `IngestError` naming the file, so a
 batch run can report the case and go on.
 
-Two ways to read, for two uses:
-
-- `read_nifti_ct` / `read_nifti_labels` (what ingest's geometry uses): the voxels
-  as stored — the file's dtype and memory order (NIfTI stores the first axis
-  fastest), no float copy; the CT's scl_slope/scl_inter travel in the `Volume`
-  and are applied to the few voxels a crop samples. A clinical CT is ~80 M
-  voxels, and each whole-volume pass (float conversion, reorientation, a C-order
-  copy) costs about as much as cutting all its crops.
-- `load_ct` / `load_labels`: the whole volume as float32 HU / a compact C-order
-  integer array, for tests and tools that want the array itself.
+`read_nifti_ct` / `read_nifti_labels` (what ingest's geometry uses) read the voxels
+as stored — the file's dtype and memory order (NIfTI stores the first axis
+fastest), no float copy; the CT's scl_slope/scl_inter travel in the `Volume`
+and are applied to the few voxels a crop samples. A clinical CT is ~80 M
+voxels, and each whole-volume pass (float conversion, reorientation, a C-order
+copy) costs about as much as cutting all its crops.
 
 Gzip: `.nii.gz` files are decompressed through python-isal's `igzip` (ISA-L's
 inflate, about twice zlib's speed on CT), handed to nibabel as an open file;
@@ -227,17 +223,6 @@ def read_nifti_ct(path: str | Path) -> Volume:
     return Volume(path=path, data=data, affine=affine, slope=slope, intercept=intercept)
 
 
-def load_ct(path: str | Path) -> Volume:
-    """Load a CT volume as float32 HU; rejects non-3-D images and NaN/inf voxels."""
-    stored = read_nifti_ct(path)
-    data = stored.data.astype(np.float32)
-    if stored.slope != 1.0:
-        data *= np.float32(stored.slope)
-    if stored.intercept != 0.0:
-        data += np.float32(stored.intercept)
-    return Volume(path=stored.path, data=data, affine=stored.affine)
-
-
 def read_nifti_labels(path: str | Path) -> Volume:
     """A NIfTI label map as stored (its integer dtype and memory order), values ≥ 0 meaningful.
 
@@ -274,18 +259,6 @@ def _float_labels(path: Path, data: np.ndarray) -> np.ndarray:
         raise IngestError(path, f"label value {top} is out of range")
     dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
     return rounded.astype(dtype, order="K")
-
-
-def load_labels(path: str | Path) -> Volume:
-    """Load a label map as a C-order non-negative integer array (uint8/uint16/int32)."""
-    stored = read_nifti_labels(path)
-    data = stored.data
-    if data.dtype.kind == "i" and data.size and data.min() < 0:
-        # Negative values are no vertebra in any scheme; treat them as background.
-        data = np.clip(data, 0, None)
-    top = int(data.max()) if data.size else 0
-    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
-    return replace(stored, data=np.ascontiguousarray(data, dtype=dtype))
 
 
 def check_same_grid(ct: Volume, labels: Volume) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -50,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 from vctmae.errors import UsageError
-from vctmae.ingest.assemble import FORMATS, Assembly, AssemblyResult, outputs_present
+from vctmae.files import TEMPORARY, write_atomically
+from vctmae.ingest.assemble import Assembly, AssemblyResult, outputs_present
 from vctmae.ingest.assemble import published_set as read_published_set
+from vctmae.ingest.config import GeometryConfig, IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.extract import EXECUTORS, Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.files import TEMPORARY, atomic_write
-from vctmae.ingest.geometry import GeometryConfig
-from vctmae.ingest.labels import UNLABELED, CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
+from vctmae.ingest.labels import assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -66,76 +65,12 @@ from vctmae.ingest.records import (
     record_stem,
 )
 from vctmae.ingest.segment import require_segmenter
-from vctmae.ingest.writers import parse_size
 from vctmae.outlock import hold_output, make_output_folder
 from vctmae.progress import error_line, progress_bar
 
 REPORT = "ingest-report.json"
 # Finished cases that may wait in memory, crops included, for an earlier case to finish.
 BUFFERED_CASES = 32
-
-
-@dataclass(frozen=True, kw_only=True)
-class IngestConfig:
-    """One `vctmae ingest` run. Either `src`/`pairs` (extract) or `merge` (join part outputs)."""
-
-    out: Path
-    src: Path | None = None
-    labels: Path | None = None
-    pairs: Path | None = None
-    formats: frozenset[str] = frozenset(FORMATS)
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    workers: int | None = None  # None: one per usable core (Dask LocalCluster: as many)
-    part: tuple[int, int] | None = None  # (i, n), 1-based: every n-th case starting at i
-    shard_size: int | str = "1GiB"
-    force: bool = False
-    merge: tuple[Path, ...] = ()
-    executor: str = "process"  # "process" | "dask"
-    scheduler: str | None = None  # Dask scheduler address; None: a LocalCluster
-    series: str | None = None  # DICOM SeriesInstanceUID to read from folder CTs
-    segment: bool = False  # CTs without a label map: TotalSegmentator makes one
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "formats", frozenset(self.formats))
-        object.__setattr__(self, "shard_size", parse_size(self.shard_size))
-        object.__setattr__(self, "merge", tuple(Path(p) for p in self.merge))
-        for name in ("src", "labels", "pairs"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
-        unknown = self.formats - set(FORMATS)
-        if unknown or not self.formats:
-            raise UsageError(
-                f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {sorted(self.formats)}"
-            )
-        if self.merge and (self.src is not None or self.pairs is not None or self.part is not None):
-            raise UsageError(
-                "--merge joins finished part outputs; it takes no --src, --pairs or --part"
-            )
-        if not self.merge and self.src is None and self.pairs is None:
-            raise UsageError(
-                "give --src (a folder of cases), --pairs (a csv) or --merge (part outputs)"
-            )
-        if self.part is not None:
-            i, n = self.part
-            if not (n >= 1 and 1 <= i <= n):
-                raise UsageError(f"--part must be I/N with 1 ≤ I ≤ N, got {i}/{n}")
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"--workers must be ≥ 1, got {self.workers}")
-        if self.executor not in EXECUTORS:
-            raise UsageError(
-                f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
-            )
-        if self.scheduler is not None and self.executor != "dask":
-            raise UsageError("--scheduler is the address of a Dask scheduler: add --executor dask")
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    """'2/8' → (2, 8)."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match:
-        raise UsageError(f"--part must look like I/N (e.g. 2/8), got {text!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def default_workers() -> int:
@@ -171,7 +106,7 @@ def _progress(enabled: bool):
 # The run.
 
 
-def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
+def run_ingest(config: IngestConfig) -> dict[str, Any]:
     """Run ingest (or merge) as `config` says; returns the report (also written to OUT/ingest-report.json).
 
     Raises a `VctmaeError` for what stops the whole run: `UsageError` (a flag or
@@ -187,8 +122,8 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> dict[str, Any]:
             finish_publish(config.out)
             print(f"note: {interrupted}; completed them before this run", file=sys.stderr)
         if config.merge:
-            return _run_merge(config, progress)
-        return _run_ingest(config, progress)
+            return _run_merge(config)
+        return _run_ingest(config)
 
 
 @dataclass(kw_only=True)
@@ -214,7 +149,7 @@ class _Order:
         self.seconds += time.perf_counter() - started
 
 
-def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
+def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out = config.out
     work = out / WORK
@@ -285,7 +220,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
-        with _progress(progress) as bar:
+        with _progress(config.progress) as bar:
             for item in bad:
                 error_line(bar, item.line())
             result = _assemble_finished(
@@ -299,7 +234,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
         executor = make_executor(config.executor, workers, scheduler=config.scheduler)
         counts["workers"] = executor.workers
         try:
-            with _progress(progress) as bar:
+            with _progress(config.progress) as bar:
                 for item in bad:
                     error_line(bar, item.line())
                 result, seconds = _extract_and_assemble(
@@ -317,7 +252,7 @@ def _run_ingest(config: IngestConfig, progress: bool) -> dict[str, Any]:
     report = _report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
     )
-    atomic_write(out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomically(out / REPORT, _report_bytes(report))
     return report
 
 
@@ -441,16 +376,16 @@ def _write_run(config: IngestConfig, cases: list[Case], bad: list[BadInput], lab
         "bad": [dataclasses.asdict(b) for b in bad],
     }
     if labelled:
-        atomic_write(work / "labels.csv", config.labels.read_bytes())
+        write_atomically(work / "labels.csv", config.labels.read_bytes())
     else:
         (work / "labels.csv").unlink(missing_ok=True)
-    atomic_write(work / "run.json", json.dumps(run, indent=1).encode())
+    write_atomically(work / "run.json", json.dumps(run, indent=1).encode())
 
 
 def _clean_work(work: Path) -> None:
     """Remove temporary files a killed run left in the work folder."""
     for folder in (work, work / "cases"):
-        for stale in folder.glob(f"*{TEMPORARY}*"):
+        for stale in folder.glob(f"{TEMPORARY}*"):
             stale.unlink(missing_ok=True)
 
 
@@ -468,7 +403,7 @@ def _case_list(run: dict) -> list[Case]:
     ]
 
 
-def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
+def _run_merge(config: IngestConfig) -> dict[str, Any]:
     """Assemble the case files of finished `--part` runs into one output."""
     started = time.perf_counter()
     runs = []
@@ -544,7 +479,7 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         assignments=assignments,
         bad=bad,
     )
-    with _progress(progress) as bar:
+    with _progress(config.progress) as bar:
         for item in bad:
             error_line(bar, item.line())
         for record, _ in entries:
@@ -566,10 +501,12 @@ def _run_merge(config: IngestConfig, progress: bool) -> dict[str, Any]:
         },
     )
     report["merged_from"] = [str(d) for d in config.merge]
-    atomic_write(
-        config.out / REPORT, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
-    )
+    write_atomically(config.out / REPORT, _report_bytes(report))
     return report
+
+
+def _report_bytes(report: dict[str, Any]) -> bytes:
+    return (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
 
 
 def _report(
@@ -623,4 +560,4 @@ def _report(
     }
 
 
-__all__ = ["IngestConfig", "run_ingest", "parse_part", "UNLABELED", "CaseAssignment", "Labels"]
+__all__ = ["IngestConfig", "run_ingest"]

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from vctmae.clip import ZARR_STORE
+from vctmae.files import write_atomically
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.files import atomic_write
 from vctmae.ingest.writers import SHARD_NAME
 
 WORK = ".ingest-work"  # the work folder inside --out (a cache, see pipeline)
@@ -64,7 +64,7 @@ def publish(out: Path, published: dict[str, Any]) -> None:
     `published` lists the new set: `shards` (file names), `formats`, `fingerprint`.
     """
     work = out / WORK
-    atomic_write(work / JOURNAL, json.dumps(published, indent=1).encode(), durable=True)
+    write_atomically(work / JOURNAL, json.dumps(published, indent=1).encode(), durable=True)
     _after_step("journal written")
     _apply(out, published)
 
@@ -119,7 +119,7 @@ def _apply(out: Path, published: dict[str, Any]) -> None:
     if (staging / MANIFEST).exists():
         os.replace(staging / MANIFEST, out / MANIFEST)
         _after_step("manifest renamed in")
-    atomic_write(work / PUBLISHED, json.dumps(published, indent=1).encode())
+    write_atomically(work / PUBLISHED, json.dumps(published, indent=1).encode())
     _after_step("published set recorded")
     (work / JOURNAL).unlink()
     _after_step("journal removed")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vctmae.files import write_atomically
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.files import atomic_write
 from vctmae.ingest.geometry import GeometryConfig
 
 # Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded;
@@ -219,7 +219,7 @@ class CaseRecord:
 
     def write(self, path: Path) -> None:
         """Write the record to `path` atomically (the case's "finished" marker)."""
-        atomic_write(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
+        write_atomically(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
 
     @classmethod
     def read(cls, path: Path) -> CaseRecord:

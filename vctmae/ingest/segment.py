@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 from vctmae.errors import VctmaeError
+from vctmae.files import temporary_name
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.files import temporary_name
 from vctmae.ingest.levels import TOTALSEG
 
 # TotalSegmentator's class names of the vertebrae it segments ("total" task), head to feet.
@@ -65,9 +65,9 @@ def segment_vertebrae(ct_path: str | Path, out_path: str | Path, *, fast: bool =
     segmenter = _api()
     ct_path, out_path = Path(ct_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # TotalSegmentator picks its output format from the name: keep the .nii.gz suffix last.
+    # TotalSegmentator picks its output format from the name: the temporary name keeps the
+    # .nii.gz suffix last.
     partial = temporary_name(out_path)
-    partial = partial.with_name(f"{partial.name}.nii.gz")
     try:
         try:
             segmenter(

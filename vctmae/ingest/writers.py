@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vctmae.clip import ZARR_CLASSES, ZARR_CROPS, ZARR_GRADES
-from vctmae.errors import UsageError
-from vctmae.ingest.files import out_of_space_as_error
+from vctmae.files import out_of_space_as_error
 
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK
@@ -76,22 +75,6 @@ def encode_crop(array: np.ndarray) -> bytes:
 
 def decode_crop(data: bytes, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(crop_codec().decode(data), dtype="<i2").reshape(tuple(shape))
-
-
-def parse_size(text: str | int) -> int:
-    """'1GiB' / '500MB' / '2g' / 1048576 → bytes (binary and decimal units)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
-    if not match:
-        raise UsageError(f"cannot read size {text!r}; write e.g. 1GiB, 500MB or 1048576")
-    number, prefix, binary, bytes_suffix = match.groups()
-    # KiB/Ki/k/K = 1024; kB (a "B" without the "i") = 1000, as the SI units say.
-    base = 1000 if bytes_suffix and not binary else 1024
-    value = float(number) * base ** " kmgt".index(prefix or " ")
-    if value < 1:
-        raise UsageError(f"size {text!r} must be at least one byte")
-    return int(value)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

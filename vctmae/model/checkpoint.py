@@ -18,12 +18,11 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,8 @@ from safetensors.torch import save as serialize_safetensors
 from torch import nn
 
 from vctmae.clip import ClipRule
-from vctmae.errors import VctmaeError, is_out_of_space, out_of_space
+from vctmae.errors import VctmaeError
+from vctmae.files import write_atomically
 from vctmae.model.config import ModelConfig
 from vctmae.model.vit import MaskedAutoencoder, VideoClassifier, VideoViT
 
@@ -71,38 +71,6 @@ class LoadReport:
 
 # ----------------------------------------------------------------------------------------------
 # Files in and out
-
-
-def _caused_by_full_disk(error: BaseException) -> bool:
-    """Whether `error` or an error it was raised from is ENOSPC (torch.save wraps the OSError of
-    its file object in a RuntimeError)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if is_out_of_space(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file through `write(file)` under a temporary name, then rename it to `path`.
-
-    A crash or a full disk leaves the previous `path` (if any) untouched and no temporary file
-    behind; a full disk is raised as `vctmae.errors.OutOfSpaceError` naming `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if _caused_by_full_disk(error):
-            raise out_of_space(path) from error
-        raise
-    return path
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -572,10 +540,10 @@ def write_model(files: ModelFiles, path: str | Path) -> Path:
     """
     path = Path(path)
     text = (json.dumps(files.description, indent=2) + "\n").encode()
-    write_atomically(config_path(path), lambda handle: handle.write(text))
+    write_atomically(config_path(path), text)
     metadata = {"format": FORMAT, DIGEST_KEY: description_digest(files.description)}
     data = serialize_safetensors(files.tensors, metadata=metadata)
-    write_atomically(path, lambda handle: handle.write(data))
+    write_atomically(path, data)
     return path
 
 

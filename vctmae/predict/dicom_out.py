@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from vctmae.errors import OutOfSpaceError
+from vctmae.files import write_atomically
 from vctmae.ingest.dicom import DicomSeries
 from vctmae.ingest.nifti import Volume
-from vctmae.model.checkpoint import write_atomically
 from vctmae.predict.results import ScanResult
 
 SEG_FILE = "vertebrae.seg.dcm"

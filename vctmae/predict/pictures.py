@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vctmae.files import write_atomically
 from vctmae.ingest.nifti import Volume, oriented_view
-from vctmae.model.checkpoint import write_atomically
 from vctmae.predict.results import NotAssessed, VertebraResult
 
 # Crop axes, as ingest's geometry stores them: +x (towards the patient's right), inferior,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vctmae.clip import ClipRule
-from vctmae.model.checkpoint import write_atomically
+from vctmae.files import write_atomically
 from vctmae.predict.config import PredictConfig
 from vctmae.predict.pictures import SLAB_MM, probability_hex
 from vctmae.predict.results import ScanResult, Threshold, VertebraResult

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vctmae.files import write_atomically
 from vctmae.model.checkpoint import (
     CheckpointError,
     ModelFiles,
     load_plain,
     model_files,
-    write_atomically,
     write_model,
 )
 

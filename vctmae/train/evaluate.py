@@ -211,7 +211,7 @@ def prediction_row(key: str, label: int, prob: float, threshold: float = 0.5) ->
 
 def write_predictions(predictions: Predictions, path: Path) -> Path:
     """predictions.csv, written atomically (a crash or full disk leaves no partial file)."""
-    from vctmae.model.checkpoint import write_atomically
+    from vctmae.files import write_atomically
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)
@@ -224,16 +224,6 @@ def write_predictions(predictions: Predictions, path: Path) -> Path:
     return write_atomically(path, lambda handle: handle.write(data))
 
 
-def read_predictions(path: Path) -> Predictions:
-    with Path(path).open() as f:
-        rows = list(csv.DictReader(f))
-    return Predictions(
-        keys=[r["key"] for r in rows],
-        labels=np.array([int(r["label"]) for r in rows], dtype=np.int64),
-        probs=np.array([float(r["prob_fracture"]) for r in rows]),
-    )
-
-
 def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
     """ROC and precision–recall curves as PNGs."""
     import matplotlib
@@ -242,7 +232,7 @@ def plot_curves(labels: np.ndarray, probs: np.ndarray, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from sklearn import metrics as sk
 
-    from vctmae.model.checkpoint import write_atomically
+    from vctmae.files import write_atomically
 
     paths = []
     fpr, tpr, _ = sk.roc_curve(labels, probs)
@@ -328,7 +318,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     from rich.console import Console
 
     from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
-    from vctmae.model.checkpoint import load_classifier, read_model_description, write_atomically
+    from vctmae.files import write_atomically
+    from vctmae.model.checkpoint import load_classifier, read_model_description
     from vctmae.train.config import refuse_frame_options
     from vctmae.train.threshold import choose_threshold
 

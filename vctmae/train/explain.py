@@ -178,7 +178,7 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from vctmae.model.checkpoint import write_atomically
+    from vctmae.files import write_atomically
 
     # Atomically (a full disk keeps an earlier picture intact, and leaves no partial PNG).
     path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=90))

@@ -51,7 +51,7 @@ def save_preview(
                 ax.set_ylabel(name)
     fig.suptitle(title)
     fig.tight_layout()
-    from vctmae.model.checkpoint import write_atomically
+    from vctmae.files import write_atomically
 
     # Atomically (a full disk keeps an earlier picture intact, and leaves no partial PNG).
     path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=80))

@@ -95,11 +95,6 @@ def _summary_writer(folder: Path) -> Any:
     return SummaryWriter(log_dir=str(folder))
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """All records of a JSONL log (for tests and tools)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def training_progress(*, enabled: bool) -> Progress:
     """Progress bar with samples/s, loss and lr fields (updated by the trainer)."""
     return Progress(

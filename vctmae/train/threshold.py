@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from vctmae.clip import ClipRule
-from vctmae.model.checkpoint import CheckpointError, ModelFiles, write_atomically, write_model
+from vctmae.files import write_atomically
+from vctmae.model.checkpoint import CheckpointError, ModelFiles, write_model
 
 THRESHOLD_SUFFIX = ".threshold.json"
 DEFAULT_THRESHOLD = 0.5

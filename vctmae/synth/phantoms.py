@@ -10,7 +10,7 @@ may carry a Genant grade 1–3 compression fracture (wedge, biconcave or crush
 loss of anterior/middle body height); the end vertebrae of a spine never do, and
 the field of view always cuts through them, so no whole vertebra is an end one.
 
-Public API: `write_phantoms` (the `vctmae synth` command), `make_phantom` (one
+Public API: `write_phantoms` (the `vctmae synth` command, given a `SynthConfig`), `make_phantom` (one
 case in memory: arrays, affine, grades), `plan_cases`/`build_planned` (the
 cases `write_phantoms` writes), `write_phantom`, `phantom_images`,
 `label_rows`/`write_labels`.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,8 +39,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from scipy import ndimage
 
 from vctmae.errors import UsageError, VctmaeError
-from vctmae.ingest.files import out_of_space_as_error
+from vctmae.files import write_atomically
 from vctmae.ingest.levels import LEVELS, VERSE_LABEL
+from vctmae.synth import SynthConfig
 
 # Storage axis orders cycled over cases: scanner-style (LPS), neurological (RAS),
 # radiological (LAS), and axis permutations as written by other tools.
@@ -763,28 +763,13 @@ def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(buffer.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all. The temporary name is hidden: a concurrent ingest
-    must not find it; a full disk is `OutOfSpaceError` naming `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with out_of_space_as_error(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-    except PermissionError:
-        raise VctmaeError(f"{path}: cannot write (permission denied)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
     """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically; returns both paths."""
     ct_image, seg_image = phantom_images(phantom)
     paths = []
     for folder, image in (("ct", ct_image), ("seg", seg_image)):
         path = Path(out) / folder / f"{phantom.case}.nii.gz"
-        _write_atomic(path, _nifti_gz_bytes(image))
+        write_atomically(path, _nifti_gz_bytes(image))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -808,7 +793,7 @@ def write_labels(path: Path, rows: Sequence[dict[str, str | int]]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(path)
-    _write_atomic(path, buffer.getvalue().encode())
+    write_atomically(path, buffer.getvalue().encode())
     return path
 
 
@@ -873,31 +858,21 @@ def build_planned(planned: PlannedCase, seed: int = 0, fracture_rate: float = 0.
     return phantom
 
 
-def write_phantoms(
-    out: Path,
-    cases: int = 24,
-    seed: int = 0,
-    fracture_rate: float = 0.25,
-    progress: Callable[[str], None] | None = None,
-    clinical: bool = False,
-) -> Path:
-    """Write `cases` phantoms under `out` (ct/, seg/, labels.csv); returns the labels.csv path.
+def write_phantoms(config: SynthConfig, progress: Callable[[str], None] | None = None) -> Path:
+    """Write `config.cases` phantoms under `config.out` (ct/, seg/, labels.csv); returns the
+    labels.csv path.
 
-    `clinical`: clinical-size cases (512 × 512 × ~300 voxels, 12–14 vertebrae; see
+    `config.clinical`: clinical-size cases (512 × 512 × ~300 voxels, 12–14 vertebrae; see
     `make_phantom`), ~60 MB each gzipped, for benchmarks at the scale of real CTs.
 
     Refuses an `out` whose ct/ or seg/ already holds cases this run would not write,
     so a smaller second run cannot leave stale cases beside a new labels.csv.
     `progress`, if given, is called with each case id once it is written.
     """
-    if not 0.0 <= fracture_rate <= 1.0:
-        raise UsageError(f"--fracture-rate must lie in [0, 1], got {fracture_rate}")
-    if seed < 0:
-        raise UsageError(f"--seed must be non-negative, got {seed}")
-    out = Path(out)
+    out, seed = config.out, config.seed
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: --out must be a folder, but a file of that name exists")
-    plan = plan_cases(cases, seed, clinical)
+    plan = plan_cases(config.cases, seed, config.clinical)
     names = {f"{p.case}.nii.gz" for p in plan}
     for folder in ("ct", "seg"):
         directory = out / folder
@@ -914,7 +889,7 @@ def write_phantoms(
                 )
     rows = []
     for planned in plan:
-        phantom = build_planned(planned, seed, fracture_rate)
+        phantom = build_planned(planned, seed, config.fracture_rate)
         write_phantom(phantom, out)
         rows.extend(label_rows(phantom))
         if progress is not None:
