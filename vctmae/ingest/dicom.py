@@ -61,6 +61,7 @@ from pydicom.multival import MultiValue
 
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.nifti import Volume
+from vctmae.ingest.series import DicomSeries
 
 # The DICOM file format: a 128-byte preamble, then these four bytes.
 PREAMBLE_BYTES = 128
@@ -88,36 +89,6 @@ HEADER_TAGS = (
     "ImagePositionPatient",
     "PixelSpacing",
 )
-
-
-@dataclass(frozen=True)
-class DicomSeries:
-    """The series a DICOM CT volume was read from: what writing DICOM objects on its grid needs.
-
-    Slice k of the volume is `files[k]`; voxel (i, j, k) = (column, row, slice) lies at
-    `affine @ (i, j, k, 1)` (NIfTI RAS+ mm), so the grid stays known even if the volume is
-    later reoriented.
-    """
-
-    folder: Path
-    uid: str
-    files: tuple[Path, ...]  # in slice-position order
-    affine: np.ndarray  # (4, 4) voxel (column, row, slice) → world, RAS+
-    shape: tuple[int, int, int]  # (columns, rows, slices)
-
-    def headers(self) -> list[pydicom.Dataset]:
-        """Every slice's header (no pixel data) in slice order; `IngestError` if one is unreadable."""
-        headers = []
-        for path in self.files:
-            try:
-                headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-            except MemoryError:
-                raise
-            except Exception as error:  # the file changed or vanished since it was read
-                raise IngestError(
-                    self.folder, f"{path.name}: unreadable DICOM file ({_detail(error)})"
-                ) from None
-        return headers
 
 
 @dataclass(frozen=True)

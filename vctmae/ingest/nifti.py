@@ -36,7 +36,7 @@ from nibabel.orientations import (
 from vctmae.ingest.errors import IngestError
 
 if TYPE_CHECKING:
-    from vctmae.ingest.dicom import DicomSeries
+    from vctmae.ingest.series import DicomSeries
 
 try:
     from isal import igzip as _fast_gzip

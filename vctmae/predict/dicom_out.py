@@ -37,8 +37,8 @@ import numpy as np
 
 from vctmae.errors import OutOfSpaceError
 from vctmae.files import write_atomically
-from vctmae.ingest.dicom import DicomSeries
 from vctmae.ingest.nifti import Volume
+from vctmae.ingest.series import DicomSeries
 from vctmae.predict.results import ScanResult
 
 SEG_FILE = "vertebrae.seg.dcm"
