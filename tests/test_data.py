@@ -331,7 +331,7 @@ def test_training_covers_everything_when_divisible(tmp_path):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_batches_do_not_depend_on_the_number_of_workers(tmp_path, training):
-    """37 crops at batch 4 (issue 9: 9 steps at 0 workers, 8 at 2): 0, 1 and 2 workers
+    """37 crops at batch 4 (9 steps whether 0 or 2 workers read them): 0, 1 and 2 workers
     give the same batches in the same order, epoch after epoch, on every rank."""
     make_shards(tmp_path, [11, 4, 13, 9], seed=int(np.random.default_rng().integers(1 << 30)))
     shards = str(tmp_path / "train-*.tar")

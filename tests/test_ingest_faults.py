@@ -1,4 +1,4 @@
-"""Ingest under hostile input and faults (issue 9): odd label maps, malicious case ids, kill -9,
+"""Ingest under hostile input and faults: odd label maps, malicious case ids, kill -9,
 a full disk, a kill at every step of publishing, and one clear line per expected failure."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def with_stray_voxel(phantoms: Path, case: str, folder: Path, value: int = 35) -
     return path
 
 
-# --- item 3: the label scheme is decided from the whole label set ------------------------------
+# --- the label scheme is decided from the whole label set ------------------------------
 
 
 def test_a_stray_voxel_does_not_switch_a_verse_map_and_is_reported(phantoms, tmp_path):
@@ -191,7 +191,7 @@ def test_a_label_set_both_schemes_read_fails_its_case_naming_the_choice(phantoms
     assert report["cases_ok"] == 1 and {r["case"] for r in read_manifest(out)} == {"clean"}
 
 
-# --- item 4: crop keys are one flat name -------------------------------------------------------
+# --- crop keys are one flat name -------------------------------------------------------
 
 
 def test_hostile_case_ids_give_flat_member_names(phantoms, tmp_path):
@@ -233,7 +233,7 @@ def test_case_ids_that_clash_after_mapping_fail_the_later_case(phantoms, tmp_pat
     assert {r["case"] for r in read_manifest(tmp_path / "out")} == {"a-b-c"}
 
 
-# --- item 5: workers die with the main process -------------------------------------------------
+# --- workers die with the main process -------------------------------------------------
 
 
 def _children(pid: int) -> list[int]:
@@ -304,7 +304,7 @@ def test_kill_9_of_the_main_process_ends_its_workers(phantoms, tmp_path):
             pass
 
 
-# --- item 6: one line per expected failure; tracebacks for bugs --------------------------------
+# --- one line per expected failure; tracebacks for bugs --------------------------------
 
 
 _real_open = builtins.open
@@ -489,7 +489,7 @@ def test_flag_errors_exit_2_and_bugs_keep_their_traceback(phantoms, tmp_path, mo
     assert "finished cases are kept; run the same command again to resume" in result.output
 
 
-# --- item 9: header-only labels, --size below the frame rule -----------------------------------
+# --- header-only labels, --size below the frame rule -----------------------------------
 
 
 def test_a_labels_file_with_only_a_header_is_an_error(phantoms, tmp_path):
@@ -516,7 +516,7 @@ def test_a_size_the_frame_rule_cannot_sample_is_refused_up_front(phantoms, tmp_p
     assert not out.exists()
 
 
-# --- item 7: publishing flips the whole set at one point ---------------------------------------
+# --- publishing flips the whole set at one point ---------------------------------------
 
 
 class Killed(BaseException):

@@ -1,4 +1,4 @@
-"""Ingest at clinical scale (issue 13) and its new inputs (issue 12, ingest side).
+"""Ingest at clinical scale and its inputs: DICOM series, VerSe's layout, --segment, Dask.
 
 - the crops sampled from the stored voxels equal the old whole-volume chain's, bit for bit;
 - label passes, stored-dtype reading, the gzip fallback;
@@ -73,7 +73,7 @@ def pair(src: Path, case: str) -> tuple[Path, Path]:
     return src / "ct" / f"{case}.nii.gz", src / "seg" / f"{case}.nii.gz"
 
 
-# --- item 1: no whole-volume passes, the same crops ------------------------------------------
+# --- no whole-volume passes, the same crops ------------------------------------------
 
 
 def test_crops_equal_the_old_whole_volume_chain_bit_for_bit(phantoms, real_ct_dir, tmp_path):
@@ -145,7 +145,7 @@ def test_label_census_and_boxes_equal_a_plain_pass(dtype):
     assert order == (2, 1, 0) and view.flags.c_contiguous
 
 
-# --- item 4: typed records ---------------------------------------------------------------------
+# --- typed records ---------------------------------------------------------------------
 
 
 def test_case_record_json_round_trip(tmp_path):
@@ -187,7 +187,7 @@ def test_case_record_json_round_trip(tmp_path):
     assert CaseRecord.read_if_valid(path) is None
 
 
-# --- item 3: assembly behind extraction -------------------------------------------------------
+# --- assembly behind extraction -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_cases_waiting_for_an_earlier_one_give_the_same_bytes(
     assert tree_bytes(out) == tree_bytes(reference_run)
 
 
-# --- issue 12 item 2: DICOM series folders as CTs ----------------------------------------------
+# --- DICOM series folders as CTs ----------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def test_a_dicom_series_folder_gives_the_crops_of_its_nifti(dicom_phantom, tmp_p
     assert "no series 1.2.3.4" in failure["reason"] and "ct/scan1" in failure["reason"]
 
 
-# --- issue 12 item 6: VerSe's official layout --------------------------------------------------
+# --- VerSe's official layout --------------------------------------------------
 
 
 def test_verse_rawdata_and_derivatives_are_paired_without_a_pairs_file(real_ct_dir, tmp_path):
@@ -336,7 +336,7 @@ def test_verse_rawdata_and_derivatives_are_paired_without_a_pairs_file(real_ct_d
     assert report["cases_ok"] == 3 and report["vertebrae_written"] == 3
 
 
-# --- issue 12 item 3: --segment ------------------------------------------------------------------
+# --- --segment ------------------------------------------------------------------
 
 
 TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")
@@ -431,7 +431,7 @@ def test_segment_uses_the_label_map_totalsegmentator_writes(
     assert again["cases_resumed"] == 1 and again["assembly"] == "up to date"
 
 
-# --- item 6: the Dask executor -------------------------------------------------------------------
+# --- the Dask executor -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Triton patch embedding vs its torch reference (SPEC §6).
+"""Triton patch embedding vs its torch reference.
 
 The Triton checks run in subprocesses: TRITON_INTERPRET=1 must be set before
 the kernel module is imported, and the GPU-target compile must run without

@@ -1,7 +1,7 @@
 """The trainers learn the phantoms' fractures: synth → ingest → finetune → eval on unseen patients.
 
 tests/test_train.py checks the trainers' mechanics on an easy labelled set; this test checks
-the science on the real phantoms (SPEC §3: "learnable but not trivial"), with a narrower
+the science on the real phantoms (learnable, but not trivially), with a narrower
 model than `tiny` (64 wide, 2 blocks, the preset's input normalisation) so that ~600
 optimizer steps fit in about two minutes on 2 cores. On such a run the validation AUC stays
 near 0.5 for 250–400 steps and then rises (benchmarks/results/demo_sweep-h200.json), so

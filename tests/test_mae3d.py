@@ -1,4 +1,4 @@
-"""The 3-D MAE baseline (paper Table 3, "3D MAE"; issue 14 item 9): presets `mae3d-*`.
+"""The 3-D MAE baseline (paper Table 3, "3D MAE"): presets `mae3d-*`.
 
 The model reads the whole int16 crop in 16³ cubes (216 tokens) with fixed 3-D sin-cos
 positions; here its parts are checked against plain hand computations (the cube unfolding, the

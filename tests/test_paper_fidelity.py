@@ -1,4 +1,4 @@
-"""Issue 14: the paper code's frame rule, context cut, flips, levels, multi-view combination and
+"""The paper code's frame rule, context cut, flips, levels, multi-view combination and
 224² format through the trainers and evaluation — and crop mode unchanged, bit for bit.
 
 Independent sources: the numpy transcription of the reference's sampling and MONAI's crop/pad

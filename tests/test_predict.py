@@ -1,4 +1,4 @@
-"""`vctmae predict` (issue 12): scans → per-vertebra fracture probabilities and a report.
+"""`vctmae predict`: scans → per-vertebra fracture probabilities and a report.
 
 The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
@@ -95,7 +95,7 @@ def predicted(raw, checkpoint, tmp_path_factory):
     return run_predict(config(checkpoint, out, src=raw, batch_size=5))
 
 
-# --- item 1: predict = ingest + eval ------------------------------------------------------------
+# --- predict = ingest + eval ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_dicom_folder_with_two_series_reads_the_larger_or_the_one_asked_for(
     assert "no series 9.9" in unknown.scans[0].error
 
 
-# --- item 2: the report ---------------------------------------------------------------------------
+# --- the report ---------------------------------------------------------------------------
 
 
 class Links(HTMLParser):
@@ -308,7 +308,7 @@ def test_report_rows_follow_the_threshold(raw, checkpoint, predicted, tmp_path):
     assert not list(tmp_path.glob("*/*.png"))  # --no-attention draws no frames
 
 
-# --- item 3: the decision threshold ---------------------------------------------------------------
+# --- the decision threshold ---------------------------------------------------------------
 
 
 def test_f1_optimal_threshold_is_the_best_of_every_cut():
@@ -485,7 +485,7 @@ def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
         read_threshold(path)
 
 
-# --- item 7: a bad scan is reported and the rest go on ----------------------------------------------
+# --- a bad scan is reported and the rest go on ----------------------------------------------
 
 
 def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp_path):

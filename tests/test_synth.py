@@ -1,4 +1,4 @@
-"""Synthetic spine phantoms (`vctmae synth`, SPEC §3)."""
+"""Synthetic spine phantoms (`vctmae synth`)."""
 
 from __future__ import annotations
 
@@ -313,7 +313,7 @@ def test_cli(tmp_path: Path) -> None:
     assert _rows(tmp_path / "raw")[0]["case"] == "case000"
 
 
-# --- clinical-size phantoms (issue 13) ---------------------------------------------------------
+# --- clinical-size phantoms ---------------------------------------------------------
 
 
 def test_clinical_render_equals_the_whole_grid_render() -> None:

@@ -1,4 +1,4 @@
-"""Faults a hostile user meets in the training commands (issue 9): each expected failure is one
+"""Faults a hostile user meets in the training commands: each expected failure is one
 line naming the file and the problem with exit 1 (usage errors: 2), a bug keeps its traceback,
 bad labels are refused before the first step, resume is exact after kill -9 at 2 loader workers,
 refuses changed settings and falls back to the previous checkpoint when the newest is damaged.
@@ -146,7 +146,7 @@ def mae_file(tmp_path_factory) -> Path:
     return save_model(build_mae("tiny", **SMALL_MODEL), root / "mae.safetensors")
 
 
-# ----------------------------------------------------------------------------- item 1: labels
+# ----------------------------------------------------------------------------- labels
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_eval_refuses_bad_classes_before_writing_anything(data, classifier_file,
     assert json.loads((out / "metrics.json").read_text())["n"] == 8
 
 
-# ----------------------------------------------------------------------------- item 2: kill -9
+# ----------------------------------------------------------------------------- kill -9
 
 KILLED_RUN = r"""
 import json, os, signal, sys
@@ -258,7 +258,7 @@ def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path
     assert torch.equal(moments, state_b["optimizer"]["state"][0]["exp_avg"])
 
 
-# ----------------------------------------------------------------------------- item 6: one line
+# ----------------------------------------------------------------------------- one line
 
 
 class FullDisk:

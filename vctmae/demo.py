@@ -1,4 +1,4 @@
-"""The whole pipeline on synthetic phantoms, on CPU, in minutes (SPEC §9).
+"""The whole pipeline on synthetic phantoms, on CPU, in minutes.
 
 synth → ingest → pretrain → finetune → eval → explain, each through its stage's
 one entry point, with the `tiny` model. Pretraining sees only the training

@@ -1,7 +1,7 @@
 """Where a number came from: machine, library versions and git commit.
 
-Recorded by every benchmark report and at the start of every training log
-(STYLE.md §12: every run records where it came from).
+Recorded by every benchmark report and at the start of every training log, so that every
+number can be traced to the run that made it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vctmae.ingest: raw spine CT + vertebra label maps → int16 crops in shards and Zarr (SPEC §2).
+"""vctmae.ingest: raw spine CT + vertebra label maps → int16 crops in shards and Zarr.
 
 Entry point: `run_ingest(IngestConfig(...))`. The names are imported lazily so
 that light modules of this package (e.g. `levels`) do not pull in scipy/zarr.

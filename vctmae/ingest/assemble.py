@@ -51,7 +51,7 @@ ASSEMBLY_VERSION = 1  # layout of the published outputs
 
 
 def sample_key(case_id: str, level: str) -> str:
-    """`{case}_{level}` as one flat name of `[A-Za-z0-9_-]` (SPEC §2).
+    """`{case}_{level}` as one flat name of `[A-Za-z0-9_-]`.
 
     Every other character of the case id becomes "-": dots (WebDataset splits keys
     at the first dot), slashes (a tar member must never name a folder or an

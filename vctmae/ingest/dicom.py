@@ -1,4 +1,4 @@
-"""Read a DICOM CT series folder as the same `Volume` a NIfTI CT gives (SPEC §2).
+"""Read a DICOM CT series folder as the same `Volume` a NIfTI CT gives.
 
 `load_dicom_ct(folder)` returns float32 HU voxels and a voxel → world affine in
 the NIfTI RAS+ convention, so the geometry code uses a DICOM scan unchanged.

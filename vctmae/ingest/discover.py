@@ -1,4 +1,4 @@
-"""Find the (CT, label map) pairs to ingest (SPEC §2 "Input discovery").
+"""Find the (CT, label map) pairs to ingest.
 
 The layouts, all found recursively under `--src`:
 

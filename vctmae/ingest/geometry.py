@@ -18,7 +18,7 @@ one compiled loop), so every crop byte is what sampling a fully reoriented
 float copy gave (`vctmae.bench.ingest` keeps that old chain as its baseline;
 the tests compare the two).
 
-Video order of a crop (SPEC §2):
+Video order of a crop:
     axis 0 = patient's left → right   (world +x)
     axis 1 = superior → inferior      (world −z, or the spine tangent when aligned)
     axis 2 = anterior → posterior     (world −y)

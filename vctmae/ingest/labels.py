@@ -1,4 +1,4 @@
-"""Fracture labels and the patient-level train/val/test split (SPEC §2 "Labels").
+"""Fracture labels and the patient-level train/val/test split.
 
 `labels.csv` has columns `case,level` and `fracture` (0/1) or `grade` (Genant 0–3,
 fracture = grade ≥ 1), optionally `split` (train|val|test) and `patient`.

@@ -1,4 +1,4 @@
-"""Vertebra level names and the label schemes that encode them (SPEC §2).
+"""Vertebra level names and the label schemes that encode them.
 
 Crops are always named by anatomical level (`T12`, `L1`, …) whatever the
 label scheme of the input segmentation.

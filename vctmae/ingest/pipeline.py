@@ -1,4 +1,4 @@
-"""`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report (SPEC §2).
+"""`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report.
 
 This module runs the two steps and says what happened; each step lives in its own module:
 

@@ -4,7 +4,7 @@ The published set is the shards (`{split}-NNNNNN.tar`), `crops.zarr` and
 `manifest.csv`; they refer to each other (the manifest names shards and Zarr
 indices), so a reader must never find half of one set and half of another.
 Assembly writes the new set into `OUT/.ingest-work/staging/`; moving it into
-`OUT` takes several renames, since SPEC §2 keeps the shards directly under
+`OUT` takes several renames, since the shards lie directly under
 `--out` (so that `vctmae pretrain --shards data/*.tar` works as typed — a
 generation folder behind one pointer would move them out of that glob). The
 journal makes those renames a single step:

@@ -3,7 +3,7 @@
 `segment_vertebrae(ct_path, out_path)` runs TotalSegmentator's Python API on a
 CT (a NIfTI file or a DICOM series folder) for the vertebrae only and writes
 one multi-label NIfTI map in TotalSegmentator v2 "total" values (C1 = 50 …
-L5 = 27, S1 = 26; SPEC §2), which ingest reads as it reads any other label map.
+L5 = 27, S1 = 26), which ingest reads as it reads any other label map.
 It is the one place vctmae calls TotalSegmentator (`vctmae ingest --segment`;
 a predict command reuses it).
 

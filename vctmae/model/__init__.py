@@ -1,4 +1,4 @@
-"""vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export (SPEC §5);
+"""vctmae.model: mae_st-compatible video ViT MAE and classifier, weight import/export;
 the 3-D MAE baseline of the paper's Table 3 (presets `mae3d-*`)."""
 
 from vctmae.model.checkpoint import (

@@ -1,4 +1,4 @@
-"""Synthetic spine CT phantoms with VerSe label maps and fracture grades (SPEC §3).
+"""Synthetic spine CT phantoms with VerSe label maps and fracture grades.
 
 No public CT can be downloaded at run time, so demos, tests and benchmarks use
 these phantoms. Each case is a short run of consecutive vertebrae (T5 … L5) on a

@@ -1,4 +1,4 @@
-"""vctmae.train: pretraining and finetuning loops, schedules, checkpoints, evaluation, explanations (SPEC §7–§8).
+"""vctmae.train: pretraining and finetuning loops, schedules, checkpoints, evaluation, explanations.
 
 Entry points (one per command): `run_pretrain(PretrainConfig)`, `run_finetune(FinetuneConfig)`,
 `run_eval(EvalConfig)`, `run_explain(ExplainConfig)`; both trainers are `build_run` + `Trainer`.

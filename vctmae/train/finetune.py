@@ -1,4 +1,4 @@
-"""Fracture-classification finetuning: `run_finetune(FinetuneConfig)` (SPEC §7).
+"""Fracture-classification finetuning: `run_finetune(FinetuneConfig)`.
 
 The shared set-up is `vctmae.train.run.build_run`; this module adds the
 classifier objective (class-weighted cross-entropy at a random view shift,
@@ -60,8 +60,8 @@ def class_weights(indexes: list[Any], num_classes: int = 2) -> list[float]:
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierObjective:
-    """Class-weighted cross-entropy of one micro-batch at a random view shift (and flip flag);
-    crop mode draws as before `--frames`/`--flip` existed (`FrameSampler.draw`)."""
+    """Class-weighted cross-entropy of one micro-batch at a random view shift (and flip flag),
+    drawn by `FrameSampler.draw`."""
 
     sampler: FrameSampler
     class_weights: torch.Tensor  # (2,) on the training device
