@@ -48,6 +48,7 @@ def monai_crops(ct: Path, seg: Path, values: Sequence[int], out: Path) -> int:
     case = load_transform()({"image": str(ct), "label": str(seg)})
     image, label = case["image"], case["label"]
     labels = np.asarray(label[0])
+    Path(out).mkdir(parents=True, exist_ok=True)
     saver = SaveImage(
         output_dir=str(out),
         output_postfix="",
@@ -64,6 +65,6 @@ def monai_crops(ct: Path, seg: Path, values: Sequence[int], out: Path) -> int:
             continue
         centre = [int(round(c)) for c in voxels.mean(axis=0)]
         crop = SpatialCrop(roi_center=centre, roi_size=(SIZE, SIZE, SIZE))(image)
-        saver(crop, filename=out / f"{stem}_{value}")
+        saver(crop, filename=Path(out) / f"{stem}_{value}")
         saved += 1
     return saved

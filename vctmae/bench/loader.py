@@ -29,19 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vctmae.bench.peers import load_peer
-from vctmae.bench.report import Result, write_report
+from vctmae.bench.peers import load_peer, monai_version
+from vctmae.bench.report import REAL_CT_DIR, Result, write_report
 from vctmae.data import LoaderOptions
 from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import iter_raw
 
-# The real-CT fixture beside the checkout (or $VCTMAE_REAL_CT); random smooth volumes without it.
-REAL_CT = (
-    Path(os.environ["VCTMAE_REAL_CT"]) / "ct.nii.gz"
-    if "VCTMAE_REAL_CT" in os.environ
-    else Path(__file__).resolve().parents[3] / "shared/data/real-ct/ct.nii.gz"
-)
+# The real-CT fixture (`vctmae.bench.report.REAL_CT_DIR`); random smooth volumes without it.
+REAL_CT = REAL_CT_DIR / "ct.nii.gz"
 SIZE = 96
 
 
@@ -261,7 +257,7 @@ def run_loader_bench(
         "candidate": "ShardLoader(training=True): int16 batches on the device; "
         "torch_w0_frames adds sample_frames (float model input)",
         "paper_monai": f"the paper code's data path (github lbuess/Video-CT_MAE, pretraining): "
-        f"MONAI {_monai_version()} Dataset of per-vertebra NIfTI image + label map (.nii.gz), "
+        f"MONAI {monai_version()} Dataset of per-vertebra NIfTI image + label map (.nii.gz), "
         "LoadImaged, EnsureChannelFirstd, label map == level -> mask, ScaleIntensityRanged "
         "(-1000..1000 -> 0..1, clip), CropForegroundd on the mask (margin 0/16/100), "
         "ResizeWithPadOrCropd, its 16-frame sampling + RGB, RandFlipd; torch DataLoader, "
@@ -350,9 +346,3 @@ def _ratios(rates: dict[str, float], config: LoaderBenchConfig) -> dict[str, flo
         if name.startswith(("torch_w", "dali_t")):
             ratios[f"{name}_over_raw_read"] = rates[name] / rates["raw_read"]
     return ratios
-
-
-def _monai_version() -> str:
-    from importlib.metadata import version
-
-    return version("monai")

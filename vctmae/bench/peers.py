@@ -43,3 +43,10 @@ def load_peer(name: str, folder: Path = PEERS) -> ModuleType:
         warnings.simplefilter("ignore", UserWarning)
         spec.loader.exec_module(module)
     return module
+
+
+def monai_version() -> str:
+    """The installed MONAI's version, for the reports."""
+    from importlib.metadata import version
+
+    return version("monai")
