@@ -28,6 +28,7 @@ from vctmae.bench.ingest import crop_differences, whole_volume_crops
 from vctmae.cli.app import app
 from vctmae.ingest import assemble, nifti, pipeline
 from vctmae.ingest.discover import discover_cases
+from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
     GeometryConfig,
     extract_crops,
@@ -112,10 +113,27 @@ def test_stored_voxels_are_read_as_stored(phantoms, monkeypatch):
     np.testing.assert_array_equal(load_ct(ct_path).data, stored.get_fdata(dtype=np.float32))
     labels = read_nifti_labels(seg_path)
     assert labels.data.dtype == np.uint8 and labels.data.flags.f_contiguous
+    # The voxels are used where the decompression put them: a read-only view, no copy.
+    assert not ct.data.flags.writeable and not ct.data.flags.owndata
     # Without python-isal the gzip module reads the same bytes.
     monkeypatch.setattr(nifti, "_fast_gzip", None)
     np.testing.assert_array_equal(read_nifti_ct(ct_path).data, ct.data)
     np.testing.assert_array_equal(read_nifti_labels(seg_path).data, labels.data)
+
+
+def test_big_endian_and_truncated_gzip_files(phantoms, tmp_path):
+    stored = nib.load(pair(phantoms, "case000")[0])
+    voxels = np.asanyarray(stored.dataobj.get_unscaled())
+    swapped = tmp_path / "big-endian.nii.gz"
+    image = nib.Nifti1Image(voxels.astype(">i2"), stored.affine, stored.header.copy())
+    image.header.set_data_dtype(">i2")
+    nib.save(image, swapped)
+    read = read_nifti_ct(swapped)
+    np.testing.assert_array_equal(read.data, voxels)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(swapped.read_bytes()[: swapped.stat().st_size // 2])
+    with pytest.raises(IngestError, match="corrupt or truncated data"):
+        read_nifti_ct(cut)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])
