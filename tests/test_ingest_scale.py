@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.bench.ingest import crop_differences, whole_volume_crops
 from vctmae.cli.app import app
-from vctmae.ingest import assemble, nifti, pipeline
+from vctmae.ingest import assemble, label_pass, nifti, pipeline
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
@@ -136,8 +136,11 @@ def test_big_endian_and_truncated_gzip_files(phantoms, tmp_path):
         read_nifti_ct(cut)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])
-def test_label_census_and_boxes_equal_a_plain_pass(dtype):
+def test_label_census_and_boxes_equal_a_plain_pass(dtype, compiled, monkeypatch):
+    # The compiled passes (1- and 2-byte maps) and the numpy passes (the rest, or no numba).
+    monkeypatch.setattr(label_pass, "available", compiled)
     rng = np.random.default_rng(3)
     data = np.zeros((40, 30, 20), dtype=np.float64)
     data[5:9, 3:20, 2:7] = 20

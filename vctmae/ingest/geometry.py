@@ -74,6 +74,7 @@ from scipy import ndimage
 
 from vctmae.clip import NUM_FRAMES, STRIDE
 from vctmae.errors import UsageError
+from vctmae.ingest import label_pass
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import LEVELS, SCHEMES, TOTALSEG, VERSE, VERSE_LABEL, level_index
 from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
@@ -229,6 +230,8 @@ def label_census(labels: Volume) -> LabelCensus:
     counts: dict[int, int] = {}
     if data.size == 0:
         return LabelCensus(counts={}, region=None)
+    if compiled_labels(data):
+        return _compiled_census(data, order)
     rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
     low, high = [None] * 3, [None] * 3
     for start in range(0, data.shape[0], rows):
@@ -261,6 +264,23 @@ def label_census(labels: Volume) -> LabelCensus:
     return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
 
 
+def compiled_labels(data: np.ndarray) -> bool:
+    """Whether the compiled label passes take `data`: integers of one or two bytes (nearly
+    every label map), when numba is present; the numpy passes take the rest."""
+    return label_pass.available and data.dtype.kind in "iu" and data.dtype.itemsize <= 2
+
+
+def _compiled_census(data: np.ndarray, order: tuple[int, int, int]) -> LabelCensus:
+    """`label_census` of a memory-order view in one compiled pass (`label_pass.census`)."""
+    counts, low, high = label_pass.census(data)
+    if not counts:
+        return LabelCensus(counts={}, region=None)
+    region = [slice(0, 0)] * 3
+    for axis, stored in enumerate(order):
+        region[stored] = slice(int(low[axis]), int(high[axis]))
+    return LabelCensus(counts=counts, region=tuple(region))
+
+
 def label_counts(labels: Volume) -> dict[int, int]:
     """Voxel count of every positive label value (`label_census`)."""
     return label_census(labels).counts
@@ -288,7 +308,10 @@ def label_boxes(
     if region is None:
         return [None] * LARGEST_VERTEBRA_VALUE
     data, order = memory_order(labels.data[region])
-    found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
+    if compiled_labels(data):
+        found = label_pass.vertebra_boxes(data, LARGEST_VERTEBRA_VALUE)
+    else:
+        found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
     boxes: list[tuple[slice, ...] | None] = []
     for box in found:
         if box is None:
