@@ -11,19 +11,29 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+import vctmae.cli.bench  # noqa: F401  (registers the commands)
+from vctmae.bench import peers
 from vctmae.bench.ingest import decode_only
 from vctmae.bench.peers import load_peer
+from vctmae.cli.app import app
 from vctmae.errors import VctmaeError
 from vctmae.ingest.nifti import read_nifti_ct
 
 
-def test_a_missing_peer_is_named_in_one_line(tmp_path):
+def test_a_missing_peer_is_named_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(VctmaeError) as error:
         load_peer("paper_monai", folder=tmp_path)
     message = str(error.value)
     assert "\n" not in message
     assert str(tmp_path / "paper_monai.py") in message and "checkout" in message
+    # The command stops before doing any work, with that line and exit code 1.
+    monkeypatch.setattr(peers, "PEERS", tmp_path)
+    for command in ("loader", "ingest"):
+        result = CliRunner().invoke(app, ["bench", command, "--quick"])
+        assert result.exit_code == 1, result.output
+        assert f"{tmp_path}" in result.output and "checkout" in result.output
 
 
 def test_the_paper_monai_path_gives_the_papers_model_input(tmp_path):

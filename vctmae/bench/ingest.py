@@ -77,7 +77,7 @@ REAL_LIKE_SPACING = (0.7, 0.7, 1.0)
 
 
 # ---------------------------------------------------------------------------
-# The old chain (ingest's geometry at commit bb6ecb0), kept as the baseline.
+# The old chain (ingest's geometry at commit bb6ecb0): the tests compare today's crops with it.
 
 
 def _old_load_ct(path: Path) -> Volume:
@@ -442,6 +442,7 @@ def run_bench(
     """Run the benchmark (module docstring); writes and returns the JSON report."""
     from vctmae.ingest.pipeline import default_workers
 
+    load_peer("monai_crops")  # before any work: a missing peer stops the benchmark at once
     n_cases = cases or (2 if quick else 8)
     distinct = min(n_cases, 1 if quick else 4)
     rounds = rounds or (1 if quick else 2)

@@ -227,6 +227,7 @@ def run_loader_bench(
     config: LoaderBenchConfig, *, json_path: Path | str | None = None, workdir: Path | None = None
 ) -> Path:
     """Measure every contender on the same crops and write the report; returns the JSON path."""
+    load_peer("paper_monai")  # before any work: a missing peer stops the benchmark at once
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
     if device.type == "cpu":

@@ -19,9 +19,10 @@ from vctmae.errors import VctmaeError
 PEERS = Path(__file__).resolve().parents[2] / "benchmarks" / "peers"
 
 
-def load_peer(name: str, folder: Path = PEERS) -> ModuleType:
-    """The module `benchmarks/peers/<name>.py` of the checkout, imported once."""
-    path = folder / f"{name}.py"
+def load_peer(name: str, folder: Path | None = None) -> ModuleType:
+    """The module `<name>.py` of `folder` (default: the checkout's `benchmarks/peers/`),
+    imported once."""
+    path = (folder or PEERS) / f"{name}.py"
     if not path.is_file():
         raise VctmaeError(
             f"{path}: not found; the benchmarks' peers live in the repository checkout "

@@ -15,8 +15,8 @@ taken in memory order. Both are seen along the crop's own axis order
 (`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
 is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
 one compiled loop), so every crop byte is what sampling a fully reoriented
-float copy gave (`vctmae.bench.ingest` keeps that old chain as its baseline;
-the tests compare the two).
+float copy gave (the tests compare the two, the old chain kept in
+`vctmae.bench.ingest`).
 
 Video order of a crop (SPEC §2):
     axis 0 = patient's left → right   (world +x)
