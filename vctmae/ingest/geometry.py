@@ -15,7 +15,7 @@ taken in memory order. Both are seen along the crop's own axis order
 (`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
 is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
 one compiled loop), so every crop byte is what sampling a fully reoriented
-float copy gave (the tests compare the two, the old chain kept in
+float copy gave (the tests compare the crops with that old chain, kept in
 `vctmae.bench.ingest`).
 
 Video order of a crop (SPEC §2):
@@ -230,7 +230,7 @@ def label_census(labels: Volume) -> LabelCensus:
     counts: dict[int, int] = {}
     if data.size == 0:
         return LabelCensus(counts={}, region=None)
-    if compiled_labels(data):
+    if _compiled_labels(data):
         return _compiled_census(data, order)
     rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
     low, high = [None] * 3, [None] * 3
@@ -264,7 +264,7 @@ def label_census(labels: Volume) -> LabelCensus:
     return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
 
 
-def compiled_labels(data: np.ndarray) -> bool:
+def _compiled_labels(data: np.ndarray) -> bool:
     """Whether the compiled label passes take `data`: integers of one or two bytes (nearly
     every label map), when numba is present; the numpy passes take the rest."""
     return label_pass.available and data.dtype.kind in "iu" and data.dtype.itemsize <= 2
@@ -308,7 +308,7 @@ def label_boxes(
     if region is None:
         return [None] * LARGEST_VERTEBRA_VALUE
     data, order = memory_order(labels.data[region])
-    if compiled_labels(data):
+    if _compiled_labels(data):
         found = label_pass.vertebra_boxes(data, LARGEST_VERTEBRA_VALUE)
     else:
         found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)

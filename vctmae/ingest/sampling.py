@@ -70,12 +70,16 @@ def _block(coords: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, ...
     return tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True)), first
 
 
+def _copy_block(data: np.ndarray, block: tuple[slice, ...]) -> np.ndarray:
+    """`data[block]` as a C-order array: copied in stored order first (long runs), then into
+    C order, faster than gathering the block across the large volume in sampling order."""
+    return np.ascontiguousarray(np.array(data[block], order="K"))
+
+
 def _map(data: np.ndarray, coords: np.ndarray, order: int, output) -> np.ndarray:
     """`map_coordinates` of `data` at `coords`, on the small block they read (same bits)."""
     block, first = _block(coords, data.shape)
-    # A copy in stored order first (long runs), then into C order: faster than gathering the
-    # block across the large volume in sampling order.
-    voxels = np.ascontiguousarray(np.array(data[block], order="K"))
+    voxels = _copy_block(data, block)
     shifted = coords - first.reshape(3, *([1] * (coords.ndim - 1))).astype(np.float64)
     return ndimage.map_coordinates(voxels, shifted, order=order, mode="nearest", output=output)
 
@@ -202,7 +206,7 @@ def sample_ct(
     # The voxels this crop reads, copied once in the crop's axis order: the loop then walks
     # memory in order instead of striding across a large (often reoriented) volume.
     block, first = _block(_corner_coordinates(matrix, size), data.shape)
-    voxels = np.ascontiguousarray(np.array(data[block], order="K"))
+    voxels = _copy_block(data, block)
     shape = np.array(data.shape, dtype=np.int64)
     _ct_kernel(
         voxels, first, shape, matrix, bool(scaled), float(slope), float(intercept), out, inside
