@@ -264,9 +264,10 @@ def run_loader_bench(
         "ResizeWithPadOrCropd, its 16-frame sampling + RGB, RandFlipd; torch DataLoader, "
         "RandomSampler, drop_last, same batch size, workers as named (benchmarks/peers/paper_monai.py)",
         "paper_workers": list(config.paper_workers),
-        # The machine may be shared: how busy it was, for every contender alike.
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "note": "the machine may be shared with other jobs while measuring (load_avg_*): "
+        "they slow every contender alike, the ratios of rates measured in one run less",
         "raw_read": "the floor: tarfile + np.frombuffer on each .npy member (raw_read_npload: np.load on BytesIO)",
     }
     return write_report(

@@ -232,8 +232,9 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
         config={
             **asdict(config),
             "torch_threads": torch.get_num_threads(),
-            # Other work on the machine slows every contender alike, the ratios less.
             "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+            "note": "the machine may be shared with other jobs while measuring "
+            "(load_average_*): they slow every contender alike, the ratios less",
             "segmentation": "not timed: the phantoms come with their label maps",
             "model_floor": "the floor: the classifier's forward passes alone (predict's module, "
             "precision and views; each scan's crops batched as predict batches them), on the "
