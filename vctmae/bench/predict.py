@@ -71,7 +71,8 @@ def _timed(run) -> tuple[float, object]:
 def model_floor(config, shards: list[str]) -> float:
     """Seconds of the classifier's forward passes alone over the crops in `shards`: predict's
     module, precision and views (`Predictor`), each scan's crops in batches of
-    `config.batch_size` as predict batches them; the inputs are made before the clock starts."""
+    `config.batch_size` as predict batches them; the inputs are made before the clock starts;
+    best of three passes."""
     import torch
 
     from vctmae.data.frames import FrameSampler
@@ -103,8 +104,8 @@ def model_floor(config, shards: list[str]) -> float:
             torch.cuda.synchronize(predictor.device)
 
     forward_all()  # warm-up: first kernels, allocator
-    seconds, _ = _timed(forward_all)
-    return seconds
+    # The best of three: on a shared machine a burst of other work lands in one of them.
+    return min(_timed(forward_all)[0] for _ in range(3))
 
 
 def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = None) -> Path:
@@ -238,7 +239,8 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
             "segmentation": "not timed: the phantoms come with their label maps",
             "model_floor": "the floor: the classifier's forward passes alone (predict's module, "
             "precision and views; each scan's crops batched as predict batches them), on the "
-            "same crops (ingest's, in memory), inputs prepared beforehand, after one untimed pass",
+            "same crops (ingest's, in memory), inputs prepared beforehand, best of 3 passes after "
+            "an untimed one",
             "not_measured": None
             if (config.preset, config.device) == ("large", "cuda")
             else "ViT-L on a GPU: vctmae bench predict --preset large --device cuda",
