@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PY) -m pip install -q -e '.[dev,dali,tensorboard,dask]'
+	$(PY) -m pip install -q -e '.[dev,dali,tensorboard,dask,bench]'
 	touch $@
 
 setup: $(VENV)/.base

@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.bench.ingest import crop_differences, whole_volume_crops
 from vctmae.cli.app import app
-from vctmae.ingest import assemble, nifti, pipeline
+from vctmae.ingest import assemble, label_pass, nifti, pipeline
 from vctmae.ingest.discover import discover_cases
+from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
     GeometryConfig,
     extract_crops,
@@ -114,14 +115,34 @@ def test_stored_voxels_are_read_as_stored(phantoms, monkeypatch):
     np.testing.assert_array_equal(load_ct(ct_path).data, stored.get_fdata(dtype=np.float32))
     labels = read_nifti_labels(seg_path)
     assert labels.data.dtype == np.uint8 and labels.data.flags.f_contiguous
+    # The voxels are used where the decompression put them: a read-only view, no copy.
+    assert not ct.data.flags.writeable and not ct.data.flags.owndata
     # Without python-isal the gzip module reads the same bytes.
     monkeypatch.setattr(nifti, "_fast_gzip", None)
     np.testing.assert_array_equal(read_nifti_ct(ct_path).data, ct.data)
     np.testing.assert_array_equal(read_nifti_labels(seg_path).data, labels.data)
 
 
+def test_big_endian_and_truncated_gzip_files(phantoms, tmp_path):
+    stored = nib.load(pair(phantoms, "case000")[0])
+    voxels = np.asanyarray(stored.dataobj.get_unscaled())
+    swapped = tmp_path / "big-endian.nii.gz"
+    image = nib.Nifti1Image(voxels.astype(">i2"), stored.affine, stored.header.copy())
+    image.header.set_data_dtype(">i2")
+    nib.save(image, swapped)
+    read = read_nifti_ct(swapped)
+    np.testing.assert_array_equal(read.data, voxels)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(swapped.read_bytes()[: swapped.stat().st_size // 2])
+    with pytest.raises(IngestError, match="corrupt or truncated data"):
+        read_nifti_ct(cut)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32])
-def test_label_census_and_boxes_equal_a_plain_pass(dtype):
+def test_label_census_and_boxes_equal_a_plain_pass(dtype, compiled, monkeypatch):
+    # The compiled passes (1- and 2-byte maps) and the numpy passes (the rest, or no numba).
+    monkeypatch.setattr(label_pass, "available", compiled)
     rng = np.random.default_rng(3)
     data = np.zeros((40, 30, 20), dtype=np.float64)
     data[5:9, 3:20, 2:7] = 20

@@ -1,19 +1,24 @@
-"""`vctmae bench ingest`: ingest at clinical scale — per-case cost against the old whole-volume
-chain, throughput at 1 and N workers, peak memory, and the projection for the paper's set.
+"""`vctmae bench ingest`: ingest at clinical scale — per case against a MONAI user's crop recipe
+and against only decoding the files, throughput at 1 and N workers, peak memory, and the
+projection for the paper's set.
 
 Inputs: clinical-size phantoms (`vctmae synth --clinical`: 512 × 512 × ~330 voxels of
 ~0.7 × 0.7 × 1.1 mm, 12–14 vertebrae, int16 or uint16 + intercept, several storage
-orders). A few distinct cases are written and linked under more case names, so the
-benchmark does not spend its time writing phantoms; ingest reads each link as a
-file of its own (from the page cache, as a warm file server would serve it).
+orders), and a real-like case: the real CT fixture resampled to a clinical CT's voxel
+size (`write_real_like_case`, made in a temporary folder at bench time; real CTs
+compress better than phantoms, so the work after decoding weighs more). A few
+distinct phantoms are written and linked under more case names, so the benchmark
+does not spend its time writing phantoms; ingest reads each link as a file of its
+own (from the page cache, as a warm file server would serve it).
 
 Measured in one run:
-1. **Per case, one process** (`per_case_*`): the old chain — `whole_volume_crops`,
-   a re-statement of ingest's geometry as of commit bb6ecb0 (nibabel load → float32
-   HU copy + NaN check → label load and C-order copy → whole-volume reorientation
-   of both → boxes and counts → crops sampled from the whole arrays) — and
-   today's `geometry.extract_crops`, on the same cases, alternating, best of
-   `rounds`. Their crops are compared (they must be bit-identical).
+1. **Per case, one process**, best of `rounds`, the three alternating on each case:
+   `ingest` — what one ingest worker does for a case (`extract_case`: read, cut,
+   compress, hash, write its work files); `decode_only` — the floor: ISA-L gunzip
+   of the CT and the label map into memory + `np.frombuffer`; `monai_crops` — the
+   peer, a MONAI user's recipe for the same vertebrae (`benchmarks/peers/monai_crops.py`).
+   Ratios are of rates: `ingest_over_decode_*` is at most 1 (1: ingest costs no more
+   than decoding its inputs).
 2. **`vctmae ingest` end to end** in a child process at 1 and N workers (fresh
    output, every case extracted): wall time, s/case, crops/s, and the peak
    resident memory of the process tree (sampled every 50 ms); at N workers also
@@ -30,6 +35,7 @@ Measured in one run:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -41,10 +47,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 from scipy import ndimage
 
-from vctmae.bench.report import Result, write_report
+from vctmae.bench.peers import load_peer, monai_version
+from vctmae.bench.report import REAL_CT_DIR, Result, write_report
 from vctmae.ingest import geometry, sampling
+from vctmae.ingest.discover import Case
+from vctmae.ingest.extract import ExtractJob, extract_case
 from vctmae.ingest.geometry import (
     LARGEST_VERTEBRA_VALUE,
     SAMPLING_ORIENTATION,
@@ -62,14 +72,12 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 PAPER_CASES = 3446
 PAPER_CROPS = 27776
 PROJECTION_CORES = 16
-# The old chain assembled after all extraction, serially: ~16 ms per crop (decode, re-hash,
-# npy, tar, zarr chunk), as profiled on this machine in issue 13. Its code is gone, so this
-# one number is taken from that profile, not measured here.
-OLD_ASSEMBLY_S_PER_CROP = 0.016
+# Voxel size of the real-like case: a clinical CT's (in-plane 0.7 mm, 1 mm slices).
+REAL_LIKE_SPACING = (0.7, 0.7, 1.0)
 
 
 # ---------------------------------------------------------------------------
-# The old chain (ingest's geometry at commit bb6ecb0), kept as the baseline.
+# The old chain (ingest's geometry at commit bb6ecb0): the tests compare today's crops with it.
 
 
 def _old_load_ct(path: Path) -> Volume:
@@ -301,27 +309,86 @@ def write_clinical_phantoms(root: Path, distinct: int, cases: int) -> Path:
     return src
 
 
-def _per_case(src: Path, cases: list[str], rounds: int) -> dict:
-    """Seconds per case of the old chain and of today's geometry (one process), crops compared."""
-    best = {"old": {}, "new": {}}
-    parts = {"read": 0.0, "labels": 0.0, "crops": 0.0, "n_crops": 0}
-    worst, facts_equal = 0.0, True
-    for _ in range(rounds):
+def decode_only(path: Path) -> np.ndarray:
+    """The floor of reading a case file: its bytes gunzipped in memory by ISA-L and seen as
+    its voxel array (np.frombuffer), nothing else."""
+    raw = igzip.decompress(Path(path).read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw[: nib.Nifti1Header.sizeof_hdr]))
+    return np.frombuffer(
+        raw,
+        dtype=header.get_data_dtype(),
+        count=int(np.prod(header.get_data_shape())),
+        offset=int(header.get_data_offset()),
+    )
+
+
+def write_real_like_case(root: Path, fixture: Path = REAL_CT_DIR) -> Path:
+    """The real CT fixture and its label map resampled to 0.7 × 0.7 × 1 mm (CT linear, labels
+    nearest), as `root`/ct|seg/real0.nii.gz: the voxel size of a clinical CT, with a real
+    CT's texture (which compresses better than a phantom's). Returns `root`."""
+    ct, seg = nib.load(fixture / "ct.nii.gz"), nib.load(fixture / "seg.nii.gz")
+    zoom = np.array(ct.header.get_zooms()[:3]) / np.array(REAL_LIKE_SPACING)
+    volume = ndimage.zoom(np.asarray(ct.dataobj, dtype=np.float32), zoom, order=1)
+    labels = ndimage.zoom(np.asarray(seg.dataobj), zoom, order=0)
+    affine = ct.affine.copy()
+    affine[:3, :3] = affine[:3, :3] / zoom
+    for kind, data in (("ct", np.rint(volume).astype(np.int16)), ("seg", labels)):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), root / kind / "real0.nii.gz")
+    return root
+
+
+def ingest_case(ct: Path, seg: Path, work: Path) -> list[int]:
+    """What one ingest worker does for one case (`extract_case`: read, cut, compress, write
+    its work files); returns the label values of the crops written."""
+    case = Case(
+        case=ct.name.split(".")[0], patient="P", ct=ct, seg=seg, ct_name=ct.name, seg_name=seg.name
+    )
+    job = ExtractJob(
+        index=0, case=case, geometry=GeometryConfig(), record=work / f"{case.case}.json"
+    )
+    extracted = extract_case(job)
+    if extracted.record.status != "ok":
+        raise RuntimeError(f"{ct}: ingest failed: {extracted.record.error}")
+    return [crop.label_value for crop in extracted.record.crops]
+
+
+def _per_case(src: Path, cases: list[str], rounds: int, work: Path) -> dict:
+    """Seconds per case (best of `rounds`, one process, contenders alternating) of ingest, of
+    decoding only, and of the MONAI crop recipe on the same vertebrae; crops per case."""
+    monai_crops = load_peer("monai_crops").monai_crops
+    best = {"ingest": {}, "decode": {}, "monai": {}}
+    crops = 0
+    for round_index in range(rounds):
         for case in cases:
             ct, seg = src / "ct" / f"{case}.nii.gz", src / "seg" / f"{case}.nii.gz"
+            timings = {}
             started = time.perf_counter()
-            old = whole_volume_crops(ct, seg)
-            elapsed = time.perf_counter() - started
-            best["old"][case] = min(best["old"].get(case, np.inf), elapsed)
+            decode_only(ct), decode_only(seg)
+            timings["decode"] = time.perf_counter() - started
             started = time.perf_counter()
-            new = geometry.extract_crops(ct, seg)
-            elapsed = time.perf_counter() - started
-            if elapsed < best["new"].get(case, np.inf):
-                best["new"][case] = elapsed
-            difference = crop_differences(old, new)
-            worst = max(worst, difference["max_abs_hu"])
-            facts_equal &= difference["label_facts_equal"]
-    # Today's chain split into its fixed part and its per-crop part (one more pass).
+            values = ingest_case(ct, seg, work)
+            timings["ingest"] = time.perf_counter() - started
+            if round_index == 0:
+                crops += len(values)
+            out = work / f"monai-{case}-{round_index}"
+            started = time.perf_counter()
+            written = monai_crops(ct, seg, values, out)
+            timings["monai"] = time.perf_counter() - started
+            if written != len(values):
+                raise RuntimeError(f"{ct}: MONAI recipe cut {written} of {len(values)} vertebrae")
+            for name, seconds in timings.items():
+                best[name][case] = min(best[name].get(case, np.inf), seconds)
+    mean = {name: float(np.mean(list(times.values()))) for name, times in best.items()}
+    return {**mean, "crops_per_case": crops / len(cases)}
+
+
+def _cost_split(src: Path, cases: list[str]) -> dict:
+    """Ingest's cost per case split into a fixed part (reading, label passes) and a per-crop
+    part (cutting, compressing, hashing), for the projection."""
+    from vctmae.ingest.writers import encode_crop
+
+    fixed, per_crop, n_crops = 0.0, 0.0, 0
     for case in cases:
         ct_path, seg_path = src / "ct" / f"{case}.nii.gz", src / "seg" / f"{case}.nii.gz"
         t0 = time.perf_counter()
@@ -331,29 +398,14 @@ def _per_case(src: Path, cases: list[str], rounds: int) -> dict:
         geometry.label_boxes(labels)
         t2 = time.perf_counter()
         result = geometry.crops_from_volumes(ct, labels, GeometryConfig())
-        t3 = time.perf_counter()
-        parts["read"] += t1 - t0
-        parts["labels"] += t2 - t1
-        parts["crops"] += (t3 - t2) - (t2 - t1)
-        parts["n_crops"] += len(result.crops)
-        # Compression and checksum, as the worker does them.
-        started = time.perf_counter()
-        from vctmae.ingest.writers import encode_crop
-
         for crop in result.crops:
             encode_crop(crop.array)
             hashlib.sha256(crop.array.tobytes()).hexdigest()
-        parts["crops"] += time.perf_counter() - started
-    n = len(cases)
-    return {
-        "old_s": float(np.mean(list(best["old"].values()))),
-        "new_s": float(np.mean(list(best["new"].values()))),
-        "fixed_s": (parts["read"] + parts["labels"]) / n,
-        "per_crop_s": parts["crops"] / max(1, parts["n_crops"]),
-        "crops_per_case": parts["n_crops"] / n,
-        "max_abs_hu": worst,
-        "label_facts_equal": facts_equal,
-    }
+        t3 = time.perf_counter()
+        fixed += t2 - t0
+        per_crop += (t3 - t2) - (t2 - t1)
+        n_crops += len(result.crops)
+    return {"fixed_s": fixed / len(cases), "per_crop_s": per_crop / max(1, n_crops)}
 
 
 def _spin(loops: int) -> float:
@@ -386,9 +438,12 @@ def run_bench(
     workers: int | None = None,
     cases: int | None = None,
     rounds: int | None = None,
+    real_ct: Path = REAL_CT_DIR,
 ) -> Path:
+    """Run the benchmark (module docstring); writes and returns the JSON report."""
     from vctmae.ingest.pipeline import default_workers
 
+    load_peer("monai_crops")  # before any work: a missing peer stops the benchmark at once
     n_cases = cases or (2 if quick else 8)
     distinct = min(n_cases, 1 if quick else 4)
     rounds = rounds or (1 if quick else 2)
@@ -402,15 +457,34 @@ def run_bench(
         src = write_clinical_phantoms(root, distinct, n_cases)
         synth_s = time.perf_counter() - started
         shape = nib.load(str(src / "ct" / "case0000.nii.gz")).shape
-        per_case = _per_case(src, [f"case{i:04d}" for i in range(distinct)], rounds)
+        phantoms = [f"case{i:04d}" for i in range(distinct)]
+        kinds = {"phantom": (src, phantoms)}
+        if real_ct.is_dir():
+            kinds["real_like"] = (write_real_like_case(root / "real-like", real_ct), ["real0"])
+            real_shape = nib.load(str(root / "real-like" / "ct" / "real0.nii.gz")).shape
+        work = root / "work"
+        work.mkdir()
+        per_case = {}
+        for kind, (folder, names) in kinds.items():
+            measured_kind = per_case[kind] = _per_case(folder, names, rounds, work)
+            results += [
+                Result(name=f"{kind}_ingest", value=measured_kind["ingest"], unit="s/case"),
+                Result(name=f"{kind}_decode_only", value=measured_kind["decode"], unit="s/case"),
+                Result(name=f"{kind}_monai_crops", value=measured_kind["monai"], unit="s/case"),
+                Result(
+                    name=f"{kind}_crops", value=measured_kind["crops_per_case"], unit="crops/case"
+                ),
+            ]
+            # Rates (cases/s) over rates: above 1, ingest is the faster.
+            ratios[f"ingest_over_monai_crops_{kind}"] = (
+                measured_kind["monai"] / measured_kind["ingest"]
+            )
+            ratios[f"ingest_over_decode_{kind}"] = measured_kind["decode"] / measured_kind["ingest"]
+        split = _cost_split(src, phantoms)
         results += [
-            Result(name="per_case_old_chain", value=per_case["old_s"], unit="s/case"),
-            Result(name="per_case_now", value=per_case["new_s"], unit="s/case"),
-            Result(name="per_case_fixed_part", value=per_case["fixed_s"], unit="s/case"),
-            Result(name="per_crop_part", value=per_case["per_crop_s"], unit="s/crop"),
-            Result(name="crops_old_vs_now_max_abs", value=per_case["max_abs_hu"], unit="HU"),
+            Result(name="phantom_fixed_part", value=split["fixed_s"], unit="s/case"),
+            Result(name="phantom_per_crop_part", value=split["per_crop_s"], unit="s/crop"),
         ]
-        ratios["per_case_now_over_old_chain_speed"] = per_case["old_s"] / per_case["new_s"]
 
         measured: dict[int, dict] = {}
         for round_index in range(rounds):
@@ -464,7 +538,7 @@ def run_bench(
 
         # Projection for the paper's set on PROJECTION_CORES cores: one core assembles.
         paper_crops_per_case = PAPER_CROPS / PAPER_CASES
-        case_s = per_case["fixed_s"] + paper_crops_per_case * per_case["per_crop_s"]
+        case_s = split["fixed_s"] + paper_crops_per_case * split["per_crop_s"]
         extract_workers = PROJECTION_CORES - 1
         extract_min = PAPER_CASES * case_s / (extract_workers * efficiency) / 60
         ideal_min = PAPER_CASES * case_s / extract_workers / 60
@@ -473,12 +547,6 @@ def run_bench(
             1, report_w1["vertebrae_written"]
         )
         assemble_min = PAPER_CROPS * assemble_per_crop / 60
-        # The old chain cut the same crops with the same sampling: its per-crop cost is today's.
-        old_case_s = (
-            per_case["old_s"]
-            - (per_case["crops_per_case"] - paper_crops_per_case) * per_case["per_crop_s"]
-        )
-        ratios["paper_case_now_over_old_chain_speed"] = old_case_s / case_s
         results += [
             Result(name="paper_case_s_now", value=case_s, unit="s/case"),
             Result(name="projected_extract_16_cores_ideal_scaling", value=ideal_min, unit="min"),
@@ -487,12 +555,6 @@ def run_bench(
             Result(
                 name="projected_paper_set_16_cores",
                 value=max(extract_min, assemble_min),
-                unit="min",
-            ),
-            Result(
-                name="projected_paper_set_16_cores_old_chain",
-                value=PAPER_CASES * old_case_s / (PROJECTION_CORES * efficiency) / 60
-                + PAPER_CROPS * OLD_ASSEMBLY_S_PER_CROP / 60,
                 unit="min",
             ),
         ]
@@ -506,7 +568,12 @@ def run_bench(
             "distinct_phantoms": distinct,
             "grid": list(shape),
             "crops_written": written,
-            "crops_per_case": per_case["crops_per_case"],
+            "real_like_grid": list(real_shape) if "real_like" in per_case else None,
+            "real_like": "the real CT fixture and its label map resampled to 0.7 x 0.7 x 1 mm "
+            "(CT linear, labels nearest), generated in a temporary folder at bench time"
+            if "real_like" in per_case
+            else "not measured: no real CT fixture",
+            "crops_per_case": {kind: m["crops_per_case"] for kind, m in per_case.items()},
             "workers": n_workers,
             "quick": quick,
             "rounds": rounds,
@@ -514,8 +581,16 @@ def run_bench(
             "crop_size": 96,
             "spacing_mm": 1.0,
             "synth_s": round(synth_s, 1),
-            "crops_bit_identical_to_old_chain": per_case["max_abs_hu"] == 0
-            and per_case["label_facts_equal"],
+            "ingest": "per case, one process, best of rounds: extract_case, what one ingest worker "
+            "does for a case (read CT + label map, cut every vertebra, compress, hash, write its "
+            "work files)",
+            "decode_only": "the floor: ISA-L gunzip of the CT and of the label map into memory "
+            "(isal.igzip.decompress of the file's bytes) + np.frombuffer, nothing else",
+            "monai_crops": f"the peer: MONAI {monai_version()} as its users write it "
+            "(benchmarks/peers/monai_crops.py): LoadImaged (default reader), "
+            "EnsureChannelFirstd, Orientationd RAS, Spacingd 1 mm (bilinear / nearest), one "
+            "SpatialCrop 96^3 per vertebra at its centroid, SaveImage int16 .nii.gz; the same "
+            "vertebrae ingest wrote; no alignment to the spine (vctmae's crops are aligned)",
             "parallel_efficiency_used": round(efficiency, 3),
             "parallel_efficiency_note": "ingest's N-worker speedup divided by the speedup "
             "N pure-Python loops got at the same time (machine_probe_*): this 2-core machine is "
@@ -523,12 +598,11 @@ def run_bench(
             # On a shared machine other jobs compete for the cores: record how busy it was.
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-            "note": "per_case_*: one process, best of rounds, old chain = ingest's geometry at "
-            "commit bb6ecb0 (re-stated in vctmae/bench/ingest.py); wall/s_per_case/crops_per_s: "
-            "`vctmae ingest` end to end in a child process (discovery, extraction, assembly "
-            "behind it, publish); projection: fixed + 8.06 × per-crop seconds per case over 15 "
-            "extraction workers at the measured parallel efficiency, vs assembly on one core "
-            "at its measured s/crop (old chain: 16 ms/crop serial assembly after extraction, "
-            "as profiled in issue 13)",
+            "note": "ratios are of rates (cases/s): ingest_over_X = X's seconds per case / "
+            "ingest's; wall/s_per_case/crops_per_s: `vctmae ingest` end to end in a child "
+            "process (discovery, extraction, assembly behind it, publish); projection: fixed + "
+            "8.06 x per-crop seconds per case over 15 extraction workers at the measured "
+            "parallel efficiency, vs assembly on one core at its measured s/crop. This 2-core "
+            "machine is shared with other agents' work while measuring (load_avg_*)",
         },
     )

@@ -1,14 +1,17 @@
-"""`vctmae bench loader`: shards → device-ready batches vs the paper code's per-sample NIfTI chain.
+"""`vctmae bench loader`: shards → device-ready batches vs the paper code's own MONAI data path.
 
-Everything is measured in one run on the same crops: the crops are cut from the
-real CT fixture (resampled to 1 mm, so they compress like real crops; random
-smooth volumes when the fixture is absent), written once as shards and once as
-one NIfTI file per crop (.nii.gz and .nii). Every file is read once before timing
-so the page cache is warm for every contender. Each contender runs one untimed
-epoch, then `repeats` timed measurements of whole epochs, each as many epochs as
-take at least `min_seconds` (2 s by default: long enough to matter, whatever the
-machine); the median rate is reported. The streaming loader is also measured at
-the larger batches training uses (64: finetuning; 256: the best GPU batch).
+Everything is measured in one run on the same crops: the crops are cut around the
+vertebrae of the real CT fixture (resampled to 1 mm, so they compress like real
+crops; a random smooth volume when the fixture is absent), written once as
+shards and once as the paper code stores them, a NIfTI image and label map per
+vertebra (`benchmarks/peers/paper_monai.py` reads them as that code does, with
+MONAI). The floor is the raw tar read of the shards. Every file is read once
+before timing so the page cache is warm for every contender. Each contender runs
+one untimed epoch, then `repeats` timed measurements of whole epochs, each as
+many epochs as take at least `min_seconds` (2 s by default: long enough to
+matter, whatever the machine); the median rate is reported. The streaming loader
+is also measured at the larger batches training uses (64: finetuning; 256: the
+best GPU batch).
 """
 
 from __future__ import annotations
@@ -26,17 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vctmae.bench.report import Result, write_report
+from vctmae.bench.peers import load_peer, monai_version
+from vctmae.bench.report import REAL_CT_DIR, Result, write_report
+from vctmae.data import LoaderOptions
 from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import iter_raw
 
-# The real-CT fixture beside the checkout (or $VCTMAE_REAL_CT); random smooth volumes without it.
-REAL_CT = (
-    Path(os.environ["VCTMAE_REAL_CT"]) / "ct.nii.gz"
-    if "VCTMAE_REAL_CT" in os.environ
-    else Path(__file__).resolve().parents[3] / "shared/data/real-ct/ct.nii.gz"
-)
+# The real-CT fixture (`vctmae.bench.report.REAL_CT_DIR`); random smooth volumes without it.
+REAL_CT = REAL_CT_DIR / "ct.nii.gz"
 SIZE = 96
 
 
@@ -50,6 +51,8 @@ class LoaderBenchConfig:
     # Batch sizes the streaming loader is measured at besides `batch_size` (0 workers and the most).
     large_batches: tuple[int, ...] = (64, 256)
     workers: tuple[int, ...] = (0, 1, 2)
+    # The paper's MONAI path: its own default (0 workers) and vctmae's worker count.
+    paper_workers: tuple[int, ...] = (0, LoaderOptions().workers)
     dali: bool = True
     device: str | None = None
     real_ct: Path = field(default=REAL_CT)
@@ -57,6 +60,8 @@ class LoaderBenchConfig:
     def __post_init__(self) -> None:
         if self.samples < self.batch_size * 2 * max(1, *self.workers):
             raise ValueError("samples too few for the batch size and worker counts")
+        if not set(self.paper_workers) <= set(self.workers):
+            raise ValueError("the paper's path is compared at worker counts the loader runs at")
         if self.repeats < 1:
             raise ValueError("repeats must be ≥ 1")
 
@@ -71,38 +76,59 @@ def quick_config(**overrides) -> LoaderBenchConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def make_crops(count: int, real_ct: Path, seed: int = 0) -> np.ndarray:
-    """int16 (count, 96, 96, 96) crops cut at random places from the real CT at 1 mm."""
+def make_crops(
+    count: int, real_ct: Path, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """int16 (count, 96, 96, 96) crops of the real CT at 1 mm, each centred near one of its
+    vertebrae (a few voxels off, at random), with the label map cut at the same place and
+    the vertebra's label value. Without the fixture: a random smooth volume, one box label."""
+    from scipy import ndimage
+
     rng = np.random.default_rng(seed)
     if real_ct.exists():
         import nibabel as nib
-        from scipy import ndimage
+
+        from vctmae.ingest.levels import TOTALSEG
 
         image = nib.load(real_ct)
-        volume = np.asarray(image.dataobj, dtype=np.float32)
-        volume = ndimage.zoom(volume, image.header.get_zooms()[:3], order=1)  # → 1 mm voxels
-    else:
-        from scipy import ndimage
-
-        volume = (
-            ndimage.gaussian_filter(rng.normal(0, 400, size=(192, 192, 192)).astype(np.float32), 3)
-            * 20
+        zoom = image.header.get_zooms()[:3]  # → 1 mm voxels
+        volume = ndimage.zoom(np.asarray(image.dataobj, dtype=np.float32), zoom, order=1)
+        labels = ndimage.zoom(
+            np.asarray(nib.load(real_ct.with_name("seg.nii.gz")).dataobj), zoom, order=0
         )
+        found = np.bincount(labels.ravel(), minlength=max(TOTALSEG) + 1)
+        values = [v for v in TOTALSEG if found[v] >= 1000]  # whole vertebrae, not slivers
+    else:
+        noise = rng.normal(0, 400, size=(192, 192, 192)).astype(np.float32)
+        volume = ndimage.gaussian_filter(noise, 3) * 20
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        labels[70:120, 60:130, 70:120] = 1
+        values = [1]
     pad = [(0, max(0, SIZE - n)) for n in volume.shape]
     volume = np.pad(volume, pad, constant_values=-1024).astype(np.int16)
+    labels = np.pad(labels, pad)
+    centres = {v: np.argwhere(labels == v).mean(axis=0) for v in values}
     crops = np.empty((count, SIZE, SIZE, SIZE), dtype=np.int16)
+    label_maps = np.empty((count, SIZE, SIZE, SIZE), dtype=labels.dtype)
+    chosen = []
     for i in range(count):
-        corner = [int(rng.integers(0, n - SIZE + 1)) for n in volume.shape]
-        crops[i] = volume[tuple(slice(c, c + SIZE) for c in corner)]
-    return crops
+        value = values[i % len(values)]
+        centre = centres[value] + rng.integers(-6, 7, size=3)
+        corner = [
+            int(np.clip(round(c) - SIZE // 2, 0, n - SIZE))
+            for c, n in zip(centre, volume.shape, strict=True)
+        ]
+        box = tuple(slice(c, c + SIZE) for c in corner)
+        crops[i], label_maps[i] = volume[box], labels[box]
+        chosen.append(value)
+    return crops, label_maps, chosen
 
 
 def write_dataset(
-    root: Path, crops: np.ndarray, shard_size: int
-) -> tuple[list[str], list[Path], list[Path]]:
-    """Shards in ingest's format, plus one .nii.gz and one .nii per crop. Returns their paths."""
-    import nibabel as nib
-
+    root: Path, crops: np.ndarray, label_maps: np.ndarray, values: list[int], shard_size: int
+) -> tuple[list[str], list[dict]]:
+    """Shards in ingest's format, and the same crops as the paper code stores them (a NIfTI
+    image and label map per vertebra). Returns the shard paths and the paper's records."""
     from vctmae.bench.shards import write_shards
 
     groups = [
@@ -113,15 +139,8 @@ def write_dataset(
         for start in range(0, len(crops), shard_size)
     ]
     shards = [str(path) for path in write_shards(root, "train", groups)]
-    gz, raw = [], []
-    (root / "nifti").mkdir(parents=True, exist_ok=True)
-    for i, crop in enumerate(crops):
-        image = nib.Nifti1Image(crop, np.eye(4))
-        gz.append(root / "nifti" / f"crop{i:05d}.nii.gz")
-        raw.append(root / "nifti" / f"crop{i:05d}.nii")
-        nib.save(image, gz[-1])
-        nib.save(image, raw[-1])
-    return shards, gz, raw
+    records = load_peer("paper_monai").write_records(root / "paper", crops, label_maps, values)
+    return shards, records
 
 
 # ----------------------------------------------------------------------------- timing
@@ -182,16 +201,21 @@ def _raw_epoch(shards: list[str], npload: bool = False) -> Callable[[], int]:
     return epoch
 
 
-def _reference_epoch(paths: list[Path], workers: int, batch_size: int) -> Callable[[], int]:
-    from torch.utils.data import DataLoader
-
-    from vctmae.bench.nifti_chain import ReferenceNiftiDataset
-
-    dataset = ReferenceNiftiDataset(paths, [0] * len(paths))
+def _paper_epoch(records: list[dict], workers: int, batch_size: int, device: torch.device):
+    """One epoch of the paper code's MONAI data path, its batches moved to `device` as its
+    training loop moves them."""
+    paper_monai = load_peer("paper_monai")
+    loader = paper_monai.paper_loader(
+        records, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"
+    )
 
     def epoch() -> int:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
-        return sum(len(images) for images, _ in loader)
+        count = 0
+        for batch in loader:
+            batch["image"].to(device, non_blocking=True)
+            count += len(batch["image"])
+        _sync(device)
+        return count
 
     return epoch
 
@@ -203,12 +227,14 @@ def run_loader_bench(
     config: LoaderBenchConfig, *, json_path: Path | str | None = None, workdir: Path | None = None
 ) -> Path:
     """Measure every contender on the same crops and write the report; returns the JSON path."""
+    load_peer("paper_monai")  # before any work: a missing peer stops the benchmark at once
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(
             1
         )  # on a small shared CPU, intra-op threads in sample_frames only contend
+    load_before = os.getloadavg()
     try:
         rates = _measure(config, device, workdir)
     finally:
@@ -231,9 +257,18 @@ def run_loader_bench(
         "after one warm-up epoch; page cache warm",
         "candidate": "ShardLoader(training=True): int16 batches on the device; "
         "torch_w0_frames adds sample_frames (float model input)",
-        "reference": "paper-code chain per sample in a DataLoader with the same worker count: NIfTI load, "
-        "HU scale, foreground crop, pad, 16 frames, RGB, flip",
-        "raw_read": "tarfile + np.frombuffer on each .npy member (raw_read_npload: np.load on BytesIO)",
+        "paper_monai": f"the paper code's data path (github lbuess/Video-CT_MAE, pretraining): "
+        f"MONAI {monai_version()} Dataset of per-vertebra NIfTI image + label map (.nii.gz), "
+        "LoadImaged, EnsureChannelFirstd, label map == level -> mask, ScaleIntensityRanged "
+        "(-1000..1000 -> 0..1, clip), CropForegroundd on the mask (margin 0/16/100), "
+        "ResizeWithPadOrCropd, its 16-frame sampling + RGB, RandFlipd; torch DataLoader, "
+        "RandomSampler, drop_last, same batch size, workers as named (benchmarks/peers/paper_monai.py)",
+        "paper_workers": list(config.paper_workers),
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "note": "the machine may be shared with other jobs while measuring (load_avg_*): "
+        "they slow every contender alike, the ratios of rates measured in one run less",
+        "raw_read": "the floor: tarfile + np.frombuffer on each .npy member (raw_read_npload: np.load on BytesIO)",
     }
     return write_report(
         "loader", results, _ratios(rates, config), json_path=json_path, config=settings
@@ -245,9 +280,10 @@ def _measure(
 ) -> dict[str, float]:
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        crops = make_crops(config.samples, config.real_ct)
-        shards, gz, raw = write_dataset(Path(tmp), crops, config.shard_size)
-        for path in [*shards, *gz, *raw]:  # warm the page cache for everybody
+        crops, label_maps, values = make_crops(config.samples, config.real_ct)
+        shards, records = write_dataset(Path(tmp), crops, label_maps, values, config.shard_size)
+        paper_files = [record[key] for record in records for key in ("image", "mask")]
+        for path in [*shards, *paper_files]:  # warm the page cache for everybody
             Path(path).read_bytes()
         timed = {"repeats": config.repeats, "min_seconds": config.min_seconds}
         rates["raw_read"] = _rate(_raw_epoch(shards), **timed)
@@ -288,39 +324,27 @@ def _measure(
                     backend="dali",
                 )
                 rates[f"dali_t{threads}"] = _rate(_loader_epoch(loader), **timed)
-        reference_repeats = max(1, config.repeats - 1)
-        for workers in config.workers:
-            rates[f"reference_nii_gz_w{workers}"] = _rate(
-                _reference_epoch(gz, workers, config.batch_size), reference_repeats
+        for workers in config.paper_workers:
+            rates[f"paper_monai_w{workers}"] = _rate(
+                _paper_epoch(records, workers, config.batch_size, device), **timed
             )
-        rates["reference_nii_w0"] = _rate(
-            _reference_epoch(raw, 0, config.batch_size), reference_repeats
-        )
     return rates
 
 
 def _ratios(rates: dict[str, float], config: LoaderBenchConfig) -> dict[str, float]:
+    """Each loader rate over the paper's MONAI path at the same worker count and over the floor;
+    `loader_over_paper_monai_path` is the one at vctmae's own worker count."""
     ratios = {}
-    for workers in config.workers:
-        reference = rates[f"reference_nii_gz_w{workers}"]
-        ratios[f"torch_w{workers}_over_reference_nii_gz_w{workers}"] = (
-            rates[f"torch_w{workers}"] / reference
-        )
-        ratios[f"torch_w{workers}_over_raw_read"] = rates[f"torch_w{workers}"] / rates["raw_read"]
-    if 0 in config.workers:
-        ratios["torch_w0_over_reference_nii_gz"] = rates["torch_w0"] / rates["reference_nii_gz_w0"]
-        ratios["torch_w0_over_reference_nii"] = rates["torch_w0"] / rates["reference_nii_w0"]
-        ratios["torch_w0_frames_over_reference_nii_gz"] = (
-            rates["torch_w0_frames"] / rates["reference_nii_gz_w0"]
+    for workers in config.paper_workers:
+        ratio = rates[f"torch_w{workers}"] / rates[f"paper_monai_w{workers}"]
+        ratios[f"loader_over_paper_monai_path_w{workers}"] = ratio
+        if workers == LoaderOptions().workers:
+            ratios["loader_over_paper_monai_path"] = ratio
+    if 0 in config.paper_workers:
+        ratios["loader_frames_w0_over_paper_monai_path_w0"] = (
+            rates["torch_w0_frames"] / rates["paper_monai_w0"]
         )
     for name in rates:
-        if name.startswith("torch_w") and "_b" in name:
+        if name.startswith(("torch_w", "dali_t")):
             ratios[f"{name}_over_raw_read"] = rates[name] / rates["raw_read"]
-        if name.startswith("dali_t"):
-            threads = int(name.removeprefix("dali_t"))
-            ratios[f"{name}_over_raw_read"] = rates[name] / rates["raw_read"]
-            if f"reference_nii_gz_w{threads}" in rates:
-                ratios[f"{name}_over_reference_nii_gz_w{threads}"] = (
-                    rates[name] / rates[f"reference_nii_gz_w{threads}"]
-                )
     return ratios

@@ -8,6 +8,7 @@ run, then calls `write_report`, which records where the numbers came from
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 from vctmae.provenance import git_commit, machine_info, versions
 
 DEFAULT_DIR = Path("benchmarks/results")
+# The real CT fixture (ct.nii.gz + seg.nii.gz) beside the checkout, or $VCTMAE_REAL_CT.
+REAL_CT_DIR = Path(
+    os.environ.get("VCTMAE_REAL_CT", Path(__file__).resolve().parents[3] / "shared/data/real-ct")
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,8 +15,8 @@ taken in memory order. Both are seen along the crop's own axis order
 (`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
 is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
 one compiled loop), so every crop byte is what sampling a fully reoriented
-float copy gave (`vctmae.bench.ingest` keeps that old chain as its baseline;
-the tests compare the two).
+float copy gave (the tests compare the crops with that old chain, kept in
+`vctmae.bench.ingest`).
 
 Video order of a crop:
     axis 0 = patient's left → right   (world +x)
@@ -77,6 +77,7 @@ import numpy as np
 from scipy import ndimage
 
 from vctmae.errors import VctmaeError
+from vctmae.ingest import label_pass
 from vctmae.ingest.config import GeometryConfig
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.levels import (
@@ -275,6 +276,8 @@ def label_census(labels: Volume) -> LabelCensus:
     counts: dict[int, int] = {}
     if data.size == 0:
         return LabelCensus(counts={}, region=None)
+    if _compiled_labels(data):
+        return _compiled_census(data, order)
     rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
     low, high = [None] * 3, [None] * 3
     for start in range(0, data.shape[0], rows):
@@ -307,6 +310,23 @@ def label_census(labels: Volume) -> LabelCensus:
     return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
 
 
+def _compiled_labels(data: np.ndarray) -> bool:
+    """Whether the compiled label passes take `data`: integers of one or two bytes (nearly
+    every label map), when numba is present; the numpy passes take the rest."""
+    return label_pass.available and data.dtype.kind in "iu" and data.dtype.itemsize <= 2
+
+
+def _compiled_census(data: np.ndarray, order: tuple[int, int, int]) -> LabelCensus:
+    """`label_census` of a memory-order view in one compiled pass (`label_pass.census`)."""
+    counts, low, high = label_pass.census(data)
+    if not counts:
+        return LabelCensus(counts={}, region=None)
+    region = [slice(0, 0)] * 3
+    for axis, stored in enumerate(order):
+        region[stored] = slice(int(low[axis]), int(high[axis]))
+    return LabelCensus(counts=counts, region=tuple(region))
+
+
 def label_counts(labels: Volume) -> dict[int, int]:
     """Voxel count of every positive label value (`label_census`)."""
     return label_census(labels).counts
@@ -334,7 +354,10 @@ def label_boxes(
     if region is None:
         return [None] * LARGEST_VERTEBRA_VALUE
     data, order = memory_order(labels.data[region])
-    found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
+    if _compiled_labels(data):
+        found = label_pass.vertebra_boxes(data, LARGEST_VERTEBRA_VALUE)
+    else:
+        found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
     boxes: list[tuple[slice, ...] | None] = []
     for box in found:
         if box is None:

@@ -10,14 +10,16 @@ and are applied to the few voxels a crop samples. A clinical CT is ~80 M
 voxels, and each whole-volume pass (float conversion, reorientation, a C-order
 copy) costs about as much as cutting all its crops.
 
-Gzip: `.nii.gz` files are decompressed through python-isal's `igzip` (ISA-L's
-inflate, about twice zlib's speed on CT), handed to nibabel as an open file;
-without isal, the standard `gzip` module does the same job.
+Gzip: a `.nii.gz` file is decompressed whole, in one call, by python-isal's
+`igzip` (ISA-L's inflate, about twice zlib's speed on CT; without isal, the
+standard `gzip` module); nibabel reads the header from those bytes and the
+voxels are used where they lie (a read-only array, no copy).
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,11 +95,13 @@ def _detail(error: Exception, path: Path) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _open_gzip(path: Path):
-    """A binary file object reading the decompressed bytes of `path` (isal when available)."""
+def _gunzip(path: Path) -> bytes:
+    """The whole decompressed content of a gzip file in one call (isal when available): the
+    least a read can cost — no stream buffers, and the voxels are used where they land."""
+    compressed = path.read_bytes()
     if _fast_gzip is not None:
-        return _fast_gzip.open(path, "rb")
-    return gzip.open(path, "rb")
+        return _fast_gzip.decompress(compressed)
+    return gzip.decompress(compressed)
 
 
 def _gzip_image(path: Path, stream) -> nib.Nifti1Image:
@@ -145,22 +149,22 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Stored voxels (the file's dtype and memory order, trailing singleton axes dropped),
     affine, and the scl_slope / scl_inter that turn them into values."""
     is_gzip = path.name.lower().endswith(".gz") and _has_gzip_magic(path)
-    stream = None
-    try:
-        if is_gzip:
-            try:
-                stream = _open_gzip(path)
-            except OSError as error:
-                raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
-        image = _open(path, stream)
-        shape = _spatial_shape(path, image.shape)
-        affine = _affine(path, image)
-        proxy = image.dataobj
-        slope, intercept = float(proxy.slope), float(proxy.inter)
-        data = _read(path, image).reshape(shape, order="A")
-    finally:
-        if stream is not None:
-            stream.close()
+    content = None
+    if is_gzip:
+        try:
+            content = _gunzip(path)
+        except OSError as error:
+            raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
+        except MemoryError:
+            raise
+        except Exception as error:  # EOFError, zlib/isal errors: the compressed data is bad
+            raise IngestError(path, f"corrupt or truncated data ({_detail(error, path)})") from None
+    image = _open(path, None if content is None else io.BytesIO(content))
+    shape = _spatial_shape(path, image.shape)
+    affine = _affine(path, image)
+    proxy = image.dataobj
+    slope, intercept = float(proxy.slope), float(proxy.inter)
+    data = _read(path, image, content).reshape(shape, order="A")
     if not (np.isfinite(slope) and np.isfinite(intercept)):
         raise IngestError(path, f"scl_slope/scl_inter are not finite ({slope}, {intercept})")
     return data, affine, slope, intercept
@@ -187,8 +191,21 @@ def _affine(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     return affine
 
 
-def _read(path: Path, image: nib.Nifti1Image) -> np.ndarray:
-    """Read the stored voxels (no scaling); truncated or corrupt payloads fail here, not at load."""
+def _read(path: Path, image: nib.Nifti1Image, content: bytes | None = None) -> np.ndarray:
+    """Read the stored voxels (no scaling); truncated or corrupt payloads fail here, not at load.
+
+    `content`: the whole decompressed file, whose voxels are then used in place (read-only).
+    """
+    if content is not None:
+        proxy = image.dataobj
+        count = int(np.prod(proxy.shape))
+        end = proxy.offset + count * proxy.dtype.itemsize
+        if len(content) < end:
+            raise IngestError(
+                path, f"corrupt or truncated data ({len(content)} bytes, the voxels end at {end})"
+            )
+        voxels = np.frombuffer(content, dtype=proxy.dtype, count=count, offset=proxy.offset)
+        return voxels.reshape(proxy.shape, order=proxy.order)
     try:
         return np.asanyarray(image.dataobj.get_unscaled())
     except MemoryError:
