@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
 from vctmae.data import mirror, offset_frames, random_offsets
+from vctmae.infer.device import install_patch_embed
 from vctmae.model import build_classifier, build_mae
-from vctmae.train.speed import install_patch_embed
 
 
 def load_splits(zarr_path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

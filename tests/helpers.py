@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from vctmae.bench.shards import Sample, write_shards
+from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
-from vctmae.train.evaluate import Predictions
 
 
 def load_ct(path: str | Path) -> Volume:

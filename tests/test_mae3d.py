@@ -71,7 +71,7 @@ def small_mae3d(monkeypatch):
 
     small = model_config.preset_config("mae3d-tiny", **SMALL_MODEL)
     monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", lambda: small)
-    monkeypatch.setattr("vctmae.train.runlog.RunLog.image", lambda *args, **kwargs: None)
+    monkeypatch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
     return small
 
 
@@ -215,7 +215,7 @@ def test_flips_reverse_the_corresponding_axis_of_the_crop(flip, axis):
 
 
 def test_a_3d_model_sees_one_view_whatever_multiview_asks():
-    from vctmae.train.evaluate import multiview_probs
+    from vctmae.infer.views import multiview_probs
 
     torch.manual_seed(3)
     classifier = build_classifier("mae3d-tiny", **SMALL_MODEL).eval()
@@ -339,7 +339,7 @@ def test_cuda_graph_capture_falls_back_for_a_3d_model_with_its_reason(shards, tm
 
 
 def test_the_3d_model_keeps_its_torch_patch_embedding():
-    from vctmae.train.speed import install_patch_embed
+    from vctmae.infer.device import install_patch_embed
 
     model = build_classifier("mae3d-tiny", **SMALL_MODEL)
     embed = model.patch_embed

@@ -22,6 +22,7 @@ from test_model_reference import crop_clip, random_crops, random_frames
 
 from vctmae.data import offset_frames
 from vctmae.errors import UsageError
+from vctmae.infer.device import TritonPatchEmbed, install_patch_embed, resolve_patch_embed
 from vctmae.model import (
     ModelConfig,
     attention_maps,
@@ -35,7 +36,6 @@ from vctmae.model import (
     visible_count,
 )
 from vctmae.model.vit import PatchEmbed
-from vctmae.train.speed import TritonPatchEmbed, install_patch_embed, resolve_patch_embed
 
 TINY = dict(
     embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2
@@ -461,7 +461,7 @@ def test_real_triton_kernel_under_interpreter_matches_torch_route():
         """
         import torch
         from vctmae.model import build_mae
-        from vctmae.train.speed import install_patch_embed
+        from vctmae.infer.device import install_patch_embed
         tiny = dict(embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
                     decoder_num_heads=2)
         torch.manual_seed(0)

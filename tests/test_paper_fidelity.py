@@ -25,9 +25,9 @@ from test_model_reference import SMALL, mae_st_state  # noqa: E402
 from test_train import TEST_RUN, pretrain_config, write_split  # noqa: E402
 
 from vctmae.data import FrameSampler, LoaderOptions, ShardError, ShardLoader  # noqa: E402
+from vctmae.infer.views import multiview_probs  # noqa: E402
 from vctmae.model import build_classifier, build_mae, load_mae_st  # noqa: E402
 from vctmae.train import FinetuneConfig, RunOptions  # noqa: E402
-from vctmae.train.evaluate import multiview_probs  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -28,6 +28,16 @@ from typer.testing import CliRunner
 from vctmae.clip import REFERENCE_LEVELS, ClipRule
 from vctmae.data import LoaderOptions, ZarrCrops
 from vctmae.errors import UsageError
+from vctmae.infer.config import EvalConfig
+from vctmae.infer.evaluate import run_eval
+from vctmae.infer.metrics import PREDICTION_COLUMNS
+from vctmae.infer.threshold import (
+    DecisionThreshold,
+    f1_optimal_threshold,
+    read_threshold,
+    threshold_path,
+    write_best,
+)
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
@@ -39,15 +49,7 @@ from vctmae.predict import PredictConfig, run_predict
 from vctmae.predict.run import cut_scan
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
-from vctmae.train import EvalConfig, FinetuneConfig, RunOptions, run_eval, run_finetune
-from vctmae.train.evaluate import PREDICTION_COLUMNS
-from vctmae.train.threshold import (
-    DecisionThreshold,
-    f1_optimal_threshold,
-    read_threshold,
-    threshold_path,
-    write_best,
-)
+from vctmae.train import FinetuneConfig, RunOptions, run_finetune
 
 # The levels a checkpoint without a recorded clip rule is assessed on.
 LEVELS = parse_levels(REFERENCE_LEVELS)
@@ -457,7 +459,7 @@ def test_predict_decides_at_the_recorded_threshold_unless_told(finetuned, raw, t
 
 
 def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
-    import vctmae.train.threshold as module
+    import vctmae.infer.threshold as module
 
     files = model_files(build_classifier("tiny", num_classes=2, **SMALL_MODEL))
     path = tmp_path / "best.safetensors"
@@ -926,8 +928,8 @@ def test_case_ids_in_any_script_draw_without_font_warnings(raw, checkpoint, tmp_
 
 def test_explain_draws_the_view_of_the_checkpoints_rule(ingested, tmp_path):
     from vctmae import clip
-    from vctmae.train.config import ExplainConfig
-    from vctmae.train.explain import run_explain
+    from vctmae.infer.config import ExplainConfig
+    from vctmae.infer.explain import run_explain
 
     rule = ClipRule(frames="mask", multiview=6, combine="probs", levels=REFERENCE_LEVELS)
     weights = mask_model(tmp_path, rule)

@@ -1,4 +1,4 @@
-"""Trainers, schedule, checkpoints/resume, NaN guard, evaluation, explain (vctmae.train).
+"""Trainers, schedule, checkpoints/resume, NaN guard (vctmae.train); evaluation, explain (vctmae.infer).
 
 The training runs use a shrunken tiny model and a small, easy synthetic labelled
 set written straight to WebDataset shards (class 1: a dense vertebral body,
@@ -27,21 +27,20 @@ from sklearn import metrics as sk
 
 from vctmae.bench.shards import write_shards
 from vctmae.data import LoaderOptions
+from vctmae.infer.config import EvalConfig, SpeedOptions
+from vctmae.infer.evaluate import run_eval
+from vctmae.infer.metrics import compute_metrics
 from vctmae.train import (
-    EvalConfig,
     FinetuneConfig,
     NonFiniteLossError,
     PretrainConfig,
     RunOptions,
     WarmupCosine,
     pretrain_peak_lr,
-    run_eval,
     run_finetune,
     run_pretrain,
 )
 from vctmae.train.checkpoint import latest_checkpoint
-from vctmae.train.config import SpeedOptions
-from vctmae.train.evaluate import compute_metrics
 
 SMALL_MODEL = {
     "embed_dim": 48,
@@ -384,10 +383,10 @@ def test_explain_writes_the_attention_picture(finetuned, tmp_path):
     import zarr
 
     from vctmae.clip import ClipRule
+    from vctmae.infer.attention import explain_crop, rollout
+    from vctmae.infer.config import ExplainConfig
+    from vctmae.infer.explain import run_explain as explain
     from vctmae.model import load_model
-    from vctmae.train.config import ExplainConfig
-    from vctmae.train.explain import explain_crop, rollout
-    from vctmae.train.explain import run_explain as explain
 
     # Rollout of attention that only looks at itself is the identity.
     eye = torch.eye(5).expand(2, 5, 5)
@@ -473,7 +472,9 @@ import json, os, sys
 from pathlib import Path
 import torch
 from vctmae.data import LoaderOptions, ShardLoader
-from vctmae.train import FinetuneConfig, EvalConfig, RunOptions, run_finetune, run_eval
+from vctmae.infer.config import EvalConfig
+from vctmae.infer.evaluate import run_eval
+from vctmae.train import FinetuneConfig, RunOptions, run_finetune
 from vctmae.model.checkpoint import save_model
 
 train, test, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
@@ -565,16 +566,16 @@ def test_cuda_trainers_run_through_their_entry_points(easy_data, tmp_path):
 
 def test_finetune_validates_at_its_own_precision(easy_data, tmp_path, monkeypatch):
     """Validation computes at the run's --precision (an fp32 run never validates in bf16)."""
-    import vctmae.train.evaluate as evaluate
+    import vctmae.train.finetune as finetune
 
     seen = []
-    original = evaluate.predict
+    original = finetune.predict
 
     def recording(*args, **kwargs):
         seen.append(kwargs["precision"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "predict", recording)
+    monkeypatch.setattr(finetune, "predict", recording)
     speed = SpeedOptions(precision="bf16")
     run = RunOptions(shards=tuple(easy_data["train"]), out=tmp_path, **{**TEST_RUN, "speed": speed})
     run_finetune(FinetuneConfig(run=run, val_shards=tuple(easy_data["val"]), epochs=1,

@@ -44,7 +44,7 @@ def shrink(patch: pytest.MonkeyPatch) -> None:
     small = model_config.preset_config("tiny", **SMALL_MODEL)
     patch.setitem(model_config.PRESETS, "tiny", lambda: small)
     patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
-    patch.setattr("vctmae.train.runlog.RunLog.image", lambda *args, **kwargs: None)
+    patch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(autouse=True)

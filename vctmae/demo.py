@@ -79,21 +79,14 @@ def _stage(console: Console, name: str, started: float) -> float:
 def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str, Any]:
     """Run every stage under `config.out`; returns the test metrics and timings."""
     from vctmae.data import LoaderOptions
+    from vctmae.infer.config import EvalConfig, ExplainConfig
+    from vctmae.infer.evaluate import run_eval
+    from vctmae.infer.explain import run_explain
+    from vctmae.infer.metrics import metrics_table
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
-    from vctmae.train import (
-        EvalConfig,
-        ExplainConfig,
-        FinetuneConfig,
-        PretrainConfig,
-        RunOptions,
-        run_eval,
-        run_explain,
-        run_finetune,
-        run_pretrain,
-    )
-    from vctmae.train.evaluate import metrics_table
+    from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions, run_finetune, run_pretrain
 
     console = console or Console()
     out = Path(config.out)

@@ -77,8 +77,8 @@ def model_floor(config, shards: list[str]) -> float:
 
     from vctmae.data.frames import FrameSampler
     from vctmae.data.shards import iter_raw
+    from vctmae.infer.device import autocast_context
     from vctmae.predict.run import Predictor
-    from vctmae.train.loop import autocast_context
 
     predictor = Predictor(config)
     scans: dict[str, list[np.ndarray]] = {}
@@ -114,6 +114,8 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
 
     from vctmae.clip import REFERENCE_LEVELS
     from vctmae.data import LoaderOptions
+    from vctmae.infer.config import EvalConfig
+    from vctmae.infer.evaluate import run_eval
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
@@ -121,7 +123,6 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.predict.report import SUMMARY
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
-    from vctmae.train import EvalConfig, run_eval
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vctmae-bench-predict-") as tmp:

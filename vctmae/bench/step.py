@@ -76,7 +76,7 @@ class StepCase:
 
 def mode_options(mode: str) -> dict[str, Any]:
     """The RunOptions fields a mode sets: its SpeedOptions and whether the step is captured."""
-    from vctmae.train import SpeedOptions
+    from vctmae.infer.config import SpeedOptions
 
     speeds = {
         "eager_fp32": SpeedOptions(precision="fp32", patch_embed="torch"),
@@ -273,9 +273,9 @@ def recipe_projection(rates: dict[str, float], *, checkpoint_s: float = 0.0) -> 
 
 def validation_rate(preset: str, batch: int, device: torch.device, views: int = 6) -> float:
     """Crops/s of `views`-view validation forward passes (bf16 autocast on GPU)."""
+    from vctmae.infer.device import install_patch_embed
+    from vctmae.infer.views import multiview_probs
     from vctmae.model import build_classifier
-    from vctmae.train.evaluate import multiview_probs
-    from vctmae.train.speed import install_patch_embed
 
     model = build_classifier(preset).to(device).eval()
     install_patch_embed(model, "auto", device)

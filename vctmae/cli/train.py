@@ -1,7 +1,7 @@
 """Commands of the training stage: pretrain, finetune, eval, explain, demo.
 
 The options of pretrain, finetune, eval and explain are the flagged fields of
-their configs (`vctmae.train.config`), declared there once; `config_command`
+their configs (`vctmae.train.config`, `vctmae.infer.config`), declared there once; `config_command`
 derives each command from its config, and the functions here only run the
 entry point and report. Heavy imports happen inside the functions.
 """
@@ -14,12 +14,8 @@ import typer
 
 from vctmae.cli.app import app, expected_failures
 from vctmae.cli.options import config_command
-from vctmae.train.config import (
-    EvalConfig,
-    ExplainConfig,
-    FinetuneConfig,
-    PretrainConfig,
-)
+from vctmae.infer.config import EvalConfig, ExplainConfig
+from vctmae.train.config import FinetuneConfig, PretrainConfig
 
 
 def _kept(out: Path, kind: str, command: str) -> str:
@@ -61,8 +57,8 @@ def finetune(config: FinetuneConfig) -> None:
 @config_command(app, EvalConfig, name="eval")
 def evaluate(config: EvalConfig) -> None:
     """Evaluate a classifier: one prediction per crop, F1/ACC/AUC/AP, plots."""
+    from vctmae.infer.evaluate import run_eval
     from vctmae.outlock import hold_output
-    from vctmae.train import run_eval
 
     interrupted = f"evaluation stopped; nothing was written to {config.out}"
     with expected_failures(interrupted=interrupted), hold_output(config.out, "eval"):
@@ -73,7 +69,7 @@ def evaluate(config: EvalConfig) -> None:
 @config_command(app, ExplainConfig)
 def explain(config: ExplainConfig) -> None:
     """Attention (last layer and rollout) of the classifier over the 16 frames of one crop."""
-    from vctmae.train import run_explain
+    from vctmae.infer.explain import run_explain
 
     with expected_failures(interrupted=f"explain stopped; {config.out} was not written"):
         result = run_explain(config)

@@ -9,7 +9,7 @@ fused `attn.qkv` projection, which `vctmae.model.checkpoint` builds from mae_st'
 
 Both models take int16 crops (B, 96, 96, 96) and per-sample frame indices (B, 16) — which sagittal
 slices form each sample's clip — and gather the clip themselves, so the model has one forward. The
-patch embedding here is the plain torch one; `vctmae.train.speed` swaps in the fused Triton kernel
+patch embedding here is the plain torch one; `vctmae.infer.device` swaps in the fused Triton kernel
 (same parameters, same tokens) — speed lives outside the model.
 
 Shapes for the paper's geometry: clip (B, 1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width

@@ -1,8 +1,8 @@
-"""vctmae.predict: a patient's CT (NIfTI or DICOM) → per-vertebra fracture report (SPEC §10).
+"""vctmae.predict: a patient's CT (NIfTI or DICOM) → per-vertebra fracture report.
 
 Entry point: `run_predict(PredictConfig(...))`. It uses ingest's discovery,
-reader and geometry and the trainer's multi-view probabilities and attention
-maps, so it lives beside both (train never imports ingest). The public names
+reader and geometry and `vctmae.infer`'s multi-view probabilities and attention
+maps, so it sits above both (inference and training never import ingest). The public names
 load their module on first use, so the command line reads the config without
 importing torch.
 """

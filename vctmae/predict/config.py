@@ -10,8 +10,7 @@ from pathlib import Path
 
 from vctmae.errors import UsageError
 from vctmae.flags import flag
-from vctmae.ingest.levels import SCHEMES, parse_levels
-from vctmae.train.config import (
+from vctmae.infer.config import (
     COMBINE_HELP,
     DEVICES,
     FRAMES_HELP,
@@ -20,6 +19,7 @@ from vctmae.train.config import (
     SpeedOptions,
     check_rule_options,
 )
+from vctmae.ingest.levels import SCHEMES, parse_levels
 
 # `vctmae.ingest.geometry.LABEL_SCHEMES`, spelt here so that building the command line does not
 # import scipy.

@@ -1,4 +1,4 @@
-"""The report `vctmae predict` writes under `--out` (SPEC §10).
+"""The report `vctmae predict` writes under `--out`.
 
     index.html          every scan: levels assessed, fractures suspected, a thumbnail, a link
     CASE/report.html    one scan: the verdict, the sagittal overview, one row per vertebra
@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -44,6 +45,15 @@ DISCLAIMER = (
     "Research software: a model's estimate from the CT and its vertebra label map, not a "
     "diagnosis. Check every level on the images."
 )
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file (the checkpoint's, for the summary)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +80,6 @@ class RunFacts:
     ) -> RunFacts:
         from vctmae.ingest.geometry import GeometryConfig
         from vctmae.model.checkpoint import read_model_config
-        from vctmae.predict.run import file_digest
         from vctmae.provenance import git_commit, machine_info, versions
 
         _, model = read_model_config(config.checkpoint)
@@ -181,7 +190,7 @@ def write_run(scans: list[ScanResult], out: Path, run: RunFacts, *, seconds: flo
 
 def predictions_csv(scans: list[ScanResult], threshold: float) -> str:
     """predictions.csv: eval's columns first (label −1: unknown), then this run's."""
-    from vctmae.train.evaluate import PREDICTION_COLUMNS, prediction_row
+    from vctmae.infer.metrics import PREDICTION_COLUMNS, prediction_row
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)

@@ -10,9 +10,9 @@ Per scan, one after another (a progress bar over the scans):
    `geometry.crops_from_volumes`), in memory: the very int16 crops `vctmae ingest`
    would write, no shards.
 4. **Model**: the crops in batches of `--batch-size` on the device, each the mean
-   of its views' softmax (`vctmae.train.evaluate.multiview_probs`, eval's own
+   of its views' softmax (`vctmae.infer.views.multiview_probs`, eval's own
    function): the probabilities `ingest` + `eval` give. Called fractured at the
-   threshold finetuning recorded (`vctmae.train.threshold`) unless `--threshold`.
+   threshold finetuning recorded (`vctmae.infer.threshold`) unless `--threshold`.
 5. **Report**: each vertebra's frames with attention (`attention_frames`, the maps
    `vctmae explain` draws), the sagittal overview, `CASE/report.html`; then
    `predictions.csv`, `summary.json` and `index.html` are rewritten, so a run
@@ -22,14 +22,13 @@ A bad scan (unreadable file, mismatched label map, no vertebra…) is reported i
 one line by name and the run goes on; `PredictResult.failed` counts them (the
 command exits 1). Whatever stops every scan (a missing checkpoint, a usage error,
 TotalSegmentator missing, a full disk) raises a `VctmaeError` at once.
-This module sits outside `vctmae.train` because it drives ingest (nibabel,
-pydicom), which training code never imports.
+This module sits outside `vctmae.infer` because it drives ingest (nibabel,
+pydicom), which inference and training code never import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +98,8 @@ def find_scans(config: PredictConfig) -> tuple[list[Case], list[BadInput]]:
 
 def choose_threshold(config: PredictConfig, rule: ClipRule) -> Threshold:
     """`--threshold`, else the validation-optimal one beside the checkpoint when it was measured
-    under `rule`, else 0.5 (`vctmae.train.threshold.choose_threshold`)."""
-    from vctmae.train.threshold import choose_threshold as choose
+    under `rule`, else 0.5 (`vctmae.infer.threshold.choose_threshold`)."""
+    from vctmae.infer.threshold import choose_threshold as choose
 
     choice = choose(config.checkpoint, rule, config.threshold)
     return Threshold(value=choice.value, source=choice.source, detail=choice.detail)
@@ -113,12 +112,11 @@ class Predictor:
         import torch
 
         from vctmae.clip import resolve_rule
+        from vctmae.infer.attention import refuse_volume
+        from vctmae.infer.config import refuse_frame_options
+        from vctmae.infer.device import apply_speedups, resolve_device
         from vctmae.model.checkpoint import load_classifier, read_model_description
         from vctmae.progress import warn
-        from vctmae.train.config import refuse_frame_options
-        from vctmae.train.distributed import resolve_device
-        from vctmae.train.explain import refuse_volume
-        from vctmae.train.speed import apply_speedups
 
         self.device = resolve_device(config.device)
         self.model = load_classifier(config.checkpoint).to(self.device).eval()
@@ -152,7 +150,7 @@ class Predictor:
         boxes: each crop's mask bounding box in crop indices (its JSON `bbox`, which
         `--frames mask` reads).
         """
-        from vctmae.train.evaluate import multiview_probs
+        from vctmae.infer.views import multiview_probs
 
         torch = self._torch
         out = []
@@ -181,8 +179,8 @@ class Predictor:
 
     def attention(self, crop: np.ndarray, bbox: tuple[int, ...]) -> dict[str, Any]:
         """The frames, crop slices and attention maps of the middle view under the model's frame
-        rule (`vctmae.train.explain.attention_frames`)."""
-        from vctmae.train.explain import attention_frames
+        rule (`vctmae.infer.attention.attention_frames`)."""
+        from vctmae.infer.attention import attention_frames
 
         result = attention_frames(self.model, crop, frames=self.rule.frames, bbox=bbox)
         return {
@@ -190,15 +188,6 @@ class Predictor:
             "slices": result["slices"],
             "maps": {name: heat.numpy() for name, heat in result["maps"].items()},
         }
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file (the checkpoint's, for the summary)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _geometry(

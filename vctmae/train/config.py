@@ -1,4 +1,4 @@
-"""Run configurations of the trainers, evaluation and explanation (SPEC §7–§8).
+"""Run configurations of the trainers.
 
 Frozen keyword-only dataclasses; defaults are the paper's settings (App. A.5)
 and, where the paper is silent, its public code's. Each field that is a
@@ -8,7 +8,8 @@ that cannot be used is a `vctmae.errors.UsageError` (exit 2) naming its flag.
 
 `RunOptions` holds what both trainers share (data, model, seed, loader, device,
 speed, logging, resume); `PretrainConfig` and `FinetuneConfig` add only their
-optimiser, schedule and loss settings on top.
+optimiser, schedule and loss settings on top. The options inference shares with
+them (device, speed, the clip-rule help and checks) live in `vctmae.infer.config`.
 """
 
 from __future__ import annotations
@@ -18,54 +19,32 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from vctmae.clip import COMBINE_MODES, FLIPS, FRAME_MODES, REFERENCE_LEVELS, VIEW_COUNTS
+from vctmae.clip import FLIPS, FRAME_MODES, REFERENCE_LEVELS
 from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
 from vctmae.flags import config_fields, flag
+from vctmae.infer.config import (
+    COMBINE_HELP,
+    DEVICE_HELP,
+    DEVICES,
+    FRAMES_HELP,
+    MULTIVIEW_HELP,
+    SHARDS_HELP,
+    SpeedOptions,
+    check_out_folder,
+    check_rule_options,
+    check_shards,
+    one_of,
+    plain,
+    refuse_frame_options,
+)
 
-if TYPE_CHECKING:
-    from vctmae.model.config import ModelConfig
-
-DEVICES = ("auto", "cpu", "cuda")
-COMBINE = COMBINE_MODES
 # Frame sizes: the paper's 96² format, or the video format 224² (Table 2 row 5).
 FRAME_SIZES = (96, 224)
-PATCH_EMBED = ("auto", "torch", "triton")
-PRECISIONS = ("auto", "bf16", "fp32")
 POS_INIT = ("crop", "random", "interpolate")
 CLASS_WEIGHTS = ("inverse", "none")
-
-SHARDS_HELP = (
-    "WebDataset shards: paths (an unquoted glob's many paths), a quoted glob or a brace pattern."
-)
-DEVICE_HELP = (
-    "auto (GPU when present), cpu or cuda; under torchrun each process takes its LOCAL_RANK GPU."
-)
-FRAMES_HELP = (
-    "Frame rule: crop (the paper's text: slices o + 6k of the whole crop; training offset o in "
-    "0..5, six evaluation views covering every slice) | mask (the paper's code: 16 frames spread "
-    "over the vertebra mask's own sagittal extent, lo + round(linspace(0, w-1, 18))[1:-1], "
-    "shifts range(-sd//2, sd//2) for training and as the evaluation views, and the in-plane "
-    "context cut: the mask's rows +-16, all columns, padded with -1000 HU). Mask mode needs "
-    "ingest's bbox metadata."
-)
-MULTIVIEW_HELP = (
-    "Views per crop: 6 (the full ensemble: crop mode's six offsets, together every slice; mask "
-    "mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the reference "
-    "draws a random shift). A 3-D model sees the whole crop: one view either way."
-)
-COMBINE_HELP = (
-    "How multi-view predictions combine: probs (mean of the views' softmax probabilities) | "
-    "logits (mean of the views' logits, then softmax: what the reference code does)."
-)
-
-
-def _one_of(value: str, allowed: tuple[str, ...], option: str) -> None:
-    if value not in allowed:
-        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-
 
 # Seeds are used as given by numpy and torch generators (which take 64-bit seeds, and the per-rank
 # stream multiplies the seed by 1000): the usual 32-bit range leaves room for both.
@@ -77,56 +56,6 @@ def _check_number(value: float, option: str, *, positive: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         what = "a finite positive number" if positive else "a finite number >= 0"
         raise UsageError(f"{option} must be {what}, got {value}")
-
-
-def _check_out_folder(out: Path) -> None:
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"{out}: --out names a file; give a folder for the outputs")
-
-
-def _check_shards(shards: tuple[str, ...], option: str = "--shards") -> None:
-    if not shards:
-        raise UsageError(f"{option}: give at least one shard path, glob or brace pattern")
-
-
-def refuse_frame_options(
-    model: ModelConfig, who: str, *, frames: str, frame_size: int | None = None
-) -> None:
-    """A 3-D model (`ModelConfig.volume`, the `mae3d-*` presets) reads the whole crop: refuse the
-    flags that choose or pad frames for it (`who` names the model: a preset or a checkpoint)."""
-    if not model.volume:
-        return
-    if frames != "crop":
-        raise UsageError(
-            f"--frames {frames}: {who} is {model.describe()}, which reads the whole crop; "
-            "frame rules are for video models"
-        )
-    if frame_size is not None and frame_size != model.img:
-        raise UsageError(
-            f"--frame-size {frame_size}: {who} is {model.describe()}, which reads the "
-            f"{model.img}³ crop as it is; frame sizes are for video models"
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpeedOptions:
-    """How the model is computed: kernels, compilation, number format (`vctmae.train.speed`)."""
-
-    compile: bool = flag(False, "torch.compile the model.", resumable=True)
-    patch_embed: str = flag(
-        "auto",
-        "Patch embedding: auto | torch | triton (the fused kernel gathers video frames: a 3-D "
-        "model always takes torch, and refuses triton).",
-        name="--patch-embed",
-        resumable=True,
-    )
-    precision: str = flag(
-        "auto", "Number format: auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."
-    )
-
-    def __post_init__(self) -> None:
-        _one_of(self.patch_embed, PATCH_EMBED, "--patch-embed")
-        _one_of(self.precision, PRECISIONS, "--precision")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,17 +124,17 @@ class RunOptions:
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        _check_shards(self.shards)
+        check_shards(self.shards)
         if self.accum_steps < 1:
             raise UsageError(f"--accum-steps must be >= 1, got {self.accum_steps}")
         if self.grad_clip is not None:
             _check_number(self.grad_clip, "--grad-clip", positive=True)
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed must lie in [0, {MAX_SEED}], got {self.seed}")
-        _one_of(self.device, DEVICES, "--device")
-        _one_of(self.pos_init, POS_INIT, "--pos-init")
-        _one_of(self.frames, FRAME_MODES, "--frames")
-        _one_of(self.flip, FLIPS, "--flip")
+        one_of(self.device, DEVICES, "--device")
+        one_of(self.pos_init, POS_INIT, "--pos-init")
+        one_of(self.frames, FRAME_MODES, "--frames")
+        one_of(self.flip, FLIPS, "--flip")
         if self.frame_size not in FRAME_SIZES:
             raise UsageError(
                 f"--frame-size must be one of {', '.join(map(str, FRAME_SIZES))}, "
@@ -217,7 +146,7 @@ class RunOptions:
             raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise UsageError("max_steps_per_epoch must be >= 1 or None")
-        _check_out_folder(self.out)
+        check_out_folder(self.out)
         from vctmae.model.config import preset_config
 
         # The preset and overrides must make a model (checked before any data is read).
@@ -340,7 +269,7 @@ class FinetuneConfig:
         _check_number(self.min_lr, "--min-lr")
         check_min_lr(self.min_lr, self.lr, "--lr")
         check_rule_options(None, self.multiview, self.combine)
-        _one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
+        one_of(self.class_weights, CLASS_WEIGHTS, "--class-weights")
         if self.run.loader.levels is None:
             # The levels the reference finetunes on, whether built here or on the command line.
             loader = dataclasses.replace(self.run.loader, levels=REFERENCE_LEVELS)
@@ -358,90 +287,6 @@ class FinetuneConfig:
         return self.warmup_start_lr
 
 
-# How eval, explain and predict say that an option defaults to the checkpoint's clip rule.
-RULE_DEFAULT = " Default: the rule the checkpoint was finetuned with."
-
-
-def check_rule_options(frames: str | None, multiview: int | None, combine: str | None) -> None:
-    """The clip-rule options of eval, explain and predict (None: the checkpoint's)."""
-    if frames is not None:
-        _one_of(frames, FRAME_MODES, "--frames")
-    if multiview is not None and multiview not in VIEW_COUNTS:
-        raise UsageError(f"--multiview must be 1 or 6, got {multiview}")
-    if combine is not None:
-        _one_of(combine, COMBINE, "--combine")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """Multi-view evaluation of a finetuned classifier."""
-
-    checkpoint: Path = flag(help="Classifier weights (.safetensors from finetune).")
-    shards: tuple[str, ...] = flag(help=SHARDS_HELP, many=True)
-    out: Path = flag(Path("report"), "Folder for predictions.csv, metrics.json, roc.png, pr.png.")
-    frames: str | None = flag(None, FRAMES_HELP + RULE_DEFAULT)
-    multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
-    combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
-    batch_size: int = flag(64, "Crops per forward pass per process.")
-    loader: LoaderOptions = field(default_factory=LoaderOptions)
-    device: str = flag("auto", DEVICE_HELP)
-    speed: SpeedOptions = field(default_factory=SpeedOptions)
-    progress: bool = flag(True, "Print the metrics table.", negatable=True)
-
-    def __post_init__(self) -> None:
-        _check_shards(self.shards)
-        check_rule_options(self.frames, self.multiview, self.combine)
-        _one_of(self.device, DEVICES, "--device")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        _check_out_folder(self.out)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExplainConfig:
-    """Attention picture of one crop (SPEC §8)."""
-
-    checkpoint: Path = flag(help="Classifier weights (.safetensors).")
-    zarr: Path = flag(help="Zarr store written by ingest (crops.zarr).")
-    key: str = flag(help="Crop key, e.g. case-0003_L1 (see manifest.csv).")
-    out: Path = flag(Path("explain.png"), "PNG to write.")
-    offset: int | None = flag(
-        None,
-        "The view to draw: crop mode its offset 0-5, mask mode its shift (default: the middle "
-        "view, offset 3 or shift 0).",
-    )
-    frames: str | None = flag(None, FRAMES_HELP + RULE_DEFAULT)
-    multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
-    combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
-    device: str = flag("cpu", "cpu or cuda.")
-
-    def __post_init__(self) -> None:
-        check_rule_options(self.frames, self.multiview, self.combine)
-        _one_of(self.device, DEVICES, "--device")
-        if Path(self.out).is_dir():
-            raise UsageError(f"{self.out}: --out names a folder; give the PNG file to write")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """JSON-ready view of a (nested) config, paths as strings, for logs and checkpoints."""
-    return {
-        f.name: config_dict(value)
-        if dataclasses.is_dataclass(value := getattr(config, f.name))
-        else _plain(value)
-        for f in dataclasses.fields(config)
-    }
-
-
 def absolute_shard(spec: str) -> str:
     """How a run's settings and state name a shard: its URL, or its absolute path."""
     return spec if "://" in spec or spec.startswith("pipe:") else os.path.abspath(spec)
@@ -457,7 +302,7 @@ def resume_fingerprint(config: Any) -> dict[str, Any]:
     for leaf in config_fields(type(config)):
         if leaf.flag is not None and leaf.flag.resumable:
             continue
-        value = _plain(leaf.value(config))
+        value = plain(leaf.value(config))
         if leaf.flag is not None and leaf.flag.many and value:
             value = [absolute_shard(path) for path in expand_shards(value)]
         elif leaf.path[-1] == "init" and value is not None:

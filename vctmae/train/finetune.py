@@ -8,7 +8,7 @@ classifier objective (class-weighted cross-entropy at a random view shift,
 Every epoch ends with a multi-view validation pass; the classifier with the
 best validation F1 so far is written to `best.safetensors` (ties keep the
 earlier epoch), with the validation-optimal F1 threshold beside it
-(`best.threshold.json`, `vctmae.train.threshold`), and the run stops early after
+(`best.threshold.json`, `vctmae.infer.threshold`), and the run stops early after
 `patience` epochs without a better F1.
 """
 
@@ -25,12 +25,14 @@ from torch import nn
 
 from vctmae.clip import ClipRule
 from vctmae.data.frames import FrameSampler
+from vctmae.infer.metrics import compute_metrics
+from vctmae.infer.threshold import validation_threshold, write_best
+from vctmae.infer.views import predict
 from vctmae.model.checkpoint import model_files
 from vctmae.outlock import hold_output
 from vctmae.train.config import FinetuneConfig
 from vctmae.train.loop import EpochEnd, Trainer, TrainState
 from vctmae.train.run import build_run
-from vctmae.train.threshold import validation_threshold, write_best
 
 BEST = "best.safetensors"
 
@@ -78,7 +80,6 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
     """The trainer `run_finetune` runs (the step benchmark times its `train_step`)."""
     from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
     from vctmae.model import build_classifier
-    from vctmae.train.evaluate import compute_metrics, predict
 
     options = config.run
     dropout = {} if config.dropout is None else {"head_dropout": config.dropout}

@@ -40,19 +40,16 @@ from torch.nn.parallel import DistributedDataParallel
 from vctmae.clip import ClipRule
 from vctmae.data.shards import ShardError, shard_identity
 from vctmae.errors import UsageError, VctmaeError
+from vctmae.infer.config import config_dict
+from vctmae.infer.device import autocast_context
+from vctmae.infer.distributed import any_true, barrier, gather_objects
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
 from vctmae.progress import warn
+from vctmae.runlog import training_progress
 from vctmae.train import checkpoint
-from vctmae.train.config import (
-    absolute_shard,
-    check_resume_config,
-    config_dict,
-    resume_fingerprint,
-)
-from vctmae.train.distributed import any_true, barrier, gather_objects
+from vctmae.train.config import absolute_shard, check_resume_config, resume_fingerprint
 from vctmae.train.graph import GraphedStep
 from vctmae.train.run import Run
-from vctmae.train.runlog import training_progress
 from vctmae.train.schedule import set_lr
 
 
@@ -79,21 +76,6 @@ class EpochEnd:
 
     metrics: dict[str, float] = field(default_factory=dict)
     stop: bool = False
-
-
-def autocast_context(
-    device: torch.device, precision: str = "auto", *, cache: bool = True
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one.
-
-    `cache=False` turns autocast's weight-cast cache off (a CUDA graph must not capture a cast
-    made once and reused: the weights change every step).
-    """
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
 
 
 class Objective(Protocol):

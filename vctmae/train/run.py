@@ -18,14 +18,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vctmae.train import distributed
+from vctmae.infer import distributed
+from vctmae.infer.config import SpeedOptions
+from vctmae.infer.device import apply_speedups
+from vctmae.infer.distributed import DistInfo
+from vctmae.runlog import RunLog
 from vctmae.train.checkpoint import BackgroundWriter
-from vctmae.train.config import RunOptions, SpeedOptions, check_min_lr
-from vctmae.train.distributed import DistInfo
+from vctmae.train.config import RunOptions, check_min_lr
 from vctmae.train.optim import build_optimizer
-from vctmae.train.runlog import RunLog
 from vctmae.train.schedule import WarmupCosine
-from vctmae.train.speed import apply_speedups
 
 
 class StageConfig(Protocol):

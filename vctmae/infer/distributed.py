@@ -1,4 +1,4 @@
-"""Process-group setup for `torchrun` and the few collectives the trainers need.
+"""Process-group setup for `torchrun` and the few collectives evaluation and the trainers need.
 
 A plain `python -m vctmae …` run is a world of one; under `torchrun` the
 environment (RANK, WORLD_SIZE, LOCAL_RANK) selects NCCL on GPU and gloo on CPU.
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vctmae.errors import UsageError
+from vctmae.infer.device import resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,17 +30,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' → this process's GPU when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: torch sees no GPU here; use --device cpu or auto")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def setup(device: str = "auto") -> DistInfo:

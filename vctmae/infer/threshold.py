@@ -1,4 +1,4 @@
-"""The decision threshold finetuning records beside its best checkpoint (issue 12, item 5).
+"""The decision threshold finetuning records beside its best checkpoint.
 
 A probability is only useful as a decision with a threshold, and 0.5 is an
 arbitrary one: a classifier trained with class weights on a small set is rarely
@@ -29,6 +29,7 @@ import numpy as np
 
 from vctmae.clip import ClipRule
 from vctmae.files import write_atomically
+from vctmae.infer.metrics import compute_metrics
 from vctmae.model.checkpoint import CheckpointError, ModelFiles, write_model
 
 THRESHOLD_SUFFIX = ".threshold.json"
@@ -132,8 +133,6 @@ def validation_threshold(
     labels: np.ndarray, probs: np.ndarray, *, epoch: int, rule: ClipRule
 ) -> DecisionThreshold | None:
     """The record `write_best` keeps for a checkpoint validated with these predictions."""
-    from vctmae.train.evaluate import compute_metrics
-
     found = f1_optimal_threshold(labels, probs)
     if found is None:
         return None

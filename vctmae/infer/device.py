@@ -1,21 +1,51 @@
-"""Speed switches, applied from outside the model (STYLE.md §6).
+"""Where and how a model computes: the device, the number format, the patch embedding.
 
-The model's own patch embedding is the plain torch one (gather frames → Conv3d).
+`resolve_device` turns `--device` into a torch device; `autocast_context` is the
+number format of a forward pass (`--precision`). Speed switches are applied from
+outside the model. The model's own patch embedding is the plain torch one (gather frames → Conv3d).
 `install_patch_embed` swaps in the fused Triton kernel, `TritonPatchEmbed`,
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
 keys, checkpoints and optimizer parameters are unchanged) and gives the same
 tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
-DDP wrapping is `vctmae.train.run.wrap_for_training`. The kernel gathers video frames; a 3-D
+training wraps the result for DDP. The kernel gathers video frames; a 3-D
 model (`VolumePatchEmbed`, which reads the whole crop) keeps its torch patch embedding.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 from vctmae.errors import UsageError
 from vctmae.model.vit import PatchEmbed, VolumePatchEmbed
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' → this process's GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no GPU here; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast_context(
+    device: torch.device, precision: str = "auto", *, cache: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one.
+
+    `cache=False` turns autocast's weight-cast cache off (a CUDA graph must not capture a cast
+    made once and reused: the weights change every step).
+    """
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
 
 
 class TritonPatchEmbed(PatchEmbed):

@@ -1,4 +1,4 @@
-"""Attention pictures of the classifier over the 16 frames of a crop (SPEC §8).
+"""Attention pictures of the classifier over the 16 frames of a crop.
 
 Two maps per crop, both over the 8 × 6 × 6 token grid:
 - last layer: the last block's attention probabilities, mean over heads, then
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from vctmae.clip import ClipRule
+from vctmae.infer.views import multiview_probs
 from vctmae.model.config import ModelConfig
-from vctmae.train.config import ExplainConfig
 
 
 def refuse_volume(model: ModelConfig, who: str) -> None:
@@ -126,7 +126,6 @@ def explain_crop(
     combined) and that of the shown view alone (`prob_view`)."""
     from vctmae import clip
     from vctmae.data.frames import FrameSampler
-    from vctmae.train.evaluate import multiview_probs
 
     model.eval()
     device = next(model.parameters()).device
@@ -184,63 +183,3 @@ def save_explanation(result: dict[str, Any], path: Path, *, title: str) -> Path:
     path = write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=90))
     plt.close(fig)
     return path
-
-
-def run_explain(config: ExplainConfig) -> dict[str, Any]:
-    """Write the attention picture of `config.key`; returns its probabilities and path.
-
-    The frames, views and combination are the clip rule the checkpoint was finetuned with
-    unless the options say otherwise (each difference said in one line).
-    """
-    from vctmae import clip
-    from vctmae.clip import resolve_rule
-    from vctmae.data import ZarrCrops
-    from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
-    from vctmae.errors import UsageError
-    from vctmae.model.checkpoint import load_classifier, read_model_description
-    from vctmae.progress import warn
-
-    model = load_classifier(config.checkpoint)
-    refuse_volume(model.config, str(config.checkpoint))
-    rule, lines = resolve_rule(
-        read_model_description(config.checkpoint).clip,
-        who=str(config.checkpoint),
-        frames=config.frames,
-        multiview=config.multiview,
-        combine=config.combine,
-    )
-    for line in lines:
-        warn(line)
-    if not Path(config.zarr).exists():
-        raise ZarrStoreError(f"{config.zarr}: Zarr store not found")
-    store = ZarrCrops(config.zarr)
-    if config.key not in store:
-        raise MissingKeyError(
-            f"{config.zarr}: no crop with key {config.key!r} ({len(store.keys)} keys)"
-        )
-    bbox = store.bbox(config.key) if rule.frames == "mask" else None
-    extent = clip.FULL_EXTENT if bbox is None else clip.extent_from_bbox(bbox)
-    shifts = clip.view_shifts(rule.frames, extent)
-    shift = clip.middle_shift(rule.frames) if config.offset is None else config.offset
-    if shift not in shifts:
-        raise UsageError(
-            f"--offset {shift}: the views of {config.key} under --frames {rule.frames} are "
-            f"{', '.join(map(str, shifts))}"
-        )
-    model = model.to(torch.device(config.device))
-    result = explain_crop(model, store.crop(config.key), rule, shift=shift, bbox=bbox)
-    label = store.label(config.key)
-    truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")
-    views = "1 view" if rule.multiview == 1 else f"{rule.multiview} views"
-    title = (
-        f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} ({views}, "
-        f"--frames {rule.frames}), {result['prob_view']:.3f} (shown view, shift {shift})"
-    )
-    save_explanation(result, config.out, title=title)
-    return {
-        "key": config.key,
-        "label": label,
-        "prob_multiview": result["prob_multiview"],
-        "prob_view": result["prob_view"],
-        "out": str(config.out),
-    }
