@@ -99,8 +99,8 @@ class RunOptions:
         "none",
         "Flip augmentation, per sample with p = 0.5: rows (superior <-> inferior rows of every "
         "frame: the reference code's pretraining flip; its finetuning flips nothing) | frames "
-        "(left <-> right: the sagittal order reversed; no counterpart in the reference; "
-        "formerly --mirror) | none. A 3-D model: the same axes of the whole crop.",
+        "(left <-> right: the sagittal order reversed; no counterpart in the reference) | none. "
+        "A 3-D model: the same axes of the whole crop.",
     )
     seed: int = flag(0, "Seed of data order, view shifts, flips and masks.")
     loader: LoaderOptions = field(default_factory=LoaderOptions)
