@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
-from vctmae.data import mirror, offset_frames, random_offsets
+from vctmae.data.frames import mirror, offset_frames, random_offsets
 from vctmae.infer.device import install_patch_embed
 from vctmae.model import build_classifier, build_mae
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_data import make_shards
 
-from vctmae.data import LoaderOptions, ShardLoader
 from vctmae.data.cache import CacheError
+from vctmae.data.loader import ShardLoader
+from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
 
 

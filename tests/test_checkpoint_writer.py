@@ -9,8 +9,8 @@ import time
 from helpers import read_log
 
 from vctmae.bench.step import write_step_shards
-from vctmae.data import LoaderOptions
-from vctmae.train import PretrainConfig, RunOptions
+from vctmae.data.options import LoaderOptions
+from vctmae.train.config import PretrainConfig, RunOptions
 from vctmae.train.pretrain import run_pretrain
 
 SMALL_MODEL = {
@@ -46,7 +46,7 @@ def test_checkpoint_every_two_epochs_and_after_the_last(tmp_path):
 def test_checkpoints_are_written_while_the_next_epoch_trains(tmp_path, monkeypatch):
     """A slow disk: the epoch-1 checkpoint is still being written when epoch 2 starts, and the
     run still ends with every checkpoint complete."""
-    from vctmae.data import ShardLoader
+    from vctmae.data.loader import ShardLoader
     from vctmae.train import checkpoint
 
     shards = write_step_shards(tmp_path / "shards", 8)

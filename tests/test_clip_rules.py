@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vctmae import clip
-from vctmae.data import multiview_offsets, random_offsets, sample_frames
+from vctmae.data.frames import multiview_offsets, random_offsets, sample_frames
 
 # ----------------------------------------------------------------------------- the reference, transcribed
 #

@@ -15,7 +15,7 @@ pytest.importorskip("nvidia.dali")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from test_data import make_shards  # noqa: E402
 
-from vctmae.data import ShardLoader  # noqa: E402
+from vctmae.data.loader import ShardLoader  # noqa: E402
 
 
 @pytest.fixture(scope="module")

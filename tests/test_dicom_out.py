@@ -35,7 +35,7 @@ from vctmae.ingest.levels import SCHEMES
 from vctmae.ingest.nifti import Volume, reorient
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import save_model
-from vctmae.predict import PredictConfig, run_predict
+from vctmae.predict.config import PredictConfig
 from vctmae.predict.dicom_out import (
     NIFTI_NOTE,
     SEG_FILE,
@@ -43,6 +43,7 @@ from vctmae.predict.dicom_out import (
     segment_numbers,
     write_dicom_objects,
 )
+from vctmae.predict.run import run_predict
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 

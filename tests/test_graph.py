@@ -17,8 +17,8 @@ import torch
 from test_train import stop_before_epoch
 
 from vctmae.bench.step import write_step_shards
-from vctmae.data import LoaderOptions
-from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
+from vctmae.data.options import LoaderOptions
+from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import finetune_trainer
 from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.cli.app import app
-from vctmae.ingest import IngestConfig, run_ingest
+from vctmae.ingest.config import IngestConfig
+from vctmae.ingest.pipeline import run_ingest
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vctmae.ingest import IngestConfig, run_ingest
 from vctmae.ingest.assemble import sample_key
-from vctmae.ingest.config import parse_part, parse_size
+from vctmae.ingest.config import IngestConfig, parse_part, parse_size
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.labels import LabelsError, assign_cases, hashed_splits, read_labels
+from vctmae.ingest.pipeline import run_ingest
 from vctmae.ingest.writers import ShardWriter
 
 

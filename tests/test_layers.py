@@ -106,3 +106,52 @@ def test_an_import_inside_a_function_or_relative_is_found(tmp_path):
         "vctmae.infer.metrics → vctmae.predict.report",
         "vctmae.infer.metrics → vctmae.predict.report.SUMMARY",
     ]
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (the strongly
+    connected components of more than one module), each sorted."""
+    edges = {module: sorted(names & graph.keys() - {module}) for module, names in graph.items()}
+    order: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        order[module] = lowest[module] = len(order)
+        stack.append(module)
+        for name in edges[module]:
+            if name not in order:
+                visit(name)
+                lowest[module] = min(lowest[module], lowest[name])
+            elif name in stack:
+                lowest[module] = min(lowest[module], order[name])
+        if lowest[module] == order[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in order:
+            visit(module)
+    return cycles
+
+
+def test_no_module_imports_itself_through_others():
+    assert import_cycles(import_graph()) == []
+
+
+def test_a_circle_of_imports_is_found(tmp_path):
+    root = tmp_path / "vctmae"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("def f():\n    from vctmae import b\n")
+    (root / "b.py").write_text("from vctmae.c import g\n")
+    (root / "c.py").write_text("import vctmae.a\n")
+    (root / "d.py").write_text("from vctmae import a\n")
+    assert import_cycles(import_graph(root)) == [["vctmae.a", "vctmae.b", "vctmae.c"]]

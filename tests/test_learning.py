@@ -15,13 +15,14 @@ import csv
 
 import pytest
 
-from vctmae.data import LoaderOptions
+from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig
 from vctmae.infer.evaluate import run_eval
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
-from vctmae.train import FinetuneConfig, RunOptions, run_finetune
+from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.finetune import run_finetune
 
 NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
 

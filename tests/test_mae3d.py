@@ -41,7 +41,7 @@ from vctmae.model import (  # noqa: E402
     visible_count,
 )
 from vctmae.model.vit import VolumePatchEmbed, sincos_positions  # noqa: E402
-from vctmae.train import run_pretrain  # noqa: E402
+from vctmae.train.pretrain import run_pretrain  # noqa: E402
 
 NO_FRAMES = torch.zeros(2, 0, dtype=torch.long)
 
@@ -350,7 +350,8 @@ def test_the_3d_model_keeps_its_torch_patch_embedding():
 
 
 def test_predict_runs_a_3d_classifier_and_refuses_its_attention(tmp_path):
-    from vctmae.predict import PredictConfig, run_predict
+    from vctmae.predict.config import PredictConfig
+    from vctmae.predict.run import run_predict
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_model_reference import crop_clip, random_crops, random_frames
 
-from vctmae.data import offset_frames
+from vctmae.data.frames import offset_frames
 from vctmae.errors import UsageError
 from vctmae.infer.device import TritonPatchEmbed, install_patch_embed, resolve_patch_embed
 from vctmae.model import (

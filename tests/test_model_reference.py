@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vctmae.data import offset_frames
+from vctmae.data.frames import offset_frames
 from vctmae.model import build_classifier, build_mae, load_mae_st
 
 EPS = 1e-6

@@ -24,10 +24,13 @@ from test_clip_rules import reference_context_cut, reference_frames, reference_s
 from test_model_reference import SMALL, mae_st_state  # noqa: E402
 from test_train import TEST_RUN, pretrain_config, write_split  # noqa: E402
 
-from vctmae.data import FrameSampler, LoaderOptions, ShardError, ShardLoader  # noqa: E402
+from vctmae.data.frames import FrameSampler  # noqa: E402
+from vctmae.data.loader import ShardLoader  # noqa: E402
+from vctmae.data.options import LoaderOptions  # noqa: E402
+from vctmae.data.shards import ShardError  # noqa: E402
 from vctmae.infer.views import multiview_probs  # noqa: E402
 from vctmae.model import build_classifier, build_mae, load_mae_st  # noqa: E402
-from vctmae.train import FinetuneConfig, RunOptions  # noqa: E402
+from vctmae.train.config import FinetuneConfig, RunOptions  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -291,7 +294,7 @@ def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
     import torch._dynamo
     from test_graph import assert_same_training, run_options, run_steps, trainers
 
-    from vctmae.train import PretrainConfig
+    from vctmae.train.config import PretrainConfig
     from vctmae.train.finetune import finetune_trainer
     from vctmae.train.pretrain import pretrain_trainer
 
@@ -349,7 +352,7 @@ def test_loader_carries_each_samples_box_and_filters_levels(tmp_path):
 
 
 def test_metadata_the_rules_need_is_checked(tmp_path):
-    from vctmae.data import check_boxes
+    from vctmae.data.shards import check_boxes
 
     shard = tmp_path / "old-000000.tar"
     write_shard(shard, [{"key": "a_L1"}, {"key": "b_L2", "level": "L2"}])

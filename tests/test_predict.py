@@ -26,7 +26,8 @@ from test_train import SMALL_MODEL, TEST_RUN, write_split
 from typer.testing import CliRunner
 
 from vctmae.clip import REFERENCE_LEVELS, ClipRule
-from vctmae.data import LoaderOptions, ZarrCrops
+from vctmae.data.options import LoaderOptions
+from vctmae.data.zarr_store import ZarrCrops
 from vctmae.errors import UsageError
 from vctmae.infer.config import EvalConfig
 from vctmae.infer.evaluate import run_eval
@@ -45,11 +46,12 @@ from vctmae.ingest.nifti import reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
-from vctmae.predict import PredictConfig, run_predict
-from vctmae.predict.run import cut_scan
+from vctmae.predict.config import PredictConfig
+from vctmae.predict.run import cut_scan, run_predict
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
-from vctmae.train import FinetuneConfig, RunOptions, run_finetune
+from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.finetune import run_finetune
 
 # The levels a checkpoint without a recorded clip rule is assessed on.
 LEVELS = parse_levels(REFERENCE_LEVELS)

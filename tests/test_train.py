@@ -26,21 +26,16 @@ from safetensors.torch import load_file
 from sklearn import metrics as sk
 
 from vctmae.bench.shards import write_shards
-from vctmae.data import LoaderOptions
+from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig, SpeedOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import compute_metrics
-from vctmae.train import (
-    FinetuneConfig,
-    NonFiniteLossError,
-    PretrainConfig,
-    RunOptions,
-    WarmupCosine,
-    pretrain_peak_lr,
-    run_finetune,
-    run_pretrain,
-)
 from vctmae.train.checkpoint import latest_checkpoint
+from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
+from vctmae.train.finetune import run_finetune
+from vctmae.train.loop import NonFiniteLossError
+from vctmae.train.pretrain import run_pretrain
+from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
 
 SMALL_MODEL = {
     "embed_dim": 48,
@@ -204,7 +199,7 @@ def test_scalars_and_previews_also_go_to_tensorboard(easy_data, tmp_path):
 
 def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
     """Ctrl-C when epoch `stop` (0-based) is about to start."""
-    from vctmae.data import ShardLoader
+    from vctmae.data.loader import ShardLoader
 
     original = ShardLoader.set_epoch
 
@@ -471,10 +466,12 @@ def test_torchrun_two_cpu_processes(easy_data, tmp_path):
 import json, os, sys
 from pathlib import Path
 import torch
-from vctmae.data import LoaderOptions, ShardLoader
+from vctmae.data.loader import ShardLoader
+from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig
 from vctmae.infer.evaluate import run_eval
-from vctmae.train import FinetuneConfig, RunOptions, run_finetune
+from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.finetune import run_finetune
 from vctmae.model.checkpoint import save_model
 
 train, test, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])

@@ -186,8 +186,10 @@ def test_eval_refuses_bad_classes_before_writing_anything(data, classifier_file,
 KILLED_RUN = r"""
 import json, os, signal, sys
 from pathlib import Path
-from vctmae.data import LoaderOptions, ShardLoader
-from vctmae.train import FinetuneConfig, RunOptions, run_finetune
+from vctmae.data.loader import ShardLoader
+from vctmae.data.options import LoaderOptions
+from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.finetune import run_finetune
 
 train, val, out, small = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 original = ShardLoader.__iter__
@@ -209,8 +211,9 @@ run_finetune(FinetuneConfig(run=run, val_shards=tuple(val), epochs=2, warmup_epo
 def test_finetune_resume_after_kill_9_is_bit_exact_at_two_workers(data, tmp_path):
     """Killed with SIGKILL in the middle of epoch 2 of 2 at `--workers 2` (head dropout on),
     resumed: the weights, optimizer moments and RNG streams equal an uninterrupted run's."""
-    from vctmae.data import LoaderOptions
-    from vctmae.train import FinetuneConfig, RunOptions, run_finetune
+    from vctmae.data.options import LoaderOptions
+    from vctmae.train.config import FinetuneConfig, RunOptions
+    from vctmae.train.finetune import run_finetune
 
     def config(out: Path, **changes) -> FinetuneConfig:
         run = RunOptions(shards=tuple(data["train"]), out=out, model="tiny",

@@ -78,7 +78,7 @@ def _stage(console: Console, name: str, started: float) -> float:
 
 def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str, Any]:
     """Run every stage under `config.out`; returns the test metrics and timings."""
-    from vctmae.data import LoaderOptions
+    from vctmae.data.options import LoaderOptions
     from vctmae.infer.config import EvalConfig, ExplainConfig
     from vctmae.infer.evaluate import run_eval
     from vctmae.infer.explain import run_explain
@@ -86,7 +86,9 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
-    from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions, run_finetune, run_pretrain
+    from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
+    from vctmae.train.finetune import run_finetune
+    from vctmae.train.pretrain import run_pretrain
 
     console = console or Console()
     out = Path(config.out)
@@ -117,7 +119,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> dict[str,
     def shards(split: str) -> tuple[str, ...]:
         found = tuple(sorted(str(p) for p in data.glob(f"{split}-*.tar")))
         if not found:
-            from vctmae.data import ShardError
+            from vctmae.data.shards import ShardError
 
             raise ShardError(data, f"ingest wrote no {split} shards (too few --cases?)")
         return found

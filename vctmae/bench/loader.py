@@ -31,9 +31,9 @@ import torch
 
 from vctmae.bench.peers import load_peer, monai_version
 from vctmae.bench.report import REAL_CT_DIR, Result, write_report
-from vctmae.data import LoaderOptions
 from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
+from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import iter_raw
 
 # The real-CT fixture (`vctmae.bench.report.REAL_CT_DIR`); random smooth volumes without it.

@@ -113,14 +113,15 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     import torch
 
     from vctmae.clip import REFERENCE_LEVELS
-    from vctmae.data import LoaderOptions
+    from vctmae.data.options import LoaderOptions
     from vctmae.infer.config import EvalConfig
     from vctmae.infer.evaluate import run_eval
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
-    from vctmae.predict import PredictConfig, run_predict
+    from vctmae.predict.config import PredictConfig
     from vctmae.predict.report import SUMMARY
+    from vctmae.predict.run import run_predict
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
 

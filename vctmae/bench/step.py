@@ -182,8 +182,8 @@ def write_step_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
 
 def build_trainer(case: StepCase, shards: Sequence[str], out: Path, device: str):
     """The trainer the product builds for `case` (one epoch, no warmup, no checkpoints read)."""
-    from vctmae.data import LoaderOptions
-    from vctmae.train import FinetuneConfig, PretrainConfig, RunOptions
+    from vctmae.data.options import LoaderOptions
+    from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
     from vctmae.train.finetune import finetune_trainer
     from vctmae.train.pretrain import pretrain_trainer
 

@@ -13,9 +13,9 @@ from vctmae.predict.config import PredictConfig
 def predict(config: PredictConfig) -> None:
     """Diagnose scans: per-vertebra fracture probabilities and an HTML report, from a CT (NIfTI or a DICOM series) and its vertebra label map."""
     from vctmae.outlock import hold_output
-    from vctmae.predict import run_predict
     from vctmae.predict.dicom_out import not_written_line
     from vctmae.predict.report import SUMMARY
+    from vctmae.predict.run import run_predict
 
     def interrupted() -> str:
         # An earlier run's report is refused or removed before the first scan: a summary here

@@ -31,7 +31,7 @@ def _kept(out: Path, kind: str, command: str) -> str:
 @config_command(app, PretrainConfig, defaults={"--out": Path("runs/pretrain")})
 def pretrain(config: PretrainConfig) -> None:
     """MAE pretraining of the video ViT on vertebra crops (paper defaults)."""
-    from vctmae.train import run_pretrain
+    from vctmae.train.pretrain import run_pretrain
 
     with expected_failures(interrupted=_kept(config.run.out, "pretrain", "pretraining")):
         result = run_pretrain(config)
@@ -41,7 +41,7 @@ def pretrain(config: PretrainConfig) -> None:
 @config_command(app, FinetuneConfig, defaults={"--out": Path("runs/finetune")})
 def finetune(config: FinetuneConfig) -> None:
     """Finetune the fracture classifier (class-weighted CE, best checkpoint by validation F1)."""
-    from vctmae.train import run_finetune
+    from vctmae.train.finetune import run_finetune
 
     with expected_failures(interrupted=_kept(config.run.out, "finetune", "finetuning")):
         result = run_finetune(config)

@@ -1,33 +1,19 @@
 """vctmae.data — streaming loader: shards → int16 device batches → video frames.
 
-The public names load their module on first use (PEP 562), so importing
-`vctmae.data.options` for the command line does not import torch.
+`loader.ShardLoader` reads shards into batches (`batch.Batch`), `options.LoaderOptions` is
+what the commands set, `frames.FrameSampler` turns crops into the model's frames on the
+device, `shards` indexes and checks shards, `cache` keeps every crop on the device,
+`dali` is the optional DALI reader, `zarr_store` reads ingest's Zarr store.
 """
 
-from vctmae.lazy import lazy_exports
+# The frame API, reachable as `vctmae.data.sample_frames` and `vctmae.data.multiview_offsets`.
+# Loaded on first use: the command line imports `vctmae.data.options` without torch.
+__all__ = ["multiview_offsets", "sample_frames"]
 
-_EXPORTS = {
-    "Batch": "batch",
-    "DevicePrefetcher": "loader",
-    "ShardLoader": "loader",
-    "LoaderOptions": "options",
-    "ClassError": "shards",
-    "ShardError": "shards",
-    "check_classes": "shards",
-    "count_samples": "shards",
-    "expand_shards": "shards",
-    "shard_identity": "shards",
-    "shard_label": "shards",
-    "FrameSampler": "frames",
-    "check_boxes": "shards",
-    "select_levels": "shards",
-    "check_crop_shape": "frames",
-    "mirror": "frames",
-    "multiview_offsets": "frames",
-    "offset_frames": "frames",
-    "random_offsets": "frames",
-    "sample_frames": "frames",
-    "ZarrCrops": "zarr_store",
-}
 
-__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
+def __getattr__(name: str):
+    if name in __all__:
+        from vctmae.data import frames
+
+        return getattr(frames, name)
+    raise AttributeError(f"module 'vctmae.data' has no attribute {name!r}")

@@ -50,7 +50,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """
     from rich.console import Console
 
-    from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
+    from vctmae.data.frames import check_crop_shape
+    from vctmae.data.shards import check_boxes, check_classes, expand_shards
     from vctmae.files import write_atomically
     from vctmae.model.checkpoint import load_classifier, read_model_description
 

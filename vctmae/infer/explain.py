@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from vctmae import clip
-from vctmae.data import ZarrCrops
-from vctmae.data.zarr_store import MissingKeyError, ZarrStoreError
+from vctmae.data.zarr_store import MissingKeyError, ZarrCrops, ZarrStoreError
 from vctmae.errors import UsageError
 from vctmae.infer.attention import explain_crop, refuse_volume, save_explanation
 from vctmae.infer.config import ExplainConfig

@@ -296,7 +296,7 @@ def resume_fingerprint(config: Any) -> dict[str, Any]:
     """The settings `--resume` compares, by flag (or field path): every field except those whose
     flag is `resumable`; shard patterns expanded to the files they name (so a glob matching new
     files is a change, and `a*.tar` equals its shell expansion)."""
-    from vctmae.data import expand_shards
+    from vctmae.data.shards import expand_shards
 
     values: dict[str, Any] = {}
     for leaf in config_fields(type(config)):

@@ -47,7 +47,7 @@ class FinetuneResult:
 
 def class_weights(indexes: list[Any], num_classes: int = 2) -> list[float]:
     """Inverse-frequency weights N / (C · n_c) of the training labels in the shard index."""
-    from vctmae.data import ClassError, shard_label
+    from vctmae.data.shards import ClassError, shard_label
 
     labels = np.concatenate([index.labels for index in indexes])
     counts = Counter(int(v) for v in labels)
@@ -78,7 +78,8 @@ class ClassifierObjective:
 
 def finetune_trainer(config: FinetuneConfig) -> Trainer:
     """The trainer `run_finetune` runs (the step benchmark times its `train_step`)."""
-    from vctmae.data import check_boxes, check_classes, check_crop_shape, expand_shards
+    from vctmae.data.frames import check_crop_shape
+    from vctmae.data.shards import check_boxes, check_classes, expand_shards
     from vctmae.model import build_classifier
 
     options = config.run

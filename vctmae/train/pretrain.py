@@ -56,7 +56,7 @@ class MaeObjective:
 
 def pretrain_trainer(config: PretrainConfig) -> Trainer:
     """The trainer `run_pretrain` runs (the step benchmark times its `train_step`)."""
-    from vctmae.data import check_boxes
+    from vctmae.data.shards import check_boxes
     from vctmae.model import build_mae
 
     options = config.run
@@ -133,7 +133,7 @@ def write_preview(
     title: str,
 ) -> Path:
     """Reconstruct one crop (middle view, fixed mask) and save the preview PNG."""
-    from vctmae.data import multiview_offsets, offset_frames
+    from vctmae.data.frames import multiview_offsets, offset_frames
     from vctmae.train.preview import save_preview
 
     was_training = model.training

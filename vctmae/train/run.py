@@ -111,7 +111,8 @@ def wrap_for_training(model: nn.Module, info: DistInfo, speed: SpeedOptions) -> 
 
 def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Module]) -> Run:
     """Set up a training run of `config`; `make_model()` builds the model (seeded here)."""
-    from vctmae.data import ShardError, check_crop_shape, expand_shards, shard_label
+    from vctmae.data.frames import check_crop_shape
+    from vctmae.data.shards import ShardError, expand_shards, shard_label
     from vctmae.model import load_init
 
     run = config.run
