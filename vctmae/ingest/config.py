@@ -22,6 +22,10 @@ from vctmae.ingest.levels import LEVELS, SCHEMES, parse_levels
 
 ALIGNMENTS = ("auto", "spline", "axis")
 LABEL_SCHEMES = ("auto", *SCHEMES)
+SERIES_HELP = (
+    "SeriesInstanceUID to read from DICOM series folders (default: the CT series with the most "
+    "slices)."
+)
 FORMATS = ("wds", "zarr")
 EXECUTORS = ("process", "dask")
 # The smallest `size` the training frame rule can sample: 16 frames `stride` 6 slices apart.
@@ -110,11 +114,7 @@ class IngestConfig:
         "Dask scheduler address (e.g. tcp://host:8786) for --executor dask; without it a "
         "LocalCluster of --workers processes. --out must be on storage the workers share.",
     )
-    series: str | None = flag(
-        None,
-        "SeriesInstanceUID to read from DICOM series folders (default: the CT series with the "
-        "most slices).",
-    )
+    series: str | None = flag(None, SERIES_HELP)
     segment: bool = flag(
         False,
         "CTs without a label map: make one with TotalSegmentator (pip install "

@@ -19,11 +19,8 @@ from vctmae.infer.config import (
     SpeedOptions,
     check_rule_options,
 )
-from vctmae.ingest.levels import SCHEMES, parse_levels
-
-# `vctmae.ingest.geometry.LABEL_SCHEMES`, spelt here so that building the command line does not
-# import scipy.
-LABEL_SCHEMES = ("auto", *SCHEMES)
+from vctmae.ingest.config import LABEL_SCHEMES, SERIES_HELP
+from vctmae.ingest.levels import parse_levels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,11 +50,7 @@ class PredictConfig:
         "The vertebra label map of --ct (NIfTI, VerSe or TotalSegmentator values); "
         "without it, --segment.",
     )
-    series: str | None = flag(
-        None,
-        "SeriesInstanceUID to read from DICOM series folders (default: the CT series with the "
-        "most slices).",
-    )
+    series: str | None = flag(None, SERIES_HELP)
     segment: bool = flag(
         False,
         "Scans without a label map: make one with TotalSegmentator (pip install "
