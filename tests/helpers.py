@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from vctmae.bench.shards import Sample, write_shards
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
+from vctmae.ingest.writers import Sample, write_shards
 
 
 def load_ct(path: str | Path) -> Volume:
@@ -67,3 +67,13 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> Path:
         raise ValueError(f"{path.name}: a first shard is named {{split}}-000000.tar")
     [written] = write_shards(path.parent, split, [samples])
     return written
+
+
+def random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """A labelled training shard of `count` random int16 crops (classes alternate)."""
+    rng = np.random.default_rng(seed)
+    samples = (
+        (f"random{i:05d}_L1", rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16), i % 2)
+        for i in range(count)
+    )
+    return [str(path) for path in write_shards(folder, "train", [samples])]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import write_shard
 
-from vctmae.bench.shards import write_shards
 from vctmae.data.frames import mirror, multiview_offsets, random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import ShardError, count_samples, expand_shards
 from vctmae.data.zarr_store import ZarrCrops
+from vctmae.ingest.writers import write_shards
 
 SMALL = (12, 4, 4)  # crop shape for split tests: the loader is shape-generic, the split is not
 

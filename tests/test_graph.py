@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_shards
 from test_train import stop_before_epoch
 
-from vctmae.bench.step import write_step_shards
 from vctmae.data.options import LoaderOptions
 from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import finetune_trainer
@@ -41,7 +41,7 @@ RTOL, ATOL = 1e-5, 1e-5
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    return write_step_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
+    return random_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
 
 
 def run_options(shards, out: Path, **changes) -> RunOptions:

@@ -25,11 +25,11 @@ from helpers import read_log, read_predictions
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
-from vctmae.bench.shards import write_shards
 from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig, SpeedOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import compute_metrics
+from vctmae.ingest.writers import write_shards
 from vctmae.train.checkpoint import latest_checkpoint
 from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import run_finetune

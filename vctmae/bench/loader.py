@@ -129,7 +129,7 @@ def write_dataset(
 ) -> tuple[list[str], list[dict]]:
     """Shards in ingest's format, and the same crops as the paper code stores them (a NIfTI
     image and label map per vertebra). Returns the shard paths and the paper's records."""
-    from vctmae.bench.shards import write_shards
+    from vctmae.ingest.writers import write_shards
 
     groups = [
         [

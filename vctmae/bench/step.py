@@ -170,7 +170,7 @@ def measured_matmul_tflops(device: torch.device) -> float:
 
 def write_step_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
     """A labelled training shard of random int16 crops (classes alternate) for timing steps."""
-    from vctmae.bench.shards import write_shards
+    from vctmae.ingest.writers import write_shards
 
     rng = np.random.default_rng(seed)
     samples = (

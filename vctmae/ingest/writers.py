@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vctmae.clip import ZARR_CLASSES, ZARR_CROPS, ZARR_GRADES
+from vctmae.clip import (
+    CLASS_MEMBER,
+    CROP_MEMBER,
+    META_MEMBER,
+    ZARR_CLASSES,
+    ZARR_CROPS,
+    ZARR_GRADES,
+)
 from vctmae.files import out_of_space_as_error
 
 TAR_BLOCK = 512
@@ -293,3 +301,29 @@ class ManifestWriter:
     def close(self) -> None:
         with out_of_space_as_error(self.path):
             self._file.close()
+
+
+# A sample of made-up crops: (key, int16 crop, class or None for an unlabelled one).
+Sample = tuple[str, np.ndarray, int | None]
+
+
+def write_shards(folder: Path, split: str, shards: Iterable[Iterable[Sample]]) -> list[Path]:
+    """Shards `{split}-000000.tar`, `-000001.tar`, … of given crops under `folder`, one per group
+    of samples, in ingest's own format (for benchmarks and tests that make up their crops).
+
+    Each sample is `KEY.crop.npy`, `KEY.json` (its key and level, the key's last `_` part, as
+    ingest names keys) and, when labelled, `KEY.cls`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, split, 1 << 62)
+    for samples in shards:
+        for key, crop, label in samples:
+            meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
+            members = [(CROP_MEMBER, npy_bytes(crop)), (META_MEMBER, json.dumps(meta).encode())]
+            if label is not None:
+                members.append((CLASS_MEMBER, str(int(label)).encode()))
+            writer.write(key, members)
+        # Closing ends this shard: the next sample opens the next one.
+        writer.close()
+    return [folder / name for name in writer.names]
