@@ -20,12 +20,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import load_ct
+from old_chain import crop_differences, whole_volume_crops
 from scipy import ndimage
 from test_ingest import tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
-from vctmae.bench.ingest import crop_differences, whole_volume_crops
 from vctmae.cli.app import app
 from vctmae.ingest import assemble, label_pass, nifti, pipeline
 from vctmae.ingest.discover import discover_cases

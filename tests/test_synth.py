@@ -346,7 +346,8 @@ def test_clinical_render_equals_the_whole_grid_render() -> None:
 def test_clinical_phantom_ingests_to_the_old_chains_crops(tmp_path: Path) -> None:
     """`vctmae synth --clinical`: a scanner-size case (512 × 512 × ~330 at ~0.7 × 0.7 × 1.1 mm,
     ≥ 12 vertebrae) that ingest cuts into the same crops as the old whole-volume chain."""
-    from vctmae.bench.ingest import crop_differences, whole_volume_crops
+    from old_chain import crop_differences, whole_volume_crops
+
     from vctmae.cli import app
     from vctmae.ingest.geometry import extract_crops
 

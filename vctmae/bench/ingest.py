@@ -52,21 +52,12 @@ from scipy import ndimage
 
 from vctmae.bench.peers import load_peer, monai_version
 from vctmae.bench.report import REAL_CT_DIR, Result, write_report
-from vctmae.ingest import geometry, sampling
+from vctmae.ingest import geometry
 from vctmae.ingest.discover import Case
 from vctmae.ingest.extract import ExtractJob, extract_case
 from vctmae.ingest.geometry import (
-    LARGEST_VERTEBRA_VALUE,
-    SAMPLING_ORIENTATION,
-    SCHEMES,
-    SUPERIOR_TO_INFERIOR,
-    CaseCrops,
     GeometryConfig,
-    Skipped,
-    VertebraCrop,
 )
-from vctmae.ingest.nifti import Volume, check_same_grid, reorient
-from vctmae.ingest.sampling import AIR_HU, INT16_MAX, INT16_MIN
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PAPER_CASES = 3446
@@ -74,133 +65,6 @@ PAPER_CROPS = 27776
 PROJECTION_CORES = 16
 # Voxel size of the real-like case: a clinical CT's (in-plane 0.7 mm, 1 mm slices).
 REAL_LIKE_SPACING = (0.7, 0.7, 1.0)
-
-
-# ---------------------------------------------------------------------------
-# The old chain (ingest's geometry at commit bb6ecb0): the tests compare today's crops with it.
-
-
-def _old_load_ct(path: Path) -> Volume:
-    image = nib.load(str(path))
-    data = image.get_fdata(dtype=np.float32, caching="unchanged").reshape(image.shape[:3])
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise ValueError(f"{path}: CT contains {bad} NaN/inf voxels")
-    return Volume(path=path, data=data, affine=np.asarray(image.affine, dtype=np.float64))
-
-
-def _old_load_labels(path: Path) -> Volume:
-    image = nib.load(str(path))
-    data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
-    if data.dtype.kind == "f":
-        data = np.rint(data)
-    data = np.clip(data, 0, None) if data.dtype.kind in "if" and data.min() < 0 else data
-    top = int(data.max()) if data.size else 0
-    dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32
-    return Volume(
-        path=path,
-        data=np.ascontiguousarray(data, dtype=dtype),
-        affine=np.asarray(image.affine, dtype=np.float64),
-    )
-
-
-def _old_counts(labels: Volume) -> dict[int, int]:
-    data = labels.data.ravel()
-    if int(data.max()) < 2**16:
-        counts = np.bincount(data)
-        values = np.flatnonzero(counts)
-        found = zip(values.tolist(), counts[values].tolist(), strict=True)
-    else:
-        values, counts = np.unique(data, return_counts=True)
-        found = zip(values.tolist(), counts.tolist(), strict=True)
-    return {value: count for value, count in found if value != 0}
-
-
-def _old_cut(ct: Volume, labels: Volume, vertebra, tangent, config: GeometryConfig):
-    to_voxel = np.linalg.inv(ct.affine) @ geometry.crop_affine(
-        vertebra.centroid_world, tangent, config.spacing, config.size
-    )
-    coords = sampling.crop_coordinates(to_voxel, config.size)
-    shape = np.array(ct.data.shape, dtype=np.float64).reshape(3, 1, 1, 1)
-    inside = np.all((coords >= -0.5) & (coords <= shape - 0.5), axis=0)
-    hu = ndimage.map_coordinates(ct.data, coords, order=1, mode="nearest", output=np.float32)
-    hu[~inside] = AIR_HU
-    array = np.clip(np.rint(hu), INT16_MIN, INT16_MAX).astype(np.int16)
-    window = geometry._mask_window(vertebra.box, to_voxel, config.size)
-    label = ndimage.map_coordinates(
-        labels.data, coords[(slice(None), *window)], order=0, mode="nearest"
-    )
-    mask = (label == vertebra.label_value) & inside[window]
-    return VertebraCrop(
-        level=vertebra.level,
-        label_value=vertebra.label_value,
-        array=array,
-        centroid_world=tuple(float(v) for v in vertebra.centroid_world),
-        tangent=tuple(float(v) for v in tangent),
-        inside_fraction=float(inside.mean()),
-        bbox=geometry._mask_bbox(mask, window),
-        truncated=vertebra.truncated,
-    )
-
-
-def whole_volume_crops(
-    ct_path: Path, seg_path: Path, config: GeometryConfig = GeometryConfig()
-) -> CaseCrops:
-    """The crops of one case the way ingest cut them at commit bb6ecb0 (module docstring)."""
-    ct, labels = _old_load_ct(Path(ct_path)), _old_load_labels(Path(seg_path))
-    check_same_grid(ct, labels)
-    source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    ct, labels = reorient(ct, SAMPLING_ORIENTATION), reorient(labels, SAMPLING_ORIENTATION)
-    boxes = ndimage.find_objects(labels.data, max_label=LARGEST_VERTEBRA_VALUE)
-    counts = _old_counts(labels)
-    if config.label_scheme == "auto":
-        volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
-        scheme = geometry.detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)
-    else:
-        scheme = config.label_scheme
-    vertebrae = geometry.find_vertebrae(labels, scheme, boxes)
-    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
-    align = config.align
-    if align == "auto":
-        align = "spline" if len(on_curve) >= 3 else "axis"
-    tangent_of = {}
-    if align == "spline":
-        centroids = np.stack([v.centroid_world for v in on_curve])
-        tangents = geometry.spine_tangents(centroids, geometry.curve_weights(on_curve))
-        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
-    crops, skipped = [], []
-    for vertebra in vertebrae:
-        reason = geometry._skip_reason(vertebra, config)
-        if reason is not None:
-            skipped.append(Skipped(level=vertebra.level, reason=reason))
-            continue
-        tangent = tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)
-        crops.append(_old_cut(ct, labels, vertebra, tangent, config))
-    names = SCHEMES[scheme]
-    return CaseCrops(
-        crops=crops,
-        skipped=skipped,
-        source_orientation=source_orientation,
-        source_spacing=source_spacing,
-        scheme=scheme,
-        other_labels={v: n for v, n in counts.items() if v not in names},
-    )
-
-
-def crop_differences(a: CaseCrops, b: CaseCrops) -> dict[str, float]:
-    """Largest |Δ HU| between two results' crops, and whether everything else is equal."""
-    same_levels = [c.level for c in a.crops] == [c.level for c in b.crops]
-    worst, facts_equal = 0, same_levels
-    for x, y in zip(a.crops, b.crops, strict=False):
-        worst = max(worst, int(np.abs(x.array.astype(np.int32) - y.array).max()))
-        facts_equal &= (x.centroid_world, x.tangent, x.inside_fraction, x.bbox, x.truncated) == (
-            y.centroid_world,
-            y.tangent,
-            y.inside_fraction,
-            y.bbox,
-            y.truncated,
-        )
-    return {"max_abs_hu": float(worst), "label_facts_equal": bool(facts_equal)}
 
 
 # ---------------------------------------------------------------------------
