@@ -1,4 +1,4 @@
-"""Benchmarks: each measures a candidate against its baseline in the same run (SPEC §9).
+"""Benchmarks: each measures a candidate against its baseline in the same run.
 
 `vctmae bench {ingest,loader,step,kernel}` (vctmae/cli/bench.py) calls one module here;
 each prints a table and writes JSON through `vctmae.bench.report.write_report`.

@@ -1,4 +1,4 @@
-"""One format for every benchmark's result (SPEC §9).
+"""One format for every benchmark's result.
 
 Each `vctmae bench …` command measures a candidate and its baseline in the same
 run, then calls `write_report`, which records where the numbers came from
