@@ -29,6 +29,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.cases < 1:
+            raise UsageError(f"--cases must be at least 1, got {self.cases}")
         if not 0.0 <= self.fracture_rate <= 1.0:
             raise UsageError(f"--fracture-rate must lie in [0, 1], got {self.fracture_rate}")
         if self.seed < 0:
