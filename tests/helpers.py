@@ -1,23 +1,35 @@
-"""Helpers the tests share: readers of what the product writes, and writers of small inputs.
+"""Helpers the tests share: readers of what the product writes, writers of small inputs, the
+shrunken test model and its training runs, and the command line as a test calls it.
 
-Nothing in the package calls these; they live here so the package holds only what it runs.
-Tests import them with `from helpers import …` (pytest puts this folder on `sys.path`).
+Nothing in the package calls these. Tests import them with `from helpers import …` (pytest puts
+this folder on `sys.path`); a test module never imports another test module.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
+import math
+import os
+import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from typer.testing import CliRunner
 
+from vctmae.cli import app
+from vctmae.data.options import LoaderOptions
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
+from vctmae.train.config import PretrainConfig, RunOptions
 
 
 def load_ct(path: str | Path) -> Volume:
@@ -77,3 +89,174 @@ def random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
         for i in range(count)
     )
     return [str(path) for path in write_shards(folder, "train", [samples])]
+
+
+SMALL_MODEL = {
+    "embed_dim": 48,
+    "depth": 2,
+    "num_heads": 2,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+}
+
+
+def easy_crop(rng: np.random.Generator, label: int) -> np.ndarray:
+    """A (96, 96, 96) int16 crop: air-ish background, one box whose density tells the class."""
+    crop = rng.normal(-700, 60, size=(96, 96, 96)).astype(np.int16)
+    z, y, x = (int(v) for v in rng.integers(20, 50, size=3))
+    crop[z : z + 30, y : y + 30, x : x + 30] = 700 if label else -250
+    return crop
+
+
+def write_split(directory: Path, split: str, count: int, seed: int, shards: int = 1) -> list[Path]:
+    """Labelled shards `{split}-00000N.tar` (+ rows appended to manifest.csv), alternating classes."""
+    rng = np.random.default_rng(seed)
+    per_shard = math.ceil(count / shards)
+    groups = [
+        [(f"{split}{i:03d}_L1", easy_crop(rng, i % 2), i % 2)
+         for i in range(s * per_shard, min(count, (s + 1) * per_shard))]
+        for s in range(shards)
+    ]  # fmt: skip
+    paths = write_shards(directory, split, groups)
+    manifest = directory / "manifest.csv"
+    new = not manifest.exists()
+    with manifest.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["key", "class", "split", "shard"])
+        for path, group in zip(paths, groups, strict=True):
+            writer.writerows([key, label, split, path.name] for key, _, label in group)
+    return paths
+
+
+RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
+
+
+# Test runs: the shrunken tiny model on the CPU, reading in the main process.
+TEST_RUN = dict(
+    model="tiny",
+    model_overrides=SMALL_MODEL,
+    loader=LoaderOptions(workers=0),
+    device="cpu",
+    log_every=2,
+    progress=False,
+)
+
+
+def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
+    """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
+    run = {**TEST_RUN, "flip": "frames", **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
+    stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
+    stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
+    return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)
+
+
+def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
+    """Ctrl-C when epoch `stop` (0-based) is about to start."""
+    from vctmae.data.loader import ShardLoader
+
+    original = ShardLoader.set_epoch
+
+    def interrupting(self, epoch):
+        if epoch == stop:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    patch.setattr(ShardLoader, "set_epoch", interrupting)
+
+
+def shrink(patch: pytest.MonkeyPatch) -> None:
+    """`--model tiny` builds the shrunken test model (48 wide, 2 blocks), and pretraining skips
+    its preview pictures and their TensorBoard copies (tests/test_train.py checks them): runs of
+    seconds on 2 cores."""
+    from vctmae.model import config as model_config
+
+    small = model_config.preset_config("tiny", **SMALL_MODEL)
+    patch.setitem(model_config.PRESETS, "tiny", lambda: small)
+    patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
+    patch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
+
+
+def cli(*args: object):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def one_line_error(result, code: int, *needles: str) -> str:
+    """The command failed with `code` and one `error:` line holding every needle, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+# Crop shape of the loader tests' shards: the loader is shape-generic, the split is not.
+SMALL_CROP = (12, 4, 4)
+
+
+def make_shards(
+    root: Path, sizes: list[int], *, shape=SMALL_CROP, seed=0, prefix="train"
+) -> dict[str, tuple]:
+    """Shards `prefix-000000.tar`… with fresh random int16 crops; returns key → (crop, label)."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard, size in enumerate(sizes):
+        samples = []
+        for i in range(size):
+            key = f"case{shard:02d}-{i}_L{i % 5 + 1}"
+            crop = rng.integers(-2000, 3000, size=shape, dtype=np.int16)
+            label = int(rng.integers(0, 2)) if (shard + i) % 4 else None
+            samples.append((key, crop, label))
+            truth[key] = (crop, -1 if label is None else label)
+        shards.append(samples)
+    write_shards(root, prefix, shards)
+    return truth
+
+
+def tree_bytes(out: Path) -> dict[str, str]:
+    """sha256 of every published output file (the work folder and the timing report excluded)."""
+    found = {}
+    for folder, dirs, files in os.walk(out):
+        dirs[:] = [d for d in dirs if d != ".ingest-work" and not d.startswith("part-")]
+        for name in files:
+            path = Path(folder) / name
+            rel = path.relative_to(out).as_posix()
+            if rel != "ingest-report.json":
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def read_manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")
+
+
+def use_totalsegmentator(monkeypatch, body: str | None, folder: Path | None = None) -> None:
+    """For one test: TotalSegmentator not installed (`body` None), or a stand-in package in
+    `folder` whose `python_api.totalsegmentator` runs `body`.
+
+    Both module names go back to what they were when the test ends, whatever it imported
+    (a stand-in left in `sys.modules` would answer a later test's import).
+    """
+    for name in TOTALSEG_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # None: "import fails"
+    if body is None:
+        return
+    package = folder / "totalsegmentator"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "python_api.py").write_text(
+        "def totalsegmentator(input, output, ml=False, task='total', roi_subset=None, "
+        "fast=False, quiet=False, **options):\n" + textwrap.indent(textwrap.dedent(body), "    ")
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    for name in TOTALSEG_MODULES:
+        del sys.modules[name]  # importable now; setitem above restores the original at teardown

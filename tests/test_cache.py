@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data import make_shards
+from helpers import make_shards
 
 from vctmae.data.cache import CacheError
 from vctmae.data.loader import ShardLoader

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference_code import reference_context_cut, reference_frames, reference_shift_range
 
 from vctmae import clip
 from vctmae.data.frames import multiview_offsets, random_offsets, sample_frames
@@ -27,18 +28,6 @@ from vctmae.data.frames import multiview_offsets, random_offsets, sample_frames
 # Training shifts come from numpy's randint(low, high), high excluded (:48);
 # the ensemble from range(low, high) (:127); both with low = -sd // 2 in Python
 # precedence, i.e. (-sd) // 2.
-
-
-def reference_frames(width: int, shift: int) -> np.ndarray:
-    """Frame indices inside the cut volume (may leave it: the reference does not check)."""
-    points = np.round(np.linspace(0, width - 1, 16 + 2)).astype(int)
-    return points[1:-1] + shift
-
-
-def reference_shift_range(width: int) -> list[int]:
-    inner = np.round(np.linspace(0, width - 1, 16 + 2)).astype(int)[1:-1]
-    spacing = int(inner[1] - inner[0])
-    return list(range(-spacing // 2, spacing // 2))
 
 
 # The reference works (no exception, no wrap-around) for widths of 14 slices and more.
@@ -201,20 +190,6 @@ def test_draw_train_shifts_covers_each_samples_shifts_uniformly():
 
 
 # ----------------------------------------------------------------------------- context cut
-
-
-def reference_context_cut(crop: np.ndarray, box: tuple, recentre: bool) -> np.ndarray:
-    """numpy oracle: CropForegroundD(margin=(0, 16, 100), allow_smaller=True) on rows and
-    columns, then ResizeWithPadOrCropD(spatial_size=(-1, 96, 96), mode="constant") — symmetric
-    padding, (96 - s) // 2 before — with the pad value in HU (0 after scaling = -1000 HU)."""
-    _, _, y0, y1, z0, z1 = box
-    start, stop = max(y0 - 16, 0), min(y1 + 16, 96)
-    kept = crop[:, start:stop, max(z0 - 100, 0) : min(z1 + 100, 96)]
-    assert kept.shape[2] == 96  # margin 100: every column of a 96-wide crop
-    out = np.full_like(crop, -1000)
-    first = (96 - (stop - start)) // 2 if recentre else start
-    out[:, first : first + (stop - start), :] = kept
-    return out
 
 
 @pytest.mark.parametrize("recentre", [True, False])

@@ -9,36 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_shard
+from helpers import SMALL_CROP, make_shards, write_shard
 
 from vctmae.data.frames import mirror, multiview_offsets, random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import ShardError, count_samples, expand_shards
 from vctmae.data.zarr_store import ZarrCrops
-from vctmae.ingest.writers import write_shards
-
-SMALL = (12, 4, 4)  # crop shape for split tests: the loader is shape-generic, the split is not
-
-
-def make_shards(
-    root: Path, sizes: list[int], *, shape=SMALL, seed=0, prefix="train"
-) -> dict[str, tuple]:
-    """Shards `prefix-000000.tar`… with fresh random int16 crops; returns key → (crop, label)."""
-    rng = np.random.default_rng(seed)
-    truth = {}
-    root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard, size in enumerate(sizes):
-        samples = []
-        for i in range(size):
-            key = f"case{shard:02d}-{i}_L{i % 5 + 1}"
-            crop = rng.integers(-2000, 3000, size=shape, dtype=np.int16)
-            label = int(rng.integers(0, 2)) if (shard + i) % 4 else None
-            samples.append((key, crop, label))
-            truth[key] = (crop, -1 if label is None else label)
-        shards.append(samples)
-    write_shards(root, prefix, shards)
-    return truth
 
 
 def collect(loader: ShardLoader) -> tuple[list[str], list[int]]:
@@ -175,7 +151,7 @@ def test_members_in_folders_are_distinct_samples(tmp_path):
     """Keys are whole member paths (up to the first dot of the last component), never basenames:
     a/x.crop.npy and b/x.crop.npy are two samples, and a folder name with a dot stays a folder."""
     rng = np.random.default_rng()
-    crops = rng.integers(-2000, 3000, size=(4, *SMALL), dtype=np.int16)
+    crops = rng.integers(-2000, 3000, size=(4, *SMALL_CROP), dtype=np.int16)
     keys = ["a/x_L1", "b/x_L1", "x_L1", "v1.2/x_L1"]
     write_shard(
         tmp_path / "nested-000000.tar", list(zip(keys, crops, [0, 1, None, 1], strict=True))

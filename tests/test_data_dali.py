@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +10,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
-from test_data import make_shards  # noqa: E402
 
-from vctmae.data.loader import ShardLoader  # noqa: E402
+from helpers import make_shards
+
+from vctmae.data.loader import ShardLoader
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from dicom_series import FLIP_XY, make_uid, small_volume, write_series
 from helpers import load_ct, load_labels
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    CTImageStorage,
     ExplicitVRLittleEndian,
     JPEGLosslessSV1,
     MediaStorageDirectoryStorage,
-    MRImageStorage,
-    generate_uid,
 )
 
 from vctmae.errors import VctmaeError
@@ -35,88 +33,11 @@ from vctmae.ingest.nifti import Volume, reorient
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 
-# DICOM's LPS patient frame ↔ NIfTI RAS+: negate x and y (its own inverse).
-FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
 # The DICOM files store rint(HU) as int16 and the phantom's HU are integers, so
 # reading back may differ only by that rounding: at most half a HU.
 HU_TOLERANCE = 0.5
 # Positions and directions are written as decimal strings with 6 decimals.
 AFFINE_TOLERANCE_MM = 1e-3
-SOP_CLASS = {"CT": CTImageStorage, "MR": MRImageStorage}
-
-
-def _uid(*parts: object) -> str:
-    return generate_uid(entropy_srcs=[str(p) for p in parts])
-
-
-def _ds(values) -> list[str]:
-    # DS values are decimal strings of at most 16 characters.
-    return [f"{float(v):.6f}" for v in values]
-
-
-def write_series(
-    folder: Path,
-    volume: Volume,
-    *,
-    series: str = "1",
-    modality: str = "CT",
-    rescale: list[tuple[float, float]] | None = None,
-    positions: np.ndarray | None = None,
-    seed: int = 0,
-) -> list[Path]:
-    """Write `volume` as one DICOM file per slice (storage axis 2); returns the files in slice order.
-
-    Voxel (i, j, k) becomes column i, row j of slice k, and the affine gives
-    ImageOrientationPatient / ImagePositionPatient / PixelSpacing in LPS.
-    `rescale` holds (slope, intercept) per slice (default (1, −1024));
-    `positions` (K, 3) in LPS mm overrides the slice positions. File names and
-    InstanceNumbers follow two unrelated shuffles of the slice order.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = FLIP_XY @ volume.affine
-    column_step, row_step, slice_step = (np.linalg.norm(lps[:3, axis]) for axis in range(3))
-    row_direction, column_direction = lps[:3, 0] / column_step, lps[:3, 1] / row_step
-    count = volume.data.shape[2]
-    if positions is None:
-        positions = lps[:3, 3] + np.outer(np.arange(count), lps[:3, 2])
-    rescale = rescale or [(1.0, -1024.0)] * count
-    rng = np.random.default_rng(seed)
-    names, instances = rng.permutation(count), rng.permutation(count) + 1
-    study = _uid("study", folder)
-    paths = []
-    for k in range(count):
-        slope, intercept = rescale[k]
-        stored = np.rint((volume.data[:, :, k].T - intercept) / slope)
-        assert stored.min() >= -32768 and stored.max() <= 32767
-        instance = _uid(folder, series, k)
-        dataset = Dataset()
-        dataset.file_meta = FileMetaDataset()
-        dataset.file_meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
-        dataset.file_meta.MediaStorageSOPInstanceUID = instance
-        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset.SOPClassUID = SOP_CLASS[modality]
-        dataset.SOPInstanceUID = instance
-        dataset.StudyInstanceUID = study
-        dataset.SeriesInstanceUID = series
-        dataset.FrameOfReferenceUID = _uid("frame of reference", folder)
-        dataset.Modality = modality
-        dataset.SeriesDescription = "test series"
-        dataset.PatientID = "PHANTOM"
-        dataset.InstanceNumber = int(instances[k])
-        dataset.ImageOrientationPatient = _ds([*row_direction, *column_direction])
-        dataset.ImagePositionPatient = _ds(positions[k])
-        dataset.PixelSpacing = _ds([row_step, column_step])
-        dataset.SliceThickness = _ds([slice_step])[0]
-        dataset.RescaleSlope = _ds([slope])[0]
-        dataset.RescaleIntercept = _ds([intercept])[0]
-        dataset.set_pixel_data(
-            np.ascontiguousarray(stored.astype(np.int16)), "MONOCHROME2", 16,
-            generate_instance_uid=False,
-        )  # fmt: skip
-        path = folder / f"IM{names[k]:05d}-{series}.dcm"
-        dataset.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def write_dicomdir_like(path: Path) -> None:
@@ -124,22 +45,10 @@ def write_dicomdir_like(path: Path) -> None:
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = _uid("dicomdir", path)
+    dataset.file_meta.MediaStorageSOPInstanceUID = make_uid("dicomdir", path)
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset.FileSetID = "PHANTOM"
     dataset.save_as(path, enforce_file_format=True)
-
-
-def small_volume(
-    shape: tuple[int, int, int] = (7, 5, 6), seed: int = 0, spacing=(0.8, 0.7, 2.5)
-) -> Volume:
-    """Random integer HU on an LPS-stored grid (axis-aligned, anisotropic)."""
-    rng = np.random.default_rng(seed)
-    data = rng.integers(-1024, 2000, size=shape).astype(np.float32)
-    # LPS storage: i towards Left (−x in RAS), j towards Posterior (−y), k Superior.
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = (12.5, -40.25, -300.0)
-    return Volume(path=Path("small"), data=data, affine=affine)
 
 
 def assert_same_volume(dicom: Volume, reference: Volume, codes: str = "RAS") -> None:
@@ -164,7 +73,7 @@ def phantom(tmp_path_factory) -> tuple[Volume, Path]:
     write_phantoms(SynthConfig(out=root / "raw", cases=1, seed=5))
     nifti = load_ct(root / "raw" / "ct" / "case000.nii.gz")
     folder = root / "series"
-    write_series(folder, reorient(nifti, "LPS"), series=_uid("phantom"))
+    write_series(folder, reorient(nifti, "LPS"), series=make_uid("phantom"))
     (folder / "README").write_text("exported by the test\n")
     write_dicomdir_like(folder / "DICOMDIR")
     (folder / "notes").mkdir()
@@ -201,7 +110,7 @@ def test_phantom_series_world_positions_of_voxels(phantom):
 def test_real_ct_round_trip(real_ct_dir, tmp_path):
     nifti = load_ct(real_ct_dir / "ct.nii.gz")
     folder = tmp_path / "real"
-    write_series(folder, reorient(nifti, "LPS"), series=_uid("real"))
+    write_series(folder, reorient(nifti, "LPS"), series=make_uid("real"))
     assert_same_volume(load_dicom_ct(folder), nifti)
 
 
@@ -326,7 +235,7 @@ def test_gantry_tilt_refused(tmp_path):
 def test_duplicate_positions_refused(tmp_path):
     paths = write_series(tmp_path, small_volume(seed=1))
     duplicate = pydicom.dcmread(paths[3])
-    duplicate.SOPInstanceUID = duplicate.file_meta.MediaStorageSOPInstanceUID = _uid("copy")
+    duplicate.SOPInstanceUID = duplicate.file_meta.MediaStorageSOPInstanceUID = make_uid("copy")
     duplicate.save_as(tmp_path / "copy.dcm", enforce_file_format=True)
     message = refusal(tmp_path)
     assert "duplicate slice positions" in message and "copy.dcm" in message

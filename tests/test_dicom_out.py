@@ -24,10 +24,8 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from helpers import load_ct, load_labels
-from test_dicom import FLIP_XY, small_volume, write_series
-from test_ingest_scale import use_totalsegmentator
-from test_train import SMALL_MODEL
+from dicom_series import FLIP_XY, small_volume, write_series
+from helpers import SMALL_MODEL, load_ct, load_labels, use_totalsegmentator
 from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct

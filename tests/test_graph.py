@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_shards
-from test_train import stop_before_epoch
+from helpers import random_shards, stop_before_epoch
 
 from vctmae.data.options import LoaderOptions
 from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import read_manifest, tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
@@ -27,24 +28,6 @@ from vctmae.synth.phantoms import write_phantoms
 
 PHANTOMS = 5
 SHARD_SIZE = "8MB"  # a few crops per shard, so shards roll over
-
-
-def tree_bytes(out: Path) -> dict[str, str]:
-    """sha256 of every published output file (the work folder and the timing report excluded)."""
-    found = {}
-    for folder, dirs, files in os.walk(out):
-        dirs[:] = [d for d in dirs if d != ".ingest-work" and not d.startswith("part-")]
-        for name in files:
-            path = Path(folder) / name
-            rel = path.relative_to(out).as_posix()
-            if rel != "ingest-report.json":
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def read_manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def cli(*args: str):

@@ -20,10 +20,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_ingest import read_manifest, tree_bytes
+from helpers import read_manifest, tree_bytes
 from typer.testing import CliRunner
 
-import vctmae.cli.ingest  # noqa: F401  (registers the commands)
+import vctmae.cli.ingest
 import vctmae.cli.synth  # noqa: F401
 from vctmae import files
 from vctmae.cli.app import app

@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import load_ct
+from helpers import load_ct, tree_bytes, use_totalsegmentator
 from old_chain import crop_differences, whole_volume_crops
 from scipy import ndimage
-from test_ingest import tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
@@ -358,32 +356,6 @@ def test_verse_rawdata_and_derivatives_are_paired_without_a_pairs_file(real_ct_d
 
 
 # --- --segment ------------------------------------------------------------------
-
-
-TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")
-
-
-def use_totalsegmentator(monkeypatch, body: str | None, folder: Path | None = None) -> None:
-    """For one test: TotalSegmentator not installed (`body` None), or a stand-in package in
-    `folder` whose `python_api.totalsegmentator` runs `body`.
-
-    Both module names go back to what they were when the test ends, whatever it imported
-    (a stand-in left in `sys.modules` would answer a later test's import).
-    """
-    for name in TOTALSEG_MODULES:
-        monkeypatch.setitem(sys.modules, name, None)  # None: "import fails"
-    if body is None:
-        return
-    package = folder / "totalsegmentator"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "python_api.py").write_text(
-        "def totalsegmentator(input, output, ml=False, task='total', roi_subset=None, "
-        "fast=False, quiet=False, **options):\n" + textwrap.indent(textwrap.dedent(body), "    ")
-    )
-    monkeypatch.syspath_prepend(str(folder))
-    for name in TOTALSEG_MODULES:
-        del sys.modules[name]  # importable now; setitem above restores the original at teardown
 
 
 @pytest.fixture

@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_MODEL, cli, one_line_error, pretrain_config, write_shard, write_split
+from reference_code import mae_st_state, random_crops
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import write_shard  # noqa: E402
-from test_model_reference import mae_st_state, random_crops  # noqa: E402
-from test_train import SMALL_MODEL, pretrain_config, write_split  # noqa: E402
-from test_train_faults import cli, one_line_error  # noqa: E402
-
-from vctmae.data.frames import FrameSampler, check_crop_shape  # noqa: E402
-from vctmae.data.shards import ShardError  # noqa: E402
-from vctmae.errors import UsageError  # noqa: E402
-from vctmae.model import (  # noqa: E402
+from vctmae.data.frames import FrameSampler, check_crop_shape
+from vctmae.data.shards import ShardError
+from vctmae.errors import UsageError
+from vctmae.model import (
     CheckpointError,
     ModelConfig,
     build_classifier,
@@ -40,8 +34,8 @@ from vctmae.model import (  # noqa: E402
     save_model,
     visible_count,
 )
-from vctmae.model.vit import VolumePatchEmbed, sincos_positions  # noqa: E402
-from vctmae.train.pretrain import run_pretrain  # noqa: E402
+from vctmae.model.vit import VolumePatchEmbed, sincos_positions
+from vctmae.train.pretrain import run_pretrain
 
 NO_FRAMES = torch.zeros(2, 0, dtype=torch.long)
 

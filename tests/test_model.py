@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_reference import crop_clip, random_crops, random_frames
+from reference_code import crop_clip, random_crops, random_frames
 
 from vctmae.data.frames import offset_frames
 from vctmae.errors import UsageError

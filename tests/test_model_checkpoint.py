@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_reference import (
+from reference_code import (
     SMALL,
     crop_clip,
     mae_st_state,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,19 +17,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TEST_RUN, pretrain_config, write_split
+from reference_code import (
+    SMALL,
+    mae_st_state,
+    reference_context_cut,
+    reference_frames,
+    reference_shift_range,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_clip_rules import reference_context_cut, reference_frames, reference_shift_range  # noqa: E402
-from test_model_reference import SMALL, mae_st_state  # noqa: E402
-from test_train import TEST_RUN, pretrain_config, write_split  # noqa: E402
-
-from vctmae.data.frames import FrameSampler  # noqa: E402
-from vctmae.data.loader import ShardLoader  # noqa: E402
-from vctmae.data.options import LoaderOptions  # noqa: E402
-from vctmae.data.shards import ShardError  # noqa: E402
-from vctmae.infer.views import multiview_probs  # noqa: E402
-from vctmae.model import build_classifier, build_mae, load_mae_st  # noqa: E402
-from vctmae.train.config import FinetuneConfig, RunOptions  # noqa: E402
+from vctmae.data.frames import FrameSampler
+from vctmae.data.loader import ShardLoader
+from vctmae.data.options import LoaderOptions
+from vctmae.data.shards import ShardError
+from vctmae.infer.views import multiview_probs
+from vctmae.model import build_classifier, build_mae, load_mae_st
+from vctmae.train.config import FinetuneConfig, RunOptions
 
 # ----------------------------------------------------------------------------- helpers
 

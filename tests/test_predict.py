@@ -18,11 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_ct, read_predictions
+from dicom_series import write_series
+from helpers import (
+    SMALL_MODEL,
+    TEST_RUN,
+    load_ct,
+    read_predictions,
+    use_totalsegmentator,
+    write_split,
+)
 from sklearn import metrics as sk
-from test_dicom import write_series
-from test_ingest_scale import use_totalsegmentator
-from test_train import SMALL_MODEL, TEST_RUN, write_split
 from typer.testing import CliRunner
 
 from vctmae.clip import REFERENCE_LEVELS, ClipRule

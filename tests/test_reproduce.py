@@ -14,16 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import read_log  # noqa: E402
-from test_model_reference import mae_st_state, to_pyslowfast  # noqa: E402
-from test_train_faults import cli, shrink  # noqa: E402
+from helpers import cli, read_log, shrink
+from reference_code import mae_st_state, to_pyslowfast
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reproduce.md"

@@ -9,8 +9,6 @@ tests/test_demo.py.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import math
 import os
@@ -21,7 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import read_log, read_predictions
+from helpers import (
+    SMALL_MODEL,
+    TEST_RUN,
+    easy_crop,
+    pretrain_config,
+    read_log,
+    read_predictions,
+    stop_before_epoch,
+    write_split,
+)
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
@@ -29,51 +36,12 @@ from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig, SpeedOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import compute_metrics
-from vctmae.ingest.writers import write_shards
 from vctmae.train.checkpoint import latest_checkpoint
-from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
+from vctmae.train.config import FinetuneConfig, RunOptions
 from vctmae.train.finetune import run_finetune
 from vctmae.train.loop import NonFiniteLossError
 from vctmae.train.pretrain import run_pretrain
 from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
-
-SMALL_MODEL = {
-    "embed_dim": 48,
-    "depth": 2,
-    "num_heads": 2,
-    "decoder_embed_dim": 32,
-    "decoder_depth": 1,
-    "decoder_num_heads": 2,
-}
-
-
-def easy_crop(rng: np.random.Generator, label: int) -> np.ndarray:
-    """A (96, 96, 96) int16 crop: air-ish background, one box whose density tells the class."""
-    crop = rng.normal(-700, 60, size=(96, 96, 96)).astype(np.int16)
-    z, y, x = (int(v) for v in rng.integers(20, 50, size=3))
-    crop[z : z + 30, y : y + 30, x : x + 30] = 700 if label else -250
-    return crop
-
-
-def write_split(directory: Path, split: str, count: int, seed: int, shards: int = 1) -> list[Path]:
-    """Labelled shards `{split}-00000N.tar` (+ rows appended to manifest.csv), alternating classes."""
-    rng = np.random.default_rng(seed)
-    per_shard = math.ceil(count / shards)
-    groups = [
-        [(f"{split}{i:03d}_L1", easy_crop(rng, i % 2), i % 2)
-         for i in range(s * per_shard, min(count, (s + 1) * per_shard))]
-        for s in range(shards)
-    ]  # fmt: skip
-    paths = write_shards(directory, split, groups)
-    manifest = directory / "manifest.csv"
-    new = not manifest.exists()
-    with manifest.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["key", "class", "split", "shard"])
-        for path, group in zip(paths, groups, strict=True):
-            writer.writerows([key, label, split, path.name] for key, _, label in group)
-    return paths
 
 
 @pytest.fixture(scope="session")
@@ -84,26 +52,6 @@ def easy_data(tmp_path_factory) -> dict[str, list[str]]:
         "val": [str(p) for p in write_split(root, "val", 12, seed=2)],
         "test": [str(p) for p in write_split(root, "test", 16, seed=3, shards=2)],
     }
-
-
-RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
-# Test runs: the shrunken tiny model on the CPU, reading in the main process.
-TEST_RUN = dict(
-    model="tiny",
-    model_overrides=SMALL_MODEL,
-    loader=LoaderOptions(workers=0),
-    device="cpu",
-    log_every=2,
-    progress=False,
-)
-
-
-def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
-    """A small pretraining run; `changes` may name RunOptions or PretrainConfig fields."""
-    run = {**TEST_RUN, "flip": "frames", **{k: v for k, v in changes.items() if k in RUN_FIELDS}}
-    stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
-    stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
-    return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -195,20 +143,6 @@ def test_scalars_and_previews_also_go_to_tensorboard(easy_data, tmp_path):
         assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
     assert "step/lr" in events.Tags()["scalars"]
     assert [e.step for e in events.Images("preview")] == [2, 4]
-
-
-def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
-    """Ctrl-C when epoch `stop` (0-based) is about to start."""
-    from vctmae.data.loader import ShardLoader
-
-    original = ShardLoader.set_epoch
-
-    def interrupting(self, epoch):
-        if epoch == stop:
-            raise KeyboardInterrupt
-        original(self, epoch)
-
-    patch.setattr(ShardLoader, "set_epoch", interrupting)
 
 
 def test_resume_reproduces_the_uninterrupted_run(easy_data, tmp_path, monkeypatch):

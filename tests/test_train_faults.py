@@ -22,49 +22,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    SMALL_MODEL,
+    cli,
+    easy_crop,
+    one_line_error,
+    read_log,
+    shrink,
+    stop_before_epoch,
+    write_shard,
+    write_split,
+)
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
-from helpers import read_log, write_shard  # noqa: E402
-from test_train import SMALL_MODEL, easy_crop, stop_before_epoch, write_split  # noqa: E402
-
-from vctmae.cli import app  # noqa: E402
-from vctmae.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
+from vctmae.train.checkpoint import latest_checkpoint, load_state
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def shrink(patch: pytest.MonkeyPatch) -> None:
-    """`--model tiny` builds the shrunken test model (48 wide, 2 blocks), and pretraining skips
-    its preview pictures and their TensorBoard copies (tests/test_train.py checks them): runs of
-    seconds on 2 cores."""
-    from vctmae.model import config as model_config
-
-    small = model_config.preset_config("tiny", **SMALL_MODEL)
-    patch.setitem(model_config.PRESETS, "tiny", lambda: small)
-    patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
-    patch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(autouse=True)
 def small_tiny(monkeypatch):
     shrink(monkeypatch)
-
-
-def cli(*args: object):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
-def one_line_error(result, code: int, *needles: str) -> str:
-    """The command failed with `code` and one `error:` line holding every needle, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def pretrain_args(shards: list[str], out: Path, *extra: object) -> list[object]:
