@@ -63,7 +63,7 @@ def test_flags_defaults_and_nesting():
     assert isinstance(config.shards, tuple) and config.inner.secret == 7
 
 
-def test_every_kind_of_option():
+def test_flags_of_every_field_kind_reach_the_config():
     seen: list[Outer] = []
     args = ["other", "--shards", "x.tar", "--no-progress", "--mirror", "--clip", "0.5"]
     result = CliRunner().invoke(make_app(seen), [*args, "--loader", "dali", "--out", "o"])

@@ -228,7 +228,7 @@ def test_context_cut_commutes_with_frame_selection_and_skips_empty_boxes():
 # ----------------------------------------------------------------------------- small helpers
 
 
-def test_extent_from_bbox():
+def test_a_mask_box_gives_its_sagittal_extent_or_is_refused():
     assert clip.extent_from_bbox((12, 61, 0, 96, 5, 7)) == (12, 60)
     assert clip.extent_from_bbox([0, 96, 1, 2, 3, 4]) == (0, 95)
     assert clip.extent_from_bbox((0, 0, 0, 0, 0, 0)) == clip.FULL_EXTENT

@@ -67,7 +67,7 @@ def test_multiview_offsets_cover_every_slice_once():
     assert multiview_offsets(1) == [3]
 
 
-def test_random_offsets_and_mirror():
+def test_training_offsets_cover_0_to_5_and_mirror_reverses_the_sagittal_axis():
     generator = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
     offsets = random_offsets(6000, generator=generator)
     assert offsets.dtype == torch.int64 and set(offsets.tolist()) == set(range(6))

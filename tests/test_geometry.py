@@ -605,7 +605,7 @@ def test_forced_scheme_and_levels_on_a_totalseg_map(real_ct):
     assert reasons["T12"].startswith("truncated")
 
 
-def test_config_validation():
+def test_geometry_config_refuses_bad_values():
     with pytest.raises(ValueError):
         GeometryConfig(spacing=0)
     with pytest.raises(ValueError):
@@ -632,7 +632,7 @@ def assert_names(error: pytest.ExceptionInfo, path: Path, words: str) -> None:
     assert words in error.value.problem, error.value.problem
 
 
-def test_bad_files(tmp_path, small_pair, real_ct):
+def test_missing_or_unreadable_scans_are_refused_by_name(tmp_path, small_pair, real_ct):
     ct_path, seg_path = save_pair(tmp_path / "good", *small_pair)
     cases = {
         "missing.nii.gz": (None, "file not found"),

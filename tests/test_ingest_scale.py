@@ -1,6 +1,6 @@
 """Ingest at clinical scale and its inputs: DICOM series, VerSe's layout, --segment, Dask.
 
-- the crops sampled from the stored voxels equal the old whole-volume chain's, bit for bit;
+- the crops sampled from the stored voxels equal the whole-volume chain's, bit for bit;
 - label passes, stored-dtype reading, the gzip fallback;
 - typed work records; assembly behind extraction (same bytes whatever is buffered; no crop
   decoded again when the worker handed it over);
@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import load_ct, tree_bytes, use_totalsegmentator
-from old_chain import crop_differences, whole_volume_crops
 from scipy import ndimage
 from typer.testing import CliRunner
+from whole_volume_chain import crop_differences, whole_volume_crops
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
 from vctmae.cli.app import app
@@ -75,7 +75,7 @@ def pair(src: Path, case: str) -> tuple[Path, Path]:
 # --- no whole-volume passes, the same crops ------------------------------------------
 
 
-def test_crops_equal_the_old_whole_volume_chain_bit_for_bit(phantoms, real_ct_dir, tmp_path):
+def test_crops_equal_the_whole_volume_chain_bit_for_bit(phantoms, real_ct_dir, tmp_path):
     inputs = [pair(phantoms, f"case{i:03d}") for i in range(4)]
     real = (real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     # The real CT once more, stored float32 and once as int16 with slope 2, intercept −1024.

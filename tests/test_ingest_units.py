@@ -146,7 +146,7 @@ def test_parse_size_part_and_key():
     assert sample_key("sub-verse004.v2", "L1") == "sub-verse004-v2_L1"
 
 
-def test_config_validation(tmp_path):
+def test_ingest_config_refuses_bad_values(tmp_path):
     with pytest.raises(ValueError, match="formats"):
         IngestConfig(src=tmp_path, out=tmp_path / "o", formats={"parquet"})
     with pytest.raises(ValueError, match="part"):

@@ -81,12 +81,12 @@ def write_shard(path: Path, samples: list[dict]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-# ----------------------------------------------------------------------------- crop mode unchanged
+# ----------------------------------------------------------------------------- crop mode, written out plainly
 
 
-class FormerMaeObjective:
-    """vctmae's MAE objective before `--frames`/`--flip` (main 27895f3, transcribed): offsets,
-    then mirror flags, then mask noise; the mirror reverses the whole crop."""
+class PlainCropMaeObjective:
+    """The crop-mode MAE objective written out plainly: offsets, then mirror flags, then mask
+    noise, drawn in that order; the mirror reverses the whole crop."""
 
     def __init__(self, mask_ratio: float, num_tokens: int) -> None:
         self.mask_ratio, self.num_tokens = mask_ratio, num_tokens
@@ -104,7 +104,7 @@ class FormerMaeObjective:
         return module(crops, frames, mask_ratio=self.mask_ratio, noise=draws["noise"])[0]
 
 
-class FormerClassifierObjective:
+class PlainCropClassifierObjective:
     def __init__(self, weights: torch.Tensor) -> None:
         self.weights = weights
 
@@ -133,7 +133,7 @@ def labelled(tmp_path_factory) -> list[str]:
     return [str(p) for p in write_split(root, "train", 16, seed=4)]
 
 
-def test_crop_mode_training_is_bit_identical_to_the_former_objectives(labelled, tmp_path):
+def test_crop_mode_training_equals_the_plain_crop_objectives_bit_for_bit(labelled, tmp_path):
     from vctmae.train.finetune import finetune_trainer
     from vctmae.train.pretrain import pretrain_trainer
 
@@ -144,11 +144,11 @@ def test_crop_mode_training_is_bit_identical_to_the_former_objectives(labelled, 
         return pretrain_trainer(config)
 
     new = final_weights(pretrainer(tmp_path / "new"))
-    former = pretrainer(tmp_path / "former")
-    former.objective = FormerMaeObjective(0.8, former.run.model.config.num_tokens)
-    old = final_weights(former)
-    assert new.keys() == old.keys()
-    assert all(torch.equal(new[k], old[k]) for k in new), "crop-mode pretraining changed"
+    plain = pretrainer(tmp_path / "plain")
+    plain.objective = PlainCropMaeObjective(0.8, plain.run.model.config.num_tokens)
+    plain_weights = final_weights(plain)
+    assert new.keys() == plain_weights.keys()
+    assert all(torch.equal(new[k], plain_weights[k]) for k in new), "crop-mode pretraining changed"
 
     def finetuner(out):
         run = RunOptions(
@@ -158,15 +158,15 @@ def test_crop_mode_training_is_bit_identical_to_the_former_objectives(labelled, 
         return finetune_trainer(config)
 
     new = final_weights(finetuner(tmp_path / "ft-new"))
-    former = finetuner(tmp_path / "ft-former")
-    former.objective = FormerClassifierObjective(former.objective.class_weights)
-    old = final_weights(former)
-    assert all(torch.equal(new[k], old[k]) for k in new), "crop-mode finetuning changed"
+    plain = finetuner(tmp_path / "ft-plain")
+    plain.objective = PlainCropClassifierObjective(plain.objective.class_weights)
+    plain_weights = final_weights(plain)
+    assert all(torch.equal(new[k], plain_weights[k]) for k in new), "crop-mode finetuning changed"
 
 
 @torch.no_grad()
-def former_multiview_probs(model, crops, views: int) -> torch.Tensor:
-    """Evaluation before `--frames`/`--combine` (main 27895f3, transcribed)."""
+def plain_offset_ensemble(model, crops, views: int) -> torch.Tensor:
+    """Crop-mode evaluation written out plainly: the mean softmax over offsets 0..5 (or 3)."""
     offsets = list(range(6)) if views == 6 else [3]
     mean = torch.zeros(crops.shape[0])
     for offset in offsets:
@@ -176,12 +176,12 @@ def former_multiview_probs(model, crops, views: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("views", [6, 1])
-def test_crop_mode_evaluation_is_bit_identical_to_the_former_one(views):
+def test_crop_mode_evaluation_equals_the_plain_offset_ensemble_bit_for_bit(views):
     torch.manual_seed(3)
     model = build_classifier("tiny", **SMALL).eval()
     crops = random_crops(torch.Generator().manual_seed(5), 3)
     new = multiview_probs(model, crops, views=views, device=torch.device("cpu"))
-    assert torch.equal(new, former_multiview_probs(model, crops, views))
+    assert torch.equal(new, plain_offset_ensemble(model, crops, views))
 
 
 # ----------------------------------------------------------------------------- mask mode
@@ -419,7 +419,7 @@ def test_norm_pix_loss_reaches_the_pretraining_model(labelled, tmp_path):
     plain.run.log.close()
 
 
-def test_every_new_flag_is_on_the_commands_with_help():
+def test_clip_rule_flags_are_on_the_commands_with_help():
     from typer.testing import CliRunner
 
     from vctmae.cli import app
@@ -434,7 +434,7 @@ def test_every_new_flag_is_on_the_commands_with_help():
         for flag in ("--frames", "--flip", "--frame-size", "--levels"):
             assert flag in text
         assert "the reference code's pretraining flip" in text
-        assert "--mirror" not in text.replace("formerly --mirror", "")
+        assert "--mirror" not in text
     assert "--norm-pix-loss" in pretrain and "--norm-pix-loss" not in finetune
     for text in (pretrain, finetune, evaluate):
         # One help text says each command's default levels.

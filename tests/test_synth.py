@@ -276,7 +276,7 @@ def test_fracture_rate_extremes() -> None:
     assert every.shapes[every.levels[0]] == "none"
 
 
-def test_bad_arguments_raise() -> None:
+def test_phantoms_refuse_bad_arguments() -> None:
     with pytest.raises(ValueError, match="fracture"):
         make_phantom(0, fracture_rate=1.5)
     with pytest.raises(ValueError, match="orientation"):
@@ -294,7 +294,7 @@ def test_refuses_folder_with_other_cases(written: Path) -> None:
     assert _files(written) == before
 
 
-def test_cli(tmp_path: Path) -> None:
+def test_synth_checks_its_options_before_writing_then_writes_the_cases(tmp_path: Path) -> None:
     from vctmae.cli import app
 
     runner = CliRunner()
@@ -343,10 +343,10 @@ def test_clinical_render_equals_the_whole_grid_render() -> None:
 
 
 @pytest.mark.slow
-def test_clinical_phantom_ingests_to_the_old_chains_crops(tmp_path: Path) -> None:
+def test_clinical_phantom_ingests_to_the_whole_volume_chains_crops(tmp_path: Path) -> None:
     """`vctmae synth --clinical`: a scanner-size case (512 × 512 × ~330 at ~0.7 × 0.7 × 1.1 mm,
-    ≥ 12 vertebrae) that ingest cuts into the same crops as the old whole-volume chain."""
-    from old_chain import crop_differences, whole_volume_crops
+    ≥ 12 vertebrae) that ingest cuts into the same crops as the whole-volume chain."""
+    from whole_volume_chain import crop_differences, whole_volume_crops
 
     from vctmae.cli import app
     from vctmae.ingest.geometry import extract_crops

@@ -16,7 +16,7 @@ taken in memory order. Both are seen along the crop's own axis order
 is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
 one compiled loop), so every crop byte is what sampling a fully reoriented
 float copy gave (the tests compare the crops with that whole-volume way of cutting them,
-`tests/old_chain.py`).
+`tests/whole_volume_chain.py`).
 
 Video order of a crop:
     axis 0 = patient's left → right   (world +x)

@@ -1,6 +1,6 @@
-"""Ingest's crops cut the way ingest cut them at commit bb6ecb0: the whole volume reoriented in
-memory, then scipy's `map_coordinates` per crop. The tests compare today's compiled, streamed
-cutting with it (the same bytes); nothing in the package uses it.
+"""Ingest's crops cut the plain way: the whole volume reoriented in memory, then scipy's
+`map_coordinates` per crop. The tests compare ingest's compiled, streamed cutting with it (the
+same bytes); nothing in the package uses it.
 """
 
 from __future__ import annotations
