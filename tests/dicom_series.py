@@ -106,3 +106,23 @@ def small_volume(
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = (12.5, -40.25, -300.0)
     return Volume(path=Path("small"), data=data, affine=affine)
+
+
+def write_unreadable_dicom_folders(src: Path, phantoms: Path) -> dict[str, str]:
+    """Folders in `src/ct/` holding no readable DICOM series, each with its label map in
+    `src/seg/`: case → what its failure line must say."""
+    seg = phantoms / "seg" / "case001.nii.gz"
+    (src / "ct" / "junk").mkdir(parents=True)
+    (src / "ct" / "junk" / "IM0001").write_bytes(b"not a DICOM file" * 20)
+    (src / "ct" / "junk" / "notes.txt").write_text("scanner notes\n")
+    # A series whose files lost the 128-byte preamble and the DICM prefix.
+    for path in write_series(src / "ct" / "bare", small_volume()):
+        path.write_bytes(path.read_bytes()[132:])
+    (src / "ct" / "empty").mkdir()
+    for case in ("junk", "bare", "empty"):
+        (src / "seg" / f"{case}.nii.gz").symlink_to(seg)
+    return {
+        "junk": "no readable DICOM series in this folder (2 file(s)",
+        "bare": "no readable DICOM series in this folder (6 file(s)",
+        "empty": "empty folder in ct/",
+    }

@@ -712,7 +712,7 @@ def test_bad_shapes_affines_and_values(tmp_path, small_pair):
 
 
 def test_a_jittered_dicom_series_is_measured_against_its_label_map_in_world_space(tmp_path):
-    from test_dicom import FLIP_XY, write_series
+    from dicom_series import FLIP_XY, write_series
 
     ct, seg = spine_phantom(straight_spine(count=1), ["L1"], margin=20)
     stored = reorient(ct, "LPS")

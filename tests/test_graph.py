@@ -10,80 +10,27 @@ a GPU and run in benchmarks/gpu_check.sh.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_shards, stop_before_epoch
+from helpers import (
+    assert_same_training,
+    random_shards,
+    run_options,
+    run_steps,
+    stop_before_epoch,
+    trainers,
+)
 
-from vctmae.data.options import LoaderOptions
-from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
+from vctmae.train.config import FinetuneConfig, PretrainConfig
 from vctmae.train.finetune import finetune_trainer
 from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer
-
-SMALL_MODEL = {
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "decoder_embed_dim": 16,
-    "decoder_depth": 1,
-    "decoder_num_heads": 2,
-}
-# fp32: the fused Adam kernel (static step) and the foreach one (eager step) round the same
-# update in a different order, ~1e-7 relative per step. Parameters whose gradient is zero but
-# for rounding (the attention's key bias: softmax ignores it) get Adam updates g / (√v + ε) that
-# amplify that rounding up to ~1 % of a step (lr ≈ 8e-4 here): hence the absolute bound. A wrong
-# draw, slot or learning rate moves every weight by whole steps, far beyond both bounds.
-RTOL, ATOL = 1e-5, 1e-5
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
     return random_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
-
-
-def run_options(shards, out: Path, **changes) -> RunOptions:
-    return RunOptions(
-        shards=tuple(shards), out=out, model="tiny", model_overrides=SMALL_MODEL,
-        loader=LoaderOptions(workers=0), device="cpu", progress=False, **changes,
-    )  # fmt: skip
-
-
-def trainers(make, monkeypatch):
-    """(eager, static) trainers of the same config; the static one as it would run on CUDA,
-    without the capture."""
-    eager = make("eager")
-    monkeypatch.setattr("vctmae.train.run.capture_blocker", lambda options, info: None)
-    static = make("static")
-    monkeypatch.undo()
-    assert eager.graphed is None and static.graphed is not None and not static.graphed.capture
-    assert isinstance(static.run.optimizer.param_groups[0]["lr"], torch.Tensor)
-    return eager, static
-
-
-def run_steps(trainer, steps: int, accum: int) -> list[float]:
-    # Dropout draws from torch's global RNG: both runs start from the same state.
-    torch.manual_seed(11)
-    trainer.run.model.train()
-    batches = iter(trainer.run.loader)
-    losses = []
-    for _ in range(steps):
-        micro = [next(batches) for _ in range(accum)]
-        losses.append(float(trainer.train_step(micro).loss_sum))
-    return losses
-
-
-def assert_same_training(eager, static, losses_eager, losses_static) -> None:
-    assert losses_static == pytest.approx(losses_eager, rel=RTOL)
-    pairs = zip(
-        eager.run.model.state_dict().items(), static.run.model.state_dict().values(), strict=True
-    )
-    for (name, a), b in pairs:
-        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL, msg=name)
-    # The same randomness was drawn: both generators stand at the same place.
-    assert torch.equal(eager.generator.get_state(), static.generator.get_state())
-    assert eager.state.step == static.state.step
 
 
 def test_static_pretraining_step_equals_the_eager_step(shards, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_series import write_unreadable_dicom_folders
 from helpers import read_manifest, tree_bytes
 from typer.testing import CliRunner
 
@@ -115,28 +116,6 @@ def test_vertebrae_lost_to_a_wrong_scheme_fail_the_case(phantoms, tmp_path):
 
 
 # --- a scan that cannot be read is named and counted, never dropped ---------------------------
-
-
-def write_unreadable_dicom_folders(src: Path, phantoms: Path) -> dict[str, str]:
-    """Folders in `src/ct/` holding no readable DICOM series, each with its label map in
-    `src/seg/`: case → what its failure line must say."""
-    from test_dicom import small_volume, write_series
-
-    seg = phantoms / "seg" / "case001.nii.gz"
-    (src / "ct" / "junk").mkdir(parents=True)
-    (src / "ct" / "junk" / "IM0001").write_bytes(b"not a DICOM file" * 20)
-    (src / "ct" / "junk" / "notes.txt").write_text("scanner notes\n")
-    # A series whose files lost the 128-byte preamble and the DICM prefix.
-    for path in write_series(src / "ct" / "bare", small_volume()):
-        path.write_bytes(path.read_bytes()[132:])
-    (src / "ct" / "empty").mkdir()
-    for case in ("junk", "bare", "empty"):
-        (src / "seg" / f"{case}.nii.gz").symlink_to(seg)
-    return {
-        "junk": "no readable DICOM series in this folder (2 file(s)",
-        "bare": "no readable DICOM series in this folder (6 file(s)",
-        "empty": "empty folder in ct/",
-    }
 
 
 def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(phantoms, tmp_path):

@@ -278,17 +278,17 @@ def test_cases_waiting_for_an_earlier_one_give_the_same_bytes(
 def dicom_phantom(tmp_path_factory):
     """A phantom as NIfTI (ct/ + seg/) and the same CT as a DICOM series folder (plus a second,
     smaller series in the same folder)."""
-    from test_dicom import _uid, write_series
+    from dicom_series import make_uid, write_series
 
     root = tmp_path_factory.mktemp("dicom-ingest")
     write_phantoms(SynthConfig(out=root / "nifti", cases=1, seed=5))
     ct_path, seg_path = pair(root / "nifti", "case000")
     volume = reorient(load_ct(ct_path), "LPS")
     folder = root / "dicom" / "ct" / "scan1"
-    uid = _uid("ingest-phantom")
+    uid = make_uid("ingest-phantom")
     write_series(folder, volume, series=uid)
     small = Volume(path=ct_path, data=volume.data[:, :, :5], affine=volume.affine)
-    write_series(folder, small, series=_uid("scout"))
+    write_series(folder, small, series=make_uid("scout"))
     (root / "dicom" / "seg").mkdir()
     (root / "dicom" / "seg" / "scan1.nii.gz").symlink_to(seg_path)
     return root, uid

@@ -82,6 +82,24 @@ def test_inference_imports_nothing_from_predict():
     assert crossings(import_graph(), "vctmae.infer", "vctmae.predict") == []
 
 
+def test_tests_share_helpers_and_never_import_each_other():
+    """A test module imports its helpers from tests/helpers.py and its neighbours (not from
+    another test module), and nothing in the package or the tests reaches into `vctmae.bench`
+    except the tests of the benchmarks themselves."""
+    tests = Path(__file__).parent
+    reaching = {}
+    for path in sorted(tests.glob("*.py")):
+        names = imported_names(path, path.stem)
+        others = sorted(n for n in names if n.startswith("test_"))
+        if path.name.startswith("test_bench") or path.name == "test_kernels.py":
+            names = {n for n in names if not within(n, "vctmae.bench")}
+        bench = sorted(n for n in names if within(n, "vctmae.bench"))
+        if others or bench:
+            reaching[path.name] = others + bench
+    assert reaching == {}
+    assert imported_names(tests / "test_predict.py", "test_predict") & {"helpers"}
+
+
 def test_the_graph_holds_the_layers_it_checks():
     """The checks above look at the real modules: training uses inference, predict too."""
     graph = import_graph()

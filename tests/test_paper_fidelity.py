@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TEST_RUN, pretrain_config, write_split
+from helpers import (
+    TEST_RUN,
+    assert_same_training,
+    pretrain_config,
+    run_options,
+    run_steps,
+    trainers,
+    write_split,
+)
 from reference_code import (
     SMALL,
     mae_st_state,
@@ -294,7 +302,6 @@ def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
     travel through its slots, and forward + backward trace as one graph (no host sync in the
     frame rule, the context cut or the flip), as a CUDA graph needs."""
     import torch._dynamo
-    from test_graph import assert_same_training, run_options, run_steps, trainers
 
     from vctmae.train.config import PretrainConfig
     from vctmae.train.finetune import finetune_trainer

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dicom_series import write_series
+from dicom_series import write_series, write_unreadable_dicom_folders
 from helpers import (
     SMALL_MODEL,
     TEST_RUN,
@@ -546,7 +546,6 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
 def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
     raw, checkpoint, tmp_path
 ):
-    from test_ingest_faults import write_unreadable_dicom_folders
 
     src = tmp_path / "src"
     (src / "ct").mkdir(parents=True)

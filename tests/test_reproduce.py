@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, read_log, shrink
+from helpers import SMALL_MODEL, cli, read_log, shrink
 from reference_code import mae_st_state, to_pyslowfast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,6 @@ def smoke_command(command: list[str]) -> list[str]:
 
 def shrink_mae3d(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--model mae3d-tiny` builds the 3-D model at the shrunken test widths."""
-    from test_train import SMALL_MODEL
 
     from vctmae.model import config as model_config
 
@@ -74,7 +73,6 @@ def document_commands(text: str) -> list[list[str]]:
 def kinetics_stand_in(path: Path) -> None:
     """A random ViT of the shrunken tiny shape in PySlowFast's `.pyth` layout at 224² (14 × 14
     spatial positions, decoder table with a cls row), as mae_st publishes the K700 weights."""
-    from test_train import SMALL_MODEL
 
     state = mae_st_state(
         dim=SMALL_MODEL["embed_dim"], depth=SMALL_MODEL["depth"],
