@@ -150,20 +150,22 @@ def test_resume_is_refused_naming_what_changed_and_allows_what_does_not_matter(
     with pytest.raises(UsageError, match=r"--threshold None → 0\.3") as refused:
         run_predict(config(checkpoint, out, src=raw, resume=True, threshold=0.3, **QUICK))
     assert "threshold applied" in str(refused.value) and "--multiview" not in str(refused.value)
-    with pytest.raises(UsageError, match="--multiview 1 → 2"):
-        run_predict(config(checkpoint, out, src=raw, resume=True, **{**QUICK, "multiview": 2}))
+    with pytest.raises(UsageError, match="--multiview 1 → 6"):
+        run_predict(config(checkpoint, out, src=raw, resume=True, **{**QUICK, "multiview": 6}))
     torch.manual_seed(1)
     other = save_model(
         build_classifier("tiny", num_classes=2, **SMALL_MODEL), tmp_path / "other.safetensors"
     )
     with pytest.raises(UsageError, match="checkpoint sha256"):
         run_predict(config(other, out, src=raw, resume=True, **QUICK))
-    # The same checkpoint's bytes under another name, another batch size and worker count:
+    # The same checkpoint's bytes in another folder, another batch size and worker count:
     # nothing left to do, the same report.
-    renamed = shutil.copy(checkpoint, tmp_path / "renamed.safetensors")
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint.parent, moved)
+    renamed = moved / checkpoint.name
     cut = count_cuts(monkeypatch)
     settings = {**QUICK, "batch_size": 2}
-    run_predict(config(Path(renamed), out, src=raw, resume=True, workers=0, **settings))
+    run_predict(config(renamed, out, src=raw, resume=True, workers=0, **settings))
     assert cut == []
     assert (out / "predictions.csv").read_bytes() == (sequential / "predictions.csv").read_bytes()
 
