@@ -30,8 +30,11 @@ A pipeline across scans:
 the results (`run_settings`: the checkpoint by content digest, the threshold applied,
 every option not marked resumable) must equal those the run recorded in `run.json`,
 and the scans with an ok record are kept, not predicted again. A kill -9 loses at
-most the scans in flight; the resumed run's `predictions.csv` equals an
-uninterrupted run's, since each crop's probability depends on the crop alone.
+most the scans in flight. The resumed run's `predictions.csv` equals an
+uninterrupted run's, as a pipelined run's equals a sequential one's: each crop's
+probability depends on the crop alone, not on which crops share its forward pass
+(bit for bit on a CPU, as the tests check; a GPU may choose other kernels for
+another batch's make-up, which can move the last printed digit).
 
 A bad scan (unreadable file, mismatched label map, no vertebra, a worker that
 died…) is reported in one line by name and the run goes on; `PredictResult.failed`
