@@ -239,3 +239,33 @@ def _threshold(summary: dict):
     from vctmae.predict.results import Threshold
 
     return Threshold(**summary["run"]["threshold"])
+
+
+def test_the_overview_from_the_volumes_around_the_spine_is_the_whole_volumes_one(
+    raw, sequential, tmp_path
+):
+    from vctmae.ingest.levels import SCHEMES
+    from vctmae.ingest.source import read_ct, read_label_map
+    from vctmae.predict.pictures import overview_svg
+    from vctmae.predict.results import ScanResult
+    from vctmae.predict.run import around_spine
+
+    summary = json.loads((sequential / "summary.json").read_text())
+    scan = ScanResult.from_json(summary["scans"][0])
+    ct, labels = read_ct(raw / "ct" / f"{scan.case}.nii.gz"), read_label_map(raw / scan.seg)
+    values = {name: value for value, name in SCHEMES[scan.scheme].items()}
+    small_ct, small_labels = around_spine(ct, labels, list(values.values()))
+    assert small_ct.data.size < ct.data.size and small_labels.data.shape == small_ct.data.shape
+
+    def drawn(ct, labels, name: str) -> str:
+        path = overview_svg(ct, labels, scan.vertebrae, values, scan.not_assessed, 0.5,
+                            tmp_path / name, title="overview")  # fmt: skip
+        # Everything but the time it was drawn and the ids of its elements.
+        text = re.sub(r"<dc:date>.*?</dc:date>", "", path.read_text(), flags=re.S)
+        for number, name in enumerate(re.findall(r'id="([^"]+)"', text)):
+            text = re.sub(rf"\b{re.escape(name)}\b", f"id{number}", text)
+        return text
+
+    whole = drawn(ct, labels, "whole.svg")
+    assert "data:image/png;base64," in whole
+    assert drawn(small_ct, small_labels, "small.svg") == whole

@@ -295,7 +295,39 @@ def cut_job(job: ScanJob) -> CutScan:
         line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
         return CutScan(job=job, error=line, seconds=seconds)
     label_values = {name: value for value, name in SCHEMES[cut.scheme].items()}
+    if job.config.dicom_out is False or ct.dicom is None:
+        # No DICOM SEG to draw on the CT's whole grid: only the overview needs the volumes.
+        ct, labels = around_spine(ct, labels, list(label_values.values()))
     return CutScan(job=job, cut=cut, volumes=(ct, labels, label_values), seconds=seconds)
+
+
+def around_spine(ct: Volume, labels: Volume, values: list[int]) -> tuple[Volume, Volume]:
+    """The CT and label map cut to the box of the vertebra labels `values` and the overview's
+    margin around it (`pictures.MARGIN_MM`, wider than its slab), so that a tenth of the volumes
+    crosses from a worker and the overview is drawn as from the whole. Unchanged when the label
+    map lies on another grid or holds none of `values`."""
+    from vctmae.predict.pictures import MARGIN_MM, SLAB_MM
+
+    if ct.data.shape != labels.data.shape or not np.allclose(ct.affine, labels.affine):
+        return ct, labels
+    inside = np.isin(labels.data, values)
+    spacing = np.linalg.norm(ct.affine[:3, :3], axis=0)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return ct, labels
+        margin = int(np.ceil(max(MARGIN_MM, SLAB_MM) / spacing[axis])) + 1
+        box.append(slice(max(0, hit[0] - margin), hit[-1] + margin + 1))
+    shift = np.eye(4)
+    shift[:3, 3] = [axis.start for axis in box]
+    affine = ct.affine @ shift
+
+    def cut(volume: Volume) -> Volume:
+        data = np.ascontiguousarray(volume.data[tuple(box)])
+        return dataclasses.replace(volume, data=data, affine=affine)
+
+    return cut(ct), cut(labels)
 
 
 def worker_died(job: ScanJob, why: str) -> CutScan:
