@@ -11,7 +11,8 @@ A pipeline across scans:
    — then the crops, with ingest's own reader and geometry (`read_ct`,
    `read_label_map`, `geometry.crops_from_volumes`), in memory: the very int16 crops
    `vctmae ingest` would write. The worker sends back the crops, the scan's facts
-   and its two volumes (the overview picture and the DICOM SEG are drawn from them).
+   and its two volumes, cut to the box around the spine the overview picture needs
+   (`around_spine`; whole when a DICOM SEG is to be drawn on the CT's grid).
    `--workers 0` does this in this process, one scan at a time.
 3. **Model** (`assess`, the one place the model is called): crops of several scans
    share each forward pass of `--batch-size` crops; each is the mean of its views'
