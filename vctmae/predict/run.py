@@ -304,7 +304,7 @@ def cut_job(job: ScanJob) -> CutScan:
 
 def around_spine(ct: Volume, labels: Volume, values: list[int]) -> tuple[Volume, Volume]:
     """The CT and label map cut to the box of the vertebra labels `values` and the overview's
-    margin around it (`pictures.MARGIN_MM`, wider than its slab), so that a tenth of the volumes
+    margin around it (`pictures.MARGIN_MM`, wider than its slab), so that only that part of them
     crosses from a worker and the overview is drawn as from the whole. Unchanged when the label
     map lies on another grid or holds none of `values`."""
     from vctmae.predict.pictures import MARGIN_MM, SLAB_MM
