@@ -907,7 +907,7 @@ def test_ctrl_c_before_the_first_scan_says_no_report_exists(raw, checkpoint, tmp
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vctmae.predict.run.predict_scan", interrupt)
+    monkeypatch.setattr("vctmae.predict.run.cut_scan", interrupt)
     result = cli("--checkpoint", str(checkpoint), "--src", str(raw), "--out", str(tmp_path / "r"),
                  "--device", "cpu", "--no-progress")  # fmt: skip
     assert result.exit_code == 130

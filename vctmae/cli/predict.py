@@ -22,7 +22,8 @@ def predict(config: PredictConfig) -> None:
         # is this run's.
         if (config.out / SUMMARY).is_file():
             return (
-                f"predict stopped; the report under {config.out} covers the scans finished so far"
+                f"predict stopped; the report under {config.out} covers the scans finished so "
+                "far (the same command with --resume continues it)"
             )
         return "predict stopped before its first scan was done; no report was written"
 

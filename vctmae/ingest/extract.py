@@ -13,7 +13,8 @@ skips cases whose record matches the geometry settings and the source files
 Executors (`InProcess`, `ProcessPool`, `DaskExecutor`) share one interface:
 `run(jobs, done)` calls `done(extracted)` in the calling thread as each case
 finishes, in any order, and a case whose worker dies is reported failed by
-itself (`worker_died`) while the others go on. Each keeps at most 2 × workers
+itself (`worker_died`) while the others go on. `vctmae predict` runs its own
+per-scan step on them (`run(jobs, done, work=…, died=…)`). Each keeps at most 2 × workers
 cases in flight, so memory does not grow with the number of cases.
 """
 
@@ -176,6 +177,9 @@ def finished_record(
 # Executors.
 
 Done = Callable[[Extracted], None]
+# What a worker runs on one job, and what stands for its answer when the worker died.
+Work = Callable[[ExtractJob], Extracted]
+Died = Callable[[ExtractJob, str], Extracted]
 
 
 class InProcess:
@@ -183,9 +187,11 @@ class InProcess:
 
     workers = 1
 
-    def run(self, jobs: Sequence[ExtractJob], done: Done) -> None:
+    def run(
+        self, jobs: Sequence, done: Done, work: Work = extract_case, died: Died = worker_died
+    ) -> None:
         for job in jobs:
-            done(extract_case(job))
+            done(work(job))
 
     def close(self) -> None:
         pass
@@ -249,7 +255,9 @@ class ProcessPool:
         pool.submit(int).result()
         return pool
 
-    def run(self, jobs: Sequence[ExtractJob], done: Done) -> None:
+    def run(
+        self, jobs: Sequence, done: Done, work: Work = extract_case, died: Died = worker_died
+    ) -> None:
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
@@ -259,7 +267,7 @@ class ProcessPool:
         while queue or in_flight:
             while queue and len(in_flight) < 2 * self.workers:
                 job = queue.pop()
-                in_flight[self._pool.submit(extract_case, job)] = job
+                in_flight[self._pool.submit(work, job)] = job
             finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = in_flight.pop(future)
@@ -272,9 +280,9 @@ class ProcessPool:
                 for job in suspects:
                     single = self._new(1)
                     try:
-                        done(single.submit(extract_case, job).result())
+                        done(single.submit(work, job).result())
                     except BrokenProcessPool:
-                        done(worker_died(job))
+                        done(died(job, "out of memory?"))
                     finally:
                         single.shutdown(wait=True)
                 suspects = []
@@ -326,7 +334,9 @@ class DaskExecutor:
         threads = sum(self._client.nthreads().values())
         self.workers = max(1, threads or workers)
 
-    def run(self, jobs: Sequence[ExtractJob], done: Done) -> None:
+    def run(
+        self, jobs: Sequence, done: Done, work: Work = extract_case, died: Died = worker_died
+    ) -> None:
         from distributed import as_completed
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
@@ -339,7 +349,7 @@ class DaskExecutor:
             while queue and len(in_flight) < 2 * self.workers:
                 job = queue.pop()
                 # pure=False: a rerun must extract again, never reuse a cached result.
-                future = self._client.submit(extract_case, job, pure=False)
+                future = self._client.submit(work, job, pure=False)
                 in_flight[future.key] = job
                 pending.add(future)
 
@@ -349,7 +359,7 @@ class DaskExecutor:
             try:
                 result = future.result()
             except (KilledWorker, FutureCancelledError) as error:
-                result = worker_died(job, f"Dask: {type(error).__name__}")
+                result = died(job, f"Dask: {type(error).__name__}")
             future.release()
             done(result)
             submit()

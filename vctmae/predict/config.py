@@ -19,7 +19,7 @@ from vctmae.infer.config import (
     SpeedOptions,
     check_rule_options,
 )
-from vctmae.ingest.config import LABEL_SCHEMES, SERIES_HELP
+from vctmae.ingest.config import EXECUTORS, LABEL_SCHEMES, SERIES_HELP
 from vctmae.ingest.levels import parse_levels
 
 
@@ -71,8 +71,30 @@ class PredictConfig:
         "Decision threshold on P(fracture) (default: the validation-optimal one finetuning "
         "recorded beside --checkpoint, else 0.5).",
     )
-    batch_size: int = flag(16, "Crops per forward pass.")
-    device: str = flag("auto", "auto (GPU when present), cpu or cuda.")
+    batch_size: int = flag(
+        16, "Crops per forward pass (crops of several scans share one).", resumable=True
+    )
+    device: str = flag("auto", "auto (GPU when present), cpu or cuda.", resumable=True)
+    # None: one per core less one (the model's), at most one per scan.
+    workers: int | None = flag(
+        None,
+        "Processes that read and cut scans ahead of the model (0: in this process, one scan "
+        "at a time; default: one per core but one, at most one per scan).",
+        resumable=True,
+    )
+    executor: str = flag(
+        "process",
+        "Where scans are read and cut: process (a pool on this machine) or dask (a Dask cluster; "
+        "pip install 'vctmae\\[dask]').",
+        resumable=True,
+    )
+    scheduler: str | None = flag(
+        None,
+        "Dask scheduler address (e.g. tcp://host:8786) for --executor dask; without it a "
+        "LocalCluster of --workers processes. The scans and --out must be on storage the "
+        "workers share.",
+        resumable=True,
+    )
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     attention: bool = flag(
         True,
@@ -86,12 +108,20 @@ class PredictConfig:
         "(default: on for DICOM input; NIfTI input has no study, so none).",
         negatable=True,
     )
-    progress: bool = flag(True, "Show the progress bar.", negatable=True)
+    progress: bool = flag(True, "Show the progress bar.", negatable=True, resumable=True)
+    resume: bool = flag(
+        False,
+        "Continue a stopped run into the same --out: the scans already reported there are kept, "
+        "the others predicted. Refused when the checkpoint (by content), threshold or an option "
+        "that changes the results differs.",
+        resumable=True,
+    )
     replace: bool = flag(
         False,
         "Replace the report of an earlier run in --out (its pages, pictures, CSV and summary are "
         "removed first; TotalSegmentator label maps kept there stay). Without it such an --out is "
         "refused.",
+        resumable=True,
     )
 
     def __post_init__(self) -> None:
@@ -120,6 +150,18 @@ class PredictConfig:
             raise UsageError(f"--threshold must lie in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise UsageError(
+                f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
+        if self.scheduler is not None and self.executor != "dask":
+            raise UsageError("--scheduler is the address of a Dask scheduler: add --executor dask")
+        if self.resume and self.replace:
+            raise UsageError(
+                "--resume continues the report in --out, --replace removes it: not both"
+            )
         check_rule_options(self.frames, self.multiview, self.combine)
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")

@@ -1,6 +1,10 @@
 """The report `vctmae predict` writes under `--out`.
 
-    index.html          every scan: levels assessed, fractures suspected, a thumbnail, a link
+    index.html          the counts, then every scan (highest probability first; sortable,
+                        filterable, paged by a small inline script): levels assessed,
+                        fractures suspected, a thumbnail, a link
+    run.json            the settings `vctmae predict --resume` must match
+    CASE/scan.json      the scan's record (summary.json's entry), written last: the scan is done
     CASE/report.html    one scan: the verdict, the sagittal overview, one row per vertebra
     CASE/overview.svg   the overview (`vctmae.predict.pictures.overview_svg`)
     CASE/LEVEL.png      a vertebra's 16 frames and its attention (`vertebra_png`)
@@ -238,6 +242,7 @@ table { border-collapse: collapse; background: #fff; width: 100%; }
 th, td { border-bottom: 1px solid #e2e2de; padding: 6px 8px; text-align: left;
          vertical-align: middle; }
 th { background: #ecece8; font-size: 13px; position: sticky; top: 0; }
+th[data-col] { cursor: pointer; }
 td.vertebra { width: 10em; vertical-align: top; }
 td.vertebra > div { margin: 4px 0; }
 .level { font-size: 26px; font-weight: 700; }
@@ -410,16 +415,76 @@ def _footer(run: RunFacts) -> str:
     )
 
 
+INDEX_PAGE_ROWS = 100  # rows per page of index.html
+
+# index.html's script: filter, sort by a column, page. Without it every row shows, sorted.
+INDEX_SCRIPT = """
+(function () {
+  var body = document.querySelector('#scans tbody');
+  var rows = Array.prototype.slice.call(body.rows);
+  var text = document.getElementById('filter'), kind = document.getElementById('kind');
+  var pager = document.getElementById('pager'), page = 0, per = ROWS_PER_PAGE, shown = rows;
+  function show() {
+    var q = text.value.toLowerCase(), k = kind.value;
+    shown = rows.filter(function (r) {
+      return (!k || r.dataset.kind === k) && (!q || r.textContent.toLowerCase().indexOf(q) >= 0);
+    });
+    var pages = Math.max(1, Math.ceil(shown.length / per));
+    page = Math.min(page, pages - 1);
+    rows.forEach(function (r) { r.hidden = true; });
+    shown.slice(page * per, (page + 1) * per).forEach(function (r) { r.hidden = false; });
+    pager.querySelector('span').textContent = shown.length + ' scan(s), page ' + (page + 1)
+      + ' of ' + pages;
+  }
+  text.oninput = kind.onchange = function () { page = 0; show(); };
+  pager.querySelector('.prev').onclick = function () { page = Math.max(0, page - 1); show(); };
+  pager.querySelector('.next').onclick = function () { page += 1; show(); };
+  document.querySelectorAll('#scans th[data-col]').forEach(function (th) {
+    th.onclick = function () {
+      var col = +th.dataset.col, down = th.dataset.down !== '1';
+      th.dataset.down = down ? '1' : '0';
+      rows.sort(function (a, b) {
+        var x = a.cells[col].dataset.sort, y = b.cells[col].dataset.sort;
+        var c = (x !== undefined && y !== undefined) ? (+x - +y)
+          : a.cells[col].textContent.localeCompare(b.cells[col].textContent);
+        return down ? -c : c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+      page = 0; show();
+    };
+  });
+  pager.hidden = false; document.getElementById('tools').hidden = false;
+  show();
+})();
+""".replace("ROWS_PER_PAGE", str(INDEX_PAGE_ROWS))
+
+
+def _index_order(scans: list[ScanResult]) -> list[ScanResult]:
+    """index.html's rows: the highest probability first (ties in the scans' order), then the scans
+    with no vertebra assessed, then the failed ones."""
+
+    def key(scan: ScanResult) -> tuple[int, float]:
+        if not scan.ok:
+            return (2, 0.0)
+        if not scan.vertebrae:
+            return (1, 0.0)
+        return (0, -max(v.prob_fracture for v in scan.vertebrae))
+
+    return sorted(scans, key=key)
+
+
 def index_page(scans: list[ScanResult], run: RunFacts) -> str:
-    """index.html: one row per scan, linking to its page."""
+    """index.html: the counts, then one table row per scan linking to its page, sorted (highest
+    probability first), filterable and paged by a small inline script (no network needed)."""
     threshold = run.threshold.value
     rows = []
-    for scan in scans:
+    for scan in _index_order(scans):
         link = f'<a href="{_e(scan.page)}">{_e(scan.case)}</a>' if scan.page else _e(scan.case)
         if not scan.ok:
             rows.append(
-                f'<tr><td>{link}</td><td colspan="4" class="flag">failed: {_e(scan.error)}'
-                "</td><td></td></tr>"
+                f'<tr data-kind="failed"><td>{link}</td><td data-sort="-1">—</td>'
+                f'<td class="flag">failed: {_e(scan.error)}</td><td data-sort="-1">—</td>'
+                "<td>—</td><td></td></tr>"
             )
             continue
         fractured = (
@@ -429,9 +494,10 @@ def index_page(scans: list[ScanResult], run: RunFacts) -> str:
         )
         highest = max(scan.vertebrae, key=lambda v: v.prob_fracture, default=None)
         highest_cell = (
-            f"<td>{_prob_badge(highest, threshold, '')} at {_e(highest.level)}</td>"
+            f'<td data-sort="{highest.prob_fracture:.6f}">{_prob_badge(highest, threshold, "")} '
+            f"at {_e(highest.level)}</td>"
             if highest
-            else "<td>—</td>"
+            else '<td data-sort="-1">—</td>'
         )
         skipped = ", ".join(
             f"{_e(n.level)} ({_e(n.reason.split(':')[0])})" for n in scan.not_assessed
@@ -442,25 +508,50 @@ def index_page(scans: list[ScanResult], run: RunFacts) -> str:
             if scan.overview
             else ""
         )
+        kind = "fracture" if scan.fractured else "clear" if scan.vertebrae else "none"
         rows.append(
-            f"<tr><td>{link}</td><td>{len(scan.vertebrae)} ({_e(_levels_text(scan.vertebrae))})"
-            f'</td><td class="{"flag" if scan.fractured else ""}">{fractured}</td>'
-            f'{highest_cell}<td class="muted">{skipped or "—"}</td><td>{thumb}</td></tr>'
+            f'<tr data-kind="{kind}"><td>{link}</td>{highest_cell}'
+            f'<td class="{"flag" if scan.fractured else ""}">{fractured}</td>'
+            f'<td data-sort="{len(scan.vertebrae)}">{len(scan.vertebrae)} '
+            f"({_e(_levels_text(scan.vertebrae))})</td>"
+            f'<td class="muted">{skipped or "—"}</td><td>{thumb}</td></tr>'
         )
     failed = sum(not scan.ok for scan in scans)
     suspected = sum(bool(scan.fractured) for scan in scans)
+    clear = sum(scan.ok and bool(scan.vertebrae) and not scan.fractured for scan in scans)
+    vertebrae = sum(len(scan.vertebrae) for scan in scans)
+    fractured_vertebrae = sum(len(scan.fractured) for scan in scans)
+    headings = "".join(
+        f'<th data-col="{column}" title="sort">{name}</th>'
+        for column, name in enumerate(
+            ("Scan", "Highest P", "Fracture suspected at (P)", "Vertebrae assessed", "Not assessed")
+        )
+    )
     body = "\n".join(
         [
             "<h1>Vertebral fracture reports</h1>",
             f'<p class="note">{_e(DISCLAIMER)}</p>',
-            f'<p class="verdict">{len(scans)} scan(s): fracture suspected in {suspected}, '
-            f"failed {failed}. Threshold {threshold:.4f} — {_e(run.threshold.detail)}.</p>",
-            "<table><thead><tr><th>Scan</th><th>Vertebrae assessed</th>"
-            "<th>Fracture suspected at (P)</th><th>Highest P</th><th>Not assessed</th>"
-            "<th>Overview</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
+            f'<p class="verdict">{len(scans)} scan(s): fracture suspected in {suspected}, no '
+            f"fracture suspected in {clear}, no vertebra assessed in "
+            f"{len(scans) - suspected - clear - failed}, failed {failed}. {vertebrae} vertebrae "
+            f"assessed, {fractured_vertebrae} called fractured. Threshold {threshold:.4f} — "
+            f"{_e(run.threshold.detail)}.</p>",
+            '<p id="tools" hidden><input id="filter" placeholder="filter: case, level…"> '
+            '<select id="kind"><option value="">all scans</option>'
+            '<option value="fracture">fracture suspected</option>'
+            '<option value="clear">no fracture suspected</option>'
+            '<option value="none">no vertebra assessed</option>'
+            '<option value="failed">failed</option></select> '
+            "Click a column's heading to sort by it.</p>",
+            f'<table id="scans"><thead><tr>{headings}<th>Overview</th></tr></thead><tbody>'
+            + "".join(rows)
+            + "</tbody></table>",
+            '<p id="pager" hidden><button class="prev">← previous</button> <span></span> '
+            '<button class="next">next →</button></p>',
             f'<p>Per-vertebra numbers: <a href="{PREDICTIONS}">{PREDICTIONS}</a>; the run: '
             f'<a href="{SUMMARY}">{SUMMARY}</a>.</p>',
             _footer(run),
+            f"<script>{INDEX_SCRIPT}</script>",
         ]
     )
     return _page("Vertebral fracture reports", body)

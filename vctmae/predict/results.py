@@ -1,7 +1,8 @@
 """What `vctmae predict` found, as typed records: one per vertebra, one per scan, the threshold.
 
 These travel from the run (`vctmae.predict.run`) to the report writers
-(`vctmae.predict.report`) and into `summary.json` (`to_json`).
+(`vctmae.predict.report`) and into `summary.json` and each scan's record (`to_json`); a
+resumed run reads the records back (`from_json`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ class VertebraResult:
             "picture": self.picture,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VertebraResult:
+        return cls(
+            key=data["key"],
+            level=data["level"],
+            prob_fracture=float(data["prob_fracture"]),
+            predicted=bool(data["predicted"]),
+            centroid=tuple(data["centroid_mm"]),
+            tangent=tuple(data["tangent"]),
+            inside_fraction=data["inside_fraction"],
+            bbox=tuple(data["bbox"]),
+            picture=data["picture"],
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class NotAssessed:
@@ -81,6 +96,10 @@ class NotAssessed:
 
     def to_json(self) -> dict[str, str]:
         return {"level": self.level, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> NotAssessed:
+        return cls(level=data["level"], reason=data["reason"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +153,32 @@ class ScanResult:
             "not_assessed": [v.to_json() for v in self.not_assessed],
             "timings_s": {k: round(v, 3) for k, v in self.seconds.items()},
             "page": self.page,
+            "overview": self.overview,
             "dicom": list(self.dicom),
             "dicom_note": self.dicom_note,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScanResult:
+        """The scan `to_json` wrote (timings as rounded there)."""
+        spacing = data["source_spacing_mm"]
+        return cls(
+            case=data["case"],
+            folder=data["folder"],
+            ct=data["ct"],
+            seg=data["seg"],
+            status=data["status"],
+            error=data["error"],
+            segmented=data["segmented"],
+            series=data["series"],
+            source_orientation=data["source_orientation"],
+            source_spacing=tuple(spacing) if spacing else None,
+            scheme=data["label_scheme"],
+            vertebrae=tuple(VertebraResult.from_json(v) for v in data["vertebrae"]),
+            not_assessed=tuple(NotAssessed.from_json(n) for n in data["not_assessed"]),
+            seconds=dict(data["timings_s"]),
+            page=data["page"],
+            overview=data["overview"],
+            dicom=tuple(data["dicom"]),
+            dicom_note=data["dicom_note"],
+        )
