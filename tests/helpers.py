@@ -322,3 +322,14 @@ def assert_same_training(eager, static, losses_eager, losses_static) -> None:
     # The same randomness was drawn: both generators stand at the same place.
     assert torch.equal(eager.generator.get_state(), static.generator.get_state())
     assert eager.state.step == static.state.step
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def predict_config(checkpoint: Path, out: Path, **fields):
+    """A `vctmae predict` run on the CPU without progress bars."""
+    from vctmae.predict.config import PredictConfig
+
+    return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)

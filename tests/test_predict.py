@@ -22,7 +22,10 @@ from dicom_series import write_series, write_unreadable_dicom_folders
 from helpers import (
     SMALL_MODEL,
     TEST_RUN,
+    cli,
+    error_lines,
     load_ct,
+    predict_config,
     read_predictions,
     use_totalsegmentator,
     write_split,
@@ -63,23 +66,9 @@ LEVELS = parse_levels(REFERENCE_LEVELS)
 EXTRA_COLUMNS = ["case", "level", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "threshold"]
 
 
-def config(checkpoint: Path, out: Path, **fields) -> PredictConfig:
-    return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
-
-
 def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def cli(*args: str):
-    from vctmae.cli import app
-
-    return CliRunner().invoke(app, ["predict", *args])
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def predicted(raw, checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    return run_predict(config(checkpoint, out, src=raw, batch_size=5))
+    return run_predict(predict_config(checkpoint, out, src=raw, batch_size=5))
 
 
 # --- predict = ingest + eval ------------------------------------------------------------
@@ -154,7 +143,11 @@ def test_predict_equals_ingest_then_eval(raw, checkpoint, predicted, ingested, t
             seg_name=scan.seg,
         )
         _, _, cut = cut_scan(
-            case, config(checkpoint, tmp_path, src=raw), case.seg, levels=LEVELS, segmented=False
+            case,
+            predict_config(checkpoint, tmp_path, src=raw),
+            case.seg,
+            levels=LEVELS,
+            segmented=False,
         )
         for crop in cut.crops:
             assert np.array_equal(crop.array, store.crop(f"{scan.case}_{crop.level}"))
@@ -167,7 +160,7 @@ def test_predict_in_mask_mode_with_logit_averaging_equals_eval(
     fields = {"frames": "mask", "combine": "logits"}
     expected = eval_predictions(checkpoint, ingested, tmp_path / "eval", **fields)
     result = run_predict(
-        config(checkpoint, tmp_path / "report", src=raw, attention=False, **fields)
+        predict_config(checkpoint, tmp_path / "report", src=raw, attention=False, **fields)
     )
     got = read_predictions(result.out / "predictions.csv")
     assert sorted(got.keys) == expected.keys
@@ -189,7 +182,7 @@ def test_dicom_series_gives_the_crops_and_probabilities_of_its_nifti(raw, checkp
     write_series(series, reorient(volume, "LPS"), series="1.2.826.0.1.3680043.8.498.1")
     runs = {}
     for name, ct in (("nifti", nifti), ("dicom", series)):
-        runs[name] = run_predict(config(checkpoint, tmp_path / name, ct=ct, seg=seg))
+        runs[name] = run_predict(predict_config(checkpoint, tmp_path / name, ct=ct, seg=seg))
         assert [s.status for s in runs[name].scans] == ["ok"]
     expected = read_predictions(runs["nifti"].out / "predictions.csv")
     got = read_predictions(runs["dicom"].out / "predictions.csv")
@@ -202,7 +195,11 @@ def test_dicom_series_gives_the_crops_and_probabilities_of_its_nifti(raw, checkp
     def crops(ct: Path) -> list[np.ndarray]:
         case = Case(case="case000", patient="p", ct=ct, seg=seg, ct_name="", seg_name="")
         return cut_scan(
-            case, config(checkpoint, tmp_path, ct=ct, seg=seg), seg, levels=LEVELS, segmented=False
+            case,
+            predict_config(checkpoint, tmp_path, ct=ct, seg=seg),
+            seg,
+            levels=LEVELS,
+            segmented=False,
         )[2].crops
 
     for a, b in zip(crops(series), crops(nifti), strict=True):
@@ -222,16 +219,16 @@ def test_dicom_folder_with_two_series_reads_the_larger_or_the_one_asked_for(
 
     part = Volume(path=volume.path, data=volume.data[:, :, :20], affine=volume.affine)
     write_series(folder, part, series="1.2.3.20", seed=1)
-    chosen = run_predict(config(checkpoint, tmp_path / "largest", ct=folder, seg=seg))
+    chosen = run_predict(predict_config(checkpoint, tmp_path / "largest", ct=folder, seg=seg))
     assert chosen.scans[0].ok and len(chosen.scans[0].vertebrae) >= 5
     # The small series does not match the label map's grid: a clear one-line failure.
     asked = run_predict(
-        config(checkpoint, tmp_path / "asked", ct=folder, seg=seg, series="1.2.3.20")
+        predict_config(checkpoint, tmp_path / "asked", ct=folder, seg=seg, series="1.2.3.20")
     )
     [scan] = asked.scans
     assert not scan.ok and "\n" not in scan.error and str(seg) in scan.error
     unknown = run_predict(
-        config(checkpoint, tmp_path / "unknown", ct=folder, seg=seg, series="9.9")
+        predict_config(checkpoint, tmp_path / "unknown", ct=folder, seg=seg, series="9.9")
     )
     assert "no series 9.9" in unknown.scans[0].error
 
@@ -298,7 +295,9 @@ def test_report_rows_follow_the_threshold(raw, checkpoint, predicted, tmp_path):
     probs = sorted(float(r["prob_fracture"]) for r in read_rows(predicted.out / "predictions.csv"))
     middle = (probs[len(probs) // 2 - 1] + probs[len(probs) // 2]) / 2
     result = run_predict(
-        config(checkpoint, tmp_path, src=raw, threshold=middle, attention=False, levels="all")
+        predict_config(
+            checkpoint, tmp_path, src=raw, threshold=middle, attention=False, levels="all"
+        )
     )
     rows = read_rows(tmp_path / "predictions.csv")
     assert all(float(r["threshold"]) == pytest.approx(middle, abs=1e-6) for r in rows)
@@ -450,7 +449,9 @@ def test_predict_decides_at_the_recorded_threshold_unless_told(finetuned, raw, t
     result, _, _ = finetuned
     recorded = read_threshold(result.best_path)
     ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
-    chosen = run_predict(config(result.best_path, tmp_path / "a", ct=ct, seg=seg, attention=False))
+    chosen = run_predict(
+        predict_config(result.best_path, tmp_path / "a", ct=ct, seg=seg, attention=False)
+    )
     assert chosen.threshold.value == recorded.threshold and chosen.threshold.source == "validation"
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["run"]["threshold"]["value"] == recorded.threshold
@@ -460,7 +461,9 @@ def test_predict_decides_at_the_recorded_threshold_unless_told(finetuned, raw, t
         (float(r["prob_fracture"]) >= recorded.threshold) == (r["predicted"] == "1") for r in rows
     )
     told = run_predict(
-        config(result.best_path, tmp_path / "b", ct=ct, seg=seg, attention=False, threshold=0.9)
+        predict_config(
+            result.best_path, tmp_path / "b", ct=ct, seg=seg, attention=False, threshold=0.9
+        )
     )
     assert told.threshold.value == 0.9 and told.threshold.source == "--threshold"
 
@@ -514,7 +517,7 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
     files[len(files) // 2].unlink()
     (src / "seg" / "gappy.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
                  "--device", "cpu", "--no-attention")  # fmt: skip
     assert result.exit_code == 1, result.output
     lines = error_lines(result.output)
@@ -555,7 +558,7 @@ def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
     unreadable = write_unreadable_dicom_folders(src, raw)
     (src / "seg" / "orphan.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
                  "--device", "cpu", "--no-attention")  # fmt: skip
     assert result.exit_code == 1, result.output
     lines = error_lines(result.output)
@@ -581,7 +584,7 @@ def test_every_vertebra_label_is_assessed_or_listed_beside_a_value_no_scheme_use
     nib.save(nib.Nifti1Image(data, seg.affine, seg.header), edited)
     out = tmp_path / "out"
     result = run_predict(
-        config(checkpoint, out, ct=raw / "ct" / "case000.nii.gz", seg=edited, levels="L1",
+        predict_config(checkpoint, out, ct=raw / "ct" / "case000.nii.gz", seg=edited, levels="L1",
                multiview=1, attention=False)
     )  # fmt: skip
     [scan] = json.loads((out / "summary.json").read_text())["scans"]
@@ -596,7 +599,7 @@ def test_every_vertebra_label_is_assessed_or_listed_beside_a_value_no_scheme_use
 
 
 def test_progress_bar_counts_scans(raw, checkpoint, tmp_path):
-    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--seg", str(raw / "seg" / "case000.nii.gz"), "--out", str(tmp_path),
                  "--device", "cpu", "--no-attention", "--multiview", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -617,7 +620,7 @@ def test_usage_errors_are_one_line_before_any_work(raw, checkpoint, tmp_path):
         ([*base, "--ct", str(tmp_path / "none.nii.gz"), "--seg", seg], "--ct does not exist"),
     ]
     for args, message in cases:
-        result = cli(*args)
+        result = cli("predict", *args)
         assert result.exit_code == 2, (args, result.output)
         [line] = error_lines(result.output)
         assert message in line, (message, line)
@@ -633,7 +636,7 @@ def test_segment_without_totalsegmentator_says_what_to_install(
     raw, checkpoint, tmp_path, monkeypatch
 ):
     use_totalsegmentator(monkeypatch, None)
-    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--segment", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
@@ -650,7 +653,7 @@ def test_segment_without_weights_says_to_set_totalseg_home_dir(
         tmp_path / "fake",
     )
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "weights"))
-    result = cli("--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--ct", str(raw / "ct" / "case000.nii.gz"),
                  "--segment", "--out", str(tmp_path / "out"), "--device", "cpu")  # fmt: skip
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
@@ -673,8 +676,10 @@ def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
         tmp_path / "fake",
     )
     ct = real_ct_dir / "ct.nii.gz"
-    made = run_predict(config(checkpoint, tmp_path / "made", ct=ct, segment=True))
-    run_predict(config(checkpoint, tmp_path / "given", ct=ct, seg=real_ct_dir / "seg.nii.gz"))
+    made = run_predict(predict_config(checkpoint, tmp_path / "made", ct=ct, segment=True))
+    run_predict(
+        predict_config(checkpoint, tmp_path / "given", ct=ct, seg=real_ct_dir / "seg.nii.gz")
+    )
     [scan] = made.scans
     assert scan.ok and scan.segmented and scan.scheme == "totalseg"
     kept = tmp_path / "made" / "ct" / "vertebrae-totalseg.nii.gz"
@@ -685,7 +690,9 @@ def test_segment_uses_totalsegmentators_label_map_and_keeps_it(
     assert "made by TotalSegmentator" in (tmp_path / "made" / "ct" / "report.html").read_text()
     # A second run reuses the kept label map: TotalSegmentator runs once.
     run_predict(
-        config(checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False, replace=True)
+        predict_config(
+            checkpoint, tmp_path / "made", ct=ct, segment=True, attention=False, replace=True
+        )
     )
     assert calls.read_text().count("\n") == 1
 
@@ -750,7 +757,7 @@ def test_eval_applies_the_checkpoints_rule_and_says_when_a_flag_differs(ingested
 def test_predict_and_its_pictures_follow_the_checkpoints_frame_rule(raw, ingested, tmp_path):
     rule = ClipRule(frames="mask", multiview=6, combine="probs", levels=REFERENCE_LEVELS)
     weights = mask_model(tmp_path, rule)
-    result = run_predict(config(weights, tmp_path / "report", src=raw))
+    result = run_predict(predict_config(weights, tmp_path / "report", src=raw))
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["run"]["rule"] == rule.to_json()
     # The same probabilities as eval under the same (recorded) rule.
@@ -763,10 +770,10 @@ def test_predict_and_its_pictures_follow_the_checkpoints_frame_rule(raw, ingeste
     from vctmae import clip
     from vctmae.predict.run import Predictor
 
-    predictor = Predictor(config(weights, tmp_path / "unused", src=raw))
+    predictor = Predictor(predict_config(weights, tmp_path / "unused", src=raw))
     case = Case(case="case000", patient="case000", ct=raw / "ct" / "case000.nii.gz",
                 seg=raw / "seg" / "case000.nii.gz", ct_name="ct", seg_name="seg")  # fmt: skip
-    _, _, cut = cut_scan(case, config(weights, tmp_path / "x", src=raw), case.seg,
+    _, _, cut = cut_scan(case, predict_config(weights, tmp_path / "x", src=raw), case.seg,
                          levels=LEVELS, segmented=False)  # fmt: skip
     crop = cut.crops[0]
     shown = predictor.attention(crop.array, tuple(crop.bbox))
@@ -785,11 +792,11 @@ def test_a_threshold_holds_only_for_the_rule_it_was_measured_with(raw, tmp_path)
     )  # fmt: skip
     threshold_path(weights).write_text(json.dumps(record.to_json()))
     ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
-    same = run_predict(config(weights, tmp_path / "a", ct=ct, seg=seg, attention=False))
+    same = run_predict(predict_config(weights, tmp_path / "a", ct=ct, seg=seg, attention=False))
     assert (same.threshold.value, same.threshold.source) == (0.37, "validation")
     for name, changes in (("b", {"multiview": 1}), ("c", {"combine": "logits"})):
         other = run_predict(
-            config(weights, tmp_path / name, ct=ct, seg=seg, attention=False, **changes)
+            predict_config(weights, tmp_path / name, ct=ct, seg=seg, attention=False, **changes)
         )
         assert (other.threshold.value, other.threshold.source) == (0.5, "default")
         assert "measured with --frames crop --multiview 6 --combine probs" in other.threshold.detail
@@ -860,7 +867,7 @@ def test_a_long_case_id_gets_a_short_folder_and_keeps_its_name(raw, checkpoint, 
         f"{raw / 'ct' / 'case000.nii.gz'},{raw / 'seg' / 'case000.nii.gz'},{long_id}\n"
         f"{raw / 'ct' / 'case001.nii.gz'},{raw / 'seg' / 'case001.nii.gz'},{other}\n"
     )
-    result = run_predict(config(checkpoint, tmp_path / "out", pairs=pairs, attention=False))
+    result = run_predict(predict_config(checkpoint, tmp_path / "out", pairs=pairs, attention=False))
     assert not result.failed
     folders = [case_folder(long_id), case_folder(other)]
     assert len(set(folders)) == 2 and all(len(folder) <= MAX_FOLDER for folder in folders)
@@ -877,16 +884,16 @@ def test_a_reused_out_is_refused_unless_replaced_and_no_page_outlives_its_run(
     raw, checkpoint, tmp_path
 ):
     out = tmp_path / "report"
-    run_predict(config(checkpoint, out, src=raw, attention=False))
+    run_predict(predict_config(checkpoint, out, src=raw, attention=False))
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"case000", "case001"}
     ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
-    result = cli("--checkpoint", str(checkpoint), "--ct", str(ct), "--seg", str(seg),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--ct", str(ct), "--seg", str(seg),
                  "--out", str(out), "--device", "cpu", "--no-progress")  # fmt: skip
     assert result.exit_code == 2, result.output
     [line] = error_lines(result.output)
     assert "earlier predict run" in line and "--replace" in line
     (out / "notes.txt").write_text("kept")
-    run_predict(config(checkpoint, out, ct=ct, seg=seg, attention=False, replace=True))
+    run_predict(predict_config(checkpoint, out, ct=ct, seg=seg, attention=False, replace=True))
     # Only the new run's case remains; a file of the user's stays.
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"case001"}
     assert (out / "notes.txt").read_text() == "kept"
@@ -897,7 +904,9 @@ def test_a_reused_out_is_refused_unless_replaced_and_no_page_outlives_its_run(
 def test_summary_names_the_checkpoint_as_given_and_absolute(raw, checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(checkpoint.parent)
     ct, seg = raw / "ct" / "case001.nii.gz", raw / "seg" / "case001.nii.gz"
-    run_predict(config(Path(checkpoint.name), tmp_path / "r", ct=ct, seg=seg, attention=False))
+    run_predict(
+        predict_config(Path(checkpoint.name), tmp_path / "r", ct=ct, seg=seg, attention=False)
+    )
     facts = json.loads((tmp_path / "r" / "summary.json").read_text())["run"]
     assert facts["checkpoint"] == checkpoint.name
     assert facts["checkpoint_path"] == str(checkpoint.resolve())
@@ -908,7 +917,7 @@ def test_ctrl_c_before_the_first_scan_says_no_report_exists(raw, checkpoint, tmp
         raise KeyboardInterrupt
 
     monkeypatch.setattr("vctmae.predict.run.cut_scan", interrupt)
-    result = cli("--checkpoint", str(checkpoint), "--src", str(raw), "--out", str(tmp_path / "r"),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(raw), "--out", str(tmp_path / "r"),
                  "--device", "cpu", "--no-progress")  # fmt: skip
     assert result.exit_code == 130
     assert "no report was written" in result.output
@@ -925,7 +934,9 @@ def test_case_ids_in_any_script_draw_without_font_warnings(raw, checkpoint, tmp_
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_predict(config(checkpoint, tmp_path / "out", pairs=pairs, attention=False))
+        result = run_predict(
+            predict_config(checkpoint, tmp_path / "out", pairs=pairs, attention=False)
+        )
     assert not result.failed
     assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
     page = (tmp_path / "out" / result.scans[0].folder / "report.html").read_text(encoding="utf-8")

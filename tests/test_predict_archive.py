@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_predict import cli, config, error_lines
-from test_train import SMALL_MODEL
+from helpers import SMALL_MODEL, cli, error_lines, predict_config
 
 from vctmae.errors import UsageError
 from vctmae.model import build_classifier
@@ -52,7 +51,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def sequential(raw, checkpoint, tmp_path_factory) -> Path:
     """One scan after another in this process (--workers 0)."""
     out = tmp_path_factory.mktemp("archive") / "sequential"
-    run_predict(config(checkpoint, out, src=raw, workers=0, **QUICK))
+    run_predict(predict_config(checkpoint, out, src=raw, workers=0, **QUICK))
     return out
 
 
@@ -77,7 +76,7 @@ def count_cuts(monkeypatch) -> list[str]:
 
 def test_workers_report_exactly_what_the_sequential_run_does(raw, checkpoint, sequential, tmp_path):
     out = tmp_path / "pipelined"
-    result = run_predict(config(checkpoint, out, src=raw, workers=2, **QUICK))
+    result = run_predict(predict_config(checkpoint, out, src=raw, workers=2, **QUICK))
     assert [scan.case for scan in result.scans] == list(CASES) and not result.failed
     assert (out / "predictions.csv").read_bytes() == (sequential / "predictions.csv").read_bytes()
     assert scans_without_timings(out) == scans_without_timings(sequential)
@@ -133,9 +132,9 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(
 
     # Without --resume the used folder is refused, as any earlier report.
     with pytest.raises(UsageError, match="--resume"):
-        run_predict(config(checkpoint, out, src=raw, workers=0, **QUICK))
+        run_predict(predict_config(checkpoint, out, src=raw, workers=0, **QUICK))
     cut = count_cuts(monkeypatch)
-    result = run_predict(config(checkpoint, out, src=raw, workers=0, resume=True, **QUICK))
+    result = run_predict(predict_config(checkpoint, out, src=raw, workers=0, resume=True, **QUICK))
     assert cut == [CASES[2]] and not result.failed
     assert {case: (out / case / RECORD).stat().st_mtime_ns for case in done} == stamps
     assert (out / "predictions.csv").read_bytes() == (sequential / "predictions.csv").read_bytes()
@@ -148,16 +147,18 @@ def test_resume_is_refused_naming_what_changed_and_allows_what_does_not_matter(
     out = tmp_path / "report"
     shutil.copytree(sequential, out)
     with pytest.raises(UsageError, match=r"--threshold None → 0\.3") as refused:
-        run_predict(config(checkpoint, out, src=raw, resume=True, threshold=0.3, **QUICK))
+        run_predict(predict_config(checkpoint, out, src=raw, resume=True, threshold=0.3, **QUICK))
     assert "threshold applied" in str(refused.value) and "--multiview" not in str(refused.value)
     with pytest.raises(UsageError, match="--multiview 1 → 6"):
-        run_predict(config(checkpoint, out, src=raw, resume=True, **{**QUICK, "multiview": 6}))
+        run_predict(
+            predict_config(checkpoint, out, src=raw, resume=True, **{**QUICK, "multiview": 6})
+        )
     torch.manual_seed(1)
     other = save_model(
         build_classifier("tiny", num_classes=2, **SMALL_MODEL), tmp_path / "other.safetensors"
     )
     with pytest.raises(UsageError, match="checkpoint sha256"):
-        run_predict(config(other, out, src=raw, resume=True, **QUICK))
+        run_predict(predict_config(other, out, src=raw, resume=True, **QUICK))
     # The same checkpoint's bytes in another folder, another batch size and worker count:
     # nothing left to do, the same report.
     moved = tmp_path / "moved"
@@ -165,7 +166,7 @@ def test_resume_is_refused_naming_what_changed_and_allows_what_does_not_matter(
     renamed = moved / checkpoint.name
     cut = count_cuts(monkeypatch)
     settings = {**QUICK, "batch_size": 2}
-    run_predict(config(renamed, out, src=raw, resume=True, workers=0, **settings))
+    run_predict(predict_config(renamed, out, src=raw, resume=True, workers=0, **settings))
     assert cut == []
     assert (out / "predictions.csv").read_bytes() == (sequential / "predictions.csv").read_bytes()
 
@@ -193,7 +194,7 @@ def test_a_bad_scan_and_a_dying_worker_fail_alone_under_workers(
     # The workers are forked inside the run: they inherit the crashing reader.
     monkeypatch.setattr(run, "cut_scan", crashing)
     out = tmp_path / "out"
-    result = cli("--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
+    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
                  "--device", "cpu", "--workers", "2", "--no-attention", "--multiview", "1",
                  "--batch-size", "5")  # fmt: skip
     assert result.exit_code == 1, result.output
