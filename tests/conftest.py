@@ -38,6 +38,49 @@ def real_ct_dir() -> Path:
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def easy_data(tmp_path_factory) -> dict[str, list[str]]:
+    """Labelled easy crops (`helpers.easy_crop`): train, val and test shards."""
+    from helpers import write_split
+
+    root = tmp_path_factory.mktemp("easy")
+    return {
+        "train": [str(p) for p in write_split(root, "train", 32, seed=1)],
+        "val": [str(p) for p in write_split(root, "val", 12, seed=2)],
+        "test": [str(p) for p in write_split(root, "test", 16, seed=3, shards=2)],
+    }
+
+
+@pytest.fixture(scope="session")
+def finetuned(easy_data, tmp_path_factory):
+    """A tiny classifier pretrained one epoch and finetuned five on `easy_data` (it tells the
+    classes apart)."""
+    from helpers import TEST_RUN, pretrain_config
+
+    from vctmae.train.config import FinetuneConfig, RunOptions
+    from vctmae.train.finetune import run_finetune
+    from vctmae.train.pretrain import run_pretrain
+
+    out = tmp_path_factory.mktemp("ft")
+    pre = run_pretrain(
+        pretrain_config(easy_data["train"], out / "pre", epochs=1, warmup_epochs=0, preview=False)
+    )
+    config = FinetuneConfig(
+        run=RunOptions(
+            shards=tuple(easy_data["train"]), out=out / "ft", init=pre.model_path, **TEST_RUN
+        ),
+        val_shards=tuple(easy_data["val"]),
+        epochs=5,
+        warmup_epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        min_lr=1e-5,
+        multiview=1,
+        dropout=0.0,
+    )
+    return run_finetune(config)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked `cuda` (run by benchmarks/gpu_check.sh as `pytest -m cuda`) skip, saying
     why, where torch sees no GPU: the one rule for every CUDA-only test."""

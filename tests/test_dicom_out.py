@@ -293,7 +293,9 @@ def test_an_sr_that_cannot_be_written_leaves_no_seg(
     (case,) = [c for c in find_scans(config)[0] if c.case == "lps"]
     rule = Predictor(config).rule
     ct, labels, cut = cut_scan(case, config, case.seg, levels=None, segmented=False)
-    run = report.RunFacts.of(config, choose_threshold(config, rule), rule, device="cpu")
+    run = report.RunFacts.of(
+        config, choose_threshold(config, rule), rule, device="cpu", precision="fp32"
+    )
 
     def refuse(*args, **kwargs):
         raise ValueError("no room in the SR")

@@ -25,9 +25,9 @@ from vctmae.errors import UsageError
 from vctmae.infer.device import TritonPatchEmbed, install_patch_embed, resolve_patch_embed
 from vctmae.model import (
     ModelConfig,
-    attention_maps,
     build_classifier,
     build_mae,
+    encode_with_attention,
     patchify,
     preset_config,
     random_masking,
@@ -73,7 +73,7 @@ def _mae_on_clip(mae, clip, noise, mask_ratio=0.8):
 def _classifier_on_clip(classifier, clip):
     """Logits of the classifier on a float clip instead of crops, from its parts."""
     tokens = classifier.patch_embed.embed_clip(clip) + classifier.patch_pos_embed()  # (B, L, D)
-    return classifier.head(classifier.dropout(classifier.features(tokens)))
+    return classifier.classify(classifier.run_blocks(classifier.with_cls(tokens)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +514,10 @@ def test_attention_maps_are_the_sdpa_attention():
     classifier = build_classifier("tiny", **TINY).eval()
     crops, frames = random_crops(2, seed=7), random_frames(2, seed=7)
     with torch.no_grad():
-        maps = attention_maps(classifier, crops, frames)
+        last, maps = encode_with_attention(classifier, crops, frames)
+        torch.testing.assert_close(
+            classifier.classify(last), classifier(crops, frames), rtol=1e-5, atol=1e-5
+        )
         assert len(maps) == 2
         hidden = classifier.with_cls(classifier.embed(crops, frames))
         for block, probabilities in zip(classifier.blocks, maps, strict=True):
@@ -531,7 +534,7 @@ def test_attention_maps_are_the_sdpa_attention():
             hidden = block(hidden)  # SDPA path
             torch.testing.assert_close(explicit, hidden, rtol=1e-5, atol=1e-5)
     mae = build_mae("tiny", **TINY)
-    assert len(attention_maps(mae, crops[:1], frames[:1])) == 2
+    assert len(encode_with_attention(mae, crops[:1], frames[:1])[1]) == 2
 
 
 def test_bf16_autocast_forward_is_finite():

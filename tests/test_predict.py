@@ -286,7 +286,7 @@ def test_report_has_a_page_per_scan_every_picture_and_every_level(predicted):
             assert f"{skipped['level']}  not assessed" in texts
         fractured = [r["level"] for r in mine if r["predicted"] == "1"]
         assert scan["fractured_levels"] == fractured
-        assert set(scan["timings_s"]) >= {"read_and_crop", "model", "attention", "report"}
+        assert set(scan["timings_s"]) >= {"read_and_crop", "model", "report"}
     for link in index_links:
         assert (out / link).is_file(), link
 
@@ -776,7 +776,7 @@ def test_predict_and_its_pictures_follow_the_checkpoints_frame_rule(raw, ingeste
     _, _, cut = cut_scan(case, predict_config(weights, tmp_path / "x", src=raw), case.seg,
                          levels=LEVELS, segmented=False)  # fmt: skip
     crop = cut.crops[0]
-    shown = predictor.attention(crop.array, tuple(crop.bbox))
+    _, (shown,) = predictor.assess([crop.array], [tuple(crop.bbox)], attention=True)
     extent = clip.extent_from_bbox(crop.bbox)
     assert shown["slices"] == tuple(clip.frame_indices("mask", 0, extent))
     assert shown["slices"] != tuple(3 + 6 * k for k in range(16))

@@ -27,7 +27,6 @@ from helpers import (
     read_log,
     read_predictions,
     stop_before_epoch,
-    write_split,
 )
 from safetensors.torch import load_file
 from sklearn import metrics as sk
@@ -42,16 +41,6 @@ from vctmae.train.finetune import run_finetune
 from vctmae.train.loop import NonFiniteLossError
 from vctmae.train.pretrain import run_pretrain
 from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
-
-
-@pytest.fixture(scope="session")
-def easy_data(tmp_path_factory) -> dict[str, list[str]]:
-    root = tmp_path_factory.mktemp("easy")
-    return {
-        "train": [str(p) for p in write_split(root, "train", 32, seed=1)],
-        "val": [str(p) for p in write_split(root, "val", 12, seed=2)],
-        "test": [str(p) for p in write_split(root, "test", 16, seed=3, shards=2)],
-    }
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -203,28 +192,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(easy_data, tmp_path,
 
 
 # -- finetuning and evaluation -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def finetuned(easy_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft")
-    pre = run_pretrain(
-        pretrain_config(easy_data["train"], out / "pre", epochs=1, warmup_epochs=0, preview=False)
-    )
-    config = FinetuneConfig(
-        run=RunOptions(
-            shards=tuple(easy_data["train"]), out=out / "ft", init=pre.model_path, **TEST_RUN
-        ),
-        val_shards=tuple(easy_data["val"]),
-        epochs=5,
-        warmup_epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        min_lr=1e-5,
-        multiview=1,
-        dropout=0.0,
-    )
-    return run_finetune(config)
 
 
 def test_finetuning_refuses_a_pretraining_file_with_another_input_normalisation(tmp_path):

@@ -1,5 +1,6 @@
-"""`vctmae bench predict`: seconds per scan of `vctmae predict`, against ingest + eval of the
-same scans and against the model's own floor, in the same run.
+"""`vctmae bench predict`: seconds per scan of `vctmae predict` as it runs by default, against
+the sequential fp32 predict, ingest + eval of the same scans and the model's own floor, in the
+same run.
 
 Inputs: spine phantoms with their label maps (`vctmae.synth.phantoms.write_phantoms`;
 `--clinical`: clinical-size ones, 512 × 512 × ~330 voxels), so no segmentation is
@@ -7,24 +8,34 @@ timed. The model: a randomly initialised classifier of the chosen preset (`tiny`
 the CPU; its speed does not depend on its weights).
 
 Measured, after one untimed warm-up scan (model load, first kernels):
-1. `predict` — `run_predict` as the command runs it: read, crops in memory, model
-   (`--multiview`), attention maps, pictures and pages; s/scan, and the mean of
-   each stage from its summary.json.
+1. `predict` — `run_predict` as the command runs it by default: read, crops in memory, model
+   (`--multiview`) with the attention maps of the middle view from the same pass, pictures
+   and pages; s/scan, scans/hour, and the mean of each stage from its summary.json.
 2. `predict_no_attention` — the same with `--no-attention` (no attention maps and
    frame pictures; the overview and pages still drawn).
-3. `ingest_eval` — the baseline, what a user did before predict existed:
-   `run_ingest` (one worker, as predict is one process) into shards + Zarr, then
-   `run_eval` of the checkpoint on those shards (same views, same device).
-4. `model_floor` — the floor: the classifier's forward passes alone on the same crops
+3. `sequential_fp32` — predict with `SEQUENTIAL_FP32`'s options: fp32, one scan after another.
+   The largest difference of a probability from the default's is `max_abs_dp_...`.
+4. `ingest_eval` — what a user ran before predict existed: `run_ingest` (one worker, as
+   predict is one process) into shards + Zarr, then `run_eval` of the checkpoint on those
+   shards (same views, same device).
+5. `model_floor` — the floor: the classifier's forward passes alone on the same crops
    (`model_floor`: predict's module, precision, views and batches), so what predict
    adds (reading, cutting, drawing) is a number: `predict_no_attention_overhead`.
-Ratios `predict_over_*` are of seconds per scan (below 1: predict is faster).
+6. The first scan of a fresh process (`vctmae predict` in a new Python process over two
+   scans, `--no-attention`): its seconds against the second scan's, with numba's cache of
+   the compiled sampler empty and filled (`first_scan_cost`).
+7. `bf16_vs_fp32_max_abs_dp`: the preset's classifier (random weights) on the first scan's
+   crops in bf16 autocast and in fp32, the largest difference of a probability.
+Each ratio's meaning is written beside it in the JSON (`config.ratios`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -34,8 +45,13 @@ import numpy as np
 
 from vctmae.bench.report import Result, write_report
 from vctmae.errors import UsageError
+from vctmae.infer.config import SpeedOptions
 
-STAGES = ("read_and_crop", "model", "attention", "report", "total")
+STAGES = ("read_and_crop", "model", "report", "total")
+# The baseline's options (PredictConfig fields): predict in fp32, one scan after another.
+SEQUENTIAL_FP32 = {"speed": SpeedOptions(precision="fp32")}
+# The crops of the bf16-vs-fp32 agreement (the first scan's, at most this many).
+AGREEMENT_CROPS = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +74,7 @@ class PredictBenchConfig:
 
 
 def quick_config(**changes) -> PredictBenchConfig:
-    """Two small phantoms: about a minute on a 2-core machine."""
+    """Two small phantoms: a few minutes on a 2-core machine."""
     return PredictBenchConfig(**{"scans": 2, **changes})
 
 
@@ -84,13 +100,16 @@ def model_floor(config, shards: list[str]) -> float:
     scans: dict[str, list[np.ndarray]] = {}
     for key, crop in iter_raw(shards):
         scans.setdefault(key.rsplit("_", 1)[0], []).append(crop)
-    sampler = FrameSampler(mode=config.frames, volume=predictor.model.config.volume)
+    # Predict's clip rule (the checkpoint's unless the options say otherwise): crop mode here,
+    # as the crops come without their mask boxes.
+    rule = predictor.rule
+    sampler = FrameSampler(mode=rule.frames, volume=predictor.model.config.volume)
     inputs = []
     for crops in scans.values():
         for start in range(0, len(crops), config.batch_size):
             batch = torch.from_numpy(np.stack(crops[start : start + config.batch_size]))
             batch = batch.to(predictor.device)
-            shifts, _ = sampler.view_table(batch, None, config.multiview)
+            shifts, _ = sampler.view_table(batch, None, rule.multiview)
             inputs += [
                 sampler.view_input(batch, None, shifts[:, v]) for v in range(shifts.shape[1])
             ]
@@ -108,6 +127,65 @@ def model_floor(config, shards: list[str]) -> float:
     return min(_timed(forward_all)[0] for _ in range(3))
 
 
+def bf16_agreement(config, shards: list[str]) -> float:
+    """The largest |P(fracture) in bf16 autocast − in fp32| of predict's classifier over the first
+    crops of `shards` (at most AGREEMENT_CROPS; the rule's views combined)."""
+    import itertools
+
+    import torch
+
+    from vctmae.data.shards import iter_raw
+    from vctmae.infer.views import multiview_probs
+    from vctmae.predict.run import Predictor
+
+    predictor = Predictor(config)
+    crops = [crop for _, crop in itertools.islice(iter_raw(shards), AGREEMENT_CROPS)]
+    batch = torch.from_numpy(np.stack(crops)).to(predictor.device)
+    rule = predictor.rule
+    probs = {
+        precision: multiview_probs(
+            predictor.model,
+            batch,
+            views=rule.multiview,
+            device=predictor.device,
+            precision=precision,
+            frames=rule.frames,
+            combine=rule.combine,
+        )
+        for precision in ("bf16", "fp32")
+    }
+    return float((probs["bf16"] - probs["fp32"]).abs().max())
+
+
+def first_scan_cost(
+    config: PredictBenchConfig, checkpoint: Path, src: Path, out: Path, numba_cache: Path
+) -> dict[str, float]:
+    """`vctmae predict --no-attention` in a fresh process over the two scans under `src`, with
+    numba's cache in `numba_cache`: the process's wall seconds and each scan's (summary.json)."""
+    from vctmae.predict.report import SUMMARY
+
+    command = [
+        sys.executable, "-m", "vctmae", "predict", "--checkpoint", str(checkpoint),
+        "--src", str(src), "--out", str(out), "--device", config.device,
+        "--multiview", str(config.multiview), "--batch-size", str(config.batch_size),
+        "--no-attention", "--no-progress",
+    ]  # fmt: skip
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
+    wall, _ = _timed(lambda: subprocess.run(command, env=environment, check=True))
+    first, second = (
+        scan["timings_s"]["total"] for scan in json.loads((out / SUMMARY).read_text())["scans"]
+    )
+    return {"wall": wall, "first": first, "second": second}
+
+
+def _probabilities(out: Path) -> dict[str, float]:
+    """Each vertebra's P(fracture) in a predict report's predictions.csv, by key."""
+    from vctmae.predict.report import PREDICTIONS
+
+    with open(out / PREDICTIONS, newline="") as table:
+        return {row["key"]: float(row["prob_fracture"]) for row in csv.DictReader(table)}
+
+
 def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = None) -> Path:
     """Run the benchmark (module docstring); writes and returns the JSON report."""
     import torch
@@ -116,6 +194,8 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.data.options import LoaderOptions
     from vctmae.infer.config import EvalConfig
     from vctmae.infer.evaluate import run_eval
+    from vctmae.ingest.geometry import GeometryConfig
+    from vctmae.ingest.levels import parse_levels
     from vctmae.ingest.pipeline import IngestConfig, run_ingest
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
@@ -164,14 +244,24 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
         predict(root / "warm-report", warm)
         results: list[Result] = []
         per_scan: dict[str, float] = {}
-        for name, changes in (("predict", {}), ("predict_no_attention", {"attention": False})):
+        precision_ran: dict[str, str] = {}
+        runs = {
+            "predict": {},
+            "predict_no_attention": {"attention": False},
+            "sequential_fp32": SEQUENTIAL_FP32,
+        }
+        for name, changes in runs.items():
             seconds, summary = _timed(
                 lambda c=changes, n=name: predict(root / n, root / "raw", **c)
             )
             if summary["scans_ok"] != config.scans:
                 raise RuntimeError(f"{name}: {summary['scans_failed']} phantom scan(s) failed")
             per_scan[name] = seconds / config.scans
-            results.append(Result(name=f"{name}_s_per_scan", value=per_scan[name], unit="s/scan"))
+            precision_ran[name] = summary["run"]["precision"]
+            results += [
+                Result(name=f"{name}_s_per_scan", value=per_scan[name], unit="s/scan"),
+                Result(name=f"{name}_scans_per_hour", value=3600 / per_scan[name], unit="scans/h"),
+            ]
             for stage in STAGES:
                 times = [scan["timings_s"].get(stage, 0.0) for scan in summary["scans"]]
                 results.append(
@@ -180,9 +270,39 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
                     )
                 )
             vertebrae = summary["vertebrae_assessed"]
+        default, baseline = (
+            _probabilities(root / "predict"),
+            _probabilities(root / "sequential_fp32"),
+        )
+        results.append(
+            Result(
+                name="max_abs_dp_predict_vs_sequential_fp32",
+                value=max(abs(default[key] - baseline[key]) for key in baseline),
+                unit="",
+            )
+        )
 
-        from vctmae.ingest.geometry import GeometryConfig
-        from vctmae.ingest.levels import parse_levels
+        # A fresh process's first scan, numba's cache of the compiled sampler empty, then filled.
+        two = root / "two-scans"
+        for folder in ("ct", "seg"):
+            (two / folder).mkdir(parents=True)
+            for scan in (warm / folder / first.name, sorted((root / "raw" / folder).iterdir())[0]):
+                (two / folder / scan.name).symlink_to(scan)
+        cache = root / "numba-cache"
+        fresh = {
+            state: first_scan_cost(config, checkpoint, two, root / f"fresh-{state}", cache)
+            for state in ("empty_numba_cache", "filled_numba_cache")
+        }
+        for state, seconds in fresh.items():
+            results += [
+                Result(
+                    name=f"fresh_process_first_scan_s_{state}", value=seconds["first"], unit="s"
+                ),
+                Result(
+                    name=f"fresh_process_second_scan_s_{state}", value=seconds["second"], unit="s"
+                ),
+                Result(name=f"fresh_process_wall_s_{state}", value=seconds["wall"], unit="s"),
+            ]
 
         def ingest_and_eval() -> None:
             data = root / "data"
@@ -220,9 +340,17 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
                 value=per_scan["predict_no_attention"] - per_scan["model_floor"],
                 unit="s/scan",
             ),
+            Result(
+                name="bf16_vs_fp32_max_abs_dp",
+                value=bf16_agreement(predict_config(root / "agree", root / "raw"), shards),
+                unit="",
+            ),
+            Result(name="vertebrae_per_scan", value=vertebrae / config.scans, unit=""),
         ]
-        results.append(Result(name="vertebrae_per_scan", value=vertebrae / config.scans, unit=""))
     ratios = {
+        "predict_over_sequential_fp32": per_scan["sequential_fp32"] / per_scan["predict"],
+        "predict_attention_over_predict_no_attention": per_scan["predict"]
+        / per_scan["predict_no_attention"],
         "predict_over_model_floor": per_scan["predict"] / per_scan["model_floor"],
         "predict_no_attention_over_model_floor": per_scan["predict_no_attention"]
         / per_scan["model_floor"],
@@ -242,11 +370,26 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
             "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "note": "the machine may be shared with other jobs while measuring "
             "(load_average_*): they slow every contender alike, the ratios less",
+            "precision_ran": precision_ran,
+            "sequential_fp32": {key: str(value) for key, value in SEQUENTIAL_FP32.items()},
+            "ratios": {
+                "predict_over_sequential_fp32": "speed-up: the sequential fp32 predict's s/scan "
+                "over the default predict's (above 1: the default is faster)",
+                "predict_attention_over_predict_no_attention": "s/scan with the attention "
+                "pictures over s/scan without (the cost of the pictures: maps and drawing)",
+                "the others": "s/scan of predict over s/scan of the named baseline (below 1: "
+                "predict is faster)",
+            },
             "segmentation": "not timed: the phantoms come with their label maps",
             "model_floor": "the floor: the classifier's forward passes alone (predict's module, "
             "precision and views; each scan's crops batched as predict batches them), on the "
             "same crops (ingest's, in memory), inputs prepared beforehand, best of 3 passes after "
             "an untimed one",
+            "first_scan": "a fresh `vctmae predict --no-attention` process over two scans: each "
+            "scan's seconds (summary.json) and the process's wall time, first with numba's cache "
+            "of the compiled ingest loops empty, then filled by that run",
+            "bf16_vs_fp32": f"the {config.preset} classifier with random weights on the first "
+            f"{AGREEMENT_CROPS} crops, the rule's views combined, bf16 autocast vs fp32",
             "not_measured": None
             if (config.preset, config.device) == ("large", "cuda")
             else "ViT-L on a GPU: vctmae bench predict --preset large --device cuda",

@@ -9,7 +9,9 @@ Two maps per crop, both over the 8 × 6 × 6 token grid:
   identity (the residual path), rows renormalised, multiplied through all
   layers; then the same mean over patch queries.
 Each token covers 2 frames × 16 × 16 pixels, so a map is upsampled to
-16 × 96 × 96 by repetition and overlaid on the view's sagittal slices.
+16 × 96 × 96 by repetition and overlaid on the view's sagittal slices. The maps
+come from the forward pass that gives the probabilities (`vctmae.infer.views.assess`:
+only its shown view takes the explicit attention path).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from vctmae.clip import ClipRule
-from vctmae.infer.views import multiview_probs
+from vctmae.infer.views import Assessment, assess
 from vctmae.model.config import ModelConfig
 
 
@@ -68,48 +70,44 @@ def to_frames(scores: torch.Tensor, t_patch: int = 2, patch: int = 16) -> torch.
     return (frames - low) / (high - low) if high > low else torch.zeros_like(frames)
 
 
-@torch.no_grad()
-def attention_frames(
-    model: torch.nn.Module,
-    crop: np.ndarray,
+def shown_views(
+    result: Assessment,
+    crops: torch.Tensor,
+    boxes: torch.Tensor | None,
     *,
-    frames: str = "crop",
-    shift: int | None = None,
-    bbox: tuple[int, ...] | None = None,
-) -> dict[str, Any]:
-    """The frames of one view of an int16 crop (96, 96, 96) and the attention maps over them.
+    frames: str,
+    model: ModelConfig,
+) -> list[dict[str, Any]]:
+    """Each crop's shown view and the attention maps over it, from `assess(..., attention=True)`
+    on int16 crops (B, 96, 96, 96) (mask mode: with their JSON mask `boxes` (B, 6)).
 
-    The view is the one the model is evaluated on under the frame rule `frames` (crop or mask
-    mode, with its in-plane context cut): `shift` (default the middle view,
-    `clip.middle_shift`); mask mode needs the crop's mask `bbox` (its JSON `bbox`).
-    Returns `frames` (16, H, W) in [0, 1], `slices` (the crop's sagittal slice of each frame)
-    and `maps` {"last layer", "rollout"}, each (16, H, W) scaled to [0, 1]; one forward pass
-    (`vctmae predict` draws these for every vertebra, with probabilities it has already
-    computed).
+    Per crop: `frames` (16, H, W) in [0, 1] as the frame rule `frames` cuts them (with mask
+    mode's in-plane context), `slices` (the crop's sagittal slice of each frame) and `maps`
+    {"last layer", "rollout"}, each (16, H, W) scaled to [0, 1].
     """
     from vctmae import clip
     from vctmae.data.frames import FrameSampler
-    from vctmae.model import attention_maps
 
-    model.eval()
-    device = next(model.parameters()).device
-    crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
-    boxes = None if bbox is None else torch.tensor([list(bbox)], dtype=torch.long, device=device)
-    shift = clip.middle_shift(frames) if shift is None else shift
-    shifts = torch.full((1,), shift, dtype=torch.long, device=device)
+    shifts = result.shown_shifts
     view_crops, view_frames = FrameSampler(mode=frames).view_input(crops, boxes, shifts)
-    shown = clip.scale_hu(clip.gather_slices(view_crops, view_frames))  # (1, 16, H, W)
+    shown = clip.scale_hu(clip.gather_slices(view_crops, view_frames)).cpu()  # (B, 16, H, W)
     extents = None if boxes is None else clip.extents_from_boxes(boxes)
-    slices = clip.frame_index_tensor(frames, shifts, extents)[0]  # (16,) in the crop
-    # Per layer (heads, N, N).
-    maps = [m[0].cpu() for m in attention_maps(model, view_crops, view_frames)]
-    cfg = model.config
-    scores = token_scores(maps, cfg.grid)
-    return {
-        "frames": shown[0].cpu(),  # (16, H, W)
-        "slices": tuple(int(i) for i in slices.tolist()),
-        "maps": {name: to_frames(s, cfg.t_patch, cfg.patch) for name, s in scores.items()},
-    }
+    slices = clip.frame_index_tensor(frames, shifts, extents).cpu()  # (B, 16) in the crop
+    maps = [layer.cpu() for layer in result.maps]  # per layer (B, heads, N, N)
+    pictures = []
+    for index in range(crops.shape[0]):
+        scores = token_scores([layer[index] for layer in maps], model.grid)
+        pictures.append(
+            {
+                "frames": shown[index],  # (16, H, W)
+                "slices": tuple(int(i) for i in slices[index].tolist()),
+                "maps": {
+                    name: to_frames(score, model.t_patch, model.patch)
+                    for name, score in scores.items()
+                },
+            }
+        )
+    return pictures
 
 
 @torch.no_grad()
@@ -120,34 +118,33 @@ def explain_crop(
     *,
     shift: int | None = None,
     bbox: tuple[int, ...] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Attention maps of one int16 crop (96, 96, 96) over the frames of one view (`shift`,
-    default the middle one), its probability under the rule (`prob_multiview`: the rule's views
-    combined) and that of the shown view alone (`prob_view`)."""
-    from vctmae import clip
-    from vctmae.data.frames import FrameSampler
-
+    """Attention maps of one int16 crop (96, 96, 96) over the frames of one of the rule's views
+    (`shift`, default the middle one), its probability under the rule (`prob_multiview`: the
+    rule's views combined) and that of the shown view alone (`prob_view`), all from one pass
+    (`assess`); `precision` as `resolve_precision` gives it."""
     model.eval()
     device = next(model.parameters()).device
     crops = torch.from_numpy(np.ascontiguousarray(crop)).to(device)[None]  # (1, 96, 96, 96)
     boxes = None if bbox is None else torch.tensor([list(bbox)], dtype=torch.long, device=device)
-    combined = multiview_probs(
+    result = assess(
         model,
         crops,
         views=rule.multiview,
         device=device,
-        precision="fp32",
+        precision=precision,
         frames=rule.frames,
         boxes=boxes,
         combine=rule.combine,
+        attention=True,
+        shown=shift,
     )
-    shift = clip.middle_shift(rule.frames) if shift is None else shift
-    shifts = torch.full((1,), shift, dtype=torch.long, device=device)
-    logits = model(*FrameSampler(mode=rule.frames).view_input(crops, boxes, shifts))
+    (picture,) = shown_views(result, crops, boxes, frames=rule.frames, model=model.config)
     return {
-        **attention_frames(model, crop, frames=rule.frames, shift=shift, bbox=bbox),
-        "prob_view": float(torch.softmax(logits.float(), -1)[0, 1]),
-        "prob_multiview": float(combined[0]),
+        **picture,
+        "prob_view": float(result.shown_probs[0]),
+        "prob_multiview": float(result.probs[0]),
     }
 
 

@@ -48,6 +48,11 @@ MULTIVIEW_HELP = (
     "mode each sample's own 3-6 shifts) or 1 (crop: offset 3; mask: shift 0, where the reference "
     "draws a random shift). A 3-D model sees the whole crop: one view either way."
 )
+PRECISION_HELP = (
+    "Number format: auto | bf16 | fp32. auto: bf16 autocast on a GPU; on the CPU fp32 for "
+    "training, and for eval, explain and predict bf16 where the CPU computes it natively (AMX "
+    "or AVX-512 BF16), else fp32."
+)
 COMBINE_HELP = (
     "How multi-view predictions combine: probs (mean of the views' softmax probabilities) | "
     "logits (mean of the views' logits, then softmax: what the reference code does)."
@@ -115,9 +120,7 @@ class SpeedOptions:
         name="--patch-embed",
         resumable=True,
     )
-    precision: str = flag(
-        "auto", "Number format: auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."
-    )
+    precision: str = flag("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         one_of(self.patch_embed, PATCH_EMBED, "--patch-embed")
@@ -166,10 +169,12 @@ class ExplainConfig:
     multiview: int | None = flag(None, MULTIVIEW_HELP + RULE_DEFAULT)
     combine: str | None = flag(None, COMBINE_HELP + RULE_DEFAULT)
     device: str = flag("cpu", "cpu or cuda.")
+    precision: str = flag("auto", PRECISION_HELP)
 
     def __post_init__(self) -> None:
         check_rule_options(self.frames, self.multiview, self.combine)
         one_of(self.device, DEVICES, "--device")
+        one_of(self.precision, PRECISIONS, "--precision")
         if Path(self.out).is_dir():
             raise UsageError(f"{self.out}: --out names a folder; give the PNG file to write")
 

@@ -1,7 +1,7 @@
 """Where and how a model computes: the device, the number format, the patch embedding.
 
-`resolve_device` turns `--device` into a torch device; `autocast_context` is the
-number format of a forward pass (`--precision`). Speed switches are applied from
+`resolve_device` turns `--device` into a torch device; `resolve_precision` turns
+`--precision` into the number format that runs, and `autocast_context` applies it to a forward pass. Speed switches are applied from
 outside the model. The model's own patch embedding is the plain torch one (gather frames → Conv3d).
 `install_patch_embed` swaps in the fused Triton kernel, `TritonPatchEmbed`,
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
@@ -33,17 +33,57 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+# CPU flags (/proc/cpuinfo) of the instruction sets that compute bf16 matrix products natively:
+# AMX tiles and AVX-512 BF16. Elsewhere bf16 on the CPU is emulated and slower than fp32.
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(
+    choice: str,
+    device: torch.device,
+    *,
+    inference: bool,
+    flags: frozenset[str] | None = None,
+) -> str:
+    """'auto' → the number format that runs, 'bf16' or 'fp32'; an explicit choice stays.
+
+    auto: bf16 autocast on a GPU. On the CPU, inference (predict, eval, explain) takes bf16 where
+    the CPU accelerates it (`BF16_CPU_FLAGS` among `flags`, default this CPU's) and fp32
+    elsewhere; training stays fp32 on the CPU, so its runs and its validation do not depend on
+    the machine's instruction set.
+    """
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16"
+    if inference and BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags):
+        return "bf16"
+    return "fp32"
+
+
 def autocast_context(
     device: torch.device, precision: str = "auto", *, cache: bool = True
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default (no GradScaler needed), fp32 on CPU; `precision` forces one.
+    """The forward pass's number format: bf16 autocast (no GradScaler needed) or plain fp32.
 
+    precision: 'bf16', 'fp32', or 'auto' — training's choice (`resolve_precision` with
+    inference=False: bf16 on a GPU, fp32 on the CPU); inference resolves its own first.
     `cache=False` turns autocast's weight-cast cache off (a CUDA graph must not capture a cast
     made once and reused: the weights change every step).
     """
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    if resolve_precision(precision, device, inference=False) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 

@@ -16,7 +16,7 @@ from typing import Any
 from vctmae.clip import ClipRule, resolve_rule
 from vctmae.infer import distributed
 from vctmae.infer.config import EvalConfig, config_dict, refuse_frame_options
-from vctmae.infer.device import apply_speedups
+from vctmae.infer.device import apply_speedups, resolve_precision
 from vctmae.infer.metrics import compute_metrics, metrics_table, plot_curves, write_predictions
 from vctmae.infer.threshold import choose_threshold
 from vctmae.infer.views import predict
@@ -88,12 +88,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             f"--levels {rule.levels}: {loader.dropped_levels} crop(s) of other levels left out; "
             f"{loader.num_samples} evaluated"
         )
+    # The number format that runs (auto: bf16 on a GPU and on CPUs that compute it natively).
+    precision = resolve_precision(speed.precision, info.device, inference=True)
     predictions = predict(
         module,
         loader,
         views=rule.multiview,
         device=info.device,
-        precision=speed.precision,
+        precision=precision,
         frames=rule.frames,
         combine=rule.combine,
     )
@@ -109,7 +111,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "levels": rule.levels,
         "left_out_by_levels": loader.dropped_levels,
     }
-    result: dict[str, Any] = {"predictions": len(predictions.keys), **views}
+    result: dict[str, Any] = {"predictions": len(predictions.keys), "precision": precision, **views}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_predictions(predictions, out / "predictions.csv")
@@ -133,7 +135,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 plot_curves(predictions.labels, predictions.probs, out)
         else:
             metrics = {"n": len(predictions.keys), "note": "unlabelled crops: predictions only"}
-        metrics.update(checkpoint=str(config.checkpoint), **views)
+        metrics.update(checkpoint=str(config.checkpoint), precision=precision, **views)
         text = (json.dumps(metrics, indent=2) + "\n").encode()
         write_atomically(out / "metrics.json", lambda handle: handle.write(text))
         log = RunLog(out / "log.jsonl")

@@ -12,6 +12,7 @@ from vctmae.data.zarr_store import MissingKeyError, ZarrCrops, ZarrStoreError
 from vctmae.errors import UsageError
 from vctmae.infer.attention import explain_crop, refuse_volume, save_explanation
 from vctmae.infer.config import ExplainConfig
+from vctmae.infer.device import resolve_precision
 from vctmae.model.checkpoint import load_classifier, read_model_description
 from vctmae.progress import warn
 
@@ -42,21 +43,31 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
         )
     bbox = store.bbox(config.key) if rule.frames == "mask" else None
     extent = clip.FULL_EXTENT if bbox is None else clip.extent_from_bbox(bbox)
-    shifts = clip.view_shifts(rule.frames, extent)
+    # The shown view is one of the rule's views: its picture and probability come from the
+    # pass that combines them.
+    shifts = (
+        [clip.middle_shift(rule.frames)]
+        if rule.multiview == 1
+        else clip.view_shifts(rule.frames, extent)
+    )
     shift = clip.middle_shift(rule.frames) if config.offset is None else config.offset
     if shift not in shifts:
         raise UsageError(
-            f"--offset {shift}: the views of {config.key} under --frames {rule.frames} are "
+            f"--offset {shift}: the views of {config.key} under --frames {rule.frames} "
+            f"--multiview {rule.multiview} are "
             f"{', '.join(map(str, shifts))}"
         )
-    model = model.to(torch.device(config.device))
-    result = explain_crop(model, store.crop(config.key), rule, shift=shift, bbox=bbox)
+    device = torch.device(config.device)
+    precision = resolve_precision(config.precision, device, inference=True)
+    result = explain_crop(
+        model.to(device), store.crop(config.key), rule, shift=shift, bbox=bbox, precision=precision
+    )
     label = store.label(config.key)
     truth = {0: "no fracture", 1: "fracture"}.get(label, "unlabelled")
     views = "1 view" if rule.multiview == 1 else f"{rule.multiview} views"
     title = (
         f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} ({views}, "
-        f"--frames {rule.frames}), {result['prob_view']:.3f} (shown view, shift {shift})"
+        f"--frames {rule.frames}, {precision}), {result['prob_view']:.3f} (shown view, shift {shift})"
     )
     save_explanation(result, config.out, title=title)
     return {
@@ -64,5 +75,6 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
         "label": label,
         "prob_multiview": result["prob_multiview"],
         "prob_view": result["prob_view"],
+        "precision": precision,
         "out": str(config.out),
     }

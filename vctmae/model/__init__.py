@@ -21,7 +21,7 @@ from vctmae.model.config import (
     vit_small,
     vit_tiny,
 )
-from vctmae.model.explain import attention_maps
+from vctmae.model.explain import encode_with_attention
 from vctmae.model.masking import Masking, random_masking, visible_count
 from vctmae.model.vit import (
     MaskedAutoencoder,
@@ -37,7 +37,7 @@ from vctmae.model.vit import (
 __all__ = [
     "CheckpointError",
     "LoadReport",
-    "attention_maps",
+    "encode_with_attention",
     "load_init",
     "load_mae_st",
     "load_model",

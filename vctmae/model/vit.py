@@ -88,7 +88,7 @@ class Attention(nn.Module):
     def forward_with_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same output through an explicit softmax, plus the probabilities (B, H, N, N).
 
-        The one place attention is computed by hand: `attention_maps` needs the probabilities.
+        The one place attention is computed by hand: `encode_with_attention` needs the probabilities.
         """
         q, k, v = self._heads(x)
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, N, N)
@@ -522,14 +522,15 @@ class VideoClassifier(VideoViT):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens with positions (B, L, D) → pooled, normalised feature (B, D)."""
-        x = self.run_blocks(self.with_cls(tokens))  # (B, 1+L, D)
-        return self.norm(x[:, 1:].mean(dim=1))  # (B, D)
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, 1+L, D) → logits (B, num_classes)."""
+        pooled = self.norm(hidden[:, 1:].mean(dim=1))  # (B, D)
+        return self.head(self.dropout(pooled))
 
     def forward(self, crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """int16 crops (B, 96, 96, 96) + frame indices (B, 16) → logits (B, num_classes)."""
-        return self.head(self.dropout(self.features(self.embed(crops, frames))))
+        hidden = self.run_blocks(self.with_cls(self.embed(crops, frames)))  # (B, 1+L, D)
+        return self.classify(hidden)
 
 
 # ----------------------------------------------------------------------------------------------

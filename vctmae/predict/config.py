@@ -98,7 +98,8 @@ class PredictConfig:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     attention: bool = flag(
         True,
-        "Draw each vertebra's attention over its frames (one more forward pass per vertebra).",
+        "Draw each vertebra's attention over the frames of its middle view (from the forward pass "
+        "that gives its probability).",
         negatable=True,
     )
     dicom_out: bool | None = flag(

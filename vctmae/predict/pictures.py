@@ -9,7 +9,7 @@ labels stay sharp at any zoom (and can be searched).
 
 `vertebra_png` draws what the model saw of one vertebra — the 16 sagittal frames of
 the middle view, patient's left to right — above the same frames with the
-attention rollout (`vctmae.infer.attention.attention_frames`) laid over them.
+attention rollout (`vctmae.infer.attention.shown_views`) laid over them.
 
 Colours: probability → a blue–white–red scale whose white sits at the decision
 threshold (blue: below, no fracture called; red: above, fracture called).

@@ -71,6 +71,7 @@ class RunFacts:
     threshold: Threshold
     rule: dict[str, Any]  # the clip rule applied: frames, multiview, combine, levels
     device: str
+    precision: str  # the number format the model ran in: bf16 or fp32
     crop_size: int
     spacing_mm: float
     started: str  # ISO time
@@ -80,7 +81,13 @@ class RunFacts:
 
     @classmethod
     def of(
-        cls, config: PredictConfig, threshold: Threshold, rule: ClipRule, *, device: str
+        cls,
+        config: PredictConfig,
+        threshold: Threshold,
+        rule: ClipRule,
+        *,
+        device: str,
+        precision: str,
     ) -> RunFacts:
         from vctmae.ingest.geometry import GeometryConfig
         from vctmae.model.checkpoint import read_model_config
@@ -96,6 +103,7 @@ class RunFacts:
             threshold=threshold,
             rule=rule.to_json(),
             device=device,
+            precision=precision,
             crop_size=geometry.size,
             spacing_mm=geometry.spacing,
             started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -410,8 +418,8 @@ def _footer(run: RunFacts) -> str:
     commit = f", commit {run.git_commit[:12]}" if run.git_commit else ""
     return (
         f"<footer>vctmae {_e(run.versions.get('vctmae', '?'))}{_e(commit)}, torch "
-        f"{_e(run.versions.get('torch', '?'))}, on {_e(run.device)}; run started "
-        f"{_e(run.started)}. {_e(DISCLAIMER)}</footer>"
+        f"{_e(run.versions.get('torch', '?'))}, on {_e(run.device)} in {_e(run.precision)}; "
+        f"run started {_e(run.started)}. {_e(DISCLAIMER)}</footer>"
     )
 
 

@@ -16,8 +16,9 @@ A pipeline across scans:
    `--workers 0` does this in this process, one scan at a time.
 3. **Model** (`assess`, the one place the model is called): crops of several scans
    share each forward pass of `--batch-size` crops; each is the mean of its views'
-   softmax (`vctmae.infer.views.multiview_probs`, eval's own function), the
-   probabilities `ingest` + `eval` give, and (`--attention`) its attention frames.
+   softmax (`vctmae.infer.views.assess`, eval's own function), the probabilities
+   `ingest` + `eval` give, and (`--attention`) its attention frames, from the same
+   forward pass of its middle view.
    Called fractured at the threshold finetuning recorded (`vctmae.infer.threshold`)
    unless `--threshold`.
 4. **Report**: as soon as a scan's last crop is assessed, its pictures, DICOM objects,
@@ -140,7 +141,7 @@ class Predictor:
         from vctmae.clip import resolve_rule
         from vctmae.infer.attention import refuse_volume
         from vctmae.infer.config import refuse_frame_options
-        from vctmae.infer.device import apply_speedups, resolve_device
+        from vctmae.infer.device import apply_speedups, resolve_device, resolve_precision
         from vctmae.model.checkpoint import load_classifier, read_model_description
         from vctmae.progress import warn
 
@@ -165,55 +166,56 @@ class Predictor:
         self.module = apply_speedups(
             self.model, patch_embed=speed.patch_embed, compile=speed.compile, device=self.device
         )
-        self.precision = speed.precision
+        # The number format that runs (auto: bf16 on a GPU and on CPUs that compute it natively).
+        self.precision = resolve_precision(speed.precision, self.device, inference=True)
         self.batch_size = config.batch_size
         self._pin = self.device.type == "cuda"
         self._torch = torch
 
-    def probabilities(self, crops: list[np.ndarray], boxes: list[tuple[int, ...]]) -> np.ndarray:
-        """P(fracture) of each int16 crop (float64, in order), `batch_size` crops at a time.
+    def assess(
+        self, crops: list[np.ndarray], boxes: list[tuple[int, ...]], attention: bool
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """P(fracture) of each int16 crop (float64, in order), `batch_size` crops at a time, and
+        with `attention` each crop's middle view with the attention maps of the same forward pass
+        (`frames`, `slices`, `maps` as `vctmae.infer.attention.shown_views` gives them).
 
         boxes: each crop's mask bounding box in crop indices (its JSON `bbox`, which
         `--frames mask` reads).
         """
-        from vctmae.infer.views import multiview_probs
+        from vctmae.infer.attention import shown_views
+        from vctmae.infer.views import assess
 
         torch = self._torch
-        out = []
+        probs, pictures = [], []
         for start in range(0, len(crops), self.batch_size):
             batch = torch.from_numpy(np.stack(crops[start : start + self.batch_size]))
             if self._pin:
                 batch = batch.pin_memory()
             batch = batch.to(self.device, non_blocking=True)
             batch_boxes = torch.tensor(boxes[start : start + self.batch_size], dtype=torch.int64)
-            out.append(
-                multiview_probs(
-                    self.module,
-                    batch,
-                    views=self.rule.multiview,
-                    device=self.device,
-                    precision=self.precision,
-                    frames=self.rule.frames,
-                    boxes=batch_boxes.to(self.device),
-                    combine=self.rule.combine,
-                )
+            batch_boxes = batch_boxes.to(self.device)
+            result = assess(
+                self.module,
+                batch,
+                views=self.rule.multiview,
+                device=self.device,
+                precision=self.precision,
+                frames=self.rule.frames,
+                boxes=batch_boxes,
+                combine=self.rule.combine,
+                attention=attention,
             )
-        if not out:
-            return np.zeros(0)
-        # One host-device sync per scan, here.
-        return torch.cat(out).double().cpu().numpy()
-
-    def attention(self, crop: np.ndarray, bbox: tuple[int, ...]) -> dict[str, Any]:
-        """The frames, crop slices and attention maps of the middle view under the model's frame
-        rule (`vctmae.infer.attention.attention_frames`)."""
-        from vctmae.infer.attention import attention_frames
-
-        result = attention_frames(self.model, crop, frames=self.rule.frames, bbox=bbox)
-        return {
-            "frames": result["frames"].numpy(),
-            "slices": result["slices"],
-            "maps": {name: heat.numpy() for name, heat in result["maps"].items()},
-        }
+            probs.append(result.probs)
+            if attention:
+                for shown in shown_views(
+                    result, batch, batch_boxes, frames=self.rule.frames, model=self.model.config
+                ):
+                    maps = {name: heat.numpy() for name, heat in shown["maps"].items()}
+                    pictures.append({**shown, "frames": shown["frames"].numpy(), "maps": maps})
+        if not probs:
+            return np.zeros(0), pictures
+        # The probabilities' one host-device sync per scan, here (pictures copy theirs per batch).
+        return torch.cat(probs).double().cpu().numpy(), pictures
 
 
 def _geometry(
@@ -360,16 +362,12 @@ def assess(
     predictor: Predictor, crops: list[np.ndarray], boxes: list[tuple[int, ...]], attention: bool
 ) -> tuple[np.ndarray, list[dict[str, Any]] | None, dict[str, float]]:
     """The one place the run calls the model: P(fracture) of each crop (of one scan or several),
-    when asked each crop's attention frames (`Predictor.attention`), and the seconds by stage."""
+    when asked each crop's attention frames from the same pass (`Predictor.assess`), and the
+    seconds it took."""
     started = time.perf_counter()
-    probs = predictor.probabilities(crops, boxes)
+    probs, pictures = predictor.assess(crops, boxes, attention)
     seconds = {"model": time.perf_counter() - started}
-    if not attention:
-        return probs, None, seconds
-    started = time.perf_counter()
-    maps = [predictor.attention(crop, box) for crop, box in zip(crops, boxes, strict=True)]
-    seconds["attention"] = time.perf_counter() - started
-    return probs, maps, seconds
+    return probs, pictures if attention else None, seconds
 
 
 def _failed(case: Case | BadInput, line: str, seconds: dict[str, float]) -> ScanResult:
@@ -473,10 +471,13 @@ def prepare_out(config: PredictConfig) -> None:
             folder.rmdir()
 
 
-def run_settings(config: PredictConfig, threshold: Threshold, digest: str, device: str) -> dict:
+def run_settings(
+    config: PredictConfig, threshold: Threshold, digest: str, device: str, precision: str
+) -> dict:
     """What `--resume` compares: each option that changes the results (every flag not marked
     `resumable`; paths absolute), the checkpoint by its content's sha256 (wherever it lies now),
-    the threshold applied and the kind of device."""
+    the threshold applied, the kind of device and the precision that runs (`--precision auto`
+    depends on the machine)."""
     from vctmae.flags import config_fields
 
     settings: dict[str, Any] = {}
@@ -488,6 +489,7 @@ def run_settings(config: PredictConfig, threshold: Threshold, digest: str, devic
     settings["checkpoint sha256"] = digest
     settings["threshold applied"] = threshold.value
     settings["device"] = device
+    settings["precision that runs"] = precision
     return settings
 
 
@@ -717,8 +719,16 @@ def run_predict(config: PredictConfig) -> PredictResult:
             if is_out_of_space(error):
                 raise out_of_space(config.out) from None
             raise IngestError(config.out, f"cannot create the report folder ({error})") from None
-        run = report.RunFacts.of(config, threshold, predictor.rule, device=str(predictor.device))
-        settings = run_settings(config, threshold, run.checkpoint_sha256, predictor.device.type)
+        run = report.RunFacts.of(
+            config,
+            threshold,
+            predictor.rule,
+            device=str(predictor.device),
+            precision=predictor.precision,
+        )
+        settings = run_settings(
+            config, threshold, run.checkpoint_sha256, predictor.device.type, predictor.precision
+        )
         if config.resume and (config.out / RUN_FILE).is_file():
             check_resume(config.out, settings)
         else:
