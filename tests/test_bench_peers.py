@@ -2,8 +2,9 @@
 
 A peer must do the work it stands for — the paper code's MONAI data path gives the
 paper's model input, the MONAI crop recipe cuts 96³ int16 crops centred on each
-vertebra — and the decode floor must read the same voxels ingest reads; without the
-checkout's peers the benchmark says so in one line. Small fresh inputs: seconds.
+vertebra — and the decode floor must read the same voxels ingest reads; predict's model
+floor times the forward passes of predict's own clip rule; without the checkout's peers the
+benchmark says so in one line. Small fresh inputs: seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from helpers import SMALL_MODEL, write_split
 from typer.testing import CliRunner
 
 import vctmae.cli.bench  # noqa: F401  (registers the commands)
@@ -97,3 +100,19 @@ def test_decode_only_reads_the_voxels_ingest_reads(tmp_path, real_ct_dir):
     assert voxels.size == int(np.prod(nib.load(path).shape))
     stored = read_nifti_ct(path).data
     np.testing.assert_array_equal(voxels, stored.ravel(order="F"))
+
+
+def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(tmp_path):
+    from vctmae.bench.predict import model_floor
+    from vctmae.model import build_classifier
+    from vctmae.model.checkpoint import save_model
+    from vctmae.predict.config import PredictConfig
+
+    torch.manual_seed(0)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    checkpoint = save_model(model, tmp_path / "model.safetensors")
+    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
+    config = PredictConfig(
+        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
+    )
+    assert model_floor(config, shards) > 0

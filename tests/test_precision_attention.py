@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_MODEL, read_predictions, write_split
+from helpers import SMALL_MODEL, read_predictions
 from reference_code import random_crops
 
 from vctmae import clip
@@ -146,22 +146,6 @@ def test_attention_maps_from_the_probabilities_pass_equal_a_pass_of_their_own(fr
         )
         alone = torch.softmax(model(*view), -1)[0, 1]
         torch.testing.assert_close(with_maps.shown_probs[index], alone, rtol=0, atol=1e-6)
-
-
-# ------------------------------------------------------------------------- the predict benchmark
-
-
-def test_the_model_floor_times_the_forward_passes_of_predicts_rule(tmp_path):
-    from vctmae.bench.predict import model_floor
-    from vctmae.model.checkpoint import save_model
-    from vctmae.predict.config import PredictConfig
-
-    checkpoint = save_model(small_model(), tmp_path / "model.safetensors")
-    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
-    config = PredictConfig(
-        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
-    )
-    assert model_floor(config, shards) > 0
 
 
 # ---------------------------------------------------------------------------------- numba cache

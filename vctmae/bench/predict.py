@@ -49,7 +49,7 @@ from vctmae.infer.config import SpeedOptions
 
 STAGES = ("read_and_crop", "model", "report", "total")
 # The baseline's options (PredictConfig fields): predict in fp32, one scan after another.
-SEQUENTIAL_FP32 = {"speed": SpeedOptions(precision="fp32")}
+SEQUENTIAL_FP32 = {"speed": SpeedOptions(precision="fp32"), "workers": 0}
 # The crops of the bf16-vs-fp32 agreement (the first scan's, at most this many).
 AGREEMENT_CROPS = 6
 
