@@ -122,7 +122,7 @@ def test_attention_maps_from_the_probabilities_pass_equal_a_pass_of_their_own(fr
     with_maps = assess(model, crops, attention=True, **options)
     without = assess(model, crops, **options)
     # The shown view through the explicit attention path instead of SDPA: the same numbers up to
-    # fp32 rounding of a differently ordered softmax (about 1e-7 here).
+    # fp32 rounding of a differently ordered softmax (below 1e-7 here).
     torch.testing.assert_close(with_maps.probs, without.probs, rtol=0, atol=1e-6)
     torch.testing.assert_close(with_maps.shown_probs, without.shown_probs, rtol=0, atol=1e-6)
     assert without.maps is None

@@ -38,6 +38,7 @@ from vctmae.data.options import LoaderOptions
 from vctmae.data.zarr_store import ZarrCrops
 from vctmae.errors import UsageError
 from vctmae.infer.config import EvalConfig
+from vctmae.infer.device import resolve_precision
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import PREDICTION_COLUMNS
 from vctmae.infer.threshold import (
@@ -760,6 +761,9 @@ def test_predict_and_its_pictures_follow_the_checkpoints_frame_rule(raw, ingeste
     result = run_predict(predict_config(weights, tmp_path / "report", src=raw))
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["run"]["rule"] == rule.to_json()
+    # The precision that ran: --precision auto as this CPU resolves it.
+    auto = resolve_precision("auto", torch.device("cpu"), inference=True)
+    assert summary["run"]["precision"] == auto
     # The same probabilities as eval under the same (recorded) rule.
     expected = eval_predictions(weights, ingested, tmp_path / "eval", multiview=None)
     got = read_predictions(tmp_path / "report" / "predictions.csv")
@@ -960,6 +964,7 @@ def test_explain_draws_the_view_of_the_checkpoints_rule(ingested, tmp_path):
         )  # fmt: skip
     )
     assert summary["prob_multiview"] == pytest.approx(expected.probs[0], abs=1e-5)
+    assert summary["precision"] == resolve_precision("auto", torch.device("cpu"), inference=True)
     assert (tmp_path / "x.png").stat().st_size > 10_000
     # A shift outside the vertebra's views is refused, naming them.
     views = clip.view_shifts("mask", extent)
