@@ -1,8 +1,9 @@
 """Where and how a model computes: the device, the number format, the patch embedding.
 
 `resolve_device` turns `--device` into a torch device; `resolve_precision` turns
-`--precision` into the number format that runs, and `autocast_context` applies it to a forward pass. Speed switches are applied from
-outside the model. The model's own patch embedding is the plain torch one (gather frames → Conv3d).
+`--precision` into the number format that runs, and `autocast_context` applies it to a
+forward pass. Speed switches are applied from outside the model. The model's own patch
+embedding is the plain torch one (gather frames → Conv3d).
 `install_patch_embed` swaps in the fused Triton kernel, `TritonPatchEmbed`,
 which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
 keys, checkpoints and optimizer parameters are unchanged) and gives the same

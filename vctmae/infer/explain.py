@@ -67,7 +67,8 @@ def run_explain(config: ExplainConfig) -> dict[str, Any]:
     views = "1 view" if rule.multiview == 1 else f"{rule.multiview} views"
     title = (
         f"{config.key} ({truth}): P(fracture) = {result['prob_multiview']:.3f} ({views}, "
-        f"--frames {rule.frames}, {precision}), {result['prob_view']:.3f} (shown view, shift {shift})"
+        f"--frames {rule.frames}, {precision}), {result['prob_view']:.3f} "
+        f"(shown view, shift {shift})"
     )
     save_explanation(result, config.out, title=title)
     return {

@@ -88,7 +88,8 @@ class Attention(nn.Module):
     def forward_with_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same output through an explicit softmax, plus the probabilities (B, H, N, N).
 
-        The one place attention is computed by hand: `encode_with_attention` needs the probabilities.
+        The one place attention is computed by hand: `encode_with_attention` needs the
+        probabilities.
         """
         q, k, v = self._heads(x)
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, N, N)
