@@ -211,25 +211,18 @@ def vit_large() -> ModelConfig:
 
 
 def vit_base() -> ModelConfig:
-    """ViT-B/16 (86M encoder parameters)."""
-    return ModelConfig(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=4,
-        decoder_num_heads=16,
-    )
+    """ViT-B/16 (86M encoder parameters), with ViT-L's decoder."""
+    return dataclasses.replace(vit_large(), embed_dim=768, depth=12, num_heads=12)
 
 
 def vit_small() -> ModelConfig:
-    """ViT-S/16 (22M encoder parameters)."""
-    return ModelConfig(
+    """ViT-S/16 (22M encoder parameters), with a decoder 256 wide, 4 blocks, 8 heads."""
+    return dataclasses.replace(
+        vit_large(),
         embed_dim=384,
         depth=12,
         num_heads=6,
         decoder_embed_dim=256,
-        decoder_depth=4,
         decoder_num_heads=8,
     )
 
@@ -270,31 +263,12 @@ VOLUME_GEOMETRY: dict[str, Any] = {
 def mae3d_base() -> ModelConfig:
     """Table 3's "3D MAE" (paper App. B.2.4): MAE (He et al. 2022) with 3-D patches and positions,
     a ViT-B/16³ encoder (86M parameters) and MAE's own decoder (512 wide, 8 blocks, 16 heads)."""
-    return ModelConfig(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        **VOLUME_GEOMETRY,
-    )
+    return dataclasses.replace(vit_base(), decoder_depth=8, **VOLUME_GEOMETRY)
 
 
 def mae3d_tiny() -> ModelConfig:
     """The 3-D MAE at `tiny`'s widths and input normalisation, for CPU demos and tests."""
-    tiny = vit_tiny()
-    return ModelConfig(
-        embed_dim=tiny.embed_dim,
-        depth=tiny.depth,
-        num_heads=tiny.num_heads,
-        decoder_embed_dim=tiny.decoder_embed_dim,
-        decoder_depth=tiny.decoder_depth,
-        decoder_num_heads=tiny.decoder_num_heads,
-        input_mean=tiny.input_mean,
-        input_std=tiny.input_std,
-        **VOLUME_GEOMETRY,
-    )
+    return dataclasses.replace(vit_tiny(), **VOLUME_GEOMETRY)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {

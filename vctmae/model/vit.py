@@ -35,7 +35,7 @@ from torch import nn
 
 from vctmae.clip import clip_frames, volume_voxels
 from vctmae.model.config import ModelConfig, preset_config
-from vctmae.model.masking import draw_noise, gather_tokens, random_masking
+from vctmae.model.masking import gather_tokens, random_masking
 
 LAYER_NORM_EPS = 1e-6
 
@@ -319,6 +319,24 @@ class VideoViT(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
 
+def attention_maps(
+    model: VideoViT, crops: torch.Tensor, frames: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per-layer attention probabilities of the encoder on crops (B, 96, 96, 96) at frame indices
+    (B, 16), no masking, for `vctmae explain`.
+
+    Returns one (B, heads, 1+L, 1+L) tensor per block (index 0 is the cls token, then tokens
+    t·36 + row·6 + col). Works for the MAE and the classifier alike; the blocks' outputs are the
+    same as the SDPA path's. Gradients flow unless the caller uses `torch.no_grad()`.
+    """
+    hidden = model.with_cls(model.embed(crops, frames))  # (B, 1+L, D)
+    maps: list[torch.Tensor] = []
+    for block in model.blocks:
+        hidden, probabilities = block.forward_with_attention(hidden)  # (B, H, 1+L, 1+L)
+        maps.append(probabilities)
+    return maps
+
+
 def _init_linear_and_norm(module: nn.Module) -> None:
     # `Module.apply` visits children first, so an Attention's slices overwrite its qkv's plain init.
     if isinstance(module, Attention):
@@ -437,7 +455,7 @@ class MaskedAutoencoder(VideoViT):
     def _noise(self, noise: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         expected = (batch, self.config.num_tokens)
         if noise is None:
-            return draw_noise(*expected, device=device)
+            return torch.rand(*expected, device=device)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise must be (B, L) = {expected}, got {tuple(noise.shape)}")
         return noise.to(device)
