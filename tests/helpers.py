@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
@@ -77,3 +78,9 @@ def random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
         for i in range(count)
     )
     return [str(path) for path in write_shards(folder, "train", [samples])]
+
+
+def count_samples(shards: str | Sequence[str]) -> int:
+    """Number of samples (crops) in the shards, as the loader's index counts them."""
+    indexes, _ = index_shards(expand_shards(shards))
+    return sum(len(index) for index in indexes)

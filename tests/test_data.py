@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_shard
+from helpers import count_samples, write_shard
 
 from vctmae.data.frames import mirror, multiview_offsets, random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
-from vctmae.data.shards import ShardError, count_samples, expand_shards
+from vctmae.data.shards import ShardError, expand_shards
 from vctmae.data.zarr_store import ZarrCrops
 from vctmae.ingest.writers import write_shards
 

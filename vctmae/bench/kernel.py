@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from vctmae.clip import clip_frames, frame_index_tensor
-from vctmae.kernels import patch_embed
-from vctmae.kernels.reference import NUM_TOKENS
+from vctmae.kernels import NUM_TOKENS, patch_embed
 
 
 @dataclass(frozen=True, kw_only=True)

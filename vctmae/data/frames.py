@@ -22,16 +22,6 @@ import torch
 from vctmae import clip
 from vctmae.clip import CROP_SIZE, FLIPS, NUM_FRAMES, STRIDE
 
-__all__ = [
-    "FrameSampler",
-    "check_crop_shape",
-    "mirror",
-    "multiview_offsets",
-    "offset_frames",
-    "random_offsets",
-    "sample_frames",
-]
-
 
 def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The paper's frames `crop[o + 6k]`, k < 16, as the model's input: float32 (B, 1, 16, H, W).

@@ -197,17 +197,6 @@ class _CropStream(IterableDataset):
             ids = buffer_shuffle(ids, self.shuffle_buffer, _rng(self.seed, self.epoch, rank, 1))
         return [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
 
-    def batches_per_rank(self, rank: int) -> int:
-        parts = epoch_plan(
-            self.sizes,
-            world_size=self.world_size,
-            batch_size=self.batch_size,
-            training=self.training,
-            seed=self.seed,
-            epoch=0,
-        )
-        return -(-len(parts[rank]) // self.batch_size)
-
     def read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
         """Read the crops of samples `chunk` into the int16 array `out`, opening shards into
         `files` (shard number → file descriptor; the caller closes them)."""
@@ -497,7 +486,8 @@ class ShardLoader:
             shuffle_buffer=shuffle_buffer,
             pin=self.device.type == "cuda" and num_workers == 0,
         )
-        self._length = self._stream.batches_per_rank(self.rank)
+        # Every epoch's plan has the same number of batches.
+        self._length = len(self._stream.plan(self.rank))
         if backend == "dali":
             from vctmae.data.dali import _require_dali, dali_length
 

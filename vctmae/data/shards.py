@@ -185,13 +185,6 @@ def parse_npy_header(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return np.dtype(header["descr"]), tuple(header["shape"]), start + length
 
 
-def decode_npy(data: bytes | memoryview) -> np.ndarray:
-    """An .npy payload as an array viewing `data` (np.frombuffer: no copy)."""
-    dtype, shape, offset = parse_npy_header(bytes(data[:4096]))
-    count = int(np.prod(shape))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- shard index
 
 
@@ -502,12 +495,6 @@ def shard_label(shards: Sequence[str]) -> str:
     return f"{shards[0]} (+{len(shards) - 1} more shards)"
 
 
-def count_samples(shards: str | Sequence[str], *, skip_corrupt: bool = False) -> int:
-    """Number of samples (crops) in the shards."""
-    indexes, _ = index_shards(expand_shards(shards), skip_corrupt=skip_corrupt)
-    return sum(len(index) for index in indexes)
-
-
 def read_crop(fd: int, offset: int, out: np.ndarray) -> None:
     """Read one crop's raw int16 bytes at `offset` straight into `out` (C-contiguous)."""
     view = memoryview(out).cast("B")
@@ -526,4 +513,6 @@ def iter_raw(shards: Sequence[str]):
             for member in tar:
                 if member.isfile() and member.name.endswith("." + CROP_MEMBER):
                     data = tar.extractfile(member).read()
-                    yield split_member_name(member.name)[0], decode_npy(data)
+                    dtype, shape, offset = parse_npy_header(data[:4096])
+                    crop = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=offset)
+                    yield split_member_name(member.name)[0], crop.reshape(shape)

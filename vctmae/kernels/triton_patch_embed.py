@@ -40,16 +40,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 # The kernels spell out the fixed geometry (16 frames, 2x16x16 tubes) because tl.constexpr
-# globals differ across Triton versions; reference.py names it. The HU window, the pad value and
+# globals differ across Triton versions; `vctmae.kernels` names it. The HU window, the pad value and
 # the crop and frame geometry arrive as constexpr arguments, the HU ones from vctmae.clip.
 from vctmae.clip import HU_MAX, HU_MIN, PAD_HU
-from vctmae.kernels.reference import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
+from vctmae.kernels import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The constexpr arguments that carry the clip's HU window and pad value into both kernels.
@@ -277,6 +278,43 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
     return precision == "bf16"
 
 
+def kernel_constexprs(
+    slices: int, crop: int, frame: int, *, has_keep: bool, dot_bf16: bool, cfg: LaunchConfig
+) -> dict[str, Any]:
+    """The constexpr arguments both kernels take: the crop and frame geometry, the HU window,
+    the variant flags and the tile sizes."""
+    return {
+        "SLICES": slices,
+        "CROP": crop,
+        "FRAME": frame,
+        **HU_CONSTEXPRS,
+        "HAS_KEEP": has_keep,
+        "DOT_BF16": dot_bf16,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+    }
+
+
+def _launch_options(
+    crops: torch.Tensor,
+    keep: torch.Tensor | None,
+    dot_bf16: bool,
+    frame_size: int,
+    cfg: LaunchConfig,
+) -> dict[str, Any]:
+    """The keyword arguments both launches share: `kernel_constexprs` and the launch options."""
+    constexprs = kernel_constexprs(
+        crops.shape[1],
+        crops.shape[2],
+        frame_size,
+        has_keep=keep is not None,
+        dot_bf16=dot_bf16,
+        cfg=cfg,
+    )
+    return {**constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 def _launch_forward(
     crops, frames, keep, weight, bias, pos, dot_bf16: bool, frame_size: int
 ) -> torch.Tensor:
@@ -300,18 +338,8 @@ def _launch_forward(
         num_rows,
         n_keep,
         dim,
-        SLICES=crops.shape[1],
-        CROP=crops.shape[2],
-        FRAME=frame_size,
-        **HU_CONSTEXPRS,
-        HAS_KEEP=keep is not None,
         HAS_POS=pos is not None,
-        DOT_BF16=dot_bf16,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_launch_options(crops, keep, dot_bf16, frame_size, cfg),
     )
     return out
 
@@ -344,18 +372,8 @@ def _launch_grad_weight(
         num_rows,
         n_keep,
         dim,
-        SLICES=crops.shape[1],
-        CROP=crops.shape[2],
-        FRAME=frame_size,
-        **HU_CONSTEXPRS,
-        HAS_KEEP=keep is not None,
-        DOT_BF16=dot_bf16,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
         BLOCKS_PER_SPLIT=blocks_per_split,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_launch_options(crops, keep, dot_bf16, frame_size, cfg),
     )
     return partial[0] if splits == 1 else partial.sum(0)
 
@@ -491,7 +509,7 @@ def patch_embed_triton(
     frame_size: int | None = None,
 ) -> torch.Tensor:
     """Triton path of `vctmae.kernels.patch_embed`; `precision` 'bf16'|'fp32' overrides the dot
-    operand type; the frame size follows `pos` unless given (`reference.frame_size_of`)."""
+    operand type; the frame size follows `pos` unless given (`vctmae.kernels.frame_size_of`)."""
     if not crops.is_cuda and not INTERPRET:
         raise RuntimeError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vctmae.kernels "
