@@ -15,8 +15,7 @@ Geometry as constexprs: the crops' depth SLICES and slice size CROP (96 and 96 f
 ingest's crops; 16 for the trainers' pre-gathered clips), and the frame size FRAME
 (96, or 224 for Table 2 row 5). A frame larger than the slice holds it centred,
 padded with −1000 HU (0 after scaling): those voxels are masked loads, never read.
-With FRAME == CROP the padding test is compiled out and the 96 path is the code it
-always was.
+With FRAME == CROP the padding test is compiled out.
 
 Backward: grad_bias and grad_pos are reductions done in torch;
 grad_weight = Σ_r grad_out[r]ᵀ · patch[r] is a second kernel
