@@ -217,11 +217,7 @@ class FrameSampler:
             raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
         boxes = _needed_boxes(boxes, self.mode)
         extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))
-        shifts, valid = clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
-        if self.mode == "crop":
-            # Six real views for every sample, one column each.
-            return shifts[:, :STRIDE], valid[:, :STRIDE]
-        return shifts, valid
+        return clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
 
     def _volume_input(
         self, crops: torch.Tensor, flip: torch.Tensor | None
