@@ -54,7 +54,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 import torch
@@ -135,22 +135,21 @@ def buffer_shuffle(ids: np.ndarray, buffer_size: int, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- worker side
 
 
+@dataclass(kw_only=True, eq=False)
 class _CropStream(IterableDataset):
     """Yields Batch objects of this (rank, worker)'s slice of the epoch plan."""
 
-    def __init__(
-        self,
-        indexes: list[ShardIndex],
-        *,
-        batch_size: int,
-        training: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        shuffle_buffer: int,
-        pin: bool,
-    ):
+    indexes: InitVar[list[ShardIndex]]
+    batch_size: int
+    training: bool
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+    shuffle_buffer: int
+    pin: bool
+
+    def __post_init__(self, indexes: list[ShardIndex]) -> None:
         self.paths = [index.path for index in indexes]
         self.sizes = [len(index) for index in indexes]
         self.shard_of = np.concatenate(
@@ -161,14 +160,6 @@ class _CropStream(IterableDataset):
         self.boxes = np.concatenate([index.boxes for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
         self.shape = indexes[0].shape
-        self.batch_size = batch_size
-        self.training = training
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.workers = workers
-        self.shuffle_buffer = shuffle_buffer
-        self.pin = pin
         self.ring: _BatchRing | None = None
         # Shared memory, so persistent worker processes see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -476,7 +467,7 @@ class ShardLoader:
                 f"of {self.world_size} rank(s); lower --batch-size or use fewer processes",
             )
         self._stream = _CropStream(
-            indexes,
+            indexes=indexes,
             batch_size=batch_size,
             training=training,
             seed=seed,

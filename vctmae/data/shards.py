@@ -80,20 +80,17 @@ def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
-def shard_cache_dir() -> Path:
-    """Where remote shards are copied: $VCTMAE_SHARD_CACHE, else ~/.cache/vctmae/shards."""
-    configured = os.environ.get("VCTMAE_SHARD_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "vctmae" / "shards"
-
-
 def fetch_remote(url: str, cache_dir: Path | None = None) -> str:
     """A local copy of a remote shard (any URL webdataset's gopen opens: http(s), gs, pipe:…).
 
-    Fetched once and kept under `cache_dir`, named by the URL (a changed remote
-    file under the same URL is not noticed: clear the cache). The loader then
-    indexes and reads the local copy like any other shard.
+    Fetched once and kept under `cache_dir` (default $VCTMAE_SHARD_CACHE, else
+    ~/.cache/vctmae/shards), named by the URL (a changed remote file under the same URL is
+    not noticed: clear the cache). The loader then indexes and reads the local copy like any
+    other shard.
     """
-    cache_dir = cache_dir or shard_cache_dir()
+    if cache_dir is None:
+        configured = os.environ.get("VCTMAE_SHARD_CACHE")
+        cache_dir = Path(configured) if configured else Path.home() / ".cache/vctmae/shards"
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[-60:]
     local = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{tail}"
     if local.exists():
