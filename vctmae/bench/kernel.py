@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from vctmae.clip import clip_frames, frame_index_tensor
-from vctmae.kernels import NUM_TOKENS, patch_embed
+from vctmae.kernels import patch_embed
+from vctmae.kernels.reference import NUM_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)

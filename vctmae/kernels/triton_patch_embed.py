@@ -46,10 +46,10 @@ import triton
 import triton.language as tl
 
 # The kernels spell out the fixed geometry (16 frames, 2x16x16 tubes) because tl.constexpr
-# globals differ across Triton versions; `vctmae.kernels` names it. The HU window, the pad value and
+# globals differ across Triton versions; reference.py names it. The HU window, the pad value and
 # the crop and frame geometry arrive as constexpr arguments, the HU ones from vctmae.clip.
 from vctmae.clip import HU_MAX, HU_MIN, PAD_HU
-from vctmae.kernels import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
+from vctmae.kernels.reference import NUM_FRAMES, PATCH_DIM, frame_size_of, num_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The constexpr arguments that carry the clip's HU window and pad value into both kernels.
@@ -508,7 +508,7 @@ def patch_embed_triton(
     frame_size: int | None = None,
 ) -> torch.Tensor:
     """Triton path of `vctmae.kernels.patch_embed`; `precision` 'bf16'|'fp32' overrides the dot
-    operand type; the frame size follows `pos` unless given (`vctmae.kernels.frame_size_of`)."""
+    operand type; the frame size follows `pos` unless given (`reference.frame_size_of`)."""
     if not crops.is_cuda and not INTERPRET:
         raise RuntimeError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vctmae.kernels "
