@@ -9,6 +9,7 @@ imported).
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -38,18 +39,14 @@ def patch_embed(
     frames: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    keep: torch.Tensor | None = None,
-    pos: torch.Tensor | None = None,
+    *,
     backend: str = "auto",
-    frame_size: int | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """`patch_embed_reference`'s tokens, computed by the chosen backend ('auto': `resolve_backend`)."""
+    """The tokens of `reference.patch_embed_reference` (options: keep, pos, frame_size), computed
+    by the chosen backend ('auto': `resolve_backend`)."""
     if resolve_backend(backend, crops.device) == "torch":
-        return patch_embed_reference(
-            crops, frames, weight, bias, keep=keep, pos=pos, frame_size=frame_size
-        )
+        return patch_embed_reference(crops, frames, weight, bias, **options)
     from vctmae.kernels.triton_patch_embed import patch_embed_triton
 
-    return patch_embed_triton(
-        crops, frames, weight, bias, keep=keep, pos=pos, frame_size=frame_size
-    )
+    return patch_embed_triton(crops, frames, weight, bias, **options)
