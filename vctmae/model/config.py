@@ -60,23 +60,11 @@ class ModelConfig:
     input_kind: str = "clip"
 
     def __post_init__(self) -> None:
-        positive = {
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "decoder_embed_dim": self.decoder_embed_dim,
-            "decoder_num_heads": self.decoder_num_heads,
-            "frames": self.frames,
-            "t_patch": self.t_patch,
-            "patch": self.patch,
-            "img": self.img,
-            "in_chans": self.in_chans,
-            "pred_t_dim": self.pred_t_dim,
-            "num_classes": self.num_classes,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {value}")
+        # Every integer field is a count or a size: positive (the decoder may have no blocks).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "decoder_depth" and value <= 0:
+                raise ValueError(f"ModelConfig.{field.name} must be positive, got {value}")
         if self.decoder_depth < 0:
             raise ValueError(f"ModelConfig.decoder_depth must be >= 0, got {self.decoder_depth}")
         if self.embed_dim % self.num_heads:
