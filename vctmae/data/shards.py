@@ -247,10 +247,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         raise ShardError(path, "no such file") from None
     except OSError as error:
         raise ShardError(path, f"cannot open ({error.strerror or error})") from None
-    crops: dict[str, tuple[int, int, str]] = {}  # key → (data offset, size, member name)
-    classes: dict[str, tuple[int, int]] = {}
-    metas: dict[str, tuple[int, int]] = {}
-    order: list[str] = []
+    # Each sample's members, in the order the keys first appear: key → {extension: (data
+    # offset, size, member name)}.
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
     with handle:
         try:
             with tarfile.open(fileobj=handle, mode="r:") as tar:
@@ -262,14 +261,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"truncated: member {member.name} ends past the end of the file"
                         )
                     key, ext = split_member_name(member.name)
-                    if key not in crops and key not in classes:
-                        order.append(key)
-                    if ext == CROP_MEMBER:
-                        crops[key] = (member.offset_data, member.size, member.name)
-                    elif ext == CLASS_MEMBER:
-                        classes[key] = (member.offset_data, member.size)
-                    elif ext == META_MEMBER:
-                        metas[key] = (member.offset_data, member.size)
+                    found = samples.setdefault(key, {})
+                    found[ext] = (member.offset_data, member.size, member.name)
         except tarfile.TarError as error:
             raise ShardError(path, f"not a readable tar archive ({error})") from None
         except OSError as error:
@@ -282,11 +275,11 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         skipped: list[str] = []
         shape: tuple[int, ...] | None = None
         fd = handle.fileno()
-        for key in order:
+        for key, found in samples.items():
             try:
-                if key not in crops:
+                if CROP_MEMBER not in found:
                     raise ShardError(path, f"sample {key} has no .{CROP_MEMBER}")
-                start, length, name = crops[key]
+                start, length, name = found[CROP_MEMBER]
                 head = os.pread(fd, min(length, 4096), start)
                 try:
                     dtype, sample_shape, header_length = parse_npy_header(head)
@@ -301,12 +294,10 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                 if shape is not None and sample_shape != shape:
                     raise ShardError(path, f"{name}: shape {sample_shape} differs from {shape}")
                 label = -1
-                if key in classes:
-                    text = (
-                        os.pread(fd, classes[key][1], classes[key][0])
-                        .decode("ascii", "replace")
-                        .strip()
-                    )
+                if CLASS_MEMBER in found:
+                    member_offset, member_size, _ = found[CLASS_MEMBER]
+                    raw = os.pread(fd, member_size, member_offset)
+                    text = raw.decode("ascii", "replace").strip()
                     if not text.lstrip("-").isdigit():
                         raise ShardError(
                             path, f"{key}.{CLASS_MEMBER}: not an integer class ({text!r})"
@@ -317,8 +308,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"{key}.{CLASS_MEMBER}: class {text} is out of range"
                         )
                 box, level = NO_BOX, None
-                if key in metas:
-                    box, level = _read_metadata(path, fd, key, *metas[key])
+                if META_MEMBER in found:
+                    member_offset, member_size, _ = found[META_MEMBER]
+                    box, level = _read_metadata(path, fd, key, member_offset, member_size)
             except ShardError as error:
                 if not skip_corrupt:
                     raise
