@@ -19,14 +19,13 @@ depend on `--workers` (0, 1, 2, … give identical epochs).
   once across ranks.
 - Training (training=True): the sequence is also rotated by a random amount, then
   every rank takes exactly M = ⌊N / (R·B)⌋ · B samples, so every rank yields the
-  same M/B full batches — DDP ranks never wait on a rank that ran out. The
-  N − R·M < R·B samples left over (drop_last) differ from epoch to epoch
+  same M/B full batches — DDP ranks never wait in an all-reduce on a rank that ran
+  out. The N − R·M < R·B samples left over (drop_last) differ from epoch to epoch
   because of the rotation. Each rank buffer-shuffles its slice's read order (a
   buffer of sample indexes, not decoded crops, so shuffling costs no memory),
   seeded by (seed, epoch, rank), before it is cut into batches.
-- DDP: in training every rank has the same len(loader), so no rank ever waits in
-  an all-reduce for a rank that ran out. In evaluation ranks may differ by one
-  batch: gather predictions at the end instead of stepping in lockstep.
+- In evaluation ranks may differ by one batch: gather predictions at the end
+  instead of stepping in lockstep.
 
 Hand-over. Worker processes persist across epochs (set_epoch reaches them through
 shared memory) and write crops into a per-worker ring of reused shared-memory

@@ -13,9 +13,6 @@ F × F with F = the frame size: 96 (the paper's format, no padding) or 224 (Tabl
 t·g² + row·g + col over the (8, g, g) grid of 2×16×16 tubes, g = F / 16 (6 or 14:
 288 or 1568 tokens); patch vector index (u, p, q) row-major = u*256 + p*16 + q (frame
 within the tube, row, column), matching the Conv3d weight (D, 1, 2, 16, 16).reshape(D, 512).
-
-The frame size follows `pos` when it is given (its L rows fix the grid), else the crops' own
-slice size, unless `frame_size` says otherwise.
 """
 
 from __future__ import annotations
