@@ -319,24 +319,6 @@ class VideoViT(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
 
-def attention_maps(
-    model: VideoViT, crops: torch.Tensor, frames: torch.Tensor
-) -> list[torch.Tensor]:
-    """Per-layer attention probabilities of the encoder on crops (B, 96, 96, 96) at frame indices
-    (B, 16), no masking, for `vctmae explain`.
-
-    Returns one (B, heads, 1+L, 1+L) tensor per block (index 0 is the cls token, then tokens
-    t·36 + row·6 + col). Works for the MAE and the classifier alike; the blocks' outputs are the
-    same as the SDPA path's. Gradients flow unless the caller uses `torch.no_grad()`.
-    """
-    hidden = model.with_cls(model.embed(crops, frames))  # (B, 1+L, D)
-    maps: list[torch.Tensor] = []
-    for block in model.blocks:
-        hidden, probabilities = block.forward_with_attention(hidden)  # (B, H, 1+L, 1+L)
-        maps.append(probabilities)
-    return maps
-
-
 def _init_linear_and_norm(module: nn.Module) -> None:
     # `Module.apply` visits children first, so an Attention's slices overwrite its qkv's plain init.
     if isinstance(module, Attention):
@@ -354,6 +336,24 @@ def _init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def attention_maps(
+    model: VideoViT, crops: torch.Tensor, frames: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per-layer attention probabilities of the encoder on crops (B, 96, 96, 96) at frame indices
+    (B, 16), no masking, for `vctmae explain`.
+
+    Returns one (B, heads, 1+L, 1+L) tensor per block (index 0 is the cls token, then tokens
+    t·36 + row·6 + col). Works for the MAE and the classifier alike; the blocks' outputs are the
+    same as the SDPA path's. Gradients flow unless the caller uses `torch.no_grad()`.
+    """
+    hidden = model.with_cls(model.embed(crops, frames))  # (B, 1+L, D)
+    maps: list[torch.Tensor] = []
+    for block in model.blocks:
+        hidden, probabilities = block.forward_with_attention(hidden)  # (B, H, 1+L, 1+L)
+        maps.append(probabilities)
+    return maps
 
 
 # ----------------------------------------------------------------------------------------------
