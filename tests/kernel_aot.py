@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class KernelVariant:
     """One specialisation of a kernel: its name, argument types, constexpr values and launch options."""
 
@@ -29,8 +29,7 @@ class KernelVariant:
     kernel: str
     signature: dict[str, str]
     constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
+    options: dict[str, int]  # num_warps, num_stages
 
 
 # Frame sizes the kernels are compiled for: the paper's 96² frames and Table 2 row 5's 224²
@@ -65,14 +64,8 @@ def kernel_variants(
             arg: "constexpr" if arg in constexprs else ARGUMENT_TYPES.get(arg, "*fp32")
             for arg in arguments
         }
-        return KernelVariant(
-            name=name,
-            kernel=kernel,
-            signature=signature,
-            constexprs=constexprs,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return KernelVariant(name, kernel, signature, constexprs, options)
 
     fwd_cfg, bwd_cfg = kernels.forward_config(dim), kernels.grad_weight_config(dim)
     forward_cases = [(True, True, True), (False, True, True)] + (
@@ -171,14 +164,13 @@ def compile_for_target(
         src = ASTSource(
             fn=fn, signature=dict(variant.signature), constexprs=dict(variant.constexprs)
         )
-        options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
         start = time.perf_counter()
         if full:
-            compiled = triton.compile(src, target=target, options=options)
+            compiled = triton.compile(src, target=target, options=dict(variant.options))
             asm = {k: v for k, v in compiled.asm.items() if k != "source"}
             shared = int(getattr(compiled.metadata, "shared", 0))
         else:
-            asm = _compile_to_ptx(src, target, options)
+            asm = _compile_to_ptx(src, target, dict(variant.options))
             shared = None
         ptx = asm.get("ptx", "")
         results.append(
