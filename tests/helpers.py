@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from vctmae.cli import app
 from vctmae.data.options import LoaderOptions
+from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
@@ -333,3 +334,9 @@ def predict_config(checkpoint: Path, out: Path, **fields):
     from vctmae.predict.config import PredictConfig
 
     return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
+
+
+def count_samples(shards: str | Sequence[str]) -> int:
+    """Number of samples (crops) in the shards, as the loader's index counts them."""
+    indexes, _ = index_shards(expand_shards(shards))
+    return sum(len(index) for index in indexes)

@@ -2,7 +2,7 @@
 
 The mask-mode rule is checked against a plain numpy transcription of the paper's
 public code (lbuess/Video-CT_MAE at d27e0b2), written from reading it; the crop
-rule against today's `vctmae.data.sample_frames`; the context cut against a
+rule against `vctmae.data.frames.sample_frames`; the context cut against a
 numpy oracle of MONAI's CropForegroundD + ResizeWithPadOrCropD as the reference
 calls them.
 """
@@ -52,7 +52,6 @@ def test_mask_frames_match_the_reference_on_random_extents():
     for lo, hi in random_extents(rng, 400, min_width=SMALLEST_SOUND_WIDTH):
         width = hi - lo + 1
         shifts = reference_shift_range(width)
-        assert clip.train_shifts("mask", (lo, hi)) == shifts
         assert clip.view_shifts("mask", (lo, hi)) == shifts
         for shift in [0, *shifts]:
             expected = (lo + reference_frames(width, shift)).tolist()
@@ -79,9 +78,8 @@ def test_narrow_extents_where_the_reference_breaks_stay_inside():
         lo = 40
         hi = lo + width - 1
         reference = reference_shift_range(width)
-        shifts = clip.train_shifts("mask", (lo, hi))
+        shifts = clip.view_shifts("mask", (lo, hi))
         assert shifts == (reference or [0])
-        assert clip.view_shifts("mask", (lo, hi)) == shifts
         for shift in shifts:
             frames = clip.frame_indices("mask", shift, (lo, hi))
             expected = lo + np.clip(reference_frames(width, shift), 0, width - 1)
@@ -110,13 +108,13 @@ def test_crop_mode_is_offset_plus_six_k():
         # the extent plays no part in crop mode
         assert clip.frame_indices("crop", offset, (30, 50)) == expected
     assert clip.view_shifts("crop") == list(range(6))
-    assert clip.train_shifts("crop", (10, 20)) == list(range(6))
+    assert clip.view_shifts("crop", (10, 20)) == list(range(6))
     for bad in (-1, 6):
         with pytest.raises(ValueError, match="offset"):
             clip.frame_indices("crop", bad)
 
 
-def test_crop_mode_matches_todays_sample_frames():
+def test_crop_mode_matches_sample_frames():
     generator = torch.Generator().manual_seed(7)
     crops = torch.randint(-1500, 1500, (6, 96, 96, 96), generator=generator, dtype=torch.int16)
     offsets = torch.tensor([0, 1, 2, 3, 4, 5])
@@ -125,12 +123,12 @@ def test_crop_mode_matches_todays_sample_frames():
     torch.testing.assert_close(frames, sample_frames(crops, offsets)[:, 0], rtol=0, atol=0)
     assert multiview_offsets(6) == clip.view_shifts("crop")
     assert multiview_offsets(1) == [clip.view_shifts("crop")[len(clip.view_shifts("crop")) // 2]]
-    # Training draws: the same numbers as today's random_offsets from the same generator.
+    # Training draws: the same numbers as random_offsets from the same generator.
     drawn = clip.draw_train_shifts(
         "crop", batch_size=64, generator=torch.Generator().manual_seed(3)
     )
-    today = random_offsets(64, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(drawn, today)
+    offsets = random_offsets(64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, offsets)
 
 
 # ----------------------------------------------------------------------------- batched forms
@@ -140,7 +138,7 @@ def test_batched_indices_equal_the_list_form_and_stay_in_range():
     rng = np.random.default_rng(99)
     extents = random_extents(rng, 300)
     for mode in clip.FRAME_MODES:
-        shift_lists = [clip.train_shifts(mode, e) for e in extents]
+        shift_lists = [clip.view_shifts(mode, e) for e in extents]
         shifts = [int(rng.choice(s)) for s in shift_lists]
         index = clip.frame_index_tensor(mode, torch.tensor(shifts), torch.tensor(extents))
         assert index.dtype == torch.int64 and index.shape == (300, 16)
@@ -181,7 +179,7 @@ def test_draw_train_shifts_covers_each_samples_shifts_uniformly():
         [clip.draw_train_shifts("mask", extents, generator=generator) for _ in range(3000)]
     )  # (3000, 4)
     for column, extent in enumerate(extents.tolist()):
-        allowed = clip.train_shifts("mask", extent)
+        allowed = clip.view_shifts("mask", extent)
         values, counts = draws[:, column].unique(return_counts=True)
         assert values.tolist() == allowed
         # uniform: each of n values ~3000/n times; 6 sigma of a binomial is well inside 25%

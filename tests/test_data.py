@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -9,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_CROP, make_shards, write_shard
+from helpers import SMALL_CROP, count_samples, make_shards, write_shard
 
 from vctmae.data.frames import mirror, multiview_offsets, random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
-from vctmae.data.shards import ShardError, count_samples, expand_shards
+from vctmae.data.shards import ShardError, expand_shards
 from vctmae.data.zarr_store import ZarrCrops
 
 
@@ -415,3 +417,28 @@ def test_zarr_crops_reads_contract_layout(tmp_path):
     assert [store.label(k) for k in keys] == [1, -1, 0]
     with pytest.raises(KeyError, match="nope"):
         store.crop("nope")
+
+
+def test_a_shard_with_metadata_before_the_crop_indexes_each_sample_once(tmp_path):
+    """WebDataset does not fix the order of a sample's members: `KEY.json` may come first."""
+    rng = np.random.default_rng()
+    crops = {key: rng.integers(-2000, 3000, size=(6, 4, 4), dtype=np.int16) for key in "ab"}
+    path = tmp_path / "json-first-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, crop in crops.items():
+            npy = io.BytesIO()
+            np.save(npy, crop)
+            for name, data in [
+                (f"{key}.json", json.dumps({"level": "L1"}).encode()),
+                (f"{key}.crop.npy", npy.getvalue()),
+                (f"{key}.cls", b"1"),
+            ]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loader = ShardLoader(str(path), batch_size=4, training=False, num_workers=0, device="cpu")
+    assert collect(loader) == (["a", "b"], [2])
+    [batch] = list(loader)
+    assert batch.labels.tolist() == [1, 1]
+    for key, crop in zip(batch.keys, batch.crops, strict=True):
+        assert np.array_equal(crop.numpy(), crops[key])

@@ -129,6 +129,18 @@ def test_config_is_frozen_and_validated():
         preset_config("tiny", input_mean=float("nan"))
 
 
+def test_every_count_and_size_of_a_config_must_be_positive():
+    sizes = ["embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_num_heads"]
+    sizes += ["frames", "t_patch", "patch", "img", "in_chans", "pred_t_dim", "num_classes"]
+    for name in sizes:
+        with pytest.raises(ValueError, match=f"{name} must be positive, got 0"):
+            preset_config("tiny", **{name: 0})
+    # A decoder may have no blocks.
+    assert preset_config("tiny", decoder_depth=0).decoder_depth == 0
+    with pytest.raises(ValueError, match="decoder_depth must be >= 0"):
+        preset_config("tiny", decoder_depth=-1)
+
+
 @pytest.mark.parametrize("preset", ["large", "base", "small", "tiny"])
 def test_every_preset_trains_on_a_tiny_input(preset):
     # The real widths and heads of each preset, one block deep to keep CI fast (tiny in full).

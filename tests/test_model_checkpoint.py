@@ -47,6 +47,19 @@ def _kinetics_pyslowfast(seed=0):
     return state, to_pyslowfast(state, decoder_depth=2)
 
 
+def assert_computes_like_mae_st(model, state, *, batch: int, seed: int) -> None:
+    """`model` (2 blocks of 4 heads, a decoder of 2 blocks of 2) gives mae_st's loss, predictions
+    and mask with the weights `state`, on seeded random crops."""
+    crops, frames = random_crops(batch, seed=seed), random_frames(batch, seed=seed)
+    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # mae_st's RGB input
+    noise = torch.rand(batch, 288)
+    expected = reference_mae(state, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2)
+    with torch.no_grad():
+        got = model(crops, frames, noise=noise)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_pyslowfast_224_checkpoint_loads_with_central_crop(tmp_path):
     state, pyslowfast = _kinetics_pyslowfast(seed=1)
     assert "pred_head.transforms.0.2.weight" in pyslowfast  # the decoder norm
@@ -70,16 +83,7 @@ def test_pyslowfast_224_checkpoint_loads_with_central_crop(tmp_path):
 
     # The loaded model computes what mae_st computes with the cropped tables at 96².
     cropped = dict(state, pos_embed_spatial=spatial, decoder_pos_embed=decoder)
-    crops, frames = random_crops(2, seed=11), random_frames(2, seed=11)
-    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # mae_st's RGB input
-    noise = torch.rand(2, 288)
-    expected = reference_mae(
-        cropped, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2
-    )
-    with torch.no_grad():
-        got = model(crops, frames, noise=noise)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_computes_like_mae_st(model, cropped, batch=2, seed=11)
 
 
 def test_mae_st_separable_224_checkpoint_into_a_decoder_cls_model(tmp_path):
@@ -99,16 +103,7 @@ def test_mae_st_separable_224_checkpoint_into_a_decoder_cls_model(tmp_path):
         pos_embed_spatial=_central(state["pos_embed_spatial"]),
         decoder_pos_embed_spatial=spatial,
     )
-    crops, frames = random_crops(1, seed=12), random_frames(1, seed=12)
-    imgs = crop_clip(crops, frames).repeat(1, 3, 1, 1, 1)  # mae_st's RGB input
-    noise = torch.rand(1, 288)
-    expected = reference_mae(
-        cropped, imgs, noise, heads=4, decoder_heads=2, depth=2, decoder_depth=2
-    )
-    with torch.no_grad():
-        got = model(crops, frames, noise=noise)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_computes_like_mae_st(model, cropped, batch=1, seed=12)
 
 
 def test_pos_init_interpolate_and_random():
@@ -341,7 +336,7 @@ def test_load_model_refuses_weights_that_do_not_match_the_config(tmp_path):
 
 def test_a_checkpoint_from_before_input_normalisation_loads_as_identity(tmp_path):
     """Configs written before `input_mean`/`input_std` existed describe models trained on raw [0, 1]
-    frames; they must load as exactly that, whatever the preset's normalisation is today."""
+    frames; they must load as exactly that, whatever the preset's normalisation is now."""
     classifier = build_classifier("tiny", **{**SMALL, "input_mean": 0.5, "input_std": 0.1})
     path = save_model(classifier, tmp_path / "old.safetensors")
     description = json.loads((tmp_path / "old.json").read_text())

@@ -234,14 +234,6 @@ def gather_slices(crops: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return crops[rows, frames.to(crops.device, torch.long)]
 
 
-def pad_offset(size: int, frame_size: int) -> int:
-    """Where a `size`-wide slice starts inside a `frame_size`-wide frame: centred, the odd pixel
-    after (as MONAI's symmetric SpatialPad); 64 for 96 in 224 (Table 2 row 5)."""
-    if frame_size < size:
-        raise ValueError(f"frame size {frame_size} is smaller than the {size}-pixel slices")
-    return (frame_size - size) // 2
-
-
 def pad_frames(frames: torch.Tensor, frame_size: int, value: float) -> torch.Tensor:
     """Pad the last two axes (H, W) of `frames` to frame_size × frame_size, centred, with `value`.
 
@@ -253,7 +245,12 @@ def pad_frames(frames: torch.Tensor, frame_size: int, value: float) -> torch.Ten
     height, width = frames.shape[-2:]
     if (height, width) == (frame_size, frame_size):
         return frames
-    top, left = pad_offset(height, frame_size), pad_offset(width, frame_size)
+    if frame_size < max(height, width):
+        raise ValueError(
+            f"frame size {frame_size} is smaller than the {max(height, width)}-pixel slices"
+        )
+    # Centred, the odd pixel after (as MONAI's symmetric SpatialPad): 64 for 96 in 224.
+    top, left = (frame_size - height) // 2, (frame_size - width) // 2
     bottom, right = frame_size - height - top, frame_size - width - left
     return F.pad(frames, (left, right, top, bottom), value=value)
 
@@ -428,13 +425,6 @@ MAX_VIEWS = max(STRIDE, *(_mask_shift_range(width)[1] for width in range(1, CROP
 # ----------------------------------------------------------------------------- batched forms
 
 
-def _mirrored(extents: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
-    """Extents (B, 2) of the sagittally mirrored crops (slice i ↔ size − 1 − i)."""
-    import torch
-
-    return torch.stack([size - 1 - extents[:, 1], size - 1 - extents[:, 0]], dim=1)
-
-
 def frame_index_tensor(
     mode: str,
     shifts: torch.Tensor | Sequence[int],
@@ -447,7 +437,7 @@ def frame_index_tensor(
 
     mode: one of FRAME_MODES, for the whole batch.
     shifts: int (B,): crop mode, the offset o in 0..5; mask mode, the shift added
-        to the unshifted frames (from `train_shifts` / `view_shifts`, 0 = none).
+        to the unshifted frames (one of `view_shifts`, 0 = none).
     extents: int (B, 2), the inclusive sagittal extent [lo, hi] of each sample's
         mask (`extents_from_boxes`); ignored in crop mode; None = the whole crop.
     mirror: bool (B,) or None: the samples to mirror left–right (`--flip frames`). A mirrored
@@ -472,7 +462,9 @@ def frame_index_tensor(
     else:
         extents = _as_extents(extents, batch, device)
         if flags is not None:
-            extents = torch.where(flags[:, None], _mirrored(extents), extents)
+            # The mirrored crop's extent: slice i ↔ 95 − i.
+            mirrored = CROP_SIZE - 1 - extents.flip(1)
+            extents = torch.where(flags[:, None], mirrored, extents)
         lo, hi = extents[:, :1], extents[:, 1:]  # (B, 1) each
         k = torch.arange(1, NUM_FRAMES + 1, device=device)  # (T,)
         index = lo + _mask_position(k, hi - lo + 1) + shifts[:, None]  # (B, T)
@@ -486,7 +478,7 @@ def shifts_from_uniform(
     mode: str, uniform: torch.Tensor, extents: torch.Tensor | Sequence | None = None
 ) -> torch.Tensor:
     """Training shifts int64 (B,) from uniform draws in [0, 1) (B,): each sample's
-    `train_shifts` entry number ⌊u · count⌋, so the shift is uniform over that list.
+    `view_shifts` entry number ⌊u · count⌋, so the shift is uniform over that list.
 
     Lets a trainer draw its randomness on the host before it knows the batch (`uniform` from the
     seeded generator) and turn it into shifts on the device, where the extents are, without a
@@ -510,7 +502,7 @@ def draw_train_shifts(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """One random training shift per sample, int64 (B,), uniform over `train_shifts`.
+    """One random training shift per sample, int64 (B,), uniform over `view_shifts`.
 
     Crop mode draws `torch.randint(0, 6, (B,))` exactly as `vctmae.data.random_offsets`
     does (same generator, same numbers); it needs `batch_size` when `extents` is
@@ -558,24 +550,20 @@ def view_shift_table(
 # ----------------------------------------------------------------------------- list forms
 
 
-def train_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
-    """The shifts training draws from (uniformly): crop mode 0..5; mask mode range(−sd//2, sd//2)."""
+def view_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
+    """The shifts of one sample's views: training draws one of them uniformly, evaluation's
+    ensemble takes each.
+
+    Crop mode: 0..5, the six views that cover every slice once (paper §3). Mask mode: the
+    reference's range(−sd//2, sd//2) (training src/video_ct_transform.py:48, ensemble :127);
+    sd views, 3 to 6 for real vertebrae.
+    """
     check_mode(mode)
     if mode == "crop":
         return list(range(STRIDE))
     lo, hi = check_extent(extent)
     low, count = _mask_shift_range(hi - lo + 1)
     return list(range(low, low + count))
-
-
-def view_shifts(mode: str, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
-    """The evaluation ensemble's shifts, one view each.
-
-    Crop mode: 0..5, the six views that cover every slice once (paper §3). Mask
-    mode: the reference's ensemble range(−sd//2, sd//2) (src/video_ct_transform.py:127),
-    the same set training draws from; sd views, 3 to 6 for real vertebrae.
-    """
-    return train_shifts(mode, extent)
 
 
 def frame_indices(mode: str, shift: int = 0, extent: Sequence[int] = FULL_EXTENT) -> list[int]:
@@ -596,25 +584,6 @@ def frame_indices(mode: str, shift: int = 0, extent: Sequence[int] = FULL_EXTENT
 
 
 # ----------------------------------------------------------------------------- context cut
-
-
-def context_rows(
-    boxes: torch.Tensor | Sequence, size: int = CROP_SIZE, margin: int = CONTEXT_MARGIN
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows the context cut keeps, half-open [start, stop) per sample: int64 (B,), (B,).
-
-    The mask's rows [y0, y1) widened by `margin` on each side and clamped to the
-    crop (CropForegroundD's allow_smaller=True, transforms.py:192). An empty box
-    keeps every row.
-    """
-    import torch
-
-    boxes = torch.as_tensor(boxes).long().reshape(-1, 6)
-    y0, y1 = boxes[:, 2], boxes[:, 3]
-    empty = y1 <= y0
-    start = torch.where(empty, torch.zeros_like(y0), (y0 - margin).clamp(min=0))
-    stop = torch.where(empty, torch.full_like(y1, size), (y1 + margin).clamp(max=size))
-    return start, stop
 
 
 def context_cut(
@@ -645,10 +614,16 @@ def context_cut(
     if crops.dim() != 4:
         raise ValueError(f"crops must be (B, N, H, W), got shape {tuple(crops.shape)}")
     batch, _, height, _ = crops.shape
-    start, stop = context_rows(boxes, size=height, margin=margin)
-    start, stop = start.to(crops.device), stop.to(crops.device)
-    if start.shape[0] != batch:
-        raise ValueError(f"{start.shape[0]} boxes for {batch} samples")
+    boxes = torch.as_tensor(boxes).long().reshape(-1, 6).to(crops.device)
+    if boxes.shape[0] != batch:
+        raise ValueError(f"{boxes.shape[0]} boxes for {batch} samples")
+    # The rows kept, half-open [start, stop): the mask's rows [y0, y1) widened by `margin` on each
+    # side and clamped to the crop (CropForegroundD's allow_smaller=True, transforms.py:192). An
+    # empty box keeps every row.
+    y0, y1 = boxes[:, 2], boxes[:, 3]
+    empty = y1 <= y0
+    start = torch.where(empty, torch.zeros_like(y0), (y0 - margin).clamp(min=0))
+    stop = torch.where(empty, torch.full_like(y1, height), (y1 + margin).clamp(max=height))
     rows = torch.arange(height, device=crops.device)  # (H,)
     kept = stop - start  # (B,)
     first = (height - kept) // 2 if recentre else start  # (B,) output row of the first kept row

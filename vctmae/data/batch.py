@@ -30,10 +30,6 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self, device: str | None = None) -> Batch:  # called by DataLoader's pin thread
-        boxes = None if self.boxes is None else self.boxes.pin_memory()
-        return Batch(self.crops.pin_memory(), self.labels.pin_memory(), self.keys, boxes)
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         boxes = None if self.boxes is None else self.boxes.to(device, non_blocking=non_blocking)
         return Batch(

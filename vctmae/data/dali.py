@@ -53,46 +53,6 @@ def _require_dali():
     return dali
 
 
-def _reader(
-    fn,
-    shards: Sequence[str],
-    *,
-    training: bool,
-    seed: int,
-    rank: int,
-    world_size: int,
-    shuffle_buffer: int,
-):
-    crop, label = fn.readers.webdataset(
-        paths=list(shards),
-        ext=[CROP_MEMBER, CLASS_MEMBER],
-        missing_component_behavior="empty",
-        name="reader",
-        shard_id=rank,
-        num_shards=world_size,
-        stick_to_shard=True,
-        pad_last_batch=not training,
-        random_shuffle=training,
-        initial_fill=max(1, shuffle_buffer),
-        seed=seed,
-    )
-    info = fn.pad(
-        fn.get_property(crop, key="source_info"), axes=[0], shape=[_INFO_BYTES], fill_value=0
-    )
-    label = fn.pad(label, axes=[0], shape=[_CLASS_BYTES], fill_value=0)
-    return fn.decoders.numpy(crop), label, info
-
-
-def _device_id(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.default_rng([seed, epoch]).integers(1 << 31))
-
-
 def _keys_and_labels(info: torch.Tensor, label: torch.Tensor) -> tuple[list[str], torch.Tensor]:
     keys = []
     for row in info.cpu().numpy():
@@ -126,7 +86,9 @@ def dali_batches(
     from nvidia.dali import fn
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    device_id = _device_id(device)
+    device_id = None
+    if device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
 
     @dali.pipeline_def(
         batch_size=batch_size,
@@ -135,15 +97,25 @@ def dali_batches(
         prefetch_queue_depth=max(2, prefetch),
     )
     def pipeline():
-        crops, label, info = _reader(
-            fn,
-            [index.path for index in indexes],
-            training=training,
-            seed=_epoch_seed(seed, epoch),
-            rank=rank,
-            world_size=world_size,
-            shuffle_buffer=shuffle_buffer,
+        crop, label = fn.readers.webdataset(
+            paths=[index.path for index in indexes],
+            ext=[CROP_MEMBER, CLASS_MEMBER],
+            missing_component_behavior="empty",
+            name="reader",
+            shard_id=rank,
+            num_shards=world_size,
+            stick_to_shard=True,
+            pad_last_batch=not training,
+            random_shuffle=training,
+            initial_fill=max(1, shuffle_buffer),
+            # Reseeded every epoch from (seed, epoch).
+            seed=int(np.random.default_rng([seed, epoch]).integers(1 << 31)),
         )
+        info = fn.pad(
+            fn.get_property(crop, key="source_info"), axes=[0], shape=[_INFO_BYTES], fill_value=0
+        )
+        label = fn.pad(label, axes=[0], shape=[_CLASS_BYTES], fill_value=0)
+        crops = fn.decoders.numpy(crop)
         return (crops.gpu() if device_id is not None else crops), label, info
 
     pipe = pipeline()

@@ -22,16 +22,6 @@ import torch
 from vctmae import clip
 from vctmae.clip import CROP_SIZE, FLIPS, NUM_FRAMES, STRIDE
 
-__all__ = [
-    "FrameSampler",
-    "check_crop_shape",
-    "mirror",
-    "multiview_offsets",
-    "offset_frames",
-    "random_offsets",
-    "sample_frames",
-]
-
 
 def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The paper's frames `crop[o + 6k]`, k < 16, as the model's input: float32 (B, 1, 16, H, W).
@@ -227,11 +217,7 @@ class FrameSampler:
             raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
         boxes = _needed_boxes(boxes, self.mode)
         extents = None if boxes is None else clip.extents_from_boxes(boxes.to(device))
-        shifts, valid = clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
-        if self.mode == "crop":
-            # Six real views for every sample, one column each.
-            return shifts[:, :STRIDE], valid[:, :STRIDE]
-        return shifts, valid
+        return clip.view_shift_table(self.mode, extents, batch_size=batch, device=device)
 
     def _volume_input(
         self, crops: torch.Tensor, flip: torch.Tensor | None

@@ -19,14 +19,13 @@ depend on `--workers` (0, 1, 2, … give identical epochs).
   once across ranks.
 - Training (training=True): the sequence is also rotated by a random amount, then
   every rank takes exactly M = ⌊N / (R·B)⌋ · B samples, so every rank yields the
-  same M/B full batches — DDP ranks never wait on a rank that ran out. The
-  N − R·M < R·B samples left over (drop_last) differ from epoch to epoch
+  same M/B full batches — DDP ranks never wait in an all-reduce on a rank that ran
+  out. The N − R·M < R·B samples left over (drop_last) differ from epoch to epoch
   because of the rotation. Each rank buffer-shuffles its slice's read order (a
   buffer of sample indexes, not decoded crops, so shuffling costs no memory),
   seeded by (seed, epoch, rank), before it is cut into batches.
-- DDP: in training every rank has the same len(loader), so no rank ever waits in
-  an all-reduce for a rank that ran out. In evaluation ranks may differ by one
-  batch: gather predictions at the end instead of stepping in lockstep.
+- In evaluation ranks may differ by one batch: gather predictions at the end
+  instead of stepping in lockstep.
 
 Hand-over. Worker processes persist across epochs (set_epoch reaches them through
 shared memory) and write crops into a per-worker ring of reused shared-memory
@@ -54,7 +53,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 import torch
@@ -135,22 +134,21 @@ def buffer_shuffle(ids: np.ndarray, buffer_size: int, rng: np.random.Generator) 
 # ----------------------------------------------------------------------------- worker side
 
 
+@dataclass(kw_only=True, eq=False)
 class _CropStream(IterableDataset):
     """Yields Batch objects of this (rank, worker)'s slice of the epoch plan."""
 
-    def __init__(
-        self,
-        indexes: list[ShardIndex],
-        *,
-        batch_size: int,
-        training: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        shuffle_buffer: int,
-        pin: bool,
-    ):
+    indexes: InitVar[list[ShardIndex]]
+    batch_size: int
+    training: bool
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+    shuffle_buffer: int
+    pin: bool
+
+    def __post_init__(self, indexes: list[ShardIndex]) -> None:
         self.paths = [index.path for index in indexes]
         self.sizes = [len(index) for index in indexes]
         self.shard_of = np.concatenate(
@@ -161,14 +159,6 @@ class _CropStream(IterableDataset):
         self.boxes = np.concatenate([index.boxes for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
         self.shape = indexes[0].shape
-        self.batch_size = batch_size
-        self.training = training
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.workers = workers
-        self.shuffle_buffer = shuffle_buffer
-        self.pin = pin
         self.ring: _BatchRing | None = None
         # Shared memory, so persistent worker processes see set_epoch() of the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -196,17 +186,6 @@ class _CropStream(IterableDataset):
         if self.training:
             ids = buffer_shuffle(ids, self.shuffle_buffer, _rng(self.seed, self.epoch, rank, 1))
         return [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
-
-    def batches_per_rank(self, rank: int) -> int:
-        parts = epoch_plan(
-            self.sizes,
-            world_size=self.world_size,
-            batch_size=self.batch_size,
-            training=self.training,
-            seed=self.seed,
-            epoch=0,
-        )
-        return -(-len(parts[rank]) // self.batch_size)
 
     def read_into(self, chunk: np.ndarray, out: np.ndarray, files: dict[int, int]) -> None:
         """Read the crops of samples `chunk` into the int16 array `out`, opening shards into
@@ -487,7 +466,7 @@ class ShardLoader:
                 f"of {self.world_size} rank(s); lower --batch-size or use fewer processes",
             )
         self._stream = _CropStream(
-            indexes,
+            indexes=indexes,
             batch_size=batch_size,
             training=training,
             seed=seed,
@@ -497,7 +476,8 @@ class ShardLoader:
             shuffle_buffer=shuffle_buffer,
             pin=self.device.type == "cuda" and num_workers == 0,
         )
-        self._length = self._stream.batches_per_rank(self.rank)
+        # Every epoch's plan has the same number of batches.
+        self._length = len(self._stream.plan(self.rank))
         if backend == "dali":
             from vctmae.data.dali import _require_dali, dali_length
 

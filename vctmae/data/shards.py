@@ -80,20 +80,17 @@ def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
-def shard_cache_dir() -> Path:
-    """Where remote shards are copied: $VCTMAE_SHARD_CACHE, else ~/.cache/vctmae/shards."""
-    configured = os.environ.get("VCTMAE_SHARD_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "vctmae" / "shards"
-
-
 def fetch_remote(url: str, cache_dir: Path | None = None) -> str:
     """A local copy of a remote shard (any URL webdataset's gopen opens: http(s), gs, pipe:…).
 
-    Fetched once and kept under `cache_dir`, named by the URL (a changed remote
-    file under the same URL is not noticed: clear the cache). The loader then
-    indexes and reads the local copy like any other shard.
+    Fetched once and kept under `cache_dir` (default $VCTMAE_SHARD_CACHE, else
+    ~/.cache/vctmae/shards), named by the URL (a changed remote file under the same URL is
+    not noticed: clear the cache). The loader then indexes and reads the local copy like any
+    other shard.
     """
-    cache_dir = cache_dir or shard_cache_dir()
+    if cache_dir is None:
+        configured = os.environ.get("VCTMAE_SHARD_CACHE")
+        cache_dir = Path(configured) if configured else Path.home() / ".cache/vctmae/shards"
     tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rsplit("/", 1)[-1])[-60:]
     local = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{tail}"
     if local.exists():
@@ -185,13 +182,6 @@ def parse_npy_header(head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return np.dtype(header["descr"]), tuple(header["shape"]), start + length
 
 
-def decode_npy(data: bytes | memoryview) -> np.ndarray:
-    """An .npy payload as an array viewing `data` (np.frombuffer: no copy)."""
-    dtype, shape, offset = parse_npy_header(bytes(data[:4096]))
-    count = int(np.prod(shape))
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- shard index
 
 
@@ -257,10 +247,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         raise ShardError(path, "no such file") from None
     except OSError as error:
         raise ShardError(path, f"cannot open ({error.strerror or error})") from None
-    crops: dict[str, tuple[int, int, str]] = {}  # key → (data offset, size, member name)
-    classes: dict[str, tuple[int, int]] = {}
-    metas: dict[str, tuple[int, int]] = {}
-    order: list[str] = []
+    # Each sample's members, in the order the keys first appear: key → {extension: (data
+    # offset, size, member name)}.
+    samples: dict[str, dict[str, tuple[int, int, str]]] = {}
     with handle:
         try:
             with tarfile.open(fileobj=handle, mode="r:") as tar:
@@ -272,14 +261,8 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"truncated: member {member.name} ends past the end of the file"
                         )
                     key, ext = split_member_name(member.name)
-                    if key not in crops and key not in classes:
-                        order.append(key)
-                    if ext == CROP_MEMBER:
-                        crops[key] = (member.offset_data, member.size, member.name)
-                    elif ext == CLASS_MEMBER:
-                        classes[key] = (member.offset_data, member.size)
-                    elif ext == META_MEMBER:
-                        metas[key] = (member.offset_data, member.size)
+                    found = samples.setdefault(key, {})
+                    found[ext] = (member.offset_data, member.size, member.name)
         except tarfile.TarError as error:
             raise ShardError(path, f"not a readable tar archive ({error})") from None
         except OSError as error:
@@ -292,11 +275,11 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
         skipped: list[str] = []
         shape: tuple[int, ...] | None = None
         fd = handle.fileno()
-        for key in order:
+        for key, found in samples.items():
             try:
-                if key not in crops:
+                if CROP_MEMBER not in found:
                     raise ShardError(path, f"sample {key} has no .{CROP_MEMBER}")
-                start, length, name = crops[key]
+                start, length, name = found[CROP_MEMBER]
                 head = os.pread(fd, min(length, 4096), start)
                 try:
                     dtype, sample_shape, header_length = parse_npy_header(head)
@@ -311,12 +294,10 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                 if shape is not None and sample_shape != shape:
                     raise ShardError(path, f"{name}: shape {sample_shape} differs from {shape}")
                 label = -1
-                if key in classes:
-                    text = (
-                        os.pread(fd, classes[key][1], classes[key][0])
-                        .decode("ascii", "replace")
-                        .strip()
-                    )
+                if CLASS_MEMBER in found:
+                    member_offset, member_size, _ = found[CLASS_MEMBER]
+                    raw = os.pread(fd, member_size, member_offset)
+                    text = raw.decode("ascii", "replace").strip()
                     if not text.lstrip("-").isdigit():
                         raise ShardError(
                             path, f"{key}.{CLASS_MEMBER}: not an integer class ({text!r})"
@@ -327,8 +308,9 @@ def index_shard(path: str, *, skip_corrupt: bool = False) -> ShardIndex:
                             path, f"{key}.{CLASS_MEMBER}: class {text} is out of range"
                         )
                 box, level = NO_BOX, None
-                if key in metas:
-                    box, level = _read_metadata(path, fd, key, *metas[key])
+                if META_MEMBER in found:
+                    member_offset, member_size, _ = found[META_MEMBER]
+                    box, level = _read_metadata(path, fd, key, member_offset, member_size)
             except ShardError as error:
                 if not skip_corrupt:
                     raise
@@ -502,12 +484,6 @@ def shard_label(shards: Sequence[str]) -> str:
     return f"{shards[0]} (+{len(shards) - 1} more shards)"
 
 
-def count_samples(shards: str | Sequence[str], *, skip_corrupt: bool = False) -> int:
-    """Number of samples (crops) in the shards."""
-    indexes, _ = index_shards(expand_shards(shards), skip_corrupt=skip_corrupt)
-    return sum(len(index) for index in indexes)
-
-
 def read_crop(fd: int, offset: int, out: np.ndarray) -> None:
     """Read one crop's raw int16 bytes at `offset` straight into `out` (C-contiguous)."""
     view = memoryview(out).cast("B")
@@ -526,4 +502,6 @@ def iter_raw(shards: Sequence[str]):
             for member in tar:
                 if member.isfile() and member.name.endswith("." + CROP_MEMBER):
                     data = tar.extractfile(member).read()
-                    yield split_member_name(member.name)[0], decode_npy(data)
+                    dtype, shape, offset = parse_npy_header(data[:4096])
+                    crop = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=offset)
+                    yield split_member_name(member.name)[0], crop.reshape(shape)

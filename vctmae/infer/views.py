@@ -86,7 +86,7 @@ def assess(
     from vctmae import clip
     from vctmae.data.frames import FrameSampler
     from vctmae.model.checkpoint import unwrap
-    from vctmae.model.explain import encode_with_attention
+    from vctmae.model.vit import encode_with_attention
 
     plain = unwrap(model)
     # A 3-D model reads the whole crop: one view (`FrameSampler.view_table`).

@@ -13,9 +13,6 @@ F × F with F = the frame size: 96 (the paper's format, no padding) or 224 (Tabl
 t·g² + row·g + col over the (8, g, g) grid of 2×16×16 tubes, g = F / 16 (6 or 14:
 288 or 1568 tokens); patch vector index (u, p, q) row-major = u*256 + p*16 + q (frame
 within the tube, row, column), matching the Conv3d weight (D, 1, 2, 16, 16).reshape(D, 512).
-
-The frame size follows `pos` when it is given (its L rows fix the grid), else the crops' own
-slice size, unless `frame_size` says otherwise.
 """
 
 from __future__ import annotations
@@ -30,8 +27,6 @@ from vctmae.clip import CROP_SIZE, NUM_FRAMES, clip_frames
 TUBE = 2
 PATCH = 16
 GRID_T = NUM_FRAMES // TUBE  # 8
-GRID_HW = CROP_SIZE // PATCH  # 6 for the paper's 96² frames
-NUM_TOKENS = GRID_T * GRID_HW * GRID_HW  # 288 for 96² frames
 PATCH_DIM = TUBE * PATCH * PATCH  # 512
 
 
@@ -40,6 +35,9 @@ def num_tokens(frame_size: int) -> int:
     if frame_size % PATCH:
         raise ValueError(f"frame size {frame_size} is not a multiple of the {PATCH}-pixel patch")
     return GRID_T * (frame_size // PATCH) ** 2
+
+
+NUM_TOKENS = num_tokens(CROP_SIZE)  # 288 for the paper's 96² frames
 
 
 def frame_size_of(

@@ -15,8 +15,7 @@ Geometry as constexprs: the crops' depth SLICES and slice size CROP (96 and 96 f
 ingest's crops; 16 for the trainers' pre-gathered clips), and the frame size FRAME
 (96, or 224 for Table 2 row 5). A frame larger than the slice holds it centred,
 padded with −1000 HU (0 after scaling): those voxels are masked loads, never read.
-With FRAME == CROP the padding test is compiled out and the 96 path is the code it
-always was.
+With FRAME == CROP the padding test is compiled out.
 
 Backward: grad_bias and grad_pos are reductions done in torch;
 grad_weight = Σ_r grad_out[r]ᵀ · patch[r] is a second kernel
@@ -40,6 +39,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -277,6 +277,43 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
     return precision == "bf16"
 
 
+def kernel_constexprs(
+    slices: int, crop: int, frame: int, *, has_keep: bool, dot_bf16: bool, cfg: LaunchConfig
+) -> dict[str, Any]:
+    """The constexpr arguments both kernels take: the crop and frame geometry, the HU window,
+    the variant flags and the tile sizes."""
+    return {
+        "SLICES": slices,
+        "CROP": crop,
+        "FRAME": frame,
+        **HU_CONSTEXPRS,
+        "HAS_KEEP": has_keep,
+        "DOT_BF16": dot_bf16,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+    }
+
+
+def _launch_options(
+    crops: torch.Tensor,
+    keep: torch.Tensor | None,
+    dot_bf16: bool,
+    frame_size: int,
+    cfg: LaunchConfig,
+) -> dict[str, Any]:
+    """The keyword arguments both launches share: `kernel_constexprs` and the launch options."""
+    constexprs = kernel_constexprs(
+        crops.shape[1],
+        crops.shape[2],
+        frame_size,
+        has_keep=keep is not None,
+        dot_bf16=dot_bf16,
+        cfg=cfg,
+    )
+    return {**constexprs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 def _launch_forward(
     crops, frames, keep, weight, bias, pos, dot_bf16: bool, frame_size: int
 ) -> torch.Tensor:
@@ -300,18 +337,8 @@ def _launch_forward(
         num_rows,
         n_keep,
         dim,
-        SLICES=crops.shape[1],
-        CROP=crops.shape[2],
-        FRAME=frame_size,
-        **HU_CONSTEXPRS,
-        HAS_KEEP=keep is not None,
         HAS_POS=pos is not None,
-        DOT_BF16=dot_bf16,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_launch_options(crops, keep, dot_bf16, frame_size, cfg),
     )
     return out
 
@@ -344,18 +371,8 @@ def _launch_grad_weight(
         num_rows,
         n_keep,
         dim,
-        SLICES=crops.shape[1],
-        CROP=crops.shape[2],
-        FRAME=frame_size,
-        **HU_CONSTEXPRS,
-        HAS_KEEP=keep is not None,
-        DOT_BF16=dot_bf16,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
         BLOCKS_PER_SPLIT=blocks_per_split,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_launch_options(crops, keep, dot_bf16, frame_size, cfg),
     )
     return partial[0] if splits == 1 else partial.sum(0)
 

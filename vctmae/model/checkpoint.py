@@ -422,10 +422,6 @@ def load_weights(
     return report
 
 
-# Keys a classifier has that an MAE's weights cannot provide.
-HEAD_PREFIXES = ("head.",)
-
-
 def load_init(model: VideoViT, path: str | Path, pos_init: PosInit = "crop") -> LoadReport:
     """Starting weights for training (`--init`): a vctmae `.safetensors` or a video `.pth`.
 
@@ -455,7 +451,8 @@ def load_init(model: VideoViT, path: str | Path, pos_init: PosInit = "crop") -> 
                 f"std {ours.input_std}; train with the same model settings as before"
             )
     report = load_weights(model, path)
-    missing = [key for key in report.missing if not key.startswith(HEAD_PREFIXES)]
+    # The classifier's head is what an MAE's weights cannot provide.
+    missing = [key for key in report.missing if not key.startswith("head.")]
     if missing:
         raise CheckpointError(
             f"{path}: not an encoder of this model — missing {missing[:5]} "
@@ -552,9 +549,6 @@ def save_model(model: VideoViT, path: str | Path, *, clip: ClipRule | None = Non
     return write_model(model_files(model, clip=clip), path)
 
 
-KINDS = ("mae", "classifier")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelDescription:
     """What the JSON beside a weights file says: the model kind, its config, and (classifiers
@@ -607,7 +601,7 @@ def read_model_description(path: str | Path) -> ModelDescription:
                 "model; use the description written with the weights"
             )
     kind = description.get("kind")
-    if kind not in KINDS:
+    if kind not in ("mae", "classifier"):
         raise CheckpointError(f"{description_path}: unknown model kind {kind!r}")
     try:
         config = ModelConfig.from_dict(description.get("config", {}))

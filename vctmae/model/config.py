@@ -60,23 +60,11 @@ class ModelConfig:
     input_kind: str = "clip"
 
     def __post_init__(self) -> None:
-        positive = {
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "decoder_embed_dim": self.decoder_embed_dim,
-            "decoder_num_heads": self.decoder_num_heads,
-            "frames": self.frames,
-            "t_patch": self.t_patch,
-            "patch": self.patch,
-            "img": self.img,
-            "in_chans": self.in_chans,
-            "pred_t_dim": self.pred_t_dim,
-            "num_classes": self.num_classes,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {value}")
+        # Every integer field is a count or a size: positive (the decoder may have no blocks).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and field.name != "decoder_depth" and value <= 0:
+                raise ValueError(f"ModelConfig.{field.name} must be positive, got {value}")
         if self.decoder_depth < 0:
             raise ValueError(f"ModelConfig.decoder_depth must be >= 0, got {self.decoder_depth}")
         if self.embed_dim % self.num_heads:
@@ -211,25 +199,18 @@ def vit_large() -> ModelConfig:
 
 
 def vit_base() -> ModelConfig:
-    """ViT-B/16 (86M encoder parameters)."""
-    return ModelConfig(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=4,
-        decoder_num_heads=16,
-    )
+    """ViT-B/16 (86M encoder parameters), with ViT-L's decoder."""
+    return dataclasses.replace(vit_large(), embed_dim=768, depth=12, num_heads=12)
 
 
 def vit_small() -> ModelConfig:
-    """ViT-S/16 (22M encoder parameters)."""
-    return ModelConfig(
+    """ViT-S/16 (22M encoder parameters), with a decoder 256 wide, 4 blocks, 8 heads."""
+    return dataclasses.replace(
+        vit_large(),
         embed_dim=384,
         depth=12,
         num_heads=6,
         decoder_embed_dim=256,
-        decoder_depth=4,
         decoder_num_heads=8,
     )
 
@@ -270,31 +251,12 @@ VOLUME_GEOMETRY: dict[str, Any] = {
 def mae3d_base() -> ModelConfig:
     """Table 3's "3D MAE" (paper App. B.2.4): MAE (He et al. 2022) with 3-D patches and positions,
     a ViT-B/16³ encoder (86M parameters) and MAE's own decoder (512 wide, 8 blocks, 16 heads)."""
-    return ModelConfig(
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        **VOLUME_GEOMETRY,
-    )
+    return dataclasses.replace(vit_base(), decoder_depth=8, **VOLUME_GEOMETRY)
 
 
 def mae3d_tiny() -> ModelConfig:
     """The 3-D MAE at `tiny`'s widths and input normalisation, for CPU demos and tests."""
-    tiny = vit_tiny()
-    return ModelConfig(
-        embed_dim=tiny.embed_dim,
-        depth=tiny.depth,
-        num_heads=tiny.num_heads,
-        decoder_embed_dim=tiny.decoder_embed_dim,
-        decoder_depth=tiny.decoder_depth,
-        decoder_num_heads=tiny.decoder_num_heads,
-        input_mean=tiny.input_mean,
-        input_std=tiny.input_std,
-        **VOLUME_GEOMETRY,
-    )
+    return dataclasses.replace(vit_tiny(), **VOLUME_GEOMETRY)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {

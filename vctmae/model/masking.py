@@ -28,13 +28,6 @@ def visible_count(num_tokens: int, mask_ratio: float) -> int:
     return int(num_tokens * (1 - mask_ratio))
 
 
-def draw_noise(
-    batch_size: int, num_tokens: int, *, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Uniform noise (B, L) whose argsort decides which tokens stay visible."""
-    return torch.rand(batch_size, num_tokens, device=device)
-
-
 def random_masking(noise: torch.Tensor, mask_ratio: float) -> Masking:
     """Keep the tokens with the smallest noise (B, L); the rest are masked."""
     batch_size, num_tokens = noise.shape

@@ -35,7 +35,7 @@ from torch import nn
 
 from vctmae.clip import clip_frames, volume_voxels
 from vctmae.model.config import ModelConfig, preset_config
-from vctmae.model.masking import draw_noise, gather_tokens, random_masking
+from vctmae.model.masking import gather_tokens, random_masking
 
 LAYER_NORM_EPS = 1e-6
 
@@ -339,6 +339,25 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def encode_with_attention(
+    model: VideoViT, crops: torch.Tensor, frames: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The encoder on crops (B, 96, 96, 96) at frame indices (B, 16), no masking: its output
+    (B, 1+L, D) and each block's attention probabilities, for the attention pictures.
+
+    The maps are one (B, heads, 1+L, 1+L) tensor per block (index 0 is the cls token, then
+    tokens t·36 + row·6 + col). Works for the MAE and the classifier alike (a classifier's
+    logits are `model.classify(output)`); the blocks' outputs are the same as the SDPA path's.
+    Gradients flow unless the caller uses `torch.no_grad()`.
+    """
+    hidden = model.with_cls(model.embed(crops, frames))  # (B, 1+L, D)
+    maps: list[torch.Tensor] = []
+    for block in model.blocks:
+        hidden, probabilities = block.forward_with_attention(hidden)  # (B, H, 1+L, 1+L)
+        maps.append(probabilities)
+    return hidden, maps
+
+
 # ----------------------------------------------------------------------------------------------
 # Masked autoencoder
 
@@ -438,7 +457,7 @@ class MaskedAutoencoder(VideoViT):
     def _noise(self, noise: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         expected = (batch, self.config.num_tokens)
         if noise is None:
-            return draw_noise(*expected, device=device)
+            return torch.rand(*expected, device=device)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise must be (B, L) = {expected}, got {tuple(noise.shape)}")
         return noise.to(device)

@@ -6,8 +6,9 @@ GPU. `compile_for_target(90)` runs Triton's real pipeline (TTIR → TTGIR →
 LLIR → PTX → cubin) for sm_90 on this machine. If ptxas is absent it stops
 at PTX (a mocked PTX version keeps Triton from asking ptxas for one).
 
-Run as `python -m vctmae.kernels.aot 80 90 [--ptx-only] [--fp32]` (prints JSON). It must not run
-under TRITON_INTERPRET=1: the kernels would then be interpreter objects.
+Run as `python tests/kernel_aot.py 80 90 [--ptx-only] [--fp32]` (prints JSON), as the kernel
+tests do. It must not run under TRITON_INTERPRET=1: the kernels would then be interpreter
+objects.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class KernelVariant:
     """One specialisation of a kernel: its name, argument types, constexpr values and launch options."""
 
@@ -28,13 +29,24 @@ class KernelVariant:
     kernel: str
     signature: dict[str, str]
     constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int
+    options: dict[str, int]  # num_warps, num_stages
 
 
 # Frame sizes the kernels are compiled for: the paper's 96² frames and Table 2 row 5's 224²
 # (the 96² slices padded); the crops are ingest's (96, 96, 96) either way.
 FRAME_SIZES = (96, 224)
+
+
+# The kernels' runtime arguments that are not fp32 pointers; every constexpr argument is typed
+# "constexpr".
+ARGUMENT_TYPES = {
+    "crops_ptr": "*i16",
+    "frames_ptr": "*i32",
+    "keep_ptr": "*i32",
+    "num_rows": "i32",
+    "n_keep": "i32",
+    "dim": "i32",
+}
 
 
 def kernel_variants(
@@ -44,70 +56,46 @@ def kernel_variants(
 
     `include_fp32` adds the fp32-dot check path (slow to compile: ~30 s a kernel on 2 cores).
     """
-    from vctmae.kernels.triton_patch_embed import (
-        HU_CONSTEXPRS,
-        forward_config,
-        grad_weight_config,
-    )
+    from vctmae.kernels import triton_patch_embed as kernels
 
-    fwd_cfg, bwd_cfg = forward_config(dim), grad_weight_config(dim)
-    fwd_signature = {
-        "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "weight_ptr": "*fp32",
-        "bias_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32",
-        "dim": "i32", "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr",
-        "HU_MIN": "constexpr", "HU_MAX": "constexpr", "PAD_HU": "constexpr", "HAS_KEEP": "constexpr", "HAS_POS": "constexpr", "DOT_BF16": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    }  # fmt: skip
-    bwd_signature = {
-        "crops_ptr": "*i16", "frames_ptr": "*i32", "keep_ptr": "*i32", "grad_ptr": "*fp32",
-        "partial_ptr": "*fp32", "num_rows": "i32", "n_keep": "i32", "dim": "i32",
-        "SLICES": "constexpr", "CROP": "constexpr", "FRAME": "constexpr", "HU_MIN": "constexpr",
-        "HU_MAX": "constexpr", "PAD_HU": "constexpr", "HAS_KEEP": "constexpr", "DOT_BF16": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_K": "constexpr", "BLOCKS_PER_SPLIT": "constexpr",
-    }  # fmt: skip
-    fwd_tiles = {"BLOCK_M": fwd_cfg.block_m, "BLOCK_N": fwd_cfg.block_n, "BLOCK_K": fwd_cfg.block_k}
-    bwd_tiles = {"BLOCK_M": bwd_cfg.block_m, "BLOCK_N": bwd_cfg.block_n, "BLOCK_K": bwd_cfg.block_k}
-    variants = []
+    def variant(kernel: str, name: str, cfg: Any, **constexprs: Any) -> KernelVariant:
+        arguments = getattr(kernels, kernel).arg_names
+        signature = {
+            arg: "constexpr" if arg in constexprs else ARGUMENT_TYPES.get(arg, "*fp32")
+            for arg in arguments
+        }
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return KernelVariant(name, kernel, signature, constexprs, options)
+
+    fwd_cfg, bwd_cfg = kernels.forward_config(dim), kernels.grad_weight_config(dim)
     forward_cases = [(True, True, True), (False, True, True)] + (
         [(False, False, False)] if include_fp32 else []
     )
     grad_cases = [(True, True)] + ([(False, False)] if include_fp32 else [])
+    variants = []
     for frame in frame_sizes:
-        geometry = {"SLICES": 96, "CROP": 96, "FRAME": frame, **HU_CONSTEXPRS}
         for keep, pos, bf16 in forward_cases:
+            dot = "bf16" if bf16 else "fp32"
+            constexprs = kernels.kernel_constexprs(
+                96, 96, frame, has_keep=keep, dot_bf16=bf16, cfg=fwd_cfg
+            )
+            name = f"forward frame={frame} keep={keep} pos={pos} dot={dot}"
             variants.append(
-                KernelVariant(
-                    name=f"forward frame={frame} keep={keep} pos={pos} "
-                    f"dot={'bf16' if bf16 else 'fp32'}",
-                    kernel="_patch_embed_fwd_kernel",
-                    signature=fwd_signature,
-                    constexprs={
-                        **geometry,
-                        "HAS_KEEP": keep,
-                        "HAS_POS": pos,
-                        "DOT_BF16": bf16,
-                        **fwd_tiles,
-                    },  # fmt: skip
-                    num_warps=fwd_cfg.num_warps,
-                    num_stages=fwd_cfg.num_stages,
-                )
+                variant("_patch_embed_fwd_kernel", name, fwd_cfg, **constexprs, HAS_POS=pos)
             )
         for keep, bf16 in grad_cases:
+            dot = "bf16" if bf16 else "fp32"
+            constexprs = kernels.kernel_constexprs(
+                96, 96, frame, has_keep=keep, dot_bf16=bf16, cfg=bwd_cfg
+            )
+            name = f"grad_weight frame={frame} keep={keep} dot={dot}"
             variants.append(
-                KernelVariant(
-                    name=f"grad_weight frame={frame} keep={keep} dot={'bf16' if bf16 else 'fp32'}",
-                    kernel="_patch_embed_grad_weight_kernel",
-                    signature=bwd_signature,
-                    constexprs={
-                        **geometry,
-                        "HAS_KEEP": keep,
-                        "DOT_BF16": bf16,
-                        "BLOCKS_PER_SPLIT": 4,
-                        **bwd_tiles,
-                    },  # fmt: skip
-                    num_warps=bwd_cfg.num_warps,
-                    num_stages=bwd_cfg.num_stages,
+                variant(
+                    "_patch_embed_grad_weight_kernel",
+                    name,
+                    bwd_cfg,
+                    **constexprs,
+                    BLOCKS_PER_SPLIT=4,
                 )
             )
     return variants
@@ -176,14 +164,13 @@ def compile_for_target(
         src = ASTSource(
             fn=fn, signature=dict(variant.signature), constexprs=dict(variant.constexprs)
         )
-        options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
         start = time.perf_counter()
         if full:
-            compiled = triton.compile(src, target=target, options=options)
+            compiled = triton.compile(src, target=target, options=dict(variant.options))
             asm = {k: v for k, v in compiled.asm.items() if k != "source"}
             shared = int(getattr(compiled.metadata, "shared", 0))
         else:
-            asm = _compile_to_ptx(src, target, options)
+            asm = _compile_to_ptx(src, target, dict(variant.options))
             shared = None
         ptx = asm.get("ptx", "")
         results.append(
