@@ -28,7 +28,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +253,7 @@ class Assembly:
                     "labels": [{"value": v, "voxels": n} for v, n in record.other_labels],
                 }
             )
-        result.skipped += [{"case": record.case, **s.to_json()} for s in record.skipped] + no_label
+        result.skipped += [{"case": record.case, **asdict(s)} for s in record.skipped] + no_label
         for sample in samples:
             entry = result.splits.setdefault(
                 sample.meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()}
