@@ -139,15 +139,22 @@ def _not_a_series(folder: Path) -> str:
 
 
 def _case(
-    case_id: str, ct: Path, seg: Path | None, src: Path, *, series: str | None = None
+    case_id: str,
+    ct: Path,
+    seg: Path | None,
+    root: Path,
+    *,
+    patient: str | None = None,
+    series: str | None = None,
 ) -> Case:
+    """A case whose file names are recorded relative to `root`; its patient is its id unless given."""
     return Case(
         case=case_id,
-        patient=case_id,
+        patient=patient or case_id,
         ct=ct,
         seg=seg,
-        ct_name=_display(ct, src),
-        seg_name=_display(seg, src) if seg is not None else "",
+        ct_name=_display(ct, root),
+        seg_name=_display(seg, root) if seg is not None else "",
         series=series,
     )
 
@@ -294,18 +301,9 @@ def read_pairs(
             continue
         ct, seg = root / ct_text, (root / seg_text if seg_text else None)
         case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
-        patient = (row.get("patient") or "").strip() or case_id
-        cases.append(
-            Case(
-                case=case_id,
-                patient=patient,
-                ct=ct,
-                seg=seg,
-                ct_name=_display(ct, root),
-                seg_name=_display(seg, root) if seg is not None else "",
-                series=(row.get("series") or "").strip() or None,
-            )
-        )
+        patient = (row.get("patient") or "").strip() or None
+        series = (row.get("series") or "").strip() or None
+        cases.append(_case(case_id, ct, seg, root, patient=patient, series=series))
     return cases, bad
 
 

@@ -56,7 +56,7 @@ from vctmae.ingest.config import GeometryConfig, IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.labels import assign_cases, read_labels
+from vctmae.ingest.labels import CaseAssignment, Labels, assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -83,17 +83,12 @@ def default_workers() -> int:
 # The output folder: created, locked against a second run.
 
 
-def _make_out(out: Path) -> None:
-    """Create `out` and its work folder."""
-    make_output_folder(out)
-    make_output_folder(out / WORK)
-
-
 @contextmanager
 def output_lock(out: Path):
     """Hold the lock on `out` (`vctmae.outlock`: freed on exit, never held by forked workers).
     A second run writing into the same `out` is refused."""
-    _make_out(out)
+    make_output_folder(out)
+    make_output_folder(out / WORK)
     with hold_output(out, "ingest"):
         yield
 
@@ -207,16 +202,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     if config.executor == "dask":
         workers = config.workers or default_workers()
-    settings = dict(
-        out=out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=config.geometry.spacing,
-        size=config.geometry.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
-    )
+    settings = _assembly_settings(config, config.geometry, labels, assignments, bad)
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
@@ -254,6 +240,26 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     )
     write_atomically(out / REPORT, _report_bytes(report))
     return report
+
+
+def _assembly_settings(
+    config: IngestConfig,
+    geometry: GeometryConfig,
+    labels: Labels | None,
+    assignments: dict[str, CaseAssignment],
+    bad: list[BadInput],
+) -> dict[str, Any]:
+    """The keyword arguments of every `Assembly` of a run (or merge)."""
+    return dict(
+        out=config.out,
+        formats=config.formats,
+        shard_size=config.shard_size,
+        spacing=geometry.spacing,
+        size=geometry.size,
+        labels=labels,
+        assignments=assignments,
+        bad=bad,
+    )
 
 
 def _extract_and_assemble(
@@ -469,16 +475,7 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
     assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
     entries = [(CaseRecord.read(path), path) for _, path in ordered]
     read = time.perf_counter()
-    settings = dict(
-        out=config.out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=geometry_config.spacing,
-        size=geometry_config.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
-    )
+    settings = _assembly_settings(config, geometry_config, labels, assignments, bad)
     with _progress(config.progress) as bar:
         for item in bad:
             error_line(bar, item.line())
