@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from helpers import reorient
 from scipy import ndimage
 
 from vctmae.ingest import geometry, sampling
@@ -22,7 +23,7 @@ from vctmae.ingest.geometry import (
     Skipped,
     VertebraCrop,
 )
-from vctmae.ingest.nifti import Volume, check_same_grid, reorient
+from vctmae.ingest.nifti import Volume, check_same_grid
 from vctmae.ingest.sampling import AIR_HU, INT16_MAX, INT16_MIN
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from helpers import load_ct, load_labels
+from helpers import load_ct, load_labels, reorient
 from test_dicom import FLIP_XY, small_volume, write_series
 from test_ingest_scale import use_totalsegmentator
 from test_train import SMALL_MODEL
@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
-from vctmae.ingest.nifti import Volume, reorient
+from vctmae.ingest.nifti import Volume
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import save_model
 from vctmae.predict.config import PredictConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import load_ct
+from helpers import load_ct, reorient
 from old_chain import crop_differences, whole_volume_crops
 from scipy import ndimage
 from test_ingest import tree_bytes
@@ -37,7 +37,7 @@ from vctmae.ingest.geometry import (
     label_census,
     memory_order,
 )
-from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels, reorient
+from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
 from vctmae.synth import SynthConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_ct, read_predictions
+from helpers import load_ct, read_predictions, reorient
 from sklearn import metrics as sk
 from test_dicom import write_series
 from test_ingest_scale import use_totalsegmentator
@@ -42,7 +42,6 @@ from vctmae.infer.threshold import (
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
-from vctmae.ingest.nifti import reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model

@@ -330,11 +330,3 @@ def oriented_view(volume: Volume, codes: str) -> Volume:
 def orientation_transform(volume: Volume, codes: str) -> np.ndarray:
     """nibabel orientation transform (3, 2) from `volume`'s storage axes to `codes`."""
     return ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(codes)))
-
-
-def reorient(volume: Volume, codes: str) -> Volume:
-    """The same volume with its voxels stored along axis codes `codes` (a C-order copy)."""
-    view = oriented_view(volume, codes)
-    if view is volume:
-        return volume
-    return replace(view, data=np.ascontiguousarray(view.data))
