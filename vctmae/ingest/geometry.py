@@ -1,69 +1,50 @@
 """Per-case geometry of ingest: one CT + label map → int16 vertebra crops in video order.
 
-Everything happens in world coordinates (NIfTI RAS+ mm: +x towards the
-patient's Right, +y Anterior, +z Superior), so the result does not depend on
-how a file stores its axes. Each crop is sampled directly from the source
-voxels on a grid defined in world mm (`vctmae.ingest.sampling`): the
-isotropic resampling, the rotation that aligns the crop with the spine and the
-cropping are one step, and memory stays flat however large the scan is.
+Everything happens in world coordinates (NIfTI RAS+ mm: +x towards the patient's Right,
++y Anterior, +z Superior), so the result does not depend on how a file stores its axes.
+Each crop is sampled directly from the source voxels on a grid defined in world mm
+(`vctmae.ingest.sampling`): resampling, alignment with the spine and cropping are one step.
 
-No whole-volume pass that the crops do not need (a clinical CT is ~80 M voxels):
-the CT is sampled in its stored dtype (int16, usually), and scl_slope/scl_inter
-are applied to the interpolated values — linear interpolation commutes with
-them; the label map is read once as stored, its voxel counts and bounding boxes
-taken in memory order. Both are seen along the crop's own axis order
-(`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
-is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
-one compiled loop), so every crop byte is what sampling a fully reoriented
-float copy gave (the tests compare the crops with that whole-volume way of cutting them,
-`tests/old_chain.py`).
+No whole-volume pass that the crops do not need (a clinical CT is ~80 M voxels): the CT is
+sampled in its stored dtype, its scl_slope/scl_inter applied to the interpolated values
+(linear interpolation commutes with them); the label map is counted and boxed once in
+memory order. Both are seen along the crop's own axis order (`SAMPLING_ORIENTATION`)
+through a strided view, no copy, and every crop byte is what sampling a fully reoriented
+float copy gave (the tests compare the crops with that whole-volume way, `tests/old_chain.py`).
 
 Video order of a crop:
     axis 0 = patient's left → right   (world +x)
     axis 1 = superior → inferior      (world −z, or the spine tangent when aligned)
     axis 2 = anterior → posterior     (world −y)
-The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid
-(the mean world position of its mask voxels).
+The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid (the
+mean world position of its mask voxels). Alignment "axis" keeps the scanner axes;
+"spline" ("auto" with ≥ 3 vertebrae) turns axis 1 onto the tangent of a smooth curve
+through the centroids of every vertebra present, fragments excepted (`spine_tangents`,
+`crop_frame`).
 
-Alignment: "axis" keeps the scanner axes. "spline" (what "auto" picks for a case
-with ≥ 3 vertebrae) fits a smooth curve through the centroids of every
-vertebra present, fragments excepted (`spine_tangents`), and turns axis 1 onto
-the curve's tangent at each vertebra; axis 0 is world +x made perpendicular to
-it (left → right as close to the scanner's as possible), axis 2 completes the
-frame (`crop_frame`, `crop_affine`).
+Skip rules, first match wins: level outside `levels`; fragment (mask volume <
+`min_fragment_mm3`, never written, even with `keep_truncated`); truncated (mask touches
+the first or last index of any storage axis).
 
-Skip rules, first match wins: level outside `levels`; fragment (mask volume
-< `min_fragment_mm3`, never written, even with `keep_truncated`); truncated
-(mask touches the first or last index of any storage axis).
+Label scheme auto-detection (`detect_label_scheme`) decides from the whole label set,
+never from any one value. Evidence: the labels of values 1–50 whose mask reaches
+`min_fragment_mm3` (all of them when none is that large); a value above 50 is a vertebra
+in no scheme, reported, never used to pick one.
+- VerSe fits when the evidence holds a VerSe vertebra (1–25, 28), no value VerSe never
+  uses (29–50), and each of VerSe's labels that only exists beside another has that
+  neighbour in the map (`VERSE_NEIGHBOURS`: T13 beside T12 or L1, L6 below L5, the sacrum
+  below L5 or L6, the coccyx below the sacrum).
+- TotalSegmentator v2 fits when the evidence holds one of its vertebrae (27 L5 … 50 C1).
+One scheme fits: that one. Both or neither, or a map of 1s only (a binary mask): the case
+fails, naming the values and `--label-scheme verse|totalseg`. Real maps are never
+ambiguous (TotalSegmentator's hold vertebrae above L4, VerSe's values 1–25); only maps
+cut down to a few vertebrae around T13, L4 or L5 need the flag.
 
-Label scheme auto-detection (`label_scheme="auto"`, `detect_label_scheme`) is
-decided from the whole label set, never from any one value, and names a level
-only under a scheme the set supports and the other does not. Evidence: the
-labels whose mask reaches `min_fragment_mm3` (a stray voxel or a speck can
-neither become a crop nor decide the scheme; all labels count when none is that
-large), of values 1–50 — a value above 50 is a vertebra in no scheme (an organ,
-a muscle, a stray blob): it is reported, never used to pick a scheme.
-- VerSe is supported when the evidence holds a VerSe vertebra (1–25, 28), no
-  value VerSe never uses (29–50: TotalSegmentator's vertebrae above L4), and
-  each of VerSe's labels that only exists beside another has that neighbour
-  somewhere in the map: T13 (28) beside T12 (19) or L1 (20), L6 (25) below
-  L5 (24), the sacrum (26) below L5 or L6, the coccyx (27) below the sacrum.
-- TotalSegmentator v2 is supported when the evidence holds one of its
-  vertebrae (27 L5 … 50 C1); its 1–26 are organs, sacrum and S1.
-One scheme supported: that one. Both (e.g. T12, T13 and L1 of VerSe, which
-TotalSegmentator reads as two organs and L4): the case fails, naming the values
-and `--label-scheme verse|totalseg`. Neither: the case fails, saying why each
-scheme does not fit. A map holding only the value 1 is a binary mask, not
-VerSe's C1: it fails the same way. A real TotalSegmentator map holds vertebrae
-above L4 (29–50), a real VerSe map values 1–25, so only maps cut down to a few
-vertebrae around T13, L4 or L5 need `--label-scheme`.
-
-Labels that are no vertebra in the chosen scheme are returned with their voxel
-counts (`CaseCrops.other_labels`, listed in the ingest report). A case fails
-(`IngestError`) when its map holds no vertebra of the chosen scheme, or only
-vertebra specks below `min_fragment_mm3` beside other labels that are not:
-its vertebrae would be lost for a reason none of the skip rules names (most
-likely the wrong scheme).
+Labels that are no vertebra in the chosen scheme are returned with their voxel counts
+(`CaseCrops.other_labels`, listed in the ingest report). A case fails (`IngestError`) when
+its map holds no vertebra of the scheme, or only vertebra specks below `min_fragment_mm3`
+beside substantial labels that are not: its vertebrae would be lost for a reason no skip
+rule names (most likely the wrong scheme).
 """
 
 from __future__ import annotations
@@ -268,17 +249,28 @@ def label_census(labels: Volume) -> LabelCensus:
     """Voxel count of every positive label value and the box around all labelled voxels, in
     one pass over the map in memory order.
 
-    Negative values (a few tools write them) are background, as 0 is. Only the
-    labelled voxels are counted (most of a scan is background, and bincount makes
-    a 64-bit copy of what it counts).
+    Negative values (a few tools write them) are background, as 0 is.
     """
     data, order = memory_order(labels.data)
-    counts: dict[int, int] = {}
     if data.size == 0:
         return LabelCensus(counts={}, region=None)
     if _compiled_labels(data):
-        return _compiled_census(data, order)
+        counts, low, high = label_pass.census(data)
+    else:
+        counts, low, high = _numpy_census(data)
+    if not counts:
+        return LabelCensus(counts={}, region=None)
+    region = [slice(0, 0)] * 3
+    for axis, stored in enumerate(order):
+        region[stored] = slice(int(low[axis]), int(high[axis]))
+    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+
+
+def _numpy_census(data: np.ndarray) -> tuple[dict[int, int], list, list]:
+    """`label_pass.census` with numpy, slab by slab: only the labelled voxels are counted
+    (most of a scan is background, and bincount makes a 64-bit copy of what it counts)."""
     rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
+    counts: dict[int, int] = {}
     low, high = [None] * 3, [None] * 3
     for start in range(0, data.shape[0], rows):
         chunk = data[start : start + rows]
@@ -302,29 +294,13 @@ def label_census(labels: Volume) -> LabelCensus:
             values, numbers = np.unique(labelled, return_counts=True)
         for value, number in zip(values.tolist(), numbers.tolist(), strict=True):
             counts[value] = counts.get(value, 0) + number
-    if not counts:
-        return LabelCensus(counts={}, region=None)
-    region = [slice(0, 0)] * 3
-    for axis, stored in enumerate(order):
-        region[stored] = slice(low[axis], high[axis])
-    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+    return counts, low, high
 
 
 def _compiled_labels(data: np.ndarray) -> bool:
     """Whether the compiled label passes take `data`: integers of one or two bytes (nearly
     every label map), when numba is present; the numpy passes take the rest."""
     return label_pass.available and data.dtype.kind in "iu" and data.dtype.itemsize <= 2
-
-
-def _compiled_census(data: np.ndarray, order: tuple[int, int, int]) -> LabelCensus:
-    """`label_census` of a memory-order view in one compiled pass (`label_pass.census`)."""
-    counts, low, high = label_pass.census(data)
-    if not counts:
-        return LabelCensus(counts={}, region=None)
-    region = [slice(0, 0)] * 3
-    for axis, stored in enumerate(order):
-        region[stored] = slice(int(low[axis]), int(high[axis]))
-    return LabelCensus(counts=counts, region=tuple(region))
 
 
 def label_counts(labels: Volume) -> dict[int, int]:
