@@ -1,20 +1,14 @@
-"""Extract step of `vctmae ingest`: one case → its crops and work files, and the executors that
-run it (in this process, a process pool, or a Dask cluster).
+"""Extract step of `vctmae ingest`: one case → its crops and work files, and the executors
+that run it (in this process, a process pool, or a Dask cluster).
 
-`extract_case(job)` runs wherever an executor puts it. It cuts the case
-(`geometry.extract_crops`), compresses each crop into its final Zarr chunk
-bytes, writes `NAME.crops` and then `NAME.json` (the `CaseRecord`, the "case
-finished" marker) into the work folder, each under a temporary name renamed
-when complete, and sends back an `Extracted`: the record and each crop's int16
-bytes, so that assembly neither decodes nor hashes a crop a second time. A rerun
-skips cases whose record matches the geometry settings and the source files
-(`finished_record`); a killed run loses at most the cases in flight.
+`extract_case(job)` cuts the case (`geometry.extract_crops`), compresses each crop into its
+final Zarr chunk bytes, writes `NAME.crops` and then `NAME.json` (the `CaseRecord`, the
+"case finished" marker) atomically, and sends back the record and each crop's int16 bytes,
+so that assembly neither decodes nor hashes a crop a second time.
 
-Executors (`InProcess`, `ProcessPool`, `DaskExecutor`) share one interface:
-`run(jobs, done)` calls `done(extracted)` in the calling thread as each case
-finishes, in any order, and a case whose worker dies is reported failed by
-itself (`worker_died`) while the others go on. Each keeps at most 2 × workers
-cases in flight, so memory does not grow with the number of cases.
+Executors share one interface: `run(jobs, done)` calls `done(extracted)` in the calling
+thread as each case finishes, in any order, keeping at most 2 × workers cases in flight; a
+case whose worker dies is reported failed by itself (`worker_died`) while the others go on.
 """
 
 from __future__ import annotations

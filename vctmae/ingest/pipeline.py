@@ -1,39 +1,25 @@
 """`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report.
 
-This module runs the two steps and says what happened; each step lives in its own module:
+This module runs the two steps and says what happened:
 
-1. **Extract** (`vctmae.ingest.extract`, parallel: a process pool, or a Dask
-   cluster with `--executor dask`). Each case is cut into crops in a worker,
-   which writes its work files into `OUT/.ingest-work/cases/` and sends back
-   its `CaseRecord` (`vctmae.ingest.records`) and crops. A rerun skips cases
-   already extracted with these settings from these files (`--force` redoes
-   them); a killed run loses at most the cases in flight.
-2. **Assemble** (`vctmae.ingest.assemble`, in this process, behind
-   extraction): each case, as soon as it and every case before it in sorted
-   case order are extracted, is streamed into the staged shards, Zarr store and
-   manifest, which are published into OUT as one set when the last case is in
-   (`vctmae.ingest.publish`: a journal whose rename is the commit point; a run
-   killed while publishing is completed by the next run). The order never
-   depends on which worker finished first, so the output bytes do not depend
-   on worker count, executor, timing or interruptions. A rerun with nothing to
-   extract and the same inputs leaves the published set alone ("up to date").
+1. **Extract** (`vctmae.ingest.extract`, in a process pool or a Dask cluster): each case is
+   cut into crops in a worker, which writes its work files into `OUT/.ingest-work/cases/`.
+   A rerun skips cases already extracted with these settings from these files (`--force`
+   redoes them); a killed run loses at most the cases in flight.
+2. **Assemble** (`vctmae.ingest.assemble`, in this process, behind extraction): each case,
+   as soon as it and every case before it in sorted case order are extracted, is streamed
+   into the staged outputs, published into OUT as one set when the last case is in
+   (`vctmae.ingest.publish`). The order never depends on which worker finished first, so
+   the output bytes do not depend on worker count, executor, timing or interruptions.
 
-Memory stays flat as cases grow: at most 2 × workers cases are in flight, and
-at most `BUFFERED_CASES` finished cases wait with their crops in memory for an
-earlier case to finish (beyond that, their crops are read back from the work
-files when their turn comes).
+Memory stays flat as cases grow: at most 2 × workers cases are in flight, and at most
+`BUFFERED_CASES` finished cases wait with their crops in memory for an earlier case
+(beyond that, their crops are read back from the work files when their turn comes).
 
-Workers die with the main process (`extract.ProcessPool`): a kill -9 of the
-main process must not leave workers running and holding its stdout. A full
-disk stops the run with one line (`OutOfSpaceError`) and leaves earlier
-outputs and finished cases as they were.
-
-`--part I/N` extracts every N-th case of the sorted case list (and assembles
-that part's own outputs); `run.json` in the part's work folder lists its cases.
-`--merge PART…` assembles the parts' case files into OUT exactly as a single run
-would, so the merged shards, manifest and Zarr store equal a full run's bytes.
-The work folder is a cache: delete it after a run to save disk (a later run then
-extracts again) — but keep the parts' work folders until they are merged.
+`--part I/N` extracts every N-th case of the sorted case list (`run.json` in the part's
+work folder lists them); `--merge PART…` assembles the parts' case files into OUT exactly
+as a single run would, byte for byte. The work folder is a cache: delete it after a run
+to save disk — but keep the parts' work folders until they are merged.
 """
 
 from __future__ import annotations

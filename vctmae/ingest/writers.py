@@ -50,6 +50,14 @@ MANIFEST_COLUMNS = (
     "truncated",
     "sha256",
 )
+# The Zarr group's index-aligned attributes, each from a field of the samples' metadata.
+ZARR_ATTRS = {
+    "keys": "key",
+    "splits": "split",
+    "levels": "level",
+    "cases": "case",
+    "patients": "patient",
+}
 SHARD_NAME = re.compile(r"^(train|val|test|unlabeled)-\d{6}\.tar$")
 # One codec for the Zarr chunks and the work files, so that workers compress each
 # crop once, in parallel, and assembly copies the bytes. zstd level 1 with byte
@@ -196,9 +204,7 @@ class ZarrWriter:
             self._chunks.mkdir()
         self._classes: list[int] = []
         self._grades: list[int] = []
-        self._attrs: dict[str, list[str]] = {
-            k: [] for k in ("keys", "splits", "levels", "cases", "patients")
-        }
+        self._attrs: dict[str, list[str]] = {name: [] for name in ZARR_ATTRS}
         # Each crop's vertebra mask box in crop indices (what `--frames mask` reads).
         self._bboxes: list[list[int]] = []
         self._check: dict[int, bytes] = {}
@@ -208,20 +214,9 @@ class ZarrWriter:
         return len(self._attrs["keys"])
 
     def write(
-        self,
-        index: int,
-        encoded: bytes,
-        *,
-        key: str,
-        split: str,
-        level: str,
-        case: str,
-        patient: str,
-        cls: int | None,
-        grade: int | None,
-        bbox: list[int],
+        self, index: int, encoded: bytes, meta: dict, cls: int | None, grade: int | None
     ) -> None:
-        """Store crop `index` from its `encode_crop` bytes."""
+        """Store crop `index` from its `encode_crop` bytes; `meta` is the sample's `KEY.json`."""
         if index != self.count:
             raise ValueError("ZarrWriter.write expects indices in order")
         chunk = self._chunks / "c" / str(index) / "0" / "0" / "0"
@@ -234,15 +229,9 @@ class ZarrWriter:
         self._last = (index, encoded)
         self._classes.append(-1 if cls is None else cls)
         self._grades.append(-1 if grade is None else grade)
-        self._bboxes.append([int(v) for v in bbox])
-        for name, value in (
-            ("keys", key),
-            ("splits", split),
-            ("levels", level),
-            ("cases", case),
-            ("patients", patient),
-        ):
-            self._attrs[name].append(value)
+        self._bboxes.append([int(v) for v in meta["bbox"]])
+        for name, key in ZARR_ATTRS.items():
+            self._attrs[name].append(meta[key])
 
     def close(self) -> None:
         from zarr.codecs import BloscCodec, BloscShuffle
