@@ -10,10 +10,8 @@ may carry a Genant grade 1–3 compression fracture (wedge, biconcave or crush
 loss of anterior/middle body height); the end vertebrae of a spine never do, and
 the field of view always cuts through them, so no whole vertebra is an end one.
 
-Public API: `write_phantoms` (the `vctmae synth` command, given a `SynthConfig`), `make_phantom` (one
-case in memory: arrays, affine, grades), `plan_cases`/`build_planned` (the
-cases `write_phantoms` writes), `write_phantom`, `phantom_images`,
-`label_rows`/`write_labels`.
+`write_phantoms` writes the cases of a `SynthConfig` (`vctmae synth`); `make_phantom` draws
+one case in memory.
 
 Every case is drawn on a grid aligned with RAS+ world axes, then stored in a
 varying axis order (RAS, LPS, PIR, …) with a varying, often anisotropic voxel
