@@ -93,14 +93,7 @@ def decode_crop(data: bytes, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(crop_codec().decode(data), dtype="<i2").reshape(tuple(shape))
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """Standard .npy file bytes of `array` (C order)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def npy_header(shape: Sequence[int], dtype: str = "<i2") -> bytes:
+def npy_header(shape: Sequence[int], dtype: str | np.dtype = "<i2") -> bytes:
     """The header `np.save` writes before a C-order array's bytes (format 1.0, 64-byte aligned)."""
     buffer = io.BytesIO()
     header = {
@@ -309,7 +302,8 @@ def write_shards(folder: Path, split: str, shards: Iterable[Iterable[Sample]]) -
     for samples in shards:
         for key, crop, label in samples:
             meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
-            members = [(CROP_MEMBER, npy_bytes(crop)), (META_MEMBER, json.dumps(meta).encode())]
+            npy = npy_header(crop.shape, crop.dtype) + np.ascontiguousarray(crop).tobytes()
+            members = [(CROP_MEMBER, npy), (META_MEMBER, json.dumps(meta).encode())]
             if label is not None:
                 members.append((CLASS_MEMBER, str(int(label)).encode()))
             writer.write(key, members)
