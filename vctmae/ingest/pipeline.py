@@ -198,9 +198,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
             result = _assemble_finished(
                 [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
             )
-        extracted = time.perf_counter()
-        timings["extract"] = 0.0
-        timings["assemble"] = extracted - discovered
+        timings.update(extract=0.0, assemble=time.perf_counter() - discovered)
     else:
         # Start the workers before the progress display starts its refresh thread (fork + threads).
         executor = make_executor(config.executor, workers, scheduler=config.scheduler)
@@ -214,18 +212,13 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
                 )
         finally:
             executor.close()
-        extracted = time.perf_counter()
-        timings["extract"] = seconds["extract"]
-        timings["assemble"] = seconds["assemble"]
+        timings.update(extract=seconds["extract"], assemble=seconds["assemble"])
         counts["crops"] = seconds["crops"]
     _write_run(config, cases, bad, labels is not None)
-    finished = time.perf_counter()
-    timings["total"] = finished - started
-    report = _report(
+    timings["total"] = time.perf_counter() - started
+    return _write_report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
     )
-    write_atomically(out / REPORT, _report_bytes(report))
-    return report
 
 
 def _assembly_settings(
@@ -470,7 +463,7 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
                 error_line(bar, record.error)
         result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
-    report = _report(
+    return _write_report(
         config,
         result,
         counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
@@ -482,17 +475,11 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
             "assemble": finished - read,
             "total": finished - started,
         },
+        merged_from=[str(d) for d in config.merge],
     )
-    report["merged_from"] = [str(d) for d in config.merge]
-    write_atomically(config.out / REPORT, _report_bytes(report))
-    return report
 
 
-def _report_bytes(report: dict[str, Any]) -> bytes:
-    return (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
-
-
-def _report(
+def _write_report(
     config: IngestConfig,
     result: AssemblyResult,
     *,
@@ -500,9 +487,11 @@ def _report(
     cases_seen: int,
     timings: dict[str, float],
     geometry: GeometryConfig | None = None,
+    merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Write OUT/ingest-report.json and return the report."""
     total = timings["total"]
-    return {
+    report = {
         "src": str(config.src) if config.src else None,
         "pairs": str(config.pairs) if config.pairs else None,
         "labels": str(config.labels) if config.labels else None,
@@ -541,6 +530,11 @@ def _report(
         else None,
         "written_per_s": round(result.samples / total, 3) if total > 0 else None,
     }
+    if merged_from is not None:
+        report["merged_from"] = merged_from
+    text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    write_atomically(config.out / REPORT, text.encode())
+    return report
 
 
 __all__ = ["IngestConfig", "run_ingest"]
