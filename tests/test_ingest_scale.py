@@ -32,6 +32,7 @@ from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
     GeometryConfig,
+    Skipped,
     extract_crops,
     label_boxes,
     label_census,
@@ -39,7 +40,7 @@ from vctmae.ingest.geometry import (
 )
 from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
+from vctmae.ingest.records import CaseRecord, CropRecord
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 
@@ -197,7 +198,7 @@ def test_case_record_json_round_trip(tmp_path):
         scheme="verse",
         other_labels=((60, 12),),
         crops=(crop,),
-        skipped=(SkippedVertebra(level="T12", reason="truncated: mask touches the scan border"),),
+        skipped=(Skipped(level="T12", reason="truncated: mask touches the scan border"),),
         seconds=1.5,
     )
     path = tmp_path / "r.json"

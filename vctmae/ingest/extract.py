@@ -36,7 +36,6 @@ from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.records import (
     CaseRecord,
     CropRecord,
-    SkippedVertebra,
     crops_file,
     geometry_settings,
     source_stats,
@@ -129,7 +128,7 @@ def extract_case(job: ExtractJob) -> Extracted:
             scheme=result.scheme,
             other_labels=tuple(sorted((v, n) for v, n in result.other_labels.items())),
             crops=tuple(crops),
-            skipped=tuple(SkippedVertebra(level=s.level, reason=s.reason) for s in result.skipped),
+            skipped=tuple(result.skipped),
         )
         raw = tuple(chunks)
     record = dataclasses.replace(record, seconds=round(time.perf_counter() - started, 3))

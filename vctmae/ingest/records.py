@@ -23,7 +23,7 @@ from typing import Any
 
 from vctmae.files import write_atomically
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.geometry import GeometryConfig
+from vctmae.ingest.geometry import GeometryConfig, Skipped
 
 # Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded;
 # 3: typed records, the DICOM series of a folder CT recorded; 4: a level is named only under
@@ -119,14 +119,6 @@ class CropRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SkippedVertebra:
-    """A vertebra of the label map that has no crop, and why (e.g. "truncated: …")."""
-
-    level: str
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class CaseRecord:
     """One extracted (or failed) case, as its work file `NAME.json` holds it.
 
@@ -149,7 +141,7 @@ class CaseRecord:
     # Label values that are no vertebra in `scheme`, with voxel counts, ascending.
     other_labels: tuple[tuple[int, int], ...] = ()
     crops: tuple[CropRecord, ...] = ()
-    skipped: tuple[SkippedVertebra, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
     seconds: float = 0.0
 
     @property
@@ -165,7 +157,7 @@ class CaseRecord:
                 CropRecord(**{name: _tuples(value) for name, value in crop.items()})
                 for crop in data.get("crops", ())
             ),
-            skipped=tuple(SkippedVertebra(**skip) for skip in data.get("skipped", ())),
+            skipped=tuple(Skipped(**skip) for skip in data.get("skipped", ())),
         )
 
     def write(self, path: Path) -> None:
