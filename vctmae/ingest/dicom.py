@@ -38,7 +38,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from vctmae.ingest.errors import IngestError
+from vctmae.ingest.errors import IngestError, error_detail
 from vctmae.ingest.nifti import Volume
 from vctmae.ingest.series import DicomSeries
 
@@ -110,11 +110,6 @@ def _has_dicom_prefix(path: Path) -> bool:
     return head[PREAMBLE_BYTES:] == DICOM_PREFIX
 
 
-def _detail(error: Exception) -> str:
-    """The error in one line (pydicom's messages can span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no details'}"
-
-
 def _numbers(folder: Path, path: Path, header, keyword: str, count: int) -> np.ndarray | None:
     """A multi-valued decimal element as floats; None when absent or empty."""
     value = header.get(keyword)
@@ -139,7 +134,7 @@ def _read_header(folder: Path, path: Path) -> _Slice | None:
     except Exception as error:
         # pydicom's parser raises many types for a corrupt file; all mean "cannot read".
         raise IngestError(
-            folder, f"{path.name}: unreadable DICOM file ({_detail(error)})"
+            folder, f"{path.name}: unreadable DICOM file ({error_detail(error)})"
         ) from None
     meta = header.file_meta
     if "TransferSyntaxUID" not in meta or "MediaStorageSOPClassUID" not in meta:
@@ -179,7 +174,7 @@ def _series_in(folder: Path) -> list[_Series]:
         try:
             is_dicom = _has_dicom_prefix(path)
         except OSError as error:
-            raise IngestError(folder, f"{path.name}: cannot read ({_detail(error)})") from None
+            raise IngestError(folder, f"{path.name}: cannot read ({error_detail(error)})") from None
         if is_dicom:
             header = _read_header(folder, path)
             if header is not None:
@@ -350,7 +345,7 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
             raise
         except Exception as error:
             raise IngestError(
-                folder, f"{header.path.name}: unreadable DICOM file ({_detail(error)})"
+                folder, f"{header.path.name}: unreadable DICOM file ({error_detail(error)})"
             ) from None
         syntax = dataset.file_meta.TransferSyntaxUID
         try:
@@ -361,7 +356,7 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
             encoding = f" compressed as {syntax.name}" if syntax.is_compressed else ""
             raise IngestError(
                 folder,
-                f"{header.path.name}: cannot read pixel data{encoding} ({_detail(error)})",
+                f"{header.path.name}: cannot read pixel data{encoding} ({error_detail(error)})",
             ) from None
         if stored.shape != hu.shape[1:]:
             raise IngestError(
