@@ -158,6 +158,11 @@ def test_label_census_and_boxes_equal_a_plain_pass(dtype, compiled, monkeypatch)
     assert census.counts == {int(v): int(n) for v, n in zip(values, counts, strict=True) if v > 0}
     expected = ndimage.find_objects(np.clip(data, 0, None).astype(np.int32), max_label=50)
     assert label_boxes(volume) == expected
+    assert census.boxes == expected
+    # Index sums: the numerators of each vertebra value's centroid, exact integers.
+    for value in range(1, 51):
+        want = [int(idx.sum()) for idx in np.nonzero(data == value)]
+        assert census.index_sums[value - 1].tolist() == want
     labelled = np.argwhere(data > 0)
     assert census.region == tuple(
         slice(int(lo), int(hi) + 1)

@@ -238,32 +238,61 @@ def memory_order(data: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class LabelCensus:
-    """What one pass over a label map finds: voxel counts, and where labels lie at all."""
+    """What one pass over a label map finds: voxel counts, where labels lie, and where each
+    vertebra value lies (storage axes)."""
 
     counts: dict[int, int]  # positive label value → voxels
-    # Bounding box of every labelled voxel, storage axes (None: nothing labelled).
+    # Bounding box of every labelled voxel (None: nothing labelled).
     region: tuple[slice, slice, slice] | None
+    # Per vertebra value 1 … 50, at index value − 1: the box of its voxels (None: absent),
+    # and the sums of their indices along each axis (the numerators of its centroid).
+    boxes: list[tuple[slice, ...] | None]
+    index_sums: np.ndarray  # (50, 3) int64
 
 
 def label_census(labels: Volume) -> LabelCensus:
-    """Voxel count of every positive label value and the box around all labelled voxels, in
-    one pass over the map in memory order.
+    """Voxel counts, the box around all labelled voxels, and each vertebra value's box and
+    index sums, in one pass over the map in memory order (two without numba).
 
     Negative values (a few tools write them) are background, as 0 is.
     """
     data, order = memory_order(labels.data)
+    top = LARGEST_VERTEBRA_VALUE
+    index_sums = np.zeros((top, 3), dtype=np.int64)
     if data.size == 0:
-        return LabelCensus(counts={}, region=None)
+        return LabelCensus(counts={}, region=None, boxes=[None] * top, index_sums=index_sums)
     if _compiled_labels(data):
-        counts, low, high = label_pass.census(data)
+        counts, found, sums = label_pass.label_stats(data, top)
+        boxes = [_stored_box(box, order) for box in found]
+        # Memory-order axis k is storage axis order[k].
+        index_sums[:, list(order)] = sums[1:]
+        region, boxes = boxes[0], boxes[1:]
     else:
         counts, low, high = _numpy_census(data)
-    if not counts:
-        return LabelCensus(counts={}, region=None)
-    region = [slice(0, 0)] * 3
-    for axis, stored in enumerate(order):
-        region[stored] = slice(int(low[axis]), int(high[axis]))
-    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+        region = None
+        if counts:
+            region = _stored_box(tuple(map(slice, low, high)), order)
+        boxes = label_boxes(labels, region)
+        for value, box in enumerate(boxes, start=1):
+            if box is not None:
+                indices = np.nonzero(labels.data[box] == value)
+                index_sums[value - 1] = [
+                    int(idx.sum()) + sl.start * idx.size
+                    for idx, sl in zip(indices, box, strict=True)
+                ]
+    return LabelCensus(
+        counts=dict(sorted(counts.items())), region=region, boxes=boxes, index_sums=index_sums
+    )
+
+
+def _stored_box(box: tuple[slice, ...] | None, order: tuple[int, int, int]):
+    """A box of the memory-order view (`memory_order`) as a box of the storage axes."""
+    if box is None:
+        return None
+    stored = [slice(0, 0)] * 3
+    for axis, extent in zip(order, box, strict=True):
+        stored[axis] = extent
+    return tuple(stored)
 
 
 def _numpy_census(data: np.ndarray) -> tuple[dict[int, int], list, list]:
@@ -331,7 +360,7 @@ def label_boxes(
         return [None] * LARGEST_VERTEBRA_VALUE
     data, order = memory_order(labels.data[region])
     if _compiled_labels(data):
-        found = label_pass.vertebra_boxes(data, LARGEST_VERTEBRA_VALUE)
+        found = label_pass.label_stats(data, LARGEST_VERTEBRA_VALUE)[1][1:]
     else:
         found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
     boxes: list[tuple[slice, ...] | None] = []
@@ -347,57 +376,46 @@ def label_boxes(
     return boxes
 
 
-def view_boxes(
-    boxes: list[tuple[slice, ...] | None], volume: Volume, codes: str
-) -> list[tuple[slice, ...] | None]:
-    """`boxes` of `volume`'s storage axes as boxes of `oriented_view(volume, codes)`."""
-    transform = orientation_transform(volume, codes)
-    shape = volume.data.shape
-    out: list[tuple[slice, ...] | None] = []
-    for box in boxes:
-        if box is None:
-            out.append(None)
-            continue
-        moved = [slice(0, 0)] * 3
-        for axis, (extent, (target, flip)) in enumerate(zip(box, transform, strict=True)):
-            n = shape[axis]
-            moved[int(target)] = slice(n - extent.stop, n - extent.start) if flip < 0 else extent
-        out.append(tuple(moved))
-    return out
+def find_vertebrae(labels: Volume, census: LabelCensus, scheme: str) -> list[_Vertebra]:
+    """Every vertebra of `scheme` in `census` (of `labels`), head → feet, with its box and
+    centroid along `SAMPLING_ORIENTATION` (the view crops are cut from); nothing is read again.
 
-
-def find_vertebrae(
-    labels: Volume, scheme: str, boxes: list[tuple[slice, ...] | None]
-) -> list[_Vertebra]:
-    """Every vertebra of `scheme` present in `labels`, head → feet.
-
-    `boxes` come from `label_boxes`; only each vertebra's box is read again.
+    The centroid is the mean index of the vertebra's voxels: the exact integer sum of their
+    indices along each axis of the view, over their count (as `np.mean` of the indices gives it).
     """
-    names = SCHEMES[scheme]
-    objects = boxes
+    view = oriented_view(labels, SAMPLING_ORIENTATION)
+    transform = orientation_transform(labels, SAMPLING_ORIENTATION)
     shape = labels.data.shape
     found = []
-    for value, level in names.items():
-        box = objects[value - 1]
+    for value, level in SCHEMES[scheme].items():
+        box = census.boxes[value - 1]
         if box is None:
             continue
-        # A copy of the box only: `labels` may be a strided view of the stored map.
-        indices = np.nonzero(np.ascontiguousarray(labels.data[box]) == value)
-        count = indices[0].size
-        centroid_index = np.array(
-            [idx.mean() + sl.start for idx, sl in zip(indices, box, strict=True)]
-        )
+        count = census.counts[value]
+        moved = [slice(0, 0)] * 3
+        centroid_index = np.zeros(3)
+        for axis, (extent, (target, flip)) in enumerate(zip(box, transform, strict=True)):
+            total = int(census.index_sums[value - 1, axis])
+            if flip < 0:
+                # Index i of this storage axis is n − 1 − i along the view.
+                start, stop = shape[axis] - extent.stop, shape[axis] - extent.start
+                local = count * (extent.stop - 1) - total
+            else:
+                start, stop = extent.start, extent.stop
+                local = total - extent.start * count
+            moved[int(target)] = slice(start, stop)
+            centroid_index[int(target)] = local / count + start
         # The affine is linear, so the world centroid is the affine of the index centroid.
-        centroid_world = labels.affine[:3, :3] @ centroid_index + labels.affine[:3, 3]
+        centroid_world = view.affine[:3, :3] @ centroid_index + view.affine[:3, 3]
         truncated = any(sl.start == 0 or sl.stop == n for sl, n in zip(box, shape, strict=True))
         found.append(
             _Vertebra(
                 level=level,
                 label_value=value,
                 centroid_world=centroid_world,
-                volume_mm3=count * labels.voxel_volume_mm3,
+                volume_mm3=count * view.voxel_volume_mm3,
                 truncated=truncated,
-                box=box,
+                box=tuple(moved),
             )
         )
     found.sort(key=lambda v: level_index(v.level))
@@ -574,11 +592,11 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
     check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    # Counts and boxes from the stored map in memory order; then both volumes are seen
-    # along the sampling order (views, no copy).
+    # Counts, boxes and centroids from the stored map in memory order; then both volumes are
+    # seen along the sampling order (views, no copy).
     census = label_census(labels)
     counts = census.counts
-    boxes = view_boxes(label_boxes(labels, census.region), labels, SAMPLING_ORIENTATION)
+    stored_labels = labels
     ct, labels = (
         oriented_view(ct, SAMPLING_ORIENTATION),
         oriented_view(labels, SAMPLING_ORIENTATION),
@@ -596,7 +614,7 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
         scheme = config.label_scheme
     names = SCHEMES[scheme]
     other_labels = {value: n for value, n in counts.items() if value not in names}
-    vertebrae = find_vertebrae(labels, scheme, boxes)
+    vertebrae = find_vertebrae(stored_labels, census, scheme)
     if not vertebrae:
         found = f" (it holds {_values_text(other_labels)})" if other_labels else ""
         raise IngestError(
