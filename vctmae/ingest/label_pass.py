@@ -33,6 +33,12 @@ if numba is not None:
         n0, n1, n2 = data.shape
         for a in range(n0):
             for b in range(n1):
+                # Most rows hold no label: a plain scan (vectorised) tells so at memory speed.
+                labelled = False
+                for c in range(n2):
+                    labelled |= data[a, b, c] > 0
+                if not labelled:
+                    continue
                 c = 0
                 while c < n2:
                     value = data[a, b, c]
