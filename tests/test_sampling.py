@@ -83,19 +83,21 @@ def test_crops_beyond_the_volume_and_read_only_sources_sample_as_map_coordinates
     # the volume (every side) and a read-only source (a file's voxels used in place) must
     # still give map_coordinates' bytes.
     rng = np.random.default_rng(5)
-    data = rng.integers(-1100, 2500, size=(26, 24, 22)).astype(np.int16)
-    data.flags.writeable = False
-    for axis in range(3):
-        for side in (-1, 1):
-            to_voxel = random_affine(rng, data.shape)
-            shift = np.zeros(3)
-            shift[axis] = side * (data.shape[axis] + 2 * SIZE)
-            to_voxel[:3, 3] += shift
-            got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, 1.0, 0.0, False)
-            want, want_inside = scipy_ct(data, to_voxel, 1.0, 0.0, False)
-            assert not want_inside.any()
-            np.testing.assert_array_equal(got, want)
-            np.testing.assert_array_equal(got_inside, want_inside)
+    stored = rng.integers(-1100, 2500, size=(26, 24, 22)).astype(np.int16)
+    # C order (copied before sampling) and NIfTI's order, first axis fastest (read in place).
+    for data in (stored, np.asfortranarray(stored)):
+        data.flags.writeable = False
+        for axis in range(3):
+            for side in (-1, 1):
+                to_voxel = random_affine(rng, data.shape)
+                shift = np.zeros(3)
+                shift[axis] = side * (data.shape[axis] + 2 * SIZE)
+                to_voxel[:3, 3] += shift
+                got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, 1.0, 0.0, False)
+                want, want_inside = scipy_ct(data, to_voxel, 1.0, 0.0, False)
+                assert not want_inside.any()
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(got_inside, want_inside)
 
 
 def test_compiled_label_sampler_equals_map_coordinates_even_at_half_voxels():
