@@ -57,13 +57,17 @@ def volumes(rng: np.random.Generator):
 def test_compiled_ct_sampler_equals_map_coordinates(scaled):
     rng = np.random.default_rng(7 + scaled)
     slope, intercept = (1.25, -1024.5) if scaled else (1.0, 0.0)
-    compared = outside = 0
+    compared = outside = interior = 0
     for data in volumes(rng):
         # An axis-aligned grid whose first and last coordinates lie exactly half a voxel
         # outside the outer voxel centres (inside, by the rule) and one beyond (outside).
         edge = np.eye(4)
         edge[:3, 3] = [-0.5, data.shape[1] - SIZE + 0.5, -1.5]
-        for to_voxel in [edge] + [random_affine(rng, data.shape) for _ in range(6)]:
+        # A small rotated grid around the centre: every neighbour it reads lies inside.
+        inner = random_affine(rng, data.shape)
+        inner[:3, :3] *= 0.4 / np.abs(inner[:3, :3]).sum(axis=0).max()
+        inner[:3, 3] = (np.array(data.shape) - 1) / 2 - inner[:3, :3] @ np.full(3, (SIZE - 1) / 2)
+        for to_voxel in [edge, inner] + [random_affine(rng, data.shape) for _ in range(6)]:
             got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, slope, intercept, scaled)
             want, want_inside = scipy_ct(data, to_voxel, slope, intercept, scaled)
             assert got.dtype == np.int16 and got.shape == (SIZE,) * 3
@@ -71,8 +75,11 @@ def test_compiled_ct_sampler_equals_map_coordinates(scaled):
             np.testing.assert_array_equal(got_inside, want_inside)
             compared += got.size
             outside += int((~want_inside).sum())
-    # The grids reached outside the volume, where the clamping and the air value matter.
+            interior += int(want_inside.all())
+    # The grids reached outside the volume, where the clamping and the air value matter, and
+    # some lay wholly inside it, where no index is clamped.
     assert outside > 0.05 * compared
+    assert interior >= 4
     # The reference path (scipy on the block the crop reads) is the same rule.
     ref, ref_inside = sampling.reference_ct(data, to_voxel, SIZE, slope, intercept, scaled)
     np.testing.assert_array_equal(ref, want)
