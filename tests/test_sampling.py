@@ -50,6 +50,7 @@ def volumes(rng: np.random.Generator):
     yield base
     yield np.asfortranarray(base)[::-1, :, ::-1]
     yield base.transpose(2, 0, 1)[:, ::-1]
+    yield base.transpose(0, 2, 1)  # axis 1 fastest in memory: sampled from a copy
     yield (base.astype(np.float32) * 0.37 + rng.normal(size=base.shape).astype(np.float32))
 
 
@@ -116,7 +117,8 @@ def test_compiled_label_sampler_equals_map_coordinates_even_at_half_voxels():
     half = np.eye(4)
     half[:3, 3] = [0.5, -1.5, 2.5]
     affines.append(half)
-    for view in (labels, labels[::-1, :, ::-1].transpose(1, 0, 2)):
+    # C order (crop axis 2 innermost), a flipped transposed view and NIfTI order (axis 0).
+    for view in (labels, labels[::-1, :, ::-1].transpose(1, 0, 2), np.asfortranarray(labels)):
         for to_voxel in affines:
             coords = sampling.crop_coordinates(to_voxel, SIZE)[(slice(None), *window)]
             want = ndimage.map_coordinates(view, coords, order=0, mode="nearest")
