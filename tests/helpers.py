@@ -29,7 +29,7 @@ from vctmae.cli import app
 from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
-from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
+from vctmae.ingest.nifti import Volume, oriented_view, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
 from vctmae.train.config import PretrainConfig, RunOptions
 
@@ -43,6 +43,14 @@ def load_ct(path: str | Path) -> Volume:
     if stored.intercept != 0.0:
         data += np.float32(stored.intercept)
     return Volume(path=stored.path, data=data, affine=stored.affine)
+
+
+def reorient(volume: Volume, codes: str) -> Volume:
+    """The same volume with its voxels stored along axis codes `codes` (a C-order copy)."""
+    view = oriented_view(volume, codes)
+    if view is volume:
+        return volume
+    return replace(view, data=np.ascontiguousarray(view.data))
 
 
 def load_labels(path: str | Path) -> Volume:

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_series import FLIP_XY, make_uid, small_volume, write_series
-from helpers import load_ct, load_labels
+from helpers import load_ct, load_labels, reorient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -29,7 +29,7 @@ from vctmae.errors import VctmaeError
 from vctmae.ingest.dicom import is_dicom_series_folder, load_dicom_ct
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import GeometryConfig, extract_crops
-from vctmae.ingest.nifti import Volume, reorient
+from vctmae.ingest.nifti import Volume
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 

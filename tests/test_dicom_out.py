@@ -25,12 +25,12 @@ import pydicom
 import pytest
 import torch
 from dicom_series import FLIP_XY, small_volume, write_series
-from helpers import SMALL_MODEL, load_ct, load_labels, use_totalsegmentator
+from helpers import SMALL_MODEL, load_ct, load_labels, reorient, use_totalsegmentator
 from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
-from vctmae.ingest.nifti import Volume, reorient
+from vctmae.ingest.nifti import Volume
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import save_model
 from vctmae.predict.config import PredictConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import load_ct, tree_bytes, use_totalsegmentator
+from helpers import load_ct, reorient, tree_bytes, use_totalsegmentator
 from scipy import ndimage
 from typer.testing import CliRunner
 from whole_volume_chain import crop_differences, whole_volume_crops
@@ -30,14 +30,15 @@ from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.geometry import (
     GeometryConfig,
+    Skipped,
     extract_crops,
     label_boxes,
     label_census,
     memory_order,
 )
-from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels, reorient
+from vctmae.ingest.nifti import Volume, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
-from vctmae.ingest.records import CaseRecord, CropRecord, SkippedVertebra
+from vctmae.ingest.records import CaseRecord, CropRecord
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 
@@ -155,6 +156,11 @@ def test_label_census_and_boxes_equal_a_plain_pass(dtype, compiled, monkeypatch)
     assert census.counts == {int(v): int(n) for v, n in zip(values, counts, strict=True) if v > 0}
     expected = ndimage.find_objects(np.clip(data, 0, None).astype(np.int32), max_label=50)
     assert label_boxes(volume) == expected
+    assert census.boxes == expected
+    # Index sums: the numerators of each vertebra value's centroid, exact integers.
+    for value in range(1, 51):
+        want = [int(idx.sum()) for idx in np.nonzero(data == value)]
+        assert census.index_sums[value - 1].tolist() == want
     labelled = np.argwhere(data > 0)
     assert census.region == tuple(
         slice(int(lo), int(hi) + 1)
@@ -195,7 +201,7 @@ def test_case_record_json_round_trip(tmp_path):
         scheme="verse",
         other_labels=((60, 12),),
         crops=(crop,),
-        skipped=(SkippedVertebra(level="T12", reason="truncated: mask touches the scan border"),),
+        skipped=(Skipped(level="T12", reason="truncated: mask touches the scan border"),),
         seconds=1.5,
     )
     path = tmp_path / "r.json"

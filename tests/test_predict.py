@@ -27,6 +27,7 @@ from helpers import (
     load_ct,
     predict_config,
     read_predictions,
+    reorient,
     use_totalsegmentator,
     write_split,
 )
@@ -51,7 +52,6 @@ from vctmae.infer.threshold import (
 from vctmae.ingest.discover import Case
 from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.levels import VERSE, parse_levels
-from vctmae.ingest.nifti import reorient
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model

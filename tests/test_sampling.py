@@ -50,6 +50,7 @@ def volumes(rng: np.random.Generator):
     yield base
     yield np.asfortranarray(base)[::-1, :, ::-1]
     yield base.transpose(2, 0, 1)[:, ::-1]
+    yield base.transpose(0, 2, 1)  # axis 1 fastest in memory: sampled from a copy
     yield (base.astype(np.float32) * 0.37 + rng.normal(size=base.shape).astype(np.float32))
 
 
@@ -57,13 +58,17 @@ def volumes(rng: np.random.Generator):
 def test_compiled_ct_sampler_equals_map_coordinates(scaled):
     rng = np.random.default_rng(7 + scaled)
     slope, intercept = (1.25, -1024.5) if scaled else (1.0, 0.0)
-    compared = outside = 0
+    compared = outside = interior = 0
     for data in volumes(rng):
         # An axis-aligned grid whose first and last coordinates lie exactly half a voxel
         # outside the outer voxel centres (inside, by the rule) and one beyond (outside).
         edge = np.eye(4)
         edge[:3, 3] = [-0.5, data.shape[1] - SIZE + 0.5, -1.5]
-        for to_voxel in [edge] + [random_affine(rng, data.shape) for _ in range(6)]:
+        # A small rotated grid around the centre: every neighbour it reads lies inside.
+        inner = random_affine(rng, data.shape)
+        inner[:3, :3] *= 0.4 / np.abs(inner[:3, :3]).sum(axis=0).max()
+        inner[:3, 3] = (np.array(data.shape) - 1) / 2 - inner[:3, :3] @ np.full(3, (SIZE - 1) / 2)
+        for to_voxel in [edge, inner] + [random_affine(rng, data.shape) for _ in range(6)]:
             got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, slope, intercept, scaled)
             want, want_inside = scipy_ct(data, to_voxel, slope, intercept, scaled)
             assert got.dtype == np.int16 and got.shape == (SIZE,) * 3
@@ -71,8 +76,11 @@ def test_compiled_ct_sampler_equals_map_coordinates(scaled):
             np.testing.assert_array_equal(got_inside, want_inside)
             compared += got.size
             outside += int((~want_inside).sum())
-    # The grids reached outside the volume, where the clamping and the air value matter.
+            interior += int(want_inside.all())
+    # The grids reached outside the volume, where the clamping and the air value matter, and
+    # some lay wholly inside it, where no index is clamped.
     assert outside > 0.05 * compared
+    assert interior >= 4
     # The reference path (scipy on the block the crop reads) is the same rule.
     ref, ref_inside = sampling.reference_ct(data, to_voxel, SIZE, slope, intercept, scaled)
     np.testing.assert_array_equal(ref, want)
@@ -83,19 +91,21 @@ def test_crops_beyond_the_volume_and_read_only_sources_sample_as_map_coordinates
     # the volume (every side) and a read-only source (a file's voxels used in place) must
     # still give map_coordinates' bytes.
     rng = np.random.default_rng(5)
-    data = rng.integers(-1100, 2500, size=(26, 24, 22)).astype(np.int16)
-    data.flags.writeable = False
-    for axis in range(3):
-        for side in (-1, 1):
-            to_voxel = random_affine(rng, data.shape)
-            shift = np.zeros(3)
-            shift[axis] = side * (data.shape[axis] + 2 * SIZE)
-            to_voxel[:3, 3] += shift
-            got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, 1.0, 0.0, False)
-            want, want_inside = scipy_ct(data, to_voxel, 1.0, 0.0, False)
-            assert not want_inside.any()
-            np.testing.assert_array_equal(got, want)
-            np.testing.assert_array_equal(got_inside, want_inside)
+    stored = rng.integers(-1100, 2500, size=(26, 24, 22)).astype(np.int16)
+    # C order (copied before sampling) and NIfTI's order, first axis fastest (read in place).
+    for data in (stored, np.asfortranarray(stored)):
+        data.flags.writeable = False
+        for axis in range(3):
+            for side in (-1, 1):
+                to_voxel = random_affine(rng, data.shape)
+                shift = np.zeros(3)
+                shift[axis] = side * (data.shape[axis] + 2 * SIZE)
+                to_voxel[:3, 3] += shift
+                got, got_inside = sampling.sample_ct(data, to_voxel, SIZE, 1.0, 0.0, False)
+                want, want_inside = scipy_ct(data, to_voxel, 1.0, 0.0, False)
+                assert not want_inside.any()
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(got_inside, want_inside)
 
 
 def test_compiled_label_sampler_equals_map_coordinates_even_at_half_voxels():
@@ -107,7 +117,8 @@ def test_compiled_label_sampler_equals_map_coordinates_even_at_half_voxels():
     half = np.eye(4)
     half[:3, 3] = [0.5, -1.5, 2.5]
     affines.append(half)
-    for view in (labels, labels[::-1, :, ::-1].transpose(1, 0, 2)):
+    # C order (crop axis 2 innermost), a flipped transposed view and NIfTI order (axis 0).
+    for view in (labels, labels[::-1, :, ::-1].transpose(1, 0, 2), np.asfortranarray(labels)):
         for to_voxel in affines:
             coords = sampling.crop_coordinates(to_voxel, SIZE)[(slice(None), *window)]
             want = ndimage.map_coordinates(view, coords, order=0, mode="nearest")

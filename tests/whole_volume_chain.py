@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from helpers import reorient
 from scipy import ndimage
 
 from vctmae.ingest import geometry, sampling
@@ -22,7 +23,7 @@ from vctmae.ingest.geometry import (
     Skipped,
     VertebraCrop,
 )
-from vctmae.ingest.nifti import Volume, check_same_grid, reorient
+from vctmae.ingest.nifti import Volume, check_same_grid
 from vctmae.ingest.sampling import AIR_HU, INT16_MAX, INT16_MIN
 
 
@@ -89,6 +90,34 @@ def _old_cut(ct: Volume, labels: Volume, vertebra, tangent, config: GeometryConf
     )
 
 
+def _old_find_vertebrae(labels: Volume, scheme: str, boxes: list) -> list:
+    """Every vertebra of `scheme` in the reoriented `labels`, head → feet: each one's voxels
+    found again in its box, its centroid their mean index."""
+    found = []
+    for value, level in SCHEMES[scheme].items():
+        box = boxes[value - 1]
+        if box is None:
+            continue
+        indices = np.nonzero(labels.data[box] == value)
+        centroid_index = np.array(
+            [idx.mean() + sl.start for idx, sl in zip(indices, box, strict=True)]
+        )
+        truncated = any(
+            sl.start == 0 or sl.stop == n for sl, n in zip(box, labels.data.shape, strict=True)
+        )
+        found.append(
+            geometry._Vertebra(
+                level=level,
+                label_value=value,
+                centroid_world=labels.affine[:3, :3] @ centroid_index + labels.affine[:3, 3],
+                volume_mm3=indices[0].size * labels.voxel_volume_mm3,
+                truncated=truncated,
+                box=box,
+            )
+        )
+    return sorted(found, key=lambda v: geometry.level_index(v.level))
+
+
 def whole_volume_crops(
     ct_path: Path, seg_path: Path, config: GeometryConfig = GeometryConfig()
 ) -> CaseCrops:
@@ -104,7 +133,7 @@ def whole_volume_crops(
         scheme = geometry.detect_label_scheme(volumes, min_volume_mm3=config.min_fragment_mm3)
     else:
         scheme = config.label_scheme
-    vertebrae = geometry.find_vertebrae(labels, scheme, boxes)
+    vertebrae = _old_find_vertebrae(labels, scheme, boxes)
     on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
     align = config.align
     if align == "auto":

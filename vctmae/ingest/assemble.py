@@ -1,23 +1,16 @@
 """Assemble step of `vctmae ingest`: case records, in case order, → shards, Zarr store, manifest.
 
-An `Assembly` takes the cases one at a time, always in the run's sorted case
-order, and streams their samples into `OUT/.ingest-work/staging/`: the
-WebDataset shards, the Zarr store and the manifest (`vctmae.ingest.writers`).
-The run feeds it while extraction is still going on — each case as soon as it
-and every case before it are extracted — so assembly runs behind extraction
-instead of after it. Since it sees the same records in the same order whatever
-the worker count, executor, timing or interruptions, the output bytes depend
-only on the inputs and flags (Blosc compresses single-threaded: its
-multi-threaded output differs with the thread count). `finish` then publishes
-the staged set into `OUT` as one step (`vctmae.ingest.publish`), unless it
-equals the set already published (same fingerprint), which is left as it is.
+An `Assembly` takes the cases one at a time, always in the run's sorted case order, and
+streams their samples into `OUT/.ingest-work/staging/` (`vctmae.ingest.writers`). Since it
+sees the same records in the same order whatever the worker count, executor, timing or
+interruptions, the output bytes depend only on the inputs and flags. `finish` publishes
+the staged set into `OUT` as one step (`vctmae.ingest.publish`), unless it equals the set
+already published (same fingerprint), which is left as it is.
 
-A freshly extracted case arrives with its crops' int16 bytes (`Extracted`), so
-nothing is decoded or hashed again; a resumed case's crops are read back from
-its work file and checked against their recorded sha256. An `Assembly` with
-`write=False` only plans: it computes what would be written and its
-fingerprint from the small records alone (a rerun with nothing new to extract
-uses it to see that the published set is up to date).
+A freshly extracted case arrives with its crops' int16 bytes, so nothing is decoded or
+hashed again; a resumed case's crops are read back from its work file and checked against
+their recorded sha256. With `write=False` an `Assembly` only plans: it computes the
+fingerprint of what it would write from the small records alone.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +246,7 @@ class Assembly:
                     "labels": [{"value": v, "voxels": n} for v, n in record.other_labels],
                 }
             )
-        result.skipped += [{"case": record.case, **s.to_json()} for s in record.skipped] + no_label
+        result.skipped += [{"case": record.case, **asdict(s)} for s in record.skipped] + no_label
         for sample in samples:
             entry = result.splits.setdefault(
                 sample.meta["split"], {"vertebrae": 0, "cases": set(), "patients": set()}
@@ -308,18 +301,7 @@ class Assembly:
                 members.append((CLASS_MEMBER, str(sample.cls).encode("ascii")))
             shard = self._shards[split].write(sample.key, members)
         if self._zarr is not None:
-            self._zarr.write(
-                index,
-                encoded,
-                key=sample.key,
-                split=split,
-                level=meta["level"],
-                case=meta["case"],
-                patient=meta["patient"],
-                cls=sample.cls,
-                grade=sample.grade,
-                bbox=meta["bbox"],
-            )
+            self._zarr.write(index, encoded, meta, sample.cls, sample.grade)
         self._manifest.write(
             {
                 "key": sample.key,

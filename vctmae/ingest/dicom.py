@@ -1,53 +1,32 @@
 """Read a DICOM CT series folder as the same `Volume` a NIfTI CT gives.
 
-`load_dicom_ct(folder)` returns float32 HU voxels and a voxel → world affine in
-the NIfTI RAS+ convention, so the geometry code uses a DICOM scan unchanged.
-`is_dicom_series_folder(path)` is the cheap test discovery uses to spot one.
-The volume carries its `DicomSeries` (the slice files in position order and the
-grid), from which predict writes its DICOM SEG and SR into the source study.
+`load_dicom_ct(folder)` returns float32 HU voxels and a voxel → world affine in the NIfTI
+RAS+ convention, so the geometry code uses a DICOM scan unchanged; the volume carries its
+`DicomSeries` (slice files in position order, the grid), from which predict writes its
+DICOM SEG and SR into the source study. `is_dicom_series_folder(path)` is discovery's cheap test.
 
-Library: pydicom (pure Python, no dependencies, a 2.4 MB wheel, 15 MB
-installed), not SimpleITK's series reader (a 53 MB binary wheel, 264 MB
-installed). The reader has to refuse bad series with a reason — uneven spacing,
-gantry tilt, duplicate positions — and SimpleITK/GDCM would only warn and pick
-a spacing, so every check needs the per-slice headers anyway: pydicom gives
-them directly, and the few lines of geometry below are the whole reader.
-Uncompressed, deflated and RLE pixel data decode out of the box, JPEG baseline
-and JPEG 2000 through Pillow (which matplotlib brings); JPEG Lossless — the
-usual CT compression — and JPEG-LS need pydicom's optional decoders (pylibjpeg
-with pylibjpeg-libjpeg, or python-gdcm), and without them a series is refused
-with pydicom's message naming what to install.
+pydicom, not SimpleITK's series reader: the reader must refuse bad series with a reason
+(uneven spacing, gantry tilt, duplicate positions) where SimpleITK/GDCM would only warn, and
+those checks need the per-slice headers that pydicom gives directly. JPEG Lossless and
+JPEG-LS pixel data need pydicom's optional decoders (pylibjpeg or python-gdcm); without
+them a series is refused with pydicom's message naming what to install.
 
-What a series folder is: the files directly inside `folder` that carry the
-DICOM file format's "DICM" prefix and an image (Rows and Columns). Everything
-else is ignored: a README, a DICOMDIR, structured reports, sub-folders, and
-files written without the 128-byte preamble (rare today; convert them first).
-A file with the prefix but no readable file meta header, or an image SOP class
-without Rows/Columns, is a damaged file and refused, never skipped: skipping
-it could silently drop a slice at either end of the stack.
-Files are grouped by SeriesInstanceUID; without `series_uid` the CT series with
-the most slices is read.
+A series folder: the files directly inside it that carry the "DICM" prefix and an image
+(Rows and Columns); anything else (a README, a DICOMDIR, reports, sub-folders, files
+without the 128-byte preamble) is ignored. A file with the prefix but no readable file meta
+header, or an image without Rows/Columns, is refused, never skipped: skipping it could
+silently drop a slice at either end of the stack. Files are grouped by SeriesInstanceUID;
+without `series_uid` the CT series with the most slices is read.
 
 Geometry (DICOM PS3.3 C.7.6.2): a slice's pixel (row r, column c) lies at
     ImagePositionPatient + c · PixelSpacing[1] · row direction
                          + r · PixelSpacing[0] · column direction
-in the patient's LPS frame (+x Left, +y Posterior, +z Superior), the row and
-column directions being ImageOrientationPatient's two triplets. Slices are
-ordered by their position projected on the slice normal (row × column
-direction), never by file name or InstanceNumber. The volume stores voxel
-(i, j, k) = (column, row, slice), and NIfTI RAS+ is LPS with x and y negated.
-
-Refusals, each one `IngestError` line naming the folder: no DICOM image at all,
-an unreadable DICOM file, no CT series (or `series_uid` absent or not CT),
-several CT series tied for the most slices, multi-frame or colour images,
-missing or inconsistent orientation / position / pixel spacing / image size,
-duplicate slice positions, gantry tilt (slices shifted within their plane), and
-uneven slice spacing (a missing slice, or mixed reconstruction intervals).
-Tolerances are fractions of a voxel: every slice must lie within
-`SLICE_TOLERANCE` (0.1) of a voxel of where the affine puts it — along the
-normal in units of the slice step, within the plane in units of the pixel
-spacing — well above the rounding of positions written to 0.01 mm and well
-below the half-slice error a missing slice leaves.
+in the patient's LPS frame. Slices are ordered by their position projected on the slice
+normal (row × column direction), never by file name or InstanceNumber; voxel (i, j, k) =
+(column, row, slice), and NIfTI RAS+ is LPS with x and y negated. Every slice must lie
+within `SLICE_TOLERANCE` (0.1) of a voxel of where the affine puts it — along the normal in
+slice steps, within the plane in pixels — well above the rounding of positions written to
+0.01 mm and well below the half-slice error a missing slice leaves.
 """
 
 from __future__ import annotations
@@ -59,7 +38,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from vctmae.ingest.errors import IngestError
+from vctmae.ingest.errors import IngestError, error_detail
 from vctmae.ingest.nifti import Volume
 from vctmae.ingest.series import DicomSeries
 
@@ -131,11 +110,6 @@ def _has_dicom_prefix(path: Path) -> bool:
     return head[PREAMBLE_BYTES:] == DICOM_PREFIX
 
 
-def _detail(error: Exception) -> str:
-    """The error in one line (pydicom's messages can span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no details'}"
-
-
 def _numbers(folder: Path, path: Path, header, keyword: str, count: int) -> np.ndarray | None:
     """A multi-valued decimal element as floats; None when absent or empty."""
     value = header.get(keyword)
@@ -160,7 +134,7 @@ def _read_header(folder: Path, path: Path) -> _Slice | None:
     except Exception as error:
         # pydicom's parser raises many types for a corrupt file; all mean "cannot read".
         raise IngestError(
-            folder, f"{path.name}: unreadable DICOM file ({_detail(error)})"
+            folder, f"{path.name}: unreadable DICOM file ({error_detail(error)})"
         ) from None
     meta = header.file_meta
     if "TransferSyntaxUID" not in meta or "MediaStorageSOPClassUID" not in meta:
@@ -200,7 +174,7 @@ def _series_in(folder: Path) -> list[_Series]:
         try:
             is_dicom = _has_dicom_prefix(path)
         except OSError as error:
-            raise IngestError(folder, f"{path.name}: cannot read ({_detail(error)})") from None
+            raise IngestError(folder, f"{path.name}: cannot read ({error_detail(error)})") from None
         if is_dicom:
             header = _read_header(folder, path)
             if header is not None:
@@ -371,7 +345,7 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
             raise
         except Exception as error:
             raise IngestError(
-                folder, f"{header.path.name}: unreadable DICOM file ({_detail(error)})"
+                folder, f"{header.path.name}: unreadable DICOM file ({error_detail(error)})"
             ) from None
         syntax = dataset.file_meta.TransferSyntaxUID
         try:
@@ -382,7 +356,7 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
             encoding = f" compressed as {syntax.name}" if syntax.is_compressed else ""
             raise IngestError(
                 folder,
-                f"{header.path.name}: cannot read pixel data{encoding} ({_detail(error)})",
+                f"{header.path.name}: cannot read pixel data{encoding} ({error_detail(error)})",
             ) from None
         if stored.shape != hu.shape[1:]:
             raise IngestError(
@@ -401,7 +375,7 @@ def load_dicom_ct(folder: str | Path, series_uid: str | None = None) -> Volume:
     """Load one CT series of a DICOM folder as float32 HU with a NIfTI RAS+ affine.
 
     `series_uid` picks a series; without it, the CT series with the most slices.
-    Raises `IngestError` naming the folder for every refusal in the module docstring.
+    Raises `IngestError` naming the folder for every series it refuses.
     """
     folder = Path(folder)
     if not folder.is_dir():

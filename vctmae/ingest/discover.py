@@ -96,31 +96,18 @@ def _walk(src: Path, skip: set[Path]):
         yield here, set(dirs), sorted(f for f in files if not f.startswith("."))
 
 
-def _verse_counterpart(folder: Path, name: str, *, source: str, target: str) -> Path | None:
-    """Where VerSe's official layout keeps file `name` of the other tree: `folder`'s place
-    under the `target` folder (e.g. `derivatives/`) beside the nearest `source` folder
-    (e.g. `rawdata/`) above it; None when `folder` is not under a `source` folder."""
+def _verse_counterpart(folder: Path, stem: str, *, source: str, target: str) -> Path | None:
+    """Where VerSe's official layout keeps `stem.nii[.gz]` of the other tree: `folder`'s place
+    under the `target` folder (e.g. `derivatives/`) beside the nearest `source` folder (e.g.
+    `rawdata/`) above it. The file that exists, else the `.nii.gz` name (for messages); None
+    when `folder` is not under a `source` folder."""
     parts = folder.parts
     if source not in parts:
         return None
     at = len(parts) - 1 - parts[::-1].index(source)
-    return Path(*parts[:at], target, *parts[at + 1 :]) / name
-
-
-def _verse_derivative(folder: Path, name: str) -> Path | None:
-    """Where VerSe's official layout keeps the label map `name` of a CT in `folder`."""
-    return _verse_counterpart(folder, name, source=VERSE_RAW, target=VERSE_DERIVED)
-
-
-def _verse_raw_ct(folder: Path, case_id: str) -> Path | None:
-    """The CT of label map `case_id` in a `derivatives/` `folder`, when it is under `rawdata/`."""
-    for suffix in NIFTI_SUFFIXES:
-        ct = _verse_counterpart(
-            folder, f"{case_id}{VERSE_CT}{suffix}", source=VERSE_DERIVED, target=VERSE_RAW
-        )
-        if ct is not None and ct.is_file():
-            return ct
-    return None
+    place = Path(*parts[:at], target, *parts[at + 1 :])
+    found = [place / f"{stem}{suffix}" for suffix in NIFTI_SUFFIXES]
+    return next((path for path in found if path.is_file()), found[0])
 
 
 def _not_a_series(folder: Path) -> str:
@@ -139,15 +126,22 @@ def _not_a_series(folder: Path) -> str:
 
 
 def _case(
-    case_id: str, ct: Path, seg: Path | None, src: Path, *, series: str | None = None
+    case_id: str,
+    ct: Path,
+    seg: Path | None,
+    root: Path,
+    *,
+    patient: str | None = None,
+    series: str | None = None,
 ) -> Case:
+    """A case whose file names are recorded relative to `root`; its patient is its id unless given."""
     return Case(
         case=case_id,
-        patient=case_id,
+        patient=patient or case_id,
         ct=ct,
         seg=seg,
-        ct_name=_display(ct, src),
-        seg_name=_display(seg, src) if seg is not None else "",
+        ct_name=_display(ct, root),
+        seg_name=_display(seg, root) if seg is not None else "",
         series=series,
     )
 
@@ -174,27 +168,26 @@ def scan_folder(
             if stem.endswith(VERSE_CT) and folder.name not in ("ct", "seg"):
                 case_id = stem[: -len(VERSE_CT)]
                 ct_path = folder / name
-                seg_path = None
                 if case_id + VERSE_SEG in stems:
-                    seg_path = folder / stems[case_id + VERSE_SEG]
-                else:
-                    for suffix in NIFTI_SUFFIXES:
-                        derived = _verse_derivative(folder, f"{case_id}{VERSE_SEG}{suffix}")
-                        if derived is not None and derived.is_file():
-                            seg_path = derived
-                            break
-                if seg_path is None:
-                    where = "beside it"
-                    derived = _verse_derivative(folder, f"{case_id}{VERSE_SEG}.nii.gz")
-                    if derived is not None:
-                        where = f"beside it or at {_display(derived, src)}"
-                    no_seg(case_id, ct_path, f"no label map {case_id}{VERSE_SEG}.nii.gz {where}")
+                    cases.append(_case(case_id, ct_path, folder / stems[case_id + VERSE_SEG], src))
                     continue
-                cases.append(_case(case_id, ct_path, seg_path, src))
+                derived = _verse_counterpart(
+                    folder, case_id + VERSE_SEG, source=VERSE_RAW, target=VERSE_DERIVED
+                )
+                if derived is not None and derived.is_file():
+                    cases.append(_case(case_id, ct_path, derived, src))
+                    continue
+                where = "beside it"
+                if derived is not None:
+                    where = f"beside it or at {_display(derived, src)}"
+                no_seg(case_id, ct_path, f"no label map {case_id}{VERSE_SEG}.nii.gz {where}")
             elif stem.endswith(VERSE_SEG) and folder.name not in ("ct", "seg"):
                 # A VerSe label map whose CT is neither beside it nor under rawdata/.
                 case_id = stem[: -len(VERSE_SEG)]
-                if case_id + VERSE_CT in stems or _verse_raw_ct(folder, case_id) is not None:
+                ct = _verse_counterpart(
+                    folder, case_id + VERSE_CT, source=VERSE_DERIVED, target=VERSE_RAW
+                )
+                if case_id + VERSE_CT in stems or (ct is not None and ct.is_file()):
                     continue
                 bad.append(
                     BadInput(
@@ -294,18 +287,9 @@ def read_pairs(
             continue
         ct, seg = root / ct_text, (root / seg_text if seg_text else None)
         case_id = (row.get("case") or "").strip() or nifti_stem(ct.name) or ct.name
-        patient = (row.get("patient") or "").strip() or case_id
-        cases.append(
-            Case(
-                case=case_id,
-                patient=patient,
-                ct=ct,
-                seg=seg,
-                ct_name=_display(ct, root),
-                seg_name=_display(seg, root) if seg is not None else "",
-                series=(row.get("series") or "").strip() or None,
-            )
-        )
+        patient = (row.get("patient") or "").strip() or None
+        series = (row.get("series") or "").strip() or None
+        cases.append(_case(case_id, ct, seg, root, patient=patient, series=series))
     return cases, bad
 
 

@@ -22,3 +22,10 @@ class IngestError(VctmaeError, ValueError):
     def __reduce__(self):
         # Worker processes send errors back pickled; rebuild from both fields.
         return (type(self), (str(self.path), self.problem))
+
+
+def error_detail(error: Exception, path: Path | None = None) -> str:
+    """A library's error on one line, "Type: text" (messages may span lines), `path` in it
+    shortened to its name."""
+    text = str(error) if path is None else str(error).replace(str(path), path.name)
+    return f"{type(error).__name__}: {' '.join(text.split()) or 'no details'}"

@@ -1,21 +1,15 @@
-"""Extract step of `vctmae ingest`: one case → its crops and work files, and the executors that
-run it (in this process, a process pool, or a Dask cluster).
+"""Extract step of `vctmae ingest`: one case → its crops and work files, and the executors
+that run it (in this process, a process pool, or a Dask cluster).
 
-`extract_case(job)` runs wherever an executor puts it. It cuts the case
-(`geometry.extract_crops`), compresses each crop into its final Zarr chunk
-bytes, writes `NAME.crops` and then `NAME.json` (the `CaseRecord`, the "case
-finished" marker) into the work folder, each under a temporary name renamed
-when complete, and sends back an `Extracted`: the record and each crop's int16
-bytes, so that assembly neither decodes nor hashes a crop a second time. A rerun
-skips cases whose record matches the geometry settings and the source files
-(`finished_record`); a killed run loses at most the cases in flight.
+`extract_case(job)` cuts the case (`geometry.extract_crops`), compresses each crop into its
+final Zarr chunk bytes, writes `NAME.crops` and then `NAME.json` (the `CaseRecord`, the
+"case finished" marker) atomically, and sends back the record and each crop's int16 bytes,
+so that assembly neither decodes nor hashes a crop a second time.
 
-Executors (`InProcess`, `ProcessPool`, `DaskExecutor`) share one interface:
-`run(jobs, done)` calls `done(extracted)` in the calling thread as each case
-finishes, in any order, and a case whose worker dies is reported failed by
-itself (`worker_died`) while the others go on. `vctmae predict` runs its own
-per-scan step on them (`run(jobs, done, work=…, died=…)`). Each keeps at most 2 × workers
-cases in flight, so memory does not grow with the number of cases.
+Executors share one interface: `run(jobs, done)` calls `done(extracted)` in the calling
+thread as each case finishes, in any order, keeping at most 2 × workers cases in flight; a
+case whose worker dies is reported failed by itself (`worker_died`) while the others go on.
+`vctmae predict` runs its own per-scan step on them (`run(jobs, done, work=…, died=…)`).
 """
 
 from __future__ import annotations
@@ -43,7 +37,6 @@ from vctmae.ingest.geometry import GeometryConfig
 from vctmae.ingest.records import (
     CaseRecord,
     CropRecord,
-    SkippedVertebra,
     crops_file,
     geometry_settings,
     source_stats,
@@ -136,7 +129,7 @@ def extract_case(job: ExtractJob) -> Extracted:
             scheme=result.scheme,
             other_labels=tuple(sorted((v, n) for v, n in result.other_labels.items())),
             crops=tuple(crops),
-            skipped=tuple(SkippedVertebra(level=s.level, reason=s.reason) for s in result.skipped),
+            skipped=tuple(result.skipped),
         )
         raw = tuple(chunks)
     record = dataclasses.replace(record, seconds=round(time.perf_counter() - started, 3))

@@ -1,69 +1,50 @@
 """Per-case geometry of ingest: one CT + label map → int16 vertebra crops in video order.
 
-Everything happens in world coordinates (NIfTI RAS+ mm: +x towards the
-patient's Right, +y Anterior, +z Superior), so the result does not depend on
-how a file stores its axes. Each crop is sampled directly from the source
-voxels on a grid defined in world mm (`vctmae.ingest.sampling`): the
-isotropic resampling, the rotation that aligns the crop with the spine and the
-cropping are one step, and memory stays flat however large the scan is.
+Everything happens in world coordinates (NIfTI RAS+ mm: +x towards the patient's Right,
++y Anterior, +z Superior), so the result does not depend on how a file stores its axes.
+Each crop is sampled directly from the source voxels on a grid defined in world mm
+(`vctmae.ingest.sampling`): resampling, alignment with the spine and cropping are one step.
 
-No whole-volume pass that the crops do not need (a clinical CT is ~80 M voxels):
-the CT is sampled in its stored dtype (int16, usually), and scl_slope/scl_inter
-are applied to the interpolated values — linear interpolation commutes with
-them; the label map is read once as stored, its voxel counts and bounding boxes
-taken in memory order. Both are seen along the crop's own axis order
-(`SAMPLING_ORIENTATION`) through a strided view, no copy, and each crop voxel
-is interpolated where it lies (`vctmae.ingest.sampling`: scipy's arithmetic in
-one compiled loop), so every crop byte is what sampling a fully reoriented
-float copy gave (the tests compare the crops with that whole-volume way of cutting them,
-`tests/whole_volume_chain.py`).
+No whole-volume pass that the crops do not need (a clinical CT is ~80 M voxels): the CT is
+sampled in its stored dtype, its scl_slope/scl_inter applied to the interpolated values
+(linear interpolation commutes with them); the label map is counted and boxed once in
+memory order. Both are seen along the crop's own axis order (`SAMPLING_ORIENTATION`)
+through a strided view, no copy, and every crop byte is what sampling a fully reoriented
+float copy gave (the tests compare the crops with that whole-volume way, `tests/whole_volume_chain.py`).
 
 Video order of a crop:
     axis 0 = patient's left → right   (world +x)
     axis 1 = superior → inferior      (world −z, or the spine tangent when aligned)
     axis 2 = anterior → posterior     (world −y)
-The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid
-(the mean world position of its mask voxels).
+The crop's centre, index (size − 1) / 2 on every axis, is the vertebra's centroid (the
+mean world position of its mask voxels). Alignment "axis" keeps the scanner axes;
+"spline" ("auto" with ≥ 3 vertebrae) turns axis 1 onto the tangent of a smooth curve
+through the centroids of every vertebra present, fragments excepted (`spine_tangents`,
+`crop_frame`).
 
-Alignment: "axis" keeps the scanner axes. "spline" (what "auto" picks for a case
-with ≥ 3 vertebrae) fits a smooth curve through the centroids of every
-vertebra present, fragments excepted (`spine_tangents`), and turns axis 1 onto
-the curve's tangent at each vertebra; axis 0 is world +x made perpendicular to
-it (left → right as close to the scanner's as possible), axis 2 completes the
-frame (`crop_frame`, `crop_affine`).
+Skip rules, first match wins: level outside `levels`; fragment (mask volume <
+`min_fragment_mm3`, never written, even with `keep_truncated`); truncated (mask touches
+the first or last index of any storage axis).
 
-Skip rules, first match wins: level outside `levels`; fragment (mask volume
-< `min_fragment_mm3`, never written, even with `keep_truncated`); truncated
-(mask touches the first or last index of any storage axis).
+Label scheme auto-detection (`detect_label_scheme`) decides from the whole label set,
+never from any one value. Evidence: the labels of values 1–50 whose mask reaches
+`min_fragment_mm3` (all of them when none is that large); a value above 50 is a vertebra
+in no scheme, reported, never used to pick one.
+- VerSe fits when the evidence holds a VerSe vertebra (1–25, 28), no value VerSe never
+  uses (29–50), and each of VerSe's labels that only exists beside another has that
+  neighbour in the map (`VERSE_NEIGHBOURS`: T13 beside T12 or L1, L6 below L5, the sacrum
+  below L5 or L6, the coccyx below the sacrum).
+- TotalSegmentator v2 fits when the evidence holds one of its vertebrae (27 L5 … 50 C1).
+One scheme fits: that one. Both or neither, or a map of 1s only (a binary mask): the case
+fails, naming the values and `--label-scheme verse|totalseg`. Real maps are never
+ambiguous (TotalSegmentator's hold vertebrae above L4, VerSe's values 1–25); only maps
+cut down to a few vertebrae around T13, L4 or L5 need the flag.
 
-Label scheme auto-detection (`label_scheme="auto"`, `detect_label_scheme`) is
-decided from the whole label set, never from any one value, and names a level
-only under a scheme the set supports and the other does not. Evidence: the
-labels whose mask reaches `min_fragment_mm3` (a stray voxel or a speck can
-neither become a crop nor decide the scheme; all labels count when none is that
-large), of values 1–50 — a value above 50 is a vertebra in no scheme (an organ,
-a muscle, a stray blob): it is reported, never used to pick a scheme.
-- VerSe is supported when the evidence holds a VerSe vertebra (1–25, 28), no
-  value VerSe never uses (29–50: TotalSegmentator's vertebrae above L4), and
-  each of VerSe's labels that only exists beside another has that neighbour
-  somewhere in the map: T13 (28) beside T12 (19) or L1 (20), L6 (25) below
-  L5 (24), the sacrum (26) below L5 or L6, the coccyx (27) below the sacrum.
-- TotalSegmentator v2 is supported when the evidence holds one of its
-  vertebrae (27 L5 … 50 C1); its 1–26 are organs, sacrum and S1.
-One scheme supported: that one. Both (e.g. T12, T13 and L1 of VerSe, which
-TotalSegmentator reads as two organs and L4): the case fails, naming the values
-and `--label-scheme verse|totalseg`. Neither: the case fails, saying why each
-scheme does not fit. A map holding only the value 1 is a binary mask, not
-VerSe's C1: it fails the same way. A real TotalSegmentator map holds vertebrae
-above L4 (29–50), a real VerSe map values 1–25, so only maps cut down to a few
-vertebrae around T13, L4 or L5 need `--label-scheme`.
-
-Labels that are no vertebra in the chosen scheme are returned with their voxel
-counts (`CaseCrops.other_labels`, listed in the ingest report). A case fails
-(`IngestError`) when its map holds no vertebra of the chosen scheme, or only
-vertebra specks below `min_fragment_mm3` beside other labels that are not:
-its vertebrae would be lost for a reason none of the skip rules names (most
-likely the wrong scheme).
+Labels that are no vertebra in the chosen scheme are returned with their voxel counts
+(`CaseCrops.other_labels`, listed in the ingest report). A case fails (`IngestError`) when
+its map holds no vertebra of the scheme, or only vertebra specks below `min_fragment_mm3`
+beside substantial labels that are not: its vertebrae would be lost for a reason no skip
+rule names (most likely the wrong scheme).
 """
 
 from __future__ import annotations
@@ -257,28 +238,68 @@ def memory_order(data: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class LabelCensus:
-    """What one pass over a label map finds: voxel counts, and where labels lie at all."""
+    """What one pass over a label map finds: voxel counts, where labels lie, and where each
+    vertebra value lies (storage axes)."""
 
     counts: dict[int, int]  # positive label value → voxels
-    # Bounding box of every labelled voxel, storage axes (None: nothing labelled).
+    # Bounding box of every labelled voxel (None: nothing labelled).
     region: tuple[slice, slice, slice] | None
+    # Per vertebra value 1 … 50, at index value − 1: the box of its voxels (None: absent),
+    # and the sums of their indices along each axis (the numerators of its centroid).
+    boxes: list[tuple[slice, ...] | None]
+    index_sums: np.ndarray  # (50, 3) int64
 
 
 def label_census(labels: Volume) -> LabelCensus:
-    """Voxel count of every positive label value and the box around all labelled voxels, in
-    one pass over the map in memory order.
+    """Voxel counts, the box around all labelled voxels, and each vertebra value's box and
+    index sums, in one pass over the map in memory order (two without numba).
 
-    Negative values (a few tools write them) are background, as 0 is. Only the
-    labelled voxels are counted (most of a scan is background, and bincount makes
-    a 64-bit copy of what it counts).
+    Negative values (a few tools write them) are background, as 0 is.
     """
     data, order = memory_order(labels.data)
-    counts: dict[int, int] = {}
+    top = LARGEST_VERTEBRA_VALUE
+    index_sums = np.zeros((top, 3), dtype=np.int64)
     if data.size == 0:
-        return LabelCensus(counts={}, region=None)
+        return LabelCensus(counts={}, region=None, boxes=[None] * top, index_sums=index_sums)
     if _compiled_labels(data):
-        return _compiled_census(data, order)
+        counts, found, sums = label_pass.label_stats(data, top)
+        boxes = [_stored_box(box, order) for box in found]
+        # Memory-order axis k is storage axis order[k].
+        index_sums[:, list(order)] = sums[1:]
+        region, boxes = boxes[0], boxes[1:]
+    else:
+        counts, low, high = _numpy_census(data)
+        region = None
+        if counts:
+            region = _stored_box(tuple(map(slice, low, high)), order)
+        boxes = label_boxes(labels, region)
+        for value, box in enumerate(boxes, start=1):
+            if box is not None:
+                indices = np.nonzero(labels.data[box] == value)
+                index_sums[value - 1] = [
+                    int(idx.sum()) + sl.start * idx.size
+                    for idx, sl in zip(indices, box, strict=True)
+                ]
+    return LabelCensus(
+        counts=dict(sorted(counts.items())), region=region, boxes=boxes, index_sums=index_sums
+    )
+
+
+def _stored_box(box: tuple[slice, ...] | None, order: tuple[int, int, int]):
+    """A box of the memory-order view (`memory_order`) as a box of the storage axes."""
+    if box is None:
+        return None
+    stored = [slice(0, 0)] * 3
+    for axis, extent in zip(order, box, strict=True):
+        stored[axis] = extent
+    return tuple(stored)
+
+
+def _numpy_census(data: np.ndarray) -> tuple[dict[int, int], list, list]:
+    """`label_pass.census` with numpy, slab by slab: only the labelled voxels are counted
+    (most of a scan is background, and bincount makes a 64-bit copy of what it counts)."""
     rows = max(1, COUNT_CHUNK_VOXELS // max(1, data[0].size))
+    counts: dict[int, int] = {}
     low, high = [None] * 3, [None] * 3
     for start in range(0, data.shape[0], rows):
         chunk = data[start : start + rows]
@@ -302,29 +323,13 @@ def label_census(labels: Volume) -> LabelCensus:
             values, numbers = np.unique(labelled, return_counts=True)
         for value, number in zip(values.tolist(), numbers.tolist(), strict=True):
             counts[value] = counts.get(value, 0) + number
-    if not counts:
-        return LabelCensus(counts={}, region=None)
-    region = [slice(0, 0)] * 3
-    for axis, stored in enumerate(order):
-        region[stored] = slice(low[axis], high[axis])
-    return LabelCensus(counts=dict(sorted(counts.items())), region=tuple(region))
+    return counts, low, high
 
 
 def _compiled_labels(data: np.ndarray) -> bool:
     """Whether the compiled label passes take `data`: integers of one or two bytes (nearly
     every label map), when numba is present; the numpy passes take the rest."""
     return label_pass.available and data.dtype.kind in "iu" and data.dtype.itemsize <= 2
-
-
-def _compiled_census(data: np.ndarray, order: tuple[int, int, int]) -> LabelCensus:
-    """`label_census` of a memory-order view in one compiled pass (`label_pass.census`)."""
-    counts, low, high = label_pass.census(data)
-    if not counts:
-        return LabelCensus(counts={}, region=None)
-    region = [slice(0, 0)] * 3
-    for axis, stored in enumerate(order):
-        region[stored] = slice(int(low[axis]), int(high[axis]))
-    return LabelCensus(counts=counts, region=tuple(region))
 
 
 def label_counts(labels: Volume) -> dict[int, int]:
@@ -355,7 +360,7 @@ def label_boxes(
         return [None] * LARGEST_VERTEBRA_VALUE
     data, order = memory_order(labels.data[region])
     if _compiled_labels(data):
-        found = label_pass.vertebra_boxes(data, LARGEST_VERTEBRA_VALUE)
+        found = label_pass.label_stats(data, LARGEST_VERTEBRA_VALUE)[1][1:]
     else:
         found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
     boxes: list[tuple[slice, ...] | None] = []
@@ -371,57 +376,46 @@ def label_boxes(
     return boxes
 
 
-def view_boxes(
-    boxes: list[tuple[slice, ...] | None], volume: Volume, codes: str
-) -> list[tuple[slice, ...] | None]:
-    """`boxes` of `volume`'s storage axes as boxes of `oriented_view(volume, codes)`."""
-    transform = orientation_transform(volume, codes)
-    shape = volume.data.shape
-    out: list[tuple[slice, ...] | None] = []
-    for box in boxes:
-        if box is None:
-            out.append(None)
-            continue
-        moved = [slice(0, 0)] * 3
-        for axis, (extent, (target, flip)) in enumerate(zip(box, transform, strict=True)):
-            n = shape[axis]
-            moved[int(target)] = slice(n - extent.stop, n - extent.start) if flip < 0 else extent
-        out.append(tuple(moved))
-    return out
+def find_vertebrae(labels: Volume, census: LabelCensus, scheme: str) -> list[_Vertebra]:
+    """Every vertebra of `scheme` in `census` (of `labels`), head → feet, with its box and
+    centroid along `SAMPLING_ORIENTATION` (the view crops are cut from); nothing is read again.
 
-
-def find_vertebrae(
-    labels: Volume, scheme: str, boxes: list[tuple[slice, ...] | None]
-) -> list[_Vertebra]:
-    """Every vertebra of `scheme` present in `labels`, head → feet.
-
-    `boxes` come from `label_boxes`; only each vertebra's box is read again.
+    The centroid is the mean index of the vertebra's voxels: the exact integer sum of their
+    indices along each axis of the view, over their count (as `np.mean` of the indices gives it).
     """
-    names = SCHEMES[scheme]
-    objects = boxes
+    view = oriented_view(labels, SAMPLING_ORIENTATION)
+    transform = orientation_transform(labels, SAMPLING_ORIENTATION)
     shape = labels.data.shape
     found = []
-    for value, level in names.items():
-        box = objects[value - 1]
+    for value, level in SCHEMES[scheme].items():
+        box = census.boxes[value - 1]
         if box is None:
             continue
-        # A copy of the box only: `labels` may be a strided view of the stored map.
-        indices = np.nonzero(np.ascontiguousarray(labels.data[box]) == value)
-        count = indices[0].size
-        centroid_index = np.array(
-            [idx.mean() + sl.start for idx, sl in zip(indices, box, strict=True)]
-        )
+        count = census.counts[value]
+        moved = [slice(0, 0)] * 3
+        centroid_index = np.zeros(3)
+        for axis, (extent, (target, flip)) in enumerate(zip(box, transform, strict=True)):
+            total = int(census.index_sums[value - 1, axis])
+            if flip < 0:
+                # Index i of this storage axis is n − 1 − i along the view.
+                start, stop = shape[axis] - extent.stop, shape[axis] - extent.start
+                local = count * (extent.stop - 1) - total
+            else:
+                start, stop = extent.start, extent.stop
+                local = total - extent.start * count
+            moved[int(target)] = slice(start, stop)
+            centroid_index[int(target)] = local / count + start
         # The affine is linear, so the world centroid is the affine of the index centroid.
-        centroid_world = labels.affine[:3, :3] @ centroid_index + labels.affine[:3, 3]
+        centroid_world = view.affine[:3, :3] @ centroid_index + view.affine[:3, 3]
         truncated = any(sl.start == 0 or sl.stop == n for sl, n in zip(box, shape, strict=True))
         found.append(
             _Vertebra(
                 level=level,
                 label_value=value,
                 centroid_world=centroid_world,
-                volume_mm3=count * labels.voxel_volume_mm3,
+                volume_mm3=count * view.voxel_volume_mm3,
                 truncated=truncated,
-                box=box,
+                box=tuple(moved),
             )
         )
     found.sort(key=lambda v: level_index(v.level))
@@ -598,11 +592,11 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
     check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    # Counts and boxes from the stored map in memory order; then both volumes are seen
-    # along the sampling order (views, no copy).
+    # Counts, boxes and centroids from the stored map in memory order; then both volumes are
+    # seen along the sampling order (views, no copy).
     census = label_census(labels)
     counts = census.counts
-    boxes = view_boxes(label_boxes(labels, census.region), labels, SAMPLING_ORIENTATION)
+    stored_labels = labels
     ct, labels = (
         oriented_view(ct, SAMPLING_ORIENTATION),
         oriented_view(labels, SAMPLING_ORIENTATION),
@@ -620,7 +614,7 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
         scheme = config.label_scheme
     names = SCHEMES[scheme]
     other_labels = {value: n for value, n in counts.items() if value not in names}
-    vertebrae = find_vertebrae(labels, scheme, boxes)
+    vertebrae = find_vertebrae(stored_labels, census, scheme)
     if not vertebrae:
         found = f" (it holds {_values_text(other_labels)})" if other_labels else ""
         raise IngestError(

@@ -141,13 +141,9 @@ def read_labels(path: Path) -> Labels:
     )
 
 
-def _hash_rank(patient: str) -> str:
-    return hashlib.sha256(patient.encode("utf-8")).hexdigest()
-
-
 def hashed_splits(patients: set[str]) -> dict[str, str]:
     """Deterministic 60/20/20 split of `patients` (order by SHA-256 of the id)."""
-    ordered = sorted(patients, key=lambda p: (_hash_rank(p), p))
+    ordered = sorted(patients, key=lambda p: (hashlib.sha256(p.encode()).hexdigest(), p))
     n = len(ordered)
     n_train = round(n * SPLIT_FRACTIONS[0])
     n_val = round(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1])) - n_train

@@ -35,7 +35,7 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
-from vctmae.ingest.errors import IngestError
+from vctmae.ingest.errors import IngestError, error_detail
 
 if TYPE_CHECKING:
     from vctmae.ingest.series import DicomSeries
@@ -88,13 +88,6 @@ class Volume:
         return float(abs(np.linalg.det(self.affine[:3, :3])))
 
 
-def _detail(error: Exception, path: Path) -> str:
-    """The underlying error on one line, without repeating the full path (a library's message may
-    span lines, e.g. nibabel's through indexed_gzip)."""
-    text = " ".join(str(error).replace(str(path), path.name).split()) or "no details"
-    return f"{type(error).__name__}: {text}"
-
-
 def _gunzip(path: Path) -> bytes:
     """The whole decompressed content of a gzip file in one call (isal when available): the
     least a read can cost — no stream buffers, and the voxels are used where they land."""
@@ -125,9 +118,9 @@ def _open(path: Path, stream=None) -> nib.Nifti1Image:
     try:
         image = _gzip_image(path, stream) if stream is not None else nib.load(str(path))
     except nib.filebasedimages.ImageFileError as error:
-        raise IngestError(path, f"not a NIfTI file ({_detail(error, path)})") from None
+        raise IngestError(path, f"not a NIfTI file ({error_detail(error, path)})") from None
     except Exception as error:  # gzip/zlib/struct/OS errors: all mean "cannot read"
-        raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
+        raise IngestError(path, f"unreadable file ({error_detail(error, path)})") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise IngestError(path, f"not a NIfTI file (nibabel read it as {type(image).__name__})")
     return image
@@ -154,11 +147,13 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
         try:
             content = _gunzip(path)
         except OSError as error:
-            raise IngestError(path, f"unreadable file ({_detail(error, path)})") from None
+            raise IngestError(path, f"unreadable file ({error_detail(error, path)})") from None
         except MemoryError:
             raise
         except Exception as error:  # EOFError, zlib/isal errors: the compressed data is bad
-            raise IngestError(path, f"corrupt or truncated data ({_detail(error, path)})") from None
+            raise IngestError(
+                path, f"corrupt or truncated data ({error_detail(error, path)})"
+            ) from None
     image = _open(path, None if content is None else io.BytesIO(content))
     shape = _spatial_shape(path, image.shape)
     affine = _affine(path, image)
@@ -211,7 +206,9 @@ def _read(path: Path, image: nib.Nifti1Image, content: bytes | None = None) -> n
     except MemoryError:
         raise
     except Exception as error:
-        raise IngestError(path, f"corrupt or truncated data ({_detail(error, path)})") from None
+        raise IngestError(
+            path, f"corrupt or truncated data ({error_detail(error, path)})"
+        ) from None
 
 
 def _count_nonfinite(data: np.ndarray) -> int:
@@ -330,11 +327,3 @@ def oriented_view(volume: Volume, codes: str) -> Volume:
 def orientation_transform(volume: Volume, codes: str) -> np.ndarray:
     """nibabel orientation transform (3, 2) from `volume`'s storage axes to `codes`."""
     return ornt_transform(io_orientation(volume.affine), axcodes2ornt(tuple(codes)))
-
-
-def reorient(volume: Volume, codes: str) -> Volume:
-    """The same volume with its voxels stored along axis codes `codes` (a C-order copy)."""
-    view = oriented_view(volume, codes)
-    if view is volume:
-        return volume
-    return replace(view, data=np.ascontiguousarray(view.data))

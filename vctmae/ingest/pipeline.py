@@ -1,39 +1,25 @@
 """`vctmae ingest`: raw CT cases → WebDataset shards, Zarr store, manifest, report.
 
-This module runs the two steps and says what happened; each step lives in its own module:
+This module runs the two steps and says what happened:
 
-1. **Extract** (`vctmae.ingest.extract`, parallel: a process pool, or a Dask
-   cluster with `--executor dask`). Each case is cut into crops in a worker,
-   which writes its work files into `OUT/.ingest-work/cases/` and sends back
-   its `CaseRecord` (`vctmae.ingest.records`) and crops. A rerun skips cases
-   already extracted with these settings from these files (`--force` redoes
-   them); a killed run loses at most the cases in flight.
-2. **Assemble** (`vctmae.ingest.assemble`, in this process, behind
-   extraction): each case, as soon as it and every case before it in sorted
-   case order are extracted, is streamed into the staged shards, Zarr store and
-   manifest, which are published into OUT as one set when the last case is in
-   (`vctmae.ingest.publish`: a journal whose rename is the commit point; a run
-   killed while publishing is completed by the next run). The order never
-   depends on which worker finished first, so the output bytes do not depend
-   on worker count, executor, timing or interruptions. A rerun with nothing to
-   extract and the same inputs leaves the published set alone ("up to date").
+1. **Extract** (`vctmae.ingest.extract`, in a process pool or a Dask cluster): each case is
+   cut into crops in a worker, which writes its work files into `OUT/.ingest-work/cases/`.
+   A rerun skips cases already extracted with these settings from these files (`--force`
+   redoes them); a killed run loses at most the cases in flight.
+2. **Assemble** (`vctmae.ingest.assemble`, in this process, behind extraction): each case,
+   as soon as it and every case before it in sorted case order are extracted, is streamed
+   into the staged outputs, published into OUT as one set when the last case is in
+   (`vctmae.ingest.publish`). The order never depends on which worker finished first, so
+   the output bytes do not depend on worker count, executor, timing or interruptions.
 
-Memory stays flat as cases grow: at most 2 × workers cases are in flight, and
-at most `BUFFERED_CASES` finished cases wait with their crops in memory for an
-earlier case to finish (beyond that, their crops are read back from the work
-files when their turn comes).
+Memory stays flat as cases grow: at most 2 × workers cases are in flight, and at most
+`BUFFERED_CASES` finished cases wait with their crops in memory for an earlier case
+(beyond that, their crops are read back from the work files when their turn comes).
 
-Workers die with the main process (`extract.ProcessPool`): a kill -9 of the
-main process must not leave workers running and holding its stdout. A full
-disk stops the run with one line (`OutOfSpaceError`) and leaves earlier
-outputs and finished cases as they were.
-
-`--part I/N` extracts every N-th case of the sorted case list (and assembles
-that part's own outputs); `run.json` in the part's work folder lists its cases.
-`--merge PART…` assembles the parts' case files into OUT exactly as a single run
-would, so the merged shards, manifest and Zarr store equal a full run's bytes.
-The work folder is a cache: delete it after a run to save disk (a later run then
-extracts again) — but keep the parts' work folders until they are merged.
+`--part I/N` extracts every N-th case of the sorted case list (`run.json` in the part's
+work folder lists them); `--merge PART…` assembles the parts' case files into OUT exactly
+as a single run would, byte for byte. The work folder is a cache: delete it after a run
+to save disk — but keep the parts' work folders until they are merged.
 """
 
 from __future__ import annotations
@@ -56,7 +42,7 @@ from vctmae.ingest.config import GeometryConfig, IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.labels import assign_cases, read_labels
+from vctmae.ingest.labels import CaseAssignment, Labels, assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -83,17 +69,12 @@ def default_workers() -> int:
 # The output folder: created, locked against a second run.
 
 
-def _make_out(out: Path) -> None:
-    """Create `out` and its work folder."""
-    make_output_folder(out)
-    make_output_folder(out / WORK)
-
-
 @contextmanager
 def output_lock(out: Path):
     """Hold the lock on `out` (`vctmae.outlock`: freed on exit, never held by forked workers).
     A second run writing into the same `out` is refused."""
-    _make_out(out)
+    make_output_folder(out)
+    make_output_folder(out / WORK)
     with hold_output(out, "ingest"):
         yield
 
@@ -207,16 +188,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     if config.executor == "dask":
         workers = config.workers or default_workers()
-    settings = dict(
-        out=out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=config.geometry.spacing,
-        size=config.geometry.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
-    )
+    settings = _assembly_settings(config, config.geometry, labels, assignments, bad)
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
@@ -226,9 +198,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
             result = _assemble_finished(
                 [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
             )
-        extracted = time.perf_counter()
-        timings["extract"] = 0.0
-        timings["assemble"] = extracted - discovered
+        timings.update(extract=0.0, assemble=time.perf_counter() - discovered)
     else:
         # Start the workers before the progress display starts its refresh thread (fork + threads).
         executor = make_executor(config.executor, workers, scheduler=config.scheduler)
@@ -242,18 +212,33 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
                 )
         finally:
             executor.close()
-        extracted = time.perf_counter()
-        timings["extract"] = seconds["extract"]
-        timings["assemble"] = seconds["assemble"]
+        timings.update(extract=seconds["extract"], assemble=seconds["assemble"])
         counts["crops"] = seconds["crops"]
     _write_run(config, cases, bad, labels is not None)
-    finished = time.perf_counter()
-    timings["total"] = finished - started
-    report = _report(
+    timings["total"] = time.perf_counter() - started
+    return _write_report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
     )
-    write_atomically(out / REPORT, _report_bytes(report))
-    return report
+
+
+def _assembly_settings(
+    config: IngestConfig,
+    geometry: GeometryConfig,
+    labels: Labels | None,
+    assignments: dict[str, CaseAssignment],
+    bad: list[BadInput],
+) -> dict[str, Any]:
+    """The keyword arguments of every `Assembly` of a run (or merge)."""
+    return dict(
+        out=config.out,
+        formats=config.formats,
+        shard_size=config.shard_size,
+        spacing=geometry.spacing,
+        size=geometry.size,
+        labels=labels,
+        assignments=assignments,
+        bad=bad,
+    )
 
 
 def _extract_and_assemble(
@@ -469,16 +454,7 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
     assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
     entries = [(CaseRecord.read(path), path) for _, path in ordered]
     read = time.perf_counter()
-    settings = dict(
-        out=config.out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=geometry_config.spacing,
-        size=geometry_config.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
-    )
+    settings = _assembly_settings(config, geometry_config, labels, assignments, bad)
     with _progress(config.progress) as bar:
         for item in bad:
             error_line(bar, item.line())
@@ -487,7 +463,7 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
                 error_line(bar, record.error)
         result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
-    report = _report(
+    return _write_report(
         config,
         result,
         counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
@@ -499,17 +475,11 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
             "assemble": finished - read,
             "total": finished - started,
         },
+        merged_from=[str(d) for d in config.merge],
     )
-    report["merged_from"] = [str(d) for d in config.merge]
-    write_atomically(config.out / REPORT, _report_bytes(report))
-    return report
 
 
-def _report_bytes(report: dict[str, Any]) -> bytes:
-    return (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
-
-
-def _report(
+def _write_report(
     config: IngestConfig,
     result: AssemblyResult,
     *,
@@ -517,9 +487,11 @@ def _report(
     cases_seen: int,
     timings: dict[str, float],
     geometry: GeometryConfig | None = None,
+    merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Write OUT/ingest-report.json and return the report."""
     total = timings["total"]
-    return {
+    report = {
         "src": str(config.src) if config.src else None,
         "pairs": str(config.pairs) if config.pairs else None,
         "labels": str(config.labels) if config.labels else None,
@@ -558,6 +530,11 @@ def _report(
         else None,
         "written_per_s": round(result.samples / total, 3) if total > 0 else None,
     }
+    if merged_from is not None:
+        report["merged_from"] = merged_from
+    text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    write_atomically(config.out / REPORT, text.encode())
+    return report
 
 
 __all__ = ["IngestConfig", "run_ingest"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from vctmae.files import write_atomically
 from vctmae.ingest.errors import IngestError
-from vctmae.ingest.geometry import GeometryConfig
+from vctmae.ingest.geometry import GeometryConfig, Skipped
 
 # Layout of the per-case work files; 2: whole-set label-scheme rule, other labels recorded;
 # 3: typed records, the DICOM series of a folder CT recorded; 4: a level is named only under
@@ -79,6 +79,11 @@ def _rounded(values, digits: int) -> tuple[float, ...]:
     return tuple(round(float(v), digits) for v in values)
 
 
+def _tuples(value: Any) -> Any:
+    """A JSON list (of lists) as the tuple (of tuples) a record holds; other values as they are."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True, kw_only=True)
 class CropRecord:
     """One crop of a case: what the metadata and manifest say about it, and where its bytes are."""
@@ -112,114 +117,52 @@ class CropRecord:
             nbytes=nbytes,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for name in ("centroid", "tangent", "bbox", "shape"):
-            out[name] = list(out[name])
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CropRecord:
-        return cls(
-            level=data["level"],
-            label_value=int(data["label_value"]),
-            centroid=tuple(data["centroid"]),
-            tangent=tuple(data["tangent"]),
-            inside_fraction=data["inside_fraction"],
-            bbox=tuple(data["bbox"]),
-            truncated=bool(data["truncated"]),
-            shape=tuple(data["shape"]),
-            sha256=data["sha256"],
-            offset=int(data["offset"]),
-            nbytes=int(data["nbytes"]),
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class SkippedVertebra:
-    """A vertebra of the label map that has no crop, and why (e.g. "truncated: …")."""
-
-    level: str
-    reason: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"level": self.level, "reason": self.reason}
-
 
 @dataclass(frozen=True, kw_only=True)
 class CaseRecord:
-    """One extracted (or failed) case, as its work file `NAME.json` holds it."""
+    """One extracted (or failed) case, as its work file `NAME.json` holds it.
 
+    The fields' order is the order of the keys in that file (`dataclasses.asdict`).
+    """
+
+    version: int = RECORD_VERSION
     case: str
     patient: str
     ct: str  # the CT's name as recorded (relative to --src or the pairs csv)
     seg: str
+    series: str | None = None  # the DICOM series asked for (None: NIfTI, or the largest CT series)
     geometry: dict[str, Any]  # `geometry_settings` of the run that extracted it
     sources: dict[str, list[int]]  # `source_stats` of ct and seg
     status: str  # "ok" | "failed"
     error: str | None = None  # the one-line reason, when failed
-    series: str | None = None  # the DICOM series asked for (None: NIfTI, or the largest CT series)
     source_orientation: str | None = None
     source_spacing: tuple[float, float, float] | None = None
     scheme: str | None = None
     # Label values that are no vertebra in `scheme`, with voxel counts, ascending.
     other_labels: tuple[tuple[int, int], ...] = ()
     crops: tuple[CropRecord, ...] = ()
-    skipped: tuple[SkippedVertebra, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
     seconds: float = 0.0
-    version: int = RECORD_VERSION
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "case": self.case,
-            "patient": self.patient,
-            "ct": self.ct,
-            "seg": self.seg,
-            "series": self.series,
-            "geometry": self.geometry,
-            "sources": self.sources,
-            "status": self.status,
-            "error": self.error,
-            "source_orientation": self.source_orientation,
-            "source_spacing": list(self.source_spacing) if self.source_spacing else None,
-            "scheme": self.scheme,
-            "other_labels": [list(pair) for pair in self.other_labels],
-            "crops": [crop.to_json() for crop in self.crops],
-            "skipped": [skip.to_json() for skip in self.skipped],
-            "seconds": self.seconds,
-        }
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CaseRecord:
-        spacing = data.get("source_spacing")
+        nested = {"crops", "skipped"}
         return cls(
-            version=data["version"],
-            case=data["case"],
-            patient=data["patient"],
-            ct=data["ct"],
-            seg=data["seg"],
-            series=data.get("series"),
-            geometry=data.get("geometry", {}),
-            sources=data.get("sources", {}),
-            status=data["status"],
-            error=data.get("error"),
-            source_orientation=data.get("source_orientation"),
-            source_spacing=tuple(spacing) if spacing else None,
-            scheme=data.get("scheme"),
-            other_labels=tuple(tuple(pair) for pair in data.get("other_labels", ())),
-            crops=tuple(CropRecord.from_json(c) for c in data.get("crops", ())),
-            skipped=tuple(SkippedVertebra(**s) for s in data.get("skipped", ())),
-            seconds=data.get("seconds", 0.0),
+            **{name: _tuples(value) for name, value in data.items() if name not in nested},
+            crops=tuple(
+                CropRecord(**{name: _tuples(value) for name, value in crop.items()})
+                for crop in data.get("crops", ())
+            ),
+            skipped=tuple(Skipped(**skip) for skip in data.get("skipped", ())),
         )
 
     def write(self, path: Path) -> None:
         """Write the record to `path` atomically (the case's "finished" marker)."""
-        write_atomically(path, json.dumps(self.to_json(), indent=1).encode("utf-8"))
+        write_atomically(path, json.dumps(dataclasses.asdict(self), indent=1).encode("utf-8"))
 
     @classmethod
     def read(cls, path: Path) -> CaseRecord:

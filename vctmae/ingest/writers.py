@@ -50,6 +50,14 @@ MANIFEST_COLUMNS = (
     "truncated",
     "sha256",
 )
+# The Zarr group's index-aligned attributes, each from a field of the samples' metadata.
+ZARR_ATTRS = {
+    "keys": "key",
+    "splits": "split",
+    "levels": "level",
+    "cases": "case",
+    "patients": "patient",
+}
 SHARD_NAME = re.compile(r"^(train|val|test|unlabeled)-\d{6}\.tar$")
 # One codec for the Zarr chunks and the work files, so that workers compress each
 # crop once, in parallel, and assembly copies the bytes. zstd level 1 with byte
@@ -85,14 +93,7 @@ def decode_crop(data: bytes, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(crop_codec().decode(data), dtype="<i2").reshape(tuple(shape))
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """Standard .npy file bytes of `array` (C order)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def npy_header(shape: Sequence[int], dtype: str = "<i2") -> bytes:
+def npy_header(shape: Sequence[int], dtype: str | np.dtype = "<i2") -> bytes:
     """The header `np.save` writes before a C-order array's bytes (format 1.0, 64-byte aligned)."""
     buffer = io.BytesIO()
     header = {
@@ -196,9 +197,7 @@ class ZarrWriter:
             self._chunks.mkdir()
         self._classes: list[int] = []
         self._grades: list[int] = []
-        self._attrs: dict[str, list[str]] = {
-            k: [] for k in ("keys", "splits", "levels", "cases", "patients")
-        }
+        self._attrs: dict[str, list[str]] = {name: [] for name in ZARR_ATTRS}
         # Each crop's vertebra mask box in crop indices (what `--frames mask` reads).
         self._bboxes: list[list[int]] = []
         self._check: dict[int, bytes] = {}
@@ -208,20 +207,9 @@ class ZarrWriter:
         return len(self._attrs["keys"])
 
     def write(
-        self,
-        index: int,
-        encoded: bytes,
-        *,
-        key: str,
-        split: str,
-        level: str,
-        case: str,
-        patient: str,
-        cls: int | None,
-        grade: int | None,
-        bbox: list[int],
+        self, index: int, encoded: bytes, meta: dict, cls: int | None, grade: int | None
     ) -> None:
-        """Store crop `index` from its `encode_crop` bytes."""
+        """Store crop `index` from its `encode_crop` bytes; `meta` is the sample's `KEY.json`."""
         if index != self.count:
             raise ValueError("ZarrWriter.write expects indices in order")
         chunk = self._chunks / "c" / str(index) / "0" / "0" / "0"
@@ -234,15 +222,9 @@ class ZarrWriter:
         self._last = (index, encoded)
         self._classes.append(-1 if cls is None else cls)
         self._grades.append(-1 if grade is None else grade)
-        self._bboxes.append([int(v) for v in bbox])
-        for name, value in (
-            ("keys", key),
-            ("splits", split),
-            ("levels", level),
-            ("cases", case),
-            ("patients", patient),
-        ):
-            self._attrs[name].append(value)
+        self._bboxes.append([int(v) for v in meta["bbox"]])
+        for name, key in ZARR_ATTRS.items():
+            self._attrs[name].append(meta[key])
 
     def close(self) -> None:
         from zarr.codecs import BloscCodec, BloscShuffle
@@ -320,7 +302,8 @@ def write_shards(folder: Path, split: str, shards: Iterable[Iterable[Sample]]) -
     for samples in shards:
         for key, crop, label in samples:
             meta = {"key": key, "level": key.rsplit("_", 1)[-1]}
-            members = [(CROP_MEMBER, npy_bytes(crop)), (META_MEMBER, json.dumps(meta).encode())]
+            npy = npy_header(crop.shape, crop.dtype) + np.ascontiguousarray(crop).tobytes()
+            members = [(CROP_MEMBER, npy), (META_MEMBER, json.dumps(meta).encode())]
             if label is not None:
                 members.append((CLASS_MEMBER, str(int(label)).encode()))
             writer.write(key, members)

@@ -10,10 +10,8 @@ may carry a Genant grade 1–3 compression fracture (wedge, biconcave or crush
 loss of anterior/middle body height); the end vertebrae of a spine never do, and
 the field of view always cuts through them, so no whole vertebra is an end one.
 
-Public API: `write_phantoms` (the `vctmae synth` command, given a `SynthConfig`), `make_phantom` (one
-case in memory: arrays, affine, grades), `plan_cases`/`build_planned` (the
-cases `write_phantoms` writes), `write_phantom`, `phantom_images`,
-`label_rows`/`write_labels`.
+`write_phantoms` writes the cases of a `SynthConfig` (`vctmae synth`); `make_phantom` draws
+one case in memory.
 
 Every case is drawn on a grid aligned with RAS+ world axes, then stored in a
 varying axis order (RAS, LPS, PIR, …) with a varying, often anisotropic voxel
@@ -420,6 +418,21 @@ def _paint_vertebra(
     paint(box, body, np.where(shell_distance < 1.5, anatomy.cortical_hu, vert.trabecular_hu))
 
 
+def _paint_spine(
+    ct: np.ndarray,
+    seg: np.ndarray,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    anatomy: _Anatomy,
+) -> None:
+    """Paint every vertebra of `anatomy`, head to feet, into `ct`/`seg` on the grid `axes`."""
+    centres, tangents = _centre_line(anatomy)
+    verts = anatomy.vertebrae
+    for i, vert in enumerate(verts):
+        disc_below = verts[i + 1].disc_above if i + 1 < len(verts) else vert.disc_above
+        frame = _frame(tangents[i], vert.axial_rotation)
+        _paint_vertebra(ct, seg, axes, centres[i], frame, vert, disc_below, anatomy)
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Scan:
     """One acquisition of an anatomy: field of view, voxel grid, storage order, noise."""
@@ -616,7 +629,7 @@ def _render(
     anatomy: _Anatomy, acq: _Scan, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw the case on a RAS-aligned grid; returns ct (int16), seg (uint8), affine."""
-    centres, tangents = _centre_line(anatomy)
+    centres = _centre_line(anatomy)[0]
     lo, step = np.array(acq.lo), np.array(acq.spacing)
     if acq.grid is not None:
         shape = acq.grid
@@ -649,12 +662,7 @@ def _render(
         return ct_int, seg, affine
     ct = np.repeat(plane[:, :, None], shape[2], axis=2)
     seg = np.zeros(shape, dtype=np.uint8)
-
-    verts = anatomy.vertebrae
-    for i, vert in enumerate(verts):
-        disc_below = verts[i + 1].disc_above if i + 1 < len(verts) else vert.disc_above
-        frame = _frame(tangents[i], vert.axial_rotation)
-        _paint_vertebra(ct, seg, axes, centres[i], frame, vert, disc_below, anatomy)
+    _paint_spine(ct, seg, axes, anatomy)
 
     # Scanner blur (point spread, a fraction of a mm), then quantum noise.
     ct = ndimage.gaussian_filter(ct, acq.blur / step, truncate=3.0, output=np.float32)
@@ -705,12 +713,7 @@ def _render_clinical(
     block_axes = (axes[0][block[0]], axes[1][block[1]], axes[2])
     spine = np.repeat(plane[block[0], block[1], None], shape[2], axis=2)
     spine_seg = np.zeros(spine.shape, dtype=np.uint8)
-    centres, tangents = _centre_line(anatomy)
-    verts = anatomy.vertebrae
-    for i, vert in enumerate(verts):
-        disc_below = verts[i + 1].disc_above if i + 1 < len(verts) else vert.disc_above
-        frame = _frame(tangents[i], vert.axial_rotation)
-        _paint_vertebra(spine, spine_seg, block_axes, centres[i], frame, vert, disc_below, anatomy)
+    _paint_spine(spine, spine_seg, block_axes, anatomy)
     seg = np.zeros(shape, dtype=np.uint8)
     seg[block[0], block[1], :] = spine_seg
     spine = ndimage.gaussian_filter(spine, sigma, truncate=3.0, output=np.float32)
