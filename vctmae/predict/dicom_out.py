@@ -232,20 +232,30 @@ def build_seg(scan: ScanResult, ct: Volume, labels: Volume, label_values: dict[s
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
+        # A software device: its name and version, never the machine's host name.
+        device_serial_number=f"{MANUFACTURER}-{version}"[:64],
+        content_label="VERTEBRAE",
+        content_description="Assessed vertebrae, labelled by level",
+        **_new_series(SEG_SERIES_NUMBER, version),
+    ), headers
+
+
+def _new_series(number: int, version: str) -> dict:
+    """The arguments every object vctmae writes shares: a new series of one instance, by this
+    software."""
+    import highdicom as hd
+
+    return dict(
         series_instance_uid=hd.UID(),
-        series_number=SEG_SERIES_NUMBER,
+        series_number=number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         software_versions=version,
-        # A software device: its name and version, never the machine's host name.
-        device_serial_number=f"{MANUFACTURER}-{version}"[:64],
         series_description=SERIES_DESCRIPTION,
-        content_label="VERTEBRAE",
-        content_description="Assessed vertebrae, labelled by level",
         coding_schemes=_private_scheme(),
-    ), headers
+    )
 
 
 def _totalsegmentator_version() -> str:
@@ -326,16 +336,8 @@ def build_sr(scan: ScanResult, seg, headers: list, run):
     return hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg],
         content=report[0],
-        series_instance_uid=hd.UID(),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=version,
-        series_description=SERIES_DESCRIPTION,
         is_complete=True,
-        coding_schemes=_private_scheme(),
+        **_new_series(SR_SERIES_NUMBER, version),
     )
 
 
