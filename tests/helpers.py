@@ -348,3 +348,28 @@ def count_samples(shards: str | Sequence[str]) -> int:
     """Number of samples (crops) in the shards, as the loader's index counts them."""
     indexes, _ = index_shards(expand_shards(shards))
     return sum(len(index) for index in indexes)
+
+
+def random_classifier(folder: Path) -> Path:
+    """The shrunken tiny classifier with seeded random weights, saved in `folder` (its
+    probabilities vary from crop to crop)."""
+    from vctmae.model import build_classifier, save_model
+
+    torch.manual_seed(0)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    return save_model(model, folder / "classifier.safetensors")
+
+
+def eval_config(checkpoint: Path, shards, out: Path, **changes):
+    """A `vctmae eval` run on the CPU, reading in the main process, without progress output."""
+    from vctmae.infer.config import EvalConfig
+
+    return EvalConfig(
+        checkpoint=checkpoint,
+        shards=tuple(shards),
+        out=out,
+        loader=LoaderOptions(workers=0),
+        device="cpu",
+        progress=False,
+        **changes,
+    )

@@ -23,16 +23,19 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from dicom_series import FLIP_XY, small_volume, write_series
-from helpers import SMALL_MODEL, load_ct, load_labels, reorient, use_totalsegmentator
+from helpers import (
+    load_ct,
+    load_labels,
+    random_classifier,
+    reorient,
+    use_totalsegmentator,
+)
 from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
 from vctmae.ingest.nifti import Volume
-from vctmae.model import build_classifier
-from vctmae.model.checkpoint import save_model
 from vctmae.predict.config import PredictConfig
 from vctmae.predict.dicom_out import (
     NIFTI_NOTE,
@@ -115,9 +118,7 @@ def text_values(dataset) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
-    return save_model(model, tmp_path_factory.mktemp("model") / "classifier.safetensors")
+    return random_classifier(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

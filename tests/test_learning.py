@@ -14,9 +14,9 @@ from __future__ import annotations
 import csv
 
 import pytest
+from helpers import eval_config
 
 from vctmae.data.options import LoaderOptions
-from vctmae.infer.config import EvalConfig
 from vctmae.infer.evaluate import run_eval
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.synth import SynthConfig
@@ -66,15 +66,7 @@ def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, 
         )
     )
     metrics = run_eval(
-        EvalConfig(
-            checkpoint=finetuned.best_path,
-            shards=shards["test"],
-            out=tmp_path / "report",
-            multiview=6,
-            loader=LoaderOptions(workers=0),
-            device="cpu",
-            progress=False,
-        )
+        eval_config(finetuned.best_path, shards["test"], tmp_path / "report", multiview=6)
     )
     with manifest.open() as f:
         test_rows = [r for r in csv.DictReader(f) if r["split"] == "test"]

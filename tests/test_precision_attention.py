@@ -16,14 +16,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_MODEL, read_predictions
+from helpers import SMALL_MODEL, eval_config, read_predictions
 from reference_code import random_crops
 
 from vctmae import clip
 from vctmae.data.frames import FrameSampler
-from vctmae.data.options import LoaderOptions
 from vctmae.infer.attention import shown_views, to_frames, token_scores
-from vctmae.infer.config import EvalConfig, SpeedOptions
+from vctmae.infer.config import SpeedOptions
 from vctmae.infer.device import BF16_CPU_FLAGS, cpu_flags, resolve_precision
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.views import assess
@@ -65,16 +64,7 @@ def test_bf16_and_fp32_probabilities_of_a_trained_model_agree_and_eval_says_whic
     for precision in ("bf16", "fp32"):
         out = tmp_path / precision
         run_eval(
-            EvalConfig(
-                checkpoint=weights,
-                shards=shards,
-                out=out,
-                multiview=6,
-                loader=LoaderOptions(workers=0),
-                device="cpu",
-                speed=SpeedOptions(precision=precision),
-                progress=False,
-            )
+            eval_config(weights, shards, out, multiview=6, speed=SpeedOptions(precision=precision))
         )
         assert json.loads((out / "metrics.json").read_text())["precision"] == precision
         probs[precision] = read_predictions(out / "predictions.csv").probs
@@ -160,14 +150,14 @@ def test_numba_cache_goes_to_a_per_user_folder_unless_numba_cache_dir_is_set(tmp
     assert numba_cache_dir(xdg) == tmp_path / "xdg" / "vctmae" / "numba"
     own = {**xdg, "NUMBA_CACHE_DIR": str(tmp_path / "mine")}
     assert numba_cache_dir(own) == tmp_path / "mine"
-    # A fresh process compiles the label census into the per-user folder (numba imported first:
+    # A fresh process compiles the label pass into the per-user folder (numba imported first:
     # the folder holds all the same).
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env.update(xdg, PYTHONPATH=os.pathsep.join(sys.path))
     code = (
         "import numba, numpy as np\n"
         "from vctmae.ingest import label_pass\n"
-        "label_pass.census(np.ones((2, 3, 4), np.int16))\n"
+        "label_pass.label_stats(np.ones((2, 3, 4), np.int16), 1)\n"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     cached = list((tmp_path / "xdg" / "vctmae" / "numba").rglob("label_pass.*.nbi"))

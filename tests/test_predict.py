@@ -24,8 +24,10 @@ from helpers import (
     TEST_RUN,
     cli,
     error_lines,
+    eval_config,
     load_ct,
     predict_config,
+    random_classifier,
     read_predictions,
     reorient,
     use_totalsegmentator,
@@ -83,9 +85,7 @@ def raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small random classifier (its probabilities vary from crop to crop)."""
-    torch.manual_seed(0)
-    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
-    return save_model(model, tmp_path_factory.mktemp("model") / "classifier.safetensors")
+    return random_classifier(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -367,17 +367,7 @@ def test_finetuning_records_the_validation_optimal_threshold(finetuned, tmp_path
     assert recorded is not None and recorded.epoch == result.state.best_epoch
     assert threshold_path(result.best_path).name == "best.threshold.json"
     # The best checkpoint's own validation predictions give that threshold.
-    run_eval(
-        EvalConfig(
-            checkpoint=result.best_path,
-            shards=tuple(val),
-            out=tmp_path / "val",
-            multiview=recorded.multiview,
-            loader=LoaderOptions(workers=0),
-            device="cpu",
-            progress=False,
-        )
-    )
+    run_eval(eval_config(result.best_path, val, tmp_path / "val", multiview=recorded.multiview))
     predictions = read_predictions(tmp_path / "val" / "predictions.csv")
     threshold, f1 = f1_optimal_threshold(predictions.labels, predictions.probs)
     assert recorded.threshold == pytest.approx(threshold, abs=1e-6)
@@ -391,16 +381,7 @@ def test_finetuning_records_the_validation_optimal_threshold(finetuned, tmp_path
 def test_eval_reports_metrics_at_half_and_at_the_recorded_threshold(finetuned, tmp_path):
     result, _, test = finetuned
     recorded = read_threshold(result.best_path)
-    metrics = run_eval(
-        EvalConfig(
-            checkpoint=result.best_path,
-            shards=tuple(test),
-            out=tmp_path,
-            loader=LoaderOptions(workers=0),
-            device="cpu",
-            progress=False,
-        )
-    )
+    metrics = run_eval(eval_config(result.best_path, test, tmp_path))
     # The checkpoint's own rule: finetuning validated on one view.
     assert metrics["multiview"] == recorded.multiview == 1
     predictions = read_predictions(tmp_path / "predictions.csv")
@@ -416,32 +397,12 @@ def test_eval_reports_metrics_at_half_and_at_the_recorded_threshold(finetuned, t
     # Without a recorded threshold, only the metrics at 0.5.
     threshold_path(result.best_path).rename(tmp_path / "kept.json")
     try:
-        plain = run_eval(
-            EvalConfig(
-                checkpoint=result.best_path,
-                shards=tuple(test),
-                out=tmp_path / "plain",
-                multiview=1,
-                loader=LoaderOptions(workers=0),
-                device="cpu",
-                progress=False,
-            )
-        )
+        plain = run_eval(eval_config(result.best_path, test, tmp_path / "plain", multiview=1))
     finally:
         (tmp_path / "kept.json").rename(threshold_path(result.best_path))
     assert "at_validation_threshold" not in plain
     # Six views give other probabilities: the one-view threshold does not hold for them.
-    six = run_eval(
-        EvalConfig(
-            checkpoint=result.best_path,
-            shards=tuple(test),
-            out=tmp_path / "six",
-            multiview=6,
-            loader=LoaderOptions(workers=0),
-            device="cpu",
-            progress=False,
-        )
-    )
+    six = run_eval(eval_config(result.best_path, test, tmp_path / "six", multiview=6))
     assert "at_validation_threshold" not in six
     assert "--multiview 1" in six["validation_threshold_unused"]
 

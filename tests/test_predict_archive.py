@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_MODEL, cli, error_lines, predict_config
+from helpers import SMALL_MODEL, cli, error_lines, predict_config, random_classifier
 
 from vctmae.errors import UsageError
 from vctmae.model import build_classifier
@@ -42,9 +42,7 @@ def raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
-    return save_model(model, tmp_path_factory.mktemp("archive-model") / "classifier.safetensors")
+    return random_classifier(tmp_path_factory.mktemp("archive-model"))
 
 
 @pytest.fixture(scope="module")

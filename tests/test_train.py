@@ -23,6 +23,7 @@ from helpers import (
     SMALL_MODEL,
     TEST_RUN,
     easy_crop,
+    eval_config,
     pretrain_config,
     read_log,
     read_predictions,
@@ -217,15 +218,7 @@ def test_finetuning_beats_chance_on_held_out_crops(easy_data, finetuned, tmp_pat
         finetuned.state.best_metric,
     )
     metrics = run_eval(
-        EvalConfig(
-            checkpoint=finetuned.best_path,
-            shards=tuple(easy_data["test"]),
-            out=tmp_path / "report",
-            multiview=6,
-            loader=LoaderOptions(workers=0),
-            device="cpu",
-            progress=False,
-        )
+        eval_config(finetuned.best_path, easy_data["test"], tmp_path / "report", multiview=6)
     )
     assert metrics["n"] == 16
     assert metrics["accuracy"] >= 0.8 and metrics["f1"] >= 0.75 and metrics["roc_auc"] >= 0.85, (
@@ -238,15 +231,7 @@ def test_eval_metrics_equal_sklearn_on_written_predictions(easy_data, finetuned,
     for views in (6, 1):
         out = tmp_path / f"mv{views}"
         metrics = run_eval(
-            EvalConfig(
-                checkpoint=finetuned.best_path,
-                shards=tuple(easy_data["test"]),
-                out=out,
-                multiview=views,
-                loader=LoaderOptions(workers=0),
-                device="cpu",
-                progress=False,
-            )
+            eval_config(finetuned.best_path, easy_data["test"], out, multiview=views)
         )
         predictions = read_predictions(out / "predictions.csv")
         assert len(predictions.keys) == len(set(predictions.keys)) == 16
