@@ -34,6 +34,7 @@ from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import iter_raw
+from vctmae.errors import UsageError
 
 # The real-CT fixture (`vctmae.bench.report.REAL_CT_DIR`); random smooth volumes without it.
 REAL_CT = REAL_CT_DIR / "ct.nii.gz"
@@ -58,11 +59,14 @@ class LoaderBenchConfig:
 
     def __post_init__(self) -> None:
         if self.samples < self.batch_size * 2 * max(1, *self.workers):
-            raise ValueError("samples too few for the batch size and worker counts")
+            raise UsageError(
+                f"--samples {self.samples} is too few for --batch-size {self.batch_size} at "
+                f"{max(self.workers)} workers (at least {self.batch_size * 2 * max(1, *self.workers)})"
+            )
         if not set(self.paper_workers) <= set(self.workers):
-            raise ValueError("the paper's path is compared at worker counts the loader runs at")
+            raise UsageError("the paper's path is compared at worker counts the loader runs at")
         if self.repeats < 1:
-            raise ValueError("repeats must be ≥ 1")
+            raise UsageError("repeats must be ≥ 1")
 
 
 def quick_config(**overrides) -> LoaderBenchConfig:
