@@ -77,3 +77,11 @@ def random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
         for i in range(count)
     )
     return [str(path) for path in write_shards(folder, "train", [samples])]
+
+
+def latest_checkpoint(run_dir: Path, kind: str) -> tuple[Path, Path] | None:
+    """(weights, state) of the newest checkpoint of `kind` in a run folder, or None."""
+    from vctmae.train.checkpoint import checkpoint_candidates
+
+    candidates = checkpoint_candidates(run_dir, kind)
+    return (candidates[0].weights, candidates[0].state) if candidates else None

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import read_log, read_predictions
+from helpers import latest_checkpoint, read_log, read_predictions
 from safetensors.torch import load_file
 from sklearn import metrics as sk
 
@@ -30,7 +30,6 @@ from vctmae.infer.config import EvalConfig, SpeedOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import compute_metrics
 from vctmae.ingest.writers import write_shards
-from vctmae.train.checkpoint import latest_checkpoint
 from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import run_finetune
 from vctmae.train.loop import NonFiniteLossError

@@ -26,11 +26,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
-from helpers import read_log, write_shard  # noqa: E402
+from helpers import latest_checkpoint, read_log, write_shard  # noqa: E402
 from test_train import SMALL_MODEL, easy_crop, stop_before_epoch, write_split  # noqa: E402
 
 from vctmae.cli import app  # noqa: E402
-from vctmae.train.checkpoint import latest_checkpoint, load_state  # noqa: E402
+from vctmae.train.checkpoint import load_state  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -84,7 +84,10 @@ def save_checkpoint(
         ckpt_dir / f"{name}.state.pt", lambda handle: torch.save(state, handle)
     )
     current = CheckpointFiles(epoch=epoch, weights=weights, state=state_path)
-    previous = _current_entries(ckpt_dir)
+    try:
+        previous = checkpoint_candidates(run_dir, kind)
+    except CheckpointError:
+        previous = []  # a damaged pointer: this checkpoint's replaces it
     kept = [current] + [files for files in previous if files.epoch != epoch][: KEEP - 1]
     pointer = ckpt_dir / POINTER
     text = json.dumps({**_entry(kept[0]), "previous": [_entry(f) for f in kept[1:]]}) + "\n"
@@ -97,17 +100,12 @@ def save_checkpoint(
     return pointer
 
 
-def _current_entries(ckpt_dir: Path) -> list[CheckpointFiles]:
-    """What the pointer names, newest first; [] when there is no usable pointer."""
-    pointer = ckpt_dir / POINTER
-    try:
-        return _read_pointer(pointer) if pointer.exists() else []
-    except CheckpointError:
+def checkpoint_candidates(run_dir: Path, kind: str) -> list[CheckpointFiles]:
+    """The checkpoints of `kind` the pointer names, newest first ([] when the run has none); a
+    damaged pointer is a CheckpointError."""
+    pointer = checkpoint_folder(run_dir, kind) / POINTER
+    if not pointer.exists():
         return []
-
-
-def _read_pointer(pointer: Path) -> list[CheckpointFiles]:
-    """The checkpoints `last.json` names, newest first; a damaged pointer is a CheckpointError."""
     try:
         entry = json.loads(pointer.read_text())
         files = [
@@ -132,26 +130,6 @@ def _plain_name(name: object) -> str:
     if not isinstance(name, str) or not name or Path(name).name != name:
         raise ValueError(f"{name!r} is not a file name in its checkpoint folder")
     return name
-
-
-def checkpoint_candidates(run_dir: Path, kind: str) -> list[CheckpointFiles]:
-    """The checkpoints of `kind` the pointer names, newest first ([] when the run has none)."""
-    pointer = checkpoint_folder(run_dir, kind) / POINTER
-    return _read_pointer(pointer) if pointer.exists() else []
-
-
-def latest_checkpoint(run_dir: Path, kind: str) -> tuple[Path, Path] | None:
-    """(weights, state) of the newest checkpoint of `kind`, or None when the run has none."""
-    candidates = checkpoint_candidates(run_dir, kind)
-    if not candidates:
-        return None
-    newest = candidates[0]
-    for path in (newest.weights, newest.state):
-        if not path.exists():
-            raise CheckpointError(
-                f"{path}: named by {checkpoint_folder(run_dir, kind) / POINTER} but missing"
-            )
-    return newest.weights, newest.state
 
 
 STATE_KEYS = ("optimizer", "step", "epoch", "torch_rng", "generators", "world_size", "config")

@@ -312,9 +312,9 @@ class Trainer:
         if bool(any_true(flag).item()):
             # The checkpoint a pending write is about to make current is the last good one.
             run.writer.wait(raise_errors=False)
-            found = checkpoint.latest_checkpoint(run.out, run.name)
+            found = checkpoint.checkpoint_candidates(run.out, run.name)
             kept = (
-                f"last good checkpoint kept: {found[0]}"
+                f"last good checkpoint kept: {found[0].weights}"
                 if found
                 else "no checkpoint had been written yet"
             )
