@@ -69,31 +69,20 @@ REAL_LIKE_SPACING = (0.7, 0.7, 1.0)
 # Measuring.
 
 
-def _children(pid: int, parent_of: dict[int, int]) -> set[int]:
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parent_of.items():
-            if ppid == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return tree
-
-
 def tree_rss(pid: int) -> int:
     """Resident bytes of `pid` and all its descendants (Linux /proc)."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    total = 0
-    for member in _children(pid, parent_of):
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    total, tree = 0, [pid]
+    while tree:
+        member = tree.pop()
+        tree += children.get(member, [])
         try:
             total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * PAGE
         except OSError:
@@ -101,24 +90,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure_ingest(src: Path, out: Path, workers: int, *extra: str) -> dict:
+def measure_ingest(src: Path, out: Path, workers: int) -> dict:
     """Run `vctmae ingest` in a child process; returns its report plus wall time and peak tree RSS."""
-    command = [
-        sys.executable,
-        "-m",
-        "vctmae",
-        "ingest",
-        "--src",
-        str(src),
-        "--out",
-        str(out),
-        "--labels",
-        str(src / "labels.csv"),
-        "--workers",
-        str(workers),
-        "--no-progress",
-        *extra,
-    ]
+    command = [sys.executable, "-m", "vctmae", "ingest", "--src", str(src), "--out", str(out)]
+    command += ["--labels", str(src / "labels.csv"), "--workers", str(workers), "--no-progress"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
