@@ -23,6 +23,8 @@ config), read back with `torch.load(weights_only=True)`: no pickled objects.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from vctmae.model.checkpoint import (
     model_files,
     write_model,
 )
+from vctmae.train.graph import tensors_in, with_tensors
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "last.json"
@@ -146,13 +149,8 @@ def load_state(path: Path) -> dict[str, Any]:
 def cpu_copy(value: Any) -> Any:
     """`value` (nested dicts, lists, tensors) with every tensor copied to the CPU: a snapshot
     the background writer can save while the training step changes the originals."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
-    return value
+    copies = (tensor.detach().to("cpu", copy=True) for tensor in tensors_in(value))
+    return with_tensors(value, copies)
 
 
 class BackgroundWriter:
@@ -166,17 +164,13 @@ class BackgroundWriter:
     """
 
     def __init__(self) -> None:
-        import queue
-        import threading
-
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._new_thread = lambda: threading.Thread(target=self._work, name="vctmae-checkpoints")
 
     def submit(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self._thread is None:
-            self._thread = self._new_thread()
+            self._thread = threading.Thread(target=self._work, name="vctmae-checkpoints")
             self._thread.start()
         self._jobs.put((job, args, kwargs))
 
