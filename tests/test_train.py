@@ -34,7 +34,7 @@ from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 from vctmae.train.finetune import run_finetune
 from vctmae.train.loop import NonFiniteLossError
 from vctmae.train.pretrain import run_pretrain
-from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
+from vctmae.train.schedule import WarmupCosine
 
 SMALL_MODEL = {
     "embed_dim": 48,
@@ -112,7 +112,7 @@ def weights_of(path: Path) -> dict[str, torch.Tensor]:
 # -- schedule and optimizer ----------------------------------------------------------------
 
 
-def test_schedule_matches_formula_at_several_steps():
+def test_schedule_matches_formula_at_several_steps(tmp_path):
     schedule = WarmupCosine(
         peak_lr=4e-3, total_steps=100, warmup_steps=40, start_lr=1e-8, end_lr=1e-7
     )
@@ -124,7 +124,8 @@ def test_schedule_matches_formula_at_several_steps():
         assert schedule(step) == pytest.approx(expected, rel=1e-12)
     assert schedule(70) == pytest.approx((4e-3 + 1e-7) / 2)
     # The paper's scaling rule: blr 1e-3, batch 8 on 4 processes with 2 accumulation steps.
-    assert pretrain_peak_lr(1e-3, 8, 4, 2) == pytest.approx(1e-3 * 64 / 256)
+    config = pretrain_config(["train-000000.tar"], tmp_path, blr=1e-3, batch_size=8, accum_steps=2)
+    assert config.peak_lr(4) == pytest.approx(1e-3 * 64 / 256)
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
