@@ -181,23 +181,6 @@ def _raw_epoch(shards: list[str], npload: bool = False) -> Callable[[], int]:
     return epoch
 
 
-def _paper_epoch(records: list[dict], workers: int, batch_size: int, device: torch.device):
-    """One epoch of the paper code's MONAI data path, its batches moved to `device` as its
-    training loop moves them."""
-    loader = load_peer("paper_monai").paper_loader(
-        records, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"
-    )
-
-    def epoch() -> int:
-        count = 0
-        for batch in loader:
-            batch["image"].to(device, non_blocking=True)
-            count += len(batch["image"])
-        return count
-
-    return epoch
-
-
 # ----------------------------------------------------------------------------- benchmark
 
 
@@ -293,8 +276,11 @@ def _measure(
             if dali_available():
                 threads = max(config.workers)
                 rates[f"dali_t{threads}"] = loader_rate(config.batch_size, threads, backend="dali")
+        paper_epoch = load_peer("paper_monai").paper_epoch
         for workers in config.paper_workers:
-            epoch = _paper_epoch(records, workers, config.batch_size, device)
+            epoch = paper_epoch(
+                records, batch_size=config.batch_size, workers=workers, device=device
+            )
             rates[f"paper_monai_w{workers}"] = rate(epoch)
     return rates
 
