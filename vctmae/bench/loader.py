@@ -58,10 +58,12 @@ class LoaderBenchConfig:
     real_ct: Path = field(default=REAL_CT)
 
     def __post_init__(self) -> None:
-        if self.samples < self.batch_size * 2 * max(1, *self.workers):
+        # Two batches for each worker, so that every worker delivers some.
+        least = self.batch_size * 2 * max(1, *self.workers)
+        if self.samples < least:
             raise UsageError(
                 f"--samples {self.samples} is too few for --batch-size {self.batch_size} at "
-                f"{max(self.workers)} workers (at least {self.batch_size * 2 * max(1, *self.workers)})"
+                f"{max(self.workers)} workers: at least {least}"
             )
         if not set(self.paper_workers) <= set(self.workers):
             raise UsageError("the paper's path is compared at worker counts the loader runs at")
