@@ -48,11 +48,6 @@ class ManyValuesCommand(TyperCommand):
         return super().parse_args(ctx, rewritten)
 
 
-def many_values(*flags: str) -> type[ManyValuesCommand]:
-    """A command class for which each of `flags` takes several values."""
-    return type("ManyValues", (ManyValuesCommand,), {"many": tuple(flags)})
-
-
 def _cli_type(hint: Any) -> tuple[Any, bool]:
     """The type typer parses for a field type; True when the value must become a tuple again.
 
@@ -152,8 +147,10 @@ def config_command(
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.__doc__ = run.__doc__
         command.__name__ = run.__name__
-        many = [o.name for o in options if o.flag.many]
-        app.command(name=name or run.__name__, cls=many_values(*many))(command)
+        # A command class for which each many-valued flag takes several values.
+        many = tuple(o.name for o in options if o.flag.many)
+        command_class = type("ManyValues", (ManyValuesCommand,), {"many": many})
+        app.command(name=name or run.__name__, cls=command_class)(command)
         return command
 
     return register
