@@ -373,3 +373,11 @@ def eval_config(checkpoint: Path, shards, out: Path, **changes):
         progress=False,
         **changes,
     )
+
+
+def latest_checkpoint(run_dir: Path, kind: str) -> tuple[Path, Path] | None:
+    """(weights, state) of the newest checkpoint of `kind` in a run folder, or None."""
+    from vctmae.train.checkpoint import checkpoint_candidates
+
+    candidates = checkpoint_candidates(run_dir, kind)
+    return (candidates[0].weights, candidates[0].state) if candidates else None

@@ -96,7 +96,7 @@ def test_required_option_and_validation_reach_the_user():
 
 
 def test_option_paths_follow_the_nesting():
-    paths = {o.option: o.path for o in config_options(Outer)}
+    paths = {o.name: o.path for o in config_options(Outer)}
     assert paths["--loader"] == ("inner", "backend")
     assert paths["--workers"] == ("inner", "workers")
     assert "--overrides" not in paths and len(paths) == 7

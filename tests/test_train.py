@@ -24,6 +24,7 @@ from helpers import (
     TEST_RUN,
     easy_crop,
     eval_config,
+    latest_checkpoint,
     pretrain_config,
     read_log,
     read_predictions,
@@ -36,12 +37,11 @@ from vctmae.data.options import LoaderOptions
 from vctmae.infer.config import EvalConfig, SpeedOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.infer.metrics import compute_metrics
-from vctmae.train.checkpoint import latest_checkpoint
 from vctmae.train.config import FinetuneConfig, RunOptions
 from vctmae.train.finetune import run_finetune
 from vctmae.train.loop import NonFiniteLossError
 from vctmae.train.pretrain import run_pretrain
-from vctmae.train.schedule import WarmupCosine, pretrain_peak_lr
+from vctmae.train.schedule import WarmupCosine
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def weights_of(path: Path) -> dict[str, torch.Tensor]:
 # -- schedule and optimizer ----------------------------------------------------------------
 
 
-def test_schedule_matches_formula_at_several_steps():
+def test_schedule_matches_formula_at_several_steps(tmp_path):
     schedule = WarmupCosine(
         peak_lr=4e-3, total_steps=100, warmup_steps=40, start_lr=1e-8, end_lr=1e-7
     )
@@ -63,7 +63,8 @@ def test_schedule_matches_formula_at_several_steps():
         assert schedule(step) == pytest.approx(expected, rel=1e-12)
     assert schedule(70) == pytest.approx((4e-3 + 1e-7) / 2)
     # The paper's scaling rule: blr 1e-3, batch 8 on 4 processes with 2 accumulation steps.
-    assert pretrain_peak_lr(1e-3, 8, 4, 2) == pytest.approx(1e-3 * 64 / 256)
+    config = pretrain_config(["train-000000.tar"], tmp_path, blr=1e-3, batch_size=8, accum_steps=2)
+    assert config.peak_lr(4) == pytest.approx(1e-3 * 64 / 256)
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():

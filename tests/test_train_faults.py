@@ -26,6 +26,7 @@ from helpers import (
     SMALL_MODEL,
     cli,
     easy_crop,
+    latest_checkpoint,
     one_line_error,
     read_log,
     shrink,
@@ -35,7 +36,7 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
-from vctmae.train.checkpoint import latest_checkpoint, load_state
+from vctmae.train.checkpoint import load_state
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -7,8 +7,8 @@ bad flag). Anything else — a bug, a CUDA out-of-memory, an NCCL failure — is
 not caught by the command line and shows its full traceback.
 
 Stage-specific errors (`IngestError`, `ShardError`, `CheckpointError`, …)
-subclass `VctmaeError`; several also subclass `ValueError`, as they did before
-this module existed, so existing callers that catch `ValueError` still work.
+subclass `VctmaeError`; several also subclass `ValueError`, so code that
+catches a bad value catches them too.
 """
 
 from __future__ import annotations

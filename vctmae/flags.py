@@ -56,19 +56,12 @@ def flag(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def field_flag(field: dataclasses.Field) -> Flag | None:
-    """The `Flag` of a dataclass field, or None when it has no command-line flag."""
-    return field.metadata.get(FLAG)
-
-
 @dataclass(frozen=True, kw_only=True)
 class ConfigField:
     """A leaf field of a (nested) config: where it is, and its flag if it has one."""
 
-    path: tuple[
-        str, ...
-    ]  # field names from the outer config down, e.g. ("run", "loader", "workers")
-    field: dataclasses.Field
+    # Field names from the outer config down, e.g. ("run", "loader", "workers").
+    path: tuple[str, ...]
     hint: Any  # the field's resolved type
     flag: Flag | None
 
@@ -96,6 +89,6 @@ def config_fields(config: type, path: tuple[str, ...] = ()) -> Iterator[ConfigFi
         if is_config(hints[field.name]):
             yield from config_fields(hints[field.name], here)
         else:
-            yield ConfigField(
-                path=here, field=field, hint=hints[field.name], flag=field_flag(field)
-            )
+            # The field's `Flag`, or None when it has no command-line flag.
+            flag = field.metadata.get(FLAG)
+            yield ConfigField(path=here, hint=hints[field.name], flag=flag)

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from vctmae.errors import UsageError, VctmaeError, is_out_of_space, out_of_space
+from vctmae.errors import UsageError, VctmaeError
+from vctmae.files import out_of_space_as_error
 from vctmae.progress import warn
 
 LOCK_NAME = ".vctmae.lock"
@@ -83,17 +84,14 @@ def make_output_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder}: --out must be a folder, but a file of that name exists")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        with out_of_space_as_error(folder):
+            folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"{folder}: --out cannot be created: part of its path is a file") from None
     except PermissionError:
         raise VctmaeError(
             f"{folder}: cannot create the output folder (permission denied)"
         ) from None
-    except OSError as error:
-        if is_out_of_space(error):
-            raise out_of_space(folder) from None
-        raise
 
 
 def _lock(path: Path, out: Path) -> int:

@@ -1,4 +1,4 @@
-"""Where a run writes what it did: a JSONL log, TensorBoard event files and a progress bar.
+"""Where a run writes what it did: a JSONL log and TensorBoard event files.
 
 The JSONL log is the record. When the optional `tensorboard` extra is installed,
 the numbers of the step and epoch records (loss, lr, samples/s, validation
@@ -14,10 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from vctmae.errors import is_out_of_space, out_of_space
+from vctmae.files import out_of_space_as_error
 from vctmae.provenance import git_commit, machine_info, versions
 
 
@@ -39,13 +36,8 @@ class RunLog:
         if not self.enabled:
             return
         record = {"event": event, "time": time.time(), **fields}
-        try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-        except OSError as error:
-            if is_out_of_space(error):
-                raise out_of_space(self.path) from None
-            raise
+        with out_of_space_as_error(self.path), self.path.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
         if self._board is not None and event in SCALAR_EVENTS and "step" in fields:
             for name, value in fields.items():
                 if name not in ("step", "epoch") and isinstance(value, int | float):
@@ -93,19 +85,3 @@ def _summary_writer(folder: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(folder))
-
-
-def training_progress(*, enabled: bool) -> Progress:
-    """Progress bar with samples/s, loss and lr fields (updated by the trainer)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7.1f} samples/s"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("lr {task.fields[lr]:.2e}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )

@@ -24,7 +24,7 @@ written here from their description (they are not part of MONAI).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -135,3 +135,22 @@ def paper_loader(
         pin_memory=pin_memory,
         drop_last=True,
     )
+
+
+def paper_epoch(
+    records: list[dict], *, batch_size: int, workers: int, device: torch.device
+) -> Callable[[], int]:
+    """One epoch of the paper's DataLoader, its batches moved to `device` as its training loop
+    moves them; the epoch returns the samples it read."""
+    loader = paper_loader(
+        records, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"
+    )
+
+    def epoch() -> int:
+        count = 0
+        for batch in loader:
+            batch["image"].to(device, non_blocking=True)
+            count += len(batch["image"])
+        return count
+
+    return epoch

@@ -51,13 +51,11 @@ from isal import igzip
 from scipy import ndimage
 
 from vctmae.bench.peers import load_peer, monai_version
-from vctmae.bench.report import REAL_CT_DIR, Result, write_report
+from vctmae.bench.report import REAL_CT_DIR, Report
 from vctmae.ingest import geometry
 from vctmae.ingest.discover import Case
 from vctmae.ingest.extract import ExtractJob, extract_case
-from vctmae.ingest.geometry import (
-    GeometryConfig,
-)
+from vctmae.ingest.geometry import GeometryConfig
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PAPER_CASES = 3446
@@ -71,31 +69,20 @@ REAL_LIKE_SPACING = (0.7, 0.7, 1.0)
 # Measuring.
 
 
-def _children(pid: int, parent_of: dict[int, int]) -> set[int]:
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parent_of.items():
-            if ppid == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return tree
-
-
 def tree_rss(pid: int) -> int:
     """Resident bytes of `pid` and all its descendants (Linux /proc)."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-        parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    total = 0
-    for member in _children(pid, parent_of):
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    total, tree = 0, [pid]
+    while tree:
+        member = tree.pop()
+        tree += children.get(member, [])
         try:
             total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * PAGE
         except OSError:
@@ -103,24 +90,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure_ingest(src: Path, out: Path, workers: int, *extra: str) -> dict:
+def measure_ingest(src: Path, out: Path, workers: int) -> dict:
     """Run `vctmae ingest` in a child process; returns its report plus wall time and peak tree RSS."""
-    command = [
-        sys.executable,
-        "-m",
-        "vctmae",
-        "ingest",
-        "--src",
-        str(src),
-        "--out",
-        str(out),
-        "--labels",
-        str(src / "labels.csv"),
-        "--workers",
-        str(workers),
-        "--no-progress",
-        *extra,
-    ]
+    command = [sys.executable, "-m", "vctmae", "ingest", "--src", str(src), "--out", str(out)]
+    command += ["--labels", str(src / "labels.csv"), "--workers", str(workers), "--no-progress"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -146,14 +119,9 @@ def measure_ingest(src: Path, out: Path, workers: int, *extra: str) -> dict:
     return {"report": report, "wall_s": wall, "peak_rss": peak}
 
 
-def write_clinical_phantoms(root: Path, distinct: int, cases: int) -> Path:
-    """`distinct` clinical phantoms linked as `cases` cases under `root` (ct/, seg/, labels.csv)."""
-    from vctmae.synth import SynthConfig
-    from vctmae.synth.phantoms import write_phantoms
-
-    store = root / "phantoms"
-    write_phantoms(SynthConfig(out=store, cases=distinct, seed=0, clinical=True))
-    src = root / "raw"
+def link_cases(store: Path, src: Path, distinct: int, cases: int) -> Path:
+    """The first `distinct` phantoms of `store` linked as `cases` cases under `src` (ct/, seg/,
+    labels.csv), one patient per case; returns `src`."""
     for kind in ("ct", "seg"):
         (src / kind).mkdir(parents=True)
     rows = (store / "labels.csv").read_text().splitlines()
@@ -306,20 +274,21 @@ def run_bench(
 ) -> Path:
     """Run the benchmark (module docstring); writes and returns the JSON report."""
     from vctmae.ingest.pipeline import default_workers
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
 
     load_peer("monai_crops")  # before any work: a missing peer stops the benchmark at once
     n_cases = cases or (2 if quick else 8)
     distinct = min(n_cases, 1 if quick else 4)
     rounds = rounds or (1 if quick else 2)
     n_workers = workers or default_workers()
-    load_before = os.getloadavg()
-    results: list[Result] = []
-    ratios: dict[str, float] = {}
+    report = Report("ingest-clinical")
     with tempfile.TemporaryDirectory(prefix="vctmae-bench-ingest-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        src = write_clinical_phantoms(root, distinct, n_cases)
+        write_phantoms(SynthConfig(out=root / "phantoms", cases=distinct, seed=0, clinical=True))
         synth_s = time.perf_counter() - started
+        src = link_cases(root / "phantoms", root / "raw", distinct, n_cases)
         shape = nib.load(str(src / "ct" / "case0000.nii.gz")).shape
         phantoms = [f"case{i:04d}" for i in range(distinct)]
         kinds = {"phantom": (src, phantoms)}
@@ -331,72 +300,54 @@ def run_bench(
         per_case = {}
         for kind, (folder, names) in kinds.items():
             measured_kind = per_case[kind] = _per_case(folder, names, rounds, work)
-            results += [
-                Result(name=f"{kind}_ingest", value=measured_kind["ingest"], unit="s/case"),
-                Result(name=f"{kind}_decode_only", value=measured_kind["decode"], unit="s/case"),
-                Result(name=f"{kind}_monai_crops", value=measured_kind["monai"], unit="s/case"),
-                Result(
-                    name=f"{kind}_crops", value=measured_kind["crops_per_case"], unit="crops/case"
-                ),
-            ]
+            report.add(f"{kind}_ingest", measured_kind["ingest"], "s/case")
+            report.add(f"{kind}_decode_only", measured_kind["decode"], "s/case")
+            report.add(f"{kind}_monai_crops", measured_kind["monai"], "s/case")
+            report.add(f"{kind}_crops", measured_kind["crops_per_case"], "crops/case")
             # Rates (cases/s) over rates: above 1, ingest is the faster.
-            ratios[f"ingest_over_monai_crops_{kind}"] = (
+            report.ratios[f"ingest_over_monai_crops_{kind}"] = (
                 measured_kind["monai"] / measured_kind["ingest"]
             )
-            ratios[f"ingest_over_decode_{kind}"] = measured_kind["decode"] / measured_kind["ingest"]
+            report.ratios[f"ingest_over_decode_{kind}"] = (
+                measured_kind["decode"] / measured_kind["ingest"]
+            )
         split = _cost_split(src, phantoms)
-        results += [
-            Result(name="phantom_fixed_part", value=split["fixed_s"], unit="s/case"),
-            Result(name="phantom_per_crop_part", value=split["per_crop_s"], unit="s/crop"),
-        ]
+        report.add("phantom_fixed_part", split["fixed_s"], "s/case")
+        report.add("phantom_per_crop_part", split["per_crop_s"], "s/crop")
 
-        measured: dict[int, dict] = {}
+        # The worker counts alternate, round after round: a burst of other work hits both.
+        runs: dict[int, list[dict]] = {w: [] for w in sorted({1, n_workers})}
         for round_index in range(rounds):
-            for w in sorted({1, n_workers}):
-                run = measure_ingest(src, root / f"out-w{w}-r{round_index}", w)
-                best = measured.get(w)
-                if best is None or run["wall_s"] < best["wall_s"]:
-                    measured[w] = {
-                        **run,
-                        "peak_rss": max(run["peak_rss"], best["peak_rss"] if best else 0),
-                    }
-                else:
-                    best["peak_rss"] = max(best["peak_rss"], run["peak_rss"])
+            for w, done in runs.items():
+                done.append(measure_ingest(src, root / f"out-w{w}-r{round_index}", w))
+        # Each worker count's fastest run, with the highest peak memory of any of its runs.
+        measured = {
+            w: {
+                **min(done, key=lambda r: r["wall_s"]),
+                "peak_rss": max(r["peak_rss"] for r in done),
+            }
+            for w, done in runs.items()
+        }
         written = measured[n_workers]["report"]["vertebrae_written"]
-        for w in sorted(measured):
-            run, report = measured[w], measured[w]["report"]
-            results += [
-                Result(name=f"wall_s_w{w}", value=run["wall_s"], unit="s"),
-                Result(name=f"s_per_case_w{w}", value=run["wall_s"] / n_cases, unit="s/case"),
-                Result(name=f"crops_per_s_w{w}", value=written / run["wall_s"], unit="crops/s"),
-                Result(name=f"assemble_s_w{w}", value=report["timings_s"]["assemble"], unit="s"),
-                Result(name=f"peak_tree_rss_w{w}", value=run["peak_rss"] / 2**20, unit="MiB"),
-            ]
+        for w, run in measured.items():
+            report.add(f"wall_s_w{w}", run["wall_s"], "s")
+            report.add(f"s_per_case_w{w}", run["wall_s"] / n_cases, "s/case")
+            report.add(f"crops_per_s_w{w}", written / run["wall_s"], "crops/s")
+            report.add(f"assemble_s_w{w}", run["report"]["timings_s"]["assemble"], "s")
+            report.add(f"peak_tree_rss_w{w}", run["peak_rss"] / 2**20, "MiB")
         # Ingest's parallel efficiency, relative to what the machine allowed (`parallel_probe`).
         efficiency = 1.0
         if n_workers != 1:
             speedup = measured[1]["wall_s"] / measured[n_workers]["wall_s"]
             probe = parallel_probe(n_workers)
-            ratios[f"w{n_workers}_over_w1"] = speedup
-            ratios[f"machine_probe_{n_workers}_processes_over_1"] = probe
+            report.ratios[f"w{n_workers}_over_w1"] = speedup
+            report.ratios[f"machine_probe_{n_workers}_processes_over_1"] = probe
             efficiency = min(1.0, speedup / min(probe, n_workers))
         if not quick and n_cases >= 4:
-            half = root / "raw-half"
-            for kind in ("ct", "seg"):
-                (half / kind).mkdir(parents=True)
-                for i in range(n_cases // 2):
-                    link = half / kind / f"case{i:04d}.nii.gz"
-                    link.symlink_to((src / kind / f"case{i:04d}.nii.gz").resolve())
-            (half / "labels.csv").write_text((src / "labels.csv").read_text())
+            half = link_cases(root / "phantoms", root / "raw-half", distinct, n_cases // 2)
             run = measure_ingest(half, root / "out-half", n_workers)
-            results.append(
-                Result(
-                    name=f"peak_tree_rss_w{n_workers}_half_cases",
-                    value=run["peak_rss"] / 2**20,
-                    unit="MiB",
-                )
-            )
-            ratios["peak_rss_full_over_half_cases"] = (
+            report.add(f"peak_tree_rss_w{n_workers}_half_cases", run["peak_rss"] / 2**20, "MiB")
+            report.ratios["peak_rss_full_over_half_cases"] = (
                 measured[n_workers]["peak_rss"] / run["peak_rss"]
             )
 
@@ -411,21 +362,12 @@ def run_bench(
             1, report_w1["vertebrae_written"]
         )
         assemble_min = PAPER_CROPS * assemble_per_crop / 60
-        results += [
-            Result(name="paper_case_s_now", value=case_s, unit="s/case"),
-            Result(name="projected_extract_16_cores_ideal_scaling", value=ideal_min, unit="min"),
-            Result(name="projected_extract_16_cores", value=extract_min, unit="min"),
-            Result(name="projected_assembly_one_core", value=assemble_min, unit="min"),
-            Result(
-                name="projected_paper_set_16_cores",
-                value=max(extract_min, assemble_min),
-                unit="min",
-            ),
-        ]
-    return write_report(
-        "ingest-clinical",
-        results,
-        ratios,
+        report.add("paper_case_s_now", case_s, "s/case")
+        report.add("projected_extract_16_cores_ideal_scaling", ideal_min, "min")
+        report.add("projected_extract_16_cores", extract_min, "min")
+        report.add("projected_assembly_one_core", assemble_min, "min")
+        report.add("projected_paper_set_16_cores", max(extract_min, assemble_min), "min")
+    return report.write(
         json_path=json_path,
         config={
             "cases": n_cases,
@@ -459,9 +401,6 @@ def run_bench(
             "parallel_efficiency_note": "ingest's N-worker speedup divided by the speedup "
             "N pure-Python loops got at the same time (machine_probe_*): this 2-core machine is "
             "shared with other jobs, and a probe near 1 means only one core was free",
-            # On a shared machine other jobs compete for the cores: record how busy it was.
-            "load_avg_before": [round(x, 2) for x in load_before],
-            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
             "note": "ratios are of rates (cases/s): ingest_over_X = X's seconds per case / "
             "ingest's; wall/s_per_case/crops_per_s: `vctmae ingest` end to end in a child "
             "process (discovery, extraction, assembly behind it, publish); projection: fixed + "

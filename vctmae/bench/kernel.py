@@ -11,8 +11,6 @@ Shapes: MAE pretraining (B = 8, 57 of 288 tokens kept) and finetuning (B = 64, a
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vctmae.bench.report import Report, time_calls
 from vctmae.clip import clip_frames, frame_index_tensor
 from vctmae.kernels import patch_embed
 from vctmae.kernels.reference import NUM_TOKENS
@@ -38,29 +37,6 @@ PAPER_SHAPES = (
     Shape(name="pretrain", batch=8, keep=57),
     Shape(name="finetune", batch=64, keep=None),
 )
-
-
-def time_ms(fn: Callable[[], Any], *, warmup: int, reps: int, device: torch.device) -> float:
-    """Median milliseconds per call after warm-up (CUDA events on a GPU, perf_counter otherwise)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @dataclass
@@ -119,14 +95,14 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Candidate and baseline times for the forward and forward+backward passes of one shape."""
     problem = Problem.random(shape, dim, device)
+
+    def median_ms(run) -> float:
+        return statistics.median(time_calls(run, device=device, warmup=warmup, repeats=reps)) * 1e3
+
     rows = []
     for backward in (False, True):
-        candidate = time_ms(
-            lambda b=backward: problem.fused(b, backend), warmup=warmup, reps=reps, device=device
-        )
-        baseline = time_ms(
-            lambda b=backward: problem.torch_rgb(b), warmup=warmup, reps=reps, device=device
-        )
+        candidate = median_ms(lambda b=backward: problem.fused(b, backend))
+        baseline = median_ms(lambda b=backward: problem.torch_rgb(b))
         rows.append(
             {
                 "shape": shape.name,
@@ -146,8 +122,7 @@ def run_kernel_benchmark(
     *, json_path: Path | str | None = None, quick: bool = False, dim: int = 1024
 ) -> Path:
     """Time the patch embedding on the GPU if present (Triton), else the torch reference, vs the RGB path."""
-    from vctmae.bench.report import Result, write_report
-
+    report = Report("kernel")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backend = "triton" if cuda else "torch"
@@ -165,12 +140,11 @@ def run_kernel_benchmark(
         for shape in shapes
         for r in measure(shape, dim=dim, device=device, backend=backend, warmup=warmup, reps=reps)
     ]
-    results, ratios = [], {}
     for r in rows:
         key = f"{r['shape']}_b{r['batch']}_{r['pass'].replace('+', '_')}"
-        results.append(Result(name=f"{key}_{candidate_name}", value=r["candidate_ms"], unit="ms"))
-        results.append(Result(name=f"{key}_torch_rgb", value=r["torch_rgb_ms"], unit="ms"))
-        ratios[f"{key}_{candidate_name}_over_torch_rgb_speed"] = r["speedup"]
+        report.add(f"{key}_{candidate_name}", r["candidate_ms"], "ms")
+        report.add(f"{key}_torch_rgb", r["torch_rgb_ms"], "ms")
+        report.ratios[f"{key}_{candidate_name}_over_torch_rgb_speed"] = r["speedup"]
     config = {
         "dim": dim,
         "device": str(device),
@@ -184,4 +158,4 @@ def run_kernel_benchmark(
         "reps": reps,
         "quick": quick,
     }
-    return write_report("kernel", results, ratios, json_path=json_path, config=config)
+    return report.write(json_path=json_path, config=config)

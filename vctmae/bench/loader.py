@@ -17,24 +17,24 @@ best GPU batch).
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from vctmae.bench.peers import load_peer, monai_version
-from vctmae.bench.report import REAL_CT_DIR, Result, write_report
+from vctmae.bench.report import REAL_CT_DIR, Report, bench_device, time_calls
 from vctmae.data.frames import random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import iter_raw
+from vctmae.errors import UsageError
 
 # The real-CT fixture (`vctmae.bench.report.REAL_CT_DIR`); random smooth volumes without it.
 REAL_CT = REAL_CT_DIR / "ct.nii.gz"
@@ -58,12 +58,17 @@ class LoaderBenchConfig:
     real_ct: Path = field(default=REAL_CT)
 
     def __post_init__(self) -> None:
-        if self.samples < self.batch_size * 2 * max(1, *self.workers):
-            raise ValueError("samples too few for the batch size and worker counts")
+        # Two batches for each worker, so that every worker delivers some.
+        least = self.batch_size * 2 * max(1, *self.workers)
+        if self.samples < least:
+            raise UsageError(
+                f"--samples {self.samples} is too few for --batch-size {self.batch_size} at "
+                f"{max(self.workers)} workers: at least {least}"
+            )
         if not set(self.paper_workers) <= set(self.workers):
-            raise ValueError("the paper's path is compared at worker counts the loader runs at")
+            raise UsageError("the paper's path is compared at worker counts the loader runs at")
         if self.repeats < 1:
-            raise ValueError("repeats must be ≥ 1")
+            raise UsageError("repeats must be ≥ 1")
 
 
 def quick_config(**overrides) -> LoaderBenchConfig:
@@ -146,75 +151,33 @@ def write_dataset(
 # ----------------------------------------------------------------------------- timing
 
 
-def _rate(epoch: Callable[[], int], repeats: int, min_seconds: float = 0.0) -> float:
-    """Median samples/s over `repeats` measurements after one untimed warm-up epoch; each
-    measurement runs whole epochs until at least `min_seconds` have passed."""
-    epoch()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        count = 0
-        while True:
-            count += epoch()
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        rates.append(count / elapsed)
-    return statistics.median(rates)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(
-            device
-        )  # deliberate: the epoch's batches must really be on the device
-
-
 def _loader_epoch(loader: ShardLoader, frames: bool = False) -> Callable[[], int]:
+    """One epoch of the streaming loader (`frames`: each batch also turned into model input)."""
+
     def epoch() -> int:
         count = 0
         for batch in loader:
             if frames:
                 sample_frames(batch.crops, random_offsets(len(batch), device=batch.crops.device))
             count += len(batch)
-        _sync(loader.device)
         return count
 
     return epoch
 
 
 def _raw_epoch(shards: list[str], npload: bool = False) -> Callable[[], int]:
-    def epoch() -> int:
-        count = 0
-        if npload:
-            for path in shards:
-                with tarfile.open(path, mode="r:") as tar:
-                    for member in tar:
-                        if member.name.endswith(".npy"):
-                            np.load(io.BytesIO(tar.extractfile(member).read()))
-                            count += 1
-            return count
-        for _ in iter_raw(shards):
-            count += 1
-        return count
-
-    return epoch
-
-
-def _paper_epoch(records: list[dict], workers: int, batch_size: int, device: torch.device):
-    """One epoch of the paper code's MONAI data path, its batches moved to `device` as its
-    training loop moves them."""
-    paper_monai = load_peer("paper_monai")
-    loader = paper_monai.paper_loader(
-        records, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda"
-    )
+    """The floor: one read of every crop in the shards (`npload`: each through np.load)."""
 
     def epoch() -> int:
+        if not npload:
+            return sum(1 for _ in iter_raw(shards))
         count = 0
-        for batch in loader:
-            batch["image"].to(device, non_blocking=True)
-            count += len(batch["image"])
-        _sync(device)
+        for path in shards:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    if member.name.endswith(".npy"):
+                        np.load(io.BytesIO(tar.extractfile(member).read()))
+                        count += 1
         return count
 
     return epoch
@@ -228,18 +191,19 @@ def run_loader_bench(
 ) -> Path:
     """Measure every contender on the same crops and write the report; returns the JSON path."""
     load_peer("paper_monai")  # before any work: a missing peer stops the benchmark at once
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = Report("loader")
+    device = bench_device(config.device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(
-            1
-        )  # on a small shared CPU, intra-op threads in sample_frames only contend
-    load_before = os.getloadavg()
+        # On a small shared CPU, intra-op threads in sample_frames only contend.
+        torch.set_num_threads(1)
     try:
         rates = _measure(config, device, workdir)
     finally:
         torch.set_num_threads(threads)
-    results = [Result(name=name, value=value, unit="samples/s") for name, value in rates.items()]
+    for name, value in rates.items():
+        report.add(name, value, "samples/s")
+    report.ratios.update(_ratios(rates, config))
     settings = {
         "samples": config.samples,
         "shard_size": config.shard_size,
@@ -264,20 +228,32 @@ def run_loader_bench(
         "ResizeWithPadOrCropd, its 16-frame sampling + RGB, RandFlipd; torch DataLoader, "
         "RandomSampler, drop_last, same batch size, workers as named (benchmarks/peers/paper_monai.py)",
         "paper_workers": list(config.paper_workers),
-        "load_avg_before": [round(x, 2) for x in load_before],
-        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-        "note": "the machine may be shared with other jobs while measuring (load_avg_*): "
-        "they slow every contender alike, the ratios of rates measured in one run less",
         "raw_read": "the floor: tarfile + np.frombuffer on each .npy member (raw_read_npload: np.load on BytesIO)",
     }
-    return write_report(
-        "loader", results, _ratios(rates, config), json_path=json_path, config=settings
-    )
+    return report.write(json_path=json_path, config=settings)
 
 
 def _measure(
     config: LoaderBenchConfig, device: torch.device, workdir: Path | None
 ) -> dict[str, float]:
+    """samples/s of every contender (see the module docstring), by name."""
+
+    def rate(epoch: Callable[[], int]) -> float:
+        samples = epoch()  # the untimed warm-up epoch
+        seconds = time_calls(
+            epoch, device=device, warmup=0, repeats=config.repeats, min_seconds=config.min_seconds
+        )
+        return samples / statistics.median(seconds)
+
+    def loader_rate(batch_size: int, workers: int, frames: bool = False, **more: Any) -> float:
+        loader = ShardLoader(
+            shards, batch_size=batch_size, training=True, num_workers=workers, device=device, **more
+        )
+        try:
+            return rate(_loader_epoch(loader, frames))
+        finally:
+            loader.close()
+
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         crops, label_maps, values = make_crops(config.samples, config.real_ct)
@@ -285,49 +261,29 @@ def _measure(
         paper_files = [record[key] for record in records for key in ("image", "mask")]
         for path in [*shards, *paper_files]:  # warm the page cache for everybody
             Path(path).read_bytes()
-        timed = {"repeats": config.repeats, "min_seconds": config.min_seconds}
-        rates["raw_read"] = _rate(_raw_epoch(shards), **timed)
-        rates["raw_read_npload"] = _rate(_raw_epoch(shards, npload=True), **timed)
+        rates["raw_read"] = rate(_raw_epoch(shards))
+        rates["raw_read_npload"] = rate(_raw_epoch(shards, npload=True))
         for workers in config.workers:
-            loader = ShardLoader(
-                shards,
-                batch_size=config.batch_size,
-                training=True,
-                num_workers=workers,
-                device=device,
-            )
-            rates[f"torch_w{workers}"] = _rate(_loader_epoch(loader), **timed)
+            rates[f"torch_w{workers}"] = loader_rate(config.batch_size, workers)
             if workers == 0:
-                rates["torch_w0_frames"] = _rate(_loader_epoch(loader, frames=True), **timed)
-            loader.close()
+                rates["torch_w0_frames"] = loader_rate(config.batch_size, 0, frames=True)
             if workers not in (0, max(config.workers)):
                 continue
             for batch in config.large_batches:
-                if config.samples < batch * max(1, workers):
-                    continue
-                loader = ShardLoader(
-                    shards, batch_size=batch, training=True, num_workers=workers, device=device
-                )
-                rates[f"torch_w{workers}_b{batch}"] = _rate(_loader_epoch(loader), **timed)
-                loader.close()
+                if config.samples >= batch * max(1, workers):
+                    rates[f"torch_w{workers}_b{batch}"] = loader_rate(batch, workers)
         if config.dali:
             from vctmae.data.dali import dali_available
 
             if dali_available():
                 threads = max(config.workers)
-                loader = ShardLoader(
-                    shards,
-                    batch_size=config.batch_size,
-                    training=True,
-                    num_workers=threads,
-                    device=device,
-                    backend="dali",
-                )
-                rates[f"dali_t{threads}"] = _rate(_loader_epoch(loader), **timed)
+                rates[f"dali_t{threads}"] = loader_rate(config.batch_size, threads, backend="dali")
+        paper_epoch = load_peer("paper_monai").paper_epoch
         for workers in config.paper_workers:
-            rates[f"paper_monai_w{workers}"] = _rate(
-                _paper_epoch(records, workers, config.batch_size, device), **timed
+            epoch = paper_epoch(
+                records, batch_size=config.batch_size, workers=workers, device=device
             )
+            rates[f"paper_monai_w{workers}"] = rate(epoch)
     return rates
 
 

@@ -25,9 +25,9 @@ whole recipe.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from vctmae.bench.report import Report, bench_device, time_calls
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
 DATASHEET_BF16_TFLOPS = {"A40": 149.7, "A100": 312.0, "H100": 989.0, "H200": 989.0}
@@ -142,27 +144,15 @@ def datasheet_peak(gpu: str | None) -> float | None:
     return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        # Deliberate: a timed region must end when the device has finished its work.
-        torch.cuda.synchronize(device)
-
-
 def measured_matmul_tflops(device: torch.device) -> float:
     """bf16 matmul rate of this device (fp32 on CPU), TFLOP/s, median of repeats."""
     n = 8192 if device.type == "cuda" else 512
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for repeat in range(25 if device.type == "cuda" else 5):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        if repeat >= 3:
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e12
+    repeats = 22 if device.type == "cuda" else 2
+    seconds = time_calls(lambda: a @ b, device=device, warmup=3, repeats=repeats)
+    return 2 * n**3 / statistics.median(seconds) / 1e12
 
 
 # ----------------------------------------------------------------------------- the timed step
@@ -217,19 +207,18 @@ def time_case(
         if len(batches) == min(steps, 4):
             break
     trainer.run.model.train()
+    cycle = itertools.cycle(batches)
+    losses = []
+
+    def step() -> None:
+        losses.append(trainer.train_step([next(cycle)]).loss_sum)
+
     # Warm-up: compilation, autotuning, allocator growth stay outside the timed rounds.
-    for i in range(3 if "compiled" in case.mode else 2):
-        trainer.train_step([batches[i % len(batches)]])
-    rounds = []
-    for _ in range(repeats):
-        _sync(dev)
-        start = time.perf_counter()
-        for i in range(steps):
-            metrics = trainer.train_step([batches[i % len(batches)]])
-        _sync(dev)
-        rounds.append((time.perf_counter() - start) / steps * 1e3)
-    if not torch.isfinite(metrics.loss_sum).item():
+    warmup = 3 if "compiled" in case.mode else 2
+    seconds = time_calls(step, device=dev, warmup=warmup, repeats=repeats, calls=steps)
+    if not torch.isfinite(losses[-1]).item():
         raise RuntimeError(f"{case.name}: non-finite loss")
+    rounds = [s * 1e3 for s in seconds]
     median = statistics.median(rounds)
     flops = training_flops_per_sample(trainer.run.model, case.kind)
     result = {
@@ -244,7 +233,6 @@ def time_case(
     if dev.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         torch.cuda.reset_peak_memory_stats(dev)
-    del trainer
     return result
 
 
@@ -280,15 +268,15 @@ def validation_rate(preset: str, batch: int, device: torch.device, views: int = 
     model = build_classifier(preset).to(device).eval()
     install_patch_embed(model, "auto", device)
     crops = torch.randint(-1200, 1500, (batch, 96, 96, 96), dtype=torch.int16, device=device)
-    for _ in range(2):
-        multiview_probs(model, crops, views=views, device=device)
-    _sync(device)
-    start = time.perf_counter()
-    repeats = 5 if device.type == "cuda" else 1
-    for _ in range(repeats):
-        multiview_probs(model, crops, views=views, device=device)
-    _sync(device)
-    return batch * repeats / (time.perf_counter() - start)
+    calls = 5 if device.type == "cuda" else 1
+    seconds = time_calls(
+        lambda: multiview_probs(model, crops, views=views, device=device),
+        device=device,
+        warmup=2,
+        repeats=1,
+        calls=calls,
+    )
+    return batch / seconds[0]
 
 
 def checkpoint_seconds(preset: str, out: Path) -> float:
@@ -304,11 +292,12 @@ def checkpoint_seconds(preset: str, out: Path) -> float:
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
-    start = time.perf_counter()
-    save_checkpoint(
-        out, kind="pretrain", model=model, state={"optimizer": optimizer.state_dict()}, epoch=1
-    )
-    return time.perf_counter() - start
+    state = {"optimizer": optimizer.state_dict()}
+
+    def save() -> None:
+        save_checkpoint(out, kind="pretrain", model=model, state=state, epoch=1)
+
+    return time_calls(save, warmup=0, repeats=1)[0]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -342,12 +331,12 @@ def run_step_benchmark(
     device: str | None = None,
     cases: Sequence[StepCase] | None = None,
     recipe: bool = False,
-) -> dict[str, Any]:
+) -> Path:
     """Time every case, print the table, write benchmarks/results/step.json (or `json_path`)."""
-    from vctmae.bench.report import Result, write_report
     from vctmae.provenance import machine_info
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = Report("step")
+    dev = bench_device(device)
     gpu = dev.type == "cuda"
     preset = preset or ("large" if gpu else "tiny")
     cases = list(cases or default_cases(preset, gpu=gpu, quick=quick))
@@ -363,7 +352,7 @@ def run_step_benchmark(
             timings[case.name] = time_case(
                 case, shards, Path(tmp) / case.name, device=str(dev), steps=steps, repeats=repeats
             )
-        projection = None
+            _add_case(report, case, timings, measured_peak, sheet_peak)
         if recipe:
             pretrain, pretrain_batch = _best_rate(
                 timings, "pretrain", PAPER_RECIPE["pretrain_batch"]
@@ -379,16 +368,13 @@ def run_step_benchmark(
             projection = recipe_projection(
                 rates, checkpoint_s=checkpoint_seconds(preset, Path(tmp) / "ckpt")
             )
-            projection.update({f"{k}_samples_per_s": v for k, v in rates.items()})
+            for name, seconds in projection.items():
+                report.add(f"recipe_{name}", seconds, "s")
+            for name, rate in rates.items():
+                report.add(f"recipe_{name}_samples_per_s", rate, "samples/s")
             # The recipe's batches are 8 and 64; a smaller machine measures what it can.
-            projection.update(pretrain_batch=pretrain_batch, finetune_batch=finetune_batch)
-    results, ratios = _results(timings, cases, measured_peak, sheet_peak)
-    if projection is not None:
-        units = {"_per_s": "samples/s", "_batch": "crops", "_s": "s"}
-        results += [
-            Result(name=f"recipe_{k}", value=v, unit=next(u for end, u in units.items() if k.endswith(end)))
-            for k, v in projection.items()
-        ]  # fmt: skip
+            report.add("recipe_pretrain_batch", pretrain_batch, "crops")
+            report.add("recipe_finetune_batch", finetune_batch, "crops")
     config = {
         "preset": preset,
         "device": str(dev),
@@ -402,8 +388,7 @@ def run_step_benchmark(
         "timings": timings,
         "recipe": PAPER_RECIPE if recipe else None,
     }
-    path = write_report("step", results=results, ratios=ratios, json_path=json_path, config=config)
-    return {"timings": timings, "ratios": ratios, "projection": projection, "path": str(path)}
+    return report.write(json_path=json_path, config=config)
 
 
 def _best_rate(timings: dict[str, dict[str, Any]], kind: str, batch: int) -> tuple[float, int]:
@@ -419,26 +404,24 @@ def _best_rate(timings: dict[str, dict[str, Any]], kind: str, batch: int) -> tup
     return best["samples_per_s"], best["case"]["batch"]
 
 
-def _results(timings, cases, measured_peak: float, sheet_peak: float | None):
-    from vctmae.bench.report import Result
-
-    results, ratios = [], {}
-    for case in cases:
-        t = timings[case.name]
-        results.append(Result(name=case.name, value=t["samples_per_s"], unit="samples/s"))
-        results.append(Result(name=f"{case.name}_ms", value=t["ms_per_step"], unit="ms/step"))
-        results.append(
-            Result(name=f"{case.name}_mfu_measured", value=t["tflops"] / measured_peak, unit="fraction")
-        )  # fmt: skip
-        if sheet_peak:
-            results.append(
-                Result(name=f"{case.name}_mfu_datasheet", value=t["tflops"] / sheet_peak, unit="fraction")
-            )  # fmt: skip
-        # Every mode over the fp32 baseline, and the compiled or graphed modes over bf16 eager.
-        for base_mode in ("eager_fp32", "bf16"):
-            baseline = f"{case.kind}_b{case.batch}_{base_mode}"
-            if case.mode not in ("eager_fp32", base_mode) and baseline in timings:
-                ratios[f"{case.name}_over_{baseline}"] = (
-                    t["samples_per_s"] / timings[baseline]["samples_per_s"]
-                )
-    return results, ratios
+def _add_case(
+    report: Report,
+    case: StepCase,
+    timings: dict[str, dict[str, Any]],
+    measured_peak: float,
+    sheet_peak: float | None,
+) -> None:
+    """A timed case's rate, step time and MFU, and its ratios over the modes timed before it:
+    every mode over the fp32 baseline, the compiled or graphed modes over bf16 eager."""
+    t = timings[case.name]
+    report.add(case.name, t["samples_per_s"], "samples/s")
+    report.add(f"{case.name}_ms", t["ms_per_step"], "ms/step")
+    report.add(f"{case.name}_mfu_measured", t["tflops"] / measured_peak, "fraction")
+    if sheet_peak:
+        report.add(f"{case.name}_mfu_datasheet", t["tflops"] / sheet_peak, "fraction")
+    for base_mode in ("eager_fp32", "bf16"):
+        baseline = f"{case.kind}_b{case.batch}_{base_mode}"
+        if case.mode not in ("eager_fp32", base_mode) and baseline in timings:
+            report.ratios[f"{case.name}_over_{baseline}"] = (
+                t["samples_per_s"] / timings[baseline]["samples_per_s"]
+            )

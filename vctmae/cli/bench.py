@@ -4,22 +4,31 @@ module of `vctmae.bench`."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from vctmae.cli.app import bench_app
+from vctmae.cli.app import bench_app, expected_failures
+from vctmae.errors import UsageError
+
+
+def json_option(default: str) -> Any:
+    """The `--json` option of a benchmark whose report goes to benchmarks/results/`default`."""
+    return typer.Option(
+        None,
+        "--json",
+        help=f"Where to write the JSON report (default benchmarks/results/{default}).",
+    )
+
+
+def quick_option(help: str) -> Any:
+    return typer.Option(False, "--quick", help=help)
 
 
 @bench_app.command("ingest")
 def bench_ingest(
-    json_path: Path = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON result (default benchmarks/results/ingest-clinical.json).",
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="One clinical phantom as two cases: about a minute on 2 cores."
-    ),
+    json_path: Path | None = json_option("ingest-clinical.json"),
+    quick: bool = quick_option("One clinical phantom as two cases: about a minute on 2 cores."),
     workers: int = typer.Option(
         None, "--workers", help="Parallel worker count to compare with 1 worker (default: cores)."
     ),
@@ -29,7 +38,6 @@ def bench_ingest(
 ) -> None:
     """Ingest at clinical size: s/case against a MONAI crop recipe and against only decoding the files (phantoms and a real-like CT), crops/s at 1 and N workers, peak memory, the projection for 3,446 CTs on 16 cores."""
     from vctmae.bench.ingest import run_bench
-    from vctmae.cli.app import expected_failures
 
     with expected_failures():
         run_bench(json_path=json_path, quick=quick, workers=workers, cases=cases)
@@ -37,14 +45,8 @@ def bench_ingest(
 
 @bench_app.command("loader")
 def bench_loader(
-    json_path: Path = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON report (default benchmarks/results/loader.json).",
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="Fewer crops and repeats: about a minute on a 2-core machine."
-    ),
+    json_path: Path | None = json_option("loader.json"),
+    quick: bool = quick_option("Fewer crops and repeats: about a minute on a 2-core machine."),
     samples: int = typer.Option(
         None, "--samples", help="Number of crops to measure on (default 256, quick 64)."
     ),
@@ -58,30 +60,19 @@ def bench_loader(
 ) -> None:
     """Samples/s from shards to device-ready batches (torch 0/1/2 workers, DALI) vs the paper code's MONAI data path and the raw tar read."""
     from vctmae.bench.loader import LoaderBenchConfig, quick_config, run_loader_bench
-    from vctmae.cli.app import expected_failures
 
     overrides = {"batch_size": batch_size, "device": device, "dali": not no_dali}
     if samples is not None:
         overrides["samples"] = samples
-    try:
-        config = quick_config(**overrides) if quick else LoaderBenchConfig(**overrides)
-    except ValueError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     with expected_failures():
+        config = quick_config(**overrides) if quick else LoaderBenchConfig(**overrides)
         run_loader_bench(config, json_path=json_path)
 
 
 @bench_app.command("step")
 def bench_step(
-    json_path: Path | None = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON report (default benchmarks/results/step.json).",
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="Fewer steps and cases (about a minute on 2 cores)."
-    ),
+    json_path: Path | None = json_option("step.json"),
+    quick: bool = quick_option("Fewer steps and cases (about a minute on 2 cores)."),
     preset: str | None = typer.Option(
         None, "--preset", help="Model preset (default: large on a GPU, tiny on the CPU)."
     ),
@@ -95,25 +86,19 @@ def bench_step(
     """Trainer.train_step of both trainers, timed: samples/s, spread, MFU; eager fp32 as the baseline."""
     from vctmae.bench.step import run_step_benchmark
 
-    if recipe not in (None, "paper"):
-        typer.secho(f"error: --recipe must be 'paper', got {recipe!r}", fg="red", err=True)
-        raise typer.Exit(2)
-    run_step_benchmark(
-        json_path=json_path, quick=quick, preset=preset, device=device, recipe=recipe == "paper"
-    )
+    with expected_failures():
+        if recipe not in (None, "paper"):
+            raise UsageError(f"--recipe must be 'paper', got {recipe!r}")
+        run_step_benchmark(
+            json_path=json_path, quick=quick, preset=preset, device=device, recipe=recipe == "paper"
+        )
 
 
 @bench_app.command("kernel")
 def bench_kernel(
-    json_path: Path = typer.Option(
-        None,
-        "--json",
-        help="Where to write the JSON report (default benchmarks/results/kernel.json).",
-    ),
-    quick: bool = typer.Option(
-        False,
-        "--quick",
-        help="Fewer repeats and smaller CPU shapes: about a minute on a 2-core machine.",
+    json_path: Path | None = json_option("kernel.json"),
+    quick: bool = quick_option(
+        "Fewer repeats and smaller CPU shapes: about a minute on a 2-core machine."
     ),
     dim: int = typer.Option(1024, "--dim", min=16, help="Embedding width D (1024 = ViT-L)."),
 ) -> None:

@@ -15,15 +15,14 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import typer
 from typer.core import TyperCommand
 
 from vctmae.cli.app import expected_failures
-from vctmae.flags import Flag, config_fields, is_config
+from vctmae.flags import ConfigField, config_fields, is_config
 
 
 class ManyValuesCommand(TyperCommand):
@@ -47,29 +46,6 @@ class ManyValuesCommand(TyperCommand):
             else:
                 rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
-
-
-def many_values(*flags: str) -> type[ManyValuesCommand]:
-    """A command class for which each of `flags` takes several values."""
-    return type("ManyValues", (ManyValuesCommand,), {"many": tuple(flags)})
-
-
-@dataclass(frozen=True, kw_only=True)
-class Option:
-    """One command-line option: where its value goes in the nested config, and how it is typed."""
-
-    path: tuple[
-        str, ...
-    ]  # field names from the outer config down, e.g. ("run", "loader", "workers")
-    param: str  # the command function's parameter name (unique per command)
-    flag: Flag
-    annotation: Any  # the type typer parses (a tuple field is parsed as a list)
-    default: Any  # dataclasses.MISSING for a required option
-    as_tuple: bool
-
-    @property
-    def option(self) -> str:
-        return self.flag.option(self.path[-1])
 
 
 def _cli_type(hint: Any) -> tuple[Any, bool]:
@@ -109,21 +85,15 @@ def leaf_default(config: type, path: tuple[str, ...]) -> Any:
     return value
 
 
-def config_options(config: type) -> Iterator[Option]:
+def config_options(config: type) -> list[ConfigField]:
     """Every flagged field of `config` and of the config dataclasses nested in it, in field order."""
-    for leaf in config_fields(config):
-        if leaf.flag is None:
-            continue
-        annotation, as_tuple = _cli_type(leaf.hint)
-        default = leaf_default(config, leaf.path)
-        yield Option(
-            path=leaf.path,
-            param=leaf.name.removeprefix("--").replace("-", "_"),
-            flag=leaf.flag,
-            annotation=annotation,
-            default=list(default) if as_tuple and default is not dataclasses.MISSING else default,
-            as_tuple=as_tuple,
-        )
+    return [leaf for leaf in config_fields(config) if leaf.flag is not None]
+
+
+def _param(option: ConfigField) -> str:
+    """The command function's parameter for an option (unique per command): "--val-shards" →
+    "val_shards"."""
+    return option.name.removeprefix("--").replace("-", "_")
 
 
 def build_config(config: type, values: Mapping[tuple[str, ...], Any], path: tuple[str, ...] = ()):
@@ -153,20 +123,21 @@ def config_command(
     `defaults` maps a flag to this command's default where the config has none or another
     (e.g. each trainer's default `--out` folder).
     """
-    options = list(config_options(config))
+    options = config_options(config)
     defaults = defaults or {}
-    unknown = set(defaults) - {o.option for o in options}
+    unknown = set(defaults) - {o.name for o in options}
     if unknown:
         raise ValueError(f"{config.__name__}: defaults for unknown flags {sorted(unknown)}")
 
     def register(run: Callable[[Any], None]) -> Callable[..., None]:
-        parameters = [_parameter(option, defaults) for option in options]
+        parameters = [_parameter(config, option, defaults) for option in options]
 
         def command(**values: Any) -> None:
             by_path = {}
             for option in options:
-                value = values[option.param]
-                by_path[option.path] = tuple(value) if option.as_tuple else value
+                value = values[_param(option)]
+                as_tuple = _cli_type(option.hint)[1]
+                by_path[option.path] = tuple(value) if as_tuple else value
             # A value the config refuses is one line and exit 2 (UsageError), like a bad flag.
             with expected_failures():
                 built = build_config(config, by_path)
@@ -176,26 +147,33 @@ def config_command(
         command.__annotations__ = {p.name: p.annotation for p in parameters}
         command.__doc__ = run.__doc__
         command.__name__ = run.__name__
-        many = [o.option for o in options if o.flag.many]
-        app.command(name=name or run.__name__, cls=many_values(*many))(command)
+        # A command class for which each many-valued flag takes several values.
+        many = tuple(o.name for o in options if o.flag.many)
+        command_class = type("ManyValues", (ManyValuesCommand,), {"many": many})
+        app.command(name=name or run.__name__, cls=command_class)(command)
         return command
 
     return register
 
 
-def _parameter(option: Option, defaults: Mapping[str, Any]) -> inspect.Parameter:
-    """The typer parameter of one option (with this command's default, if it has one)."""
-    default = defaults.get(option.option, option.default)
-    names = option.option
+def _parameter(config: type, option: ConfigField, defaults: Mapping[str, Any]) -> inspect.Parameter:
+    """The typer parameter of one option (with this command's default, if it has one); a
+    tuple field is parsed as a list. A required option has no default."""
+    annotation, as_tuple = _cli_type(option.hint)
+    default = leaf_default(config, option.path)
+    if as_tuple and default is not dataclasses.MISSING:
+        default = list(default)
+    default = defaults.get(option.name, default)
+    names = option.name
     if option.flag.negatable:
-        names = f"{option.option}/--no-{option.option.removeprefix('--')}"
+        names = f"{option.name}/--no-{option.name.removeprefix('--')}"
     return inspect.Parameter(
-        option.param,
+        _param(option),
         inspect.Parameter.KEYWORD_ONLY,
         default=typer.Option(
             ... if default is dataclasses.MISSING else default,
             names,
             help=option.flag.help,
         ),
-        annotation=option.annotation,
+        annotation=annotation,
     )

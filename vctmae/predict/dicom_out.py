@@ -373,7 +373,7 @@ def write_dicom_objects(
         written.append(folder / SR_FILE)
     except OutOfSpaceError:
         raise
-    except Exception as error:  # noqa: BLE001 - one odd series must not stop the others
+    except Exception as error:
         for path in written:  # a SEG without its SR would be half the findings
             path.unlink(missing_ok=True)
         detail = " ".join(str(error).split()) or "no details"

@@ -294,7 +294,7 @@ def cut_job(job: ScanJob) -> CutScan:
         return CutScan(job=job, error=str(error), seconds=seconds)
     except VctmaeError:
         raise  # TotalSegmentator's weights missing, a full disk: not this scan's fault
-    except Exception as error:  # noqa: BLE001 - as ingest: one odd scan must not stop the others
+    except Exception as error:
         line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
         return CutScan(job=job, error=line, seconds=seconds)
     label_values = {name: value for value, name in SCHEMES[cut.scheme].items()}

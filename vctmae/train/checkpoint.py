@@ -23,6 +23,8 @@ config), read back with `torch.load(weights_only=True)`: no pickled objects.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from vctmae.model.checkpoint import (
     model_files,
     write_model,
 )
+from vctmae.train.graph import tensors_in, with_tensors
 
 CHECKPOINT_DIR = "checkpoints"
 POINTER = "last.json"
@@ -84,7 +87,10 @@ def save_checkpoint(
         ckpt_dir / f"{name}.state.pt", lambda handle: torch.save(state, handle)
     )
     current = CheckpointFiles(epoch=epoch, weights=weights, state=state_path)
-    previous = _current_entries(ckpt_dir)
+    try:
+        previous = checkpoint_candidates(run_dir, kind)
+    except CheckpointError:
+        previous = []  # a damaged pointer: this checkpoint's replaces it
     kept = [current] + [files for files in previous if files.epoch != epoch][: KEEP - 1]
     pointer = ckpt_dir / POINTER
     text = json.dumps({**_entry(kept[0]), "previous": [_entry(f) for f in kept[1:]]}) + "\n"
@@ -97,17 +103,12 @@ def save_checkpoint(
     return pointer
 
 
-def _current_entries(ckpt_dir: Path) -> list[CheckpointFiles]:
-    """What the pointer names, newest first; [] when there is no usable pointer."""
-    pointer = ckpt_dir / POINTER
-    try:
-        return _read_pointer(pointer) if pointer.exists() else []
-    except CheckpointError:
+def checkpoint_candidates(run_dir: Path, kind: str) -> list[CheckpointFiles]:
+    """The checkpoints of `kind` the pointer names, newest first ([] when the run has none); a
+    damaged pointer is a CheckpointError."""
+    pointer = checkpoint_folder(run_dir, kind) / POINTER
+    if not pointer.exists():
         return []
-
-
-def _read_pointer(pointer: Path) -> list[CheckpointFiles]:
-    """The checkpoints `last.json` names, newest first; a damaged pointer is a CheckpointError."""
     try:
         entry = json.loads(pointer.read_text())
         files = [
@@ -134,26 +135,6 @@ def _plain_name(name: object) -> str:
     return name
 
 
-def checkpoint_candidates(run_dir: Path, kind: str) -> list[CheckpointFiles]:
-    """The checkpoints of `kind` the pointer names, newest first ([] when the run has none)."""
-    pointer = checkpoint_folder(run_dir, kind) / POINTER
-    return _read_pointer(pointer) if pointer.exists() else []
-
-
-def latest_checkpoint(run_dir: Path, kind: str) -> tuple[Path, Path] | None:
-    """(weights, state) of the newest checkpoint of `kind`, or None when the run has none."""
-    candidates = checkpoint_candidates(run_dir, kind)
-    if not candidates:
-        return None
-    newest = candidates[0]
-    for path in (newest.weights, newest.state):
-        if not path.exists():
-            raise CheckpointError(
-                f"{path}: named by {checkpoint_folder(run_dir, kind) / POINTER} but missing"
-            )
-    return newest.weights, newest.state
-
-
 STATE_KEYS = ("optimizer", "step", "epoch", "torch_rng", "generators", "world_size", "config")
 
 
@@ -168,13 +149,8 @@ def load_state(path: Path) -> dict[str, Any]:
 def cpu_copy(value: Any) -> Any:
     """`value` (nested dicts, lists, tensors) with every tensor copied to the CPU: a snapshot
     the background writer can save while the training step changes the originals."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
-    return value
+    copies = (tensor.detach().to("cpu", copy=True) for tensor in tensors_in(value))
+    return with_tensors(value, copies)
 
 
 class BackgroundWriter:
@@ -188,17 +164,13 @@ class BackgroundWriter:
     """
 
     def __init__(self) -> None:
-        import queue
-        import threading
-
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._new_thread = lambda: threading.Thread(target=self._work, name="vctmae-checkpoints")
 
     def submit(self, job: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if self._thread is None:
-            self._thread = self._new_thread()
+            self._thread = threading.Thread(target=self._work, name="vctmae-checkpoints")
             self._thread.start()
         self._jobs.put((job, args, kwargs))
 
@@ -212,7 +184,7 @@ class BackgroundWriter:
             try:
                 if self._error is None:
                     job(*args, **kwargs)
-            except BaseException as error:  # noqa: BLE001 - handed to the main thread by wait()
+            except BaseException as error:
                 self._error = error
             finally:
                 self._jobs.task_done()

@@ -228,9 +228,7 @@ class PretrainConfig:
 
     def peak_lr(self, world_size: int) -> float:
         """The MAE scaling rule: lr = blr × effective batch / 256."""
-        from vctmae.train.schedule import pretrain_peak_lr
-
-        return pretrain_peak_lr(self.blr, self.batch_size, world_size, self.run.accum_steps)
+        return self.blr * self.batch_size * world_size * self.run.accum_steps / 256
 
     @property
     def start_lr(self) -> float:

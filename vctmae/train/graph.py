@@ -161,7 +161,7 @@ class GraphedStep:
             try:
                 self._replay()
                 return self.output.clone()
-            except Exception as error:  # noqa: BLE001 - any failure of capture: run eagerly
+            except Exception as error:
                 self._fall_back(error)
         return self.step(*self.static_args)
 

@@ -1,25 +1,19 @@
 """The training step and the epoch loop both trainers share.
 
-`Trainer.train_step(micro_batches)` is one optimizer step — the unit that the
-benchmarks time: the objective's randomness for each micro-batch (drawn from the
-seeded per-rank generator), the learning rate of the per-iteration schedule, then
-`Trainer.step_body`, the device's work, written once: forward and backward of
-each micro-batch (DDP's `no_sync` on all but the last), optional gradient
-clipping, the optimizer step. The body runs as it is, or wrapped by
-`vctmae.train.graph.GraphedStep`, which captures it in a CUDA graph. It returns
-the step's losses as a device tensor. `Trainer.fit` is the epoch loop around it:
-the progress bar, the JSONL log (mean loss of each logging window, across ranks),
-a NaN/inf guard, the epoch hook and an atomic checkpoint after every epoch that
-`--resume` continues from exactly.
+`Trainer.train_step(micro_batches)` is one optimizer step — the unit the
+benchmarks time: the step's randomness is drawn on the host, then
+`Trainer.step_body`, the device's work, is written once and runs as it is or
+captured in a CUDA graph (`vctmae.train.graph.GraphedStep`). `Trainer.fit` is
+the epoch loop around it: progress bar, JSONL log, NaN/inf guard, the epoch
+hook and a checkpoint after every epoch.
 
 Losses and the NaN flag stay on the device; the host reads them only on
 logging steps and at the end of an epoch (the deliberate syncs are marked).
 Checkpoints are written at epoch boundaries, so a resumed run restarts the
 interrupted epoch from its beginning with the same data order and RNG state.
-`--resume` refuses settings that would change what the run computes (see
-`config.check_resume_config`) and shards changed under their names (each
-shard's identity is saved with the training state: `shard_identity`), and falls
-back, with a warning, to the previous checkpoint when the newest cannot be read.
+`--resume` refuses settings and shards that would change what the run computes,
+and falls back, with a warning, to the previous checkpoint when the newest
+cannot be read.
 """
 
 from __future__ import annotations
@@ -44,8 +38,7 @@ from vctmae.infer.config import config_dict
 from vctmae.infer.device import autocast_context
 from vctmae.infer.distributed import any_true, barrier, gather_objects
 from vctmae.model.checkpoint import CheckpointError, load_weights, model_files
-from vctmae.progress import warn
-from vctmae.runlog import training_progress
+from vctmae.progress import progress_bar, warn
 from vctmae.train import checkpoint
 from vctmae.train.config import absolute_shard, check_resume_config, resume_fingerprint
 from vctmae.train.graph import GraphedStep
@@ -312,9 +305,9 @@ class Trainer:
         if bool(any_true(flag).item()):
             # The checkpoint a pending write is about to make current is the last good one.
             run.writer.wait(raise_errors=False)
-            found = checkpoint.latest_checkpoint(run.out, run.name)
+            found = checkpoint.checkpoint_candidates(run.out, run.name)
             kept = (
-                f"last good checkpoint kept: {found[0]}"
+                f"last good checkpoint kept: {found[0].weights}"
                 if found
                 else "no checkpoint had been written yet"
             )
@@ -416,7 +409,13 @@ class Trainer:
         options = run.options
         epochs, per_epoch = run.config.epochs, run.steps_per_epoch
         device, world = run.info.device, run.info.world_size
-        progress = training_progress(enabled=options.progress and run.info.is_main)
+        progress = progress_bar(
+            "[bold]{task.description}",
+            "{task.fields[rate]:>7.1f} samples/s",
+            "loss {task.fields[loss]}",
+            "lr {task.fields[lr]:.2e}",
+            enabled=options.progress and run.info.is_main,
+        )
         with progress:
             for epoch in range(self.state.epoch, epochs):
                 if self.state.stopped_early:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,27 +24,9 @@ from vctmae.infer.device import apply_speedups
 from vctmae.infer.distributed import DistInfo
 from vctmae.runlog import RunLog
 from vctmae.train.checkpoint import BackgroundWriter
-from vctmae.train.config import RunOptions, check_min_lr
+from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions, check_min_lr
 from vctmae.train.optim import build_optimizer
 from vctmae.train.schedule import WarmupCosine
-
-
-class StageConfig(Protocol):
-    """What `build_run` reads from a PretrainConfig or FinetuneConfig."""
-
-    run: RunOptions
-    epochs: int
-    batch_size: int
-    warmup_epochs: int
-    min_lr: float
-    weight_decay: float
-    betas: tuple[float, float]
-    optimizer: str  # "adamw" | "adam" (`vctmae.train.optim.build_optimizer`)
-
-    def peak_lr(self, world_size: int) -> float: ...
-
-    @property
-    def start_lr(self) -> float: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +34,7 @@ class Run:
     """Everything a training run is made of, before its first step."""
 
     name: str
-    config: Any  # the PretrainConfig or FinetuneConfig
+    config: PretrainConfig | FinetuneConfig
     info: DistInfo
     log: RunLog
     shards: list[str]
@@ -92,12 +74,6 @@ def capture_blocker(options: RunOptions, info: DistInfo) -> str | None:
     return None
 
 
-def steps_per_epoch(batches: int, accum_steps: int, cap: int | None) -> int:
-    """Optimizer steps in an epoch of `batches` micro-batches (at most `cap`)."""
-    steps = batches // accum_steps
-    return min(steps, cap) if cap else steps
-
-
 def wrap_for_training(model: nn.Module, info: DistInfo, speed: SpeedOptions) -> nn.Module:
     """The module the step calls: the chosen patch embedding, optionally compiled, DDP across ranks."""
     module = apply_speedups(
@@ -109,7 +85,9 @@ def wrap_for_training(model: nn.Module, info: DistInfo, speed: SpeedOptions) -> 
     return module
 
 
-def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Module]) -> Run:
+def build_run(
+    config: PretrainConfig | FinetuneConfig, *, name: str, make_model: Callable[[], nn.Module]
+) -> Run:
     """Set up a training run of `config`; `make_model()` builds the model (seeded here)."""
     from vctmae.data.frames import check_crop_shape
     from vctmae.data.shards import ShardError, expand_shards, shard_label
@@ -132,7 +110,8 @@ def build_run(config: StageConfig, *, name: str, make_model: Callable[[], nn.Mod
         first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
     )
     init_report = load_init(model, run.init, run.pos_init) if run.init is not None else None
-    per_epoch = steps_per_epoch(len(loader), run.accum_steps, run.max_steps_per_epoch)
+    # Optimizer steps per epoch: whole accumulations of micro-batches, at most the cap.
+    per_epoch = min(len(loader) // run.accum_steps, run.max_steps_per_epoch or len(loader))
     if per_epoch < 1:
         raise ShardError(
             shard_label(shards),

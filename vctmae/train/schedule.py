@@ -49,11 +49,6 @@ class WarmupCosine:
         )
 
 
-def pretrain_peak_lr(blr: float, batch_size: int, world_size: int, accum_steps: int) -> float:
-    """The MAE scaling rule: lr = blr * effective batch / 256."""
-    return blr * batch_size * world_size * accum_steps / 256
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate: a Python float, or — for a capture-ready
     optimizer — written into its lr tensor in place (a fill, no device sync)."""
