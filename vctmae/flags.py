@@ -4,8 +4,8 @@ A config dataclass field made with `flag(default, "help")` is an option of every
 command built from that config (`vctmae.cli.options`): its flag name, help text
 and default live here, next to the field, and nowhere else. Fields made with a
 plain `dataclasses.field` (or none) are Python-only settings, e.g. model overrides
-for tests. This module imports nothing from vctmae, so configs of every stage
-can use it without depending on the command line.
+for tests. This module imports nothing from vctmae but its errors, so configs of every
+stage can use it without depending on the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from vctmae.errors import UsageError
 
 FLAG = "vctmae.flag"
 
@@ -92,3 +94,18 @@ def config_fields(config: type, path: tuple[str, ...] = ()) -> Iterator[ConfigFi
             # The field's `Flag`, or None when it has no command-line flag.
             flag = field.metadata.get(FLAG)
             yield ConfigField(path=here, hint=hints[field.name], flag=flag)
+
+
+def refuse_changed_settings(
+    saved: dict[str, Any], current: dict[str, Any], *, where: Any, why: str
+) -> None:
+    """`--resume` of the run recorded at `where`: refuse, naming each setting that differs from
+    the recorded one (`why`: what such a change does, and what to do instead)."""
+    changed = [
+        name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)
+    ]
+    if changed:
+        details = ", ".join(
+            f"{name} {saved.get(name)!r} → {current.get(name)!r}" for name in changed
+        )
+        raise UsageError(f"{where}: --resume with changed settings ({details}); {why}")

@@ -60,6 +60,7 @@ import numpy as np
 from vctmae.clip import ClipRule
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.files import write_atomically
+from vctmae.flags import refuse_changed_settings
 from vctmae.ingest.assemble import sample_key
 from vctmae.ingest.discover import BadInput, Case, discover_cases, nifti_stem
 from vctmae.ingest.errors import IngestError
@@ -500,18 +501,13 @@ def check_resume(out: Path, settings: dict[str, Any]) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UsageError(f"{path}: --resume: cannot read the run's settings ({error})") from None
-    changed = [
-        name for name in sorted(set(saved) | set(settings)) if saved.get(name) != settings.get(name)
-    ]
-    if changed:
-        details = ", ".join(
-            f"{name} {saved.get(name)!r} → {settings.get(name)!r}" for name in changed
-        )
-        raise UsageError(
-            f"{path}: --resume with changed settings ({details}); they change the results of "
-            "the run being continued — resume with its settings, or pass --replace, or choose "
-            "another --out"
-        )
+    refuse_changed_settings(
+        saved,
+        settings,
+        where=path,
+        why="they change the results of the run being continued — resume with its settings, or "
+        "pass --replace, or choose another --out",
+    )
 
 
 def finished_scans(

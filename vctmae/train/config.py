@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from vctmae.clip import FLIPS, FRAME_MODES, REFERENCE_LEVELS
 from vctmae.data.options import LoaderOptions
 from vctmae.errors import UsageError
-from vctmae.flags import config_fields, flag
+from vctmae.flags import config_fields, flag, refuse_changed_settings
 from vctmae.infer.config import (
     COMBINE_HELP,
     DEVICE_HELP,
@@ -311,15 +311,10 @@ def resume_fingerprint(config: Any) -> dict[str, Any]:
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], *, where: Path) -> None:
     """Refuse to resume the run saved at `where` with settings that change what it computes."""
-    changed = [
-        name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)
-    ]
-    if changed:
-        details = ", ".join(
-            f"{name} {saved.get(name)!r} → {current.get(name)!r}" for name in changed
-        )
-        raise UsageError(
-            f"{where}: --resume with changed settings ({details}); they alter the data order, "
-            "schedule or model of the run being resumed — resume with the run's settings, "
-            "or start a new run in another --out"
-        )
+    refuse_changed_settings(
+        saved,
+        current,
+        where=where,
+        why="they alter the data order, schedule or model of the run being resumed — resume "
+        "with the run's settings, or start a new run in another --out",
+    )
