@@ -7,6 +7,7 @@ same bytes, and that the index lists every scan in order of probability.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -268,3 +269,23 @@ def test_the_overview_from_the_volumes_around_the_spine_is_the_whole_volumes_one
     whole = drawn(ct, labels, "whole.svg")
     assert "data:image/png;base64," in whole
     assert drawn(small_ct, small_labels, "small.svg") == whole
+
+
+def test_the_default_worker_count_leaves_a_cpu_model_every_core(checkpoint, tmp_path):
+    """On the CPU the model gets every core (scans read and cut in this process); with a GPU,
+    worker processes read and cut ahead of it."""
+    from vctmae.ingest.extract import InProcess, ProcessPool
+    from vctmae.predict.run import _executor
+
+    config = predict_config(checkpoint, tmp_path / "out", src=tmp_path)
+    assert isinstance(_executor(config, jobs=8), InProcess)
+    on_gpu = _executor(dataclasses.replace(config, device="cuda"), jobs=8)
+    try:
+        assert isinstance(on_gpu, ProcessPool)
+    finally:
+        on_gpu.close()
+    asked = _executor(dataclasses.replace(config, workers=2), jobs=8)
+    try:
+        assert isinstance(asked, ProcessPool)
+    finally:
+        asked.close()

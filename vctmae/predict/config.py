@@ -75,11 +75,13 @@ class PredictConfig:
         16, "Crops per forward pass (crops of several scans share one).", resumable=True
     )
     device: str = flag("auto", "auto (GPU when present), cpu or cuda.", resumable=True)
-    # None: one per core less one (the model's), at most one per scan.
+    # None: with a GPU one per core less one (the model's), at most one per scan; on the CPU 0.
     workers: int | None = flag(
         None,
         "Processes that read and cut scans ahead of the model (0: in this process, one scan "
-        "at a time; default: one per core but one, at most one per scan).",
+        "at a time; default: with a GPU one per core but one, at most one per scan; with the "
+        "model on the CPU 0, since reading and cutting are a small part of a scan there and "
+        "workers take the model's cores).",
         resumable=True,
     )
     executor: str = flag(
