@@ -30,9 +30,9 @@ kernel without a graph break, and a CUDA graph captures it like any other op.
 
 Precision: on a GPU the dot operands are bf16 with fp32 accumulation (patch
 values in [0, 1]; as the bf16 autocast training path). Under TRITON_INTERPRET=1
-the dots run in fp32, because the interpreter's bf16 arithmetic is wrong
-(triton issue 11584). The environment variable is read when this module is
-imported (that is when `triton.jit` decides to interpret), so set it first.
+the dots run in fp32, because the interpreter computes bf16 dot products
+wrongly. The environment variable is read when this module is imported (that is
+when `triton.jit` decides to interpret), so set it first.
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def _dot_bf16(device: torch.device, precision: str | None) -> bool:
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if precision == "bf16" and INTERPRET:
         raise ValueError(
-            "bf16 dots are wrong under TRITON_INTERPRET=1 (triton issue 11584); use fp32"
+            "bf16 dots are wrong under TRITON_INTERPRET=1 (the interpreter's bf16 arithmetic); use fp32"
         )
     return precision == "bf16"
 
