@@ -14,7 +14,7 @@ A pipeline across scans:
    and its two volumes, cut to the box around the spine the overview picture needs
    (`around_spine`; whole when a DICOM SEG is to be drawn on the CT's grid).
    `--workers 0` does this in this process, one scan at a time.
-3. **Model** (`assess`, the one place the model is called): crops of several scans
+3. **Model** (`Predictor.assess`, the one place the model is called): crops of several scans
    share each forward pass of `--batch-size` crops; each is the mean of its views'
    softmax (`vctmae.infer.views.assess`, eval's own function), the probabilities
    `ingest` + `eval` give, and (`--attention`) its attention frames, from the same
@@ -372,18 +372,6 @@ def _executor(config: PredictConfig, jobs: int):
 # The model, and each scan's results.
 
 
-def assess(
-    predictor: Predictor, crops: list[np.ndarray], boxes: list[tuple[int, ...]], attention: bool
-) -> tuple[np.ndarray, list[dict[str, Any]] | None, dict[str, float]]:
-    """The one place the run calls the model: P(fracture) of each crop (of one scan or several),
-    when asked each crop's attention frames from the same pass (`Predictor.assess`), and the
-    seconds it took."""
-    started = time.perf_counter()
-    probs, pictures = predictor.assess(crops, boxes, attention)
-    seconds = {"model": time.perf_counter() - started}
-    return probs, pictures if attention else None, seconds
-
-
 def _failed(case: Case | BadInput, line: str, seconds: dict[str, float]) -> ScanResult:
     if isinstance(case, BadInput):
         return ScanResult(
@@ -606,15 +594,17 @@ class _Pipeline:
         size = self.config.batch_size
         batch, self.queue = self.queue[:size], self.queue[size:]
         crops = [scan.scanned.cut.crops[i] for scan, i in batch]
-        probs, attention, seconds = assess(
-            self.predictor,
+        started = time.perf_counter()
+        # The one place the run calls the model: crops of one scan or several.
+        probs, attention = self.predictor.assess(
             [crop.array for crop in crops],
             [tuple(crop.bbox) for crop in crops],
             self.config.attention,
         )
+        seconds = {"model": time.perf_counter() - started}
         for k, (scan, i) in enumerate(batch):
             scan.probs[i] = float(probs[k])
-            scan.attention[i] = attention[k] if attention is not None else None
+            scan.attention[i] = attention[k] if self.config.attention else None
             scan.left -= 1
             # Each scan is charged its crops' share of the pass.
             for stage, spent in seconds.items():
@@ -797,4 +787,4 @@ def _predict_all(config, executor, predictor, threshold, run, bad, todo, finishe
         return pipeline.write_run()
 
 
-__all__ = ["PredictResult", "run_predict", "find_scans", "cut_scan", "choose_threshold", "assess"]
+__all__ = ["PredictResult", "run_predict", "find_scans", "cut_scan", "choose_threshold"]
