@@ -116,3 +116,21 @@ def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(tmp_p
         checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
     )
     assert model_floor(config, shards) > 0
+
+
+def test_the_predict_bf16_agreement_compares_predicts_own_probabilities(tmp_path):
+    from vctmae.bench.predict import bf16_agreement
+    from vctmae.model import build_classifier
+    from vctmae.model.checkpoint import save_model
+    from vctmae.predict.config import PredictConfig
+
+    torch.manual_seed(0)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    checkpoint = save_model(model, tmp_path / "model.safetensors")
+    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
+    config = PredictConfig(
+        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
+    )
+    difference = bf16_agreement(config, shards)
+    # bf16 keeps about 3 significant digits: the probabilities differ, but little.
+    assert 0 < difference < 0.05
