@@ -102,35 +102,32 @@ def test_decode_only_reads_the_voxels_ingest_reads(tmp_path, real_ct_dir):
     np.testing.assert_array_equal(voxels, stored.ravel(order="F"))
 
 
-def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(tmp_path):
+@pytest.fixture
+def predict_inputs(tmp_path):
+    """A predict configuration of a small random classifier, and two shards of crops."""
+    from vctmae.model import build_classifier
+    from vctmae.model.checkpoint import save_model
+    from vctmae.predict.config import PredictConfig
+
+    torch.manual_seed(0)
+    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
+    checkpoint = save_model(model, tmp_path / "model.safetensors")
+    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
+    config = PredictConfig(
+        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
+    )
+    return config, shards
+
+
+def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(predict_inputs):
     from vctmae.bench.predict import model_floor
-    from vctmae.model import build_classifier
-    from vctmae.model.checkpoint import save_model
-    from vctmae.predict.config import PredictConfig
 
-    torch.manual_seed(0)
-    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
-    checkpoint = save_model(model, tmp_path / "model.safetensors")
-    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
-    config = PredictConfig(
-        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
-    )
-    assert model_floor(config, shards) > 0
+    assert model_floor(*predict_inputs) > 0
 
 
-def test_the_predict_bf16_agreement_compares_predicts_own_probabilities(tmp_path):
+def test_the_predict_bf16_agreement_compares_predicts_own_probabilities(predict_inputs):
     from vctmae.bench.predict import bf16_agreement
-    from vctmae.model import build_classifier
-    from vctmae.model.checkpoint import save_model
-    from vctmae.predict.config import PredictConfig
 
-    torch.manual_seed(0)
-    model = build_classifier("tiny", num_classes=2, **SMALL_MODEL)
-    checkpoint = save_model(model, tmp_path / "model.safetensors")
-    shards = [str(path) for path in write_split(tmp_path / "data", "test", 2, seed=5)]
-    config = PredictConfig(
-        checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
-    )
-    difference = bf16_agreement(config, shards)
+    difference = bf16_agreement(*predict_inputs)
     # bf16 keeps about 3 significant digits: the probabilities differ, but little.
     assert 0 < difference < 0.05
