@@ -102,8 +102,9 @@ def test_decode_only_reads_the_voxels_ingest_reads(tmp_path, real_ct_dir):
     np.testing.assert_array_equal(voxels, stored.ravel(order="F"))
 
 
-def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(tmp_path):
-    from vctmae.bench.predict import model_floor
+@pytest.fixture
+def predict_inputs(tmp_path):
+    """A predict configuration of a small random classifier, and two shards of crops."""
     from vctmae.model import build_classifier
     from vctmae.model.checkpoint import save_model
     from vctmae.predict.config import PredictConfig
@@ -115,4 +116,18 @@ def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(tmp_p
     config = PredictConfig(
         checkpoint=checkpoint, src=tmp_path, out=tmp_path / "out", device="cpu", progress=False
     )
-    assert model_floor(config, shards) > 0
+    return config, shards
+
+
+def test_the_predict_model_floor_times_the_forward_passes_of_predicts_rule(predict_inputs):
+    from vctmae.bench.predict import model_floor
+
+    assert model_floor(*predict_inputs) > 0
+
+
+def test_the_predict_bf16_agreement_compares_predicts_own_probabilities(predict_inputs):
+    from vctmae.bench.predict import bf16_agreement
+
+    difference = bf16_agreement(*predict_inputs)
+    # bf16 keeps about 3 significant digits: the probabilities differ, but little.
+    assert 0 < difference < 0.05

@@ -285,8 +285,9 @@ def test_an_sr_that_cannot_be_written_leaves_no_seg(
     predicted, source, checkpoint, monkeypatch, tmp_path
 ):
     import vctmae.predict.dicom_out as dicom_out
+    from vctmae.infer.threshold import choose_threshold
     from vctmae.predict import report
-    from vctmae.predict.run import Predictor, choose_threshold, cut_scan, find_scans
+    from vctmae.predict.run import Predictor, cut_scan, find_scans
 
     config = PredictConfig(
         checkpoint=checkpoint, out=tmp_path, src=source, device="cpu", progress=False
@@ -295,7 +296,7 @@ def test_an_sr_that_cannot_be_written_leaves_no_seg(
     rule = Predictor(config).rule
     ct, labels, cut = cut_scan(case, config, case.seg, levels=None, segmented=False)
     run = report.RunFacts.of(
-        config, choose_threshold(config, rule), rule, device="cpu", precision="fp32"
+        config, choose_threshold(checkpoint, rule), rule, device="cpu", precision="fp32"
     )
 
     def refuse(*args, **kwargs):

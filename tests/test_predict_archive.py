@@ -236,9 +236,9 @@ def test_the_index_lists_every_scan_highest_probability_first(sequential, tmp_pa
 
 
 def _threshold(summary: dict):
-    from vctmae.predict.results import Threshold
+    from vctmae.infer.threshold import ThresholdChoice
 
-    return Threshold(**summary["run"]["threshold"])
+    return ThresholdChoice(**summary["run"]["threshold"])
 
 
 def test_the_overview_from_the_volumes_around_the_spine_is_the_whole_volumes_one(

@@ -37,13 +37,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vctmae.bench.report import Result, write_report
+from vctmae.bench.report import Report, time_calls
 from vctmae.errors import UsageError
 from vctmae.infer.config import SpeedOptions
 
@@ -76,12 +75,6 @@ class PredictBenchConfig:
 def quick_config(**changes) -> PredictBenchConfig:
     """Two small phantoms: a few minutes on a 2-core machine."""
     return PredictBenchConfig(**{"scans": 2, **changes})
-
-
-def _timed(run) -> tuple[float, object]:
-    started = time.perf_counter()
-    value = run()
-    return time.perf_counter() - started, value
 
 
 def model_floor(config, shards: list[str]) -> float:
@@ -119,42 +112,29 @@ def model_floor(config, shards: list[str]) -> float:
             for view_crops, view_frames in inputs:
                 with autocast_context(predictor.device, predictor.precision):
                     predictor.module(view_crops, view_frames)
-        if predictor.device.type == "cuda":
-            torch.cuda.synchronize(predictor.device)
 
-    forward_all()  # warm-up: first kernels, allocator
-    # The best of three: on a shared machine a burst of other work lands in one of them.
-    return min(_timed(forward_all)[0] for _ in range(3))
+    # The best of three after a warm-up (first kernels, allocator): on a shared machine a burst
+    # of other work lands in one of them.
+    return min(time_calls(forward_all, device=predictor.device, warmup=1, repeats=3))
 
 
 def bf16_agreement(config, shards: list[str]) -> float:
     """The largest |P(fracture) in bf16 autocast − in fp32| of predict's classifier over the first
-    crops of `shards` (at most AGREEMENT_CROPS; the rule's views combined)."""
+    crops of `shards` (at most AGREEMENT_CROPS; the rule's views combined, `Predictor.assess`)."""
     import itertools
 
-    import torch
-
     from vctmae.data.shards import iter_raw
-    from vctmae.infer.views import multiview_probs
     from vctmae.predict.run import Predictor
 
     predictor = Predictor(config)
     crops = [crop for _, crop in itertools.islice(iter_raw(shards), AGREEMENT_CROPS)]
-    batch = torch.from_numpy(np.stack(crops)).to(predictor.device)
-    rule = predictor.rule
-    probs = {
-        precision: multiview_probs(
-            predictor.model,
-            batch,
-            views=rule.multiview,
-            device=predictor.device,
-            precision=precision,
-            frames=rule.frames,
-            combine=rule.combine,
-        )
-        for precision in ("bf16", "fp32")
-    }
-    return float((probs["bf16"] - probs["fp32"]).abs().max())
+    # The crops come without their mask boxes: each box is the whole crop.
+    boxes = [(0, crops[0].shape[0]) * 3] * len(crops)
+    probs = {}
+    for precision in ("bf16", "fp32"):
+        predictor.precision = precision
+        probs[precision], _ = predictor.assess(crops, boxes, attention=False)
+    return float(np.abs(probs["bf16"] - probs["fp32"]).max())
 
 
 def first_scan_cost(
@@ -171,7 +151,9 @@ def first_scan_cost(
         "--no-attention", "--no-progress",
     ]  # fmt: skip
     environment = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
-    wall, _ = _timed(lambda: subprocess.run(command, env=environment, check=True))
+    [wall] = time_calls(
+        lambda: subprocess.run(command, env=environment, check=True), warmup=0, repeats=1
+    )
     first, second = (
         scan["timings_s"]["total"] for scan in json.loads((out / SUMMARY).read_text())["scans"]
     )
@@ -205,7 +187,7 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
     from vctmae.synth import SynthConfig
     from vctmae.synth.phantoms import write_phantoms
 
-    load_before = os.getloadavg()
+    report = Report("predict-clinical" if config.clinical else "predict")
     with tempfile.TemporaryDirectory(prefix="vctmae-bench-predict-") as tmp:
         root = Path(tmp)
         # One more phantom than timed: the warm-up scan.
@@ -237,12 +219,7 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
                 **changes,
             )
 
-        def predict(out: Path, src: Path, **changes) -> dict:
-            run_predict(predict_config(out, src, **changes))
-            return json.loads((out / SUMMARY).read_text())
-
-        predict(root / "warm-report", warm)
-        results: list[Result] = []
+        run_predict(predict_config(root / "warm-report", warm))
         per_scan: dict[str, float] = {}
         precision_ran: dict[str, str] = {}
         runs = {
@@ -251,36 +228,28 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
             "sequential_fp32": SEQUENTIAL_FP32,
         }
         for name, changes in runs.items():
-            seconds, summary = _timed(
-                lambda c=changes, n=name: predict(root / n, root / "raw", **c)
+            [seconds] = time_calls(
+                lambda c=changes, n=name: run_predict(predict_config(root / n, root / "raw", **c)),
+                warmup=0,
+                repeats=1,
             )
+            summary = json.loads((root / name / SUMMARY).read_text())
             if summary["scans_ok"] != config.scans:
                 raise RuntimeError(f"{name}: {summary['scans_failed']} phantom scan(s) failed")
             per_scan[name] = seconds / config.scans
             precision_ran[name] = summary["run"]["precision"]
-            results += [
-                Result(name=f"{name}_s_per_scan", value=per_scan[name], unit="s/scan"),
-                Result(name=f"{name}_scans_per_hour", value=3600 / per_scan[name], unit="scans/h"),
-            ]
+            report.add(f"{name}_s_per_scan", per_scan[name], "s/scan")
+            report.add(f"{name}_scans_per_hour", 3600 / per_scan[name], "scans/h")
             for stage in STAGES:
                 times = [scan["timings_s"].get(stage, 0.0) for scan in summary["scans"]]
-                results.append(
-                    Result(
-                        name=f"{name}_{stage}_mean", value=sum(times) / len(times), unit="s/scan"
-                    )
-                )
+                report.add(f"{name}_{stage}_mean", sum(times) / len(times), "s/scan")
             vertebrae = summary["vertebrae_assessed"]
         default, baseline = (
             _probabilities(root / "predict"),
             _probabilities(root / "sequential_fp32"),
         )
-        results.append(
-            Result(
-                name="max_abs_dp_predict_vs_sequential_fp32",
-                value=max(abs(default[key] - baseline[key]) for key in baseline),
-                unit="",
-            )
-        )
+        largest = max(abs(default[key] - baseline[key]) for key in baseline)
+        report.add("max_abs_dp_predict_vs_sequential_fp32", largest, "")
 
         # A fresh process's first scan, numba's cache of the compiled sampler empty, then filled.
         two = root / "two-scans"
@@ -289,20 +258,11 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
             for scan in (warm / folder / first.name, sorted((root / "raw" / folder).iterdir())[0]):
                 (two / folder / scan.name).symlink_to(scan)
         cache = root / "numba-cache"
-        fresh = {
-            state: first_scan_cost(config, checkpoint, two, root / f"fresh-{state}", cache)
-            for state in ("empty_numba_cache", "filled_numba_cache")
-        }
-        for state, seconds in fresh.items():
-            results += [
-                Result(
-                    name=f"fresh_process_first_scan_s_{state}", value=seconds["first"], unit="s"
-                ),
-                Result(
-                    name=f"fresh_process_second_scan_s_{state}", value=seconds["second"], unit="s"
-                ),
-                Result(name=f"fresh_process_wall_s_{state}", value=seconds["wall"], unit="s"),
-            ]
+        for state in ("empty_numba_cache", "filled_numba_cache"):
+            seconds = first_scan_cost(config, checkpoint, two, root / f"fresh-{state}", cache)
+            report.add(f"fresh_process_first_scan_s_{state}", seconds["first"], "s")
+            report.add(f"fresh_process_second_scan_s_{state}", seconds["second"], "s")
+            report.add(f"fresh_process_wall_s_{state}", seconds["wall"], "s")
 
         def ingest_and_eval() -> None:
             data = root / "data"
@@ -325,29 +285,19 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
                 )
             )
 
-        seconds, _ = _timed(ingest_and_eval)
+        [seconds] = time_calls(ingest_and_eval, warmup=0, repeats=1)
         per_scan["ingest_eval"] = seconds / config.scans
-        results.append(
-            Result(name="ingest_eval_s_per_scan", value=per_scan["ingest_eval"], unit="s/scan")
-        )
+        report.add("ingest_eval_s_per_scan", per_scan["ingest_eval"], "s/scan")
         shards = [str(p) for p in sorted((root / "data").glob("*.tar"))]
         floor = model_floor(predict_config(root / "floor", root / "raw"), shards)
         per_scan["model_floor"] = floor / config.scans
-        results += [
-            Result(name="model_floor_s_per_scan", value=per_scan["model_floor"], unit="s/scan"),
-            Result(
-                name="predict_no_attention_overhead_s_per_scan",
-                value=per_scan["predict_no_attention"] - per_scan["model_floor"],
-                unit="s/scan",
-            ),
-            Result(
-                name="bf16_vs_fp32_max_abs_dp",
-                value=bf16_agreement(predict_config(root / "agree", root / "raw"), shards),
-                unit="",
-            ),
-            Result(name="vertebrae_per_scan", value=vertebrae / config.scans, unit=""),
-        ]
-    ratios = {
+        report.add("model_floor_s_per_scan", per_scan["model_floor"], "s/scan")
+        overhead = per_scan["predict_no_attention"] - per_scan["model_floor"]
+        report.add("predict_no_attention_overhead_s_per_scan", overhead, "s/scan")
+        agreement = bf16_agreement(predict_config(root / "agree", root / "raw"), shards)
+        report.add("bf16_vs_fp32_max_abs_dp", agreement, "")
+        report.add("vertebrae_per_scan", vertebrae / config.scans, "")
+    report.ratios = {
         "predict_over_sequential_fp32": per_scan["sequential_fp32"] / per_scan["predict"],
         "predict_attention_over_predict_no_attention": per_scan["predict"]
         / per_scan["predict_no_attention"],
@@ -358,18 +308,13 @@ def run_predict_bench(config: PredictBenchConfig, *, json_path: Path | None = No
         "predict_no_attention_over_ingest_eval": per_scan["predict_no_attention"]
         / per_scan["ingest_eval"],
     }
-    name = "predict-clinical" if config.clinical else "predict"
-    return write_report(
-        name,
-        results,
-        ratios,
+    return report.write(
         json_path=json_path,
         config={
             **asdict(config),
             "torch_threads": torch.get_num_threads(),
-            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
             "note": "the machine may be shared with other jobs while measuring "
-            "(load_average_*): they slow every contender alike, the ratios less",
+            "(load_avg_*): they slow every contender alike, the ratios less",
             "precision_ran": precision_ran,
             "sequential_fp32": {key: str(value) for key, value in SEQUENTIAL_FP32.items()},
             "ratios": {

@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,34 +75,23 @@ def time_calls(
     return seconds
 
 
-@dataclass(frozen=True, kw_only=True)
-class Result:
-    """One measured number, e.g. Result(name="torch_w2", value=812.0, unit="samples/s")."""
-
-    name: str
-    value: float
-    unit: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "value": float(self.value), "unit": self.unit}
-
-
 class Report:
     """A benchmark's numbers, collected while it runs and written once by `write`.
 
-    `ratios` keys read "<candidate>_over_<baseline>", both measured in this run. Made at the
-    start of a run, it records the load average then and at `write`: other jobs on a shared
-    machine slow every contender alike, the ratios of rates measured in one run less.
+    `results` are {name, value, unit} rows, e.g. ("torch_w2", 812.0, "samples/s"); `ratios` keys
+    read "<candidate>_over_<baseline>", both measured in this run. Made at the start of a run,
+    it records the load average then and at `write`: other jobs on a shared machine slow every
+    contender alike, the ratios of rates measured in one run less.
     """
 
     def __init__(self, benchmark: str) -> None:
         self.benchmark = benchmark
-        self.results: list[Result] = []
+        self.results: list[dict[str, Any]] = []
         self.ratios: dict[str, float] = {}
         self.load_before = os.getloadavg()
 
     def add(self, name: str, value: float, unit: str) -> None:
-        self.results.append(Result(name=name, value=value, unit=unit))
+        self.results.append({"name": name, "value": float(value), "unit": unit})
 
     def write(
         self,
@@ -112,49 +100,26 @@ class Report:
         config: dict[str, Any] | None = None,
         quiet: bool = False,
     ) -> Path:
-        """Print the table and write the JSON report; returns its path."""
-        config = {
-            **(config or {}),
-            "load_avg_before": [round(x, 2) for x in self.load_before],
-            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        """Print the table and write the JSON report (default:
+        benchmarks/results/<benchmark>.json); returns its path."""
+        report = {
+            "benchmark": self.benchmark,
+            "machine": machine_info(),
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "config": {
+                **(config or {}),
+                "load_avg_before": [round(x, 2) for x in self.load_before],
+                "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            },
+            "results": self.results,
+            "ratios": {k: float(v) for k, v in self.ratios.items()},
         }
-        return write_report(
-            self.benchmark,
-            self.results,
-            self.ratios,
-            json_path=json_path,
-            config=config,
-            quiet=quiet,
-        )
-
-
-def write_report(
-    benchmark: str,
-    results: list[Result],
-    ratios: dict[str, float],
-    *,
-    json_path: Path | str | None = None,
-    config: dict[str, Any] | None = None,
-    quiet: bool = False,
-) -> Path:
-    """Print a table of `results` and `ratios` and write the JSON report.
-
-    Returns the path written (default: benchmarks/results/<benchmark>.json).
-    """
-    report = {
-        "benchmark": benchmark,
-        "machine": machine_info(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "config": config or {},
-        "results": [r.as_dict() for r in results],
-        "ratios": {k: float(v) for k, v in ratios.items()},
-    }
-    path = Path(json_path) if json_path else DEFAULT_DIR / f"{benchmark}.json"
-    write_atomically(path, (json.dumps(report, indent=2) + "\n").encode())
-    if not quiet:
-        _print_table(report, path)
-    return path
+        path = Path(json_path) if json_path else DEFAULT_DIR / f"{self.benchmark}.json"
+        write_atomically(path, (json.dumps(report, indent=2) + "\n").encode())
+        if not quiet:
+            _print_table(report, path)
+        return path
 
 
 def _print_table(report: dict[str, Any], path: Path) -> None:

@@ -125,7 +125,7 @@ def bench_predict(
         help="Where to write the JSON report (default benchmarks/results/predict.json, "
         "predict-clinical.json with --clinical).",
     ),
-    quick: bool = typer.Option(False, "--quick", help="Two small phantoms: a few minutes."),
+    quick: bool = quick_option("Two small phantoms: a few minutes."),
     scans: int = typer.Option(None, "--scans", help="Scans timed (default 6, quick 2)."),
     clinical: bool = typer.Option(
         False, "--clinical", help="Clinical-size phantoms (512 x 512 x ~330 voxels)."
@@ -135,7 +135,6 @@ def bench_predict(
 ) -> None:
     """Seconds per scan of vctmae predict (crops in memory, model, attention, report) against the sequential fp32 predict, ingest + eval of the same scans and the model's forward passes alone; a fresh process's first scan; bf16 vs fp32 probabilities."""
     from vctmae.bench.predict import PredictBenchConfig, quick_config, run_predict_bench
-    from vctmae.cli.app import expected_failures
 
     with expected_failures():
         changes = {"clinical": clinical, "preset": preset, "device": device}

@@ -31,13 +31,16 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vctmae.clip import ClipRule
 from vctmae.files import write_atomically
 from vctmae.predict.config import PredictConfig
 from vctmae.predict.pictures import SLAB_MM, probability_hex
-from vctmae.predict.results import ScanResult, Threshold, VertebraResult
+from vctmae.predict.results import ScanResult, VertebraResult
+
+if TYPE_CHECKING:
+    from vctmae.infer.threshold import ThresholdChoice
 
 PAGE = "report.html"
 OVERVIEW = "overview.svg"
@@ -68,7 +71,7 @@ class RunFacts:
     checkpoint_path: str  # absolute, so that a report read elsewhere still names the file
     checkpoint_sha256: str
     model: dict[str, Any]  # the checkpoint's model config (preset fields)
-    threshold: Threshold
+    threshold: ThresholdChoice
     rule: dict[str, Any]  # the clip rule applied: frames, multiview, combine, levels
     device: str
     precision: str  # the number format the model ran in: bf16 or fp32
@@ -83,7 +86,7 @@ class RunFacts:
     def of(
         cls,
         config: PredictConfig,
-        threshold: Threshold,
+        threshold: ThresholdChoice,
         rule: ClipRule,
         *,
         device: str,
@@ -118,7 +121,8 @@ class RunFacts:
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["threshold"] = self.threshold.to_json()
+        # The threshold applied and where it came from (not the validation record behind it).
+        out["threshold"] = {key: out["threshold"][key] for key in ("value", "source", "detail")}
         return out
 
 

@@ -1,4 +1,4 @@
-"""What `vctmae predict` found, as typed records: one per vertebra, one per scan, the threshold.
+"""What `vctmae predict` found, as typed records: one per vertebra, one per scan.
 
 These travel from the run (`vctmae.predict.run`) to the report writers
 (`vctmae.predict.report`) and into `summary.json` and each scan's record (`to_json`); a
@@ -30,18 +30,6 @@ def case_folder(case_id: str) -> str:
         return folder
     digest = hashlib.sha256(case_id.encode("utf-8")).hexdigest()[:16]
     return f"{folder[: MAX_FOLDER - len(digest) - 1]}-{digest}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Threshold:
-    """The decision threshold of a run and where it came from."""
-
-    value: float
-    source: str  # "--threshold" | "validation" | "default"
-    detail: str  # one sentence for the report, e.g. "validation-optimal F1 (epoch 7, F1 0.81)"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"value": self.value, "source": self.source, "detail": self.detail}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,11 +53,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vctmae.clip import ClipRule
 from vctmae.errors import UsageError, VctmaeError
 from vctmae.files import write_atomically
 from vctmae.flags import refuse_changed_settings
@@ -68,14 +67,11 @@ from vctmae.ingest.geometry import CaseCrops, GeometryConfig
 from vctmae.ingest.levels import SCHEMES
 from vctmae.ingest.nifti import Volume
 from vctmae.predict.config import PredictConfig, level_set
-from vctmae.predict.results import (
-    NotAssessed,
-    ScanResult,
-    Threshold,
-    VertebraResult,
-    case_folder,
-)
+from vctmae.predict.results import NotAssessed, ScanResult, VertebraResult, case_folder
 from vctmae.progress import error_line, progress_bar
+
+if TYPE_CHECKING:
+    from vctmae.infer.threshold import ThresholdChoice
 
 SEGMENTATION = "vertebrae-totalseg.nii.gz"  # in CASE/: the label map --segment made
 RECORD = "scan.json"  # in CASE/: the scan's record, written last (the scan is done)
@@ -90,7 +86,7 @@ class PredictResult:
     """Every scan's result, the threshold used, and where the report is."""
 
     scans: tuple[ScanResult, ...]
-    threshold: Threshold
+    threshold: ThresholdChoice
     out: Path
 
     @property
@@ -122,15 +118,6 @@ def find_scans(config: PredictConfig) -> tuple[list[Case], list[BadInput]]:
     return discover_cases(
         config.src, pairs=config.pairs, exclude=config.out, missing_seg_ok=config.segment
     )
-
-
-def choose_threshold(config: PredictConfig, rule: ClipRule) -> Threshold:
-    """`--threshold`, else the validation-optimal one beside the checkpoint when it was measured
-    under `rule`, else 0.5 (`vctmae.infer.threshold.choose_threshold`)."""
-    from vctmae.infer.threshold import choose_threshold as choose
-
-    choice = choose(config.checkpoint, rule, config.threshold)
-    return Threshold(value=choice.value, source=choice.source, detail=choice.detail)
 
 
 class Predictor:
@@ -340,15 +327,6 @@ def worker_died(job: ScanJob, why: str) -> CutScan:
     return CutScan(job=job, error=line)
 
 
-def model_on_cpu(device: str) -> bool:
-    """Whether `--device` puts the model on the CPU (auto: when torch sees no GPU)."""
-    if device != "auto":
-        return device == "cpu"
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 def _executor(config: PredictConfig, jobs: int):
     """Ingest's executor for `--workers` / `--executor` (0 workers: this process)."""
     from vctmae.ingest.extract import InProcess, ProcessPool, make_executor
@@ -360,10 +338,15 @@ def _executor(config: PredictConfig, jobs: int):
         )
     workers = config.workers
     if workers is None:
+        import torch
+
         # On the CPU the model needs every core, and reading and cutting are a small part of a
         # scan (ViT-L: 0.4 of 47 s measured): a worker would only slow the model. With a GPU,
         # one core is the model's.
-        workers = 0 if model_on_cpu(config.device) else max(1, default_workers() - 1)
+        on_cpu = config.device == "cpu" or (
+            config.device == "auto" and not torch.cuda.is_available()
+        )
+        workers = 0 if on_cpu else max(1, default_workers() - 1)
     workers = min(workers, jobs)
     return InProcess() if workers == 0 else ProcessPool(workers)
 
@@ -384,7 +367,7 @@ def _failed(case: Case | BadInput, line: str, seconds: dict[str, float]) -> Scan
     )  # fmt: skip
 
 
-def _scan_result(scanned: CutScan, probs: list[float], threshold: Threshold) -> ScanResult:
+def _scan_result(scanned: CutScan, probs: list[float], threshold: ThresholdChoice) -> ScanResult:
     """A cut scan and its crops' probabilities → its result."""
     job, cut = scanned.job, scanned.cut
     case = job.case
@@ -416,10 +399,6 @@ def _scan_result(scanned: CutScan, probs: list[float], threshold: Threshold) -> 
         not_assessed=tuple(NotAssessed(level=s.level, reason=s.reason) for s in cut.skipped),
         seconds=dict(scanned.seconds),
     )
-
-
-def _progress(enabled: bool):
-    return progress_bar("predict", "scans", "{task.fields[scan]}", enabled=enabled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +453,7 @@ def prepare_out(config: PredictConfig) -> None:
 
 
 def run_settings(
-    config: PredictConfig, threshold: Threshold, digest: str, device: str, precision: str
+    config: PredictConfig, threshold: ThresholdChoice, digest: str, device: str, precision: str
 ) -> dict:
     """What `--resume` compares: each option that changes the results (every flag not marked
     `resumable`; paths absolute), the checkpoint by its content's sha256 (wherever it lies now),
@@ -559,7 +538,7 @@ class _Pipeline:
     reported as soon as its last crop is assessed."""
 
     def __init__(
-        self, config: PredictConfig, predictor: Predictor, threshold: Threshold, run, bar, task,
+        self, config: PredictConfig, predictor: Predictor, threshold: ThresholdChoice, run, bar, task,
         *, finished: dict[int, ScanResult], started: float,
     ) -> None:  # fmt: skip
         self.config, self.predictor, self.threshold, self.run = config, predictor, threshold, run
@@ -685,6 +664,7 @@ def _write_scan(report, scan, volumes, attention, out: Path, run) -> ScanResult:
 def run_predict(config: PredictConfig) -> PredictResult:
     """Predict every scan of `config` and write the report under `config.out` (module doc)."""
     from vctmae.errors import is_out_of_space, out_of_space
+    from vctmae.infer.threshold import choose_threshold
     from vctmae.ingest.segment import require_segmenter
     from vctmae.predict import report
 
@@ -711,7 +691,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     executor = _executor(config, len(todo))
     try:
         predictor = Predictor(config)
-        threshold = choose_threshold(config, predictor.rule)
+        threshold = choose_threshold(config.checkpoint, predictor.rule, config.threshold)
         try:
             config.out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -747,7 +727,7 @@ def _predict_all(config, executor, predictor, threshold, run, bad, todo, finishe
 
     jobs: list[ScanJob] = []
     folders = {scan.folder: scan.case for scan in finished.values()}
-    with _progress(config.progress) as bar:
+    with progress_bar("predict", "scans", "{task.fields[scan]}", enabled=config.progress) as bar:
         task = bar.add_task("predict", total=len(bad) + len(todo) + len(finished), scan="")
         bar.advance(task, len(finished))
         pipeline = _Pipeline(
@@ -787,4 +767,4 @@ def _predict_all(config, executor, predictor, threshold, run, bad, todo, finishe
         return pipeline.write_run()
 
 
-__all__ = ["PredictResult", "run_predict", "find_scans", "cut_scan", "choose_threshold"]
+__all__ = ["PredictResult", "run_predict", "find_scans", "cut_scan"]
