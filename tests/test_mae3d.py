@@ -64,7 +64,7 @@ def small_mae3d(monkeypatch):
     from vctmae.model import config as model_config
 
     small = model_config.preset_config("mae3d-tiny", **SMALL_MODEL)
-    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", lambda: small)
+    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", small)
     monkeypatch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
     return small
 
