@@ -83,13 +83,6 @@ def offset_frames(offsets: torch.Tensor) -> torch.Tensor:
     return clip.frame_index_tensor("crop", offsets)
 
 
-def multiview_offsets(views: int) -> list[int]:
-    """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
-    if views not in clip.VIEW_COUNTS:
-        raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
-    return clip.view_shifts("crop") if views == STRIDE else [clip.middle_shift("crop")]
-
-
 def random_offsets(
     batch_size: int,
     *,
