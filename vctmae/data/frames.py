@@ -16,11 +16,16 @@ evaluation view) — `--frames crop|mask` and `--flip rows|frames|none`. For a 3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vctmae import clip
-from vctmae.clip import CROP_SIZE, FLIPS, NUM_FRAMES, STRIDE
+from vctmae.clip import FLIPS, NUM_FRAMES, STRIDE
+
+if TYPE_CHECKING:
+    from vctmae.data.shards import ShardIndex
+    from vctmae.model.config import ModelConfig
 
 
 def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -32,25 +37,21 @@ def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return clip.clip_frames(crops, clip.frame_index_tensor("crop", offsets, device=crops.device))
 
 
-def check_crop_shape(
-    shape: tuple[int, ...],
-    *,
-    where: str,
-    image_size: int = CROP_SIZE,
-    volume: bool = False,
-) -> None:
+def check_crop_shape(index: ShardIndex, model: ModelConfig) -> None:
     """Refuse crops the model cannot read, before training or evaluation starts.
 
-    Video model: the sagittal depth must hold NUM_FRAMES frames STRIDE apart, and each slice
-    must be square and fit the model's `image_size` frames (smaller slices are padded to it with
-    −1000 HU, `--frame-size`). 3-D model (`volume`): the crop must be the cube image_size³ it
-    reads whole. Raises ShardError naming `where` (a shard).
+    `index`: a shard's (its crops' shape; every shard of a run is ingested alike). Video model:
+    the sagittal depth must hold NUM_FRAMES frames STRIDE apart, and each slice must be square
+    and fit the model's `img` frames (smaller slices are padded to it with −1000 HU,
+    `--frame-size`). 3-D model: the crop must be the cube img³ it reads whole. Raises ShardError
+    naming the shard.
     """
     from vctmae.data.shards import ShardError
 
+    shape, where, image_size = index.shape, index.path, model.img
     if len(shape) != 3:
         raise ShardError(where, f"crops of shape {shape}; expected (depth, height, width)")
-    if volume:
+    if model.volume:
         if tuple(shape) != (image_size,) * 3:
             raise ShardError(
                 where,

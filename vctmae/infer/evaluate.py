@@ -77,10 +77,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         role="evaluated samples (--shards; evaluate unlabelled shards on their own)",
         allow_unlabelled=unlabelled_only,
     )
-    first = loader.indexes[0]
-    check_crop_shape(
-        first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
-    )
+    check_crop_shape(loader.indexes[0], model.config)
     if rule.frames == "mask":
         check_boxes(loader.indexes)
     if loader.dropped_levels and info.is_main:
