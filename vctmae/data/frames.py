@@ -119,23 +119,16 @@ def _needed_boxes(boxes: torch.Tensor | None, mode: str) -> torch.Tensor | None:
 
 @dataclass(frozen=True, kw_only=True)
 class FrameSampler:
-    """How a batch of crops becomes the model's input: the frame rule, and the flip augmentation.
-
-    mode: `clip.FRAME_MODES` — "crop" (the paper's text: o + 6k) or "mask" (the reference's
-        code: 16 frames over the mask's sagittal extent, plus its in-plane context cut).
-    flip: `clip.FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
-        "frames" (reverse the sagittal order, p = 0.5) or "none".
-
-    volume: the model is a 3-D one (`ModelConfig.volume`), which reads the whole crop: no views
-        to draw, `flip` reverses the crop's rows or its sagittal order, and the frames it is
-        handed are an empty (B, 0) index (it uses none); only mode "crop" (the default).
+    """How a batch of crops becomes the model's input: the frame rule (`mode`, `clip.FRAME_MODES`)
+    and the flip augmentation (`flip`, `clip.FLIPS`, p = 0.5 per sample). `volume`: a 3-D model
+    (`ModelConfig.volume`), which reads the whole crop: no views to draw, the flip reverses the
+    crop's rows or its sagittal order, the frames are an empty (B, 0) index; mode "crop" only.
 
     The model takes (crops, frames): int16 (B, S, H, W) and slice indices (B, 16). Crop mode
     without a row flip passes the stored crops and the o + 6k indices (mirroring through the
-    indices). When an in-plane step is needed — mask mode's context cut, the
-    row flip — the 16 int16 frames are gathered first, cut and flipped on the device (16 of 96
-    slices: cheap), and passed as (B, 16, H, W) with indices 0..15 (`_input`: this is where the
-    context cut happens). `boxes` are the batch's JSON mask boxes (B, 6), `Batch.boxes`.
+    indices). When an in-plane step is needed — mask mode's context cut, the row flip — the 16
+    int16 frames are gathered first, cut and flipped on the device (16 of 96 slices: cheap), and
+    passed as (B, 16, H, W) with indices 0..15 (`_input`). `boxes`: `Batch.boxes` (B, 6).
     """
 
     mode: str = "crop"
