@@ -183,7 +183,7 @@ def shrink(patch: pytest.MonkeyPatch) -> None:
     from vctmae.model import config as model_config
 
     small = model_config.preset_config("tiny", **SMALL_MODEL)
-    patch.setitem(model_config.PRESETS, "tiny", lambda: small)
+    patch.setitem(model_config.PRESETS, "tiny", small)
     patch.setattr("vctmae.train.pretrain.write_preview", lambda *args, **kwargs: None)
     patch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
 

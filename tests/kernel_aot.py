@@ -67,7 +67,8 @@ def kernel_variants(
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         return KernelVariant(name, kernel, signature, constexprs, options)
 
-    fwd_cfg, bwd_cfg = kernels.forward_config(dim), kernels.grad_weight_config(dim)
+    fwd_cfg = kernels.launch_config(dim, forward=True)
+    bwd_cfg = kernels.launch_config(dim, forward=False)
     forward_cases = [(True, True, True), (False, True, True)] + (
         [(False, False, False)] if include_fp32 else []
     )

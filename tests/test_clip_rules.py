@@ -18,7 +18,7 @@ import torch
 from reference_code import reference_context_cut, reference_frames, reference_shift_range
 
 from vctmae import clip
-from vctmae.data.frames import multiview_offsets, random_offsets, sample_frames
+from vctmae.data.frames import random_offsets, sample_frames
 
 # ----------------------------------------------------------------------------- the reference, transcribed
 #
@@ -121,8 +121,7 @@ def test_crop_mode_matches_sample_frames():
     index = clip.frame_index_tensor("crop", offsets)
     frames = clip.scale_hu(crops[torch.arange(6)[:, None], index])  # (B, 16, 96, 96)
     torch.testing.assert_close(frames, sample_frames(crops, offsets)[:, 0], rtol=0, atol=0)
-    assert multiview_offsets(6) == clip.view_shifts("crop")
-    assert multiview_offsets(1) == [clip.view_shifts("crop")[len(clip.view_shifts("crop")) // 2]]
+    assert clip.middle_shift("crop") == clip.view_shifts("crop")[len(clip.view_shifts("crop")) // 2]
     # Training draws: the same numbers as random_offsets from the same generator.
     drawn = clip.draw_train_shifts(
         "crop", batch_size=64, generator=torch.Generator().manual_seed(3)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import SMALL_CROP, count_samples, make_shards, write_shard
 
-from vctmae.data.frames import mirror, multiview_offsets, random_offsets, sample_frames
+from vctmae import clip
+from vctmae.data.frames import mirror, random_offsets, sample_frames
 from vctmae.data.loader import ShardLoader
 from vctmae.data.shards import ShardError, expand_shards
 from vctmae.data.zarr_store import ZarrCrops
@@ -56,17 +57,17 @@ def test_sample_frames_matches_numpy_reference():
     assert got[0, 0, :, 0, 0].eq(0).all() and got[0, 0, :, 1, 1].eq(1).all()
 
 
-def test_multiview_offsets_cover_every_slice_once():
+def test_crop_mode_views_cover_every_slice_once():
     crop = (
         torch.arange(96, dtype=torch.int16).view(96, 1, 1).expand(96, 2, 2) * 10 - 480
     )  # slice i = 10i − 480 HU
-    views = multiview_offsets(6)
+    views = clip.view_shifts("crop")
     frames = sample_frames(crop.expand(len(views), -1, -1, -1), torch.tensor(views))
     slices = (
         torch.round(frames[:, 0, :, 0, 0] * 2000 - 1000 + 480).long() // 10
     )  # back to slice index
     assert sorted(slices.flatten().tolist()) == list(range(96))
-    assert multiview_offsets(1) == [3]
+    assert clip.middle_shift("crop") == 3
 
 
 def test_training_offsets_cover_0_to_5_and_mirror_reverses_the_sagittal_axis():

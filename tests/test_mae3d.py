@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,7 +65,7 @@ def small_mae3d(monkeypatch):
     from vctmae.model import config as model_config
 
     small = model_config.preset_config("mae3d-tiny", **SMALL_MODEL)
-    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", lambda: small)
+    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", small)
     monkeypatch.setattr("vctmae.runlog.RunLog.image", lambda *args, **kwargs: None)
     return small
 
@@ -308,7 +309,8 @@ def test_frame_flags_triton_and_thin_crops_are_refused_in_one_line(shards, small
     one_line_error(pretrain(train, "--patch-embed", "triton"), 2, "--patch-embed triton")
     one_line_error(pretrain(shards["thin"]), 1, shards["thin"][0], "reads the whole crop")
     with pytest.raises(ShardError, match=r"expects \(96, 96, 96\)"):
-        check_crop_shape((96, 96, 64), where="x.tar", volume=True)
+        thin = types.SimpleNamespace(shape=(96, 96, 64), path="x.tar")
+        check_crop_shape(thin, preset_config("mae3d-tiny"))
 
     classifier = save_model(
         build_classifier("mae3d-tiny", **SMALL_MODEL), tmp_path / "c.safetensors"

@@ -54,7 +54,7 @@ def shrink_mae3d(monkeypatch: pytest.MonkeyPatch) -> None:
     from vctmae.model import config as model_config
 
     small = model_config.preset_config("mae3d-tiny", **SMALL_MODEL)
-    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", lambda: small)
+    monkeypatch.setitem(model_config.PRESETS, "mae3d-tiny", small)
 
 
 def document_commands(text: str) -> list[list[str]]:

@@ -25,7 +25,7 @@ class DemoConfig:
     """Sizes of the demo run; the defaults fit in under 10 minutes on 2 CPU cores.
 
     80 phantoms → ~440 crops (~270 for training). What made the tiny model learn here is its
-    input normalisation (the `tiny` preset's HU / 200, see `vctmae.model.config.vit_tiny`): on
+    input normalisation (the `tiny` preset's HU / 200, see `vctmae.model.config.TINY_INPUT`): on
     raw [0, 1] frames it stayed at chance for as many steps as fit in this budget. Even so it
     needs ~250–600 optimizer steps at batch 8 before the validation AUC rises (when exactly
     varies with the seed), hence 16 finetuning epochs. MAE pretraining on so few crops teaches

@@ -16,11 +16,16 @@ evaluation view) — `--frames crop|mask` and `--flip rows|frames|none`. For a 3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vctmae import clip
-from vctmae.clip import CROP_SIZE, FLIPS, NUM_FRAMES, STRIDE
+from vctmae.clip import FLIPS, NUM_FRAMES, STRIDE
+
+if TYPE_CHECKING:
+    from vctmae.data.shards import ShardIndex
+    from vctmae.model.config import ModelConfig
 
 
 def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -32,25 +37,21 @@ def sample_frames(crops: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return clip.clip_frames(crops, clip.frame_index_tensor("crop", offsets, device=crops.device))
 
 
-def check_crop_shape(
-    shape: tuple[int, ...],
-    *,
-    where: str,
-    image_size: int = CROP_SIZE,
-    volume: bool = False,
-) -> None:
+def check_crop_shape(index: ShardIndex, model: ModelConfig) -> None:
     """Refuse crops the model cannot read, before training or evaluation starts.
 
-    Video model: the sagittal depth must hold NUM_FRAMES frames STRIDE apart, and each slice
-    must be square and fit the model's `image_size` frames (smaller slices are padded to it with
-    −1000 HU, `--frame-size`). 3-D model (`volume`): the crop must be the cube image_size³ it
-    reads whole. Raises ShardError naming `where` (a shard).
+    `index`: a shard's (its crops' shape; every shard of a run is ingested alike). Video model:
+    the sagittal depth must hold NUM_FRAMES frames STRIDE apart, and each slice must be square
+    and fit the model's `img` frames (smaller slices are padded to it with −1000 HU,
+    `--frame-size`). 3-D model: the crop must be the cube img³ it reads whole. Raises ShardError
+    naming the shard.
     """
     from vctmae.data.shards import ShardError
 
+    shape, where, image_size = index.shape, index.path, model.img
     if len(shape) != 3:
         raise ShardError(where, f"crops of shape {shape}; expected (depth, height, width)")
-    if volume:
+    if model.volume:
         if tuple(shape) != (image_size,) * 3:
             raise ShardError(
                 where,
@@ -81,13 +82,6 @@ def offset_frames(offsets: torch.Tensor) -> torch.Tensor:
     same slices.
     """
     return clip.frame_index_tensor("crop", offsets)
-
-
-def multiview_offsets(views: int) -> list[int]:
-    """Offsets of the evaluation views: 6 → all six (together every slice once); 1 → the middle one."""
-    if views not in clip.VIEW_COUNTS:
-        raise ValueError(f"views must be 1 or {STRIDE}, got {views}")
-    return clip.view_shifts("crop") if views == STRIDE else [clip.middle_shift("crop")]
 
 
 def random_offsets(
@@ -125,23 +119,16 @@ def _needed_boxes(boxes: torch.Tensor | None, mode: str) -> torch.Tensor | None:
 
 @dataclass(frozen=True, kw_only=True)
 class FrameSampler:
-    """How a batch of crops becomes the model's input: the frame rule, and the flip augmentation.
-
-    mode: `clip.FRAME_MODES` — "crop" (the paper's text: o + 6k) or "mask" (the reference's
-        code: 16 frames over the mask's sagittal extent, plus its in-plane context cut).
-    flip: `clip.FLIPS` — "rows" (the reference's pretraining flip, superior ↔ inferior, p = 0.5),
-        "frames" (reverse the sagittal order, p = 0.5) or "none".
-
-    volume: the model is a 3-D one (`ModelConfig.volume`), which reads the whole crop: no views
-        to draw, `flip` reverses the crop's rows or its sagittal order, and the frames it is
-        handed are an empty (B, 0) index (it uses none); only mode "crop" (the default).
+    """How a batch of crops becomes the model's input: the frame rule (`mode`, `clip.FRAME_MODES`)
+    and the flip augmentation (`flip`, `clip.FLIPS`, p = 0.5 per sample). `volume`: a 3-D model
+    (`ModelConfig.volume`), which reads the whole crop: no views to draw, the flip reverses the
+    crop's rows or its sagittal order, the frames are an empty (B, 0) index; mode "crop" only.
 
     The model takes (crops, frames): int16 (B, S, H, W) and slice indices (B, 16). Crop mode
     without a row flip passes the stored crops and the o + 6k indices (mirroring through the
-    indices). When an in-plane step is needed — mask mode's context cut, the
-    row flip — the 16 int16 frames are gathered first, cut and flipped on the device (16 of 96
-    slices: cheap), and passed as (B, 16, H, W) with indices 0..15 (`_input`: this is where the
-    context cut happens). `boxes` are the batch's JSON mask boxes (B, 6), `Batch.boxes`.
+    indices). When an in-plane step is needed — mask mode's context cut, the row flip — the 16
+    int16 frames are gathered first, cut and flipped on the device (16 of 96 slices: cheap), and
+    passed as (B, 16, H, W) with indices 0..15 (`_input`). `boxes`: `Batch.boxes` (B, 6).
     """
 
     mode: str = "crop"

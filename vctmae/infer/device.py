@@ -2,14 +2,13 @@
 
 `resolve_device` turns `--device` into a torch device; `resolve_precision` turns
 `--precision` into the number format that runs, and `autocast_context` applies it to a
-forward pass. Speed switches are applied from outside the model. The model's own patch
-embedding is the plain torch one (gather frames → Conv3d).
-`install_patch_embed` swaps in the fused Triton kernel, `TritonPatchEmbed`,
-which shares the torch module's parameters (the same `proj` Conv3d, so state-dict
-keys, checkpoints and optimizer parameters are unchanged) and gives the same
-tokens. `apply_speedups` does that and optionally `torch.compile`s the model;
-training wraps the result for DDP. The kernel gathers video frames; a 3-D
-model (`VolumePatchEmbed`, which reads the whole crop) keeps its torch patch embedding.
+forward pass. Speed switches are applied from outside the model. The model's patch embedding
+computes with plain torch (gather frames → Conv3d) until `install_patch_embed` switches it to
+the fused Triton kernel, which reads the same parameters (the same `proj` Conv3d, so state-dict
+keys, checkpoints and optimizer parameters are unchanged) and gives the same tokens.
+`apply_speedups` does that and optionally `torch.compile`s the model; training wraps the result
+for DDP. The kernel gathers video frames; a 3-D model (`VolumePatchEmbed`, which reads the
+whole crop) keeps its torch patch embedding.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from vctmae.errors import UsageError
-from vctmae.model.vit import PatchEmbed, VolumePatchEmbed
+from vctmae.model.vit import VolumePatchEmbed
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -89,25 +88,6 @@ def autocast_context(
     return contextlib.nullcontext()
 
 
-class TritonPatchEmbed(PatchEmbed):
-    """`PatchEmbed` computed by the fused Triton kernel: int16 crops straight to (kept) tokens.
-
-    Made by `install_patch_embed` from a model's `PatchEmbed`, whose `proj` parameters it shares.
-    """
-
-    def forward(
-        self,
-        crops: torch.Tensor,
-        frames: torch.Tensor,
-        pos: torch.Tensor,
-        keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        from vctmae.kernels.triton_patch_embed import patch_embed_triton
-
-        weight, bias = self.kernel_weight_and_bias()
-        return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos[0])
-
-
 def resolve_patch_embed(choice: str, device: torch.device) -> str:
     """'auto' → 'triton' on CUDA when triton is installed, else 'torch' (`vctmae.kernels`)."""
     from vctmae.kernels import resolve_backend
@@ -116,17 +96,6 @@ def resolve_patch_embed(choice: str, device: torch.device) -> str:
         return resolve_backend(choice, torch.device(device))
     except (ValueError, RuntimeError) as error:
         raise UsageError(f"--patch-embed {choice}: {error}") from None
-
-
-def _sharing(kind: type[PatchEmbed], embed: PatchEmbed) -> PatchEmbed:
-    """A `kind` patch embedding with `embed`'s parameters (the same Conv3d module) and settings."""
-    new = kind.__new__(kind)
-    nn.Module.__init__(new)
-    new.proj = embed.proj
-    new.clip_shape = embed.clip_shape
-    new.input_mean = embed.input_mean
-    new.input_std = embed.input_std
-    return new
 
 
 def install_patch_embed(model: nn.Module, choice: str, device: torch.device) -> str:
@@ -143,9 +112,7 @@ def install_patch_embed(model: nn.Module, choice: str, device: torch.device) -> 
             )
         return "torch"
     resolved = resolve_patch_embed(choice, torch.device(device))
-    kind = TritonPatchEmbed if resolved == "triton" else PatchEmbed
-    if type(model.patch_embed) is not kind:
-        model.patch_embed = _sharing(kind, model.patch_embed)
+    model.patch_embed.backend = resolved
     return resolved
 
 

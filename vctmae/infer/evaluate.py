@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vctmae.clip import ClipRule, resolve_rule
+from vctmae.clip import resolve_rule
 from vctmae.infer import distributed
 from vctmae.infer.config import EvalConfig, config_dict, refuse_frame_options
 from vctmae.infer.device import apply_speedups, resolve_precision
@@ -24,29 +24,12 @@ from vctmae.progress import warn
 from vctmae.runlog import RunLog
 
 
-def eval_rule(config: EvalConfig, recorded: ClipRule | None, *, say: bool) -> ClipRule:
-    """The clip rule eval applies: the checkpoint's, with the options given explicitly (each one
-    that differs from the checkpoint's said in one line)."""
-    rule, lines = resolve_rule(
-        recorded,
-        who=str(config.checkpoint),
-        frames=config.frames,
-        multiview=config.multiview,
-        combine=config.combine,
-        levels=config.loader.levels,
-    )
-    if say:
-        for line in lines:
-            warn(line)
-    return rule
-
-
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Evaluate a classifier checkpoint on shards; writes predictions.csv, metrics.json, roc.png, pr.png.
 
     The frames, views, combination and levels are the clip rule the checkpoint was finetuned
-    with unless the options say otherwise (`eval_rule`); the crops of other levels are left
-    out, and how many is said.
+    with unless the options say otherwise; the crops of other levels are left out, and how many
+    is said.
     """
     from rich.console import Console
 
@@ -58,7 +41,18 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     info = distributed.setup(config.device)
     out = Path(config.out)
     model = load_classifier(config.checkpoint).to(info.device)
-    rule = eval_rule(config, read_model_description(config.checkpoint).clip, say=info.is_main)
+    # The checkpoint's clip rule, with the options given explicitly (each that differs said).
+    rule, lines = resolve_rule(
+        read_model_description(config.checkpoint).clip,
+        who=str(config.checkpoint),
+        frames=config.frames,
+        multiview=config.multiview,
+        combine=config.combine,
+        levels=config.loader.levels,
+    )
+    if info.is_main:
+        for line in lines:
+            warn(line)
     loader_options = dataclasses.replace(config.loader, levels=rule.levels)
     refuse_frame_options(model.config, str(config.checkpoint), frames=rule.frames)
     speed = config.speed
@@ -77,10 +71,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         role="evaluated samples (--shards; evaluate unlabelled shards on their own)",
         allow_unlabelled=unlabelled_only,
     )
-    first = loader.indexes[0]
-    check_crop_shape(
-        first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
-    )
+    check_crop_shape(loader.indexes[0], model.config)
     if rule.frames == "mask":
         check_boxes(loader.indexes)
     if loader.dropped_levels and info.is_main:

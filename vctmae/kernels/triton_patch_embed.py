@@ -248,20 +248,18 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def forward_config(dim: int) -> LaunchConfig:
-    """One config (the interpreter cannot autotune over several): big tiles on a GPU, few programs when interpreting."""
+def launch_config(dim: int, *, forward: bool) -> LaunchConfig:
+    """The forward (or grad_weight) kernel's one config, for D = `dim` output channels (the
+    interpreter cannot autotune over several): big tiles on a GPU, few programs when interpreting."""
     if INTERPRET:
         return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
+    block_m, block_k = (128, 64) if forward else (64, 128)
     return LaunchConfig(
-        block_m=128, block_n=min(128, _pow2_at_least_16(dim)), block_k=64, num_warps=8, num_stages=3
-    )
-
-
-def grad_weight_config(dim: int) -> LaunchConfig:
-    if INTERPRET:
-        return LaunchConfig(block_m=64, block_n=min(64, _pow2_at_least_16(dim)), block_k=128)
-    return LaunchConfig(
-        block_m=64, block_n=min(128, _pow2_at_least_16(dim)), block_k=128, num_warps=8, num_stages=3
+        block_m=block_m,
+        block_n=min(128, _pow2_at_least_16(dim)),
+        block_k=block_k,
+        num_warps=8,
+        num_stages=3,
     )
 
 
@@ -324,7 +322,7 @@ def _launch_forward(
     out = torch.empty(batch, n_keep, dim, device=crops.device, dtype=weight.dtype)
     if num_rows == 0:
         return out
-    cfg = forward_config(dim)
+    cfg = launch_config(dim, forward=True)
     grid = (triton.cdiv(num_rows, cfg.block_m), triton.cdiv(dim, cfg.block_n))
     _patch_embed_fwd_kernel[grid](
         crops,
@@ -348,7 +346,7 @@ def _launch_grad_weight(
 ) -> torch.Tensor:
     batch, n_keep = grad_out.shape[0], grad_out.shape[1]
     num_rows = batch * n_keep
-    cfg = grad_weight_config(dim)
+    cfg = launch_config(dim, forward=False)
     tiles = triton.cdiv(dim, cfg.block_n) * triton.cdiv(PATCH_DIM, cfg.block_k)
     row_blocks = triton.cdiv(num_rows, cfg.block_m)
     if grad_out.is_cuda:

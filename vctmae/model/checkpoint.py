@@ -479,14 +479,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def model_kind(model: nn.Module) -> str:
-    if isinstance(model, MaskedAutoencoder):
-        return "mae"
-    if isinstance(model, VideoClassifier):
-        return "classifier"
-    raise TypeError(f"not a vctmae model: {type(model).__name__}")
-
-
 @dataclass(frozen=True)
 class ModelFiles:
     """What `save_model` writes, taken from a model: its tensors (on the CPU) and description."""
@@ -503,6 +495,8 @@ def model_files(model: VideoViT, *, clip: ClipRule | None = None) -> ModelFiles:
     that eval, explain and predict apply it by default.
     """
     model = unwrap(model)
+    if not isinstance(model, (MaskedAutoencoder, VideoClassifier)):
+        raise TypeError(f"not a vctmae model: {type(model).__name__}")
     tensors = {
         key: value.detach().to("cpu", copy=True).contiguous()
         for key, value in model.state_dict().items()
@@ -510,7 +504,7 @@ def model_files(model: VideoViT, *, clip: ClipRule | None = None) -> ModelFiles:
     description: dict[str, object] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "kind": model_kind(model),
+        "kind": "mae" if isinstance(model, MaskedAutoencoder) else "classifier",
         "config": model.config.to_dict(),
     }
     if clip is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,53 +185,20 @@ def _has_type(value: Any, kind: type) -> bool:
     return type(value) is kind
 
 
-def vit_large() -> ModelConfig:
-    """ViT-L/16 as in the paper (303M encoder parameters; decoder 512 wide, 4 blocks)."""
-    return ModelConfig(
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=4,
-        decoder_num_heads=16,
-    )
+# The presets' widths and depths, in this order; the geometry is ModelConfig's (the paper's)
+# unless a preset says otherwise.
+WIDTH_FIELDS = (
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+)
 
 
-def vit_base() -> ModelConfig:
-    """ViT-B/16 (86M encoder parameters), with ViT-L's decoder."""
-    return dataclasses.replace(vit_large(), embed_dim=768, depth=12, num_heads=12)
-
-
-def vit_small() -> ModelConfig:
-    """ViT-S/16 (22M encoder parameters), with a decoder 256 wide, 4 blocks, 8 heads."""
-    return dataclasses.replace(
-        vit_large(),
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        decoder_embed_dim=256,
-        decoder_num_heads=8,
-    )
-
-
-def vit_tiny() -> ModelConfig:
-    """A small model for CPU demos and tests (192 wide, 4 blocks), trained from scratch.
-
-    Its input is normalised to (frames − 0.5) / 0.1, i.e. HU / 200: measured on the demo's
-    phantoms (plain finetuning loops, 12 epochs of 80 phantoms, NVIDIA H200, fp32), the raw
-    [0, 1] frames and mae_st's (x − 0.45) / 0.225 left the model at chance in most seeds, while
-    HU / 200 learnt in 8 of 8 (test AUC 0.75–0.95); benchmarks/results/demo_sweep-h200.json.
-    """
-    return ModelConfig(
-        embed_dim=192,
-        depth=4,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=2,
-        decoder_num_heads=4,
-        input_mean=0.5,
-        input_std=0.1,
-    )
+def _preset(widths: tuple[int, ...], **fields: Any) -> ModelConfig:
+    return ModelConfig(**dict(zip(WIDTH_FIELDS, widths, strict=True)), **fields)
 
 
 # The 3-D MAE's geometry: the whole 96³ crop, cubes of 16³ → 6×6×6 = 216 tokens, one channel
@@ -247,25 +213,26 @@ VOLUME_GEOMETRY: dict[str, Any] = {
     "pred_t_dim": 96,
 }
 
+# `tiny` normalises its input to (frames − 0.5) / 0.1, i.e. HU / 200: measured on the demo's
+# phantoms (plain finetuning loops, 12 epochs of 80 phantoms, NVIDIA H200, fp32), the raw
+# [0, 1] frames and mae_st's (x − 0.45) / 0.225 left the model at chance in most seeds, while
+# HU / 200 learnt in 8 of 8 (test AUC 0.75–0.95); benchmarks/results/demo_sweep-h200.json.
+TINY_INPUT: dict[str, Any] = {"input_mean": 0.5, "input_std": 0.1}
 
-def mae3d_base() -> ModelConfig:
-    """Table 3's "3D MAE" (paper App. B.2.4): MAE (He et al. 2022) with 3-D patches and positions,
-    a ViT-B/16³ encoder (86M parameters) and MAE's own decoder (512 wide, 8 blocks, 16 heads)."""
-    return dataclasses.replace(vit_base(), decoder_depth=8, **VOLUME_GEOMETRY)
-
-
-def mae3d_tiny() -> ModelConfig:
-    """The 3-D MAE at `tiny`'s widths and input normalisation, for CPU demos and tests."""
-    return dataclasses.replace(vit_tiny(), **VOLUME_GEOMETRY)
-
-
-PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    "large": vit_large,
-    "base": vit_base,
-    "small": vit_small,
-    "tiny": vit_tiny,
-    "mae3d-base": mae3d_base,
-    "mae3d-tiny": mae3d_tiny,
+PRESETS: dict[str, ModelConfig] = {
+    # ViT-L/16 as in the paper (303M encoder parameters; decoder 512 wide, 4 blocks).
+    "large": _preset((1024, 24, 16, 512, 4, 16)),
+    # ViT-B/16 (86M encoder parameters), with ViT-L's decoder.
+    "base": _preset((768, 12, 12, 512, 4, 16)),
+    # ViT-S/16 (22M encoder parameters), with a decoder 256 wide, 4 blocks, 8 heads.
+    "small": _preset((384, 12, 6, 256, 4, 8)),
+    # A small model for CPU demos and tests (192 wide, 4 blocks), trained from scratch.
+    "tiny": _preset((192, 4, 3, 128, 2, 4), **TINY_INPUT),
+    # Table 3's "3D MAE" (paper App. B.2.4): MAE (He et al. 2022) with 3-D patches and
+    # positions, a ViT-B/16³ encoder (86M parameters) and MAE's own decoder (512 wide, 8 blocks).
+    "mae3d-base": _preset((768, 12, 12, 512, 8, 16), **VOLUME_GEOMETRY),
+    # The 3-D MAE at `tiny`'s widths and input normalisation, for CPU demos and tests.
+    "mae3d-tiny": _preset((192, 4, 3, 128, 2, 4), **TINY_INPUT, **VOLUME_GEOMETRY),
 }
 
 
@@ -273,4 +240,4 @@ def preset_config(preset: str = "large", **overrides: Any) -> ModelConfig:
     """The named preset with some fields replaced (e.g. `depth=2` to shrink a test model)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[preset](), **overrides)
+    return dataclasses.replace(PRESETS[preset], **overrides)

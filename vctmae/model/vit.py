@@ -9,8 +9,8 @@ fused `attn.qkv` projection, which `vctmae.model.checkpoint` builds from mae_st'
 
 Both models take int16 crops (B, 96, 96, 96) and per-sample frame indices (B, 16) — which sagittal
 slices form each sample's clip — and gather the clip themselves, so the model has one forward. The
-patch embedding here is the plain torch one; `vctmae.infer.device` swaps in the fused Triton kernel
-(same parameters, same tokens) — speed lives outside the model.
+patch embedding computes with plain torch unless `vctmae.infer.device` switches it to the fused
+Triton kernel (same parameters, same tokens) — the choice of speed lives outside the model.
 
 Shapes for the paper's geometry: clip (B, 1, 16, 96, 96) → 8×6×6 = L = 288 patch tokens of width
 D; token index = t·36 + row·6 + col. With `img = 224` (Table 2 row 5, `--frame-size 224`) the
@@ -150,6 +150,9 @@ class PatchEmbed(nn.Module):
         self.clip_shape = (config.frames, config.img, config.img)
         self.input_mean = config.input_mean
         self.input_std = config.input_std
+        # "torch" (gather the clip, Conv3d) or "triton" (the fused kernel, on the same `proj`
+        # parameters); chosen from outside the model by `vctmae.infer.device.install_patch_embed`.
+        self.backend = "torch"
 
     def _normalised(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight / std, bias − mean/std · Σ over each output's full RGB kernel)."""
@@ -175,6 +178,11 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """int16 crops (B, 96, 96, 96), frame indices (B, 16), positions (1, L, D) and optionally
         kept token ids (B, K) → tokens (B, L, D), or (B, K, D) with `keep`."""
+        if self.backend == "triton":
+            from vctmae.kernels.triton_patch_embed import patch_embed_triton
+
+            weight, bias = self.kernel_weight_and_bias()
+            return patch_embed_triton(crops, frames, weight, bias, keep=keep, pos=pos[0])
         tokens = self.embed_clip(self.read(crops, frames)) + pos  # (B, L, D)
         return tokens if keep is None else gather_tokens(tokens, keep)
 

@@ -105,10 +105,7 @@ def finetune_trainer(config: FinetuneConfig) -> Trainer:
         check_boxes(run.loader.indexes)
     if val_loader is not None:
         check_classes(val_loader.indexes, role="validation samples (--val-shards)")
-        first = val_loader.indexes[0]
-        check_crop_shape(
-            first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
-        )
+        check_crop_shape(val_loader.indexes[0], model.config)
         if options.frames == "mask":
             check_boxes(val_loader.indexes)
     if config.class_weights == "inverse":

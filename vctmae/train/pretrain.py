@@ -133,13 +133,14 @@ def write_preview(
     title: str,
 ) -> Path:
     """Reconstruct one crop (middle view, fixed mask) and save the preview PNG."""
-    from vctmae.data.frames import multiview_offsets, offset_frames
+    from vctmae.clip import middle_shift
+    from vctmae.data.frames import offset_frames
     from vctmae.train.preview import save_preview
 
     was_training = model.training
     model.eval()
     # The middle view, as --multiview 1 (a 3-D model reads the whole crop and ignores it).
-    frames = offset_frames(torch.tensor(multiview_offsets(1), device=crop.device))
+    frames = offset_frames(torch.tensor([middle_shift("crop")], device=crop.device))
     tokens = model.config.num_tokens
     noise = torch.rand(1, tokens, generator=torch.Generator().manual_seed(seed)).to(crop.device)
     _, pred, mask = model(crop, frames, mask_ratio=mask_ratio, noise=noise)

@@ -105,10 +105,7 @@ def build_run(
     )
     torch.manual_seed(run.seed)
     model = make_model().to(info.device)
-    first = loader.indexes[0]
-    check_crop_shape(
-        first.shape, where=first.path, image_size=model.config.img, volume=model.config.volume
-    )
+    check_crop_shape(loader.indexes[0], model.config)
     init_report = load_init(model, run.init, run.pos_init) if run.init is not None else None
     # Optimizer steps per epoch: whole accumulations of micro-batches, at most the cap.
     per_epoch = min(len(loader) // run.accum_steps, run.max_steps_per_epoch or len(loader))
