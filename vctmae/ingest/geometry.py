@@ -285,13 +285,19 @@ def label_census(labels: Volume) -> LabelCensus:
     )
 
 
-def _stored_box(box: tuple[slice, ...] | None, order: tuple[int, int, int]):
-    """A box of the memory-order view (`memory_order`) as a box of the storage axes."""
+def _stored_box(
+    box: tuple[slice, ...] | None,
+    order: tuple[int, int, int],
+    region: tuple[slice, slice, slice] | None = None,
+):
+    """A box of the memory-order view (`memory_order`) of `region` of the map (default: all of
+    it) as a box of the storage axes."""
     if box is None:
         return None
     stored = [slice(0, 0)] * 3
     for axis, extent in zip(order, box, strict=True):
-        stored[axis] = extent
+        offset = 0 if region is None else region[axis].start
+        stored[axis] = slice(extent.start + offset, extent.stop + offset)
     return tuple(stored)
 
 
@@ -363,17 +369,7 @@ def label_boxes(
         found = label_pass.label_stats(data, LARGEST_VERTEBRA_VALUE)[1][1:]
     else:
         found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
-    boxes: list[tuple[slice, ...] | None] = []
-    for box in found:
-        if box is None:
-            boxes.append(None)
-            continue
-        stored = [slice(0, 0)] * 3
-        for axis, extent in zip(order, box, strict=True):
-            offset = region[axis].start
-            stored[axis] = slice(extent.start + offset, extent.stop + offset)
-        boxes.append(tuple(stored))
-    return boxes
+    return [_stored_box(box, order, region) for box in found]
 
 
 def find_vertebrae(labels: Volume, census: LabelCensus, scheme: str) -> list[_Vertebra]:
@@ -546,6 +542,19 @@ def cut_crop(
     )
     window = _mask_window(vertebra.box, to_voxel, config.size)
     label = sample_labels(labels.data, to_voxel, config.size, window)
+    return crop_of(vertebra, tangent, array, inside, label, window)
+
+
+def crop_of(
+    vertebra: _Vertebra,
+    tangent: np.ndarray,
+    array: np.ndarray,
+    inside: np.ndarray,
+    label: np.ndarray,
+    window: tuple[slice, slice, slice],
+) -> VertebraCrop:
+    """The crop record of a sampled vertebra: `array` its CT crop, `inside` the crop voxels
+    within the scan, `label` the label values sampled at the crop voxels of `window`."""
     mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,
@@ -568,6 +577,34 @@ def _skip_reason(vertebra: _Vertebra, config: GeometryConfig) -> str | None:
     if vertebra.truncated and not config.keep_truncated:
         return "truncated: mask touches the scan border"
     return None
+
+
+def crop_plan(
+    vertebrae: list[_Vertebra], config: GeometryConfig
+) -> tuple[list[tuple[_Vertebra, np.ndarray]], list[Skipped]]:
+    """The vertebrae to cut, each with the world direction of its crop axis 1, and the
+    vertebrae skipped (`_skip_reason`), head → feet.
+
+    The spine curve runs through every vertebra found (fragments excepted: their centroids
+    are noise), whether or not it is written.
+    """
+    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
+    align = config.align
+    if align == "auto":
+        align = "spline" if len(on_curve) >= 3 else "axis"
+    tangent_of: dict[str, np.ndarray] = {}
+    if align == "spline":
+        centroids = np.stack([v.centroid_world for v in on_curve])
+        tangents = spine_tangents(centroids, curve_weights(on_curve))
+        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
+    plan, skipped = [], []
+    for vertebra in vertebrae:
+        reason = _skip_reason(vertebra, config)
+        if reason is not None:
+            skipped.append(Skipped(level=vertebra.level, reason=reason))
+        else:
+            plan.append((vertebra, tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)))
+    return plan, skipped
 
 
 def extract_crops(
@@ -635,26 +672,8 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
             "check --label-scheme",
         )
 
-    # The curve runs through every vertebra found (fragments excepted: their
-    # centroids are noise), whether or not it is written.
-    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
-    align = config.align
-    if align == "auto":
-        align = "spline" if len(on_curve) >= 3 else "axis"
-    tangent_of: dict[str, np.ndarray] = {}
-    if align == "spline":
-        centroids = np.stack([v.centroid_world for v in on_curve])
-        tangents = spine_tangents(centroids, curve_weights(on_curve))
-        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
-
-    crops, skipped = [], []
-    for vertebra in vertebrae:
-        reason = _skip_reason(vertebra, config)
-        if reason is not None:
-            skipped.append(Skipped(level=vertebra.level, reason=reason))
-            continue
-        tangent = tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)
-        crops.append(cut_crop(ct, labels, vertebra, tangent, config))
+    plan, skipped = crop_plan(vertebrae, config)
+    crops = [cut_crop(ct, labels, vertebra, tangent, config) for vertebra, tangent in plan]
     return CaseCrops(
         crops=crops,
         skipped=skipped,
