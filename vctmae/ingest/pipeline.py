@@ -36,13 +36,12 @@ from typing import Any
 
 from vctmae.errors import UsageError
 from vctmae.files import TEMPORARY, write_atomically
-from vctmae.ingest.assemble import Assembly, AssemblyResult, outputs_present
-from vctmae.ingest.assemble import published_set as read_published_set
-from vctmae.ingest.config import GeometryConfig, IngestConfig
+from vctmae.ingest.assemble import Assembly, AssemblyResult, already_published
+from vctmae.ingest.config import IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.labels import CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.labels import assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -169,26 +168,20 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
         if segment and geometry.label_scheme == "auto":
             # TotalSegmentator's values, even for a map holding only L4 (28) and L5 (27).
             geometry = dataclasses.replace(geometry, label_scheme="totalseg")
-        record = None if config.force else finished_record(path, case, geometry, series)
+        job = ExtractJob(
+            index=index, case=case, geometry=geometry, record=path, series=series, segment=segment
+        )
+        record = None if config.force else finished_record(job)
         if record is not None:
             resumed[index] = record
         else:
-            jobs.append(
-                ExtractJob(
-                    index=index,
-                    case=case,
-                    geometry=geometry,
-                    record=path,
-                    series=series,
-                    segment=segment,
-                )
-            )
+            jobs.append(job)
     if any(job.segment and not job.case.seg.exists() for job in jobs):
         require_segmenter()
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     if config.executor == "dask":
         workers = config.workers or default_workers()
-    settings = _assembly_settings(config, config.geometry, labels, assignments, bad)
+    settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
@@ -218,26 +211,6 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - started
     return _write_report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
-    )
-
-
-def _assembly_settings(
-    config: IngestConfig,
-    geometry: GeometryConfig,
-    labels: Labels | None,
-    assignments: dict[str, CaseAssignment],
-    bad: list[BadInput],
-) -> dict[str, Any]:
-    """The keyword arguments of every `Assembly` of a run (or merge)."""
-    return dict(
-        out=config.out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=geometry.spacing,
-        size=geometry.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
     )
 
 
@@ -299,16 +272,10 @@ def _assemble_finished(
     for record, path in entries:
         plan.add(record, path)
     planned = plan.finish()
-    published = read_published_set(settings["out"])
-    if (
-        not force
-        and published.get("fingerprint") == planned.fingerprint
-        and outputs_present(settings["out"], published)
-    ):
+    if not force and already_published(settings["config"].out, planned):
         for failure in planned.failed:
             if failure["stage"] in ("labels", "keys"):
                 error_line(bar, failure["reason"])
-        planned.shards, planned.assembly = published.get("shards", []), "up to date"
         return planned
     task = bar.add_task("assemble", total=planned.samples, rate="")
     assembly = Assembly(
@@ -433,7 +400,8 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
         if copies:
             labels_path = runs[0][0] / WORK / "labels.csv"
     labels = read_labels(labels_path) if labels_path is not None else None
-    geometry_config = geometry_from_settings(geometry)
+    # The parts' geometry, not this command's: the crops were cut with it.
+    config = dataclasses.replace(config, geometry=geometry_from_settings(geometry))
 
     cases: dict[str, tuple[Case, Path]] = {}
     bad: list[BadInput] = []
@@ -454,7 +422,7 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
     assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
     entries = [(CaseRecord.read(path), path) for _, path in ordered]
     read = time.perf_counter()
-    settings = _assembly_settings(config, geometry_config, labels, assignments, bad)
+    settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
     with _progress(config.progress) as bar:
         for item in bad:
             error_line(bar, item.line())
@@ -468,7 +436,6 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
         result,
         counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
         cases_seen=len(ordered) + len(bad),
-        geometry=geometry_config,
         timings={
             "discover": read - started,
             "extract": 0.0,
@@ -486,7 +453,6 @@ def _write_report(
     counts: dict,
     cases_seen: int,
     timings: dict[str, float],
-    geometry: GeometryConfig | None = None,
     merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write OUT/ingest-report.json and return the report."""
@@ -498,7 +464,7 @@ def _write_report(
         "out": str(config.out),
         "part": f"{config.part[0]}/{config.part[1]}" if config.part else None,
         "formats": sorted(config.formats),
-        "geometry": geometry_settings(geometry or config.geometry),
+        "geometry": geometry_settings(config.geometry),
         "shard_size": config.shard_size,
         "executor": config.executor,
         "cases_seen": cases_seen,
