@@ -304,13 +304,10 @@ def discover_cases(
     cases: list[Case] = []
     bad: list[BadInput] = []
     if src is not None:
-        found, problems = scan_folder(src, exclude=exclude, missing_seg_ok=missing_seg_ok)
-        cases += found
-        bad += problems
+        cases, bad = scan_folder(src, exclude=exclude, missing_seg_ok=missing_seg_ok)
     if pairs is not None:
         found, problems = read_pairs(pairs, missing_seg_ok=missing_seg_ok)
-        cases += found
-        bad += problems
+        cases, bad = cases + found, bad + problems
     by_id: dict[str, Case] = {}
     for case in sorted(cases, key=lambda c: (c.case, c.ct_name)):
         if case.case in by_id:
