@@ -78,8 +78,13 @@ def output_lock(out: Path):
         yield
 
 
-def _progress(enabled: bool):
-    return progress_bar("{task.description:<8}", "{task.fields[rate]}", enabled=enabled)
+@contextmanager
+def _progress(enabled: bool, errors: list[str]):
+    """The run's progress bars, the lines of `errors` printed above them first."""
+    with progress_bar("{task.description:<8}", "{task.fields[rate]}", enabled=enabled) as bar:
+        for line in errors:
+            error_line(bar, line)
+        yield bar
 
 
 # ---------------------------------------------------------------------------
@@ -185,9 +190,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
-        with _progress(config.progress) as bar:
-            for item in bad:
-                error_line(bar, item.line())
+        with _progress(config.progress, [item.line() for item in bad]) as bar:
             result = _assemble_finished(
                 [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
             )
@@ -197,9 +200,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
         executor = make_executor(config.executor, workers, scheduler=config.scheduler)
         counts["workers"] = executor.workers
         try:
-            with _progress(config.progress) as bar:
-                for item in bad:
-                    error_line(bar, item.line())
+            with _progress(config.progress, [item.line() for item in bad]) as bar:
                 result, seconds = _extract_and_assemble(
                     jobs, resumed, records, executor, settings, config.force, bar
                 )
@@ -423,12 +424,8 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
     entries = [(CaseRecord.read(path), path) for _, path in ordered]
     read = time.perf_counter()
     settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
-    with _progress(config.progress) as bar:
-        for item in bad:
-            error_line(bar, item.line())
-        for record, _ in entries:
-            if not record.ok:
-                error_line(bar, record.error)
+    errors = [item.line() for item in bad] + [r.error for r, _ in entries if not r.ok]
+    with _progress(config.progress, errors) as bar:
         result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
     return _write_report(
@@ -456,7 +453,10 @@ def _write_report(
     merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write OUT/ingest-report.json and return the report."""
-    total = timings["total"]
+
+    def rate(count: int, stage: str) -> float | None:
+        return round(count / timings[stage], 3) if timings[stage] > 0 else None
+
     report = {
         "src": str(config.src) if config.src else None,
         "pairs": str(config.pairs) if config.pairs else None,
@@ -488,13 +488,9 @@ def _write_report(
         # assemble: time spent assembling, most of it while extraction was going on.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "crops_extracted": counts["crops"],
-        "crops_per_s": round(counts["crops"] / timings["extract"], 3)
-        if timings["extract"] > 0
-        else None,
-        "cases_per_s": round(counts["extracted"] / timings["extract"], 3)
-        if timings["extract"] > 0
-        else None,
-        "written_per_s": round(result.samples / total, 3) if total > 0 else None,
+        "crops_per_s": rate(counts["crops"], "extract"),
+        "cases_per_s": rate(counts["extracted"], "extract"),
+        "written_per_s": rate(result.samples, "total"),
     }
     if merged_from is not None:
         report["merged_from"] = merged_from

@@ -766,15 +766,10 @@ def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(buffer.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
-    """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically; returns both paths."""
-    ct_image, seg_image = phantom_images(phantom)
-    paths = []
-    for folder, image in (("ct", ct_image), ("seg", seg_image)):
-        path = Path(out) / folder / f"{phantom.case}.nii.gz"
-        write_atomically(path, _nifti_gz_bytes(image))
-        paths.append(path)
-    return paths[0], paths[1]
+def write_phantom(phantom: Phantom, out: Path) -> None:
+    """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically."""
+    for folder, image in zip(("ct", "seg"), phantom_images(phantom), strict=True):
+        write_atomically(Path(out) / folder / f"{phantom.case}.nii.gz", _nifti_gz_bytes(image))
 
 
 LABEL_COLUMNS = ("case", "level", "grade", "fracture", "patient")
