@@ -70,9 +70,15 @@ from vctmae.ingest.levels import (
     VERSE_SACRUM,
     level_index,
 )
-from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
+from vctmae.ingest.nifti import (
+    Volume,
+    check_same_grid,
+    orientation_transform,
+    oriented_view,
+    read_nifti_ct,
+)
+from vctmae.ingest.nifti import read_nifti_labels as read_label_map
 from vctmae.ingest.sampling import sample_ct, sample_labels
-from vctmae.ingest.source import read_ct, read_label_map
 
 SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
 LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
@@ -605,6 +611,22 @@ def crop_plan(
         else:
             plan.append((vertebra, tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)))
     return plan, skipped
+
+
+def read_ct(path: str | Path, *, series_uid: str | None = None) -> Volume:
+    """A CT from a NIfTI file or a DICOM series folder (`series_uid` picks a series there), in
+    the source's own dtype and memory order: no whole-volume copy before the crops are cut.
+
+    NIfTI: stored voxels with scl_slope / scl_inter in the Volume. DICOM: float32 HU
+    (each slice carries its own rescale), slices ordered by position, RAS+ affine.
+    Raises `IngestError` naming the file or folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from vctmae.ingest.dicom import load_dicom_ct
+
+        return load_dicom_ct(path, series_uid=series_uid)
+    return read_nifti_ct(path)
 
 
 def extract_crops(
