@@ -185,14 +185,12 @@ PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still
 
 
 def _worker_started(parent: int) -> None:
-    """Worker initializer: die with the main process.
+    """Worker initializer: die with the main process, whose stdout a worker would otherwise
+    hold open (`vctmae ingest … | cat` would never return).
 
-    A worker outliving a killed main process would run on forever and hold its
-    stdout open (`vctmae ingest … | cat` would never return); the output
-    folder's lock it lets go at fork (`vctmae.outlock`). On Linux the kernel
-    kills the worker the moment the main process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
-    thread, which lives as long as the process). Everywhere, and as a backstop, a
-    thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
+    On Linux the kernel kills the worker when the main process dies (PR_SET_PDEATHSIG; workers
+    are forked from its main thread, which lives as long as the process); everywhere, as a
+    backstop, a thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -212,12 +210,9 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 class ProcessPool:
-    """Extract in `workers` forked processes on this machine.
-
-    A worker that dies breaks the pool: the cases then in flight
-    are rerun one at a time in fresh single-worker pools, so only the case that
-    killed its worker is marked failed.
-    """
+    """Extract in `workers` forked processes on this machine. A worker that dies breaks the
+    pool: the cases then in flight are rerun one at a time in fresh single-worker pools, so
+    only the case that killed its worker is marked failed."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers

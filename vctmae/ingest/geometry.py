@@ -490,10 +490,7 @@ def crop_frame(tangent: np.ndarray) -> np.ndarray:
 
 
 def crop_affine(centroid_world, tangent, spacing: float, size: int) -> np.ndarray:
-    """Crop index (axis 0, 1, 2) → world RAS+ mm, as a NIfTI-style (4, 4) affine.
-
-    Handy to write a crop back as NIfTI for inspection, and to check crops.
-    """
+    """Crop index (axis 0, 1, 2) → world RAS+ mm, as a NIfTI-style (4, 4) affine."""
     frame = crop_frame(np.asarray(tangent)) * spacing
     centre = (size - 1) / 2.0
     affine = np.eye(4)
@@ -538,8 +535,7 @@ def cut_crop(
     the CT's slope and intercept are applied after interpolation (linear sampling
     commutes with them).
     """
-    # crop index → world → source voxel, composed into one (4, 4) affine (CT and
-    # label map share their grid).
+    # crop index → world → source voxel, composed into one (4, 4) affine.
     to_voxel = np.linalg.inv(ct.affine) @ crop_affine(
         vertebra.centroid_world, tangent, config.spacing, config.size
     )

@@ -858,14 +858,10 @@ def build_planned(planned: PlannedCase, seed: int = 0, fracture_rate: float = 0.
 
 def write_phantoms(config: SynthConfig, progress: Callable[[str], None] | None = None) -> Path:
     """Write `config.cases` phantoms under `config.out` (ct/, seg/, labels.csv); returns the
-    labels.csv path.
-
-    `config.clinical`: clinical-size cases (512 × 512 × ~300 voxels, 12–14 vertebrae; see
-    `make_phantom`), ~60 MB each gzipped, for benchmarks at the scale of real CTs.
+    labels.csv path. `progress`, if given, is called with each case id once it is written.
 
     Refuses an `out` whose ct/ or seg/ already holds cases this run would not write,
     so a smaller second run cannot leave stale cases beside a new labels.csv.
-    `progress`, if given, is called with each case id once it is written.
     """
     out, seed = config.out, config.seed
     if out.exists() and not out.is_dir():
