@@ -123,15 +123,9 @@ def whole_volume_crops(
     vertebrae = _old_find_vertebrae(labels, scheme, boxes)
     plan, skipped = geometry.crop_plan(vertebrae, config)
     crops = [_old_cut(ct, labels, vertebra, tangent, config) for vertebra, tangent in plan]
-    names = SCHEMES[scheme]
-    return CaseCrops(
-        crops=crops,
-        skipped=skipped,
-        source_orientation=source_orientation,
-        source_spacing=source_spacing,
-        scheme=scheme,
-        other_labels={v: n for v, n in counts.items() if v not in names},
-    )
+    others = {v: n for v, n in counts.items() if v not in SCHEMES[scheme]}
+    # CaseCrops' fields in their declared order.
+    return CaseCrops(crops, skipped, source_orientation, source_spacing, scheme, others)
 
 
 def crop_differences(a: CaseCrops, b: CaseCrops) -> dict[str, float]:
