@@ -342,20 +342,6 @@ def _clean_work(work: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _case_list(run: dict) -> list[Case]:
-    return [
-        Case(
-            case=c["case"],
-            patient=c["patient"],
-            ct=Path(c["ct"]),
-            seg=Path(c["seg"]),
-            ct_name=c["ct"],
-            seg_name=c["seg"],
-        )
-        for c in run["cases"]
-    ]
-
-
 def _run_merge(config: IngestConfig) -> dict[str, Any]:
     """Assemble the case files of finished `--part` runs into one output."""
     started = time.perf_counter()
@@ -404,24 +390,27 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
     # The parts' geometry, not this command's: the crops were cut with it.
     config = dataclasses.replace(config, geometry=geometry_from_settings(geometry))
 
-    cases: dict[str, tuple[Case, Path]] = {}
+    # Case id → its patient and its work file, from every part's run.json.
+    patients: dict[str, str] = {}
+    records: dict[str, Path] = {}
     bad: list[BadInput] = []
     for part_dir, run in runs:
-        for case, raw in zip(_case_list(run), run["cases"], strict=True):
-            if case.case in cases:
-                raise UsageError(f"--merge: case {case.case} is in two of the merged outputs")
-            record = part_dir / WORK / "cases" / raw["record"]
+        for case in run["cases"]:
+            if case["case"] in records:
+                raise UsageError(f"--merge: case {case['case']} is in two of the merged outputs")
+            record = part_dir / WORK / "cases" / case["record"]
             if not record.exists():
                 raise IngestError(
                     record,
                     f"missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`",
                 )
-            cases[case.case] = (case, record)
+            patients[case["case"]] = case["patient"]
+            records[case["case"]] = record
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
-    ordered = [cases[c] for c in sorted(cases)]
-    assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
-    entries = [(CaseRecord.read(path), path) for _, path in ordered]
+    ordered = sorted(records)
+    assignments = assign_cases(labels, {case: patients[case] for case in ordered})
+    entries = [(CaseRecord.read(records[case]), records[case]) for case in ordered]
     read = time.perf_counter()
     settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
     errors = [item.line() for item in bad] + [r.error for r, _ in entries if not r.ok]
