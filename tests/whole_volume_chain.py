@@ -74,7 +74,7 @@ def _old_cut(ct: Volume, labels: Volume, vertebra, tangent, config: GeometryConf
     label = ndimage.map_coordinates(
         labels.data, coords[(slice(None), *window)], order=0, mode="nearest"
     )
-    return geometry.crop_of(vertebra, tangent, array, inside, label, window)
+    return geometry.vertebra_crop(vertebra, tangent, array, inside, label, window)
 
 
 def _old_find_vertebrae(labels: Volume, scheme: str, boxes: list) -> list:

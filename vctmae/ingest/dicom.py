@@ -395,12 +395,9 @@ def load_dicom_ct(folder: str | Path, series_uid: str | None = None) -> Volume:
 
 
 def is_dicom_series_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder directly holding a DICOM image file (a cheap test).
-
-    Reads 132 bytes of each file until one has the DICOM prefix, then that file's
-    header. A folder whose only DICOM file is a DICOMDIR or a report is not a
-    series folder. Never raises: `load_dicom_ct` reports what is wrong.
-    """
+    """Whether `path` is a folder directly holding a DICOM image file (a cheap test: a file with
+    the DICOM prefix whose header has Rows; a DICOMDIR or a report alone does not count).
+    Never raises: `load_dicom_ct` reports what is wrong."""
     path = Path(path)
     try:
         entries = sorted(path.iterdir()) if path.is_dir() else []

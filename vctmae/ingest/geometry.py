@@ -544,10 +544,10 @@ def cut_crop(
     )
     window = _mask_window(vertebra.box, to_voxel, config.size)
     label = sample_labels(labels.data, to_voxel, config.size, window)
-    return crop_of(vertebra, tangent, array, inside, label, window)
+    return vertebra_crop(vertebra, tangent, array, inside, label, window)
 
 
-def crop_of(
+def vertebra_crop(
     vertebra: _Vertebra,
     tangent: np.ndarray,
     array: np.ndarray,
