@@ -647,16 +647,9 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
     check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    # Counts, boxes and centroids from the stored map in memory order; then both volumes are
-    # seen along the sampling order (views, no copy).
+    # Counts, boxes and centroids from the stored map in memory order.
     census = label_census(labels)
     counts = census.counts
-    stored_labels = labels
-    ct, labels = (
-        oriented_view(ct, SAMPLING_ORIENTATION),
-        oriented_view(labels, SAMPLING_ORIENTATION),
-    )
-
     if config.label_scheme == "auto":
         volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
         try:
@@ -669,7 +662,7 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
         scheme = config.label_scheme
     names = SCHEMES[scheme]
     other_labels = {value: n for value, n in counts.items() if value not in names}
-    vertebrae = find_vertebrae(stored_labels, census, scheme)
+    vertebrae = find_vertebrae(labels, census, scheme)
     if not vertebrae:
         found = f" (it holds {_values_text(other_labels)})" if other_labels else ""
         raise IngestError(
@@ -691,6 +684,11 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
         )
 
     plan, skipped = crop_plan(vertebrae, config)
+    # Both volumes seen along the crops' axis order (views, no copy).
+    ct, labels = (
+        oriented_view(ct, SAMPLING_ORIENTATION),
+        oriented_view(labels, SAMPLING_ORIENTATION),
+    )
     crops = [cut_crop(ct, labels, vertebra, tangent, config) for vertebra, tangent in plan]
     return CaseCrops(
         crops=crops,
