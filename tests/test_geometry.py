@@ -20,11 +20,11 @@ from vctmae.ingest.geometry import (
     crop_affine,
     detect_label_scheme,
     extract_crops,
+    read_ct,
     spine_tangents,
 )
 from vctmae.ingest.levels import VERSE_LABEL
 from vctmae.ingest.nifti import Volume
-from vctmae.ingest.source import read_ct
 from vctmae.synth.phantoms import make_phantom, phantom_images
 
 REAL_LEVELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}  # TotalSegmentator v2 values

@@ -244,8 +244,8 @@ def _threshold(summary: dict):
 def test_the_overview_from_the_volumes_around_the_spine_is_the_whole_volumes_one(
     raw, sequential, tmp_path
 ):
+    from vctmae.ingest.geometry import read_ct, read_label_map
     from vctmae.ingest.levels import SCHEMES
-    from vctmae.ingest.source import read_ct, read_label_map
     from vctmae.predict.pictures import overview_svg
     from vctmae.predict.results import ScanResult
     from vctmae.predict.run import around_spine

@@ -18,10 +18,7 @@ from vctmae.ingest.geometry import (
     LARGEST_VERTEBRA_VALUE,
     SAMPLING_ORIENTATION,
     SCHEMES,
-    SUPERIOR_TO_INFERIOR,
     CaseCrops,
-    Skipped,
-    VertebraCrop,
 )
 from vctmae.ingest.nifti import Volume, check_same_grid
 from vctmae.ingest.sampling import AIR_HU, INT16_MAX, INT16_MIN
@@ -77,17 +74,7 @@ def _old_cut(ct: Volume, labels: Volume, vertebra, tangent, config: GeometryConf
     label = ndimage.map_coordinates(
         labels.data, coords[(slice(None), *window)], order=0, mode="nearest"
     )
-    mask = (label == vertebra.label_value) & inside[window]
-    return VertebraCrop(
-        level=vertebra.level,
-        label_value=vertebra.label_value,
-        array=array,
-        centroid_world=tuple(float(v) for v in vertebra.centroid_world),
-        tangent=tuple(float(v) for v in tangent),
-        inside_fraction=float(inside.mean()),
-        bbox=geometry._mask_bbox(mask, window),
-        truncated=vertebra.truncated,
-    )
+    return geometry.vertebra_crop(vertebra, tangent, array, inside, label, window)
 
 
 def _old_find_vertebrae(labels: Volume, scheme: str, boxes: list) -> list:
@@ -134,32 +121,11 @@ def whole_volume_crops(
     else:
         scheme = config.label_scheme
     vertebrae = _old_find_vertebrae(labels, scheme, boxes)
-    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
-    align = config.align
-    if align == "auto":
-        align = "spline" if len(on_curve) >= 3 else "axis"
-    tangent_of = {}
-    if align == "spline":
-        centroids = np.stack([v.centroid_world for v in on_curve])
-        tangents = geometry.spine_tangents(centroids, geometry.curve_weights(on_curve))
-        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
-    crops, skipped = [], []
-    for vertebra in vertebrae:
-        reason = geometry._skip_reason(vertebra, config)
-        if reason is not None:
-            skipped.append(Skipped(level=vertebra.level, reason=reason))
-            continue
-        tangent = tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)
-        crops.append(_old_cut(ct, labels, vertebra, tangent, config))
-    names = SCHEMES[scheme]
-    return CaseCrops(
-        crops=crops,
-        skipped=skipped,
-        source_orientation=source_orientation,
-        source_spacing=source_spacing,
-        scheme=scheme,
-        other_labels={v: n for v, n in counts.items() if v not in names},
-    )
+    plan, skipped = geometry.crop_plan(vertebrae, config)
+    crops = [_old_cut(ct, labels, vertebra, tangent, config) for vertebra, tangent in plan]
+    others = {v: n for v, n in counts.items() if v not in SCHEMES[scheme]}
+    # CaseCrops' fields in their declared order.
+    return CaseCrops(crops, skipped, source_orientation, source_spacing, scheme, others)
 
 
 def crop_differences(a: CaseCrops, b: CaseCrops) -> dict[str, float]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from vctmae.clip import CLASS_MEMBER, CROP_MEMBER, META_MEMBER
 from vctmae.errors import OutOfSpaceError
+from vctmae.ingest.config import IngestConfig
 from vctmae.ingest.discover import BadInput
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.labels import CaseAssignment, Labels
@@ -152,11 +153,7 @@ class Assembly:
     def __init__(
         self,
         *,
-        out: Path,
-        formats: frozenset[str],
-        shard_size: int,
-        spacing: float,
-        size: int,
+        config: IngestConfig,
         labels: Labels | None,
         assignments: Mapping[str, CaseAssignment],
         bad: list[BadInput],
@@ -164,10 +161,10 @@ class Assembly:
         report: Callable[[str], None] = lambda line: None,
         advance: Callable[[int], None] = lambda samples: None,
     ) -> None:
-        self.out = out
-        self.formats = formats
-        self.shard_size = shard_size
-        self.spacing = spacing
+        self.out = config.out
+        self.formats = config.formats
+        self.shard_size = config.shard_size
+        self.spacing = config.geometry.spacing
         self.labels = labels
         self.assignments = assignments
         self.write = write
@@ -176,14 +173,13 @@ class Assembly:
         self.result = AssemblyResult()
         self._keys: set[str] = set()
         self._written = 0  # samples staged so far: the next one's Zarr index
-        self._digest = hashlib.sha256(
-            json.dumps([ASSEMBLY_VERSION, sorted(formats), shard_size, spacing]).encode()
-        )
+        settings = [ASSEMBLY_VERSION, sorted(self.formats), self.shard_size, self.spacing]
+        self._digest = hashlib.sha256(json.dumps(settings).encode())
         for item in bad:
             self.result.failed.append(
                 {"case": item.case, "file": item.path, "reason": item.line(), "stage": "discover"}
             )
-        self.staging = out / WORK / STAGING
+        self.staging = self.out / WORK / STAGING
         self._shards: dict[str, ShardWriter] = {}
         self._zarr: ZarrWriter | None = None
         self._manifest: ManifestWriter | None = None
@@ -191,8 +187,8 @@ class Assembly:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
             try:
-                if "zarr" in formats:
-                    self._zarr = ZarrWriter(self.staging / ZARR, size)
+                if "zarr" in self.formats:
+                    self._zarr = ZarrWriter(self.staging / ZARR, config.geometry.size)
                 self._manifest = ManifestWriter(self.staging / MANIFEST)
             except OutOfSpaceError:
                 self.abort()
@@ -341,15 +337,9 @@ class Assembly:
             self.abort()
             raise
         shards = sorted(name for writer in self._shards.values() for name in writer.names)
-        published = published_set(self.out)
-        if (
-            not force
-            and published.get("fingerprint") == result.fingerprint
-            and outputs_present(self.out, published)
-        ):
-            # The same set is published already: leave it (and its files' times) alone.
+        if not force and already_published(self.out, result):
+            # Leave the published set (and its files' times) alone.
             self.abort()
-            result.shards, result.assembly = published.get("shards", []), "up to date"
             return result
         record = {
             "fingerprint": result.fingerprint,
@@ -371,18 +361,21 @@ class Assembly:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def published_set(out: Path) -> dict[str, Any]:
-    """What `publish` last recorded as the published set of `out` ({} when none)."""
+def already_published(out: Path, result: AssemblyResult) -> bool:
+    """Whether the set `publish` last recorded in `out` is `result`'s (same fingerprint) and all
+    there; if so `result` takes its shards and is "up to date"."""
     try:
-        return json.loads((out / WORK / PUBLISHED).read_text())
+        published = json.loads((out / WORK / PUBLISHED).read_text())
     except (OSError, ValueError):
-        return {}
-
-
-def outputs_present(out: Path, published: dict[str, Any]) -> bool:
+        return False
     names = (
         published.get("shards", [])
         + [MANIFEST]
         + ([ZARR] if "zarr" in published.get("formats", []) else [])
     )
-    return all((out / name).exists() for name in names)
+    if published.get("fingerprint") != result.fingerprint:
+        return False
+    if not all((out / name).exists() for name in names):
+        return False
+    result.shards, result.assembly = published.get("shards", []), "up to date"
+    return True

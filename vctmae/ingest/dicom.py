@@ -125,10 +125,10 @@ def _numbers(folder: Path, path: Path, header, keyword: str, count: int) -> np.n
     return numbers
 
 
-def _read_header(folder: Path, path: Path) -> _Slice | None:
-    """The header of a DICOM image file; None for a DICOM file of another kind (no image)."""
+def _dcmread(folder: Path, path: Path, **options):
+    """`pydicom.dcmread(path, **options)`; `IngestError` naming the file when it fails."""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        return pydicom.dcmread(path, **options)
     except MemoryError:
         raise
     except Exception as error:
@@ -136,6 +136,11 @@ def _read_header(folder: Path, path: Path) -> _Slice | None:
         raise IngestError(
             folder, f"{path.name}: unreadable DICOM file ({error_detail(error)})"
         ) from None
+
+
+def _read_header(folder: Path, path: Path) -> _Slice | None:
+    """The header of a DICOM image file; None for a DICOM file of another kind (no image)."""
+    header = _dcmread(folder, path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     meta = header.file_meta
     if "TransferSyntaxUID" not in meta or "MediaStorageSOPClassUID" not in meta:
         # The prefix is there but the file meta header is not: a corrupt or cut-off file.
@@ -339,14 +344,7 @@ def _read_pixels(folder: Path, slices: list[_Slice]) -> np.ndarray:
     first = slices[0]
     hu = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     for index, header in enumerate(slices):
-        try:
-            dataset = pydicom.dcmread(header.path)
-        except MemoryError:
-            raise
-        except Exception as error:
-            raise IngestError(
-                folder, f"{header.path.name}: unreadable DICOM file ({error_detail(error)})"
-            ) from None
+        dataset = _dcmread(folder, header.path)
         syntax = dataset.file_meta.TransferSyntaxUID
         try:
             stored = dataset.pixel_array
@@ -397,12 +395,9 @@ def load_dicom_ct(folder: str | Path, series_uid: str | None = None) -> Volume:
 
 
 def is_dicom_series_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder directly holding a DICOM image file (a cheap test).
-
-    Reads 132 bytes of each file until one has the DICOM prefix, then that file's
-    header. A folder whose only DICOM file is a DICOMDIR or a report is not a
-    series folder. Never raises: `load_dicom_ct` reports what is wrong.
-    """
+    """Whether `path` is a folder directly holding a DICOM image file (a cheap test: a file with
+    the DICOM prefix whose header has Rows; a DICOMDIR or a report alone does not count).
+    Never raises: `load_dicom_ct` reports what is wrong."""
     path = Path(path)
     try:
         entries = sorted(path.iterdir()) if path.is_dir() else []

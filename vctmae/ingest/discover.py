@@ -154,11 +154,14 @@ def scan_folder(
     cases: list[Case] = []
     bad: list[BadInput] = []
 
+    def refuse(case_id: str, path: Path, problem: str) -> None:
+        bad.append(BadInput(case=case_id, path=_display(path, src), problem=problem))
+
     def no_seg(case_id: str, ct: Path, problem: str) -> None:
         if missing_seg_ok:
             cases.append(_case(case_id, ct, None, src))
         else:
-            bad.append(BadInput(case=case_id, path=_display(ct, src), problem=problem))
+            refuse(case_id, ct, problem)
 
     for folder, dirs, files in _walk(src, skip):
         # VerSe naming: X_ct.nii.gz + X_seg-vert_msk.nii.gz in one folder (or, in VerSe's
@@ -189,12 +192,8 @@ def scan_folder(
                 )
                 if case_id + VERSE_CT in stems or (ct is not None and ct.is_file()):
                     continue
-                bad.append(
-                    BadInput(
-                        case=case_id,
-                        path=_display(folder / name, src),
-                        problem=f"no CT {case_id}{VERSE_CT}.nii.gz for this label map",
-                    )
+                refuse(
+                    case_id, folder / name, f"no CT {case_id}{VERSE_CT}.nii.gz for this label map"
                 )
         # ct/ + seg/ layout; a folder in ct/ may be a DICOM series.
         if "ct" in dirs or "seg" in dirs:
@@ -215,22 +214,12 @@ def scan_folder(
                     stem = f
                     if not is_dicom_series_folder(path):
                         with_ct.add(stem)  # the case fails here, not again for its label map
-                        bad.append(
-                            BadInput(
-                                case=stem, path=_display(path, src), problem=_not_a_series(path)
-                            )
-                        )
+                        refuse(stem, path, _not_a_series(path))
                         continue
                 else:
                     stem = nifti_stem(f)
                 if stem is None:
-                    bad.append(
-                        BadInput(
-                            case=f,
-                            path=_display(path, src),
-                            problem="not a NIfTI file (expected NAME.nii or NAME.nii.gz)",
-                        )
-                    )
+                    refuse(f, path, "not a NIfTI file (expected NAME.nii or NAME.nii.gz)")
                     continue
                 with_ct.add(stem)
                 seg = seg_stems.get(stem)
@@ -241,13 +230,10 @@ def scan_folder(
             for stem, seg in seg_stems.items():
                 if stem in with_ct:
                     continue
-                bad.append(
-                    BadInput(
-                        case=stem,
-                        path=_display(seg, src),
-                        problem=f"no CT ct/{stem}.nii.gz or DICOM folder ct/{stem}/ for this "
-                        "label map",
-                    )
+                refuse(
+                    stem,
+                    seg,
+                    f"no CT ct/{stem}.nii.gz or DICOM folder ct/{stem}/ for this label map",
                 )
     return cases, bad
 
@@ -304,13 +290,10 @@ def discover_cases(
     cases: list[Case] = []
     bad: list[BadInput] = []
     if src is not None:
-        found, problems = scan_folder(src, exclude=exclude, missing_seg_ok=missing_seg_ok)
-        cases += found
-        bad += problems
+        cases, bad = scan_folder(src, exclude=exclude, missing_seg_ok=missing_seg_ok)
     if pairs is not None:
         found, problems = read_pairs(pairs, missing_seg_ok=missing_seg_ok)
-        cases += found
-        bad += problems
+        cases, bad = cases + found, bad + problems
     by_id: dict[str, Case] = {}
     for case in sorted(cases, key=lambda c: (c.case, c.ct_name)):
         if case.case in by_id:

@@ -8,11 +8,8 @@ from vctmae.errors import VctmaeError
 
 
 class IngestError(VctmaeError, ValueError):
-    """An input (a case, a csv, the output folder) that cannot be used, naming the file and problem.
-
-    `str(error)` is the one line a user sees: ``"<path>: <problem>"``. A
-    ValueError too, as the errors it replaced were.
-    """
+    """An input (a case, a csv, the output folder) that cannot be used: `str(error)` is the one
+    line a user sees, ``"<path>: <problem>"``."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)

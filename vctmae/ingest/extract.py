@@ -66,11 +66,8 @@ class Extracted:
     crops: tuple[bytes, ...] = ()
 
 
-def _sources(case: Case) -> dict[str, list[int]]:
-    return {"ct": source_stats(case.ct), "seg": source_stats(case.seg)}
-
-
-def _base(job: ExtractJob) -> dict:
+def _identity(job: ExtractJob) -> dict:
+    """Who the case is and from which files and settings: what a record must match to be reused."""
     case = job.case
     return dict(
         case=case.case,
@@ -79,7 +76,7 @@ def _base(job: ExtractJob) -> dict:
         seg=case.seg_name,
         series=job.series,
         geometry=geometry_settings(job.geometry),
-        sources=_sources(case),
+        sources={"ct": source_stats(case.ct), "seg": source_stats(case.seg)},
     )
 
 
@@ -96,13 +93,13 @@ def extract_case(job: ExtractJob) -> Extracted:
             segment_vertebrae(case.ct, case.seg)
         result = geometry.extract_crops(case.ct, case.seg, job.geometry, series_uid=job.series)
     except IngestError as error:
-        record = CaseRecord(**_base(job), status="failed", error=str(error))
+        record = CaseRecord(**_identity(job), status="failed", error=str(error))
         raw: tuple[bytes, ...] = ()
     except VctmaeError:
         raise  # a full disk, a usage error: not this case's fault
     except Exception as error:  # a bug met by one odd case must not stop a run of thousands
         line = f"{case.ct_name}: unexpected {type(error).__name__}: {error}"
-        record = CaseRecord(**_base(job), status="failed", error=line)
+        record = CaseRecord(**_identity(job), status="failed", error=line)
         raw = ()
     else:
         crops, chunks, packed, offset = [], [], [], 0
@@ -122,7 +119,7 @@ def extract_case(job: ExtractJob) -> Extracted:
             offset += len(packed[-1])
         write_atomically(crops_file(job.record), b"".join(packed))
         record = CaseRecord(
-            **_base(job),
+            **_identity(job),
             status="ok",
             source_orientation=result.source_orientation,
             source_spacing=tuple(round(float(v), 6) for v in result.source_spacing),
@@ -140,26 +137,19 @@ def extract_case(job: ExtractJob) -> Extracted:
 def worker_died(job: ExtractJob, why: str = "out of memory?") -> Extracted:
     """Record a case whose worker process died (killed for memory, crashed in a C library)."""
     line = f"{job.case.ct_name}: the worker process died while extracting this case ({why})"
-    record = CaseRecord(**_base(job), status="failed", error=line)
+    record = CaseRecord(**_identity(job), status="failed", error=line)
     record.write(job.record)
     return Extracted(index=job.index, record=record)
 
 
-def finished_record(
-    record_path: Path, case: Case, geometry: GeometryConfig, series: str | None
-) -> CaseRecord | None:
-    """The record of a case whose work files are complete for these settings and source files."""
-    record = CaseRecord.read_if_valid(record_path)
-    if (
-        record is None
-        or not record.ok
-        or record.geometry != geometry_settings(geometry)
-        or record.sources != _sources(case)
-        or (record.ct, record.seg, record.patient, record.series)
-        != (case.ct_name, case.seg_name, case.patient, series)
-    ):
+def finished_record(job: ExtractJob) -> CaseRecord | None:
+    """The record of a case whose work files are complete for the job's settings and files."""
+    record = CaseRecord.read_if_valid(job.record)
+    if record is None or not record.ok:
         return None
-    crops = crops_file(record_path)
+    if any(getattr(record, name) != value for name, value in _identity(job).items()):
+        return None
+    crops = crops_file(job.record)
     expected = sum(c.nbytes for c in record.crops)
     if not crops.exists() or crops.stat().st_size != expected:
         return None
@@ -195,14 +185,12 @@ PARENT_CHECK_S = 1.0  # how often a worker checks that the main process is still
 
 
 def _worker_started(parent: int) -> None:
-    """Worker initializer: die with the main process.
+    """Worker initializer: die with the main process, whose stdout a worker would otherwise
+    hold open (`vctmae ingest … | cat` would never return).
 
-    A worker outliving a killed main process would run on forever and hold its
-    stdout open (`vctmae ingest … | cat` would never return); the output
-    folder's lock it lets go at fork (`vctmae.outlock`). On Linux the kernel
-    kills the worker the moment the main process dies (prctl PR_SET_PDEATHSIG; the workers are forked from its main
-    thread, which lives as long as the process). Everywhere, and as a backstop, a
-    thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
+    On Linux the kernel kills the worker when the main process dies (PR_SET_PDEATHSIG; workers
+    are forked from its main thread, which lives as long as the process); everywhere, as a
+    backstop, a thread exits the worker within `PARENT_CHECK_S` of it being re-parented.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -222,12 +210,9 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 class ProcessPool:
-    """Extract in `workers` forked processes on this machine.
-
-    A worker that dies breaks the pool: the cases then in flight
-    are rerun one at a time in fresh single-worker pools, so only the case that
-    killed its worker is marked failed.
-    """
+    """Extract in `workers` forked processes on this machine. A worker that dies breaks the
+    pool: the cases then in flight are rerun one at a time in fresh single-worker pools, so
+    only the case that killed its worker is marked failed."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers

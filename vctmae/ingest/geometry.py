@@ -70,9 +70,15 @@ from vctmae.ingest.levels import (
     VERSE_SACRUM,
     level_index,
 )
-from vctmae.ingest.nifti import Volume, check_same_grid, orientation_transform, oriented_view
+from vctmae.ingest.nifti import (
+    Volume,
+    check_same_grid,
+    orientation_transform,
+    oriented_view,
+    read_nifti_ct,
+)
+from vctmae.ingest.nifti import read_nifti_labels as read_label_map
 from vctmae.ingest.sampling import sample_ct, sample_labels
-from vctmae.ingest.source import read_ct, read_label_map
 
 SPLINE_WINDOW = 5  # vertebrae per local fit of the spine curve
 LARGEST_VERTEBRA_VALUE = max(max(names) for names in SCHEMES.values())
@@ -285,13 +291,19 @@ def label_census(labels: Volume) -> LabelCensus:
     )
 
 
-def _stored_box(box: tuple[slice, ...] | None, order: tuple[int, int, int]):
-    """A box of the memory-order view (`memory_order`) as a box of the storage axes."""
+def _stored_box(
+    box: tuple[slice, ...] | None,
+    order: tuple[int, int, int],
+    region: tuple[slice, slice, slice] | None = None,
+):
+    """A box of the memory-order view (`memory_order`) of `region` of the map (default: all of
+    it) as a box of the storage axes."""
     if box is None:
         return None
     stored = [slice(0, 0)] * 3
     for axis, extent in zip(order, box, strict=True):
-        stored[axis] = extent
+        offset = 0 if region is None else region[axis].start
+        stored[axis] = slice(extent.start + offset, extent.stop + offset)
     return tuple(stored)
 
 
@@ -363,17 +375,7 @@ def label_boxes(
         found = label_pass.label_stats(data, LARGEST_VERTEBRA_VALUE)[1][1:]
     else:
         found = ndimage.find_objects(data, max_label=LARGEST_VERTEBRA_VALUE)
-    boxes: list[tuple[slice, ...] | None] = []
-    for box in found:
-        if box is None:
-            boxes.append(None)
-            continue
-        stored = [slice(0, 0)] * 3
-        for axis, extent in zip(order, box, strict=True):
-            offset = region[axis].start
-            stored[axis] = slice(extent.start + offset, extent.stop + offset)
-        boxes.append(tuple(stored))
-    return boxes
+    return [_stored_box(box, order, region) for box in found]
 
 
 def find_vertebrae(labels: Volume, census: LabelCensus, scheme: str) -> list[_Vertebra]:
@@ -488,10 +490,7 @@ def crop_frame(tangent: np.ndarray) -> np.ndarray:
 
 
 def crop_affine(centroid_world, tangent, spacing: float, size: int) -> np.ndarray:
-    """Crop index (axis 0, 1, 2) → world RAS+ mm, as a NIfTI-style (4, 4) affine.
-
-    Handy to write a crop back as NIfTI for inspection, and to check crops.
-    """
+    """Crop index (axis 0, 1, 2) → world RAS+ mm, as a NIfTI-style (4, 4) affine."""
     frame = crop_frame(np.asarray(tangent)) * spacing
     centre = (size - 1) / 2.0
     affine = np.eye(4)
@@ -536,8 +535,7 @@ def cut_crop(
     the CT's slope and intercept are applied after interpolation (linear sampling
     commutes with them).
     """
-    # crop index → world → source voxel, composed into one (4, 4) affine (CT and
-    # label map share their grid).
+    # crop index → world → source voxel, composed into one (4, 4) affine.
     to_voxel = np.linalg.inv(ct.affine) @ crop_affine(
         vertebra.centroid_world, tangent, config.spacing, config.size
     )
@@ -546,6 +544,19 @@ def cut_crop(
     )
     window = _mask_window(vertebra.box, to_voxel, config.size)
     label = sample_labels(labels.data, to_voxel, config.size, window)
+    return vertebra_crop(vertebra, tangent, array, inside, label, window)
+
+
+def vertebra_crop(
+    vertebra: _Vertebra,
+    tangent: np.ndarray,
+    array: np.ndarray,
+    inside: np.ndarray,
+    label: np.ndarray,
+    window: tuple[slice, slice, slice],
+) -> VertebraCrop:
+    """The crop record of a sampled vertebra: `array` its CT crop, `inside` the crop voxels
+    within the scan, `label` the label values sampled at the crop voxels of `window`."""
     mask = (label == vertebra.label_value) & inside[window]
     return VertebraCrop(
         level=vertebra.level,
@@ -570,6 +581,50 @@ def _skip_reason(vertebra: _Vertebra, config: GeometryConfig) -> str | None:
     return None
 
 
+def crop_plan(
+    vertebrae: list[_Vertebra], config: GeometryConfig
+) -> tuple[list[tuple[_Vertebra, np.ndarray]], list[Skipped]]:
+    """The vertebrae to cut, each with the world direction of its crop axis 1, and the
+    vertebrae skipped (`_skip_reason`), head → feet.
+
+    The spine curve runs through every vertebra found (fragments excepted: their centroids
+    are noise), whether or not it is written.
+    """
+    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
+    align = config.align
+    if align == "auto":
+        align = "spline" if len(on_curve) >= 3 else "axis"
+    tangent_of: dict[str, np.ndarray] = {}
+    if align == "spline":
+        centroids = np.stack([v.centroid_world for v in on_curve])
+        tangents = spine_tangents(centroids, curve_weights(on_curve))
+        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
+    plan, skipped = [], []
+    for vertebra in vertebrae:
+        reason = _skip_reason(vertebra, config)
+        if reason is not None:
+            skipped.append(Skipped(level=vertebra.level, reason=reason))
+        else:
+            plan.append((vertebra, tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)))
+    return plan, skipped
+
+
+def read_ct(path: str | Path, *, series_uid: str | None = None) -> Volume:
+    """A CT from a NIfTI file or a DICOM series folder (`series_uid` picks a series there), in
+    the source's own dtype and memory order: no whole-volume copy before the crops are cut.
+
+    NIfTI: stored voxels with scl_slope / scl_inter in the Volume. DICOM: float32 HU
+    (each slice carries its own rescale), slices ordered by position, RAS+ affine.
+    Raises `IngestError` naming the file or folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from vctmae.ingest.dicom import load_dicom_ct
+
+        return load_dicom_ct(path, series_uid=series_uid)
+    return read_nifti_ct(path)
+
+
 def extract_crops(
     ct_path: str | Path,
     seg_path: str | Path,
@@ -592,16 +647,9 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
     """`extract_crops` on volumes already read (`read_ct`, `read_label_map`)."""
     check_same_grid(ct, labels)
     source_orientation, source_spacing = ct.orientation, ct.voxel_sizes
-    # Counts, boxes and centroids from the stored map in memory order; then both volumes are
-    # seen along the sampling order (views, no copy).
+    # Counts, boxes and centroids from the stored map in memory order.
     census = label_census(labels)
     counts = census.counts
-    stored_labels = labels
-    ct, labels = (
-        oriented_view(ct, SAMPLING_ORIENTATION),
-        oriented_view(labels, SAMPLING_ORIENTATION),
-    )
-
     if config.label_scheme == "auto":
         volumes = {value: n * labels.voxel_volume_mm3 for value, n in counts.items()}
         try:
@@ -614,7 +662,7 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
         scheme = config.label_scheme
     names = SCHEMES[scheme]
     other_labels = {value: n for value, n in counts.items() if value not in names}
-    vertebrae = find_vertebrae(stored_labels, census, scheme)
+    vertebrae = find_vertebrae(labels, census, scheme)
     if not vertebrae:
         found = f" (it holds {_values_text(other_labels)})" if other_labels else ""
         raise IngestError(
@@ -635,26 +683,13 @@ def crops_from_volumes(ct: Volume, labels: Volume, config: GeometryConfig) -> Ca
             "check --label-scheme",
         )
 
-    # The curve runs through every vertebra found (fragments excepted: their
-    # centroids are noise), whether or not it is written.
-    on_curve = [v for v in vertebrae if v.volume_mm3 >= config.min_fragment_mm3]
-    align = config.align
-    if align == "auto":
-        align = "spline" if len(on_curve) >= 3 else "axis"
-    tangent_of: dict[str, np.ndarray] = {}
-    if align == "spline":
-        centroids = np.stack([v.centroid_world for v in on_curve])
-        tangents = spine_tangents(centroids, curve_weights(on_curve))
-        tangent_of = {v.level: t for v, t in zip(on_curve, tangents, strict=True)}
-
-    crops, skipped = [], []
-    for vertebra in vertebrae:
-        reason = _skip_reason(vertebra, config)
-        if reason is not None:
-            skipped.append(Skipped(level=vertebra.level, reason=reason))
-            continue
-        tangent = tangent_of.get(vertebra.level, SUPERIOR_TO_INFERIOR)
-        crops.append(cut_crop(ct, labels, vertebra, tangent, config))
+    plan, skipped = crop_plan(vertebrae, config)
+    # Both volumes seen along the crops' axis order (views, no copy).
+    ct, labels = (
+        oriented_view(ct, SAMPLING_ORIENTATION),
+        oriented_view(labels, SAMPLING_ORIENTATION),
+    )
+    crops = [cut_crop(ct, labels, vertebra, tangent, config) for vertebra, tangent in plan]
     return CaseCrops(
         crops=crops,
         skipped=skipped,

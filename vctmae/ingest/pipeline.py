@@ -36,13 +36,12 @@ from typing import Any
 
 from vctmae.errors import UsageError
 from vctmae.files import TEMPORARY, write_atomically
-from vctmae.ingest.assemble import Assembly, AssemblyResult, outputs_present
-from vctmae.ingest.assemble import published_set as read_published_set
-from vctmae.ingest.config import GeometryConfig, IngestConfig
+from vctmae.ingest.assemble import Assembly, AssemblyResult, already_published
+from vctmae.ingest.config import IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
 from vctmae.ingest.extract import Extracted, ExtractJob, finished_record, make_executor
-from vctmae.ingest.labels import CaseAssignment, Labels, assign_cases, read_labels
+from vctmae.ingest.labels import assign_cases, read_labels
 from vctmae.ingest.publish import WORK, ZARR, finish_publish, interrupted_publish
 from vctmae.ingest.records import (
     CaseRecord,
@@ -79,8 +78,13 @@ def output_lock(out: Path):
         yield
 
 
-def _progress(enabled: bool):
-    return progress_bar("{task.description:<8}", "{task.fields[rate]}", enabled=enabled)
+@contextmanager
+def _progress(enabled: bool, errors: list[str]):
+    """The run's progress bars, the lines of `errors` printed above them first."""
+    with progress_bar("{task.description:<8}", "{task.fields[rate]}", enabled=enabled) as bar:
+        for line in errors:
+            error_line(bar, line)
+        yield bar
 
 
 # ---------------------------------------------------------------------------
@@ -169,32 +173,24 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
         if segment and geometry.label_scheme == "auto":
             # TotalSegmentator's values, even for a map holding only L4 (28) and L5 (27).
             geometry = dataclasses.replace(geometry, label_scheme="totalseg")
-        record = None if config.force else finished_record(path, case, geometry, series)
+        job = ExtractJob(
+            index=index, case=case, geometry=geometry, record=path, series=series, segment=segment
+        )
+        record = None if config.force else finished_record(job)
         if record is not None:
             resumed[index] = record
         else:
-            jobs.append(
-                ExtractJob(
-                    index=index,
-                    case=case,
-                    geometry=geometry,
-                    record=path,
-                    series=series,
-                    segment=segment,
-                )
-            )
+            jobs.append(job)
     if any(job.segment and not job.case.seg.exists() for job in jobs):
         require_segmenter()
     workers = min(config.workers or default_workers(), max(1, len(jobs)))
     if config.executor == "dask":
         workers = config.workers or default_workers()
-    settings = _assembly_settings(config, config.geometry, labels, assignments, bad)
+    settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
     counts = {"extracted": len(jobs), "reused": len(resumed), "crops": 0, "workers": workers}
     timings = {"discover": discovered - started}
     if not jobs:
-        with _progress(config.progress) as bar:
-            for item in bad:
-                error_line(bar, item.line())
+        with _progress(config.progress, [item.line() for item in bad]) as bar:
             result = _assemble_finished(
                 [(resumed[i], records[i]) for i in range(len(cases))], settings, config.force, bar
             )
@@ -204,9 +200,7 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
         executor = make_executor(config.executor, workers, scheduler=config.scheduler)
         counts["workers"] = executor.workers
         try:
-            with _progress(config.progress) as bar:
-                for item in bad:
-                    error_line(bar, item.line())
+            with _progress(config.progress, [item.line() for item in bad]) as bar:
                 result, seconds = _extract_and_assemble(
                     jobs, resumed, records, executor, settings, config.force, bar
                 )
@@ -218,26 +212,6 @@ def _run_ingest(config: IngestConfig) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - started
     return _write_report(
         config, result, counts=counts, cases_seen=len(cases) + len(bad), timings=timings
-    )
-
-
-def _assembly_settings(
-    config: IngestConfig,
-    geometry: GeometryConfig,
-    labels: Labels | None,
-    assignments: dict[str, CaseAssignment],
-    bad: list[BadInput],
-) -> dict[str, Any]:
-    """The keyword arguments of every `Assembly` of a run (or merge)."""
-    return dict(
-        out=config.out,
-        formats=config.formats,
-        shard_size=config.shard_size,
-        spacing=geometry.spacing,
-        size=geometry.size,
-        labels=labels,
-        assignments=assignments,
-        bad=bad,
     )
 
 
@@ -299,16 +273,10 @@ def _assemble_finished(
     for record, path in entries:
         plan.add(record, path)
     planned = plan.finish()
-    published = read_published_set(settings["out"])
-    if (
-        not force
-        and published.get("fingerprint") == planned.fingerprint
-        and outputs_present(settings["out"], published)
-    ):
+    if not force and already_published(settings["config"].out, planned):
         for failure in planned.failed:
             if failure["stage"] in ("labels", "keys"):
                 error_line(bar, failure["reason"])
-        planned.shards, planned.assembly = published.get("shards", []), "up to date"
         return planned
     task = bar.add_task("assemble", total=planned.samples, rate="")
     assembly = Assembly(
@@ -374,20 +342,6 @@ def _clean_work(work: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _case_list(run: dict) -> list[Case]:
-    return [
-        Case(
-            case=c["case"],
-            patient=c["patient"],
-            ct=Path(c["ct"]),
-            seg=Path(c["seg"]),
-            ct_name=c["ct"],
-            seg_name=c["seg"],
-        )
-        for c in run["cases"]
-    ]
-
-
 def _run_merge(config: IngestConfig) -> dict[str, Any]:
     """Assemble the case files of finished `--part` runs into one output."""
     started = time.perf_counter()
@@ -433,34 +387,34 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
         if copies:
             labels_path = runs[0][0] / WORK / "labels.csv"
     labels = read_labels(labels_path) if labels_path is not None else None
-    geometry_config = geometry_from_settings(geometry)
+    # The parts' geometry, not this command's: the crops were cut with it.
+    config = dataclasses.replace(config, geometry=geometry_from_settings(geometry))
 
-    cases: dict[str, tuple[Case, Path]] = {}
+    # Case id → its patient and its work file, from every part's run.json.
+    patients: dict[str, str] = {}
+    records: dict[str, Path] = {}
     bad: list[BadInput] = []
     for part_dir, run in runs:
-        for case, raw in zip(_case_list(run), run["cases"], strict=True):
-            if case.case in cases:
-                raise UsageError(f"--merge: case {case.case} is in two of the merged outputs")
-            record = part_dir / WORK / "cases" / raw["record"]
+        for case in run["cases"]:
+            if case["case"] in records:
+                raise UsageError(f"--merge: case {case['case']} is in two of the merged outputs")
+            record = part_dir / WORK / "cases" / case["record"]
             if not record.exists():
                 raise IngestError(
                     record,
                     f"missing — {part_dir} is incomplete; rerun its `vctmae ingest --part`",
                 )
-            cases[case.case] = (case, record)
+            patients[case["case"]] = case["patient"]
+            records[case["case"]] = record
         bad += [BadInput(**b) for b in run["bad"]]
     bad = sorted(set(bad), key=lambda b: (b.case, b.path))
-    ordered = [cases[c] for c in sorted(cases)]
-    assignments = assign_cases(labels, {c.case: c.patient for c, _ in ordered})
-    entries = [(CaseRecord.read(path), path) for _, path in ordered]
+    ordered = sorted(records)
+    assignments = assign_cases(labels, {case: patients[case] for case in ordered})
+    entries = [(CaseRecord.read(records[case]), records[case]) for case in ordered]
     read = time.perf_counter()
-    settings = _assembly_settings(config, geometry_config, labels, assignments, bad)
-    with _progress(config.progress) as bar:
-        for item in bad:
-            error_line(bar, item.line())
-        for record, _ in entries:
-            if not record.ok:
-                error_line(bar, record.error)
+    settings = dict(config=config, labels=labels, assignments=assignments, bad=bad)
+    errors = [item.line() for item in bad] + [r.error for r, _ in entries if not r.ok]
+    with _progress(config.progress, errors) as bar:
         result = _assemble_finished(entries, settings, config.force, bar)
     finished = time.perf_counter()
     return _write_report(
@@ -468,7 +422,6 @@ def _run_merge(config: IngestConfig) -> dict[str, Any]:
         result,
         counts={"extracted": 0, "reused": len(ordered), "crops": 0, "workers": 0},
         cases_seen=len(ordered) + len(bad),
-        geometry=geometry_config,
         timings={
             "discover": read - started,
             "extract": 0.0,
@@ -486,11 +439,13 @@ def _write_report(
     counts: dict,
     cases_seen: int,
     timings: dict[str, float],
-    geometry: GeometryConfig | None = None,
     merged_from: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write OUT/ingest-report.json and return the report."""
-    total = timings["total"]
+
+    def rate(count: int, stage: str) -> float | None:
+        return round(count / timings[stage], 3) if timings[stage] > 0 else None
+
     report = {
         "src": str(config.src) if config.src else None,
         "pairs": str(config.pairs) if config.pairs else None,
@@ -498,7 +453,7 @@ def _write_report(
         "out": str(config.out),
         "part": f"{config.part[0]}/{config.part[1]}" if config.part else None,
         "formats": sorted(config.formats),
-        "geometry": geometry_settings(geometry or config.geometry),
+        "geometry": geometry_settings(config.geometry),
         "shard_size": config.shard_size,
         "executor": config.executor,
         "cases_seen": cases_seen,
@@ -522,13 +477,9 @@ def _write_report(
         # assemble: time spent assembling, most of it while extraction was going on.
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "crops_extracted": counts["crops"],
-        "crops_per_s": round(counts["crops"] / timings["extract"], 3)
-        if timings["extract"] > 0
-        else None,
-        "cases_per_s": round(counts["extracted"] / timings["extract"], 3)
-        if timings["extract"] > 0
-        else None,
-        "written_per_s": round(result.samples / total, 3) if total > 0 else None,
+        "crops_per_s": rate(counts["crops"], "extract"),
+        "cases_per_s": rate(counts["extracted"], "extract"),
+        "written_per_s": rate(result.samples, "total"),
     }
     if merged_from is not None:
         report["merged_from"] = merged_from

@@ -178,9 +178,7 @@ class CaseRecord:
     def read_if_valid(cls, path: Path) -> CaseRecord | None:
         """The record at `path`, or None when it is missing, garbled or of another version."""
         try:
-            data = json.loads(Path(path).read_text())
-            if data.get("version") != RECORD_VERSION:
-                return None
-            return cls.from_json(data)
-        except (OSError, ValueError, KeyError, TypeError):
+            record = cls.read(path)
+        except IngestError:
             return None
+        return record if record.version == RECORD_VERSION else None

@@ -276,10 +276,8 @@ def sample_ct(
         # or axis 2) innermost: it reads the voxels in place.
         voxels, first = data, np.zeros(3, dtype=np.int64)
     else:
-        # The voxels this crop reads, copied in the crop's axis order (C order): copied in
-        # stored order first (long runs), faster than gathering across the large volume.
         block, first = _block(corners, data.shape)
-        voxels = np.ascontiguousarray(np.array(data[block], order="K"))
+        voxels = _copy_block(data, block)  # in the crop's axis order
     _ct_kernel(
         voxels,
         first,

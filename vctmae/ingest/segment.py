@@ -39,7 +39,9 @@ class SegmentationUnavailable(VctmaeError):
     """TotalSegmentator cannot run here (not installed, or no model weights offline)."""
 
 
-def _api():
+def require_segmenter():
+    """TotalSegmentator's Python API; `SegmentationUnavailable` when it is not installed (called
+    before any work, so that a run fails at once)."""
     try:
         from totalsegmentator.python_api import totalsegmentator
     except ImportError as error:
@@ -50,11 +52,6 @@ def _api():
     return totalsegmentator
 
 
-def require_segmenter() -> None:
-    """Raise `SegmentationUnavailable` now, before any work, when TotalSegmentator is missing."""
-    _api()
-
-
 def segment_vertebrae(ct_path: str | Path, out_path: str | Path, *, fast: bool = False) -> Path:
     """Write `out_path`: the vertebra label map TotalSegmentator makes of `ct_path`.
 
@@ -62,7 +59,7 @@ def segment_vertebrae(ct_path: str | Path, out_path: str | Path, *, fast: bool =
     `SegmentationUnavailable` when TotalSegmentator or its weights are missing and
     `IngestError` when it fails on this CT.
     """
-    segmenter = _api()
+    segmenter = require_segmenter()
     ct_path, out_path = Path(ct_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # TotalSegmentator picks its output format from the name: the temporary name keeps the

@@ -226,8 +226,7 @@ def cut_scan(
 ) -> tuple[Volume, Volume, CaseCrops]:
     """Read the scan and its label map and cut its crops in memory — ingest's reader and
     geometry, the crops `vctmae ingest` writes for it. Raises `IngestError` for a bad scan."""
-    from vctmae.ingest.geometry import crops_from_volumes
-    from vctmae.ingest.source import read_ct, read_label_map
+    from vctmae.ingest.geometry import crops_from_volumes, read_ct, read_label_map
 
     ct = read_ct(case.ct, series_uid=case.series or config.series)
     labels = read_label_map(seg)

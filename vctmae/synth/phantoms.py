@@ -766,15 +766,10 @@ def _nifti_gz_bytes(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(buffer.getvalue(), compresslevel=GZIP_LEVEL, mtime=0)
 
 
-def write_phantom(phantom: Phantom, out: Path) -> tuple[Path, Path]:
-    """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically; returns both paths."""
-    ct_image, seg_image = phantom_images(phantom)
-    paths = []
-    for folder, image in (("ct", ct_image), ("seg", seg_image)):
-        path = Path(out) / folder / f"{phantom.case}.nii.gz"
-        write_atomically(path, _nifti_gz_bytes(image))
-        paths.append(path)
-    return paths[0], paths[1]
+def write_phantom(phantom: Phantom, out: Path) -> None:
+    """Write `out/ct/CASE.nii.gz` and `out/seg/CASE.nii.gz` atomically."""
+    for folder, image in zip(("ct", "seg"), phantom_images(phantom), strict=True):
+        write_atomically(Path(out) / folder / f"{phantom.case}.nii.gz", _nifti_gz_bytes(image))
 
 
 LABEL_COLUMNS = ("case", "level", "grade", "fracture", "patient")
@@ -863,14 +858,10 @@ def build_planned(planned: PlannedCase, seed: int = 0, fracture_rate: float = 0.
 
 def write_phantoms(config: SynthConfig, progress: Callable[[str], None] | None = None) -> Path:
     """Write `config.cases` phantoms under `config.out` (ct/, seg/, labels.csv); returns the
-    labels.csv path.
-
-    `config.clinical`: clinical-size cases (512 × 512 × ~300 voxels, 12–14 vertebrae; see
-    `make_phantom`), ~60 MB each gzipped, for benchmarks at the scale of real CTs.
+    labels.csv path. `progress`, if given, is called with each case id once it is written.
 
     Refuses an `out` whose ct/ or seg/ already holds cases this run would not write,
     so a smaller second run cannot leave stale cases beside a new labels.csv.
-    `progress`, if given, is called with each case id once it is written.
     """
     out, seed = config.out, config.seed
     if out.exists() and not out.is_dir():
