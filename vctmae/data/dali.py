@@ -15,19 +15,15 @@ loader's shard index, as the torch backend's do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from vctmae.clip import CLASS_MEMBER, CROP_MEMBER
 from vctmae.data.batch import Batch
-from vctmae.data.shards import split_member_name
+from vctmae.data.shards import ShardIndex, split_member_name
 from vctmae.errors import VctmaeError
-
-if TYPE_CHECKING:
-    from vctmae.data.loader import ShardLoader
 
 # source_info ("<tar>:<offset>:<member>") padded to a fixed width so batches are dense
 _INFO_BYTES = 512
@@ -69,11 +65,23 @@ def _keys_and_labels(info: torch.Tensor, label: torch.Tensor) -> tuple[list[str]
     return keys, torch.tensor(labels, dtype=torch.int64)
 
 
-def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
-    """The loader's batches of its current epoch, read by DALI, on its device, as the torch
-    backend yields them (`dali_length` gives their number)."""
-    indexes, batch_size, training = loader.indexes, loader.batch_size, loader.training
-    device = loader.device
+def dali_batches(
+    indexes: Sequence[ShardIndex],
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    threads: int,
+    prefetch: int,
+    shuffle_buffer: int,
+    device: torch.device,
+    batches: int,
+) -> Iterator[Batch]:
+    """This rank's `batches` batches of one epoch over the shards of `indexes`, on `device`, as
+    the torch backend yields them (`dali_length` gives their number)."""
     dali = _require_dali()
     from nvidia.dali import fn
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -84,9 +92,9 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
 
     @dali.pipeline_def(
         batch_size=batch_size,
-        num_threads=max(1, loader.num_workers),
+        num_threads=threads,
         device_id=device_id,
-        prefetch_queue_depth=max(2, loader.prefetch),
+        prefetch_queue_depth=max(2, prefetch),
     )
     def pipeline():
         crop, label = fn.readers.webdataset(
@@ -94,14 +102,14 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
             ext=[CROP_MEMBER, CLASS_MEMBER],
             missing_component_behavior="empty",
             name="reader",
-            shard_id=loader.rank,
-            num_shards=loader.world_size,
+            shard_id=rank,
+            num_shards=world_size,
             stick_to_shard=True,
             pad_last_batch=not training,
             random_shuffle=training,
-            initial_fill=max(1, loader.shuffle_buffer),
+            initial_fill=max(1, shuffle_buffer),
             # Reseeded every epoch from (seed, epoch).
-            seed=int(np.random.default_rng([loader.seed, loader.epoch]).integers(1 << 31)),
+            seed=int(np.random.default_rng([seed, epoch]).integers(1 << 31)),
         )
         info = fn.pad(
             fn.get_property(crop, key="source_info"), axes=[0], shape=[_INFO_BYTES], fill_value=0
@@ -126,7 +134,7 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
     served = 0
     for outputs in iterator:
         data = outputs[0]
-        if served == len(loader):
+        if served == batches:
             break
         if len(data["crops"]) == 0:
             continue
@@ -136,13 +144,12 @@ def dali_batches(loader: ShardLoader) -> Iterator[Batch]:
         served += 1
 
 
-def dali_length(loader: ShardLoader) -> int:
-    """Batches per epoch on the loader's rank: DALI splits samples contiguously by rank, not by
-    worker."""
-    samples, ranks = loader.num_samples, loader.world_size
-    if loader.training:
+def dali_length(
+    num_samples: int, *, rank: int, world_size: int, batch_size: int, training: bool
+) -> int:
+    """Batches per epoch on this rank: DALI splits samples contiguously by rank, not by worker."""
+    if training:
         # The smallest rank's count, so all ranks agree (drop_last).
-        return samples // ranks // loader.batch_size
-    rank = loader.rank
-    mine = (rank + 1) * samples // ranks - rank * samples // ranks
-    return -(-mine // loader.batch_size)
+        return num_samples // world_size // batch_size
+    mine = (rank + 1) * num_samples // world_size - rank * num_samples // world_size
+    return -(-mine // batch_size)

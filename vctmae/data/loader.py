@@ -442,7 +442,6 @@ class ShardLoader:
         self.backend = backend
         self.rank, self.world_size = _default_world(rank, world_size)
         self.prefetch = prefetch
-        self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         indexes, self.skipped = index_shards(self.shards, skip_corrupt=skip_corrupt)
         # `--levels`: only the samples of these vertebra levels (their JSON's `level`).
@@ -483,7 +482,13 @@ class ShardLoader:
             from vctmae.data.dali import _require_dali, dali_length
 
             _require_dali()  # a clear one-line error now, not at the first iteration
-            self._length = dali_length(self)
+            self._length = dali_length(
+                self.num_samples,
+                rank=self.rank,
+                world_size=self.world_size,
+                batch_size=batch_size,
+                training=training,
+            )
         self._workers: DataLoader | None = None
         self._served = 0  # batches of the current epoch handed out (for state_dict)
         self._resume = False
@@ -542,7 +547,20 @@ class ShardLoader:
         if self.backend == "dali":
             from vctmae.data.dali import dali_batches
 
-            return dali_batches(self)
+            return dali_batches(
+                self.indexes,
+                batch_size=self.batch_size,
+                training=self.training,
+                seed=self.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                threads=max(1, self.num_workers),
+                prefetch=self.prefetch,
+                shuffle_buffer=self._stream.shuffle_buffer,
+                device=self.device,
+                batches=self._length,
+            )
         if self.num_workers == 0:
             return iter(self._stream)
         if self._workers is None:  # persistent: worker start-up is paid once, not every epoch
