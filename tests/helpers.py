@@ -31,7 +31,7 @@ from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, oriented_view, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
-from vctmae.train.config import PretrainConfig, RunOptions
+from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 
 
 def load_ct(path: str | Path) -> Volume:
@@ -140,6 +140,19 @@ def write_split(directory: Path, split: str, count: int, seed: int, shards: int 
     return paths
 
 
+def train_val_thin_shards(root: Path, rng: np.random.Generator) -> dict[str, list[str]]:
+    """Labelled shards of easy crops under root/lab (train: 16 crops, val: 8), and "thin": 8
+    labelled crops only 64 slices deep, too shallow for 16 frames 6 slices apart."""
+    thin = root / "thin-000000.tar"
+    crop = rng.integers(-1000, 1000, size=(64, 96, 96), dtype=np.int16)
+    write_shard(thin, [(f"t{i:02d}_L3", crop, i % 2) for i in range(8)])
+    return {
+        "train": [str(p) for p in write_split(root / "lab", "train", 16, seed=1)],
+        "val": [str(p) for p in write_split(root / "lab", "val", 8, seed=2)],
+        "thin": [str(thin)],
+    }
+
+
 RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
 
 
@@ -160,6 +173,15 @@ def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
     stage = dict(epochs=3, warmup_epochs=1, batch_size=8, blr=0.05)
     stage.update({k: v for k, v in changes.items() if k not in RUN_FIELDS})
     return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)
+
+
+def finetune_config(run: RunOptions, val_shards, **changes) -> FinetuneConfig:
+    """A small finetuning run validated on `val_shards`: batch 8, lr 1e-3 falling to 1e-5 after
+    one warmup epoch, one view, no head dropout; `changes` replace any FinetuneConfig field."""
+    stage = dict(
+        epochs=5, warmup_epochs=1, batch_size=8, lr=1e-3, min_lr=1e-5, multiview=1, dropout=0.0
+    )
+    return FinetuneConfig(run=run, val_shards=tuple(val_shards), **{**stage, **changes})
 
 
 def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
