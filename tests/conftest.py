@@ -71,6 +71,26 @@ def finetuned(easy_data, tmp_path_factory):
     return run_finetune(finetune_config(run, easy_data["val"]))
 
 
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Two phantoms in ct/ + seg/ (one stored LAS, one ASL), made afresh for each test module."""
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("raw")
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
+    return root / "raw"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random classifier (its probabilities vary from crop to crop), one per test
+    module."""
+    from helpers import random_classifier
+
+    return random_classifier(tmp_path_factory.mktemp("model"))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked `cuda` (run by benchmarks/gpu_check.sh as `pytest -m cuda`) skip, saying
     why, where torch sees no GPU: the one rule for every CUDA-only test."""

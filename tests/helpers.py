@@ -366,6 +366,16 @@ def predict_config(checkpoint: Path, out: Path, **fields):
     return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
 
 
+def linked_source(src: Path, raw: Path, cases: Iterable[str]) -> Path:
+    """A new --src folder `src` whose ct/ and seg/ link to the NIfTI files of `cases` in `raw`."""
+    (src / "ct").mkdir(parents=True)
+    (src / "seg").mkdir()
+    for case in cases:
+        for part in ("ct", "seg"):
+            (src / part / f"{case}.nii.gz").symlink_to(raw / part / f"{case}.nii.gz")
+    return src
+
+
 def count_samples(shards: str | Sequence[str]) -> int:
     """Number of samples (crops) in the shards, as the loader's index counts them."""
     indexes, _ = index_shards(expand_shards(shards))

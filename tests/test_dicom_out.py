@@ -27,7 +27,6 @@ from dicom_series import FLIP_XY, small_volume, write_series
 from helpers import (
     load_ct,
     load_labels,
-    random_classifier,
     reorient,
     use_totalsegmentator,
 )
@@ -45,8 +44,6 @@ from vctmae.predict.dicom_out import (
     write_dicom_objects,
 )
 from vctmae.predict.run import run_predict
-from vctmae.synth import SynthConfig
-from vctmae.synth.phantoms import write_phantoms
 
 PROBABILITY = ("fx-prob", "99VCTMAE")
 THRESHOLD = ("fx-threshold", "99VCTMAE")
@@ -114,18 +111,6 @@ def text_values(dataset) -> list[str]:
             found.append(str(item.TextValue))
         found.extend(text_values(item))
     return found
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return random_classifier(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dicom-out-raw")
-    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
-    return root / "raw"
 
 
 @pytest.fixture(scope="module")
