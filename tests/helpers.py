@@ -26,6 +26,7 @@ import torch
 from typer.testing import CliRunner
 
 from vctmae.cli import app
+from vctmae.data.loader import ShardLoader
 from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
@@ -186,8 +187,6 @@ def finetune_config(run: RunOptions, val_shards, **changes) -> FinetuneConfig:
 
 def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
     """Ctrl-C when epoch `stop` (0-based) is about to start."""
-    from vctmae.data.loader import ShardLoader
-
     original = ShardLoader.set_epoch
 
     def interrupting(self, epoch):
@@ -248,6 +247,14 @@ def make_shards(
         shards.append(samples)
     write_shards(root, prefix, shards)
     return truth
+
+
+def rank_loaders(shards, world_size: int = 2, **options) -> list[ShardLoader]:
+    """One ShardLoader on the CPU for each rank of a `world_size`-process job."""
+    return [
+        ShardLoader(shards, device="cpu", rank=rank, world_size=world_size, **options)
+        for rank in range(world_size)
+    ]
 
 
 def tree_bytes(out: Path) -> dict[str, str]:

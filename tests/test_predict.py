@@ -446,6 +446,14 @@ def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
 # --- a bad scan is reported and the rest go on ----------------------------------------------
 
 
+def predict_with_failures(checkpoint: Path, src: Path, out: Path):
+    """`vctmae predict --src src` (no attention pictures) where some scans fail: it exits 1."""
+    result = cli("predict", "--checkpoint", checkpoint, "--src", src, "--out", out,
+                 "--device", "cpu", "--no-attention")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    return result
+
+
 def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp_path):
     src = linked_source(tmp_path / "src", raw, ("case000", "case001"))
     (src / "ct" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
@@ -458,9 +466,7 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
     files[len(files) // 2].unlink()
     (src / "seg" / "gappy.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
-                 "--device", "cpu", "--no-attention")  # fmt: skip
-    assert result.exit_code == 1, result.output
+    result = predict_with_failures(checkpoint, src, out)
     lines = error_lines(result.output)
     assert len(lines) == 4, result.output
     assert any("ct/broken.nii.gz" in line for line in lines)
@@ -494,9 +500,7 @@ def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
     unreadable = write_unreadable_dicom_folders(src, raw)
     (src / "seg" / "orphan.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
-                 "--device", "cpu", "--no-attention")  # fmt: skip
-    assert result.exit_code == 1, result.output
+    result = predict_with_failures(checkpoint, src, out)
     lines = error_lines(result.output)
     for case, words in unreadable.items():
         assert sum(f"ct/{case}: " in line and words in line for line in lines) == 1, lines
