@@ -213,6 +213,11 @@ def cli(*args: object):
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
+def ingest_cli(*args: object):
+    """`vctmae ingest ARGS` without progress bars."""
+    return cli("ingest", *args, "--no-progress")
+
+
 def one_line_error(result, code: int, *needles: str) -> str:
     """The command failed with `code` and one `error:` line holding every needle, no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
@@ -371,6 +376,16 @@ def predict_config(checkpoint: Path, out: Path, **fields):
     from vctmae.predict.config import PredictConfig
 
     return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
+
+
+def link_case(src: Path, name: str, ct: Path, seg: Path | None) -> None:
+    """Case `name` of the --src folder `src`: ct/ (and seg/, unless `seg` is None) links to
+    `ct` (and `seg`)."""
+    (src / "ct").mkdir(parents=True, exist_ok=True)
+    (src / "ct" / f"{name}.nii.gz").symlink_to(ct)
+    if seg is not None:
+        (src / "seg").mkdir(parents=True, exist_ok=True)
+        (src / "seg" / f"{name}.nii.gz").symlink_to(seg)
 
 
 def linked_source(src: Path, raw: Path, cases: Iterable[str]) -> Path:
