@@ -275,9 +275,14 @@ def tree_bytes(out: Path) -> dict[str, str]:
     return found
 
 
-def read_manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as f:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header line."""
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    return read_rows(out / "manifest.csv")
 
 
 TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")

@@ -9,7 +9,6 @@ the TotalSegmentator stand-in from `helpers.use_totalsegmentator`.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from html.parser import HTMLParser
@@ -29,6 +28,7 @@ from helpers import (
     load_ct,
     predict_config,
     read_predictions,
+    read_rows,
     reorient,
     use_totalsegmentator,
     write_split,
@@ -65,11 +65,6 @@ from vctmae.train.finetune import run_finetune
 # The levels a checkpoint without a recorded clip rule is assessed on.
 LEVELS = parse_levels(REFERENCE_LEVELS)
 EXTRA_COLUMNS = ["case", "level", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "threshold"]
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
