@@ -143,7 +143,7 @@ def write_split(directory: Path, split: str, count: int, seed: int, shards: int 
 
 def train_val_thin_shards(root: Path, rng: np.random.Generator) -> dict[str, list[str]]:
     """Labelled shards of easy crops under root/lab (train: 16 crops, val: 8), and "thin": 8
-    labelled crops only 64 slices deep, too shallow for 16 frames 6 slices apart."""
+    labelled crops only 64 slices deep instead of 96, which training must refuse."""
     thin = root / "thin-000000.tar"
     crop = rng.integers(-1000, 1000, size=(64, 96, 96), dtype=np.int16)
     write_shard(thin, [(f"t{i:02d}_L3", crop, i % 2) for i in range(8)])
