@@ -29,6 +29,7 @@ from helpers import (
 from reference_code import (
     SMALL,
     mae_st_state,
+    random_crops,
     reference_context_cut,
     reference_frames,
     reference_shift_range,
@@ -64,10 +65,6 @@ def reference_view(crop: np.ndarray, box, shift: int) -> np.ndarray:
     lo, width = int(box[0]), int(box[1] - box[0])
     frames = lo + reference_frames(width, shift)
     return reference_context_cut(crop[frames], tuple(int(v) for v in box), recentre=True)
-
-
-def random_crops(generator: torch.Generator, batch: int) -> torch.Tensor:
-    return torch.randint(-1500, 1500, (batch, 96, 96, 96), dtype=torch.int16, generator=generator)
 
 
 def write_shard(path: Path, samples: list[dict]) -> None:
@@ -187,7 +184,7 @@ def plain_offset_ensemble(model, crops, views: int) -> torch.Tensor:
 def test_crop_mode_evaluation_equals_the_plain_offset_ensemble_bit_for_bit(views):
     torch.manual_seed(3)
     model = build_classifier("tiny", **SMALL).eval()
-    crops = random_crops(torch.Generator().manual_seed(5), 3)
+    crops = random_crops(3, seed=5, high=1500)
     new = multiview_probs(model, crops, views=views, device=torch.device("cpu"))
     assert torch.equal(new, plain_offset_ensemble(model, crops, views))
 
@@ -197,8 +194,7 @@ def test_crop_mode_evaluation_equals_the_plain_offset_ensemble_bit_for_bit(views
 
 def test_mask_mode_training_input_is_the_reference_sampling_and_cut():
     rng = np.random.default_rng(8)
-    generator = torch.Generator().manual_seed(9)
-    crops = random_crops(generator, 10)
+    crops = random_crops(10, seed=9, high=1500)
     boxes = random_boxes(rng, 10)
     sampler = FrameSampler(mode="mask")
     draws = sampler.draw(10, torch.Generator().manual_seed(1))
@@ -214,7 +210,7 @@ def test_mask_mode_training_input_is_the_reference_sampling_and_cut():
 
 def test_flips_rows_after_the_cut_and_frames_as_a_mirrored_crop():
     rng = np.random.default_rng(12)
-    crops = random_crops(torch.Generator().manual_seed(13), 6)
+    crops = random_crops(6, seed=13, high=1500)
     boxes = torch.from_numpy(random_boxes(rng, 6))
     draws = FrameSampler(mode="mask", flip="rows").draw(6, torch.Generator().manual_seed(2))
     flags = draws["flip"]
@@ -244,7 +240,7 @@ def test_mask_mode_evaluation_averages_each_samples_own_views(combine):
     torch.manual_seed(4)
     model = build_classifier("tiny", **SMALL).eval()
     rng = np.random.default_rng(21)
-    crops = random_crops(torch.Generator().manual_seed(22), 4)
+    crops = random_crops(4, seed=22, high=1500)
     boxes = random_boxes(rng, 4)
     boxes[0, :2] = (10, 28)  # 18 slices wide: sd = 1 → 1 view
     boxes[1, :2] = (0, 96)  # the whole crop: sd = 5 → 5 views
@@ -271,7 +267,7 @@ def test_mask_mode_evaluation_averages_each_samples_own_views(combine):
 def test_combine_logits_in_crop_mode_is_softmax_of_mean_logits():
     torch.manual_seed(6)
     model = build_classifier("tiny", **SMALL).eval()
-    crops = random_crops(torch.Generator().manual_seed(7), 2)
+    crops = random_crops(2, seed=7, high=1500)
     got = multiview_probs(model, crops, views=6, device=torch.device("cpu"), combine="logits")
     logits = torch.stack(
         [model(crops, o + 6 * torch.arange(16).expand(2, -1)).float() for o in range(6)]
@@ -390,7 +386,7 @@ def test_frame_size_224_pads_the_slices_and_keeps_the_video_table(tmp_path):
     torch.manual_seed(2)
     model = build_classifier("tiny", img=224, **SMALL).eval()
     assert model.config.num_tokens == 8 * 14 * 14
-    crops = random_crops(torch.Generator().manual_seed(3), 2)
+    crops = random_crops(2, seed=3, high=1500)
     frames = torch.tensor([[3 + 6 * k for k in range(16)], [5 * k for k in range(16)]])
     tokens = model.embed(crops, frames)  # (B, 1568, D)
     # Independently: the scaled frames padded centred with 0 (= −1000 HU) to 224², a Conv3d.
