@@ -328,6 +328,21 @@ def run_options(shards, out: Path, **changes) -> RunOptions:
     )  # fmt: skip
 
 
+def short_trainer(kind: str, run: RunOptions):
+    """The "pretrain" or "finetune" trainer of `run` for two epochs, one of them warmup, at
+    batch 4."""
+    from vctmae.train.finetune import finetune_trainer
+    from vctmae.train.pretrain import pretrain_trainer
+
+    if kind == "pretrain":
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+        )
+    return finetune_trainer(
+        FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+    )
+
+
 def trainers(make, monkeypatch):
     """(eager, static) trainers of the same config; the static one as it would run on CUDA,
     without the capture."""

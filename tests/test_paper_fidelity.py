@@ -23,6 +23,7 @@ from helpers import (
     pretrain_config,
     run_options,
     run_steps,
+    short_trainer,
     trainers,
     write_split,
 )
@@ -41,7 +42,7 @@ from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import ShardError
 from vctmae.infer.views import multiview_probs
 from vctmae.model import build_classifier, build_mae, load_mae_st
-from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.config import RunOptions
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -139,7 +140,6 @@ def labelled(tmp_path_factory) -> list[str]:
 
 
 def test_crop_mode_training_equals_the_plain_crop_objectives_bit_for_bit(labelled, tmp_path):
-    from vctmae.train.finetune import finetune_trainer
     from vctmae.train.pretrain import pretrain_trainer
 
     def pretrainer(out):
@@ -159,8 +159,7 @@ def test_crop_mode_training_equals_the_plain_crop_objectives_bit_for_bit(labelle
         run = RunOptions(
             shards=tuple(labelled), out=out, flip="frames", max_steps_per_epoch=2, **TEST_RUN
         )
-        config = FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
-        return finetune_trainer(config)
+        return short_trainer("finetune", run)
 
     new = final_weights(finetuner(tmp_path / "ft-new"))
     plain = finetuner(tmp_path / "ft-plain")
@@ -299,17 +298,9 @@ def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
     frame rule, the context cut or the flip), as a CUDA graph needs."""
     import torch._dynamo
 
-    from vctmae.train.config import PretrainConfig
-    from vctmae.train.finetune import finetune_trainer
-    from vctmae.train.pretrain import pretrain_trainer
-
     def make(name):
-        run = run_options(boxed_shards, tmp_path / name, frames="mask", flip="rows")
-        if kind == "pretrain":
-            config = PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
-            return pretrain_trainer(config)
-        return finetune_trainer(
-            FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+        return short_trainer(
+            kind, run_options(boxed_shards, tmp_path / name, frames="mask", flip="rows")
         )
 
     eager, static = trainers(make, monkeypatch)
