@@ -55,9 +55,9 @@ def easy_data(tmp_path_factory) -> dict[str, list[str]]:
 def finetuned(easy_data, tmp_path_factory):
     """A tiny classifier pretrained one epoch and finetuned five on `easy_data` (it tells the
     classes apart)."""
-    from helpers import TEST_RUN, pretrain_config
+    from helpers import TEST_RUN, finetune_config, pretrain_config
 
-    from vctmae.train.config import FinetuneConfig, RunOptions
+    from vctmae.train.config import RunOptions
     from vctmae.train.finetune import run_finetune
     from vctmae.train.pretrain import run_pretrain
 
@@ -65,20 +65,30 @@ def finetuned(easy_data, tmp_path_factory):
     pre = run_pretrain(
         pretrain_config(easy_data["train"], out / "pre", epochs=1, warmup_epochs=0, preview=False)
     )
-    config = FinetuneConfig(
-        run=RunOptions(
-            shards=tuple(easy_data["train"]), out=out / "ft", init=pre.model_path, **TEST_RUN
-        ),
-        val_shards=tuple(easy_data["val"]),
-        epochs=5,
-        warmup_epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        min_lr=1e-5,
-        multiview=1,
-        dropout=0.0,
+    run = RunOptions(
+        shards=tuple(easy_data["train"]), out=out / "ft", init=pre.model_path, **TEST_RUN
     )
-    return run_finetune(config)
+    return run_finetune(finetune_config(run, easy_data["val"]))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Two phantoms in ct/ + seg/ (one stored LAS, one ASL), made afresh for each test module."""
+    from vctmae.synth import SynthConfig
+    from vctmae.synth.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("raw")
+    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
+    return root / "raw"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small random classifier (its probabilities vary from crop to crop), one per test
+    module."""
+    from helpers import random_classifier
+
+    return random_classifier(tmp_path_factory.mktemp("model"))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -26,12 +26,13 @@ import torch
 from typer.testing import CliRunner
 
 from vctmae.cli import app
+from vctmae.data.loader import ShardLoader
 from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import expand_shards, index_shards
 from vctmae.infer.metrics import Predictions
 from vctmae.ingest.nifti import Volume, oriented_view, read_nifti_ct, read_nifti_labels
 from vctmae.ingest.writers import Sample, write_shards
-from vctmae.train.config import PretrainConfig, RunOptions
+from vctmae.train.config import FinetuneConfig, PretrainConfig, RunOptions
 
 
 def load_ct(path: str | Path) -> Volume:
@@ -140,6 +141,19 @@ def write_split(directory: Path, split: str, count: int, seed: int, shards: int 
     return paths
 
 
+def train_val_thin_shards(root: Path, rng: np.random.Generator) -> dict[str, list[str]]:
+    """Labelled shards of easy crops under root/lab (train: 16 crops, val: 8), and "thin": 8
+    labelled crops only 64 slices deep instead of 96, which training must refuse."""
+    thin = root / "thin-000000.tar"
+    crop = rng.integers(-1000, 1000, size=(64, 96, 96), dtype=np.int16)
+    write_shard(thin, [(f"t{i:02d}_L3", crop, i % 2) for i in range(8)])
+    return {
+        "train": [str(p) for p in write_split(root / "lab", "train", 16, seed=1)],
+        "val": [str(p) for p in write_split(root / "lab", "val", 8, seed=2)],
+        "thin": [str(thin)],
+    }
+
+
 RUN_FIELDS = {field.name for field in dataclasses.fields(RunOptions)}
 
 
@@ -162,10 +176,17 @@ def pretrain_config(shards, out: Path, **changes) -> PretrainConfig:
     return PretrainConfig(run=RunOptions(shards=tuple(shards), out=out, **run), **stage)
 
 
+def finetune_config(run: RunOptions, val_shards, **changes) -> FinetuneConfig:
+    """A small finetuning run validated on `val_shards`: batch 8, lr 1e-3 falling to 1e-5 after
+    one warmup epoch, one view, no head dropout; `changes` replace any FinetuneConfig field."""
+    stage = dict(
+        epochs=5, warmup_epochs=1, batch_size=8, lr=1e-3, min_lr=1e-5, multiview=1, dropout=0.0
+    )
+    return FinetuneConfig(run=run, val_shards=tuple(val_shards), **{**stage, **changes})
+
+
 def stop_before_epoch(patch: pytest.MonkeyPatch, stop: int) -> None:
     """Ctrl-C when epoch `stop` (0-based) is about to start."""
-    from vctmae.data.loader import ShardLoader
-
     original = ShardLoader.set_epoch
 
     def interrupting(self, epoch):
@@ -190,6 +211,11 @@ def shrink(patch: pytest.MonkeyPatch) -> None:
 
 def cli(*args: object):
     return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def ingest_cli(*args: object):
+    """`vctmae ingest ARGS` without progress bars."""
+    return cli("ingest", *args, "--no-progress")
 
 
 def one_line_error(result, code: int, *needles: str) -> str:
@@ -228,6 +254,14 @@ def make_shards(
     return truth
 
 
+def rank_loaders(shards, world_size: int = 2, **options) -> list[ShardLoader]:
+    """One ShardLoader on the CPU for each rank of a `world_size`-process job."""
+    return [
+        ShardLoader(shards, device="cpu", rank=rank, world_size=world_size, **options)
+        for rank in range(world_size)
+    ]
+
+
 def tree_bytes(out: Path) -> dict[str, str]:
     """sha256 of every published output file (the work folder and the timing report excluded)."""
     found = {}
@@ -241,9 +275,14 @@ def tree_bytes(out: Path) -> dict[str, str]:
     return found
 
 
-def read_manifest(out: Path) -> list[dict]:
-    with open(out / "manifest.csv", newline="") as f:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header line."""
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    return read_rows(out / "manifest.csv")
 
 
 TOTALSEG_MODULES = ("totalsegmentator", "totalsegmentator.python_api")
@@ -287,6 +326,21 @@ def run_options(shards, out: Path, **changes) -> RunOptions:
         shards=tuple(shards), out=out, model="tiny", model_overrides=NARROW_MODEL,
         loader=LoaderOptions(workers=0), device="cpu", progress=False, **changes,
     )  # fmt: skip
+
+
+def short_trainer(kind: str, run: RunOptions):
+    """The "pretrain" or "finetune" trainer of `run` for two epochs, one of them warmup, at
+    batch 4."""
+    from vctmae.train.finetune import finetune_trainer
+    from vctmae.train.pretrain import pretrain_trainer
+
+    if kind == "pretrain":
+        return pretrain_trainer(
+            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
+        )
+    return finetune_trainer(
+        FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+    )
 
 
 def trainers(make, monkeypatch):
@@ -342,6 +396,26 @@ def predict_config(checkpoint: Path, out: Path, **fields):
     from vctmae.predict.config import PredictConfig
 
     return PredictConfig(checkpoint=checkpoint, out=out, device="cpu", progress=False, **fields)
+
+
+def link_case(src: Path, name: str, ct: Path, seg: Path | None) -> None:
+    """Case `name` of the --src folder `src`: ct/ (and seg/, unless `seg` is None) links to
+    `ct` (and `seg`)."""
+    (src / "ct").mkdir(parents=True, exist_ok=True)
+    (src / "ct" / f"{name}.nii.gz").symlink_to(ct)
+    if seg is not None:
+        (src / "seg").mkdir(parents=True, exist_ok=True)
+        (src / "seg" / f"{name}.nii.gz").symlink_to(seg)
+
+
+def linked_source(src: Path, raw: Path, cases: Iterable[str]) -> Path:
+    """A new --src folder `src` whose ct/ and seg/ link to the NIfTI files of `cases` in `raw`."""
+    (src / "ct").mkdir(parents=True)
+    (src / "seg").mkdir()
+    for case in cases:
+        for part in ("ct", "seg"):
+            (src / part / f"{case}.nii.gz").symlink_to(raw / part / f"{case}.nii.gz")
+    return src
 
 
 def count_samples(shards: str | Sequence[str]) -> int:

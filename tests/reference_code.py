@@ -41,10 +41,7 @@ def crop_clip(crops, frames):
     return out
 
 
-def _block_state(prefix, dim, hidden, gen, device):
-    def rnd(*shape, scale):
-        return torch.randn(*shape, generator=gen, device=device) * scale
-
+def _block_state(prefix, dim, hidden, rnd):
     state = {
         f"{prefix}norm1.weight": 1 + rnd(dim, scale=0.1),
         f"{prefix}norm1.bias": rnd(dim, scale=0.1),
@@ -109,11 +106,9 @@ def mae_st_state(
         "decoder_pred.bias": rnd(pred_dim, scale=0.05),
     }
     for i in range(depth):
-        state.update(_block_state(f"blocks.{i}.", dim, 4 * dim, gen, device))
+        state.update(_block_state(f"blocks.{i}.", dim, 4 * dim, rnd))
     for i in range(decoder_depth):
-        state.update(
-            _block_state(f"decoder_blocks.{i}.", decoder_dim, 4 * decoder_dim, gen, device)
-        )
+        state.update(_block_state(f"decoder_blocks.{i}.", decoder_dim, 4 * decoder_dim, rnd))
     if decoder_cls:
         state["decoder_cls_token"] = rnd(1, 1, decoder_dim, scale=0.5)
     if decoder_layout == "separable":
@@ -273,7 +268,7 @@ def reference_frames(width: int, shift: int) -> np.ndarray:
 
 
 def reference_shift_range(width: int) -> list[int]:
-    inner = np.round(np.linspace(0, width - 1, 16 + 2)).astype(int)[1:-1]
+    inner = reference_frames(width, shift=0)
     spacing = int(inner[1] - inner[0])
     return list(range(-spacing // 2, spacing // 2))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_CROP, count_samples, make_shards, write_shard
+from helpers import SMALL_CROP, count_samples, make_shards, rank_loaders, write_shard
 
 from vctmae import clip
 from vctmae.data.frames import mirror, random_offsets, sample_frames
@@ -219,16 +219,7 @@ def test_eval_every_sample_once_across_ranks_and_workers(tmp_path, sizes):
     truth = make_shards(tmp_path, sizes)
     shards = str(tmp_path / "train-*.tar")
     seen: list[str] = []
-    for rank in range(2):
-        loader = ShardLoader(
-            shards,
-            batch_size=2,
-            training=False,
-            num_workers=2,
-            device="cpu",
-            rank=rank,
-            world_size=2,
-        )
+    for loader in rank_loaders(shards, batch_size=2, training=False, num_workers=2):
         next(iter(loader))  # an abandoned epoch must not disturb the next one
         batches = list(loader)  # batches held past later ones must stay intact
         for batch in batches:
@@ -245,19 +236,7 @@ def test_training_split_exactly_once_reshuffled_per_epoch(tmp_path):
     batch = 2
 
     def ranks(seed: int) -> list[ShardLoader]:
-        return [
-            ShardLoader(
-                shards,
-                batch_size=batch,
-                training=True,
-                num_workers=2,
-                device="cpu",
-                rank=rank,
-                world_size=2,
-                seed=seed,
-            )
-            for rank in range(2)
-        ]
+        return rank_loaders(shards, batch_size=batch, training=True, num_workers=2, seed=seed)
 
     def epoch(loaders: list[ShardLoader], number: int) -> list[list[str]]:
         per_rank = []
@@ -285,17 +264,8 @@ def test_training_covers_everything_when_divisible(tmp_path):
     """With N a multiple of ranks × workers × batch, training drops nothing: every sample once."""
     truth = make_shards(tmp_path, [3, 9, 4])  # 16 = 2 ranks × 2 workers × batch 4
     seen = []
-    for rank in range(2):
-        loader = ShardLoader(
-            str(tmp_path / "train-*.tar"),
-            batch_size=4,
-            training=True,
-            num_workers=2,
-            device="cpu",
-            rank=rank,
-            world_size=2,
-            seed=11,
-        )
+    shards = str(tmp_path / "train-*.tar")
+    for loader in rank_loaders(shards, batch_size=4, training=True, num_workers=2, seed=11):
         loader.set_epoch(5)
         seen.extend(collect(loader)[0])
     assert Counter(seen) == Counter(truth.keys())
@@ -310,11 +280,9 @@ def test_batches_do_not_depend_on_the_number_of_workers(tmp_path, training):
     for world in (1, 2):
         epochs = {}
         for workers in (0, 1, 2):
-            loaders = [
-                ShardLoader(shards, batch_size=4, training=training, num_workers=workers,
-                            device="cpu", rank=rank, world_size=world, seed=7)
-                for rank in range(world)
-            ]  # fmt: skip
+            loaders = rank_loaders(
+                shards, world, batch_size=4, training=training, num_workers=workers, seed=7
+            )
             runs = []
             for epoch in (0, 1):
                 for loader in loaders:
@@ -362,29 +330,15 @@ def test_resume_mid_epoch_continues_exactly(tmp_path, training, workers, sizes):
 
 def test_single_process_loader_matches_truth_and_too_small_is_an_error(tmp_path):
     truth = make_shards(tmp_path, [4, 4])
-    loader = ShardLoader(
-        str(tmp_path / "train-*.tar"),
-        batch_size=3,
-        training=True,
-        num_workers=0,
-        device="cpu",
-        seed=1,
-    )
+    shards = str(tmp_path / "train-*.tar")
+    loader = ShardLoader(shards, batch_size=3, training=True, num_workers=0, device="cpu", seed=1)
     assert len(loader) == 2
     for batch in loader:
         for key, crop in zip(batch.keys, batch.crops, strict=True):
             assert np.array_equal(crop.numpy(), truth[key][0])
     # One batch per rank is what training needs (loader workers do not matter): 8 < 3 × 3.
     with pytest.raises(ValueError, match="too few"):
-        ShardLoader(
-            str(tmp_path / "train-*.tar"),
-            batch_size=3,
-            training=True,
-            num_workers=2,
-            device="cpu",
-            rank=0,
-            world_size=3,
-        )
+        rank_loaders(shards, world_size=3, batch_size=3, training=True, num_workers=2)
 
 
 # ----------------------------------------------------------------------------- zarr

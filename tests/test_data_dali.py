@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 
-from helpers import make_shards
+from helpers import make_shards, rank_loaders
 
 from vctmae.data.loader import ShardLoader
 
@@ -59,18 +59,8 @@ def test_dali_loader_equals_torch_loader(shards):
 def test_dali_training_ranks_agree_on_batch_count(shards):
     pattern, truth = shards
     counts, keys = [], []
-    for rank in range(2):
-        loader = ShardLoader(
-            pattern,
-            batch_size=2,
-            training=True,
-            num_workers=1,
-            device="cpu",
-            backend="dali",
-            rank=rank,
-            world_size=2,
-            seed=5,
-        )
+    dali = rank_loaders(pattern, batch_size=2, training=True, num_workers=1, backend="dali", seed=5)
+    for loader in dali:
         batches = list(loader)
         counts.append(len(batches))
         assert len(batches) == len(loader) == 2 and all(len(b) == 2 for b in batches)

@@ -25,13 +25,12 @@ import pydicom
 import pytest
 from dicom_series import FLIP_XY, small_volume, write_series
 from helpers import (
+    cli,
     load_ct,
     load_labels,
-    random_classifier,
     reorient,
     use_totalsegmentator,
 )
-from typer.testing import CliRunner
 
 from vctmae.ingest.dicom import load_dicom_ct
 from vctmae.ingest.levels import SCHEMES
@@ -45,8 +44,6 @@ from vctmae.predict.dicom_out import (
     write_dicom_objects,
 )
 from vctmae.predict.run import run_predict
-from vctmae.synth import SynthConfig
-from vctmae.synth.phantoms import write_phantoms
 
 PROBABILITY = ("fx-prob", "99VCTMAE")
 THRESHOLD = ("fx-threshold", "99VCTMAE")
@@ -114,18 +111,6 @@ def text_values(dataset) -> list[str]:
             found.append(str(item.TextValue))
         found.extend(text_values(item))
     return found
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return random_classifier(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dicom-out-raw")
-    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
-    return root / "raw"
 
 
 @pytest.fixture(scope="module")
@@ -356,17 +341,11 @@ def test_labels_on_another_grid_are_resampled_nearest_neighbour(tmp_path):
     np.testing.assert_array_equal(got[far_from_tie], want[far_from_tie])
 
 
-def cli(*args: str):
-    from vctmae.cli import app
-
-    return CliRunner().invoke(app, ["predict", *args])
-
-
 def test_nifti_input_writes_no_dicom_and_an_explicit_flag_says_so(raw, checkpoint, tmp_path):
     out = tmp_path / "report"
     result = cli(
-        "--checkpoint", str(checkpoint), "--out", str(out), "--ct",
-        str(raw / "ct" / "case000.nii.gz"), "--seg", str(raw / "seg" / "case000.nii.gz"),
+        "predict", "--checkpoint", checkpoint, "--out", out, "--ct",
+        raw / "ct" / "case000.nii.gz", "--seg", raw / "seg" / "case000.nii.gz",
         "--device", "cpu", "--no-progress", "--no-attention", "--dicom-out",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -380,8 +359,8 @@ def test_nifti_input_writes_no_dicom_and_an_explicit_flag_says_so(raw, checkpoin
 def test_no_dicom_out_writes_none_for_a_dicom_series(source, checkpoint, tmp_path):
     out = tmp_path / "report"
     result = cli(
-        "--checkpoint", str(checkpoint), "--out", str(out), "--ct", str(source / "ct" / "lps"),
-        "--seg", str(source / "seg" / "lps.nii.gz"), "--device", "cpu", "--no-progress",
+        "predict", "--checkpoint", checkpoint, "--out", out, "--ct", source / "ct" / "lps",
+        "--seg", source / "seg" / "lps.nii.gz", "--device", "cpu", "--no-progress",
         "--no-attention", "--no-dicom-out",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -18,12 +18,12 @@ from helpers import (
     random_shards,
     run_options,
     run_steps,
+    short_trainer,
     stop_before_epoch,
     trainers,
 )
 
-from vctmae.train.config import FinetuneConfig, PretrainConfig
-from vctmae.train.finetune import finetune_trainer
+from vctmae.train.config import PretrainConfig
 from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer
 
@@ -36,9 +36,7 @@ def shards(tmp_path_factory) -> list[str]:
 def test_static_pretraining_step_equals_the_eager_step(shards, tmp_path, monkeypatch):
     def make(name):
         run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)
-        return pretrain_trainer(
-            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
-        )
+        return short_trainer("pretrain", run)
 
     eager, static = trainers(make, monkeypatch)
     assert_same_training(eager, static, run_steps(eager, 4, 1), run_steps(static, 4, 1))
@@ -48,10 +46,7 @@ def test_static_finetuning_step_with_accumulation_equals_the_eager_step(
     shards, tmp_path, monkeypatch
 ):
     def make(name):
-        run = run_options(shards, tmp_path / name, accum_steps=2)
-        return finetune_trainer(
-            FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
-        )
+        return short_trainer("finetune", run_options(shards, tmp_path / name, accum_steps=2))
 
     eager, static = trainers(make, monkeypatch)
     # Head dropout on: its masks come from torch's global RNG, in the same order in both steps.
@@ -148,9 +143,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
 
     def make(name):
         run = run_options(shards, tmp_path / name, flip="frames", grad_clip=1.0)
-        return pretrain_trainer(
-            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
-        )
+        return short_trainer("pretrain", run)
 
     def capture(warm_up, body, device):
         warm_up()  # the warm-up changes the weights: the fallback must undo it
@@ -185,9 +178,7 @@ def test_cuda_graph_replay_equals_the_eager_step(shards, tmp_path):
             shards, tmp_path / name, flip="frames", device="cuda", cuda_graph=cuda_graph
         )
         run = dataclasses.replace(run, speed=dataclasses.replace(run.speed, precision="fp32"))
-        return pretrain_trainer(
-            PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
-        )
+        return short_trainer("pretrain", run)
 
     eager, captured = make("eager", False), make("graphed", True)
     assert eager.graphed is None and captured.graphed is not None and captured.graphed.capture

@@ -16,11 +16,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import read_manifest, tree_bytes
-from typer.testing import CliRunner
+from helpers import ingest_cli, link_case, read_manifest, tree_bytes
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
-from vctmae.cli.app import app
 from vctmae.ingest.config import IngestConfig
 from vctmae.ingest.pipeline import run_ingest
 from vctmae.synth import SynthConfig
@@ -28,17 +26,6 @@ from vctmae.synth.phantoms import write_phantoms
 
 PHANTOMS = 5
 SHARD_SIZE = "8MB"  # a few crops per shard, so shards roll over
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, ["ingest", *args, "--no-progress"])
-
-
-def link_case(src: Path, name: str, ct: Path, seg: Path) -> None:
-    (src / "ct").mkdir(parents=True, exist_ok=True)
-    (src / "seg").mkdir(parents=True, exist_ok=True)
-    (src / "ct" / f"{name}.nii.gz").symlink_to(ct)
-    (src / "seg" / f"{name}.nii.gz").symlink_to(seg)
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +106,7 @@ def test_real_ct_keep_truncated_and_no_label(tmp_path, real_ct_dir):
     link_case(src, "real", real_ct_dir / "ct.nii.gz", real_ct_dir / "seg.nii.gz")
     labels = tmp_path / "labels.csv"
     labels.write_text("case,level,grade,split\nreal,L1,2,test\nreal,T12,0,test\n")
-    result = cli(
+    result = ingest_cli(
         "--src",
         str(src),
         "--out",
@@ -289,7 +276,7 @@ def test_parts_merge_to_the_full_run(phantoms, full_run, tmp_path):
     ]
     assert sum(r["cases_seen"] for r in reports) == PHANTOMS
     assert all(r["cases_ok"] >= 2 for r in reports)
-    result = cli(
+    result = ingest_cli(
         "--merge",
         str(data / "part-1"),
         str(data / "part-2"),
@@ -304,7 +291,7 @@ def test_parts_merge_to_the_full_run(phantoms, full_run, tmp_path):
     assert merged["cases_ok"] == PHANTOMS and merged["geometry"] == full_run[1]["geometry"]
     assert merged["vertebrae_written"] == full_run[1]["vertebrae_written"]
     # A missing part is refused with a clear message.
-    result = cli("--merge", str(data / "part-1"), "--out", str(tmp_path / "half"))
+    result = ingest_cli("--merge", str(data / "part-1"), "--out", str(tmp_path / "half"))
     assert result.exit_code != 0 and "missing part(s) 2/2" in result.output
 
 
@@ -351,7 +338,9 @@ def test_bad_inputs_are_reported_and_good_cases_written(tmp_path, real_ct_dir):
     )
 
     out = tmp_path / "out"
-    result = cli("--src", str(src), "--out", str(out), "--labels", str(labels), "--workers", "2")
+    result = ingest_cli(
+        "--src", str(src), "--out", str(out), "--labels", str(labels), "--workers", "2"
+    )
     assert result.exit_code == 1, result.output
     expected = {
         "corrupt": ("ct/corrupt.nii.gz", ""),

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from dicom_series import write_unreadable_dicom_folders
-from helpers import read_manifest, tree_bytes
+from helpers import error_lines, link_case, read_manifest, tree_bytes
 from typer.testing import CliRunner
 
 import vctmae.cli.ingest
@@ -48,16 +48,6 @@ def phantoms(tmp_path_factory) -> Path:
 
 def cli(*args: str):
     return CliRunner().invoke(app, [*args, "--no-progress"] if args[0] == "ingest" else list(args))
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
-
-
-def link_case(src: Path, name: str, ct: Path, seg: Path) -> None:
-    for kind, target in (("ct", ct), ("seg", seg)):
-        (src / kind).mkdir(parents=True, exist_ok=True)
-        (src / kind / f"{name}.nii.gz").symlink_to(target)
 
 
 def with_stray_voxel(phantoms: Path, case: str, folder: Path, value: int = 35) -> Path:

@@ -18,13 +18,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import load_ct, reorient, tree_bytes, use_totalsegmentator
+from helpers import (
+    error_lines,
+    ingest_cli,
+    link_case,
+    load_ct,
+    reorient,
+    tree_bytes,
+    use_totalsegmentator,
+)
 from scipy import ndimage
-from typer.testing import CliRunner
 from whole_volume_chain import crop_differences, whole_volume_crops
 
 import vctmae.cli.ingest  # noqa: F401  (registers the commands)
-from vctmae.cli.app import app
 from vctmae.ingest import assemble, label_pass, nifti, pipeline
 from vctmae.ingest.discover import discover_cases
 from vctmae.ingest.errors import IngestError
@@ -43,22 +49,6 @@ from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def link_case(src: Path, name: str, ct: Path, seg: Path | None) -> None:
-    (src / "ct").mkdir(parents=True, exist_ok=True)
-    (src / "ct" / f"{name}.nii.gz").symlink_to(ct)
-    if seg is not None:
-        (src / "seg").mkdir(parents=True, exist_ok=True)
-        (src / "seg" / f"{name}.nii.gz").symlink_to(seg)
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, ["ingest", *args, "--no-progress"])
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -374,9 +364,9 @@ def unlabelled(real_ct_dir, tmp_path) -> Path:
 def test_segment_without_totalsegmentator_says_what_to_install(unlabelled, tmp_path, monkeypatch):
     use_totalsegmentator(monkeypatch, None)
     out = str(tmp_path / "out")
-    result = cli("--src", str(unlabelled), "--out", out)
+    result = ingest_cli("--src", str(unlabelled), "--out", out)
     assert result.exit_code == 1 and "no label map seg/scan.nii.gz" in result.output
-    result = cli("--src", str(unlabelled), "--out", out, "--segment", "--workers", "1")
+    result = ingest_cli("--src", str(unlabelled), "--out", out, "--segment", "--workers", "1")
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
     assert "pip install 'vctmae[totalseg]'" in line and "TotalSegmentator" in line
@@ -394,7 +384,7 @@ def test_segment_without_weights_offline_says_to_set_totalseg_home_dir(
     )
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "weights"))
     out = tmp_path / "out"
-    result = cli("--src", str(unlabelled), "--out", str(out), "--segment", "--workers", "1")
+    result = ingest_cli("--src", str(unlabelled), "--out", str(out), "--segment", "--workers", "1")
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
     assert "model weights" in line and "TOTALSEG_HOME_DIR" in line
@@ -513,9 +503,11 @@ def test_a_dask_worker_that_dies_fails_only_its_case(small_cases, real_ct_dir, t
 
 
 def test_executor_flags_are_checked(small_cases, tmp_path):
-    result = cli("--src", str(small_cases), "--out", str(tmp_path / "o"), "--executor", "ray")
+    result = ingest_cli(
+        "--src", str(small_cases), "--out", str(tmp_path / "o"), "--executor", "ray"
+    )
     assert result.exit_code == 2 and "--executor must be one of process, dask" in result.output
-    result = cli(
+    result = ingest_cli(
         "--src", str(small_cases), "--out", str(tmp_path / "o"), "--scheduler", "tcp://x:1"
     )
     assert result.exit_code == 2 and "add --executor dask" in result.output
@@ -523,7 +515,9 @@ def test_executor_flags_are_checked(small_cases, tmp_path):
 
 def test_dask_executor_without_distributed_says_what_to_install(small_cases, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if the [dask] extra were missing
-    result = cli("--src", str(small_cases), "--out", str(tmp_path / "o"), "--executor", "dask")
+    result = ingest_cli(
+        "--src", str(small_cases), "--out", str(tmp_path / "o"), "--executor", "dask"
+    )
     assert result.exit_code == 1, result.output
     [line] = error_lines(result.output)
     assert line == "error: --executor dask needs dask.distributed: pip install 'vctmae[dask]'"

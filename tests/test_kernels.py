@@ -84,23 +84,33 @@ def random_inputs(
     return inputs
 
 
-def reference_with_grads(inputs: dict, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+def run_with_grads(embed, inputs: dict, grad_out: torch.Tensor, **options) -> dict:
+    """The output of `embed` (the reference, the dispatcher or the Triton entry point) on
+    `inputs`, and its gradients for weight, bias and pos after backpropagating `grad_out`."""
     params = {
         name: inputs[name].clone().requires_grad_(True)
         for name in ("weight", "bias", "pos")
         if inputs[name] is not None
     }
-    out = patch_embed_reference(
+    out = embed(
         inputs["crops"],
         inputs["frames"],
         params["weight"],
         params["bias"],
         keep=inputs["keep"],
         pos=params.get("pos"),
-        frame_size=inputs["frame_size"],
+        **options,
     )
     out.backward(grad_out)
     return {"out": out.detach(), **{f"grad_{name}": p.grad for name, p in params.items()}}
+
+
+def reference_with_grads(inputs: dict, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    return run_with_grads(patch_embed_reference, inputs, grad_out, frame_size=inputs["frame_size"])
+
+
+def on_cuda(inputs: dict) -> dict:
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
 # (batch, dim, kept tokens, pos, frame size, slices): dim 40 leaves a partly masked column tile;
@@ -388,23 +398,7 @@ def test_cuda_bf16_matches_reference(keep: int | None, pos: bool, frame_size: in
     tokens = 8 * (frame_size // 16) ** 2 if keep is None else keep
     grad_out = torch.randn(4, tokens, 256, generator=generator)
     expected = reference_with_grads(inputs, grad_out)
-    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    params = {
-        n: cuda[n].clone().requires_grad_(True)
-        for n in ("weight", "bias", "pos")
-        if cuda[n] is not None
-    }
-    out = patch_embed(
-        cuda["crops"],
-        cuda["frames"],
-        params["weight"],
-        params["bias"],
-        keep=cuda["keep"],
-        pos=params.get("pos"),
-        frame_size=frame_size,
-    )
-    out.backward(grad_out.cuda())
-    got = {"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}}
+    got = run_with_grads(patch_embed, on_cuda(inputs), grad_out.cuda(), frame_size=frame_size)
     for name in expected:
         error = relative_error(got[name].cpu(), expected[name])
         assert error < BF16_BOUND, f"{name}: relative error {error:.2e}"
@@ -421,14 +415,7 @@ def test_cuda_fp32_dots_match_reference(batch: int, dim: int, keep: int | None) 
     tokens = 288 if keep is None else keep
     grad_out = torch.randn(batch, tokens, dim, generator=generator)
     expected = reference_with_grads(inputs, grad_out)
-    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    params = {n: cuda[n].clone().requires_grad_(True) for n in ("weight", "bias", "pos")}
-    out = patch_embed_triton(
-        cuda["crops"], cuda["frames"], params["weight"], params["bias"],
-        keep=cuda["keep"], pos=params["pos"], precision="fp32",
-    )  # fmt: skip
-    out.backward(grad_out.cuda())
-    got = {"out": out.detach(), **{f"grad_{n}": p.grad for n, p in params.items()}}
+    got = run_with_grads(patch_embed_triton, on_cuda(inputs), grad_out.cuda(), precision="fp32")
     for name in expected:
         error = relative_error(got[name].cpu(), expected[name])
         assert error < FP32_BOUND, f"{name}: relative error {error:.2e}"

@@ -14,14 +14,14 @@ from __future__ import annotations
 import csv
 
 import pytest
-from helpers import eval_config
+from helpers import eval_config, finetune_config
 
 from vctmae.data.options import LoaderOptions
 from vctmae.infer.evaluate import run_eval
 from vctmae.ingest.pipeline import IngestConfig, run_ingest
 from vctmae.synth import SynthConfig
 from vctmae.synth.phantoms import write_phantoms
-from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.config import RunOptions
 from vctmae.train.finetune import run_finetune
 
 NARROW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
@@ -43,8 +43,8 @@ def phantom_shards(tmp_path_factory):
 def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, tmp_path):
     shards, manifest = phantom_shards
     finetuned = run_finetune(
-        FinetuneConfig(
-            run=RunOptions(
+        finetune_config(
+            RunOptions(
                 shards=shards["train"],
                 out=tmp_path / "ft",
                 model="tiny",
@@ -55,14 +55,8 @@ def test_finetuning_learns_fractures_of_unseen_phantom_patients(phantom_shards, 
                 device="cpu",
                 progress=False,
             ),
-            val_shards=shards["val"],
+            shards["val"],
             epochs=24,
-            warmup_epochs=1,
-            batch_size=8,
-            lr=1e-3,
-            min_lr=1e-5,
-            multiview=1,
-            dropout=0.0,
         )
     )
     metrics = run_eval(

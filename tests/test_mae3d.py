@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL_MODEL, cli, one_line_error, pretrain_config, write_shard, write_split
+from helpers import SMALL_MODEL, cli, one_line_error, pretrain_config, train_val_thin_shards
 from reference_code import mae_st_state, random_crops
 
 from vctmae.data.frames import FrameSampler, check_crop_shape
@@ -72,16 +72,7 @@ def small_mae3d(monkeypatch):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, list[str]]:
-    root = tmp_path_factory.mktemp("mae3d")
-    rng = np.random.default_rng(11)
-    thin = root / "thin-000000.tar"
-    crop = rng.integers(-1000, 1000, size=(64, 96, 96), dtype=np.int16)
-    write_shard(thin, [(f"t{i:02d}_L3", crop, i % 2) for i in range(8)])
-    return {
-        "train": [str(p) for p in write_split(root / "lab", "train", 16, seed=1)],
-        "val": [str(p) for p in write_split(root / "lab", "val", 8, seed=2)],
-        "thin": [str(thin)],
-    }
+    return train_val_thin_shards(tmp_path_factory.mktemp("mae3d"), np.random.default_rng(11))
 
 
 # ----------------------------------------------------------------------------------------------

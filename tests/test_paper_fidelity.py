@@ -23,12 +23,14 @@ from helpers import (
     pretrain_config,
     run_options,
     run_steps,
+    short_trainer,
     trainers,
     write_split,
 )
 from reference_code import (
     SMALL,
     mae_st_state,
+    random_crops,
     reference_context_cut,
     reference_frames,
     reference_shift_range,
@@ -40,7 +42,7 @@ from vctmae.data.options import LoaderOptions
 from vctmae.data.shards import ShardError
 from vctmae.infer.views import multiview_probs
 from vctmae.model import build_classifier, build_mae, load_mae_st
-from vctmae.train.config import FinetuneConfig, RunOptions
+from vctmae.train.config import RunOptions
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -64,10 +66,6 @@ def reference_view(crop: np.ndarray, box, shift: int) -> np.ndarray:
     lo, width = int(box[0]), int(box[1] - box[0])
     frames = lo + reference_frames(width, shift)
     return reference_context_cut(crop[frames], tuple(int(v) for v in box), recentre=True)
-
-
-def random_crops(generator: torch.Generator, batch: int) -> torch.Tensor:
-    return torch.randint(-1500, 1500, (batch, 96, 96, 96), dtype=torch.int16, generator=generator)
 
 
 def write_shard(path: Path, samples: list[dict]) -> None:
@@ -142,7 +140,6 @@ def labelled(tmp_path_factory) -> list[str]:
 
 
 def test_crop_mode_training_equals_the_plain_crop_objectives_bit_for_bit(labelled, tmp_path):
-    from vctmae.train.finetune import finetune_trainer
     from vctmae.train.pretrain import pretrain_trainer
 
     def pretrainer(out):
@@ -162,8 +159,7 @@ def test_crop_mode_training_equals_the_plain_crop_objectives_bit_for_bit(labelle
         run = RunOptions(
             shards=tuple(labelled), out=out, flip="frames", max_steps_per_epoch=2, **TEST_RUN
         )
-        config = FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
-        return finetune_trainer(config)
+        return short_trainer("finetune", run)
 
     new = final_weights(finetuner(tmp_path / "ft-new"))
     plain = finetuner(tmp_path / "ft-plain")
@@ -187,7 +183,7 @@ def plain_offset_ensemble(model, crops, views: int) -> torch.Tensor:
 def test_crop_mode_evaluation_equals_the_plain_offset_ensemble_bit_for_bit(views):
     torch.manual_seed(3)
     model = build_classifier("tiny", **SMALL).eval()
-    crops = random_crops(torch.Generator().manual_seed(5), 3)
+    crops = random_crops(3, seed=5, high=1500)
     new = multiview_probs(model, crops, views=views, device=torch.device("cpu"))
     assert torch.equal(new, plain_offset_ensemble(model, crops, views))
 
@@ -197,8 +193,7 @@ def test_crop_mode_evaluation_equals_the_plain_offset_ensemble_bit_for_bit(views
 
 def test_mask_mode_training_input_is_the_reference_sampling_and_cut():
     rng = np.random.default_rng(8)
-    generator = torch.Generator().manual_seed(9)
-    crops = random_crops(generator, 10)
+    crops = random_crops(10, seed=9, high=1500)
     boxes = random_boxes(rng, 10)
     sampler = FrameSampler(mode="mask")
     draws = sampler.draw(10, torch.Generator().manual_seed(1))
@@ -214,7 +209,7 @@ def test_mask_mode_training_input_is_the_reference_sampling_and_cut():
 
 def test_flips_rows_after_the_cut_and_frames_as_a_mirrored_crop():
     rng = np.random.default_rng(12)
-    crops = random_crops(torch.Generator().manual_seed(13), 6)
+    crops = random_crops(6, seed=13, high=1500)
     boxes = torch.from_numpy(random_boxes(rng, 6))
     draws = FrameSampler(mode="mask", flip="rows").draw(6, torch.Generator().manual_seed(2))
     flags = draws["flip"]
@@ -244,7 +239,7 @@ def test_mask_mode_evaluation_averages_each_samples_own_views(combine):
     torch.manual_seed(4)
     model = build_classifier("tiny", **SMALL).eval()
     rng = np.random.default_rng(21)
-    crops = random_crops(torch.Generator().manual_seed(22), 4)
+    crops = random_crops(4, seed=22, high=1500)
     boxes = random_boxes(rng, 4)
     boxes[0, :2] = (10, 28)  # 18 slices wide: sd = 1 → 1 view
     boxes[1, :2] = (0, 96)  # the whole crop: sd = 5 → 5 views
@@ -271,7 +266,7 @@ def test_mask_mode_evaluation_averages_each_samples_own_views(combine):
 def test_combine_logits_in_crop_mode_is_softmax_of_mean_logits():
     torch.manual_seed(6)
     model = build_classifier("tiny", **SMALL).eval()
-    crops = random_crops(torch.Generator().manual_seed(7), 2)
+    crops = random_crops(2, seed=7, high=1500)
     got = multiview_probs(model, crops, views=6, device=torch.device("cpu"), combine="logits")
     logits = torch.stack(
         [model(crops, o + 6 * torch.arange(16).expand(2, -1)).float() for o in range(6)]
@@ -303,17 +298,9 @@ def test_mask_mode_static_step_equals_the_eager_step_and_compiles_whole(
     frame rule, the context cut or the flip), as a CUDA graph needs."""
     import torch._dynamo
 
-    from vctmae.train.config import PretrainConfig
-    from vctmae.train.finetune import finetune_trainer
-    from vctmae.train.pretrain import pretrain_trainer
-
     def make(name):
-        run = run_options(boxed_shards, tmp_path / name, frames="mask", flip="rows")
-        if kind == "pretrain":
-            config = PretrainConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, blr=0.05)
-            return pretrain_trainer(config)
-        return finetune_trainer(
-            FinetuneConfig(run=run, epochs=2, warmup_epochs=1, batch_size=4, lr=1e-3)
+        return short_trainer(
+            kind, run_options(boxed_shards, tmp_path / name, frames="mask", flip="rows")
         )
 
     eager, static = trainers(make, monkeypatch)
@@ -390,7 +377,7 @@ def test_frame_size_224_pads_the_slices_and_keeps_the_video_table(tmp_path):
     torch.manual_seed(2)
     model = build_classifier("tiny", img=224, **SMALL).eval()
     assert model.config.num_tokens == 8 * 14 * 14
-    crops = random_crops(torch.Generator().manual_seed(3), 2)
+    crops = random_crops(2, seed=3, high=1500)
     frames = torch.tensor([[3 + 6 * k for k in range(16)], [5 * k for k in range(16)]])
     tokens = model.embed(crops, frames)  # (B, 1568, D)
     # Independently: the scaled frames padded centred with 0 (= −1000 HU) to 224², a Conv3d.

@@ -2,14 +2,13 @@
 
 The model is a shrunken `tiny` classifier with random weights: what is checked
 is that predict computes what ingest + eval compute (keys, crops,
-probabilities), not that it diagnoses well. Phantoms come from
-`vctmae.synth.phantoms.write_phantoms`, DICOM series from `test_dicom.write_series`,
-the TotalSegmentator stand-in from `test_ingest_scale.use_totalsegmentator`.
+probabilities), not that it diagnoses well. Phantoms come from conftest's `raw`
+(`vctmae.synth.phantoms.write_phantoms`), DICOM series from `dicom_series.write_series`,
+the TotalSegmentator stand-in from `helpers.use_totalsegmentator`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from html.parser import HTMLParser
@@ -25,10 +24,11 @@ from helpers import (
     cli,
     error_lines,
     eval_config,
+    linked_source,
     load_ct,
     predict_config,
-    random_classifier,
     read_predictions,
+    read_rows,
     reorient,
     use_totalsegmentator,
     write_split,
@@ -59,33 +59,12 @@ from vctmae.model import build_classifier
 from vctmae.model.checkpoint import model_files, save_model
 from vctmae.predict.config import PredictConfig
 from vctmae.predict.run import cut_scan, run_predict
-from vctmae.synth import SynthConfig
-from vctmae.synth.phantoms import write_phantoms
 from vctmae.train.config import FinetuneConfig, RunOptions
 from vctmae.train.finetune import run_finetune
 
 # The levels a checkpoint without a recorded clip rule is assessed on.
 LEVELS = parse_levels(REFERENCE_LEVELS)
 EXTRA_COLUMNS = ["case", "level", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "threshold"]
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> Path:
-    """Two phantoms in ct/ + seg/ (one stored LAS, one ASL)."""
-    root = tmp_path_factory.mktemp("predict-raw")
-    write_phantoms(SynthConfig(out=root / "raw", cases=2, seed=0))
-    return root / "raw"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A small random classifier (its probabilities vary from crop to crop)."""
-    return random_classifier(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -462,13 +441,16 @@ def test_a_threshold_never_pairs_with_other_weights(checkpoint, tmp_path):
 # --- a bad scan is reported and the rest go on ----------------------------------------------
 
 
+def predict_with_failures(checkpoint: Path, src: Path, out: Path):
+    """`vctmae predict --src src` (no attention pictures) where some scans fail: it exits 1."""
+    result = cli("predict", "--checkpoint", checkpoint, "--src", src, "--out", out,
+                 "--device", "cpu", "--no-attention")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    return result
+
+
 def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp_path):
-    src = tmp_path / "src"
-    (src / "ct").mkdir(parents=True)
-    (src / "seg").mkdir()
-    for case in ("case000", "case001"):
-        (src / "ct" / f"{case}.nii.gz").symlink_to(raw / "ct" / f"{case}.nii.gz")
-        (src / "seg" / f"{case}.nii.gz").symlink_to(raw / "seg" / f"{case}.nii.gz")
+    src = linked_source(tmp_path / "src", raw, ("case000", "case001"))
     (src / "ct" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     (src / "seg" / "broken.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
     (src / "ct" / "alone.nii.gz").symlink_to(raw / "ct" / "case000.nii.gz")
@@ -479,9 +461,7 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
     files[len(files) // 2].unlink()
     (src / "seg" / "gappy.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
-                 "--device", "cpu", "--no-attention")  # fmt: skip
-    assert result.exit_code == 1, result.output
+    result = predict_with_failures(checkpoint, src, out)
     lines = error_lines(result.output)
     assert len(lines) == 4, result.output
     assert any("ct/broken.nii.gz" in line for line in lines)
@@ -511,18 +491,11 @@ def test_bad_scans_are_named_in_one_line_and_the_rest_go_on(raw, checkpoint, tmp
 def test_unreadable_dicom_folders_and_label_maps_without_a_ct_fail_by_name(
     raw, checkpoint, tmp_path
 ):
-
-    src = tmp_path / "src"
-    (src / "ct").mkdir(parents=True)
-    (src / "seg").mkdir()
-    (src / "ct" / "case000.nii.gz").symlink_to(raw / "ct" / "case000.nii.gz")
-    (src / "seg" / "case000.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
+    src = linked_source(tmp_path / "src", raw, ["case000"])
     unreadable = write_unreadable_dicom_folders(src, raw)
     (src / "seg" / "orphan.nii.gz").symlink_to(raw / "seg" / "case001.nii.gz")
     out = tmp_path / "out"
-    result = cli("predict", "--checkpoint", str(checkpoint), "--src", str(src), "--out", str(out),
-                 "--device", "cpu", "--no-attention")  # fmt: skip
-    assert result.exit_code == 1, result.output
+    result = predict_with_failures(checkpoint, src, out)
     lines = error_lines(result.output)
     for case, words in unreadable.items():
         assert sum(f"ct/{case}: " in line and words in line for line in lines) == 1, lines

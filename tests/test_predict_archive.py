@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL_MODEL, cli, error_lines, predict_config, random_classifier
+from helpers import (
+    SMALL_MODEL,
+    cli,
+    error_lines,
+    linked_source,
+    predict_config,
+    random_classifier,
+)
 
 from vctmae.errors import UsageError
 from vctmae.model import build_classifier
@@ -175,12 +182,7 @@ def test_a_bad_scan_and_a_dying_worker_fail_alone_under_workers(
 ):
     from vctmae.predict import run
 
-    src = tmp_path / "src"
-    (src / "ct").mkdir(parents=True)
-    (src / "seg").mkdir()
-    for case in CASES:
-        (src / "ct" / f"{case}.nii.gz").symlink_to(raw / "ct" / f"{case}.nii.gz")
-        (src / "seg" / f"{case}.nii.gz").symlink_to(raw / "seg" / f"{case}.nii.gz")
+    src = linked_source(tmp_path / "src", raw, CASES)
     (src / "ct" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     (src / "seg" / "broken.nii.gz").symlink_to(raw / "seg" / "case000.nii.gz")
     cut = run.cut_scan

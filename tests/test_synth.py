@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import read_rows
 from typer.testing import CliRunner
 
 from vctmae.ingest.levels import LEVELS, VERSE, VERSE_LABEL
@@ -24,11 +24,6 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     labels = write_phantoms(SynthConfig(out=out, cases=CASES, seed=0, fracture_rate=0.5))
     assert labels == out / "labels.csv"
     return out
-
-
-def _rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "labels.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -63,7 +58,7 @@ def test_no_temporary_files_left(written: Path) -> None:
 
 
 def test_labels_csv_matches_label_maps(written: Path) -> None:
-    rows = _rows(written)
+    rows = read_rows(written / "labels.csv")
     with open(written / "labels.csv") as handle:
         assert handle.readline().strip() == "case,level,grade,fracture,patient"
     by_case: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -101,7 +96,7 @@ def test_some_patients_have_two_scans_of_one_spine(written: Path) -> None:
     assert counts[-1] == 2 and counts.count(1) > len(counts) / 2
     assert len({p.case for p in plan}) == 24
 
-    rows = _rows(written)
+    rows = read_rows(written / "labels.csv")
     spines = defaultdict(dict)
     for row in rows:
         spines[row["patient"]].setdefault(row["case"], []).append((row["level"], row["grade"]))
@@ -310,7 +305,7 @@ def test_synth_checks_its_options_before_writing_then_writes_the_cases(tmp_path:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "raw" / "ct" / "case000.nii.gz").is_file()
     assert (tmp_path / "raw" / "seg" / "case000.nii.gz").is_file()
-    assert _rows(tmp_path / "raw")[0]["case"] == "case000"
+    assert read_rows(tmp_path / "raw" / "labels.csv")[0]["case"] == "case000"
 
 
 # --- clinical-size phantoms ---------------------------------------------------------
@@ -364,7 +359,7 @@ def test_clinical_phantom_ingests_to_the_whole_volume_chains_crops(tmp_path: Pat
     slices = [float(spacing[i]) for i, n in enumerate(shape) if n != 512]
     assert len(in_plane) == 2 and all(0.6 <= s <= 0.8 for s in in_plane)
     assert len(slices) == 1 and 1.0 <= slices[0] <= 1.2
-    levels = [row["level"] for row in _rows(tmp_path / "raw")]
+    levels = [row["level"] for row in read_rows(tmp_path / "raw" / "labels.csv")]
     assert len(levels) >= 12
     new = extract_crops(ct_path, seg_path)
     old = whole_volume_crops(ct_path, seg_path)

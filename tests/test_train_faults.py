@@ -31,6 +31,7 @@ from helpers import (
     read_log,
     shrink,
     stop_before_epoch,
+    train_val_thin_shards,
     write_shard,
     write_split,
 )
@@ -68,15 +69,10 @@ def data(tmp_path_factory) -> dict[str, list[str]]:
     write_shard(unlabelled, [(f"u{i:02d}_L1", easy_crop(rng, i % 2), None) for i in range(8)])
     seven = root / "odd-000000.tar"
     write_shard(seven, [(f"s{i:02d}_L2", easy_crop(rng, 1), 7 if i == 3 else i % 2) for i in range(8)])  # fmt: skip
-    thin = root / "thin-000000.tar"
-    crop = rng.integers(-1000, 1000, size=(64, 96, 96), dtype=np.int16)
-    write_shard(thin, [(f"t{i:02d}_L3", crop, i % 2) for i in range(8)])
     return {
-        "train": [str(p) for p in write_split(root / "lab", "train", 16, seed=1)],
-        "val": [str(p) for p in write_split(root / "lab", "val", 8, seed=2)],
+        **train_val_thin_shards(root, rng),
         "unlabelled": [str(unlabelled)],
         "seven": [str(seven)],
-        "thin": [str(thin)],
     }
 
 
