@@ -92,16 +92,6 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> Path:
     return written
 
 
-def random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
-    """A labelled training shard of `count` random int16 crops (classes alternate)."""
-    rng = np.random.default_rng(seed)
-    samples = (
-        (f"random{i:05d}_L1", rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16), i % 2)
-        for i in range(count)
-    )
-    return [str(path) for path in write_shards(folder, "train", [samples])]
-
-
 SMALL_MODEL = {
     "embed_dim": 48,
     "depth": 2,

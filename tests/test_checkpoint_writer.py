@@ -6,9 +6,10 @@ import json
 import threading
 import time
 
-from helpers import random_shards, read_log
+from helpers import read_log
 
 from vctmae.data.options import LoaderOptions
+from vctmae.synth.phantoms import write_random_shards
 from vctmae.train.config import PretrainConfig, RunOptions
 from vctmae.train.pretrain import run_pretrain
 
@@ -32,7 +33,7 @@ def config(shards, out, **changes) -> PretrainConfig:
 
 
 def test_checkpoint_every_two_epochs_and_after_the_last(tmp_path):
-    shards = random_shards(tmp_path / "shards", 8)
+    shards = write_random_shards(tmp_path / "shards", 8)
     out = tmp_path / "run"
     run_pretrain(config(shards, out, checkpoint_every=2))
     names = sorted(p.name for p in (out / "checkpoints" / "pretrain").glob("epoch-*.state.pt"))
@@ -48,7 +49,7 @@ def test_checkpoints_are_written_while_the_next_epoch_trains(tmp_path, monkeypat
     from vctmae.data.loader import ShardLoader
     from vctmae.train import checkpoint
 
-    shards = random_shards(tmp_path / "shards", 8)
+    shards = write_random_shards(tmp_path / "shards", 8)
     written: dict[int, float] = {}
     writer_threads: set[str] = set()
     original_save = checkpoint.save_checkpoint

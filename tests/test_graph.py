@@ -15,7 +15,6 @@ import pytest
 import torch
 from helpers import (
     assert_same_training,
-    random_shards,
     run_options,
     run_steps,
     short_trainer,
@@ -23,6 +22,7 @@ from helpers import (
     trainers,
 )
 
+from vctmae.synth.phantoms import write_random_shards
 from vctmae.train.config import PretrainConfig
 from vctmae.train.graph import GraphedStep, tensors_in
 from vctmae.train.pretrain import pretrain_trainer
@@ -30,7 +30,7 @@ from vctmae.train.pretrain import pretrain_trainer
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    return random_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
+    return write_random_shards(tmp_path_factory.mktemp("graph"), 24, seed=3)
 
 
 def test_static_pretraining_step_equals_the_eager_step(shards, tmp_path, monkeypatch):

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vctmae.bench.report import Report, bench_device, time_calls
+from vctmae.synth.phantoms import write_random_shards
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
 DATASHEET_BF16_TFLOPS = {"A40": 149.7, "A100": 312.0, "H100": 989.0, "H200": 989.0}
@@ -156,18 +156,6 @@ def measured_matmul_tflops(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- the timed step
-
-
-def write_step_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
-    """A labelled training shard of random int16 crops (classes alternate) for timing steps."""
-    from vctmae.ingest.writers import write_shards
-
-    rng = np.random.default_rng(seed)
-    samples = (
-        (f"step{i:05d}_L1", rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16), i % 2)
-        for i in range(count)
-    )
-    return [str(path) for path in write_shards(folder, "train", [samples])]
 
 
 def build_trainer(case: StepCase, shards: Sequence[str], out: Path, device: str):
@@ -347,7 +335,7 @@ def run_step_benchmark(
     timings: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         shard_count = max(c.batch for c in cases) * 4
-        shards = write_step_shards(Path(tmp) / "shards", shard_count)
+        shards = write_random_shards(Path(tmp) / "shards", shard_count)
         for case in cases:
             timings[case.name] = time_case(
                 case, shards, Path(tmp) / case.name, device=str(dev), steps=steps, repeats=repeats

@@ -891,3 +891,16 @@ def write_phantoms(config: SynthConfig, progress: Callable[[str], None] | None =
     labels = out / "labels.csv"
     write_labels(labels, rows)
     return labels
+
+
+def write_random_shards(folder: Path, count: int, seed: int = 0) -> list[str]:
+    """A labelled training shard of `count` random int16 crops (classes alternate): data for
+    timing a training step or checking the plumbing, with nothing to learn."""
+    from vctmae.ingest.writers import write_shards
+
+    rng = np.random.default_rng(seed)
+    samples = (
+        (f"random{i:05d}_L1", rng.integers(-1200, 1500, size=(96, 96, 96), dtype=np.int16), i % 2)
+        for i in range(count)
+    )
+    return [str(path) for path in write_shards(folder, "train", [samples])]
