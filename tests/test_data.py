@@ -135,6 +135,35 @@ def test_missing_and_corrupt_shards_are_named_or_skipped(tmp_path):
     assert sorted(keys) == sorted(k for k in truth if not k.startswith("case01"))
 
 
+def test_a_loader_with_nothing_to_read_names_its_shards_and_says_why(tmp_path):
+    make_shards(tmp_path, [3, 2])
+    shards = [str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
+    with pytest.raises(ShardError) as raised:
+        ShardLoader(
+            shards,
+            batch_size=2,
+            training=False,
+            num_workers=0,
+            device="cpu",
+            levels=frozenset({"T1"}),
+        )
+    message = str(raised.value)
+    assert message.startswith(f"{shards[0]} (+1 more shards): no usable samples")
+    assert "5 left out by the level filter" in message
+    garbage = tmp_path / "train-000002.tar"
+    garbage.write_bytes(np.random.default_rng().bytes(3000))
+    with pytest.raises(ShardError) as raised:
+        ShardLoader(
+            [str(garbage)],
+            batch_size=2,
+            training=False,
+            num_workers=0,
+            device="cpu",
+            skip_corrupt=True,
+        )
+    assert str(raised.value).startswith(f"{garbage}: no usable samples (1 skipped as unreadable")
+
+
 def test_remote_shards_are_fetched_once_and_read_like_local(tmp_path, monkeypatch):
     truth = make_shards(tmp_path / "remote", [2, 3])
     monkeypatch.setenv("VCTMAE_SHARD_CACHE", str(tmp_path / "cache"))

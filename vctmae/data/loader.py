@@ -453,9 +453,15 @@ class ShardLoader:
                 "reader reads whole shards; use --loader torch, or --levels all",
             )
         if not indexes:
-            raise ShardError(
-                self.shards[0] if len(self.shards) == 1 else "<shards>", "no usable samples"
-            )
+            reasons = []
+            if self.skipped:
+                reasons.append(
+                    f"{len(self.skipped)} skipped as unreadable, first: {self.skipped[0]}"
+                )
+            if self.dropped_levels:
+                reasons.append(f"{self.dropped_levels} left out by the level filter")
+            why = f" ({'; '.join(reasons)})" if reasons else ""
+            raise ShardError(shard_label(self.shards), f"no usable samples{why}")
         self.indexes = indexes
         self.num_samples = sum(len(index) for index in indexes)
         workers = max(1, num_workers)
