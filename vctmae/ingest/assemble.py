@@ -337,7 +337,7 @@ class Assembly:
             self.abort()
             raise
         shards = sorted(name for writer in self._shards.values() for name in writer.names)
-        if not force and already_published(self.out, result):
+        if not force and adopt_published(self.out, result):
             # Leave the published set (and its files' times) alone.
             self.abort()
             return result
@@ -361,9 +361,9 @@ class Assembly:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def already_published(out: Path, result: AssemblyResult) -> bool:
-    """Whether the set `publish` last recorded in `out` is `result`'s (same fingerprint) and all
-    there; if so `result` takes its shards and is "up to date"."""
+def adopt_published(out: Path, result: AssemblyResult) -> bool:
+    """If the set `publish` last recorded in `out` is `result`'s (same fingerprint) and all there,
+    mark `result` "up to date" with that set's shards; returns whether it did."""
     try:
         published = json.loads((out / WORK / PUBLISHED).read_text())
     except (OSError, ValueError):

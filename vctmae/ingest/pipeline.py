@@ -36,7 +36,7 @@ from typing import Any
 
 from vctmae.errors import UsageError
 from vctmae.files import TEMPORARY, write_atomically
-from vctmae.ingest.assemble import Assembly, AssemblyResult, already_published
+from vctmae.ingest.assemble import Assembly, AssemblyResult, adopt_published
 from vctmae.ingest.config import IngestConfig
 from vctmae.ingest.discover import BadInput, Case, discover_cases
 from vctmae.ingest.errors import IngestError
@@ -273,7 +273,7 @@ def _assemble_finished(
     for record, path in entries:
         plan.add(record, path)
     planned = plan.finish()
-    if not force and already_published(settings["config"].out, planned):
+    if not force and adopt_published(settings["config"].out, planned):
         for failure in planned.failed:
             if failure["stage"] in ("labels", "keys"):
                 error_line(bar, failure["reason"])

@@ -220,6 +220,7 @@ VOLUME_GEOMETRY: dict[str, Any] = {
 TINY_INPUT: dict[str, Any] = {"input_mean": 0.5, "input_std": 0.1}
 
 PRESETS: dict[str, ModelConfig] = {
+    # Each tuple (WIDTH_FIELDS): encoder width, depth, heads, then decoder width, depth, heads.
     # ViT-L/16 as in the paper (303M encoder parameters; decoder 512 wide, 4 blocks).
     "large": _preset((1024, 24, 16, 512, 4, 16)),
     # ViT-B/16 (86M encoder parameters), with ViT-L's decoder.
